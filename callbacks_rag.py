@@ -1,0 +1,249 @@
+"""Lightning callbacks: the asynchronous knowledge-base refresh, checkpointing, early stopping and
+the run's files (metrics.json, test_results.txt, test_generations.txt)."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+
+import pytorch_lightning as pl
+import ray
+import torch
+from datasets import load_from_disk
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from kb_encode_utils import (
+    IndexConfig,
+    KBVersion,
+    ShardEncoder,
+    build_kb_version,
+    list_versions,
+    read_version,
+    shard_bounds,
+)
+
+
+class RefreshState(str, Enum):
+    IDLE = "idle"
+    ENCODING = "encoding"  # encoding actors re-encode their shards, then a task builds the index
+    SWAPPING = "swapping"  # retrieval actors load the new version beside the live one
+
+
+class KBRefreshCallback(pl.Callback):
+    """Re-encodes the knowledge base with the current context encoder every `indexing_freq` optimizer
+    steps and swaps the new index in, without making any training rank wait.
+
+    IDLE -> ENCODING (snapshot weights, encode shards, build vNNNN) -> SWAPPING (actors stage it)
+    -> IDLE (actors activate it). Global rank 0 alone drives it; every rank shares the actors, so
+    no collective is needed. Each state change is polled with `ray.wait(timeout=0)` at batch end.
+    """
+
+    def __init__(
+        self,
+        kb_root: str,
+        indexing_freq: int,
+        index_config: IndexConfig,
+        index_workers: int = 1,
+        index_gpus: int = 0,
+        encode_batch_size: int = 64,
+    ):
+        if indexing_freq < 1:
+            raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
+        self.kb_root = kb_root
+        self.indexing_freq = indexing_freq
+        self.index_config = index_config
+        self.index_workers = index_workers
+        self.index_gpus = index_gpus
+        self.encode_batch_size = encode_batch_size
+        self.state = RefreshState.IDLE
+        self.encoders: list = []
+        self._pending: list = []
+        self._build_ref = None
+        self._new_kb: KBVersion | None = None
+        self._trigger_step = 0
+        self._trigger_time = 0.0
+        self._last_trigger_step = 0
+        self._resume_kb: KBVersion | None = None
+        # What happened, for logs and tests: one dict per completed refresh.
+        self.history: list[dict] = []
+        self.skipped_triggers = 0
+        self.failures = 0
+
+    # --------------------------------------------------------------- start-up
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self._resume_kb is not None and read_version(Path(self._resume_kb.passages_path).parent):
+            self._swap_now(pl_module, self._resume_kb)
+        versions = list_versions(self.kb_root)
+        self._next_version = max([pl_module.kb.version] + [v.version for v in versions]) + 1
+        base = pl_module.base_passages_path
+        n_rows = len(load_from_disk(base))
+        ctx = pl_module.context_encoder
+        options = {"num_cpus": 0}
+        if self.index_gpus:
+            options["num_gpus"] = self.index_gpus / self.index_workers
+        remote_cls = ray.remote(ShardEncoder).options(**options)
+        self.encoders = [
+            remote_cls.remote(base, start, end, pl_module.context_tokenizer, type(ctx), ctx.config)
+            for start, end in shard_bounds(n_rows, self.index_workers)
+        ]
+        rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {n_rows} passages")
+
+    # --------------------------------------------------------------- the state machine
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            done_before = len(self.history)
+            self._poll(trainer, pl_module)
+            if len(self.history) > done_before:
+                pl_module.log("reindex_seconds", self.history[-1]["reindex_seconds"], rank_zero_only=True)
+            if step > 0 and step - self._last_trigger_step >= self.indexing_freq:
+                self._last_trigger_step = step
+                self._trigger(trainer, pl_module)
+        pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
+        pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
+
+    def _trigger(self, trainer, pl_module) -> None:
+        if self.state is not RefreshState.IDLE:
+            self.skipped_triggers += 1
+            rank_zero_info(f"KB refresh: trigger at step {trainer.global_step} skipped ({self.state.value})")
+            pl_module.log("reindex_skipped", float(self.skipped_triggers), rank_zero_only=True)
+            return
+        # Snapshot on the trainer's thread: copies to CPU, so later optimizer steps cannot change it.
+        state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.context_encoder.state_dict().items()}
+        weights = ray.put(state)
+        shards = [e.encode.remote(weights, self.encode_batch_size) for e in self.encoders]
+        self._build_ref = (
+            ray.remote(build_kb_version)
+            .options(num_cpus=0)
+            .remote(
+                pl_module.base_passages_path,
+                self.kb_root,
+                self._next_version,
+                trainer.global_step,
+                self.index_config,
+                *shards,
+            )
+        )
+        self._next_version += 1
+        self._trigger_step, self._trigger_time = trainer.global_step, time.perf_counter()
+        self.state = RefreshState.ENCODING
+        rank_zero_info(f"KB refresh: started at step {trainer.global_step}")
+
+    def _poll(self, trainer, pl_module) -> None:
+        try:
+            if self.state is RefreshState.ENCODING:
+                done, _ = ray.wait([self._build_ref], timeout=0)
+                if done:
+                    self._new_kb = ray.get(self._build_ref)
+                    self._pending = pl_module.retriever.stage(self._new_kb)
+                    self.state = RefreshState.SWAPPING
+            elif self.state is RefreshState.SWAPPING:
+                done, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+                if len(done) == len(self._pending):
+                    ray.get(self._pending)
+                    self._finish_swap(trainer, pl_module)
+        except Exception as err:  # a failed refresh must not kill hours of training
+            self.failures += 1
+            self.state = RefreshState.IDLE
+            rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{pl_module.kb.version}: {err!r}")
+
+    def _finish_swap(self, trainer, pl_module) -> None:
+        pl_module.retriever.activate(self._new_kb.version)
+        pl_module.kb = self._new_kb
+        seconds = time.perf_counter() - self._trigger_time
+        record = {
+            "version": self._new_kb.version,
+            "trigger_step": self._trigger_step,
+            "swap_step": trainer.global_step,
+            "steps_during_refresh": trainer.global_step - self._trigger_step,
+            "reindex_seconds": seconds,
+        }
+        self.history.append(record)
+        self.state = RefreshState.IDLE
+        rank_zero_info(f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step} ({seconds:.2f}s)")
+
+    def _swap_now(self, pl_module, kb: KBVersion) -> None:
+        ray.get(pl_module.retriever.stage(kb))
+        pl_module.retriever.activate(kb.version)
+        pl_module.kb = kb
+
+    def wait_until_idle(self, trainer, pl_module, timeout: float = 600.0) -> None:
+        """Let an in-flight refresh finish and swap in, so no work is orphaned at the end of training."""
+        deadline = time.monotonic() + timeout
+        while self.state is not RefreshState.IDLE and time.monotonic() < deadline:
+            self._poll(trainer, pl_module)
+            time.sleep(0.05)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.wait_until_idle(trainer, pl_module)
+            self.encoders = []
+
+    # --------------------------------------------------------------- checkpoint state
+
+    def state_dict(self) -> dict:
+        return {"last_trigger_step": self._last_trigger_step, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._last_trigger_step = state_dict["last_trigger_step"]
+        self.history = state_dict["history"]
+        if self.history:
+            last = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}")
+            self._resume_kb = last
+
+
+def get_checkpoint_callback(output_dir: str, metric: str = "em") -> ModelCheckpoint:
+    """Keep the best checkpoint by `val_<metric>` (max for em/f1, min for loss)."""
+    if metric not in {"em", "f1", "loss"}:
+        raise NotImplementedError(f"checkpointing on {metric!r} is not supported (em, f1, loss)")
+    return ModelCheckpoint(
+        dirpath=output_dir,
+        filename=f"{{val_{metric}:.4f}}-{{step}}",
+        monitor=f"val_{metric}",
+        mode="min" if metric == "loss" else "max",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+    )
+
+
+def get_early_stopping_callback(metric: str, patience: int) -> EarlyStopping:
+    """Stop when `val_<metric>` has not improved for `patience` validations."""
+    return EarlyStopping(
+        monitor=f"val_{metric}", mode="min" if "loss" in metric else "max", patience=patience, verbose=True
+    )
+
+
+class Seq2SeqLoggingCallback(pl.Callback):
+    """Parameter counts at start, metrics.json after each validation, test results and generations."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        n_params = sum(p.numel() for p in pl_module.parameters())
+        n_trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        pl_module.log_dict({"n_params": float(n_params), "grad_params": float(n_trainable)}, rank_zero_only=True)
+
+    @staticmethod
+    def _scalar_metrics(trainer) -> dict:
+        return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in trainer.callback_metrics.items()}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        path = Path(pl_module.hparams.output_dir) / "metrics.json"
+        history = json.loads(path.read_text()) if path.exists() else []
+        history.append({"step": trainer.global_step, **self._scalar_metrics(trainer)})
+        path.write_text(json.dumps(history, indent=1))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        out = Path(pl_module.hparams.output_dir)
+        metrics = self._scalar_metrics(trainer)
+        (out / "test_results.txt").write_text("".join(f"{k}: {metrics[k]}\n" for k in sorted(metrics)))
+        (out / "test_generations.txt").write_text("".join(p + "\n" for p in pl_module.test_predictions))

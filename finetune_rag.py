@@ -1,0 +1,522 @@
+"""Fine-tune RAG end to end: question encoder, context encoder and generator learn together while
+Ray actors re-encode the knowledge base and rebuild its FAISS index in the background.
+
+    python finetune_rag.py --model_name_or_path facebook/rag-token-base --model_type rag_token \
+        --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
+        --data_dir DATA --output_dir OUT --do_train --end2end --indexing_freq 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import ray
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DPRContextEncoder,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+    RagTokenizer,
+    get_scheduler,
+)
+from transformers.optimization import Adafactor
+
+from callbacks_rag import (
+    KBRefreshCallback,
+    Seq2SeqLoggingCallback,
+    get_checkpoint_callback,
+    get_early_stopping_callback,
+)
+from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
+from kb_encode_utils import IndexConfig, KBVersion
+from utils_rag import Seq2SeqDataset, exact_match_score, f1_score
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
+SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
+              "polynomial": "polynomial"}  # fmt: skip
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+
+
+def global_rank_from_env() -> int:
+    """Rank before the Trainer exists: Lightning's launcher sets these in every child process."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("RANK", int(os.environ.get("NODE_RANK", 0)) * 1000 + local))
+
+
+class GenerativeQAModule(pl.LightningModule):
+    """RAG for generative QA: builds the models and retriever, and defines the step and validation."""
+
+    def __init__(self, hparams: argparse.Namespace):
+        super().__init__()
+        self.save_hyperparameters(hparams)
+        hp = self.hparams
+        if hp.model_type not in MODEL_CLASSES:
+            raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
+        for path in (hp.passages_path, hp.index_path):
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
+        self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
+        self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
+        self.n_docs = hp.n_docs
+
+        init_ray(hp.ray_address, hp.ray_namespace)
+        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search)
+        self.tokenizer, config = self._load_tokenizer_and_config()
+        self.retriever = RagRayDistributedRetriever(
+            config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, global_rank_from_env()
+        )
+        self.retriever.init_retrieval(self.kb)
+        self.model = self._load_rag_model(config)
+
+        self.context_tokenizer = None
+        if hp.end2end:
+            ctx_name = hp.context_encoder_name
+            context_encoder = DPRContextEncoder.from_pretrained(ctx_name, cache_dir=hp.cache_dir)
+            self.context_tokenizer = AutoTokenizer.from_pretrained(
+                hp.context_encoder_tokenizer_name or ctx_name, cache_dir=hp.cache_dir
+            )
+            q_dim = self.model.rag.question_encoder.config.hidden_size
+            if context_encoder.config.hidden_size != q_dim:
+                raise ValueError(
+                    f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, "
+                    f"the question encoder {q_dim}: their dot product needs one size"
+                )
+            # Both calls are needed: the model re-encodes retrieved passages in the graph, and the
+            # retriever hands it their tokens.
+            self.model.set_context_encoder_for_training(context_encoder)
+            self.retriever.set_ctx_encoder_tokenizer(self.context_tokenizer)
+
+        self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
+                            "test": hp.test_max_target_length}  # fmt: skip
+        self.n_obs = {"train": hp.n_train, "val": hp.n_val, "test": hp.n_test}
+        self._eval_sums: list[torch.Tensor] = []
+        self.test_predictions: list[str] = []
+
+    @property
+    def context_encoder(self) -> torch.nn.Module | None:
+        """The trained context encoder (it lives inside the RAG model), or None without --end2end."""
+        return self.model.rag.ctx_encoder
+
+    # ------------------------------------------------------------------ building
+
+    def _load_tokenizer_and_config(self) -> tuple[RagTokenizer, RagConfig]:
+        hp = self.hparams
+        if hp.model_name_or_path:
+            config = RagConfig.from_pretrained(hp.config_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
+            tokenizer = RagTokenizer.from_pretrained(hp.tokenizer_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
+        elif hp.question_encoder_name_or_path and hp.generator_name_or_path:
+            q_cfg = AutoConfig.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir)
+            g_cfg = AutoConfig.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir)
+            config = RagConfig.from_question_encoder_generator_configs(q_cfg, g_cfg)
+            tokenizer = RagTokenizer(
+                question_encoder=AutoTokenizer.from_pretrained(
+                    hp.question_encoder_name_or_path, cache_dir=hp.cache_dir
+                ),
+                generator=AutoTokenizer.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
+            )
+        else:
+            raise ValueError("give --model_name_or_path, or both --question_encoder_name_or_path and "
+                             "--generator_name_or_path")  # fmt: skip
+        config.index_name = "custom"
+        config.passages_path, config.index_path = str(hp.passages_path), str(hp.index_path)
+        config.use_dummy_dataset = False
+        config.retrieval_vector_size = config.question_encoder.hidden_size
+        if hp.n_docs is not None:
+            config.n_docs = hp.n_docs
+        self.n_docs = config.n_docs
+        config.label_smoothing = hp.label_smoothing
+        if hp.prefix is not None:
+            config.generator.prefix = hp.prefix
+        for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
+            if getattr(hp, name) is not None:
+                setattr(config.generator, name, getattr(hp, name))
+        return tokenizer, config
+
+    def _load_rag_model(self, config: RagConfig):
+        hp = self.hparams
+        model_cls = MODEL_CLASSES[hp.model_type]
+        if hp.model_name_or_path:
+            return model_cls.from_pretrained(
+                hp.model_name_or_path, config=config, retriever=self.retriever, cache_dir=hp.cache_dir
+            )
+        question_encoder = AutoModel.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir)
+        generator = AutoModelForSeq2SeqLM.from_pretrained(
+            hp.generator_name_or_path, config=config.generator, cache_dir=hp.cache_dir
+        )
+        return model_cls(config=config, question_encoder=question_encoder, generator=generator,
+                         retriever=self.retriever)  # fmt: skip
+
+    # ------------------------------------------------------------------ training
+
+    def on_fit_start(self) -> None:
+        # from_pretrained leaves modules in eval mode, which would silently switch dropout off.
+        self.model.train()
+
+    def _step(self, batch: dict) -> torch.Tensor:
+        out = self.model(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            reduce_loss=True,  # summed over the batch, as the reference
+            use_cache=False,
+            n_docs=self.n_docs,
+        )
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch)
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _generative_step(self, batch: dict, split: str) -> None:
+        start = time.perf_counter()
+        kwargs = {"do_deduplication": False} if self.hparams.model_type == "rag_sequence" else {}
+        generated = self.model.generate(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=True,
+            min_length=1,
+            max_length=self.target_lens[split],
+            num_beams=self.hparams.num_beams,
+            n_docs=self.n_docs,
+            **kwargs,
+        )
+        preds = self.tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
+        golds = batch["target_text"]
+        loss = self._step(batch)
+        em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
+        f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
+        seconds = time.perf_counter() - start
+        self._eval_sums.append(torch.tensor([em, f1, float(loss), seconds, len(preds)], dtype=torch.float64))
+        if split == "test":
+            self.test_predictions.extend(p.strip() for p in preds)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._generative_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._generative_step(batch, "test")
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        local = torch.stack(self._eval_sums).sum(0) if self._eval_sums else torch.zeros(5, dtype=torch.float64)
+        self._eval_sums = []
+        # Sum counts over ranks before dividing, so uneven shards weigh each example once.
+        em, f1, loss, seconds, n = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").tolist()
+        n = max(n, 1.0)
+        metrics = {f"{prefix}_em": em / n, f"{prefix}_f1": f1 / n, f"{prefix}_loss": loss / n,
+                   f"{prefix}_gen_time": seconds / n}  # fmt: skip
+        self.log_dict(metrics, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions = []
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ optimisation and data
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if not n.endswith(NO_DECAY)], "weight_decay": hp.weight_decay},
+            {"params": [p for n, p in params if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+        ]
+        if hp.adafactor:
+            optimizer = Adafactor(groups, lr=hp.learning_rate, scale_parameter=False, relative_step=False)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, eps=hp.adam_epsilon)
+        scheduler = get_scheduler(
+            SCHEDULERS[hp.lr_scheduler],
+            optimizer,
+            num_warmup_steps=hp.warmup_steps,
+            num_training_steps=self.trainer.estimated_stepping_batches,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = Seq2SeqDataset(
+            self.tokenizer,
+            self.hparams.data_dir,
+            max_source_length=self.hparams.max_source_length,
+            max_target_length=self.target_lens[split],
+            type_path=split,
+            n_obs=self.n_obs[split],
+            prefix=getattr(self.model.config.question_encoder, "prefix", None) or "",
+        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
+                          num_workers=self.hparams.num_workers)  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", self.hparams.train_batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", self.hparams.eval_batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------ saving
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.trainer.is_global_zero:
+            self.save_hf_checkpoint(Path(self.hparams.output_dir) / f"checkpoint{self.global_step}")
+
+    def save_hf_checkpoint(self, directory: Path) -> None:
+        """Write the RAG model in transformers' format (without the context encoder, which goes to
+        `context_encoder/`), the tokenizers and the KB version whose index matches these weights."""
+        if directory.exists():
+            return  # this step is already saved
+        tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.model.config.passages_path, self.model.config.index_path = self.kb.passages_path, self.kb.index_path
+        state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
+        self.model.save_pretrained(tmp, state_dict=state)
+        self.tokenizer.save_pretrained(tmp)
+        if self.context_encoder is not None:
+            self.context_encoder.save_pretrained(tmp / "context_encoder")
+            self.context_tokenizer.save_pretrained(tmp / "context_encoder")
+        (tmp / "kb_version.json").write_text(json.dumps(vars(self.kb), indent=1))
+        os.rename(tmp, directory)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in {"1", "true", "yes", "y"}:
+        return True
+    if value.lower() in {"0", "false", "no", "n"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model_name_or_path", default=None, help="RAG checkpoint: hub name or local directory")
+    g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
+                   "assemble a RAG model instead of loading one")  # fmt: skip
+    g.add_argument("--generator_name_or_path", default=None)
+    g.add_argument("--model_type", choices=["rag_token", "rag_sequence", "bart", "t5"], required=True)
+    g.add_argument("--config_name", default="")
+    g.add_argument("--tokenizer_name", default=None)
+    g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")
+    g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
+    g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
+    g.add_argument("--end2end", action="store_true", help="train the context encoder and refresh the KB")
+    g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
+    g.add_argument("--prefix", default=None)
+    for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
+        g.add_argument(f"--{name}", type=float, default=None, help="set in the generator config")
+    g.add_argument("--label_smoothing", type=float, default=0.0)
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_dir", default="test_run/dummy-train-data",
+                   help="holds {train,val,test}.{source,target}")  # fmt: skip
+    g.add_argument("--output_dir", default="test_run/model_checkpoints")
+    g.add_argument("--max_source_length", type=int, default=128)
+    g.add_argument("--max_target_length", type=int, default=25)
+    g.add_argument("--val_max_target_length", type=int, default=25)
+    g.add_argument("--test_max_target_length", type=int, default=25)
+    for split in ("train", "val", "test"):
+        g.add_argument(f"--n_{split}", type=int, default=-1, help="-1: all examples")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--lr_scheduler", choices=sorted(SCHEDULERS), default="linear")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--warmup_steps", type=int, default=0)
+    g.add_argument("--adafactor", action="store_true")
+    g.add_argument("--train_batch_size", type=int, default=32)
+    g.add_argument("--eval_batch_size", type=int, default=32)
+    g.add_argument("--num_beams", type=int, default=1, help="beam size for validation generation")
+    g.add_argument("--early_stopping_patience", type=int, default=-1, help="-1 disables; counts validations")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--logger_name", choices=["default", "wandb", "wandb_shared"], default="default")
+
+
+def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("retrieval and index refresh")
+    g.add_argument("--index_name", default="custom", help="only `custom` (your own KB) is supported")
+    g.add_argument("--passages_path", default="test_run/dummy-kb/my_knowledge_dataset")
+    g.add_argument("--index_path", default="test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
+    g.add_argument("--distributed_retriever", choices=["ray", "pytorch"], default="ray")
+    g.add_argument("--use_dummy_dataset", type=str2bool, default=False)
+    g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
+    g.add_argument("--index_workers", type=int, default=None, help="encoding actors (default: max(1, index_gpus))")
+    g.add_argument("--index_gpus", type=int, default=0, help="GPUs for encoding actors; 0 encodes on CPU")
+    g.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
+    g.add_argument("--hnsw_m", "--m", type=int, default=128)
+    g.add_argument("--hnsw_ef_construction", type=int, default=200)
+    g.add_argument("--hnsw_ef_search", type=int, default=128)
+    g.add_argument("--encode_batch_size", type=int, default=64)
+    g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
+    g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")
+    g.add_argument("--gpu_order", default=None, help="accepted for compatibility; Ray places encoders")
+
+    g = parser.add_argument_group("ray")
+    g.add_argument("--ray_address", "--ray-address", default=None,
+                   help="join this Ray cluster (e.g. auto); default: start a local Ray on loopback")  # fmt: skip
+    g.add_argument("--ray_namespace", default="rag")
+    g.add_argument("--num_retrieval_workers", type=int, default=1)
+    g.add_argument("--distributed-port", dest="distributed_port", type=int, default=-1, help="unused")
+
+
+def add_trainer_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("trainer (passed to pytorch_lightning.Trainer)")
+    g.add_argument("--do_train", action="store_true")
+    g.add_argument("--do_predict", action="store_true", help="test the best checkpoint after training")
+    g.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: gpu if --gpus > 0, else auto)")
+    g.add_argument("--devices", default=None, help="number of devices or a list (default: auto / --gpus)")
+    g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
+    g.add_argument("--num_nodes", type=int, default=1)
+    g.add_argument("--strategy", default="auto")
+    g.add_argument("--precision", default=None, help="e.g. 32, bf16-mixed, 16-mixed")
+    g.add_argument("--fp16", action="store_true", help="16-bit mixed precision on GPUs")
+    g.add_argument("--fp16_opt_level", default="O2", help="unused (apex)")
+    g.add_argument("--n_tpu_cores", dest="tpu_cores", type=int, default=None, help="unused")
+    g.add_argument("--num_train_epochs", "--max_epochs", dest="max_epochs", type=int, default=3)
+    g.add_argument("--max_steps", type=int, default=-1)
+    g.add_argument("--val_check_interval", type=float, default=1.0,
+                   help="fraction of an epoch (<=1) or a number of batches (>1)")  # fmt: skip
+    g.add_argument("--check_val_every_n_epoch", type=int, default=1)
+    g.add_argument("--limit_train_batches", type=float, default=1.0)
+    g.add_argument("--limit_val_batches", type=float, default=1.0)
+    g.add_argument("--num_sanity_val_steps", type=int, default=2)
+    g.add_argument("--log_every_n_steps", type=int, default=10)
+    g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", dest="accumulate_grad_batches",
+                   type=int, default=1)  # fmt: skip
+    g.add_argument("--max_grad_norm", "--gradient_clip_val", dest="gradient_clip_val", type=float, default=1.0)
+    g.add_argument("--profile", action="store_true", help="attach Lightning's simple profiler")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a Lightning .ckpt to resume from")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_specific_args(parser)
+    add_retriever_specific_args(parser)
+    add_trainer_args(parser)
+    args = parser.parse_args(argv)
+    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores"):
+        if getattr(args, flag) is not None:
+            warnings.warn(f"--{flag} has no effect here (Ray places and ships the KB shards)", stacklevel=1)
+    if args.distributed_retriever != "ray":
+        warnings.warn("--distributed_retriever pytorch: retrieval always runs in Ray actors", stacklevel=1)
+    if args.index_name != "custom":
+        parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
+    if args.index_workers is None:
+        args.index_workers = max(1, args.index_gpus)
+    val = args.val_check_interval
+    args.val_check_interval = int(val) if val > 1 else val
+    return args
+
+
+def trainer_kwargs(args: argparse.Namespace) -> dict:
+    """Translate the reference's flags (--gpus, --fp16, --profile) to Lightning 2 Trainer arguments."""
+    accelerator, devices = args.accelerator, args.devices
+    if args.gpus is not None:
+        accelerator = accelerator or ("gpu" if args.gpus > 0 else "cpu")
+        devices = devices or max(args.gpus, 1)
+    accelerator = accelerator or "auto"
+    if isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else devices
+    precision = args.precision
+    if args.fp16 and precision is None:
+        if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
+            precision = "16-mixed"
+        else:
+            warnings.warn("--fp16 ignored: 16-bit mixed precision needs a GPU", stacklevel=1)
+    return {
+        "accelerator": accelerator,
+        "devices": devices or "auto",
+        "num_nodes": args.num_nodes,
+        "strategy": args.strategy,
+        "precision": precision or "32-true",
+        "max_epochs": args.max_epochs,
+        "max_steps": args.max_steps,
+        "val_check_interval": args.val_check_interval,
+        "check_val_every_n_epoch": args.check_val_every_n_epoch,
+        "limit_train_batches": args.limit_train_batches,
+        "limit_val_batches": args.limit_val_batches,
+        "num_sanity_val_steps": args.num_sanity_val_steps,
+        "log_every_n_steps": args.log_every_n_steps,
+        "accumulate_grad_batches": args.accumulate_grad_batches,
+        "gradient_clip_val": args.gradient_clip_val,
+        "profiler": "simple" if args.profile else None,
+    }
+
+
+def build_loggers(args: argparse.Namespace) -> list:
+    loggers = [TensorBoardLogger(args.output_dir, name="logs"), CSVLogger(args.output_dir, name="logs")]
+    if args.logger_name.startswith("wandb"):
+        from pytorch_lightning.loggers import WandbLogger  # needs `pip install wandb`
+
+        project = "rag-end2end" if args.logger_name == "wandb_shared" else f"rag-{Path(args.output_dir).name}"
+        loggers.append(WandbLogger(project=project, save_dir=args.output_dir))
+    return loggers
+
+
+def main(args: argparse.Namespace) -> GenerativeQAModule:
+    pl.seed_everything(args.seed, workers=True)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    model = GenerativeQAModule(args)
+    if not (args.do_train or args.do_predict):
+        print("RAG model built with its retriever (and context encoder with --end2end); nothing to train.")
+        return model
+
+    callbacks = [
+        get_checkpoint_callback(args.output_dir, "em"),
+        Seq2SeqLoggingCallback(),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if args.early_stopping_patience >= 0:
+        callbacks.append(get_early_stopping_callback("em", args.early_stopping_patience))
+    if args.end2end and args.indexing_freq:
+        index_config = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
+        callbacks.append(
+            KBRefreshCallback(
+                str(Path(args.output_dir) / "kb"),
+                args.indexing_freq,
+                index_config,
+                args.index_workers,
+                args.index_gpus,
+                args.encode_batch_size,
+            )
+        )
+    trainer = pl.Trainer(
+        **trainer_kwargs(args), callbacks=callbacks, logger=build_loggers(args), default_root_dir=args.output_dir
+    )
+    if args.do_train:
+        trainer.fit(model, ckpt_path=args.resume_from_checkpoint)
+    if args.do_predict:
+        best = callbacks[0].best_model_path if args.do_train else ""
+        trainer.test(model, ckpt_path=best or None)
+    return model
+
+
+if __name__ == "__main__":
+    main(parse_args())
+    if ray.is_initialized():
+        ray.shutdown()

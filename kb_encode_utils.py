@@ -1,0 +1,245 @@
+"""Knowledge-base plumbing: split documents into passages, encode them, build FAISS indexes and
+save knowledge-base versions atomically (written under a temporary name, then renamed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, load_from_disk
+from datasets.table import InMemoryTable
+from tqdm.auto import tqdm
+
+READY_MARKER = "READY.json"  # written last: a version directory without it is incomplete
+VERSION_DIR_RE = re.compile(r"^v(\d{4,})$")
+
+
+# ----------------------------------------------------------------------------- passages
+
+
+def split_text(text: str, n: int = 100, character: str = " ") -> list[str]:
+    """Split `text` every `n` occurrences of `character` (100-word passages, as the reference)."""
+    words = text.split(character)
+    return [character.join(words[i : i + n]).strip() for i in range(0, len(words), n)]
+
+
+def read_kb_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Read a tab-separated `title<TAB>text` file (no header), failing on the first bad row."""
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: knowledge-base CSV not found (expected `title<TAB>text` lines)")
+    docs = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not field.strip() for field in row):
+                raise ValueError(f"{path}:{line}: empty line; every line must be `title<TAB>text`")
+            if len(row) != 2:
+                raise ValueError(f"{path}:{line}: expected 2 tab-separated fields (title, text), found {len(row)}")
+            title, text = row
+            if not text.strip():
+                raise ValueError(f"{path}:{line}: field `text` (column 2) is empty")
+            docs.append((title.strip(), text.strip()))
+    if not docs:
+        raise ValueError(f"{path}: no documents found")
+    return docs
+
+
+def split_documents(docs: list[tuple[str, str]], n_words: int = 100) -> Dataset:
+    """Turn (title, text) documents into a `datasets.Dataset` of 100-word passages."""
+    titles, texts = [], []
+    for title, text in docs:
+        for passage in split_text(text, n_words):
+            if passage:
+                titles.append(title)
+                texts.append(passage)
+    return Dataset.from_dict({"title": titles, "text": texts})
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def passage_embeddings(encoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The one place that says how a context encoder turns tokens into a passage vector."""
+    return encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).pooler_output
+
+
+def tokenize_passages(tokenizer, titles: list[str], texts: list[str]) -> list[list[int]]:
+    """Tokenise (title, text) pairs exactly as the RAG retriever does for the in-graph encoder."""
+    return tokenizer(list(titles), list(texts), truncation=True)["input_ids"]
+
+
+@torch.no_grad()
+def encode_token_ids(
+    encoder: torch.nn.Module,
+    token_ids: list[list[int]],
+    pad_token_id: int,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """Encode pre-tokenised passages in eval mode; batches are sorted by length to cut padding."""
+    encoder.eval()
+    order = np.argsort([len(ids) for ids in token_ids], kind="stable")
+    out = None
+    for start in tqdm(range(0, len(order), batch_size), desc="encoding passages", disable=not progress):
+        rows = order[start : start + batch_size]
+        width = max(len(token_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            ids[j, : len(token_ids[i])] = torch.tensor(token_ids[i])
+            mask[j, : len(token_ids[i])] = 1
+        emb = passage_embeddings(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(token_ids), emb.shape[1]), dtype=np.float32)
+        out[rows] = emb
+    return out
+
+
+class ShardEncoder:
+    """Body of a Ray encoding actor: holds one contiguous shard of the KB, tokenised once at start-up,
+    and re-encodes it with whatever context-encoder weights it is handed."""
+
+    def __init__(self, passages_path: str, start: int, end: int, tokenizer, encoder_cls, encoder_config):
+        on_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.device = "cuda" if on_gpu else "cpu"
+        if not on_gpu:
+            # One thread: the trainer shares these cores, and its steps stall badly if we take both.
+            torch.set_num_threads(1)
+        shard = load_from_disk(passages_path).select(range(start, end))
+        self.token_ids = tokenize_passages(tokenizer, shard["title"], shard["text"])
+        self.pad_token_id = tokenizer.pad_token_id
+        self.encoder = encoder_cls(encoder_config).to(self.device).eval()
+
+    def encode(self, state_dict: dict, batch_size: int = 64) -> np.ndarray:
+        self.encoder.load_state_dict(state_dict)
+        return encode_token_ids(
+            self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, progress=False
+        )
+
+
+def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) row ranges; merging the shards in this order restores row order."""
+    step = -(-n_rows // n_shards)
+    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+
+
+# ----------------------------------------------------------------------------- index and versions
+
+
+@dataclass
+class IndexConfig:
+    """FAISS index settings; inner product throughout, as DPR scores are dot products."""
+
+    index_type: str = "hnsw"  # "flat" (exact) or "hnsw"
+    hnsw_m: int = 128
+    ef_construction: int = 200
+    ef_search: int = 128
+
+
+def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """Build an inner-product index over `embeddings` (row i gets FAISS id i)."""
+    dim = embeddings.shape[1]
+    if cfg.index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif cfg.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+    else:
+        raise ValueError(f"unknown index type {cfg.index_type!r}; choose flat or hnsw")
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index
+
+
+def with_embeddings(passages: Dataset, embeddings: np.ndarray) -> Dataset:
+    """Return `passages` (title, text) with an `embeddings` column, built in Arrow (no Python loop)."""
+    if len(passages) != len(embeddings):
+        raise ValueError(f"{len(passages)} passages but {len(embeddings)} embeddings")
+    flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
+    offsets = np.arange(0, flat.size + 1, embeddings.shape[1], dtype=np.int64)
+    column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    table = passages.select_columns(["title", "text"]).flatten_indices().data.table
+    return Dataset(InMemoryTable(table.append_column("embeddings", column)))
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def save_kb(dataset: Dataset, passages_path: str | os.PathLike, index_path: str | os.PathLike, cfg: IndexConfig):
+    """Write the passages dataset and its index to user-chosen paths, each under a temporary name first.
+    Refuses to replace existing files: a user's KB is never overwritten."""
+    passages_path, index_path = Path(passages_path), Path(index_path)
+    for path in (passages_path, index_path):
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
+    index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
+    tmp_passages, tmp_index = _temporary_sibling(passages_path), _temporary_sibling(index_path)
+    dataset.save_to_disk(str(tmp_passages))
+    faiss.write_index(index, str(tmp_index))
+    os.rename(tmp_passages, passages_path)
+    os.rename(tmp_index, index_path)
+
+
+@dataclass
+class KBVersion:
+    """One knowledge-base version: passages with embeddings plus the index over them."""
+
+    version: int
+    passages_path: str
+    index_path: str
+    embedding_step: int = 0  # optimizer step whose context-encoder weights made the embeddings
+
+
+def version_dir(kb_root: str | os.PathLike, version: int) -> Path:
+    return Path(kb_root) / f"v{version:04d}"
+
+
+def read_version(path: str | os.PathLike) -> KBVersion | None:
+    """The version stored in `path`, or None when it is incomplete (no marker)."""
+    marker = Path(path) / READY_MARKER
+    return KBVersion(**json.loads(marker.read_text())) if marker.is_file() else None
+
+
+def list_versions(kb_root: str | os.PathLike) -> list[KBVersion]:
+    """Complete versions under `kb_root`, oldest first; partial `.tmp-*` directories are ignored."""
+    root = Path(kb_root)
+    found = [read_version(p) for p in root.iterdir() if VERSION_DIR_RE.match(p.name)] if root.is_dir() else []
+    return sorted((v for v in found if v is not None), key=lambda v: v.version)
+
+
+def build_kb_version(
+    base_passages_path: str,
+    kb_root: str,
+    version: int,
+    embedding_step: int,
+    cfg: IndexConfig,
+    *shard_embeddings: np.ndarray,
+) -> KBVersion:
+    """Merge encoded shards (in shard order), build the index and publish `kb_root/vNNNN` atomically.
+    Runs as a Ray task, away from the training processes."""
+    embeddings = np.concatenate(shard_embeddings, axis=0)
+    dataset = with_embeddings(load_from_disk(base_passages_path), embeddings)
+    final = version_dir(kb_root, version)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
+    tmp = _temporary_sibling(final)
+    tmp.mkdir(parents=True)
+    dataset.save_to_disk(str(tmp / "passages"))
+    faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
+    kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step)
+    (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+    os.rename(tmp, final)
+    return kb

@@ -1,0 +1,206 @@
+"""Tests for utils_rag: SQuAD metrics and the line-aligned Seq2SeqDataset."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import BertTokenizerFast, RagTokenizer
+
+from utils_rag import (
+    Seq2SeqDataset,
+    calculate_exact_match,
+    calculate_f1,
+    exact_match_score,
+    f1_score,
+    metric_max_over_ground_truths,
+    normalize_answer,
+)
+
+SENTENCES = [
+    "who wrote hamlet",
+    "william shakespeare wrote hamlet and macbeth",
+    "what is the capital of france",
+    "paris is the capital of france",
+    "question: how tall is the eiffel tower",
+]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tokenizer(special_tokens: list[str]) -> BertTokenizerFast:
+    """Train a tiny offline WordPiece tokenizer; the order of special_tokens fixes their ids."""
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.train_from_iterator(SENTENCES, trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special_tokens))
+    return BertTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+@pytest.fixture(scope="session")
+def rag_tokenizer() -> RagTokenizer:
+    tok = build_tokenizer(SPECIALS)
+    return RagTokenizer(question_encoder=tok, generator=tok)
+
+
+@pytest.fixture(scope="session")
+def split_pad_tokenizer() -> RagTokenizer:
+    """Question encoder pads with id 0, generator with id 4, so mixing them up is detectable."""
+    return RagTokenizer(question_encoder=build_tokenizer(SPECIALS), generator=build_tokenizer(SPECIALS[1:] + ["[PAD]"]))
+
+
+def write_split(data_dir: Path, source: str, target: str, type_path: str = "train") -> None:
+    (data_dir / f"{type_path}.source").write_text(source, encoding="utf-8")
+    (data_dir / f"{type_path}.target").write_text(target, encoding="utf-8")
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+
+def test_normalize_answer_strips_case_punctuation_articles_and_spaces() -> None:
+    assert normalize_answer("  The  Quick, brown FOX!! ") == "quick brown fox"
+    assert normalize_answer("an apple a day") == "apple day"
+    # articles only at word boundaries: "Theatre" and "Anna" keep their letters
+    assert normalize_answer("The Theatre of Anna") == "theatre of anna"
+    assert normalize_answer("rock'n'roll") == "rocknroll"
+
+
+def test_exact_match_score() -> None:
+    assert exact_match_score("The Eiffel Tower.", "eiffel tower") is True
+    assert exact_match_score("Eiffel", "eiffel tower") is False
+
+
+def test_f1_score_partial_overlap_hand_computed() -> None:
+    # pred {brown, fox}, gold {quick, brown, fox, jumps, over}: P = 2/2, R = 2/5, F1 = 2PR/(P+R) = 4/7
+    assert f1_score("The brown fox", "quick brown fox jumps over") == pytest.approx(4 / 7)
+    # repeated tokens count once per gold occurrence: P = 1/2, R = 1/1, F1 = 2/3
+    assert f1_score("fox fox", "fox") == pytest.approx(2 / 3)
+    assert f1_score("cat", "dog") == 0.0
+
+
+def test_f1_score_empty_after_normalisation() -> None:
+    assert f1_score("the", "a !") == 1.0
+    assert f1_score("the", "paris") == 0.0
+    assert f1_score("paris", "") == 0.0
+
+
+def test_metric_max_over_ground_truths() -> None:
+    golds = ["Paris, France", "the city of Paris"]
+    assert metric_max_over_ground_truths(exact_match_score, "paris france", golds) is True
+    # best of F1(paris, "paris france") = 2/3 and F1(paris, "city of paris") = 1/2
+    assert metric_max_over_ground_truths(f1_score, "Paris", golds) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="at least one"):
+        metric_max_over_ground_truths(f1_score, "Paris", [])
+
+
+def test_corpus_metrics_accept_strings_or_lists_of_golds() -> None:
+    predictions = ["Paris", "london", "berlin"]
+    references = [["Rome", "Paris, France", "paris"], "The London", ["Munich"]]
+    assert calculate_exact_match(predictions, references) == pytest.approx(2 / 3)
+    assert calculate_f1(predictions, references) == pytest.approx(2 / 3)
+    assert calculate_f1(["brown fox"], ["quick brown fox jumps over"]) == pytest.approx(4 / 7)
+    assert calculate_exact_match(["a"], ["b"]) == 0.0
+
+
+def test_corpus_metrics_reject_length_mismatch() -> None:
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        calculate_exact_match(["a", "b"], ["a"])
+    with pytest.raises(ValueError):
+        calculate_f1(["a"], [])
+
+
+# --- dataset -------------------------------------------------------------------------------------------
+
+
+def test_dataset_reads_aligned_lines_and_tokenises(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    write_split(tmp_path, "who wrote hamlet\n  what is the capital of france \n", "william shakespeare\nparis\n")
+    ds = Seq2SeqDataset(rag_tokenizer, str(tmp_path), max_source_length=32, max_target_length=32)
+    assert len(ds) == 2
+    item = ds[1]
+    assert item["source_text"] == "what is the capital of france"
+    assert item["target_text"] == "paris"
+    tok = rag_tokenizer.question_encoder
+    assert tok.convert_ids_to_tokens(item["input_ids"]) == [
+        "[CLS]",
+        "what",
+        "is",
+        "the",
+        "capital",
+        "of",
+        "france",
+        "[SEP]",
+    ]
+    assert tok.convert_ids_to_tokens(item["labels"]) == ["[CLS]", "paris", "[SEP]"]
+
+
+def test_dataset_prefix_truncation_and_n_obs(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    # no trailing newline here: the last line still counts
+    write_split(tmp_path, "who wrote hamlet\nhow tall is the eiffel tower\nwho wrote macbeth", "a\nb\nc", "val")
+    ds = Seq2SeqDataset(
+        rag_tokenizer,
+        str(tmp_path),
+        max_source_length=4,
+        max_target_length=2,
+        type_path="val",
+        prefix="question: ",
+    )
+    assert len(ds) == 3
+    tokens = rag_tokenizer.question_encoder.convert_ids_to_tokens(ds[0]["input_ids"])
+    assert tokens == ["[CLS]", "question", ":", "[SEP]"]
+    assert len(ds[0]["labels"]) == 2
+    assert len(Seq2SeqDataset(rag_tokenizer, str(tmp_path), 8, 8, "val", n_obs=2)) == 2
+    assert len(Seq2SeqDataset(rag_tokenizer, str(tmp_path), 8, 8, "val", n_obs=-1)) == 3
+
+
+def test_dataset_rejects_mismatched_line_counts(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    write_split(tmp_path, "q1\nq2\nq3\n", "a1\na2\n")
+    with pytest.raises(ValueError) as err:
+        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16)
+    message = str(err.value)
+    assert "train.source" in message and "train.target" in message
+    assert "3" in message and "2" in message
+
+
+@pytest.mark.parametrize("blank", ["", "   \t"])
+def test_dataset_rejects_blank_line_naming_file_and_line(
+    tmp_path: Path, rag_tokenizer: RagTokenizer, blank: str
+) -> None:
+    write_split(tmp_path, "q1\nq2\nq3\nq4\n", f"a1\na2\n{blank}\na4\n")
+    with pytest.raises(ValueError, match=r"train\.target:3"):
+        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16)
+
+
+def test_dataset_rejects_missing_file(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    (tmp_path / "test.source").write_text("q1\n", encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"test\.target"):
+        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16, type_path="test")
+
+
+def test_collate_pads_each_side_with_its_own_pad_id(tmp_path: Path, split_pad_tokenizer: RagTokenizer) -> None:
+    q_pad = split_pad_tokenizer.question_encoder.pad_token_id
+    g_pad = split_pad_tokenizer.generator.pad_token_id
+    assert (q_pad, g_pad) == (0, 4)
+    write_split(tmp_path, "who wrote hamlet\nwhat is the capital of france\n", "william shakespeare\nparis\n")
+    ds = Seq2SeqDataset(split_pad_tokenizer, str(tmp_path), 32, 32)
+    items = [ds[0], ds[1]]
+    batch = ds.collate_fn(items)
+
+    src_lens = [len(it["input_ids"]) for it in items]
+    tgt_lens = [len(it["labels"]) for it in items]
+    assert src_lens == [5, 8] and tgt_lens == [4, 3]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 8)
+    assert batch["labels"].shape == (2, 4)
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+
+    assert batch["input_ids"][0].tolist() == items[0]["input_ids"] + [q_pad] * 3
+    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8]
+    assert batch["labels"][1].tolist() == items[1]["labels"] + [g_pad]
+    assert batch["labels"][0].tolist() == items[0]["labels"]
+    assert batch["source_text"] == ["who wrote hamlet", "what is the capital of france"]
+    assert batch["target_text"] == ["william shakespeare", "paris"]

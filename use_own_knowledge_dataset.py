@@ -1,0 +1,76 @@
+"""Build the initial knowledge base (version 0) from a `title<TAB>text` CSV: split documents into
+100-word passages, embed them with a DPR context encoder and index them with FAISS.
+
+    python use_own_knowledge_dataset.py --csv_path my_kb.csv --output_dir KB \
+        --dpr_ctx_encoder_model_name facebook/dpr-ctx_encoder-multiset-base
+
+writes KB/my_knowledge_dataset (a `datasets` directory: title, text, embeddings) and
+KB/my_knowledge_dataset_hnsw_index.faiss, the paths finetune_rag.py takes as --passages_path and
+--index_path. Both are written under temporary names and renamed; existing files are never replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DPRContextEncoder
+
+from kb_encode_utils import (
+    IndexConfig,
+    encode_token_ids,
+    read_kb_csv,
+    save_kb,
+    split_documents,
+    tokenize_passages,
+    with_embeddings,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--csv_path", default="test_run/dummy-kb/my_knowledge_dataset.csv")
+    p.add_argument("--output_dir", default="test_run/dummy-kb")
+    p.add_argument("--dpr_ctx_encoder_model_name", default="facebook/dpr-ctx_encoder-multiset-base")
+    p.add_argument("--context_encoder_tokenizer_name", default=None, help="default: the encoder's name")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
+    p.add_argument("--m", "--hnsw_m", dest="hnsw_m", type=int, default=128, help="HNSW links per node")
+    p.add_argument("--hnsw_ef_construction", type=int, default=200)
+    p.add_argument("--hnsw_ef_search", type=int, default=128)
+    p.add_argument("--d", type=int, default=None, help="unused: the encoder's size is read from its config")
+    p.add_argument("--rag_model_name", default=None, help="unused (kept for the reference's scripts)")
+    p.add_argument("--question", default=None, help="unused (kept for the reference's scripts)")
+    p.add_argument("--num_proc", type=int, default=None, help="unused (kept for the reference's scripts)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> tuple[Path, Path]:
+    for flag in ("d", "rag_model_name", "question", "num_proc"):
+        if getattr(args, flag) is not None:
+            warnings.warn(f"--{flag} has no effect here", stacklevel=1)
+    out = Path(args.output_dir)
+    passages_path, index_path = out / "my_knowledge_dataset", out / "my_knowledge_dataset_hnsw_index.faiss"
+    for path in (passages_path, index_path):
+        if path.exists():  # checked before the (long) encoding, not after
+            raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
+
+    passages = split_documents(read_kb_csv(args.csv_path))
+    print(f"{args.csv_path}: {len(passages)} passages")
+    tokenizer = AutoTokenizer.from_pretrained(args.context_encoder_tokenizer_name or args.dpr_ctx_encoder_model_name)
+    encoder = DPRContextEncoder.from_pretrained(args.dpr_ctx_encoder_model_name).to(args.device)
+    token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
+    embeddings = encode_token_ids(encoder, token_ids, tokenizer.pad_token_id, args.batch_size, args.device)
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
+    save_kb(with_embeddings(passages, embeddings), passages_path, index_path, cfg)
+    print(f"wrote {passages_path} and {index_path}")
+    return passages_path, index_path
+
+
+if __name__ == "__main__":
+    main(parse_args())
