@@ -17,10 +17,11 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from kb_encode_utils import (
     IndexConfig,
+    KBBuilder,
     KBVersion,
     ShardEncoder,
-    build_kb_version,
     list_versions,
+    prune_versions,
     read_version,
     shard_bounds,
 )
@@ -49,6 +50,7 @@ class KBRefreshCallback(pl.Callback):
         index_workers: int = 1,
         index_gpus: int = 0,
         encode_batch_size: int = 64,
+        keep_versions: int = 3,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -58,8 +60,10 @@ class KBRefreshCallback(pl.Callback):
         self.index_workers = index_workers
         self.index_gpus = index_gpus
         self.encode_batch_size = encode_batch_size
+        self.keep_versions = keep_versions
         self.state = RefreshState.IDLE
         self.encoders: list = []
+        self.builder = None
         self._pending: list = []
         self._build_ref = None
         self._new_kb: KBVersion | None = None
@@ -74,8 +78,8 @@ class KBRefreshCallback(pl.Callback):
 
     # --------------------------------------------------------------- start-up
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
             return
         if self._resume_kb is not None and read_version(Path(self._resume_kb.passages_path).parent):
             self._swap_now(pl_module, self._resume_kb)
@@ -92,7 +96,15 @@ class KBRefreshCallback(pl.Callback):
             remote_cls.remote(base, start, end, pl_module.context_tokenizer, type(ctx), ctx.config)
             for start, end in shard_bounds(n_rows, self.index_workers)
         ]
+        self.builder = ray.remote(KBBuilder).options(num_cpus=0).remote()
         rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {n_rows} passages")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Actors start (imports, tokenising their shard) while the sanity check runs; waiting here once
+        # keeps that start-up out of the first refresh's timings.
+        if trainer.is_global_zero:
+            actors = [*self.encoders, self.builder]
+            ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors))
 
     # --------------------------------------------------------------- the state machine
 
@@ -119,17 +131,13 @@ class KBRefreshCallback(pl.Callback):
         state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.context_encoder.state_dict().items()}
         weights = ray.put(state)
         shards = [e.encode.remote(weights, self.encode_batch_size) for e in self.encoders]
-        self._build_ref = (
-            ray.remote(build_kb_version)
-            .options(num_cpus=0)
-            .remote(
-                pl_module.base_passages_path,
-                self.kb_root,
-                self._next_version,
-                trainer.global_step,
-                self.index_config,
-                *shards,
-            )
+        self._build_ref = self.builder.build.remote(
+            pl_module.base_passages_path,
+            self.kb_root,
+            self._next_version,
+            trainer.global_step,
+            self.index_config,
+            *shards,
         )
         self._next_version += 1
         self._trigger_step, self._trigger_time = trainer.global_step, time.perf_counter()
@@ -167,6 +175,10 @@ class KBRefreshCallback(pl.Callback):
         }
         self.history.append(record)
         self.state = RefreshState.IDLE
+        saved = {
+            json.loads(p.read_text())["version"] for p in Path(pl_module.hparams.output_dir).glob("*/kb_version.json")
+        }
+        prune_versions(self.kb_root, self.keep_versions, protect=saved | {self._new_kb.version})
         rank_zero_info(f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step} ({seconds:.2f}s)")
 
     def _swap_now(self, pl_module, kb: KBVersion) -> None:
@@ -184,7 +196,9 @@ class KBRefreshCallback(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.wait_until_idle(trainer, pl_module)
-            self.encoders = []
+            for actor in [*self.encoders, self.builder]:
+                ray.kill(actor)
+            self.encoders, self.builder = [], None
 
     # --------------------------------------------------------------- checkpoint state
 

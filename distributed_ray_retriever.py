@@ -52,6 +52,7 @@ class RetrievalActor:
         self._live: _LoadedKB | None = None
         self._staged: dict[int, _LoadedKB] = {}
         self._lock = threading.Lock()  # guards staging; searches never take it
+        self.requests = 0
 
     def _load(self, kb: KBVersion) -> _LoadedKB:
         passages = load_from_disk(kb.passages_path)
@@ -85,7 +86,11 @@ class RetrievalActor:
     def live_version(self) -> KBVersion | None:
         return None if self._live is None else self._live.info
 
+    def request_count(self) -> int:
+        return self.requests
+
     def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
+        self.requests += 1
         kb = self._live  # read the pointer once: the whole answer comes from this version
         if kb is None:
             raise RuntimeError("no knowledge-base version is loaded in this retrieval actor")

@@ -48,6 +48,8 @@ from kb_encode_utils import IndexConfig, KBVersion
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score
 
 logger = logging.getLogger(__name__)
+# Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
+warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 
 MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
@@ -78,7 +80,7 @@ class GenerativeQAModule(pl.LightningModule):
         self.n_docs = hp.n_docs
 
         init_ray(hp.ray_address, hp.ray_namespace)
-        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search)
+        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search, hp.ray_namespace)
         self.tokenizer, config = self._load_tokenizer_and_config()
         self.retriever = RagRayDistributedRetriever(
             config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, global_rank_from_env()
@@ -103,6 +105,9 @@ class GenerativeQAModule(pl.LightningModule):
             # retriever hands it their tokens.
             self.model.set_context_encoder_for_training(context_encoder)
             self.retriever.set_ctx_encoder_tokenizer(self.context_tokenizer)
+        # from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds:
+        # without this, dropout would be silently off during training.
+        self.model.train()
 
         self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
                             "test": hp.test_max_target_length}  # fmt: skip
@@ -165,10 +170,6 @@ class GenerativeQAModule(pl.LightningModule):
                          retriever=self.retriever)  # fmt: skip
 
     # ------------------------------------------------------------------ training
-
-    def on_fit_start(self) -> None:
-        # from_pretrained leaves modules in eval mode, which would silently switch dropout off.
-        self.model.train()
 
     def _step(self, batch: dict) -> torch.Tensor:
         out = self.model(
@@ -372,6 +373,8 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hnsw_ef_construction", type=int, default=200)
     g.add_argument("--hnsw_ef_search", type=int, default=128)
     g.add_argument("--encode_batch_size", type=int, default=64)
+    g.add_argument("--keep_kb_versions", type=int, default=3,
+                   help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all")  # fmt: skip
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
     g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")
     g.add_argument("--gpu_order", default=None, help="accepted for compatibility; Ray places encoders")
@@ -503,6 +506,7 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
                 args.index_workers,
                 args.index_gpus,
                 args.encode_batch_size,
+                args.keep_kb_versions,
             )
         )
     trainer = pl.Trainer(

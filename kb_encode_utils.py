@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,7 +171,10 @@ def with_embeddings(passages: Dataset, embeddings: np.ndarray) -> Dataset:
     flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
     offsets = np.arange(0, flat.size + 1, embeddings.shape[1], dtype=np.int64)
     column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
-    table = passages.select_columns(["title", "text"]).flatten_indices().data.table
+    passages = passages.select_columns(["title", "text"])
+    if passages._indices is not None:  # a filtered/selected view: materialise rows in their order
+        passages = passages.flatten_indices()
+    table = passages.data.table
     return Dataset(InMemoryTable(table.append_column("embeddings", column)))
 
 
@@ -220,6 +224,17 @@ def list_versions(kb_root: str | os.PathLike) -> list[KBVersion]:
     return sorted((v for v in found if v is not None), key=lambda v: v.version)
 
 
+def prune_versions(kb_root: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> list[int]:
+    """Delete all but the newest `keep` complete versions under `kb_root`, sparing `protect`
+    (versions that saved checkpoints name). Only our own `vNNNN` directories are ever touched."""
+    if keep < 1:
+        return []
+    old = [v for v in list_versions(kb_root)[:-keep] if v.version not in protect]
+    for kb in old:
+        shutil.rmtree(version_dir(kb_root, kb.version))  # a complete vNNNN that this toolkit wrote
+    return [kb.version for kb in old]
+
+
 def build_kb_version(
     base_passages_path: str,
     kb_root: str,
@@ -243,3 +258,11 @@ def build_kb_version(
     (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
     os.rename(tmp, final)
     return kb
+
+
+class KBBuilder:
+    """Body of the Ray actor that runs `build_kb_version`; kept alive so that a refresh does not pay
+    for starting a worker process and importing faiss/datasets each time."""
+
+    def build(self, *args) -> KBVersion:
+        return build_kb_version(*args)

@@ -60,9 +60,7 @@ def main() -> None:
     parser.add_argument("--max_answer_words", type=int, default=6)
     args = parser.parse_args()
 
-    papers = select_papers(
-        json.loads(args.covid_qa.read_text())["data"], args.max_words, args.max_answer_words
-    )
+    papers = select_papers(json.loads(args.covid_qa.read_text())["data"], args.max_words, args.max_answer_words)
 
     kb_dir = args.out_dir / "dummy-kb"
     kb_dir.mkdir(parents=True, exist_ok=True)

@@ -151,9 +151,7 @@ def build_tiny_models(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, type=Path)
-    parser.add_argument(
-        "--corpus", nargs="+", type=Path, help="text files for the tokenizer (default: dummy data)"
-    )
+    parser.add_argument("--corpus", nargs="+", type=Path, help="text files for the tokenizer (default: dummy data)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if output_dir/.complete exists")
     args = parser.parse_args()
