@@ -70,7 +70,7 @@ class KBRefreshCallback(pl.Callback):
         self._trigger_step = 0
         self._trigger_time = 0.0
         self._last_trigger_step = 0
-        self._resume_kb: KBVersion | None = None
+        self._restored: dict | None = None
         # What happened, for logs and tests: one dict per completed refresh.
         self.history: list[dict] = []
         self.skipped_triggers = 0
@@ -81,8 +81,12 @@ class KBRefreshCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        if self._resume_kb is not None and read_version(Path(self._resume_kb.passages_path).parent):
-            self._swap_now(pl_module, self._resume_kb)
+        if self._restored:  # resuming: go on from the KB version the checkpoint was trained against
+            self._last_trigger_step = self._restored["last_trigger_step"]
+            self.history = self._restored["history"]
+            resumed = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}") if self.history else None
+            if resumed is not None:
+                self._swap_now(pl_module, resumed)
         versions = list_versions(self.kb_root)
         self._next_version = max([pl_module.kb.version] + [v.version for v in versions]) + 1
         base = pl_module.base_passages_path
@@ -206,11 +210,9 @@ class KBRefreshCallback(pl.Callback):
         return {"last_trigger_step": self._last_trigger_step, "history": self.history}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._last_trigger_step = state_dict["last_trigger_step"]
-        self.history = state_dict["history"]
-        if self.history:
-            last = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}")
-            self._resume_kb = last
+        # Applied in `setup("fit")` only: `trainer.test(ckpt_path=...)` restores callback state too, and
+        # testing must not rewind the refresh history or swap the index.
+        self._restored = state_dict
 
 
 def get_checkpoint_callback(output_dir: str, metric: str = "em") -> ModelCheckpoint:

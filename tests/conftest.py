@@ -1,14 +1,24 @@
-# TEMPORARY dev conftest (helper session) -- to be replaced by the real one
-import os
+"""Shared fixtures: tiny random models, a tiny KB built from the dummy CSV, and one local Ray."""
 
+import importlib.util
+import os
+import uuid
+from pathlib import Path
+
+# Before ray/transformers are imported: no hub, no Ray token file, no colour codes in actor output.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_COLOR_PREFIX"] = "0"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
 import distributed_ray_retriever  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
+DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +26,43 @@ def ray_local():
     distributed_ray_retriever.init_ray(None, "rag-tests")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """Version 0 of the dummy KB, encoded by the tiny context encoder, with an exact (flat) index."""
+    import use_own_knowledge_dataset
+
+    out = tmp_path_factory.mktemp("kb")
+    args = use_own_knowledge_dataset.parse_args(
+        ["--csv_path", str(DUMMY_CSV), "--output_dir", str(out), "--index_type", "flat",
+         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
+    )  # fmt: skip
+    return use_own_knowledge_dataset.main(args)
+
+
+@pytest.fixture
+def finetune_argv(tiny_models, tiny_kb, tmp_path):
+    """Command-line arguments for finetune_rag.py with the tiny models; extra flags are appended."""
+
+    def make(*extra: str, model: str = "rag_token") -> list[str]:
+        passages, index = tiny_kb
+        return [
+            "--model_name_or_path", str(tiny_models[model]), "--model_type", model,
+            "--context_encoder_name", str(tiny_models["context_encoder"]),
+            "--passages_path", str(passages), "--index_path", str(index),
+            "--data_dir", str(DUMMY_DATA), "--output_dir", str(tmp_path / "out"),
+            "--accelerator", "cpu", "--devices", "1", "--train_batch_size", "2", "--eval_batch_size", "4",
+            "--index_type", "flat", "--ray_namespace", f"test-{uuid.uuid4().hex[:8]}",
+            *extra,
+        ]  # fmt: skip
+
+    return make

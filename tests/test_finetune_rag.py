@@ -1,0 +1,138 @@
+"""The LightningModule and a real in-process training run: gradients, refresh, swap, checkpoints, logs."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from datasets import load_from_disk
+from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
+
+import finetune_rag
+from callbacks_rag import KBRefreshCallback
+
+
+def _batch(module, n=4):
+    return next(iter(module._dataloader("train", n, shuffle=False)))
+
+
+def _kill_actors(module):
+    for actor in module.retriever.actors:
+        ray.kill(actor)
+
+
+@pytest.mark.parametrize("model", ["rag_token", "rag_sequence"])
+def test_context_encoder_gets_gradient_with_end2end(ray_local, finetune_argv, model):
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end", model=model)))
+    module._step(_batch(module)).backward()
+    grads = {n: p.grad for n, p in module.context_encoder.named_parameters()}
+    assert grads, "no context-encoder parameters"
+    missing = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
+    assert not missing, f"context-encoder parameters without gradient: {missing}"
+    _kill_actors(module)
+
+
+def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv()))
+    assert module.context_encoder is None
+    assert not [n for n, _ in module.named_parameters() if "ctx_encoder" in n]
+    module._step(_batch(module)).backward()
+    # The retrieval scores still train the question encoder.
+    q_grads = [p.grad for p in module.model.rag.question_encoder.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in q_grads)
+    _kill_actors(module)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
+    """One real run: end-to-end training with a refresh every 2 optimizer steps, then a test pass."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    passages, index = tiny_kb
+    argv = [
+        "--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
+        "--context_encoder_name", str(tiny_models["context_encoder"]),
+        "--passages_path", str(passages), "--index_path", str(index),
+        "--data_dir", str(Path(__file__).parents[1] / "test_run" / "dummy-train-data"),
+        "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
+        "--train_batch_size", "2", "--eval_batch_size", "4", "--max_epochs", "2", "--learning_rate", "1e-3",
+        "--end2end", "--indexing_freq", "2", "--index_type", "flat", "--keep_kb_versions", "0",
+        "--do_train", "--do_predict", "--ray_namespace", "test-trained", "--log_every_n_steps", "1",
+    ]  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    refresh = next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
+    yield module, refresh, out
+    _kill_actors(module)
+
+
+def test_refresh_publishes_new_versions_with_new_embeddings(trained):
+    module, refresh, out = trained
+    versions = [h["version"] for h in refresh.history]
+    assert len(versions) >= 2 and versions == sorted(versions) and versions[0] >= 1
+    assert module.kb.version == versions[-1]
+    old = load_from_disk(module.base_passages_path)
+    new = load_from_disk(module.kb.passages_path)
+    assert Path(module.kb.passages_path).parent == out / "kb" / f"v{versions[-1]:04d}"
+    assert new["text"][:] == old["text"][:] and new["title"][:] == old["title"][:]
+    old_emb, new_emb = np.array(old["embeddings"][:]), np.array(new["embeddings"][:])
+    assert old_emb.shape == new_emb.shape
+    assert not np.allclose(old_emb, new_emb, atol=1e-4), "re-encoding did not change the embeddings"
+
+
+def test_retrieval_comes_from_the_new_index(trained):
+    module, refresh, _ = trained
+    new = np.array(load_from_disk(module.kb.passages_path)["embeddings"][:], dtype=np.float32)
+    queries = np.random.default_rng(0).standard_normal((3, new.shape[1])).astype(np.float32)
+    _, ids, _ = module.retriever.retrieve(queries, 3)
+    assert module.retriever.last_version == module.kb.version
+    expected = np.argsort(-(queries @ new.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(ids, expected)
+
+
+def test_training_went_on_during_refreshes(trained):
+    _, refresh, _ = trained
+    assert any(h["steps_during_refresh"] > 0 for h in refresh.history), refresh.history
+    assert all(h["reindex_seconds"] > 0 for h in refresh.history)
+
+
+def test_logs_and_run_files(trained):
+    module, _, out = trained
+    rows = list(csv.DictReader(open(next((out / "logs").rglob("metrics.csv")))))
+    columns = set(rows[0])
+    for name in ("loss", "index_version", "index_staleness_steps", "reindex_seconds", "val_em", "val_f1"):
+        assert name in columns, f"{name} not logged"
+    assert max(float(r["index_version"]) for r in rows if r["index_version"]) >= 1
+    assert any(r.get("lr-AdamW/pg1") for r in rows), "learning rate not logged"
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    history = json.loads((out / "metrics.json").read_text())
+    assert {"val_em", "val_f1"} <= set(history[-1])
+    assert 0.0 <= history[-1]["val_em"] <= 1.0
+    generations = (out / "test_generations.txt").read_text().splitlines()
+    assert len(generations) == 8  # one per test question
+    assert "test_em" in (out / "test_results.txt").read_text()
+
+
+def test_checkpoint_reloads_with_transformers_and_generates(trained):
+    module, _, out = trained
+    checkpoints = sorted(out.glob("checkpoint*"))
+    assert checkpoints, "no transformers-format checkpoint"
+    ckpt = checkpoints[-1]
+    kb = json.loads((ckpt / "kb_version.json").read_text())
+    assert Path(kb["passages_path"]).exists() and Path(kb["index_path"]).exists()
+    retriever = RagRetriever.from_pretrained(str(ckpt))
+    assert retriever.config.passages_path == kb["passages_path"]
+    model = RagTokenForGeneration.from_pretrained(str(ckpt), retriever=retriever)
+    tokenizer = RagTokenizer.from_pretrained(str(ckpt))
+    inputs = tokenizer.question_encoder(["what causes tuberculosis ?"], return_tensors="pt")
+    generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_length=8)
+    assert generated.shape[0] == 1 and generated.shape[1] > 1
+    assert not [k for k in model.state_dict() if "ctx_encoder" in k]
+    # The trained context encoder is saved beside it and differs from the one training started from.
+    saved_ctx = DPRContextEncoder.from_pretrained(str(ckpt / "context_encoder"))
+    start_ctx = DPRContextEncoder.from_pretrained(str(module.hparams.context_encoder_name))
+    changed = [
+        not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values())
+    ]
+    assert any(changed)

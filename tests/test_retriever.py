@@ -1,0 +1,301 @@
+"""Tests for distributed_ray_retriever on a real local Ray: exact retrieval, atomic version swaps, the
+RagRetriever subclass, and loading checks."""
+
+import threading
+import time
+import uuid
+
+import faiss
+import numpy as np
+import pytest
+import ray
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import BartConfig, BertTokenizerFast, DPRConfig, RagConfig
+
+from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
+from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, build_kb_version
+
+DIM = 8
+N_PASSAGES = 40
+TITLES = [f"title{i}" for i in range(N_PASSAGES)]
+TEXTS = [f"passage number {i} about topic{i % 5}" for i in range(N_PASSAGES)]
+
+
+def exact_topk(queries: np.ndarray, embeddings: np.ndarray, k: int) -> np.ndarray:
+    scores = queries.astype(np.float64) @ embeddings.astype(np.float64).T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def random_embeddings(seed: int, n: int = N_PASSAGES) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+
+
+@pytest.fixture
+def kb_factory(tmp_path):
+    """Builds versions over the same passages with given embeddings: `make(version, embeddings) -> KBVersion`."""
+    base = tmp_path / "base"
+    Dataset.from_dict({"title": TITLES, "text": TEXTS}).save_to_disk(str(base))
+    root = tmp_path / "kb"
+
+    def make(version: int, embeddings: np.ndarray) -> KBVersion:
+        return build_kb_version(str(base), str(root), version, 0, IndexConfig(index_type="flat"), embeddings)
+
+    return make
+
+
+@pytest.fixture
+def actors(ray_local):
+    """Creates actors on request and kills them all at the end of the test."""
+    created = []
+
+    def new(n: int = 1) -> list:
+        handles = [ray.remote(RetrievalActor).options(max_concurrency=2, num_cpus=0).remote() for _ in range(n)]
+        created.extend(handles)
+        return handles
+
+    def named(n: int) -> list:
+        handles = start_retrieval_actors(n, prefix=f"test_{uuid.uuid4().hex[:8]}")
+        created.extend(handles)
+        return handles
+
+    new.named = named
+    yield new
+    for handle in created:
+        ray.kill(handle)
+
+
+def serve(handles: list, kb: KBVersion) -> None:
+    assert ray.get([a.stage.remote(kb) for a in handles]) == [kb.version] * len(handles)
+    assert ray.get([a.activate.remote(kb.version) for a in handles]) == [kb.version] * len(handles)
+
+
+def check_result(result, queries: np.ndarray, k: int, embeddings_by_version: dict) -> int:
+    """Asserts that one retrieve() answer comes entirely from the version it names; returns that version."""
+    embeds, ids, docs, version = result
+    emb = embeddings_by_version[version]
+    np.testing.assert_array_equal(ids, exact_topk(queries, emb, k))
+    np.testing.assert_array_equal(embeds, emb[ids])
+    assert [d["title"] for d in docs] == [[TITLES[j] for j in row] for row in ids]
+    assert [d["text"] for d in docs] == [[TEXTS[j] for j in row] for row in ids]
+    return version
+
+
+# ----------------------------------------------------------------------------- RetrievalActor
+
+
+def test_retrieval_returns_exact_topk_with_embeddings_and_docs(kb_factory, actors):
+    emb = random_embeddings(0)
+    kb = kb_factory(1, emb)
+    (actor,) = actors(1)
+    with pytest.raises(ray.exceptions.RayTaskError, match="no knowledge-base version is loaded"):
+        ray.get(actor.retrieve.remote(np.zeros((1, DIM), np.float32), 2))
+    assert ray.get(actor.live_version.remote()) is None
+
+    serve([actor], kb)
+    queries = np.random.default_rng(1).standard_normal((4, DIM)).astype(np.float32)
+    embeds, ids, docs, version = ray.get(actor.retrieve.remote(queries, 3))
+    assert version == 1
+    assert ids.shape == (4, 3) and embeds.shape == (4, 3, DIM) and embeds.dtype == np.float32
+    assert len(docs) == 4 and set(docs[0]) == {"title", "text"}
+    check_result((embeds, ids, docs, version), queries, 3, {1: emb})
+    assert ray.get(actor.live_version.remote()) == kb
+    assert ray.get(actor.request_count.remote()) == 2  # the failed call counts too
+
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(actor.activate.remote(7))  # never staged: the live version stays
+    assert check_result(ray.get(actor.retrieve.remote(queries, 2)), queries, 2, {1: emb}) == 1
+
+
+def test_swaps_are_atomic_under_concurrent_retrieval(kb_factory, actors):
+    embeddings = {v: random_embeddings(10 + v) for v in (1, 2, 3)}
+    kbs = {v: kb_factory(v, e) for v, e in embeddings.items()}
+    queries = np.random.default_rng(20).standard_normal((6, DIM)).astype(np.float32)
+    k = 4
+    tops = {v: exact_topk(queries, e, k) for v, e in embeddings.items()}
+    assert not np.array_equal(tops[1], tops[2]) and not np.array_equal(tops[2], tops[3])  # versions distinguishable
+
+    handles = actors.named(2)
+    serve(handles, kbs[1])
+    results, errors, stop = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            try:
+                result = ray.get(handles[i % len(handles)].retrieve.remote(queries, k))
+                with lock:
+                    results.append(result)
+            except Exception as exc:  # recorded, asserted on below
+                errors.append(exc)
+                return
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(t,), daemon=True) for t in range(4)]
+    for t in threads:
+        t.start()
+
+    def wait_for(version: int) -> None:
+        """Until some call made after this point has been answered by `version`."""
+        with lock:
+            seen = len(results)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not errors:
+            with lock:
+                if any(r[3] == version for r in results[seen:]):
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"no answer from version {version}; errors: {errors}")
+
+    try:
+        wait_for(1)
+        for version in (2, 3, 1, 2):
+            staged = [a.stage.remote(kbs[version]) for a in handles]
+            assert ray.get(staged) == [version] * len(handles)  # loaded while the searches go on
+            ray.get([a.activate.remote(version) for a in handles])
+            wait_for(version)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+
+    assert not errors, errors
+    observed = [check_result(r, queries, k, embeddings) for r in results]
+    assert set(observed) == {1, 2, 3}
+    counts = ray.get([a.request_count.remote() for a in handles])
+    assert sum(counts) == len(results) and min(counts) > 0
+
+
+def test_stage_rejects_index_that_does_not_match_passages(kb_factory, actors, tmp_path):
+    emb = random_embeddings(4)
+    good = kb_factory(1, emb)
+    other = kb_factory(2, emb)
+    short_index = tmp_path / "short.faiss"
+    faiss.write_index(build_faiss_index(emb[:-3], IndexConfig(index_type="flat")), str(short_index))
+    bad = KBVersion(2, other.passages_path, str(short_index))
+
+    (actor,) = actors(1)
+    with pytest.raises(ray.exceptions.RayTaskError, match="short.faiss"):
+        ray.get(actor.ensure_live.remote(bad))
+    assert ray.get(actor.live_version.remote()) is None
+
+    serve([actor], good)
+    with pytest.raises(ray.exceptions.RayTaskError) as excinfo:
+        ray.get(actor.stage.remote(bad))
+    assert isinstance(excinfo.value.cause, ValueError)
+    assert str(short_index) in str(excinfo.value)
+    assert f"{N_PASSAGES - 3} vectors for {N_PASSAGES} passages" in str(excinfo.value)
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(actor.activate.remote(2))  # nothing was staged
+    assert ray.get(actor.live_version.remote()) == good
+
+
+# ----------------------------------------------------------------------------- RagRayDistributedRetriever
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+QUESTIONS = ["who wrote hamlet", "what is the capital of france"]
+
+
+def tiny_tokenizer() -> BertTokenizerFast:
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = QUESTIONS + TITLES + TEXTS + ["/ //"]
+    raw.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIALS))
+    return BertTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+def rag_config(tokenizer, kb: KBVersion) -> RagConfig:
+    vocab = len(tokenizer)
+    question_encoder = DPRConfig(
+        vocab_size=vocab,
+        hidden_size=DIM,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=64,
+    )
+    generator = BartConfig(
+        vocab_size=vocab,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=128,
+    )
+    return RagConfig.from_question_encoder_generator_configs(
+        question_encoder,
+        generator,
+        index_name="custom",
+        passages_path=kb.passages_path,
+        index_path=kb.index_path,
+        n_docs=2,
+        retrieval_vector_size=DIM,
+        max_combined_length=64,
+    )
+
+
+def test_rag_ray_retriever_end_to_end(kb_factory, actors):
+    emb0, emb2 = random_embeddings(30), random_embeddings(32)
+    kb0, kb2 = kb_factory(0, emb0), kb_factory(2, emb2)
+    tokenizer = tiny_tokenizer()
+    config = rag_config(tokenizer, kb0)
+    handles = actors.named(2)
+    with pytest.raises(ValueError):
+        RagRayDistributedRetriever(config, tokenizer, tokenizer, [])
+    retriever = RagRayDistributedRetriever(config, tokenizer, tokenizer, handles)
+
+    assert retriever.init_retrieval() == 0
+    assert [v.version for v in ray.get([a.live_version.remote() for a in handles])] == [0, 0]
+    assert retriever.init_retrieval(kb2) == 0  # a live version is kept
+
+    rng = np.random.default_rng(33)
+    queries = rng.standard_normal((3, DIM)).astype(np.float32)
+    for _ in range(7):
+        embeds, ids, docs = retriever.retrieve(queries, 2)
+        np.testing.assert_array_equal(ids, exact_topk(queries, emb0, 2))
+        np.testing.assert_array_equal(embeds, emb0[ids])
+    counts = ray.get([a.request_count.remote() for a in handles])
+    assert sum(counts) == 7 and max(counts) - min(counts) <= 1
+    assert retriever.last_version == 0
+
+    question = tokenizer(QUESTIONS, padding=True, return_tensors="pt")
+    hidden = rng.standard_normal((2, DIM)).astype(np.float32)
+    out = retriever(question["input_ids"], hidden, return_tensors="pt")
+    want_ids = exact_topk(hidden, emb0, 2)
+    assert out["context_input_ids"].shape[0] == 2 * 2
+    assert out["context_attention_mask"].shape == out["context_input_ids"].shape
+    np.testing.assert_array_equal(np.asarray(out["doc_ids"]), want_ids)
+    torch.testing.assert_close(torch.as_tensor(out["retrieved_doc_embeds"]), torch.as_tensor(emb0[want_ids]))
+    first = tokenizer.decode(out["context_input_ids"][0], skip_special_tokens=True)
+    assert TITLES[want_ids[0, 0]] in first and QUESTIONS[0] in first
+    third = tokenizer.decode(out["context_input_ids"][2], skip_special_tokens=True)
+    assert TITLES[want_ids[1, 0]] in third and QUESTIONS[1] in third
+
+    assert ray.get(retriever.stage(kb2)) == [2, 2]
+    retriever.activate(kb2.version)
+    for _ in range(2):  # one call per actor
+        embeds, ids, _ = retriever.retrieve(queries, 2)
+        assert retriever.last_version == 2
+        np.testing.assert_array_equal(ids, exact_topk(queries, emb2, 2))
+        np.testing.assert_array_equal(embeds, emb2[ids])
+
+    # Another rank starts at another actor, so ranks interleave instead of all hitting actor 0 first.
+    before = ray.get([a.request_count.remote() for a in handles])
+    other_rank = RagRayDistributedRetriever(config, tokenizer, tokenizer, handles, rank=1)
+    other_rank.retrieve(queries, 2)
+    after = ray.get([a.request_count.remote() for a in handles])
+    assert [b - a for a, b in zip(before, after)] == [0, 1]
+    assert other_rank.last_version == 2
