@@ -93,6 +93,9 @@ class KBRefreshCallback(pl.Callback):
         n_rows = len(load_from_disk(base))
         ctx = pl_module.context_encoder
         options = {"num_cpus": 0}
+        if self.index_gpus > ray.cluster_resources().get("GPU", 0):
+            rank_zero_warn(f"--index_gpus {self.index_gpus}: the Ray cluster has fewer GPUs; encoding on CPU")
+            self.index_gpus = 0
         if self.index_gpus:
             options["num_gpus"] = self.index_gpus / self.index_workers
         remote_cls = ray.remote(ShardEncoder).options(**options)
@@ -190,12 +193,14 @@ class KBRefreshCallback(pl.Callback):
         pl_module.retriever.activate(kb.version)
         pl_module.kb = kb
 
-    def wait_until_idle(self, trainer, pl_module, timeout: float = 600.0) -> None:
+    def wait_until_idle(self, trainer, pl_module, timeout: float = 300.0) -> None:
         """Let an in-flight refresh finish and swap in, so no work is orphaned at the end of training."""
         deadline = time.monotonic() + timeout
         while self.state is not RefreshState.IDLE and time.monotonic() < deadline:
             self._poll(trainer, pl_module)
             time.sleep(0.05)
+        if self.state is not RefreshState.IDLE:
+            rank_zero_warn(f"KB refresh still {self.state.value} after {timeout:.0f}s; abandoned")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
