@@ -1,0 +1,49 @@
+#!/bin/sh
+# The SQuAD recipe of the RAG-end2end paper (RAG-original EM 28.12 -> RAG-end2end 40.02), on GPUs.
+# Edit the paths under "Your files", then:   sh finetune_rag_ray_end2end.sh
+# Effective batch = train_batch_size x gradient_accumulation_steps x gpus = 4 x 8 x 2 = 64.
+set -e
+cd "$(dirname "$0")"
+
+# ---- Your files -------------------------------------------------------------------------------
+KB_CSV=/DIR/SQUAD-KB/squad-kb.csv          # title<TAB>text, no header: every SQuAD context once
+KB_DIR=/DIR/SQUAD-KB                       # use_own_knowledge_dataset.py writes the initial KB here
+DATA_DIR=/DIR/squad-training-data          # {train,val,test}.{source,target}, one question/answer a line
+OUTPUT_DIR=/DIR/model_checkpoints          # checkpoints, logs, and the refreshed KB versions (OUTPUT_DIR/kb)
+CTX_ENCODER=facebook/dpr-ctx_encoder-multiset-base   # hub name or a local directory
+
+# ---- 1. The initial knowledge base (version 0): 100-word passages, DPR embeddings, HNSW index ----
+if [ ! -e "$KB_DIR/my_knowledge_dataset" ]; then
+    python use_own_knowledge_dataset.py --csv_path "$KB_CSV" --output_dir "$KB_DIR" \
+        --dpr_ctx_encoder_model_name "$CTX_ENCODER"
+fi
+
+# ---- 2. Train. Ray starts locally on loopback; add --ray_address auto to join a `ray start` cluster.
+# With --index_gpus N, N GPUs that training does not use encode the KB (CUDA_VISIBLE_DEVICES must show
+# them to Ray); with --index_gpus 0 the encoders run on CPU.
+python finetune_rag.py \
+    --data_dir "$DATA_DIR" \
+    --output_dir "$OUTPUT_DIR" \
+    --model_name_or_path facebook/rag-token-base \
+    --model_type rag_token \
+    --context_encoder_name "$CTX_ENCODER" \
+    --passages_path "$KB_DIR/my_knowledge_dataset" \
+    --index_path "$KB_DIR/my_knowledge_dataset_hnsw_index.faiss" \
+    --index_name custom \
+    --gpus 2 `# training GPUs (DDP)` \
+    --fp16 `# 16-bit mixed precision; or --precision bf16-mixed` \
+    --do_train --do_predict \
+    --end2end `# train the context encoder; drop it (and --indexing_freq) for the RAG-original baseline` \
+    --indexing_freq 500 `# re-encode the KB and swap the index every 500 optimizer steps` \
+    --index_gpus 1 `# GPUs for the encoding actors` \
+    --index_type hnsw --hnsw_m 128 --hnsw_ef_construction 200 --hnsw_ef_search 128 \
+    --num_retrieval_workers 4 `# Ray actors serving the index; requests are spread round-robin` \
+    --n_val -1 \
+    --train_batch_size 4 --eval_batch_size 1 \
+    --gradient_accumulation_steps 8 \
+    --max_source_length 128 --max_target_length 25 --val_max_target_length 25 --test_max_target_length 25 \
+    --label_smoothing 0.1 --dropout 0.1 --attention_dropout 0.1 \
+    --weight_decay 0.001 --adam_epsilon 1e-08 --max_grad_norm 0.1 \
+    --lr_scheduler polynomial --learning_rate 3e-05 --warmup_steps 500 \
+    --num_train_epochs 10 \
+    --val_check_interval 1.0 `# once an epoch; a number > 1 means every N training batches`
