@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import logging
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -12,12 +12,11 @@ import faiss
 import numpy as np
 import ray
 from datasets import Dataset, load_from_disk
+from ray._private import ray_constants
 from transformers import RagRetriever
 from transformers.models.rag.retrieval_rag import Index
 
 from kb_encode_utils import KBVersion
-
-logger = logging.getLogger(__name__)
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 
@@ -30,8 +29,10 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=True)
         return
-    # Keeps every Ray listener on 127.0.0.1 (`_node_ip_address` alone does not).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Keep every Ray listener on 127.0.0.1: `_node_ip_address` alone does not. Ray reads this variable
+    # when it is imported, so set it for the processes ray.init starts and patch the imported constant.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
@@ -52,6 +53,7 @@ class RetrievalActor:
         self._live: _LoadedKB | None = None
         self._staged: dict[int, _LoadedKB] = {}
         self._lock = threading.Lock()  # guards staging; searches never take it
+        self._requests = itertools.count(1)  # next() is atomic, unlike += across the two threads
         self.requests = 0
 
     def _load(self, kb: KBVersion) -> _LoadedKB:
@@ -90,7 +92,7 @@ class RetrievalActor:
         return self.requests
 
     def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
-        self.requests += 1
+        self.requests = next(self._requests)
         kb = self._live  # read the pointer once: the whole answer comes from this version
         if kb is None:
             raise RuntimeError("no knowledge-base version is loaded in this retrieval actor")

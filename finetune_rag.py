@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import time
 import uuid
@@ -47,7 +46,6 @@ from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, star
 from kb_encode_utils import IndexConfig, KBVersion
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score
 
-logger = logging.getLogger(__name__)
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 

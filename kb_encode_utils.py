@@ -131,9 +131,17 @@ class ShardEncoder:
 
 
 def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row ranges; merging the shards in this order restores row order."""
-    step = -(-n_rows // n_shards)
-    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+    """Balanced, non-empty, contiguous [start, end) row ranges; merging them in order restores row order."""
+    if n_rows < 1 or n_shards < 1:
+        raise ValueError(f"cannot split {n_rows} rows into {n_shards} shards")
+    n_shards = min(n_shards, n_rows)
+    base, extra = divmod(n_rows, n_shards)
+    bounds, start = [], 0
+    for i in range(n_shards):
+        end = start + base + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 # ----------------------------------------------------------------------------- index and versions
@@ -252,11 +260,15 @@ def build_kb_version(
         raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
     tmp = _temporary_sibling(final)
     tmp.mkdir(parents=True)
-    dataset.save_to_disk(str(tmp / "passages"))
-    faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
-    kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step)
-    (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
-    os.rename(tmp, final)
+    try:
+        dataset.save_to_disk(str(tmp / "passages"))
+        faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
+        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step)
+        (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written temporary directory
+        raise
     return kb
 
 

@@ -132,7 +132,5 @@ def test_checkpoint_reloads_with_transformers_and_generates(trained):
     # The trained context encoder is saved beside it and differs from the one training started from.
     saved_ctx = DPRContextEncoder.from_pretrained(str(ckpt / "context_encoder"))
     start_ctx = DPRContextEncoder.from_pretrained(str(module.hparams.context_encoder_name))
-    changed = [
-        not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values())
-    ]
+    changed = [not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values())]
     assert any(changed)

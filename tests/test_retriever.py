@@ -302,3 +302,8 @@ def test_rag_ray_retriever_end_to_end(kb_factory, actors):
     after = ray.get([a.request_count.remote() for a in handles])
     assert [b - a for a, b in zip(before, after)] == [0, 1]
     assert other_rank.last_version == 2
+
+
+def test_local_ray_listens_on_loopback_only(ray_local):
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}

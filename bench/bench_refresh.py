@@ -1,0 +1,337 @@
+"""Benchmark the asynchronous knowledge-base refresh, side by side in one run.
+
+1. Training step time: `finetune_rag.main()` twice on the same tiny models, KB and data, once with
+   `--end2end` alone and once with `--end2end --indexing_freq K`, so the cost of re-encoding the KB and
+   rebuilding its index in Ray actors while the trainer keeps stepping shows up as a step-time ratio.
+2. Retrieval through the Ray actors (`RagRayDistributedRetriever.retrieve`, 8 queries a call): latency
+   alone, and while new KB versions are staged and activated (the swap a refresh ends with).
+
+Prints figures only (no asserts on timings). CPU by default:
+
+    python bench/bench_refresh.py                     # ~2-3 minutes on 2 CPU cores
+    python bench/bench_refresh.py --accelerator gpu --devices 1 --index_gpus 1
+
+Unknown flags go to finetune_rag.py for both runs. One training process only: with --devices > 1,
+Lightning's DDP launcher would re-run this script in every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
+# As tests/conftest.py: before ray/transformers are imported. PYTHONPATH lets Ray workers import the repo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_COLOR_PREFIX"] = "0"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, str(REPO))
+
+import datasets  # noqa: E402
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import finetune_rag  # noqa: E402
+import use_own_knowledge_dataset  # noqa: E402
+from callbacks_rag import KBRefreshCallback  # noqa: E402
+from distributed_ray_retriever import RagRayDistributedRetriever, start_retrieval_actors  # noqa: E402
+from kb_encode_utils import KBVersion, list_versions, read_kb_csv  # noqa: E402
+
+DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
+DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--accelerator", default="cpu", help="passed to finetune_rag.py (cpu, gpu, auto)")
+    p.add_argument("--devices", default="1", help="passed to finetune_rag.py; one device only")
+    p.add_argument("--kb_copies", type=int, default=20, help="repeat the dummy KB documents N times")
+    p.add_argument("--indexing_freq", type=int, default=10, help="refresh every K optimizer steps")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per training run")
+    p.add_argument("--warmup", type=int, default=5, help="first step intervals left out of the figures")
+    p.add_argument("--train_batch_size", type=int, default=2)
+    p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
+    p.add_argument("--retrieval_seconds", type=float, default=3.0, help="length of the idle retrieval phase")
+    p.add_argument("--swaps", type=int, default=10, help="KB versions staged and activated under load")
+    p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
+    args, passthrough = p.parse_known_args()
+    if args.devices.isdigit() and int(args.devices) > 1:
+        p.error("--devices: this bench times one training process; use 1")
+    return args, passthrough
+
+
+# ---------------------------------------------------------------------- inputs
+
+
+def build_inputs(work: Path, kb_copies: int, index_type: str) -> tuple[dict[str, Path], Path, Path]:
+    """Tiny models (as tests/conftest.py builds them) and a KB of `kb_copies` copies of the dummy CSV.
+
+    Each copy gets its own titles, so the copies are distinct passages that all have to be re-encoded."""
+    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
+    make_tiny_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_tiny_models)
+    models = make_tiny_models.build_tiny_models(work / "tiny-models")
+    kb_dir = work / f"kb-{kb_copies}x-{index_type}"
+    passages, index = kb_dir / "my_knowledge_dataset", kb_dir / "my_knowledge_dataset_hnsw_index.faiss"
+    if not index.exists():
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        csv_path = kb_dir / "kb.csv"
+        with csv_path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t")
+            for copy in range(kb_copies):
+                writer.writerows((f"{title} (copy {copy})", text) for title, text in read_kb_csv(DUMMY_CSV))
+        kb_args = use_own_knowledge_dataset.parse_args(
+            ["--csv_path", str(csv_path), "--output_dir", str(kb_dir), "--index_type", index_type,
+             "--dpr_ctx_encoder_model_name", str(models["context_encoder"]), "--device", "cpu"]
+        )  # fmt: skip
+        use_own_knowledge_dataset.main(kb_args)
+    return models, passages, index
+
+
+# ---------------------------------------------------------------------- training runs
+
+
+class StepTimer(pl.Callback):
+    """Records when each training batch ends; it runs after KBRefreshCallback, so a step's interval
+    includes the refresh's polling, weight snapshot and swap work done at that batch end."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[int, int, float]] = []  # (batch_idx, global_step, perf_counter)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.marks.append((batch_idx, trainer.global_step, time.perf_counter()))
+
+    def step_ms(self, warmup: int) -> list[tuple[int, float]]:
+        """(global step, ms) per step; an epoch's first batch is left out (it includes the epoch change)."""
+        pairs = zip(self.marks, self.marks[1:])
+        return [(step, 1e3 * (t - t0)) for (_, _, t0), (i, step, t) in pairs if i > 0][warmup:]
+
+
+@contextmanager
+def extra_callbacks(*extra: pl.Callback) -> Iterator[None]:
+    """finetune_rag.main() builds its own Trainer: for one call, add our callbacks to it (and drop the
+    progress bar and model summary, which only add noise), without editing the repository."""
+
+    class Trainer(pl.Trainer):
+        def __init__(self, *args, callbacks: list | None = None, **kwargs):
+            kwargs.update(enable_progress_bar=False, enable_model_summary=False)
+            super().__init__(*args, callbacks=[*(callbacks or []), *extra], **kwargs)
+
+    with mock.patch.object(finetune_rag.pl, "Trainer", Trainer):
+        yield
+
+
+@dataclass
+class RunResult:
+    name: str
+    steps: list[tuple[int, float]]  # (global step, ms)
+    module: finetune_rag.GenerativeQAModule
+    refresh: KBRefreshCallback | None = None
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def train_run(name: str, argv: list[str], warmup: int) -> RunResult:
+    """One `finetune_rag.main()` call with a StepTimer attached; the retrieval actors are killed after."""
+    timer = StepTimer()
+    start = time.perf_counter()
+    with extra_callbacks(timer):
+        module = finetune_rag.main(finetune_rag.parse_args(argv))
+    wall = time.perf_counter() - start
+    for actor in module.retriever.actors:
+        ray.kill(actor)
+    refresh = next((c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback)), None)
+    return RunResult(name, timer.step_ms(warmup), module, refresh, wall)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------- retrieval
+
+
+def encode_questions(module: finetune_rag.GenerativeQAModule, n: int) -> np.ndarray:
+    """Question-encoder vectors for the first `n` training questions: realistic queries for the index."""
+    questions = (DUMMY_DATA / "train.source").read_text(encoding="utf-8").splitlines()[:n]
+    encoder = module.model.rag.question_encoder
+    device = next(encoder.parameters()).device
+    tokens = module.tokenizer.question_encoder(questions, return_tensors="pt", padding=True).to(device)
+    with torch.no_grad():
+        return encoder(tokens["input_ids"], attention_mask=tokens["attention_mask"])[0].float().cpu().numpy()
+
+
+def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float, swaps: int) -> dict[str, float]:
+    """Retrieval latency from a thread that keeps calling `retrieve`, first alone, then while the main
+    thread stages and activates `swaps` new versions (alternating between the paths in `kbs`)."""
+    actors = start_retrieval_actors(1, module.hparams.hnsw_ef_search, f"bench-retrieval-{uuid.uuid4().hex[:6]}")
+    tok = module.tokenizer
+    retriever = RagRayDistributedRetriever(module.model.config, tok.question_encoder, tok.generator, actors)
+    retriever.init_retrieval(kbs[0])
+    queries, n_docs = encode_questions(module, n_queries), module.n_docs
+    for _ in range(20):  # warm-up: first calls pay for the actor's lazy imports and caches
+        retriever.retrieve(queries, n_docs)
+
+    calls: list[tuple[float, float, int]] = []  # (start, end, version served)
+    stop = threading.Event()
+
+    def keep_retrieving() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            retriever.retrieve(queries, n_docs)
+            calls.append((t0, time.perf_counter(), retriever.last_version))
+
+    thread = threading.Thread(target=keep_retrieving, daemon=True)
+    thread.start()
+    time.sleep(idle_s)
+    idle_end = time.perf_counter()
+    windows, stage_ms, activate_ms = [], [], []
+    for version in range(1, swaps + 1):
+        time.sleep(0.2)  # retrieval alone between swaps
+        kb = kbs[version % len(kbs)]
+        t0 = time.perf_counter()
+        ray.get(retriever.stage(KBVersion(version, kb.passages_path, kb.index_path)))
+        t1 = time.perf_counter()
+        retriever.activate(version)
+        t2 = time.perf_counter()
+        windows.append((t0, t2))
+        stage_ms.append(1e3 * (t1 - t0))
+        activate_ms.append(1e3 * (t2 - t1))
+    stop.set()
+    thread.join()
+    for actor in actors:
+        ray.kill(actor)
+
+    idle = [1e3 * (e - s) for s, e, _ in calls if e <= idle_end]
+    during = [1e3 * (e - s) for s, e, _ in calls if any(s < w1 and e > w0 for w0, w1 in windows)]
+    versions = [v for _, _, v in calls]
+    return {
+        "n_docs": n_docs,
+        "idle_calls": len(idle),
+        "idle_median": pct(idle, 50),
+        "idle_p95": pct(idle, 95),
+        "swap_calls": len(during),
+        "swap_median": pct(during, 50),
+        "swap_p95": pct(during, 95),
+        "stage_median": pct(stage_ms, 50),
+        "activate_median": pct(activate_ms, 50),
+        "swap_total_median": pct([s + a for s, a in zip(stage_ms, activate_ms)], 50),
+        "monotonic": all(a <= b for a, b in zip(versions, versions[1:])),
+        "last_version": versions[-1] if versions else -1,
+    }
+
+
+# ---------------------------------------------------------------------- report
+
+
+def print_header(args: argparse.Namespace) -> None:
+    device = args.accelerator
+    if args.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        device = f"{args.accelerator} ({torch.cuda.get_device_name(0)})"
+    print(f"# bench_refresh  {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {platform.machine()} {platform.system()}, cpu_count={os.cpu_count()}, "
+          f"usable cpus={len(os.sched_getaffinity(0))}, torch threads={torch.get_num_threads()}, device={device}")  # fmt: skip
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}, "
+          f"ray {ray.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__}, "
+          f"datasets {datasets.__version__}")  # fmt: skip
+
+
+def main() -> None:
+    args, passthrough = parse_args()
+    print_header(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
+    start = time.perf_counter()
+    models, passages, index = build_inputs(work, args.kb_copies, args.index_type)
+    n_passages = len(datasets.load_from_disk(str(passages)))
+    print(f"inputs: {n_passages} passages ({args.kb_copies} copies, {args.index_type}) in {work} "
+          f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return [
+            "--model_name_or_path", str(models["rag_token"]), "--model_type", "rag_token",
+            "--context_encoder_name", str(models["context_encoder"]),
+            "--passages_path", str(passages), "--index_path", str(index),
+            "--data_dir", str(DUMMY_DATA), "--output_dir", str(work / f"out-{name}"),
+            "--accelerator", args.accelerator, "--devices", args.devices,
+            "--train_batch_size", str(args.train_batch_size), "--index_type", args.index_type,
+            "--max_steps", str(args.steps), "--max_epochs", "100000", "--num_sanity_val_steps", "0",
+            "--check_val_every_n_epoch", "100000",  # no validation or checkpoints: training steps only
+            "--do_train", "--end2end", "--ray_namespace", f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            *extra, *passthrough,
+        ]  # fmt: skip
+
+    base = train_run("no-refresh", argv("no-refresh"), args.warmup)
+    refr = train_run("refresh", argv("refresh", "--indexing_freq", str(args.indexing_freq)), args.warmup)
+    history = refr.refresh.history if refr.refresh else []
+    in_flight = {s for h in history for s in range(h["trigger_step"] + 1, h["swap_step"] + 1)}
+    a_ms, b_ms = [ms for _, ms in base.steps], [ms for _, ms in refr.steps]
+    b_busy = [ms for step, ms in refr.steps if step in in_flight]
+    b_idle = [ms for step, ms in refr.steps if step not in in_flight]
+
+    print(f"\n## 1. training steps ({len(a_ms)} / {len(b_ms)} timed, batch {args.train_batch_size}, "
+          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
+    print(f"no refresh:    median {pct(a_ms, 50):7.1f} ms  p95 {pct(a_ms, 95):7.1f} ms  (run {base.wall_s:.1f}s)")
+    print(f"async refresh: median {pct(b_ms, 50):7.1f} ms  p95 {pct(b_ms, 95):7.1f} ms  (run {refr.wall_s:.1f}s)")
+    print(f"  steps with a refresh in flight: {len(b_busy)}, median {pct(b_busy, 50):.1f} ms; "
+          f"other steps: {len(b_idle)}, median {pct(b_idle, 50):.1f} ms")  # fmt: skip
+    for h in history:
+        print(f"  v{h['version']}: steps {h['trigger_step']}->{h['swap_step']}, {h['reindex_seconds']:.2f}s")
+    skipped = refr.refresh.skipped_triggers if refr.refresh else 0
+    failures = refr.refresh.failures if refr.refresh else 0
+    reindex_s = [h["reindex_seconds"] for h in history]
+    during = [h["steps_during_refresh"] for h in history]
+    print(f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}")
+
+    kbs = [KBVersion(0, str(passages), str(index))] + list_versions(work / "out-refresh" / "kb")[-1:]
+    r = bench_retrieval(refr.module, kbs, 8, args.retrieval_seconds, args.swaps)
+    print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor")
+    print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
+    print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
+    print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
+          f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
+
+    rows = [
+        ("step median, no refresh (ms)", f"{pct(a_ms, 50):.1f}"),
+        ("step p95, no refresh (ms)", f"{pct(a_ms, 95):.1f}"),
+        (f"step median, async refresh every {args.indexing_freq} (ms)", f"{pct(b_ms, 50):.1f}"),
+        (f"step p95, async refresh every {args.indexing_freq} (ms)", f"{pct(b_ms, 95):.1f}"),
+        ("ratio refresh / no refresh, median", f"{pct(b_ms, 50) / pct(a_ms, 50):.2f}"),
+        ("ratio refresh / no refresh, p95", f"{pct(b_ms, 95) / pct(a_ms, 95):.2f}"),
+        ("step median while a refresh is in flight (ms)", f"{pct(b_busy, 50):.1f}"),
+        ("refreshes completed / skipped triggers", f"{len(history)} / {skipped}"),
+        ("reindex_seconds, median", f"{pct(reindex_s, 50):.2f}"),
+        ("steps_during_refresh, median", f"{pct(during, 50):.0f}"),
+        ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
+        ("retrieve during swaps median / p95 (ms)", f"{r['swap_median']:.2f} / {r['swap_p95']:.2f}"),
+        ("swap: stage + activate, median (ms)", f"{r['stage_median']:.1f} + {r['activate_median']:.2f}"),
+    ]
+    print(f"\n## summary ({n_passages} passages, {args.steps} steps, {args.accelerator}, "
+          f"total {time.perf_counter() - start:.0f}s)\n")  # fmt: skip
+    print("| metric | value |\n|---|---|")
+    print("\n".join(f"| {name} | {value} |" for name, value in rows))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
