@@ -81,12 +81,6 @@ class KBRefreshCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not trainer.is_global_zero:
             return
-        if self._restored:  # resuming: go on from the KB version the checkpoint was trained against
-            self._last_trigger_step = self._restored["last_trigger_step"]
-            self.history = self._restored["history"]
-            resumed = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}") if self.history else None
-            if resumed is not None:
-                self._swap_now(pl_module, resumed)
         versions = list_versions(self.kb_root)
         self._next_version = max([pl_module.kb.version] + [v.version for v in versions]) + 1
         base = pl_module.base_passages_path
@@ -105,6 +99,18 @@ class KBRefreshCallback(pl.Callback):
         ]
         self.builder = ray.remote(KBBuilder).options(num_cpus=0).remote()
         rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {n_rows} passages")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores callback state after `setup` and before `on_fit_start`.
+        if not (trainer.is_global_zero and self._restored):
+            return
+        self._last_trigger_step = self._restored["last_trigger_step"]
+        self.history = self._restored["history"]
+        if self.history:  # resuming: go on from the KB version the checkpoint was trained against
+            resumed = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}")
+            if resumed is not None:
+                self._swap_now(pl_module, resumed)
+                rank_zero_info(f"KB refresh: resumed on v{resumed.version}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Actors start (imports, tokenising their shard) while the sanity check runs; waiting here once

@@ -19,6 +19,10 @@ def _batch(module, n=4):
     return next(iter(module._dataloader("train", n, shuffle=False)))
 
 
+def _refresh_callback(module) -> KBRefreshCallback:
+    return next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
+
+
 def _kill_actors(module):
     for actor in module.retriever.actors:
         ray.kill(actor)
@@ -62,8 +66,8 @@ def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
         "--do_train", "--do_predict", "--ray_namespace", "test-trained", "--log_every_n_steps", "1",
     ]  # fmt: skip
     module = finetune_rag.main(finetune_rag.parse_args(argv))
-    refresh = next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
-    yield module, refresh, out
+    module.argv = argv
+    yield module, _refresh_callback(module), out
     _kill_actors(module)
 
 
@@ -134,3 +138,20 @@ def test_checkpoint_reloads_with_transformers_and_generates(trained):
     start_ctx = DPRContextEncoder.from_pretrained(str(module.hparams.context_encoder_name))
     changed = [not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values())]
     assert any(changed)
+
+
+def test_resume_goes_on_from_the_checkpoint_and_its_kb_version(trained):
+    module, _, out = trained
+    ckpt = next(out.glob("*.ckpt"))
+    step = int(ckpt.stem.rsplit("-", 1)[1])
+    saved_kb = json.loads((out / f"checkpoint{step}" / "kb_version.json").read_text())
+    argv = [a if a != "test-trained" else "test-resume" for a in module.argv if a != "--do_predict"]
+    argv += ["--max_epochs", "3", "--resume_from_checkpoint", str(ckpt)]
+    resumed = finetune_rag.main(finetune_rag.parse_args(argv))
+    history = _refresh_callback(resumed).history
+    restored = [h for h in history if h["swap_step"] <= step]
+    new = [h for h in history if h["trigger_step"] > step]
+    assert restored and restored[-1]["version"] == saved_kb["version"], "refresh history not restored"
+    assert new and all(h["version"] > max(r["version"] for r in restored) for h in new)
+    assert resumed.trainer.global_step == 60  # 3 epochs of 20 steps, counted from the checkpoint's step
+    _kill_actors(resumed)
