@@ -55,10 +55,9 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosi
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
 
 
-def global_rank_from_env() -> int:
-    """Rank before the Trainer exists: Lightning's launcher sets these in every child process."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    return int(os.environ.get("RANK", int(os.environ.get("NODE_RANK", 0)) * 1000 + local))
+def local_rank_from_env() -> int:
+    """The rank before the Trainer exists: Lightning's launcher sets LOCAL_RANK in its child processes."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 class GenerativeQAModule(pl.LightningModule):
@@ -75,13 +74,12 @@ class GenerativeQAModule(pl.LightningModule):
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
         self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
-        self.n_docs = hp.n_docs
 
         init_ray(hp.ray_address, hp.ray_namespace)
         actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search, hp.ray_namespace)
         self.tokenizer, config = self._load_tokenizer_and_config()
         self.retriever = RagRayDistributedRetriever(
-            config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, global_rank_from_env()
+            config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, local_rank_from_env()
         )
         self.retriever.init_retrieval(self.kb)
         self.model = self._load_rag_model(config)
@@ -427,6 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         warnings.warn("--distributed_retriever pytorch: retrieval always runs in Ray actors", stacklevel=1)
     if args.index_name != "custom":
         parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
+    if args.indexing_freq and not args.end2end:
+        warnings.warn("--indexing_freq without --end2end: the context encoder is frozen, so no refresh", stacklevel=1)
     if args.index_workers is None:
         args.index_workers = max(1, args.index_gpus)
     val = args.val_check_interval
