@@ -127,6 +127,8 @@ class GenerativeQAModule(pl.LightningModule):
             q_cfg = AutoConfig.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir)
             g_cfg = AutoConfig.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir)
             config = RagConfig.from_question_encoder_generator_configs(q_cfg, g_cfg)
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+                setattr(config, name, getattr(g_cfg, name, None))  # RAG reads these at the top level
             tokenizer = RagTokenizer(
                 question_encoder=AutoTokenizer.from_pretrained(
                     hp.question_encoder_name_or_path, cache_dir=hp.cache_dir
@@ -140,6 +142,11 @@ class GenerativeQAModule(pl.LightningModule):
         config.passages_path, config.index_path = str(hp.passages_path), str(hp.index_path)
         config.use_dummy_dataset = False
         config.retrieval_vector_size = config.question_encoder.hidden_size
+        # Passage + question must fit the generator's positions (RagConfig's default, 300, may not).
+        config.max_combined_length = min(
+            hp.max_combined_length or config.max_combined_length,
+            getattr(config.generator, "max_position_embeddings", None) or config.max_combined_length,
+        )
         if hp.n_docs is not None:
             config.n_docs = hp.n_docs
         self.n_docs = config.n_docs
@@ -323,6 +330,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--end2end", action="store_true", help="train the context encoder and refresh the KB")
     g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
     g.add_argument("--prefix", default=None)
+    g.add_argument("--max_combined_length", type=int, default=None, help="passage + question tokens for the generator")
     for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
         g.add_argument(f"--{name}", type=float, default=None, help="set in the generator config")
     g.add_argument("--label_smoothing", type=float, default=0.0)

@@ -50,6 +50,23 @@ def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
     _kill_actors(module)
 
 
+def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_argv, tiny_models):
+    argv = finetune_argv("--end2end")
+    argv[argv.index("--model_name_or_path") : argv.index("--model_name_or_path") + 2] = [
+        "--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
+        "--generator_name_or_path", str(tiny_models["generator"]),
+    ]  # fmt: skip
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    limit = module.model.config.generator.max_position_embeddings
+    assert module.model.config.max_combined_length <= limit
+    assert module.model.config.decoder_start_token_id == module.model.config.generator.decoder_start_token_id
+    batch = _batch(module)
+    assert torch.isfinite(module._step(batch))
+    out = module.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6)
+    assert out.shape[0] == len(batch["input_ids"])
+    _kill_actors(module)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
     """One real run: end-to-end training with a refresh every 2 optimizer steps, then a test pass."""
