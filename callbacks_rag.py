@@ -193,6 +193,10 @@ class KBRefreshCallback(pl.Callback):
         }
         prune_versions(self.kb_root, self.keep_versions, protect=saved | {self._new_kb.version})
         rank_zero_info(f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step} ({seconds:.2f}s)")
+        # Straight to the loggers: this also runs from on_train_end, where self.log is not allowed.
+        metrics = pl_module.retrieval_metrics("val")
+        for lg in trainer.loggers if metrics else []:
+            lg.log_metrics(metrics, step=trainer.global_step)
 
     def _swap_now(self, pl_module, kb: KBVersion) -> None:
         ray.get(pl_module.retriever.stage(kb))

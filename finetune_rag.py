@@ -44,7 +44,7 @@ from callbacks_rag import (
 )
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion
-from utils_rag import Seq2SeqDataset, exact_match_score, f1_score
+from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
@@ -108,6 +108,12 @@ class GenerativeQAModule(pl.LightningModule):
         self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
                             "test": hp.test_max_target_length}  # fmt: skip
         self.n_obs = {"train": hp.n_train, "val": hp.n_val, "test": hp.n_test}
+        # Optional gold passages ({split}.gold.jsonl, written by prepare_squad.py): retrieval metrics.
+        self.gold = {
+            split: (read_lines(Path(hp.data_dir) / f"{split}.source"), read_gold(str(path), "jsonl"))
+            for split in ("val", "test")
+            if (path := Path(hp.data_dir) / f"{split}.gold.jsonl").exists()
+        }
         self._eval_sums: list[torch.Tensor] = []
         self.test_predictions: list[str] = []
 
@@ -231,6 +237,31 @@ class GenerativeQAModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self.log_dict(self.retrieval_metrics("val"), rank_zero_only=True)
+
+    @torch.no_grad()
+    def retrieval_metrics(self, split: str = "val", ks: tuple[int, ...] = (1, 5, 10, 20)) -> dict[str, float]:
+        """Recall@k and MRR@k of the gold passages against the live index; {} without gold data.
+        Logged at every validation and after every refresh, to show whether the retriever moved."""
+        if split not in self.gold:
+            return {}
+        questions, gold = self.gold[split]
+        encoder, tokenizer = self.model.rag.question_encoder, self.tokenizer.question_encoder
+        was_training = encoder.training
+        encoder.eval()
+        retrieved = []
+        for start in range(0, len(questions), 32):
+            batch = questions[start : start + 32]
+            max_length = self.hparams.max_source_length
+            inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            inputs = inputs.to(self.device)
+            q = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+            _, ids, _ = self.retriever.retrieve(q.float().cpu().numpy(), max(ks))
+            retrieved.extend(ids.tolist())
+        encoder.train(was_training)
+        metrics = {**recall_at_k(retrieved, gold.passage_ids, ks), **mrr_at_k(retrieved, gold.passage_ids, ks)}
+        return {f"{split}_{name}": float(value) for name, value in metrics.items() if name != "n"}
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions = []

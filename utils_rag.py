@@ -1,9 +1,13 @@
 """Dataset and SQuAD-style metrics for end-to-end RAG fine-tuning."""
 
+import ast
+import csv
+import json
 import re
 import string
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +18,7 @@ from transformers import RagTokenizer
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
     """Read a one-example-per-line file, rejecting blank lines so source/target stay aligned."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a UTF-8 text file with one example per line")
@@ -54,7 +58,7 @@ class Seq2SeqDataset(Dataset):
     ) -> None:
         source_path = Path(data_dir) / f"{type_path}.source"
         target_path = Path(data_dir) / f"{type_path}.target"
-        sources, targets = _read_lines(source_path), _read_lines(target_path)
+        sources, targets = read_lines(source_path), read_lines(target_path)
         if len(sources) != len(targets):
             raise ValueError(
                 f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; "
@@ -162,3 +166,135 @@ def calculate_exact_match(predictions: list[str], references: list[str] | list[l
 def calculate_f1(predictions: list[str], references: list[str] | list[list[str]]) -> float:
     """Mean over examples of the best token F1 against the gold answers, in [0, 1]."""
     return _mean_metric(f1_score, predictions, references)
+
+
+# ----------------------------------------------------------------------------- retrieval metrics
+
+
+def _first_hit(items: list, is_hit: Callable[[Any], bool]) -> int | None:
+    """1-based rank of the first item that is a hit, or None when none is."""
+    return next((rank for rank, item in enumerate(items, start=1) if is_hit(item)), None)
+
+
+def _mean_at_k(ranks: list[int | None], name: str, ks: tuple[int, ...], score: Callable[[int], float]) -> dict:
+    """`name@k`: mean over questions of score(rank) when the first hit is within the top k, else 0; plus `n`."""
+    if not ranks:
+        return {"n": 0}
+    means = {f"{name}@{k}": sum(score(r) for r in ranks if r is not None and r <= k) / len(ranks) for k in ks}
+    return {**means, "n": len(ranks)}
+
+
+def _gold_ranks(retrieved_ids: list[list[int]], gold_ids: list[list[int]]) -> list[int | None]:
+    """Rank of the first gold id for each question that has gold ids (the others cannot be scored by id)."""
+    if len(retrieved_ids) != len(gold_ids):
+        raise ValueError(f"got {len(retrieved_ids)} retrieval results but {len(gold_ids)} gold id lists")
+    return [_first_hit(list(r), set(g).__contains__) for r, g in zip(retrieved_ids, gold_ids) if len(g)]
+
+
+def recall_at_k(
+    retrieved_ids: list[list[int]], gold_ids: list[list[int]], ks: tuple[int, ...] = (1, 5, 10, 20)
+) -> dict[str, float]:
+    """`recall@k`: fraction of questions with a gold passage in the top k, over the `n` questions that have
+    gold ids; only `n` when none has."""
+    return _mean_at_k(_gold_ranks(retrieved_ids, gold_ids), "recall", ks, lambda rank: 1.0)
+
+
+def mrr_at_k(
+    retrieved_ids: list[list[int]], gold_ids: list[list[int]], ks: tuple[int, ...] = (1, 5, 10, 20)
+) -> dict[str, float]:
+    """`mrr@k`: mean reciprocal rank of the first gold passage (0 when not in the top k), over the `n`
+    questions that have gold ids; only `n` when none has."""
+    return _mean_at_k(_gold_ranks(retrieved_ids, gold_ids), "mrr", ks, lambda rank: 1.0 / rank)
+
+
+def has_answer(passage: str, answers: list[str]) -> bool:
+    """Whether a SQuAD-normalised answer occurs in the normalised passage as whole words ("liver" is not
+    found in "delivery"); an answer that normalises to nothing never matches."""
+    text = f" {normalize_answer(passage)} "
+    return any(norm and f" {norm} " in text for norm in map(normalize_answer, answers))
+
+
+def answer_recall_at_k(
+    retrieved_texts: list[list[str]], answers: list[list[str]], ks: tuple[int, ...] = (1, 5, 10, 20)
+) -> dict[str, float]:
+    """`answer_recall@k`: fraction of questions with a top-k passage that contains one of their answers (the
+    usual proxy when gold passages are unknown), over the `n` questions that have answers."""
+    if len(retrieved_texts) != len(answers):
+        raise ValueError(f"got {len(retrieved_texts)} retrieval results but {len(answers)} answer lists")
+    ranks = [
+        _first_hit(texts, lambda t, a=golds: has_answer(t, a))
+        for texts, golds in zip(retrieved_texts, answers)
+        if golds
+    ]
+    return _mean_at_k(ranks, "answer_recall", ks, lambda rank: 1.0)
+
+
+def precision_at_k_titles(retrieved_titles: list[list[str]], gold_titles: list[list[str]], k: int) -> dict[str, float]:
+    """The reference's provenance `precision@k`: |set(top-k titles) & gold titles| / k, averaged over the `n`
+    questions with gold titles (a title retrieved twice counts once, as in the reference)."""
+    if len(retrieved_titles) != len(gold_titles):
+        raise ValueError(f"got {len(retrieved_titles)} retrieval results but {len(gold_titles)} gold title lists")
+    scores = [len(set(r[:k]) & set(g)) / k for r, g in zip(retrieved_titles, gold_titles) if g]
+    return {f"precision@{k}": sum(scores) / len(scores), "n": len(scores)} if scores else {"n": 0}
+
+
+# ----------------------------------------------------------------------------- gold data
+
+
+@dataclass
+class Gold:
+    """Per question: gold answers, gold passage ids (rows of the KB) and gold titles; each may be empty."""
+
+    answers: list[list[str]]
+    passage_ids: list[list[int]]
+    titles: list[list[str]]
+
+
+def one_line(text: str) -> str:
+    """Whitespace (tabs, newlines) collapsed to single spaces: one prediction a line, one title a field."""
+    return " ".join(text.split())
+
+
+def _as_list(value) -> list:
+    """A JSON field that holds one value or a list of them, as a list."""
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+
+
+def read_gold(path: str, mode: str) -> Gold:
+    """Read gold data: `ans` one answer per line, `qa` the reference's `question<TAB>[answer list]` (a Python
+    literal), `jsonl` the converters' {"answers", "gold_passage_ids", "title"}, `titles` tab-separated titles."""
+    answers, ids, titles = [], [], []
+    for number, line in enumerate(read_lines(Path(path)), start=1):
+        where = f"{path}:{number}"
+        if mode == "ans":
+            answers.append([line.strip()])
+        elif mode == "titles":
+            titles.append([one_line(t) for t in line.split("\t") if t.strip()])
+        elif mode == "qa":
+            fields = next(csv.reader([line], delimiter="\t"))
+            try:
+                parsed = ast.literal_eval(fields[-1].strip()) if len(fields) >= 2 else None
+            except (ValueError, SyntaxError) as e:
+                raise ValueError(f"{where}: the answer list is not a Python literal ({e})") from None
+            parsed = [parsed] if isinstance(parsed, str) else parsed
+            if not isinstance(parsed, list | tuple) or not all(isinstance(a, str) for a in parsed):
+                raise ValueError(f"{where}: expected `question<TAB>['answer', ...]`")
+            answers.append(list(parsed))
+        elif mode == "jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e})") from None
+            answers.append([str(a) for a in _as_list(record.get("answers"))])
+            ids.append([int(i) for i in _as_list(record.get("gold_passage_ids"))])
+            titles.append([one_line(str(t)) for t in _as_list(record.get("title")) if str(t).strip()])
+        else:
+            raise ValueError(f"unknown --gold_data_mode {mode!r}")
+    n = max(len(answers), len(ids), len(titles))
+    return Gold(answers or [[]] * n, ids or [[]] * n, titles or [[]] * n)
+
+
+def infer_gold_mode(path: str) -> str:
+    """`jsonl` for .jsonl, `qa` for .tsv/.csv (the reference's qa files), else `ans` (e.g. a .target file)."""
+    suffix = Path(path).suffix.lower()
+    return "jsonl" if suffix == ".jsonl" else "qa" if suffix in {".tsv", ".csv"} else "ans"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import logging
 import os
 import platform
 import sys
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -39,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # also in the Ray actors that save KB versions
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 sys.path.insert(0, str(REPO))
 
@@ -66,12 +68,13 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--devices", default="1", help="passed to finetune_rag.py; one device only")
     p.add_argument("--kb_copies", type=int, default=20, help="repeat the dummy KB documents N times")
     p.add_argument("--indexing_freq", type=int, default=10, help="refresh every K optimizer steps")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per training run")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per training run")
+    p.add_argument("--repeats", type=int, default=2, help="alternate the two training runs this many times")
     p.add_argument("--warmup", type=int, default=5, help="first step intervals left out of the figures")
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
     p.add_argument("--retrieval_seconds", type=float, default=3.0, help="length of the idle retrieval phase")
-    p.add_argument("--swaps", type=int, default=10, help="KB versions staged and activated under load")
+    p.add_argument("--swaps", type=int, default=20, help="KB versions staged and activated under load")
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
     args, passthrough = p.parse_known_args()
     if args.devices.isdigit() and int(args.devices) > 1:
@@ -149,20 +152,25 @@ class RunResult:
     module: finetune_rag.GenerativeQAModule
     refresh: KBRefreshCallback | None = None
     wall_s: float = 0.0
-    extra: dict = field(default_factory=dict)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after: others' work skews timings
+
+    def in_flight_steps(self) -> set[int]:
+        """Steps whose interval overlaps a refresh: after its trigger, up to and including its swap."""
+        history = self.refresh.history if self.refresh else []
+        return {s for h in history for s in range(h["trigger_step"] + 1, h["swap_step"] + 1)}
 
 
 def train_run(name: str, argv: list[str], warmup: int) -> RunResult:
     """One `finetune_rag.main()` call with a StepTimer attached; the retrieval actors are killed after."""
     timer = StepTimer()
-    start = time.perf_counter()
+    load_before, start = os.getloadavg()[0], time.perf_counter()
     with extra_callbacks(timer):
         module = finetune_rag.main(finetune_rag.parse_args(argv))
     wall = time.perf_counter() - start
     for actor in module.retriever.actors:
         ray.kill(actor)
     refresh = next((c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback)), None)
-    return RunResult(name, timer.step_ms(warmup), module, refresh, wall)
+    return RunResult(name, timer.step_ms(warmup), module, refresh, wall, (load_before, os.getloadavg()[0]))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -251,7 +259,8 @@ def print_header(args: argparse.Namespace) -> None:
         device = f"{args.accelerator} ({torch.cuda.get_device_name(0)})"
     print(f"# bench_refresh  {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {platform.machine()} {platform.system()}, cpu_count={os.cpu_count()}, "
-          f"usable cpus={len(os.sched_getaffinity(0))}, torch threads={torch.get_num_threads()}, device={device}")  # fmt: skip
+          f"usable cpus={len(os.sched_getaffinity(0))}, torch threads={torch.get_num_threads()}, device={device}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}, "
           f"ray {ray.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__}, "
           f"datasets {datasets.__version__}")  # fmt: skip
@@ -259,6 +268,8 @@ def print_header(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args, passthrough = parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # our summary lists the refreshes
     print_header(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
     start = time.perf_counter()
@@ -281,36 +292,44 @@ def main() -> None:
             *extra, *passthrough,
         ]  # fmt: skip
 
-    base = train_run("no-refresh", argv("no-refresh"), args.warmup)
-    refr = train_run("refresh", argv("refresh", "--indexing_freq", str(args.indexing_freq)), args.warmup)
-    history = refr.refresh.history if refr.refresh else []
-    in_flight = {s for h in history for s in range(h["trigger_step"] + 1, h["swap_step"] + 1)}
-    a_ms, b_ms = [ms for _, ms in base.steps], [ms for _, ms in refr.steps]
-    b_busy = [ms for step, ms in refr.steps if step in in_flight]
-    b_idle = [ms for step, ms in refr.steps if step not in in_flight]
-
-    print(f"\n## 1. training steps ({len(a_ms)} / {len(b_ms)} timed, batch {args.train_batch_size}, "
-          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
-    print(f"no refresh:    median {pct(a_ms, 50):7.1f} ms  p95 {pct(a_ms, 95):7.1f} ms  (run {base.wall_s:.1f}s)")
-    print(f"async refresh: median {pct(b_ms, 50):7.1f} ms  p95 {pct(b_ms, 95):7.1f} ms  (run {refr.wall_s:.1f}s)")
-    print(f"  steps with a refresh in flight: {len(b_busy)}, median {pct(b_busy, 50):.1f} ms; "
-          f"other steps: {len(b_idle)}, median {pct(b_idle, 50):.1f} ms")  # fmt: skip
-    for h in history:
-        print(f"  v{h['version']}: steps {h['trigger_step']}->{h['swap_step']}, {h['reindex_seconds']:.2f}s")
-    skipped = refr.refresh.skipped_triggers if refr.refresh else 0
-    failures = refr.refresh.failures if refr.refresh else 0
+    # Alternating the two settings spreads any other load on the machine over both of them.
+    base: list[RunResult] = []
+    refr: list[RunResult] = []
+    for rep in range(args.repeats):
+        base.append(train_run(f"no-refresh-{rep}", argv(f"no-refresh-{rep}"), args.warmup))
+        freq = ("--indexing_freq", str(args.indexing_freq))
+        refr.append(train_run(f"refresh-{rep}", argv(f"refresh-{rep}", *freq), args.warmup))
+    a_ms = [ms for run in base for _, ms in run.steps]
+    b_ms = [ms for run in refr for _, ms in run.steps]
+    history = [h for run in refr for h in run.refresh.history]
+    b_busy = [ms for run in refr for step, ms in run.steps if step in run.in_flight_steps()]
+    skipped = sum(run.refresh.skipped_triggers for run in refr)
+    failures = sum(run.refresh.failures for run in refr)
     reindex_s = [h["reindex_seconds"] for h in history]
     during = [h["steps_during_refresh"] for h in history]
+
+    print(f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
+          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
+    for run in [*base, *refr]:
+        ms = [m for _, m in run.steps]
+        refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
+        print(f"{run.name:>13}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
+              f"load average {run.load[0]:.1f} -> {run.load[1]:.1f}{refreshes})")  # fmt: skip
+    print(f"steps with a refresh in flight: {len(b_busy)} of {len(b_ms)}, median {pct(b_busy, 50):.1f} ms")
+    print("refreshes (trigger -> swap step, seconds): " + ", ".join(
+        f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history))  # fmt: skip
     print(f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}")
 
-    kbs = [KBVersion(0, str(passages), str(index))] + list_versions(work / "out-refresh" / "kb")[-1:]
-    r = bench_retrieval(refr.module, kbs, 8, args.retrieval_seconds, args.swaps)
+    refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
+    kbs = [KBVersion(0, str(passages), str(index)), *refreshed]
+    r = bench_retrieval(refr[-1].module, kbs, 8, args.retrieval_seconds, args.swaps)
     print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor")
     print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
     print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
     print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
           f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
 
+    loads = [load for run in [*base, *refr] for load in run.load]
     rows = [
         ("step median, no refresh (ms)", f"{pct(a_ms, 50):.1f}"),
         ("step p95, no refresh (ms)", f"{pct(a_ms, 95):.1f}"),
@@ -319,14 +338,15 @@ def main() -> None:
         ("ratio refresh / no refresh, median", f"{pct(b_ms, 50) / pct(a_ms, 50):.2f}"),
         ("ratio refresh / no refresh, p95", f"{pct(b_ms, 95) / pct(a_ms, 95):.2f}"),
         ("step median while a refresh is in flight (ms)", f"{pct(b_busy, 50):.1f}"),
-        ("refreshes completed / skipped triggers", f"{len(history)} / {skipped}"),
+        ("refreshes completed / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
         ("reindex_seconds, median", f"{pct(reindex_s, 50):.2f}"),
         ("steps_during_refresh, median", f"{pct(during, 50):.0f}"),
         ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
         ("retrieve during swaps median / p95 (ms)", f"{r['swap_median']:.2f} / {r['swap_p95']:.2f}"),
         ("swap: stage + activate, median (ms)", f"{r['stage_median']:.1f} + {r['activate_median']:.2f}"),
+        ("load average during training (min - max)", f"{min(loads):.1f} - {max(loads):.1f}"),
     ]
-    print(f"\n## summary ({n_passages} passages, {args.steps} steps, {args.accelerator}, "
+    print(f"\n## summary ({n_passages} passages, {args.repeats} x {args.steps} steps a setting, {args.accelerator}, "
           f"total {time.perf_counter() - start:.0f}s)\n")  # fmt: skip
     print("| metric | value |\n|---|---|")
     print("\n".join(f"| {name} | {value} |" for name, value in rows))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration,
 
 import finetune_rag
 from callbacks_rag import KBRefreshCallback
+from utils_rag import has_answer
+
+DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
 
 
 def _batch(module, n=4):
@@ -67,17 +71,30 @@ def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_a
     _kill_actors(module)
 
 
+def _data_with_gold_passages(directory: Path, passages_path: Path) -> Path:
+    """The dummy QA data plus val.gold.jsonl: the ids of the KB passages that contain each answer."""
+    texts = load_from_disk(str(passages_path))["text"][:]
+    for path in DUMMY_DATA.iterdir():
+        shutil.copy(path, directory / path.name)
+    answers = (DUMMY_DATA / "val.target").read_text().splitlines()
+    with open(directory / "val.gold.jsonl", "w") as f:
+        for answer in answers:
+            ids = [i for i, text in enumerate(texts) if has_answer(text, [answer])]
+            f.write(json.dumps({"answers": [answer], "gold_passage_ids": ids}) + "\n")
+    return directory
+
+
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
     """One real run: end-to-end training with a refresh every 2 optimizer steps, then a test pass."""
     out = tmp_path_factory.mktemp("run") / "out"
     passages, index = tiny_kb
+    data = _data_with_gold_passages(tmp_path_factory.mktemp("data"), passages)
     argv = [
         "--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
         "--context_encoder_name", str(tiny_models["context_encoder"]),
         "--passages_path", str(passages), "--index_path", str(index),
-        "--data_dir", str(Path(__file__).parents[1] / "test_run" / "dummy-train-data"),
-        "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
+        "--data_dir", str(data), "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
         "--train_batch_size", "2", "--eval_batch_size", "4", "--max_epochs", "2", "--learning_rate", "1e-3",
         "--end2end", "--indexing_freq", "2", "--index_type", "flat", "--keep_kb_versions", "0",
         "--do_train", "--do_predict", "--ray_namespace", "test-trained", "--log_every_n_steps", "1",
@@ -127,6 +144,11 @@ def test_logs_and_run_files(trained):
     assert max(float(r["index_version"]) for r in rows if r["index_version"]) >= 1
     assert any(r.get("lr-AdamW/pg1") for r in rows), "learning rate not logged"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    # Retrieval metrics against the live index: at every validation and after every refresh.
+    recall_steps = {r["step"] for r in rows if r.get("val_recall@5")}
+    val_steps = {r["step"] for r in rows if r.get("val_em")}
+    assert recall_steps > val_steps, "val_recall@5 not logged after refreshes"
+    assert all(0.0 <= float(r["val_mrr@20"]) <= 1.0 for r in rows if r.get("val_mrr@20"))
     history = json.loads((out / "metrics.json").read_text())
     assert {"val_em", "val_f1"} <= set(history[-1])
     assert 0.0 <= history[-1]["val_em"] <= 1.0

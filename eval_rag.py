@@ -1,0 +1,305 @@
+r"""Evaluate a RAG model: generated answers (EM/F1, --eval_mode e2e) or retrieval (recall@k, MRR@k,
+answer recall@k, title precision@k, --eval_mode retrieval).
+
+    python eval_rag.py --model_name_or_path OUT/checkpoint1200 --evaluation_set DATA/test.source \
+        --gold_data_path DATA/test.target --predictions_path preds.txt
+    python eval_rag.py --model_name_or_path OUT --eval_all_checkpoints --eval_mode retrieval \
+        --evaluation_set DATA/test.source --gold_data_path DATA/test.gold.jsonl
+
+Each checkpoint is evaluated with the knowledge-base version that matches its weights (the passages_path and
+index_path of its config.json) unless --passages_path/--index_path say otherwise. No Ray is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+from transformers import RagConfig, RagRetriever, RagSequenceForGeneration, RagTokenForGeneration
+
+from utils_rag import (
+    Gold,
+    answer_recall_at_k,
+    calculate_exact_match,
+    calculate_f1,
+    infer_gold_mode,
+    mrr_at_k,
+    one_line,
+    precision_at_k_titles,
+    read_gold,
+    read_lines,
+    recall_at_k,
+)
+
+logger = logging.getLogger("eval_rag")
+MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
+CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
+
+
+def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
+    """The model itself, or with --eval_all_checkpoints every `checkpoint<step>` subdirectory in step order."""
+    if not eval_all:
+        return [model_name_or_path]
+    found = [(int(m[1]), p) for p in Path(model_name_or_path).iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint<step> directories in {model_name_or_path}")
+    return [str(p) for _, p in sorted(found)]
+
+
+def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
+    """The KB to retrieve from: --passages_path/--index_path, else the version the checkpoint's config names."""
+    config = RagConfig.from_pretrained(checkpoint)
+    passages, index = args.passages_path or config.passages_path, args.index_path or config.index_path
+    if not (passages and index):
+        raise ValueError(f"{checkpoint}/config.json names no knowledge base; pass --passages_path and --index_path")
+    for path in (passages, index):
+        if not Path(path).exists():
+            raise FileNotFoundError(
+                f"{path} not found (the knowledge base for {checkpoint}); pass --passages_path and --index_path"
+            )
+    return passages, index
+
+
+def load_model(checkpoint: str, args: argparse.Namespace):
+    """The RAG model with transformers' own retriever over the matching KB, in eval mode (on a GPU if any)."""
+    passages, index = kb_paths(checkpoint, args)
+    retriever = RagRetriever.from_pretrained(checkpoint, index_name="custom", passages_path=passages, index_path=index)
+    model_type = args.model_type or infer_model_type(checkpoint)
+    model = MODEL_CLASSES[model_type].from_pretrained(checkpoint, retriever=retriever)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def infer_model_type(checkpoint: str) -> str:
+    """rag_token or rag_sequence, from the architecture that config.json names."""
+    architectures = RagConfig.from_pretrained(checkpoint).architectures or []
+    for model_type, cls in MODEL_CLASSES.items():
+        if cls.__name__ in architectures:
+            return model_type
+    raise ValueError(f"{checkpoint}: cannot tell the model type from {architectures}; pass --model_type")
+
+
+def _encode_questions(model, questions: list[str]) -> dict[str, torch.Tensor]:
+    """Tokenise questions for the question encoder, with the prefix training used."""
+    prefix = getattr(model.config.question_encoder, "prefix", None) or ""
+    tokenizer = model.retriever.question_encoder_tokenizer
+    enc = tokenizer([prefix + q for q in questions], return_tensors="pt", padding=True, truncation=True)
+    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def generate_answers(model, questions: list[str], args: argparse.Namespace) -> list[str]:
+    """Generate one answer per question with beam search, as the reference's evaluate_batch_e2e."""
+    # The reference forbids <s><s> ([[0, 0]]: BART repeats BOS); the generator's own BOS id says the same
+    # for any tokenizer (it is 0 for BART; 0 is [PAD] in a BERT-style vocabulary, where [[0, 0]] is a no-op).
+    bos = model.config.generator.bos_token_id
+    generated = model.generate(
+        **_encode_questions(model, questions),
+        num_beams=args.num_beams,
+        min_length=args.min_length,
+        max_length=args.max_length,
+        early_stopping=False,
+        num_return_sequences=1,
+        n_docs=args.n_docs,
+        bad_words_ids=[[bos, bos]] if bos is not None else None,
+    )
+    answers = model.retriever.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
+    return [one_line(a) for a in answers]
+
+
+@torch.no_grad()
+def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
+    """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
+    q = model.rag.question_encoder(**_encode_questions(model, questions))[0]
+    n = min(n, len(model.retriever.index.dataset))  # FAISS pads with id -1 beyond the KB's size
+    _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n)
+    keep = [[j for j, i in enumerate(row) if i >= 0] for row in ids]
+    return (
+        [[int(ids[r][j]) for j in js] for r, js in enumerate(keep)],
+        [[one_line(str(d["title"][j])) for j in js] for d, js in zip(docs, keep)],
+        [[d["text"][j] for j in js] for d, js in zip(docs, keep)],
+    )
+
+
+def score_e2e(predictions: list[str], gold: Gold, gold_path: str) -> dict[str, float]:
+    """EM and F1 against the best of each question's gold answers (SQuAD normalisation)."""
+    missing = [i + 1 for i, a in enumerate(gold.answers) if not a]
+    if missing:
+        raise ValueError(f"{gold_path}: no gold answers on line(s) {missing[:10]}; e2e needs one per question")
+    return {
+        "em": calculate_exact_match(predictions, gold.answers),
+        "f1": calculate_f1(predictions, gold.answers),
+        "n": len(predictions),
+    }
+
+
+def _counted(scores: dict, name: str) -> dict:
+    """Rename a metric dict's `n` to `n_<name>`."""
+    return {(f"n_{name}" if k == "n" else k): v for k, v in scores.items()}
+
+
+def score_retrieval(
+    ids: list[list[int]], titles: list[list[str]], texts: list[list[str]], gold: Gold, ks: tuple[int, ...], k: int
+) -> dict[str, float]:
+    """Recall@k and MRR@k by gold passage id, answer recall@k for questions without gold ids, and the
+    reference's title precision@k; each with the number of questions it counts."""
+    answers = [a if not g else [] for a, g in zip(gold.answers, gold.passage_ids)]
+    return {
+        **_counted(recall_at_k(ids, gold.passage_ids, ks), "gold_ids"),
+        **_counted(mrr_at_k(ids, gold.passage_ids, ks), "gold_ids"),
+        **_counted(answer_recall_at_k(texts, answers, ks), "answers_only"),
+        **_counted(precision_at_k_titles(titles, gold.titles, k), "titles"),
+        "n": len(ids),
+    }
+
+
+def _tagged(path: Path, tag: str) -> Path:
+    """`preds.txt` -> `preds.<tag>.txt`."""
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _read_predictions(path: Path, n: int) -> list[str]:
+    """Prediction lines (an empty answer is an empty line), checked against the number of questions."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; rerun with --recalculate")
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    if len(lines) != n:
+        raise ValueError(f"{path} has {len(lines)} lines for {n} questions; rerun with --recalculate")
+    return lines
+
+
+def _batches(questions: list[str], size: int) -> list[list[str]]:
+    return [questions[i : i + size] for i in range(0, len(questions), size)]
+
+
+def e2e_predictions(checkpoint: str, args: argparse.Namespace, questions: list[str], path: Path) -> list[str]:
+    """Generated answers, written one a line to `path`; or those already there, without --recalculate."""
+    if path.exists() and not args.recalculate:
+        logger.info("scoring the existing %s (pass --recalculate to generate again)", path)
+        return _read_predictions(path, len(questions))
+    model = load_model(checkpoint, args)
+    answers = [a for batch in _batches(questions, args.eval_batch_size) for a in generate_answers(model, batch, args)]
+    _write_lines(path, answers)
+    return answers
+
+
+def retrieval_predictions(
+    checkpoint: str, args: argparse.Namespace, questions: list[str], path: Path
+) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
+    """Top-n ids, titles and texts per question; titles go to `path` (tab-separated, as the reference) and
+    ids to `path` tagged `ids`, from which an existing run is rescored without --recalculate."""
+    n, ids_path = max(*args.ks, args.k), _tagged(path, "ids")
+    if path.exists() and not args.recalculate:
+        logger.info("scoring the existing %s and %s (pass --recalculate to retrieve again)", path, ids_path)
+        titles = [line.split("\t") if line else [] for line in _read_predictions(path, len(questions))]
+        lines = _read_predictions(ids_path, len(questions))
+        ids = [[int(i) for i in line.split("\t")] if line else [] for line in lines]
+        passages = load_from_disk(kb_paths(checkpoint, args)[0]).select_columns(["text"])
+        if min(map(len, ids), default=n) < min(n, len(passages)):
+            raise ValueError(f"{ids_path} holds fewer than the top {n} that --ks/--k ask for; use --recalculate")
+        return ids, titles, [passages[row]["text"] for row in ids]
+    model = load_model(checkpoint, args)
+    ids, titles, texts = [], [], []
+    for batch in _batches(questions, args.eval_batch_size):
+        for out, new in zip((ids, titles, texts), retrieve(model, batch, n)):
+            out.extend(new)
+    _write_lines(path, ["\t".join(row) for row in titles])
+    _write_lines(ids_path, ["\t".join(map(str, row)) for row in ids])
+    return ids, titles, texts
+
+
+def evaluate_checkpoint(
+    checkpoint: str, args: argparse.Namespace, predictions_path: Path, metrics_path: Path
+) -> dict[str, float]:
+    """Predict (or reuse the predictions there without --recalculate), score, write and print the metrics."""
+    questions = [q.strip() for q in read_lines(Path(args.evaluation_set))]
+    gold = read_gold(args.gold_data_path, args.gold_data_mode or infer_gold_mode(args.gold_data_path))
+    if len(gold.answers) != len(questions):
+        raise ValueError(f"{args.gold_data_path} has {len(gold.answers)} lines, {args.evaluation_set} {len(questions)}")
+    if args.eval_mode == "e2e":
+        predictions = e2e_predictions(checkpoint, args, questions, predictions_path)
+        metrics = score_e2e(predictions, gold, args.gold_data_path)
+    else:
+        ids, titles, texts = retrieval_predictions(checkpoint, args, questions, predictions_path)
+        predictions = [" | ".join(row[: args.k]) for row in titles]
+        metrics = score_retrieval(ids, titles, texts, gold, args.ks, args.k)
+    if args.print_predictions:
+        for question, prediction in zip(questions, predictions):
+            print(f"Q: {question} - A: {prediction}")
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"{checkpoint}: {json.dumps(metrics)}")
+    return metrics
+
+
+def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Evaluate the model, or every checkpoint in step order; return {checkpoint: metrics}."""
+    checkpoints = checkpoint_dirs(args.model_name_or_path, args.eval_all_checkpoints)
+    predictions_path = Path(args.predictions_path)
+    metrics_path = Path(args.metrics_path) if args.metrics_path else predictions_path.with_suffix(".json")
+    if not args.eval_all_checkpoints:
+        return {checkpoints[0]: evaluate_checkpoint(checkpoints[0], args, predictions_path, metrics_path)}
+    results = {}
+    for checkpoint in checkpoints:
+        tag = Path(checkpoint).name  # preds.checkpoint1200.txt, preds.checkpoint1200.json
+        results[checkpoint] = evaluate_checkpoint(
+            checkpoint, args, _tagged(predictions_path, tag), _tagged(metrics_path, tag)
+        )
+    metrics_path.write_text(json.dumps({Path(c).name: m for c, m in results.items()}, indent=1) + "\n")
+    return results
+
+
+def _ks(value: str) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in value.split(",") if k.strip())
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {value!r}")
+    return ks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The reference's eval_rag.py flags, plus --ks, --metrics_path, jsonl gold data and KB overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="a RAG directory, e.g. OUTPUT/checkpoint1200")
+    parser.add_argument("--model_type", choices=sorted(MODEL_CLASSES), default=None,
+                        help="default: from the config's architectures")  # fmt: skip
+    parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
+    parser.add_argument("--evaluation_set", required=True, help="questions, one per line (e.g. test.source)")
+    parser.add_argument("--gold_data_path", required=True, help="a .target, a .gold.jsonl or a qa .tsv file")
+    parser.add_argument("--gold_data_mode", choices=["qa", "ans", "jsonl", "titles"], default=None,
+                        help="qa: question<TAB>[answers]; ans: one answer a line; jsonl: the converters' gold "
+                        "records; titles: tab-separated gold titles (default: from the extension)")  # fmt: skip
+    parser.add_argument("--predictions_path", default="predictions.txt")
+    parser.add_argument("--metrics_path", default=None, help="default: the predictions path with .json")
+    parser.add_argument("--passages_path", default=None, help="default: the checkpoint's KB version")
+    parser.add_argument("--index_path", default=None, help="default: the checkpoint's KB version")
+    parser.add_argument("--n_docs", type=int, default=5, help="passages per question when generating (e2e)")
+    parser.add_argument("--k", type=int, default=1, help="k of the title precision@k")
+    parser.add_argument("--ks", type=_ks, default=(1, 5, 10, 20), help="ks of recall@k and MRR@k, e.g. 1,5,20")
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--min_length", type=int, default=1)
+    parser.add_argument("--max_length", type=int, default=50)
+    parser.add_argument("--eval_all_checkpoints", action="store_true",
+                        help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip
+    parser.add_argument("--recalculate", action="store_true", help="predict again even if predictions exist")
+    parser.add_argument("--print_predictions", action="store_true")
+    args = parser.parse_args(argv)
+    if (args.passages_path is None) != (args.index_path is None):
+        parser.error("--passages_path and --index_path go together (an index only fits its own passages)")
+    if args.k < 1:
+        parser.error("--k must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main(parse_args())

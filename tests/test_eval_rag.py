@@ -1,0 +1,161 @@
+"""eval_rag.py on a tiny checkpoint trained end to end in-process: generated answers, retrieval metrics
+against a knowledge base whose embeddings the test sets, every checkpoint with its own KB version."""
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from datasets import load_from_disk
+from transformers import RagTokenForGeneration, RagTokenizer
+
+import eval_rag
+import finetune_rag
+from kb_encode_utils import IndexConfig, save_kb, with_embeddings
+
+DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
+QUESTIONS, ANSWERS = DATA / "test.source", DATA / "test.target"
+A, B, C = 7, 3, 30  # the passages the controlled KB ranks first, second and third for every question
+
+
+def _evaluate(*argv: str) -> dict[str, dict]:
+    return eval_rag.main(eval_rag.parse_args([str(a) for a in argv]))
+
+
+def _controlled_kb(checkpoint: Path, out: Path) -> tuple[Path, Path]:
+    """The checkpoint's passages with embeddings chosen so that every test question ranks A, B, C, then
+    the others by increasing id: A, B, C lie along the mean question direction, the others against it."""
+    tokenizer = RagTokenizer.from_pretrained(str(checkpoint)).question_encoder
+    model = RagTokenForGeneration.from_pretrained(str(checkpoint))
+    questions = QUESTIONS.read_text().splitlines()
+    with torch.no_grad():
+        q = model.rag.question_encoder(**tokenizer(questions, return_tensors="pt", padding=True))[0].numpy()
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    direction = q.mean(0) / np.linalg.norm(q.mean(0))
+    assert (q @ direction > 0.1).all(), "the test questions do not share a direction"
+    passages = load_from_disk(json.loads((checkpoint / "kb_version.json").read_text())["passages_path"])
+    scale = -(1 + np.arange(len(passages)) / 100)  # below zero, decreasing with the id
+    scale[[A, B, C]] = [10, 5, 2]
+    kb = (out / "passages", out / "index.faiss")
+    save_kb(with_embeddings(passages, scale[:, None] * direction[None, :]), *kb, IndexConfig("flat"))
+    return kb
+
+
+def _gold_records(passages) -> list[dict]:
+    """One gold record per test question; ranks in the controlled KB: A 1, B 2, C 3, id 0 4, id 39 40."""
+    words = " ".join(passages[A]["text"].split()[5:8])  # three words of passage A, found at rank 1
+    gold = [[A], [C], [B, C], [0], [], [], [A], [39]]
+    answers = [["x"]] * 4 + [[words], ["zzzz qqqq"], ["x"], ["x"]]
+    records = [{"answers": a, "gold_passage_ids": g} for a, g in zip(answers, gold)]
+    records[6]["title"], records[7]["title"] = passages[A]["title"], "No such title"
+    return records
+
+
+def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
+    namespace = f"test-eval-{uuid.uuid4().hex[:8]}"
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--max_steps", "10",
+                         "--val_check_interval", "5", "--ray_namespace", namespace)  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    for actor in module.retriever.actors:
+        ray.kill(actor)
+    run = tmp_path / "out"
+    module.save_hf_checkpoint(run / f"checkpoint{module.global_step}")  # a second checkpoint, on the last KB
+    checkpoints = sorted(run.glob("checkpoint*"), key=lambda p: int(p.name[len("checkpoint") :]))
+    assert len(checkpoints) >= 2
+    last = checkpoints[-1]
+
+    # e2e: one generated answer per question, EM/F1 in [0, 1].
+    preds = tmp_path / "e2e" / "preds.txt"
+    common = ["--model_name_or_path", last, "--evaluation_set", QUESTIONS, "--eval_batch_size", 3]
+    metrics = _evaluate(*common, "--gold_data_path", ANSWERS, "--predictions_path", preds,
+                        "--num_beams", 2, "--max_length", 8, "--n_docs", 2)[str(last)]  # fmt: skip
+    assert len(preds.read_text().split("\n")) == 8 + 1
+    assert set(metrics) == {"em", "f1", "n"} and metrics["n"] == 8
+    assert 0 <= metrics["em"] <= metrics["f1"] <= 1
+    assert json.loads(preds.with_suffix(".json").read_text()) == metrics
+
+    # Existing predictions are scored as they are unless --recalculate: the gold answers score 1.
+    preds.write_text(ANSWERS.read_text())
+    rescored = _evaluate(*common, "--gold_data_path", ANSWERS, "--predictions_path", preds)[str(last)]
+    assert rescored == {"em": 1.0, "f1": 1.0, "n": 8}
+
+    # Retrieval against the controlled KB, with gold passage ids, answers and titles.
+    kb = _controlled_kb(last, tmp_path / "controlled-kb")
+    passages = load_from_disk(str(kb[0]))
+    gold = tmp_path / "test.gold.jsonl"
+    gold.write_text("".join(json.dumps(r) + "\n" for r in _gold_records(passages)))
+    preds = tmp_path / "retrieval" / "preds.txt"
+    retrieval = [*common, "--eval_mode", "retrieval", "--gold_data_path", gold, "--predictions_path", preds,
+                 "--passages_path", kb[0], "--index_path", kb[1]]  # fmt: skip
+    metrics = _evaluate(*retrieval)[str(last)]
+    assert metrics == pytest.approx({
+        "recall@1": 2 / 6, "recall@5": 5 / 6, "recall@10": 5 / 6, "recall@20": 5 / 6, "n_gold_ids": 6,
+        "mrr@1": 2 / 6, "mrr@5": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6, "mrr@10": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
+        "mrr@20": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
+        "answer_recall@1": 0.5, "answer_recall@5": 0.5, "answer_recall@10": 0.5, "answer_recall@20": 0.5,
+        "n_answers_only": 2, "precision@1": 0.5, "n_titles": 2, "n": 8,
+    })  # fmt: skip
+    rows = preds.read_text().splitlines()
+    assert len(rows) == 8 and all(len(r.split("\t")) == 20 for r in rows)
+    expected_ids = [A, B, C, *(i for i in range(len(passages)) if i not in (A, B, C))][:20]
+    ids_file = preds.with_name("preds.ids.txt").read_text().splitlines()
+    assert ids_file == ["\t".join(map(str, expected_ids))] * 8
+    assert rows[0].split("\t")[:3] == [passages[i]["title"] for i in (A, B, C)]
+    # Rescoring the stored ids (no model) agrees, and refuses a k beyond what they hold.
+    rescored = _evaluate(*retrieval, "--ks", "1,5")[str(last)]
+    assert rescored == {k: v for k, v in metrics.items() if not k.endswith(("@10", "@20"))}
+    with pytest.raises(ValueError, match="--recalculate"):
+        _evaluate(*retrieval, "--ks", "30")
+
+    # --eval_all_checkpoints: every checkpoint in step order, each with the KB version it names.
+    used, kb_paths = [], eval_rag.kb_paths
+
+    def recording_kb_paths(checkpoint, args):
+        used.append(kb_paths(checkpoint, args))
+        return used[-1]
+
+    monkeypatch.setattr(eval_rag, "kb_paths", recording_kb_paths)
+    preds = tmp_path / "all" / "preds.txt"
+    results = _evaluate("--model_name_or_path", run, "--eval_all_checkpoints", "--eval_mode", "retrieval",
+                        "--evaluation_set", QUESTIONS, "--gold_data_path", ANSWERS, "--predictions_path", preds,
+                        "--ks", "1,40")  # fmt: skip
+    assert list(results) == [str(c) for c in checkpoints]
+    named = [json.loads((c / "kb_version.json").read_text()) for c in checkpoints]
+    assert used == [(kb["passages_path"], kb["index_path"]) for kb in named]
+    assert named[0]["version"] < named[-1]["version"]
+    summary = json.loads((tmp_path / "all" / "preds.json").read_text())
+    assert list(summary) == [c.name for c in checkpoints]
+    for c in checkpoints:
+        assert len((tmp_path / "all" / f"preds.{c.name}.txt").read_text().splitlines()) == 8
+        # Every passage is among the top 40 of a 40-passage KB: every answer in the KB is found.
+        assert summary[c.name]["answer_recall@40"] == summary[checkpoints[0].name]["answer_recall@40"] > 0
+
+
+def test_read_gold_formats(tmp_path):
+    qa = tmp_path / "nq.qa.tsv"
+    qa.write_text('who wrote it ?\t[\'Ann\', "Bo\'s"]\nwhen ?\t["1999"]\n')
+    assert eval_rag.infer_gold_mode(str(qa)) == "qa"
+    assert eval_rag.read_gold(str(qa), "qa").answers == [["Ann", "Bo's"], ["1999"]]
+    qa.write_text("who ?\t__import__('os').system('true')\n")
+    with pytest.raises(ValueError, match=r"nq.qa.tsv:1: the answer list is not a Python literal"):
+        eval_rag.read_gold(str(qa), "qa")
+    jsonl = tmp_path / "test.gold.jsonl"
+    jsonl.write_text('{"answers": ["a", "b"], "gold_passage_ids": [3, 4], "title": "T"}\n{"answers": ["c"]}\n')
+    gold = eval_rag.read_gold(str(jsonl), eval_rag.infer_gold_mode(str(jsonl)))
+    assert (gold.answers, gold.passage_ids, gold.titles) == ([["a", "b"], ["c"]], [[3, 4], []], [["T"], []])
+    assert eval_rag.infer_gold_mode(str(ANSWERS)) == "ans"
+    assert eval_rag.read_gold(str(ANSWERS), "ans").answers[1] == ["liver"]
+
+
+def test_checkpoint_dirs_in_step_order(tmp_path):
+    for name in ("checkpoint100", "checkpoint20", "checkpoint3.tmp-1234abcd", "kb", "checkpoint5"):
+        (tmp_path / name).mkdir()
+    assert [Path(p).name for p in eval_rag.checkpoint_dirs(str(tmp_path), True)] == [
+        "checkpoint5", "checkpoint20", "checkpoint100"
+    ]  # fmt: skip
+    assert eval_rag.checkpoint_dirs("some/dir", False) == ["some/dir"]
+    with pytest.raises(FileNotFoundError):
+        eval_rag.checkpoint_dirs(str(tmp_path / "kb"), True)
