@@ -11,8 +11,8 @@ import pytest
 import ray
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import BartConfig, BertTokenizerFast, DPRConfig, RagConfig
+from tiny_tokenizers import wordpiece_tokenizer
+from transformers import BartConfig, DPRConfig, RagConfig
 
 from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, build_kb_version
@@ -197,24 +197,7 @@ def test_stage_rejects_index_that_does_not_match_passages(kb_factory, actors, tm
 
 # ----------------------------------------------------------------------------- RagRayDistributedRetriever
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 QUESTIONS = ["who wrote hamlet", "what is the capital of france"]
-
-
-def tiny_tokenizer() -> BertTokenizerFast:
-    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = QUESTIONS + TITLES + TEXTS + ["/ //"]
-    raw.train_from_iterator(corpus, trainer=trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIALS))
-    return BertTokenizerFast(
-        tokenizer_object=raw,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
 
 
 def rag_config(tokenizer, kb: KBVersion) -> RagConfig:
@@ -253,7 +236,7 @@ def rag_config(tokenizer, kb: KBVersion) -> RagConfig:
 def test_rag_ray_retriever_end_to_end(kb_factory, actors):
     emb0, emb2 = random_embeddings(30), random_embeddings(32)
     kb0, kb2 = kb_factory(0, emb0), kb_factory(2, emb2)
-    tokenizer = tiny_tokenizer()
+    tokenizer = wordpiece_tokenizer(QUESTIONS + TITLES + TEXTS + ["/ //"], vocab_size=400)
     config = rag_config(tokenizer, kb0)
     handles = actors.named(2)
     with pytest.raises(ValueError):

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import BertTokenizerFast, RagTokenizer
+from tiny_tokenizers import SPECIALS, wordpiece_tokenizer
+from transformers import RagTokenizer
 
 from utils_rag import (
     Seq2SeqDataset,
@@ -24,35 +24,21 @@ SENTENCES = [
     "paris is the capital of france",
     "question: how tall is the eiffel tower",
 ]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def build_tokenizer(special_tokens: list[str]) -> BertTokenizerFast:
-    """Train a tiny offline WordPiece tokenizer; the order of special_tokens fixes their ids."""
-    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
-    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    raw.train_from_iterator(SENTENCES, trainer=trainers.WordPieceTrainer(vocab_size=300, special_tokens=special_tokens))
-    return BertTokenizerFast(
-        tokenizer_object=raw,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
 
 
 @pytest.fixture(scope="session")
 def rag_tokenizer() -> RagTokenizer:
-    tok = build_tokenizer(SPECIALS)
+    tok = wordpiece_tokenizer(SENTENCES)
     return RagTokenizer(question_encoder=tok, generator=tok)
 
 
 @pytest.fixture(scope="session")
 def split_pad_tokenizer() -> RagTokenizer:
     """Question encoder pads with id 0, generator with id 4, so mixing them up is detectable."""
-    return RagTokenizer(question_encoder=build_tokenizer(SPECIALS), generator=build_tokenizer(SPECIALS[1:] + ["[PAD]"]))
+    return RagTokenizer(
+        question_encoder=wordpiece_tokenizer(SENTENCES),
+        generator=wordpiece_tokenizer(SENTENCES, special_tokens=SPECIALS[1:] + ["[PAD]"]),
+    )
 
 
 def write_split(data_dir: Path, source: str, target: str, type_path: str = "train") -> None:
