@@ -12,6 +12,8 @@ n passages of a question exactly as in Lewis et al. (2020):
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import torch
 
@@ -191,6 +193,23 @@ class CausalRag(torch.nn.Module):
         self.template = template
         self.max_length = max_length  # of prompt + answer, in generator tokens
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(generator.forward).parameters
+
+    @property
+    def rag(self) -> CausalRag:
+        """Itself: `model.rag.question_encoder` / `model.rag.ctx_encoder` then read alike for this class and
+        transformers' RAG models."""
+        return self
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The question encoder and generator with their tokenizers (the context encoder is saved apart)."""
+        for name, model, tokenizer in (
+            ("question_encoder", self.question_encoder, self.question_tokenizer),
+            ("generator", self.generator, self.generator_tokenizer),
+        ):
+            model.save_pretrained(directory / name)
+            tokenizer.save_pretrained(directory / name)
+        settings = {"n_docs": self.n_docs, "mode": self.mode, "template": self.template, "max_length": self.max_length}
+        (directory / "causal_rag.json").write_text(json.dumps(settings, indent=1))
 
     def retrieve(
         self, question_input_ids: torch.Tensor, question_attention_mask: torch.Tensor

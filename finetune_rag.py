@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DPRContextEncoder,
@@ -42,6 +43,7 @@ from callbacks_rag import (
     get_checkpoint_callback,
     get_early_stopping_callback,
 )
+from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
@@ -73,6 +75,7 @@ class GenerativeQAModule(pl.LightningModule):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
         self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
+        self.is_causal = hp.generator_type == "causal"
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
 
         init_ray(hp.ray_address, hp.ray_namespace)
@@ -97,10 +100,13 @@ class GenerativeQAModule(pl.LightningModule):
                     f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, "
                     f"the question encoder {q_dim}: their dot product needs one size"
                 )
-            # Both calls are needed: the model re-encodes retrieved passages in the graph, and the
-            # retriever hands it their tokens.
-            self.model.set_context_encoder_for_training(context_encoder)
-            self.retriever.set_ctx_encoder_tokenizer(self.context_tokenizer)
+            if self.is_causal:
+                self.model.ctx_encoder, self.model.ctx_tokenizer = context_encoder, self.context_tokenizer
+            else:
+                # Both calls are needed: the model re-encodes retrieved passages in the graph, and the
+                # retriever hands it their tokens.
+                self.model.set_context_encoder_for_training(context_encoder)
+                self.retriever.set_ctx_encoder_tokenizer(self.context_tokenizer)
         # from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds:
         # without this, dropout would be silently off during training.
         self.model.train()
@@ -126,7 +132,11 @@ class GenerativeQAModule(pl.LightningModule):
 
     def _load_tokenizer_and_config(self) -> tuple[RagTokenizer, RagConfig]:
         hp = self.hparams
-        if hp.model_name_or_path:
+        if self.is_causal and not (hp.question_encoder_name_or_path and hp.generator_name_or_path):
+            raise ValueError(
+                "--generator_type causal needs --question_encoder_name_or_path and --generator_name_or_path"
+            )
+        if hp.model_name_or_path and not self.is_causal:
             config = RagConfig.from_pretrained(hp.config_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
             tokenizer = RagTokenizer.from_pretrained(hp.tokenizer_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
         elif hp.question_encoder_name_or_path and hp.generator_name_or_path:
@@ -166,6 +176,18 @@ class GenerativeQAModule(pl.LightningModule):
 
     def _load_rag_model(self, config: RagConfig):
         hp = self.hparams
+        if self.is_causal:
+            return CausalRag(
+                AutoModel.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir),
+                AutoModelForCausalLM.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
+                self.tokenizer.question_encoder,
+                self.tokenizer.generator,
+                self.retriever,
+                n_docs=config.n_docs,
+                mode=hp.model_type.removeprefix("rag_"),
+                template=hp.prompt_template,
+                max_length=hp.max_combined_length or 512,
+            )
         model_cls = MODEL_CLASSES[hp.model_type]
         if hp.model_name_or_path:
             return model_cls.from_pretrained(
@@ -181,6 +203,11 @@ class GenerativeQAModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def _step(self, batch: dict) -> torch.Tensor:
+        if self.is_causal:  # per answer token, averaged over the batch
+            loss, _ = self.model(
+                batch["input_ids"], batch["attention_mask"], batch["source_text"], batch["target_text"]
+            )
+            return loss
         out = self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -198,6 +225,22 @@ class GenerativeQAModule(pl.LightningModule):
 
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
+        if self.is_causal:
+            preds = self.model.generate(
+                batch["input_ids"], batch["attention_mask"], batch["source_text"], self.target_lens[split]
+            )
+        else:
+            preds = self._generate_seq2seq(batch, split)
+        golds = batch["target_text"]
+        loss = self._step(batch)
+        em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
+        f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
+        seconds = time.perf_counter() - start
+        self._eval_sums.append(torch.tensor([em, f1, float(loss), seconds, len(preds)], dtype=torch.float64))
+        if split == "test":
+            self.test_predictions.extend(p.strip() for p in preds)
+
+    def _generate_seq2seq(self, batch: dict, split: str) -> list[str]:
         kwargs = {"do_deduplication": False} if self.hparams.model_type == "rag_sequence" else {}
         generated = self.model.generate(
             batch["input_ids"],
@@ -209,15 +252,7 @@ class GenerativeQAModule(pl.LightningModule):
             n_docs=self.n_docs,
             **kwargs,
         )
-        preds = self.tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
-        golds = batch["target_text"]
-        loss = self._step(batch)
-        em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
-        f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
-        seconds = time.perf_counter() - start
-        self._eval_sums.append(torch.tensor([em, f1, float(loss), seconds, len(preds)], dtype=torch.float64))
-        if split == "test":
-            self.test_predictions.extend(p.strip() for p in preds)
+        return self.tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._generative_step(batch, "val")
@@ -298,7 +333,7 @@ class GenerativeQAModule(pl.LightningModule):
             max_target_length=self.target_lens[split],
             type_path=split,
             n_obs=self.n_obs[split],
-            prefix=getattr(self.model.config.question_encoder, "prefix", None) or "",
+            prefix=getattr(self.model.rag.question_encoder.config, "prefix", None) or "",
         )
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
                           num_workers=self.hparams.num_workers)  # fmt: skip
@@ -324,10 +359,13 @@ class GenerativeQAModule(pl.LightningModule):
         if directory.exists():
             return  # this step is already saved
         tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-        self.model.config.passages_path, self.model.config.index_path = self.kb.passages_path, self.kb.index_path
-        state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
-        self.model.save_pretrained(tmp, state_dict=state)
-        self.tokenizer.save_pretrained(tmp)
+        if self.is_causal:  # no transformers class for it: its parts, each loadable with from_pretrained
+            self.model.save_pretrained(tmp)
+        else:
+            self.model.config.passages_path, self.model.config.index_path = self.kb.passages_path, self.kb.index_path
+            state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
+            self.model.save_pretrained(tmp, state_dict=state)
+            self.tokenizer.save_pretrained(tmp)
         if self.context_encoder is not None:
             self.context_encoder.save_pretrained(tmp / "context_encoder")
             self.context_tokenizer.save_pretrained(tmp / "context_encoder")
@@ -353,6 +391,14 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
                    "assemble a RAG model instead of loading one")  # fmt: skip
     g.add_argument("--generator_name_or_path", default=None)
     g.add_argument("--model_type", choices=["rag_token", "rag_sequence", "bart", "t5"], required=True)
+    g.add_argument(
+        "--generator_type",
+        choices=["seq2seq", "causal"],
+        default="seq2seq",
+        help="causal: any AutoModelForCausalLM, with RAG marginalisation over the retrieved passages",
+    )
+    g.add_argument("--prompt_template", default=None,
+                   help="causal prompt with {title} {text} {question}; default: the chat template if any")  # fmt: skip
     g.add_argument("--config_name", default="")
     g.add_argument("--tokenizer_name", default=None)
     g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")

@@ -20,7 +20,10 @@ from transformers import (
     DPRConfig,
     DPRContextEncoder,
     DPRQuestionEncoder,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     RagSequenceForGeneration,
     RagTokenForGeneration,
     RagTokenizer,
@@ -45,7 +48,7 @@ RAG_KWARGS = {
     "max_combined_length": MAX_LENGTH,
 }
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
-PARTS = ("question_encoder", "context_encoder", "generator", "rag_token", "rag_sequence")
+PARTS = ("question_encoder", "context_encoder", "generator", "rag_token", "rag_sequence", "causal_generator")
 
 
 def train_tokenizer(corpus_files: list[str | Path], vocab_size: int = 2000) -> PreTrainedTokenizerBase:
@@ -108,10 +111,36 @@ def bart_config(tokenizer: PreTrainedTokenizerBase) -> BartConfig:
     )
 
 
+def causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The same vocabulary for a decoder-only generator: no [CLS]/[SEP] around texts, [SEP] ends an answer."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=2 * MAX_LENGTH, eos_token="[SEP]", pad_token="[PAD]",
+        unk_token="[UNK]",
+    )  # fmt: skip
+
+
+def llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2 * MAX_LENGTH,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 def build_tiny_models(
     output_dir: str | Path, corpus_files: list[str | Path] | None = None, seed: int = 0, force: bool = False
 ) -> dict[str, Path]:
-    """Write question_encoder/, context_encoder/, generator/, rag_token/, rag_sequence/ under output_dir.
+    """Write question_encoder/, context_encoder/, generator/, rag_token/, rag_sequence/ and causal_generator/
+    (a Llama) under output_dir.
 
     Returns {part name: directory}. Skips the work when output_dir/.complete exists, unless force.
     """
@@ -143,6 +172,10 @@ def build_tiny_models(
         )
         rag.save_pretrained(dirs[name])
         rag_tokenizer.save_pretrained(dirs[name])
+
+    causal = causal_tokenizer(tokenizer)
+    LlamaForCausalLM(llama_config(causal)).save_pretrained(dirs["causal_generator"])
+    causal.save_pretrained(dirs["causal_generator"])
 
     (out / ".complete").write_text("ok\n")
     return dirs

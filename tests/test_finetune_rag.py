@@ -194,3 +194,41 @@ def test_resume_goes_on_from_the_checkpoint_and_its_kb_version(trained):
     assert new and all(h["version"] > max(r["version"] for r in restored) for h in new)
     assert resumed.trainer.global_step == 60  # 3 epochs of 20 steps, counted from the checkpoint's step
     _kill_actors(resumed)
+
+
+def _causal_argv(finetune_argv, tiny_models, *extra: str) -> list[str]:
+    argv = finetune_argv("--generator_type", "causal", "--max_target_length", "8", "--val_max_target_length", "8",
+                         "--test_max_target_length", "8", *extra)  # fmt: skip
+    i = argv.index("--model_name_or_path")
+    argv[i : i + 2] = [
+        "--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
+        "--generator_name_or_path", str(tiny_models["causal_generator"]),
+    ]  # fmt: skip
+    return argv
+
+
+@pytest.mark.parametrize("model_type", ["rag_token", "rag_sequence"])
+def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_models, model_type):
+    argv = _causal_argv(finetune_argv, tiny_models, "--end2end")
+    argv[argv.index("--model_type") + 1] = model_type
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    module._step(_batch(module)).backward()
+    for name, part in (("context", module.context_encoder), ("question", module.model.question_encoder),
+                       ("generator", module.model.generator)):  # fmt: skip
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.context_encoder.parameters())
+    _kill_actors(module)
+
+
+def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune_argv, tiny_models, tmp_path):
+    argv = _causal_argv(finetune_argv, tiny_models, "--end2end", "--indexing_freq", "2", "--do_train",
+                        "--max_steps", "12", "--val_check_interval", "6")  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    assert _refresh_callback(module).history, "no refresh with a causal generator"
+    ckpt = sorted((tmp_path / "out").glob("checkpoint*"))[-1]
+    settings = json.loads((ckpt / "causal_rag.json").read_text())
+    assert settings["mode"] == "token" and settings["n_docs"] == module.model.n_docs
+    saved_ctx = DPRContextEncoder.from_pretrained(str(ckpt / "context_encoder"))
+    start_ctx = DPRContextEncoder.from_pretrained(str(tiny_models["context_encoder"]))
+    assert any(not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values()))
+    _kill_actors(module)
