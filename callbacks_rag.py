@@ -25,6 +25,7 @@ from kb_encode_utils import (
     read_version,
     shard_bounds,
 )
+from rag_encoders import encoder_factory
 
 
 class RefreshState(str, Enum):
@@ -94,7 +95,7 @@ class KBRefreshCallback(pl.Callback):
             options["num_gpus"] = self.index_gpus / self.index_workers
         remote_cls = ray.remote(ShardEncoder).options(**options)
         self.encoders = [
-            remote_cls.remote(base, start, end, pl_module.context_tokenizer, type(ctx), ctx.config)
+            remote_cls.remote(base, start, end, pl_module.context_tokenizer, encoder_factory(ctx), ctx.config)
             for start, end in shard_bounds(n_rows, self.index_workers)
         ]
         self.builder = ray.remote(KBBuilder).options(num_cpus=0).remote()

@@ -28,7 +28,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    DPRContextEncoder,
     RagConfig,
     RagSequenceForGeneration,
     RagTokenForGeneration,
@@ -46,6 +45,7 @@ from callbacks_rag import (
 from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion
+from rag_encoders import load_encoder, with_prefix
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
@@ -76,6 +76,9 @@ class GenerativeQAModule(pl.LightningModule):
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
         self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
         self.is_causal = hp.generator_type == "causal"
+        if not self.is_causal and (hp.question_pooling or hp.shared_encoder):
+            raise ValueError("--question_pooling and --shared_encoder need --generator_type causal (transformers' "
+                             "RAG classes save and reload DPR question encoders only)")  # fmt: skip
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
 
         init_ray(hp.ray_address, hp.ray_namespace)
@@ -86,14 +89,20 @@ class GenerativeQAModule(pl.LightningModule):
         )
         self.retriever.init_retrieval(self.kb)
         self.model = self._load_rag_model(config)
+        config_prefix = getattr(self.model.rag.question_encoder.config, "prefix", None)
+        self.question_prefix = hp.question_prefix or config_prefix or ""
 
         self.context_tokenizer = None
         if hp.end2end:
             ctx_name = hp.context_encoder_name
-            context_encoder = DPRContextEncoder.from_pretrained(ctx_name, cache_dir=hp.cache_dir)
-            self.context_tokenizer = AutoTokenizer.from_pretrained(
+            if hp.shared_encoder:  # one module encodes questions and passages
+                context_encoder = self.model.rag.question_encoder
+            else:
+                context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, side="context")
+            tokenizer = AutoTokenizer.from_pretrained(
                 hp.context_encoder_tokenizer_name or ctx_name, cache_dir=hp.cache_dir
             )
+            self.context_tokenizer = with_prefix(tokenizer, hp.passage_prefix)
             q_dim = self.model.rag.question_encoder.config.hidden_size
             if context_encoder.config.hidden_size != q_dim:
                 raise ValueError(
@@ -178,7 +187,7 @@ class GenerativeQAModule(pl.LightningModule):
         hp = self.hparams
         if self.is_causal:
             return CausalRag(
-                AutoModel.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir),
+                load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, side="question"),
                 AutoModelForCausalLM.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
                 self.tokenizer.question_encoder,
                 self.tokenizer.generator,
@@ -287,7 +296,7 @@ class GenerativeQAModule(pl.LightningModule):
         encoder.eval()
         retrieved = []
         for start in range(0, len(questions), 32):
-            batch = questions[start : start + 32]
+            batch = [self.question_prefix + q for q in questions[start : start + 32]]
             max_length = self.hparams.max_source_length
             inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             inputs = inputs.to(self.device)
@@ -333,7 +342,7 @@ class GenerativeQAModule(pl.LightningModule):
             max_target_length=self.target_lens[split],
             type_path=split,
             n_obs=self.n_obs[split],
-            prefix=getattr(self.model.rag.question_encoder.config, "prefix", None) or "",
+            prefix=self.question_prefix,
         )
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
                           num_workers=self.hparams.num_workers)  # fmt: skip
@@ -405,6 +414,17 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
     g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
     g.add_argument("--end2end", action="store_true", help="train the context encoder and refresh the KB")
+    g.add_argument(
+        "--question_pooling",
+        choices=["cls", "mean", "pooler"],
+        default=None,
+        help="pool any AutoModel question encoder (causal generators); default: DPR, or the "
+        "checkpoint's sentence-transformers setting",
+    )
+    g.add_argument("--context_pooling", choices=["cls", "mean", "pooler"], default=None, help="the same for passages")
+    g.add_argument("--question_prefix", default=None, help='text put before every question, e.g. "query: "')
+    g.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
+    g.add_argument("--shared_encoder", action="store_true", help="one encoder for questions and passages")
     g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
     g.add_argument("--prefix", default=None)
     g.add_argument("--max_combined_length", type=int, default=None, help="passage + question tokens for the generator")

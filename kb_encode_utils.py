@@ -112,7 +112,7 @@ class ShardEncoder:
     """Body of a Ray encoding actor: holds one contiguous shard of the KB, tokenised once at start-up,
     and re-encodes it with whatever context-encoder weights it is handed."""
 
-    def __init__(self, passages_path: str, start: int, end: int, tokenizer, encoder_cls, encoder_config):
+    def __init__(self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config):
         on_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.device = "cuda" if on_gpu else "cpu"
         if not on_gpu:
@@ -121,7 +121,7 @@ class ShardEncoder:
         shard = load_from_disk(passages_path).select(range(start, end))
         self.token_ids = tokenize_passages(tokenizer, shard["title"], shard["text"])
         self.pad_token_id = tokenizer.pad_token_id
-        self.encoder = encoder_cls(encoder_config).to(self.device).eval()
+        self.encoder = build_encoder(encoder_config).to(self.device).eval()  # e.g. a class, or encoder_factory(...)
 
     def encode(self, state_dict: dict, batch_size: int = 64) -> np.ndarray:
         self.encoder.load_state_dict(state_dict)

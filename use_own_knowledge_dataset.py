@@ -1,5 +1,5 @@
 """Build the initial knowledge base (version 0) from a `title<TAB>text` CSV: split documents into
-100-word passages, embed them with a DPR context encoder and index them with FAISS.
+100-word passages, embed them with a context encoder (DPR, or any encoder with --pooling) and index them with FAISS.
 
     python use_own_knowledge_dataset.py --csv_path my_kb.csv --output_dir KB \
         --dpr_ctx_encoder_model_name facebook/dpr-ctx_encoder-multiset-base
@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DPRContextEncoder
+from transformers import AutoTokenizer
 
 from kb_encode_utils import (
     IndexConfig,
@@ -27,6 +27,7 @@ from kb_encode_utils import (
     tokenize_passages,
     with_embeddings,
 )
+from rag_encoders import load_encoder, with_prefix
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +37,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpr_ctx_encoder_model_name", default="facebook/dpr-ctx_encoder-multiset-base")
     p.add_argument("--context_encoder_tokenizer_name", default=None, help="default: the encoder's name")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument(
+        "--pooling",
+        choices=["cls", "mean", "pooler"],
+        default=None,
+        help="for a non-DPR encoder (default: DPR's own, or the checkpoint's sentence-transformers setting)",
+    )
+    p.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
     p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
     p.add_argument("--m", "--hnsw_m", dest="hnsw_m", type=int, default=128, help="HNSW links per node")
     p.add_argument("--hnsw_ef_construction", type=int, default=200)
@@ -61,7 +69,8 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
     passages = split_documents(read_kb_csv(args.csv_path))
     print(f"{args.csv_path}: {len(passages)} passages")
     tokenizer = AutoTokenizer.from_pretrained(args.context_encoder_tokenizer_name or args.dpr_ctx_encoder_model_name)
-    encoder = DPRContextEncoder.from_pretrained(args.dpr_ctx_encoder_model_name).to(args.device)
+    tokenizer = with_prefix(tokenizer, args.passage_prefix)
+    encoder = load_encoder(args.dpr_ctx_encoder_model_name, args.pooling, side="context").to(args.device)
     token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
     embeddings = encode_token_ids(encoder, token_ids, tokenizer.pad_token_id, args.batch_size, args.device)
 

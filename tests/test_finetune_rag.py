@@ -232,3 +232,19 @@ def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune
     start_ctx = DPRContextEncoder.from_pretrained(str(tiny_models["context_encoder"]))
     assert any(not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values()))
     _kill_actors(module)
+
+
+def test_causal_with_mean_pooled_shared_encoder_refreshes(ray_local, finetune_argv, tiny_models, tmp_path):
+    pooling = ["--question_pooling", "mean", "--context_pooling", "mean", "--shared_encoder"]
+    prefixes = ["--question_prefix", "query: ", "--passage_prefix", "passage: "]
+    argv = _causal_argv(
+        finetune_argv, tiny_models, "--end2end", "--indexing_freq", "2", "--do_train", "--max_steps", "10",
+        *pooling, *prefixes,
+    )  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    assert module.context_encoder is module.model.question_encoder
+    assert module.model.question_encoder.pooling == "mean"
+    history = _refresh_callback(module).history
+    assert history, "no refresh with a mean-pooled shared encoder"
+    assert module.kb.version == history[-1]["version"] and Path(module.kb.index_path).exists()
+    _kill_actors(module)
