@@ -8,11 +8,11 @@
 
 Prints figures only (no asserts on timings). CPU by default:
 
-    python bench/bench_refresh.py                     # ~2-3 minutes on 2 CPU cores
+    python bench/bench_refresh.py                     # ~1.5 minutes on 2 idle CPU cores
     python bench/bench_refresh.py --accelerator gpu --devices 1 --index_gpus 1
 
 Unknown flags go to finetune_rag.py for both runs. One training process only: with --devices > 1,
-Lightning's DDP launcher would re-run this script in every rank.
+Lightning's DDP launcher would re-run this script in every rank. Linux only (reads /proc).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--devices", default="1", help="passed to finetune_rag.py; one device only")
     p.add_argument("--kb_copies", type=int, default=20, help="repeat the dummy KB documents N times")
     p.add_argument("--indexing_freq", type=int, default=10, help="refresh every K optimizer steps")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per training run")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per training run")
     p.add_argument("--repeats", type=int, default=2, help="alternate the two training runs this many times")
     p.add_argument("--warmup", type=int, default=5, help="first step intervals left out of the figures")
     p.add_argument("--train_batch_size", type=int, default=2)
@@ -110,6 +111,47 @@ def build_inputs(work: Path, kb_copies: int, index_type: str) -> tuple[dict[str,
     return models, passages, index
 
 
+# ---------------------------------------------------------------------- other load on the machine
+
+
+@dataclass
+class CpuSnapshot:
+    """CPU seconds used so far by the whole machine (/proc/stat) and by each of this bench's processes
+    (this one and its descendants, Ray's included). Linux only, as this bench."""
+
+    machine: float
+    ours: dict[int, float]  # pid -> CPU seconds, its waited-for children's included
+    at: float
+
+    @classmethod
+    def take(cls) -> CpuSnapshot:
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        procs = {}
+        for path in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = path.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            procs[int(path.parent.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+        ours, frontier = {os.getpid()}, [os.getpid()]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, (ppid, _) in procs.items() if ppid == parent and pid not in ours]
+            ours.update(children)
+            frontier.extend(children)
+        machine = (sum(busy) - busy[3] - busy[4]) / tick  # all but idle and iowait
+        return cls(machine, {pid: procs[pid][1] for pid in ours if pid in procs}, time.perf_counter())
+
+    def others_cores(self) -> float:
+        """Cores that other processes kept busy since this snapshot: on a shared machine, it says whether
+        the timings taken meanwhile can be trusted. An upper bound: one of our processes that ended
+        meanwhile counts as others' (Ray's raylet does not wait for its workers, so their time is lost)."""
+        now = CpuSnapshot.take()
+        ours = sum(cpu - self.ours.get(pid, 0.0) for pid, cpu in now.ours.items())
+        return max(now.machine - self.machine - ours, 0.0) / (now.at - self.at)
+
+
 # ---------------------------------------------------------------------- training runs
 
 
@@ -119,11 +161,18 @@ class StepTimer(pl.Callback):
 
     def __init__(self) -> None:
         self.marks: list[tuple[int, int, float]] = []  # (batch_idx, global_step, perf_counter)
+        self._cpu: CpuSnapshot | None = None
+        self.others_cores = float("nan")  # other processes' CPU over the training steps
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._cpu = CpuSnapshot.take()  # after KBRefreshCallback's start-up: its actors are ready
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize()
         self.marks.append((batch_idx, trainer.global_step, time.perf_counter()))
+        if trainer.global_step == trainer.max_steps:  # before on_train_end kills the refresh actors
+            self.others_cores = self._cpu.others_cores()
 
     def step_ms(self, warmup: int) -> list[tuple[int, float]]:
         """(global step, ms) per step; an epoch's first batch is left out (it includes the epoch change)."""
@@ -152,7 +201,7 @@ class RunResult:
     module: finetune_rag.GenerativeQAModule
     refresh: KBRefreshCallback | None = None
     wall_s: float = 0.0
-    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before and after: others' work skews timings
+    others_cores: float = float("nan")  # CPU that other processes used during the steps, in cores
 
     def in_flight_steps(self) -> set[int]:
         """Steps whose interval overlaps a refresh: after its trigger, up to and including its swap."""
@@ -163,14 +212,14 @@ class RunResult:
 def train_run(name: str, argv: list[str], warmup: int) -> RunResult:
     """One `finetune_rag.main()` call with a StepTimer attached; the retrieval actors are killed after."""
     timer = StepTimer()
-    load_before, start = os.getloadavg()[0], time.perf_counter()
+    start = time.perf_counter()
     with extra_callbacks(timer):
         module = finetune_rag.main(finetune_rag.parse_args(argv))
     wall = time.perf_counter() - start
     for actor in module.retriever.actors:
         ray.kill(actor)
     refresh = next((c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback)), None)
-    return RunResult(name, timer.step_ms(warmup), module, refresh, wall, (load_before, os.getloadavg()[0]))
+    return RunResult(name, timer.step_ms(warmup), module, refresh, wall, timer.others_cores)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -210,6 +259,7 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
             retriever.retrieve(queries, n_docs)
             calls.append((t0, time.perf_counter(), retriever.last_version))
 
+    cpu = CpuSnapshot.take()
     thread = threading.Thread(target=keep_retrieving, daemon=True)
     thread.start()
     time.sleep(idle_s)
@@ -228,6 +278,7 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
         activate_ms.append(1e3 * (t2 - t1))
     stop.set()
     thread.join()
+    others = cpu.others_cores()
     for actor in actors:
         ray.kill(actor)
 
@@ -247,6 +298,7 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
         "swap_total_median": pct([s + a for s, a in zip(stage_ms, activate_ms)], 50),
         "monotonic": all(a <= b for a, b in zip(versions, versions[1:])),
         "last_version": versions[-1] if versions else -1,
+        "others_cores": others,
     }
 
 
@@ -266,10 +318,60 @@ def print_header(args: argparse.Namespace) -> None:
           f"datasets {datasets.__version__}")  # fmt: skip
 
 
+def report_training(args: argparse.Namespace, base: list[RunResult], refr: list[RunResult]) -> list[tuple[str, str]]:
+    """Print each run and the refreshes; return the summary rows (all runs of a setting pooled)."""
+    print(f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
+          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
+    for run in [*base, *refr]:
+        ms = [m for _, m in run.steps]
+        refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
+        print(f"{run.name:>13}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
+              f"other processes {run.others_cores:.2f} cores{refreshes})")  # fmt: skip
+    a_ms = [ms for run in base for _, ms in run.steps]
+    b_ms = [ms for run in refr for _, ms in run.steps]
+    b_busy = [ms for run in refr for step, ms in run.steps if step in run.in_flight_steps()]
+    history = [h for run in refr for h in run.refresh.history]
+    skipped = sum(run.refresh.skipped_triggers for run in refr)
+    failures = sum(run.refresh.failures for run in refr)
+    print(f"steps with a refresh in flight: {len(b_busy)} of {len(b_ms)}, median {pct(b_busy, 50):.1f} ms")
+    print("refreshes (trigger -> swap step, seconds): " + ", ".join(
+        f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history))  # fmt: skip
+    print(f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}")
+    k = args.indexing_freq
+    return [
+        ("step median, no refresh (ms)", f"{pct(a_ms, 50):.1f}"),
+        ("step p95, no refresh (ms)", f"{pct(a_ms, 95):.1f}"),
+        (f"step median, async refresh every {k} (ms)", f"{pct(b_ms, 50):.1f}"),
+        (f"step p95, async refresh every {k} (ms)", f"{pct(b_ms, 95):.1f}"),
+        ("ratio refresh / no refresh, median", f"{pct(b_ms, 50) / pct(a_ms, 50):.2f}"),
+        ("ratio refresh / no refresh, p95", f"{pct(b_ms, 95) / pct(a_ms, 95):.2f}"),
+        ("step median while a refresh is in flight (ms)", f"{pct(b_busy, 50):.1f}"),
+        ("refreshes completed / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
+        ("reindex_seconds, median", f"{pct([h['reindex_seconds'] for h in history], 50):.2f}"),
+        ("steps_during_refresh, median", f"{pct([h['steps_during_refresh'] for h in history], 50):.0f}"),
+    ]
+
+
+def report_retrieval(r: dict, others: float) -> list[tuple[str, str]]:
+    """Print the retrieval figures; return the summary rows."""
+    print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor (other processes {others:.2f} cores)")
+    print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
+    print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
+    print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
+          f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
+    return [
+        ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
+        ("retrieve during swaps median / p95 (ms)", f"{r['swap_median']:.2f} / {r['swap_p95']:.2f}"),
+        ("swap: stage + activate, median (ms)", f"{r['stage_median']:.1f} + {r['activate_median']:.2f}"),
+    ]
+
+
 def main() -> None:
     args, passthrough = parse_args()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # our summary lists the refreshes
+    for name in ("pytorch_lightning", "lightning_fabric"):  # our summary lists the refreshes
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*(exists and is not empty|LeafSpec).*")  # each output dir holds logs/
     print_header(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
     start = time.perf_counter()
@@ -299,57 +401,24 @@ def main() -> None:
         base.append(train_run(f"no-refresh-{rep}", argv(f"no-refresh-{rep}"), args.warmup))
         freq = ("--indexing_freq", str(args.indexing_freq))
         refr.append(train_run(f"refresh-{rep}", argv(f"refresh-{rep}", *freq), args.warmup))
-    a_ms = [ms for run in base for _, ms in run.steps]
-    b_ms = [ms for run in refr for _, ms in run.steps]
-    history = [h for run in refr for h in run.refresh.history]
-    b_busy = [ms for run in refr for step, ms in run.steps if step in run.in_flight_steps()]
-    skipped = sum(run.refresh.skipped_triggers for run in refr)
-    failures = sum(run.refresh.failures for run in refr)
-    reindex_s = [h["reindex_seconds"] for h in history]
-    during = [h["steps_during_refresh"] for h in history]
-
-    print(f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
-          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
-    for run in [*base, *refr]:
-        ms = [m for _, m in run.steps]
-        refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
-        print(f"{run.name:>13}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
-              f"load average {run.load[0]:.1f} -> {run.load[1]:.1f}{refreshes})")  # fmt: skip
-    print(f"steps with a refresh in flight: {len(b_busy)} of {len(b_ms)}, median {pct(b_busy, 50):.1f} ms")
-    print("refreshes (trigger -> swap step, seconds): " + ", ".join(
-        f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history))  # fmt: skip
-    print(f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}")
+    rows = report_training(args, base, refr)
 
     refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
-    kbs = [KBVersion(0, str(passages), str(index)), *refreshed]
-    r = bench_retrieval(refr[-1].module, kbs, 8, args.retrieval_seconds, args.swaps)
-    print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor")
-    print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
-    print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
-    print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
-          f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
+    r = bench_retrieval(refr[-1].module, [KBVersion(0, str(passages), str(index)), *refreshed], 8,
+                        args.retrieval_seconds, args.swaps)  # fmt: skip
+    r_others = r["others_cores"]
+    rows += report_retrieval(r, r_others)
+    others = " / ".join(f"{run.others_cores:.2f}" for run in [*base, *refr])
+    rows.append(("other processes' CPU: each training run / retrieval (cores)", f"{others} / {r_others:.2f}"))
 
-    loads = [load for run in [*base, *refr] for load in run.load]
-    rows = [
-        ("step median, no refresh (ms)", f"{pct(a_ms, 50):.1f}"),
-        ("step p95, no refresh (ms)", f"{pct(a_ms, 95):.1f}"),
-        (f"step median, async refresh every {args.indexing_freq} (ms)", f"{pct(b_ms, 50):.1f}"),
-        (f"step p95, async refresh every {args.indexing_freq} (ms)", f"{pct(b_ms, 95):.1f}"),
-        ("ratio refresh / no refresh, median", f"{pct(b_ms, 50) / pct(a_ms, 50):.2f}"),
-        ("ratio refresh / no refresh, p95", f"{pct(b_ms, 95) / pct(a_ms, 95):.2f}"),
-        ("step median while a refresh is in flight (ms)", f"{pct(b_busy, 50):.1f}"),
-        ("refreshes completed / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
-        ("reindex_seconds, median", f"{pct(reindex_s, 50):.2f}"),
-        ("steps_during_refresh, median", f"{pct(during, 50):.0f}"),
-        ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
-        ("retrieve during swaps median / p95 (ms)", f"{r['swap_median']:.2f} / {r['swap_p95']:.2f}"),
-        ("swap: stage + activate, median (ms)", f"{r['stage_median']:.1f} + {r['activate_median']:.2f}"),
-        ("load average during training (min - max)", f"{min(loads):.1f} - {max(loads):.1f}"),
-    ]
     print(f"\n## summary ({n_passages} passages, {args.repeats} x {args.steps} steps a setting, {args.accelerator}, "
           f"total {time.perf_counter() - start:.0f}s)\n")  # fmt: skip
     print("| metric | value |\n|---|---|")
     print("\n".join(f"| {name} | {value} |" for name, value in rows))
+    busiest = max(run.others_cores for run in [*base, *refr])
+    if busiest > 0.2:
+        print(f"\nWARNING: other processes kept up to {busiest:.2f} cores busy during training: these step times "
+              "measure the machine's other load as much as the refresh; run again on a quiet machine.")  # fmt: skip
     ray.shutdown()
 
 
