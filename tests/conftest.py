@@ -21,6 +21,17 @@ DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small run many times faster on one thread than on several contending ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     distributed_ray_retriever.init_ray(None, "rag-tests")

@@ -31,6 +31,8 @@ from causal_rag import (
     truncate_left,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KB = [
     ("Paris", "Paris is the capital and largest city of France."),
     ("Berlin", "Berlin is the capital of Germany, on the river Spree."),
@@ -67,15 +69,6 @@ class FakeRetriever:
         ids = np.array([[(i + k) % len(KB) for k in range(n_docs)] for i in range(len(q))])
         docs = [{"title": [KB[j][0] for j in row], "text": [KB[j][1] for j in row]} for row in ids]
         return self.embeds[ids], ids, docs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run many times faster on one thread than on several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from causal_rag import CausalRag
 from kb_encode_utils import ShardEncoder, encode_token_ids, tokenize_passages
 from rag_encoders import PooledEncoder, PrefixedTokenizer, encoder_factory, load_encoder, read_pooling, with_prefix
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZES = {"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
          "intermediate_size": 32}  # fmt: skip
 CORPUS = [
@@ -26,15 +28,6 @@ CORPUS = [
     "query: who founded rome?",
     "passage: rome was founded by romulus and remus.",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run many times faster on one thread than on several contending ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
