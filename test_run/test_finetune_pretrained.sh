@@ -41,7 +41,7 @@ BEFORE=$(date +%s)
 echo "== training ($EPOCHS epochs), then the test split with the best checkpoint"
 python finetune_rag.py "$@" --output_dir "$OUT/after" --do_train --do_predict \
     --indexing_freq 10 --train_batch_size 2 --num_train_epochs "$EPOCHS" --num_sanity_val_steps 0 \
-    --learning_rate 1e-4 --warmup_steps 2 --lr_scheduler linear --max_grad_norm 1.0
+    --learning_rate 5e-5 --warmup_steps 2 --lr_scheduler linear --max_grad_norm 1.0
 
 python - "$OUT" <<'EOF'
 import json, sys
@@ -50,10 +50,10 @@ from pathlib import Path
 out = Path(sys.argv[1])
 def scores(path: Path, prefix: str) -> str:
     m = {k.strip(): float(v) for k, v in (line.split(":", 1) for line in path.read_text().splitlines())}
-    return f"EM {m[prefix + '_em']:.3f}  F1 {m[prefix + '_f1']:.3f}"
+    return f"EM {m[prefix + '_em']:.3f}  F1 {m[prefix + '_f1']:.3f}  loss {m[prefix + '_loss']:.3f}"
 print(f"test  before training: {scores(out / 'before' / 'test_results.txt', 'test')}")
 for row in json.loads((out / "after" / "metrics.json").read_text()):
-    print(f"val   step {row['step']:>3}: EM {row['val_em']:.3f}  F1 {row['val_f1']:.3f}")
+    print(f"val   step {row['step']:>3}: EM {row['val_em']:.3f}  F1 {row['val_f1']:.3f}  loss {row['val_loss']:.3f}")
 print(f"test  after training:  {scores(out / 'after' / 'test_results.txt', 'test')}")
 preds = (out / "after" / "test_generations.txt").read_text().splitlines()
 golds = Path("test_run/dummy-train-data/test.target").read_text().splitlines()
