@@ -247,7 +247,7 @@ class GenerativeQAModule(pl.LightningModule):
         seconds = time.perf_counter() - start
         self._eval_sums.append(torch.tensor([em, f1, float(loss), seconds, len(preds)], dtype=torch.float64))
         if split == "test":
-            self.test_predictions.extend(p.strip() for p in preds)
+            self.test_predictions.extend(" ".join(p.split()) for p in preds)  # one answer a line
 
     def _generate_seq2seq(self, batch: dict, split: str) -> list[str]:
         kwargs = {"do_deduplication": False} if self.hparams.model_type == "rag_sequence" else {}
