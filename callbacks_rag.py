@@ -22,7 +22,6 @@ from kb_encode_utils import (
     ShardEncoder,
     list_versions,
     prune_versions,
-    read_version,
     shard_bounds,
 )
 from rag_encoders import encoder_factory
@@ -105,13 +104,10 @@ class KBRefreshCallback(pl.Callback):
         # Lightning restores callback state after `setup` and before `on_fit_start`.
         if not (trainer.is_global_zero and self._restored):
             return
+        # The module has already swapped to the checkpoint's KB version (GenerativeQAModule.on_load_checkpoint).
         self._last_trigger_step = self._restored["last_trigger_step"]
         self.history = self._restored["history"]
-        if self.history:  # resuming: go on from the KB version the checkpoint was trained against
-            resumed = read_version(Path(self.kb_root) / f"v{self.history[-1]['version']:04d}")
-            if resumed is not None:
-                self._swap_now(pl_module, resumed)
-                rank_zero_info(f"KB refresh: resumed on v{resumed.version}")
+        rank_zero_info(f"KB refresh: resumed on v{pl_module.kb.version}")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Actors start (imports, tokenising their shard) while the sanity check runs; waiting here once
@@ -198,11 +194,6 @@ class KBRefreshCallback(pl.Callback):
         metrics = pl_module.retrieval_metrics("val")
         for lg in trainer.loggers if metrics else []:
             lg.log_metrics(metrics, step=trainer.global_step)
-
-    def _swap_now(self, pl_module, kb: KBVersion) -> None:
-        ray.get(pl_module.retriever.stage(kb))
-        pl_module.retriever.activate(kb.version)
-        pl_module.kb = kb
 
     def wait_until_idle(self, trainer, pl_module, timeout: float = 300.0) -> None:
         """Let an in-flight refresh finish and swap in, so no work is orphaned at the end of training."""

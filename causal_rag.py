@@ -16,6 +16,9 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rag_encoders import load_encoder
 
 DEFAULT_TEMPLATE = "Context: {title} / {text}\nQuestion: {question}\nAnswer:"
 IGNORE = -100  # label of the tokens the loss skips (prompt and padding), as in torch's cross_entropy
@@ -175,6 +178,7 @@ class CausalRag(torch.nn.Module):
         ctx_encoder: torch.nn.Module | None = None,
         ctx_tokenizer=None,
         max_length: int = 512,
+        question_prefix: str = "",
     ):
         super().__init__()
         if mode not in RAG_LOSSES:
@@ -192,6 +196,7 @@ class CausalRag(torch.nn.Module):
         self.mode = mode
         self.template = template
         self.max_length = max_length  # of prompt + answer, in generator tokens
+        self.question_prefix = question_prefix  # callers put it before questions they tokenise; saved for them
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(generator.forward).parameters
 
     @property
@@ -208,8 +213,24 @@ class CausalRag(torch.nn.Module):
         ):
             model.save_pretrained(directory / name)
             tokenizer.save_pretrained(directory / name)
-        settings = {"n_docs": self.n_docs, "mode": self.mode, "template": self.template, "max_length": self.max_length}
+        settings = {"n_docs": self.n_docs, "mode": self.mode, "template": self.template, "max_length": self.max_length,
+                    "question_prefix": self.question_prefix}  # fmt: skip
         (directory / "causal_rag.json").write_text(json.dumps(settings, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, retriever, **overrides) -> CausalRag:
+        """Load what `save_pretrained` wrote, with `retriever` over the matching KB; `overrides` (e.g. n_docs)
+        replace saved settings."""
+        directory = Path(directory)
+        settings = json.loads((directory / "causal_rag.json").read_text()) | overrides
+        return cls(
+            load_encoder(str(directory / "question_encoder"), side="question"),
+            AutoModelForCausalLM.from_pretrained(directory / "generator"),
+            AutoTokenizer.from_pretrained(directory / "question_encoder"),
+            AutoTokenizer.from_pretrained(directory / "generator"),
+            retriever,
+            **settings,
+        )
 
     def retrieve(
         self, question_input_ids: torch.Tensor, question_attention_mask: torch.Tensor
@@ -218,7 +239,7 @@ class CausalRag(torch.nn.Module):
         q = self.question_encoder(question_input_ids, attention_mask=question_attention_mask)[0]  # (B, d)
         stored, _, docs = self.retriever.retrieve(q.detach().float().cpu().numpy(), self.n_docs)
         if self.ctx_encoder is None:
-            d = torch.as_tensor(stored, device=q.device)
+            d = torch.tensor(stored, device=q.device)  # a copy: Ray hands read-only arrays
         else:
             titles = [t for doc in docs for t in doc["title"]]
             texts = [t for doc in docs for t in doc["text"]]

@@ -6,8 +6,10 @@ answer recall@k, title precision@k, --eval_mode retrieval).
     python eval_rag.py --model_name_or_path OUT --eval_all_checkpoints --eval_mode retrieval \
         --evaluation_set DATA/test.source --gold_data_path DATA/test.gold.jsonl
 
-Each checkpoint is evaluated with the knowledge-base version that matches its weights (the passages_path and
-index_path of its config.json) unless --passages_path/--index_path say otherwise. No Ray is needed.
+Each checkpoint is evaluated with the knowledge-base version that matches its weights (its kb_version.json,
+else the passages_path and index_path of its config.json) unless --passages_path/--index_path say otherwise.
+Checkpoints of causal generators (question_encoder/, generator/, causal_rag.json) are read too; they decode
+greedily (--num_beams does not apply) and --max_length counts new tokens. No Ray is needed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,19 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import RagConfig, RagRetriever, RagSequenceForGeneration, RagTokenForGeneration
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    RagConfig,
+    RagRetriever,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+)
 
+from causal_rag import CausalRag
+from rag_encoders import POOLING_FILE, load_encoder
 from utils_rag import (
     Gold,
     answer_recall_at_k,
@@ -52,9 +65,15 @@ def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
 
 
 def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
-    """The KB to retrieve from: --passages_path/--index_path, else the version the checkpoint's config names."""
-    config = RagConfig.from_pretrained(checkpoint)
-    passages, index = args.passages_path or config.passages_path, args.index_path or config.index_path
+    """The KB to retrieve from: --passages_path/--index_path, else the version the checkpoint was saved with."""
+    saved = Path(checkpoint) / "kb_version.json"
+    if saved.exists():  # written by finetune_rag.py beside every checkpoint
+        kb = json.loads(saved.read_text())
+        passages, index = kb["passages_path"], kb["index_path"]
+    else:
+        config = RagConfig.from_pretrained(checkpoint)
+        passages, index = config.passages_path, config.index_path
+    passages, index = args.passages_path or passages, args.index_path or index
     if not (passages and index):
         raise ValueError(f"{checkpoint}/config.json names no knowledge base; pass --passages_path and --index_path")
     for path in (passages, index):
@@ -65,13 +84,57 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
     return passages, index
 
 
+def is_causal(checkpoint: str) -> bool:
+    return (Path(checkpoint) / "causal_rag.json").exists()
+
+
 def load_model(checkpoint: str, args: argparse.Namespace):
     """The RAG model with transformers' own retriever over the matching KB, in eval mode (on a GPU if any)."""
     passages, index = kb_paths(checkpoint, args)
-    retriever = RagRetriever.from_pretrained(checkpoint, index_name="custom", passages_path=passages, index_path=index)
-    model_type = args.model_type or infer_model_type(checkpoint)
-    model = MODEL_CLASSES[model_type].from_pretrained(checkpoint, retriever=retriever)
+    if is_causal(checkpoint):
+        model = load_causal_model(checkpoint, passages, index, args.n_docs)
+    else:
+        retriever = RagRetriever.from_pretrained(
+            checkpoint, index_name="custom", passages_path=passages, index_path=index
+        )
+        model_cls = MODEL_CLASSES[args.model_type or infer_model_type(checkpoint)]
+        if (Path(checkpoint) / "question_encoder" / POOLING_FILE).exists():
+            model = load_pooled_seq2seq_model(checkpoint, model_cls, retriever)
+        else:
+            model = model_cls.from_pretrained(checkpoint, retriever=retriever)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def load_pooled_seq2seq_model(checkpoint: str, model_cls, retriever: RagRetriever):
+    """A transformers RAG checkpoint whose question encoder is a PooledEncoder (any AutoModel + pooling):
+    from_pretrained would rebuild it as a bare AutoModel, so the model is built first and the weights loaded."""
+    config = RagConfig.from_pretrained(checkpoint)
+    question_encoder = load_encoder(str(Path(checkpoint) / "question_encoder"), side="question")
+    generator = AutoModelForSeq2SeqLM.from_config(config.generator)
+    model = model_cls(config=config, question_encoder=question_encoder, generator=generator, retriever=retriever)
+    missing, unexpected = model.load_state_dict(load_file(Path(checkpoint) / "model.safetensors"), strict=False)
+    model.tie_weights()  # save_pretrained stores tied weights once
+    if unexpected or any(".question_encoder." in k for k in missing):
+        raise ValueError(
+            f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    return model
+
+
+def load_causal_model(checkpoint: str, passages: str, index: str, n_docs: int) -> CausalRag:
+    """A causal-generator checkpoint with transformers' retriever over the KB, in this process."""
+    directory = Path(checkpoint)
+    q_config = AutoConfig.from_pretrained(directory / "question_encoder")
+    config = RagConfig.from_question_encoder_generator_configs(
+        q_config, AutoConfig.from_pretrained(directory / "generator"), index_name="custom",
+        passages_path=passages, index_path=index, retrieval_vector_size=q_config.hidden_size,
+    )  # fmt: skip
+    retriever = RagRetriever(
+        config,
+        AutoTokenizer.from_pretrained(directory / "question_encoder"),
+        AutoTokenizer.from_pretrained(directory / "generator"),
+    )
+    return CausalRag.from_pretrained(directory, retriever, n_docs=n_docs)
 
 
 def infer_model_type(checkpoint: str) -> str:
@@ -85,15 +148,23 @@ def infer_model_type(checkpoint: str) -> str:
 
 def _encode_questions(model, questions: list[str]) -> dict[str, torch.Tensor]:
     """Tokenise questions for the question encoder, with the prefix training used."""
-    prefix = getattr(model.config.question_encoder, "prefix", None) or ""
+    if isinstance(model, CausalRag):
+        prefix = model.question_prefix
+    else:
+        prefix = getattr(model.config.question_encoder, "prefix", None) or ""
     tokenizer = model.retriever.question_encoder_tokenizer
     enc = tokenizer([prefix + q for q in questions], return_tensors="pt", padding=True, truncation=True)
-    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
 @torch.no_grad()
 def generate_answers(model, questions: list[str], args: argparse.Namespace) -> list[str]:
     """Generate one answer per question with beam search, as the reference's evaluate_batch_e2e."""
+    if isinstance(model, CausalRag):  # greedy marginal decoding, max_length new tokens
+        enc = _encode_questions(model, questions)
+        answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, args.max_length)
+        return [one_line(a) for a in answers]
     # The reference forbids <s><s> ([[0, 0]]: BART repeats BOS); the generator's own BOS id says the same
     # for any tokenizer (it is 0 for BART; 0 is [PAD] in a BERT-style vocabulary, where [[0, 0]] is a no-op).
     bos = model.config.generator.bos_token_id

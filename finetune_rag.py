@@ -24,7 +24,6 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -45,7 +44,7 @@ from callbacks_rag import (
 from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion
-from rag_encoders import load_encoder, with_prefix
+from rag_encoders import PooledEncoder, load_encoder, with_prefix
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
@@ -76,9 +75,9 @@ class GenerativeQAModule(pl.LightningModule):
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
         self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
         self.is_causal = hp.generator_type == "causal"
-        if not self.is_causal and (hp.question_pooling or hp.shared_encoder):
-            raise ValueError("--question_pooling and --shared_encoder need --generator_type causal (transformers' "
-                             "RAG classes save and reload DPR question encoders only)")  # fmt: skip
+        if hp.model_name_or_path and not self.is_causal and (hp.question_pooling or hp.shared_encoder):
+            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
+                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
 
         init_ray(hp.ray_address, hp.ray_namespace)
@@ -91,6 +90,8 @@ class GenerativeQAModule(pl.LightningModule):
         self.model = self._load_rag_model(config)
         config_prefix = getattr(self.model.rag.question_encoder.config, "prefix", None)
         self.question_prefix = hp.question_prefix or config_prefix or ""
+        if self.is_causal:  # saved with it, for eval_rag.py
+            self.model.question_prefix = self.question_prefix
 
         self.context_tokenizer = None
         if hp.end2end:
@@ -202,7 +203,7 @@ class GenerativeQAModule(pl.LightningModule):
             return model_cls.from_pretrained(
                 hp.model_name_or_path, config=config, retriever=self.retriever, cache_dir=hp.cache_dir
             )
-        question_encoder = AutoModel.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir)
+        question_encoder = load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, "question")
         generator = AutoModelForSeq2SeqLM.from_pretrained(
             hp.generator_name_or_path, config=config.generator, cache_dir=hp.cache_dir
         )
@@ -312,6 +313,8 @@ class GenerativeQAModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        if self.trainer.is_global_zero:
+            self.log_dict(self.retrieval_metrics("test"), rank_zero_only=True)
 
     # ------------------------------------------------------------------ optimisation and data
 
@@ -359,8 +362,25 @@ class GenerativeQAModule(pl.LightningModule):
     # ------------------------------------------------------------------ saving
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kb_version"] = vars(self.kb)
         if self.trainer.is_global_zero:
             self.save_hf_checkpoint(Path(self.hparams.output_dir) / f"checkpoint{self.global_step}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Test or resume against the KB version whose embeddings match the restored weights."""
+        saved = checkpoint.get("kb_version")
+        if not saved or saved["version"] == self.kb.version:
+            return
+        kb = KBVersion(**saved)
+        if not Path(kb.index_path).exists():
+            warnings.warn(f"{kb.index_path} (KB v{kb.version} of this checkpoint) is gone; "
+                          f"keeping v{self.kb.version}", stacklevel=1)  # fmt: skip
+            return
+        if self.global_rank == 0:  # the actors are shared: one rank swaps them
+            ray.get(self.retriever.stage(kb))
+            self.retriever.activate(kb.version)
+        self.kb = kb
+        self.trainer.strategy.barrier("kb_swapped")  # no rank retrieves from the old version after this
 
     def save_hf_checkpoint(self, directory: Path) -> None:
         """Write the RAG model in transformers' format (without the context encoder, which goes to
@@ -375,6 +395,9 @@ class GenerativeQAModule(pl.LightningModule):
             state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
             self.model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
+            question_encoder = self.model.rag.question_encoder
+            if isinstance(question_encoder, PooledEncoder):  # transformers cannot rebuild it from config.json
+                question_encoder.save_pretrained(tmp / "question_encoder")  # with pooling.json, for eval_rag.py
         if self.context_encoder is not None:
             self.context_encoder.save_pretrained(tmp / "context_encoder")
             self.context_tokenizer.save_pretrained(tmp / "context_encoder")
@@ -418,7 +441,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
         "--question_pooling",
         choices=["cls", "mean", "pooler"],
         default=None,
-        help="pool any AutoModel question encoder (causal generators); default: DPR, or the "
+        help="pool any AutoModel question encoder (a seq2seq RAG must then be assembled); default: DPR, or the "
         "checkpoint's sentence-transformers setting",
     )
     g.add_argument("--context_pooling", choices=["cls", "mean", "pooler"], default=None, help="the same for passages")
@@ -492,6 +515,7 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("trainer (passed to pytorch_lightning.Trainer)")
     g.add_argument("--do_train", action="store_true")
     g.add_argument("--do_predict", action="store_true", help="test the best checkpoint after training")
+    g.add_argument("--validate_before_training", action="store_true", help="one validation of the untrained model")
     g.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: gpu if --gpus > 0, else auto)")
     g.add_argument("--devices", default=None, help="number of devices or a list (default: auto / --gpus)")
     g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
@@ -616,6 +640,8 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
         **trainer_kwargs(args), callbacks=callbacks, logger=build_loggers(args), default_root_dir=args.output_dir
     )
     if args.do_train:
+        if args.validate_before_training:  # the untrained score, logged at step 0 beside the later ones
+            trainer.validate(model)
         trainer.fit(model, ckpt_path=args.resume_from_checkpoint)
     if args.do_predict:
         best = callbacks[0].best_model_path if args.do_train else ""

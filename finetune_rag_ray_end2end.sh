@@ -1,16 +1,24 @@
 #!/bin/sh
 # The SQuAD recipe of the RAG-end2end paper (RAG-original EM 28.12 -> RAG-end2end 40.02), on GPUs.
 # Edit the paths under "Your files", then:   sh finetune_rag_ray_end2end.sh
+# The baseline with the same settings (context encoder frozen, no refresh): sh finetune_rag_ray_original.sh
+# Then one table of both:  python make_results_table.py $RUNS/rag-original $RUNS/rag-end2end
 # Effective batch = train_batch_size x gradient_accumulation_steps x gpus = 4 x 8 x 2 = 64.
 set -e
 cd "$(dirname "$0")"
 
 # ---- Your files -------------------------------------------------------------------------------
-KB_CSV=/DIR/SQUAD-KB/squad-kb.csv          # title<TAB>text, no header: every SQuAD context once
+SQUAD_JSON=/DIR/train-v1.1.json            # any SQuAD-format file; prepare_squad.py turns it into DATA_DIR
+DATA_DIR=/DIR/squad-training-data          # {train,val,test}.{source,target}, *.gold.jsonl (for recall@k), kb.csv
+KB_CSV=$DATA_DIR/kb.csv                    # title<TAB>text, no header: every SQuAD context once
 KB_DIR=/DIR/SQUAD-KB                       # use_own_knowledge_dataset.py writes the initial KB here
-DATA_DIR=/DIR/squad-training-data          # {train,val,test}.{source,target}, one question/answer a line
-OUTPUT_DIR=/DIR/model_checkpoints          # checkpoints, logs, and the refreshed KB versions (OUTPUT_DIR/kb)
+RUNS=/DIR/model_checkpoints                # each run writes checkpoints, logs and its KB versions in RUNS/<name>
 CTX_ENCODER=facebook/dpr-ctx_encoder-multiset-base   # hub name or a local directory
+
+# ---- 0. QA pairs split by article, gold answers and gold passage ids, and the KB CSV ------------
+if [ ! -e "$DATA_DIR/stats.json" ]; then
+    python prepare_squad.py --input "$SQUAD_JSON" --output_dir "$DATA_DIR"
+fi
 
 # ---- 1. The initial knowledge base (version 0): 100-word passages, DPR embeddings, HNSW index ----
 if [ ! -e "$KB_DIR/my_knowledge_dataset" ]; then
@@ -18,7 +26,16 @@ if [ ! -e "$KB_DIR/my_knowledge_dataset" ]; then
         --dpr_ctx_encoder_model_name "$CTX_ENCODER"
 fi
 
-# ---- 2. Train. Ray starts locally on loopback; add --ray_address auto to join a `ray start` cluster.
+# ---- 2. RAG-end2end, or with END2END=0 (finetune_rag_ray_original.sh) the RAG-original baseline.
+if [ "${END2END:-1}" = 1 ]; then
+    OUTPUT_DIR=$RUNS/rag-end2end
+    # train the context encoder; re-encode the KB and swap the index every 500 optimizer steps, on 1 GPU
+    E2E_FLAGS="--end2end --indexing_freq 500 --index_gpus 1"
+else
+    OUTPUT_DIR=$RUNS/rag-original
+    E2E_FLAGS=""
+fi
+# Train. Ray starts locally on loopback; add --ray_address auto to join a `ray start` cluster.
 # With --index_gpus N, N GPUs that training does not use encode the KB (CUDA_VISIBLE_DEVICES must show
 # them to Ray); with --index_gpus 0 the encoders run on CPU.
 python finetune_rag.py \
@@ -33,9 +50,7 @@ python finetune_rag.py \
     --gpus 2 `# training GPUs (DDP)` \
     --fp16 `# 16-bit mixed precision; or --precision bf16-mixed` \
     --do_train --do_predict \
-    --end2end `# train the context encoder; drop it (and --indexing_freq) for the RAG-original baseline` \
-    --indexing_freq 500 `# re-encode the KB and swap the index every 500 optimizer steps` \
-    --index_gpus 1 `# GPUs for the encoding actors` \
+    $E2E_FLAGS \
     --index_type hnsw --hnsw_m 128 --hnsw_ef_construction 200 --hnsw_ef_search 128 \
     --num_retrieval_workers 4 `# Ray actors serving the index; requests are spread round-robin` \
     --n_val -1 \

@@ -159,6 +159,10 @@ def write_outputs(docs: list[Document], questions: list[Question], args: argpars
     stats |= {"documents_per_split": {}, "questions": {}, "questions_without_gold_passage": {}}
     for split in SPLITS:
         chosen = [q for q in questions if q.title in titles[split]]
+        if args.require_gold_passage:  # e.g. yes/no answers: nothing in the KB to retrieve for them
+            kept = [q for q in chosen if q.gold_passage_ids(offsets)]
+            stats.setdefault("skipped_without_gold_passage", {})[split] = len(chosen) - len(kept)
+            chosen = kept
         rng.shuffle(chosen)
         chosen = chosen[: args.max_questions_per_split]
         gold = [q.gold_passage_ids(offsets) for q in chosen]
@@ -254,6 +258,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seeds the article split and the question order")
     parser.add_argument("--max_questions_per_split", type=int, default=None, help="keep the first N per split")
     parser.add_argument("--distractor_csv", nargs="+", default=None, help="extra `title<TAB>text` documents")
+    parser.add_argument("--require_gold_passage", action="store_true",
+                        help="skip (and count) questions whose answer is in no passage")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import ray
@@ -12,9 +13,12 @@ import torch
 from datasets import load_from_disk
 from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
 
+import eval_rag
 import finetune_rag
 from callbacks_rag import KBRefreshCallback
-from utils_rag import has_answer
+from kb_encode_utils import read_version
+from rag_encoders import PooledEncoder
+from utils_rag import has_answer, read_lines
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
 
@@ -109,10 +113,9 @@ def test_refresh_publishes_new_versions_with_new_embeddings(trained):
     module, refresh, out = trained
     versions = [h["version"] for h in refresh.history]
     assert len(versions) >= 2 and versions == sorted(versions) and versions[0] >= 1
-    assert module.kb.version == versions[-1]
+    newest = read_version(out / "kb" / f"v{versions[-1]:04d}")
     old = load_from_disk(module.base_passages_path)
-    new = load_from_disk(module.kb.passages_path)
-    assert Path(module.kb.passages_path).parent == out / "kb" / f"v{versions[-1]:04d}"
+    new = load_from_disk(newest.passages_path)
     assert new["text"][:] == old["text"][:] and new["title"][:] == old["title"][:]
     old_emb, new_emb = np.array(old["embeddings"][:]), np.array(new["embeddings"][:])
     assert old_emb.shape == new_emb.shape
@@ -127,6 +130,16 @@ def test_retrieval_comes_from_the_new_index(trained):
     assert module.retriever.last_version == module.kb.version
     expected = np.argsort(-(queries @ new.T), axis=1)[:, :3]
     np.testing.assert_array_equal(ids, expected)
+
+
+def test_predict_tests_the_best_checkpoint_against_its_kb_version(trained):
+    module, refresh, out = trained
+    step = int(next(out.glob("*.ckpt")).stem.rsplit("-", 1)[1])
+    saved = json.loads((out / f"checkpoint{step}" / "kb_version.json").read_text())
+    # Ties in val_em keep the earliest checkpoint, so the best one predates the last refreshes.
+    assert saved["version"] < refresh.history[-1]["version"]
+    assert module.kb.version == saved["version"]
+    assert module.retriever.last_version == saved["version"], "the test pass retrieved from another index"
 
 
 def test_training_went_on_during_refreshes(trained):
@@ -222,9 +235,11 @@ def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_model
 
 def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune_argv, tiny_models, tmp_path):
     argv = _causal_argv(finetune_argv, tiny_models, "--end2end", "--indexing_freq", "2", "--do_train",
-                        "--max_steps", "12", "--val_check_interval", "6")  # fmt: skip
+                        "--max_steps", "12", "--val_check_interval", "6", "--validate_before_training")  # fmt: skip
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     assert _refresh_callback(module).history, "no refresh with a causal generator"
+    validations = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [v["step"] for v in validations] == [0, 6, 12] and all("val_em" in v for v in validations)
     ckpt = sorted((tmp_path / "out").glob("checkpoint*"))[-1]
     settings = json.loads((ckpt / "causal_rag.json").read_text())
     assert settings["mode"] == "token" and settings["n_docs"] == module.model.n_docs
@@ -234,7 +249,7 @@ def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune
     _kill_actors(module)
 
 
-def test_causal_with_mean_pooled_shared_encoder_refreshes(ray_local, finetune_argv, tiny_models, tmp_path):
+def test_causal_mean_pooled_shared_encoder_refreshes_and_evaluates(ray_local, finetune_argv, tiny_models, tmp_path):
     pooling = ["--question_pooling", "mean", "--context_pooling", "mean", "--shared_encoder"]
     prefixes = ["--question_prefix", "query: ", "--passage_prefix", "passage: "]
     argv = _causal_argv(
@@ -248,3 +263,47 @@ def test_causal_with_mean_pooled_shared_encoder_refreshes(ray_local, finetune_ar
     assert history, "no refresh with a mean-pooled shared encoder"
     assert module.kb.version == history[-1]["version"] and Path(module.kb.index_path).exists()
     _kill_actors(module)
+
+    _evaluates_as_trained(module, tmp_path, prefix="query: ")
+
+
+def test_seq2seq_with_a_mean_pooled_question_encoder(ray_local, finetune_argv, tiny_models, tmp_path):
+    argv = finetune_argv("--end2end", "--indexing_freq", "2", "--do_train", "--max_steps", "6",
+                         "--question_pooling", "mean", "--context_pooling", "mean")  # fmt: skip
+    i = argv.index("--model_name_or_path")
+    argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
+                       "--generator_name_or_path", str(tiny_models["generator"])]  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    encoder = module.model.rag.question_encoder
+    assert isinstance(encoder, PooledEncoder) and encoder.pooling == "mean"
+    start = PooledEncoder.from_pretrained(str(tiny_models["question_encoder"]), "mean", side="question")
+    assert any(not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), start.state_dict().values()))
+    assert _refresh_callback(module).history, "no refresh with a mean-pooled seq2seq RAG"
+    _kill_actors(module)
+    _evaluates_as_trained(module, tmp_path, prefix="")
+
+
+def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
+    """eval_rag.py reads the saved checkpoint back (pooling, prefix, KB version) and retrieves exactly as the
+    trained module's question encoder with FAISS; its e2e mode writes one answer per question."""
+    ckpt = tmp_path / "final" / f"checkpoint{module.global_step}"
+    module.save_hf_checkpoint(ckpt)
+    questions, answers = str(DUMMY_DATA / "test.source"), str(DUMMY_DATA / "test.target")
+    common = ["--model_name_or_path", str(ckpt), "--evaluation_set", questions, "--gold_data_path", answers,
+              "--eval_batch_size", "3"]  # fmt: skip
+    preds = tmp_path / "eval" / "retrieval.txt"
+    eval_rag.main(eval_rag.parse_args([*common, "--eval_mode", "retrieval", "--ks", "1,5",
+                                       "--predictions_path", str(preds)]))  # fmt: skip
+    lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
+    got = [list(map(int, line.split("\t")))[:5] for line in lines]
+    encoder = module.model.rag.question_encoder.eval()
+    enc = module.tokenizer.question_encoder([prefix + q for q in read_lines(questions)], padding=True,
+                                            return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        q = encoder(enc["input_ids"], attention_mask=enc["attention_mask"])[0].numpy()
+    _, expected = faiss.read_index(module.kb.index_path).search(q, 5)
+    assert got == expected.tolist()
+    preds = tmp_path / "eval" / "answers.txt"
+    metrics = eval_rag.main(eval_rag.parse_args([*common, "--predictions_path", str(preds), "--max_length", "4",
+                                                 "--num_beams", "1"]))  # fmt: skip
+    assert len(preds.read_text().split("\n")) == 8 + 1 and 0 <= metrics[str(ckpt)]["f1"] <= 1

@@ -269,6 +269,19 @@ def test_cmu_counts_merging_and_gold(cmu_dir, tmp_path):
     assert gold["Where was Coulomb born?"]["gold_passage_ids"] == [3]
 
 
+def test_cmu_require_gold_passage_drops_and_counts_the_rest(cmu_dir, tmp_path):
+    out = tmp_path / "out"
+    stats = run_cmu(cmu_dir, out, "--val_fraction", "0.5", "--test_fraction", "0", "--require_gold_passage")
+    assert sum(stats["skipped_without_gold_passage"].values()) == 1  # the yes/no question
+    assert sum(stats["questions"].values()) == 3
+    rows = all_gold(out).values()
+    assert {row["question"] for row in rows} == {
+        "What family do kangaroos belong to?", "What do kangaroos eat?", "Where was Coulomb born?"
+    }  # fmt: skip
+    assert all(row["gold_passage_ids"] for row in rows)
+    check_outputs(out, normalize_answer)
+
+
 def test_cmu_bad_input_names_file_and_field(cmu_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no S\\*/question_answer_pairs.txt"):
         run_cmu(tmp_path, tmp_path / "out")
