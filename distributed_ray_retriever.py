@@ -33,6 +33,10 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
     # when it is imported, so set it for the processes ray.init starts and patch the imported constant.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray starts its workers at niceness 15: behind a training process that keeps every core busy, the
+    # encoding actors then get almost no CPU and a refresh never finishes. Equal priority, unless the
+    # user's environment says otherwise.
+    os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
     ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 

@@ -18,8 +18,9 @@ from transformers import RagTokenizer
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: str | Path) -> list[str]:
     """Read a one-example-per-line file, rejecting blank lines so source/target stay aligned."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a UTF-8 text file with one example per line")
     text = path.read_text(encoding="utf-8")

@@ -14,7 +14,8 @@ CMU=${1:?usage: sh experiments/cmu_qa_cpu.sh CMU_QA_DIR [OUT]}
 OUT=${2:-experiments/runs/cmu_qa_cpu}
 PRE=pretrained
 # Sizes, chosen to finish in under an hour on 2 cores; override from the environment.
-N_TRAIN=${N_TRAIN:-240}
+N_TRAIN=${N_TRAIN:-200}
+N_VAL=${N_VAL:-40}
 BATCH=${BATCH:-4}
 INDEXING_FREQ=${INDEXING_FREQ:-20}
 N_DOCS=${N_DOCS:-3}
@@ -33,7 +34,7 @@ set -- --generator_type causal --model_type rag_token \
     --context_encoder_name $PRE/minilm --context_pooling mean \
     --generator_name_or_path $PRE/smollm2-135m-instruct \
     --passages_path "$OUT/kb/my_knowledge_dataset" --index_path "$OUT/kb/my_knowledge_dataset_hnsw_index.faiss" \
-    --index_type flat --data_dir "$OUT/data" --n_train "$N_TRAIN" \
+    --index_type flat --data_dir "$OUT/data" --n_train "$N_TRAIN" --n_val "$N_VAL" \
     --accelerator cpu --devices 1 --num_retrieval_workers 1 \
     --n_docs "$N_DOCS" --eval_batch_size 8 --max_source_length 64 --max_combined_length 256 \
     --max_target_length 24 --val_max_target_length 16 --test_max_target_length 16

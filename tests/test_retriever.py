@@ -1,6 +1,7 @@
 """Tests for distributed_ray_retriever on a real local Ray: exact retrieval, atomic version swaps, the
 RagRetriever subclass, and loading checks."""
 
+import os
 import threading
 import time
 import uuid
@@ -290,3 +291,16 @@ def test_rag_ray_retriever_end_to_end(kb_factory, actors):
 def test_local_ray_listens_on_loopback_only(ray_local):
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+
+
+@ray.remote(num_cpus=0)
+class _Niceness:
+    def get(self) -> int:
+        return os.nice(0)
+
+
+def test_local_ray_workers_run_at_the_trainers_priority(ray_local):
+    # At Ray's default niceness (15) the encoding actors starve behind a CPU-bound trainer.
+    actor = _Niceness.remote()
+    assert ray.get(actor.get.remote()) == os.nice(0)
+    ray.kill(actor)
