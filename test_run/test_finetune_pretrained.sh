@@ -4,7 +4,7 @@
 # RAG-token generator; all three learn, and the dummy KB is re-encoded and re-indexed during training.
 # Prints validation EM/F1 before training (step 0) and after every epoch, then the test split scored by
 # the best checkpoint (by val EM) against the KB version saved with it.
-# About 7 minutes on 2 idle cores with EPOCHS=1; writes ~1.5 GB under $OUT.
+# About 6 minutes on 2 idle cores with EPOCHS=1; writes ~2.7 GB under $OUT.
 # Run from the repository root: sh test_run/test_finetune_pretrained.sh
 set -e
 cd "$(dirname "$0")/.."

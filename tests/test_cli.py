@@ -60,3 +60,39 @@ def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
     assert max(_logged(out, "index_version")) >= 1
     assert (out / "test_results.txt").exists()
     assert not (tmp_path / "shards").exists(), "--shard_dir is accepted but never written (or deleted)"
+
+
+def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, list[str]]:
+    """Run a launch script with `python` replaced by a recorder: {called script: its arguments}."""
+    record, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    record.mkdir(parents=True)
+    bin_dir.mkdir()
+    shim = bin_dir / "python"
+    shim.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD/$(ls "$RECORD" | wc -l)"\n')
+    shim.chmod(0o755)
+    environ = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), **env}
+    subprocess.run(["sh", str(REPO / script)], env=environ, check=True, timeout=60)
+    calls = [(record / name).read_text().splitlines() for name in sorted(record.iterdir(), key=lambda p: int(p.name))]
+    return {argv[0]: argv[1:] for argv in calls}
+
+
+def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
+    import finetune_rag
+    import prepare_squad
+    import use_own_knowledge_dataset
+
+    e2e = _launch_script_calls("finetune_rag_ray_end2end.sh", tmp_path / "e2e")
+    original = _launch_script_calls("finetune_rag_ray_original.sh", tmp_path / "original")
+    assert list(e2e) == list(original) == ["prepare_squad.py", "use_own_knowledge_dataset.py", "finetune_rag.py"]
+    prepare_squad.parse_args(e2e["prepare_squad.py"])
+    use_own_knowledge_dataset.parse_args(e2e["use_own_knowledge_dataset.py"])
+    a, b = finetune_rag.parse_args(e2e["finetune_rag.py"]), finetune_rag.parse_args(original["finetune_rag.py"])
+    assert (a.end2end, a.indexing_freq, a.index_gpus) == (True, 500, 1)
+    assert (b.end2end, b.indexing_freq, b.index_gpus) == (False, None, 0)
+    assert Path(a.output_dir).name == "rag-end2end" and Path(b.output_dir).name == "rag-original"
+    # Otherwise the same recipe (anchors: effective batch 64 on 2 GPUs, lr 3e-5 polynomial, 10 epochs).
+    differ = {"end2end", "indexing_freq", "index_gpus", "output_dir"}
+    same = [k for k in vars(a) if k not in differ]
+    assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same]
+    assert (a.train_batch_size * a.accumulate_grad_batches * a.gpus, a.learning_rate) == (64, 3e-5)
+    assert (a.lr_scheduler, a.max_epochs, a.warmup_steps, a.label_smoothing) == ("polynomial", 10, 500, 0.1)
