@@ -219,8 +219,8 @@ class CausalRag(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, retriever, **overrides) -> CausalRag:
-        """Load what `save_pretrained` wrote, with `retriever` over the matching KB; `overrides` (e.g. n_docs)
-        replace saved settings."""
+        """Load what `save_pretrained` wrote, with `retriever` over the matching KB (or None, to be set before
+        use); `overrides` (e.g. n_docs) replace saved settings."""
         directory = Path(directory)
         settings = json.loads((directory / "causal_rag.json").read_text()) | overrides
         return cls(

@@ -24,9 +24,7 @@ import torch
 from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import (
-    AutoConfig,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     RagConfig,
     RagRetriever,
     RagSequenceForGeneration,
@@ -123,18 +121,14 @@ def load_pooled_seq2seq_model(checkpoint: str, model_cls, retriever: RagRetrieve
 
 def load_causal_model(checkpoint: str, passages: str, index: str, n_docs: int) -> CausalRag:
     """A causal-generator checkpoint with transformers' retriever over the KB, in this process."""
-    directory = Path(checkpoint)
-    q_config = AutoConfig.from_pretrained(directory / "question_encoder")
+    model = CausalRag.from_pretrained(checkpoint, retriever=None, n_docs=n_docs)
+    q_config = model.question_encoder.config
     config = RagConfig.from_question_encoder_generator_configs(
-        q_config, AutoConfig.from_pretrained(directory / "generator"), index_name="custom",
-        passages_path=passages, index_path=index, retrieval_vector_size=q_config.hidden_size,
+        q_config, model.generator.config, index_name="custom", passages_path=passages, index_path=index,
+        retrieval_vector_size=q_config.hidden_size,
     )  # fmt: skip
-    retriever = RagRetriever(
-        config,
-        AutoTokenizer.from_pretrained(directory / "question_encoder"),
-        AutoTokenizer.from_pretrained(directory / "generator"),
-    )
-    return CausalRag.from_pretrained(directory, retriever, n_docs=n_docs)
+    model.retriever = RagRetriever(config, model.question_tokenizer, model.generator_tokenizer)
+    return model
 
 
 def infer_model_type(checkpoint: str) -> str:

@@ -318,14 +318,21 @@ def test_generation_stops_at_eos(parts, mode):
         assert b > 0 or len(out[0]) - len(p) <= 3  # the first question stops early, the second may not
 
 
-def test_token_generation_equals_marginal_decoding_without_cache(parts):
-    tok, generator = parts["tok"], parts["generator"]
-    rag = make_rag(parts, n_docs=3, mode="token")
+def generate_with_prompts(parts, mode: str) -> tuple[list[str], torch.Tensor, list[list[int]]]:
+    """CausalRag's answers (3 passages, 6 new tokens), its doc scores and every (question, passage) prompt's
+    ids, question-major: what a direct re-computation of its decoding starts from."""
+    tok = parts["tok"]
+    rag = make_rag(parts, n_docs=3, mode=mode)
     q_ids, q_mask = questions_batch(tok)
     answers = rag.generate(q_ids, q_mask, QUESTIONS, max_new_tokens=6)
     with torch.no_grad():
         doc_scores, docs = rag.retrieve(q_ids, q_mask)
-    all_prompt_ids = encode_prompts(build_prompts(QUESTIONS, docs, tok, None, 3), tok)
+    return answers, doc_scores, encode_prompts(build_prompts(QUESTIONS, docs, tok, None, 3), tok)
+
+
+def test_token_generation_equals_marginal_decoding_without_cache(parts):
+    tok, generator = parts["tok"], parts["generator"]
+    answers, doc_scores, all_prompt_ids = generate_with_prompts(parts, "token")
     for b, answer in enumerate(answers):
         generated = []
         for _ in range(6):  # each step: every passage's prompt + the tokens so far, alone, from scratch
@@ -352,12 +359,7 @@ def sequence_log_likelihood(generator, prompt_ids: list[list[int]], doc_lp: torc
 
 def test_sequence_generation_keeps_the_most_likely_candidate(parts):
     tok, generator = parts["tok"], parts["generator"]
-    rag = make_rag(parts, n_docs=3, mode="sequence")
-    q_ids, q_mask = questions_batch(tok)
-    answers = rag.generate(q_ids, q_mask, QUESTIONS, max_new_tokens=6)
-    with torch.no_grad():
-        doc_scores, docs = rag.retrieve(q_ids, q_mask)
-    all_prompt_ids = encode_prompts(build_prompts(QUESTIONS, docs, tok, None, 3), tok)
+    answers, doc_scores, all_prompt_ids = generate_with_prompts(parts, "sequence")
     for b, answer in enumerate(answers):
         prompt_ids = all_prompt_ids[b * 3 : (b + 1) * 3]
         candidates = [
