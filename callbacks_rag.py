@@ -4,6 +4,8 @@ the run's files (metrics.json, test_results.txt, test_generations.txt)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from enum import Enum
 from pathlib import Path
@@ -51,6 +53,7 @@ class KBRefreshCallback(pl.Callback):
         index_gpus: int = 0,
         encode_batch_size: int = 64,
         keep_versions: int = 3,
+        refresh_before_validation: bool = False,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -61,6 +64,7 @@ class KBRefreshCallback(pl.Callback):
         self.index_gpus = index_gpus
         self.encode_batch_size = encode_batch_size
         self.keep_versions = keep_versions
+        self.refresh_before_validation = refresh_before_validation
         self.state = RefreshState.IDLE
         self.encoders: list = []
         self.builder = None
@@ -131,7 +135,7 @@ class KBRefreshCallback(pl.Callback):
         pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
 
-    def _trigger(self, trainer, pl_module) -> None:
+    def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
         if self.state is not RefreshState.IDLE:
             self.skipped_triggers += 1
             rank_zero_info(f"KB refresh: trigger at step {trainer.global_step} skipped ({self.state.value})")
@@ -140,13 +144,14 @@ class KBRefreshCallback(pl.Callback):
         # Snapshot on the trainer's thread: copies to CPU, so later optimizer steps cannot change it.
         state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.context_encoder.state_dict().items()}
         weights = ray.put(state)
-        shards = [e.encode.remote(weights, self.encode_batch_size) for e in self.encoders]
+        shards = [e.encode.remote(weights, self.encode_batch_size, threads) for e in self.encoders]
         self._build_ref = self.builder.build.remote(
             pl_module.base_passages_path,
             self.kb_root,
             self._next_version,
             trainer.global_step,
             self.index_config,
+            pl_module.kb.similarity,
             *shards,
         )
         self._next_version += 1
@@ -211,6 +216,20 @@ class KBRefreshCallback(pl.Callback):
                 ray.kill(actor)
             self.encoders, self.builder = [], None
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        """With refresh_before_validation: validate (and so checkpoint and test) against an index re-encoded
+        with the current weights. Training pauses for it; the asynchronous refreshes in between do not."""
+        if not self.refresh_before_validation or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if trainer.is_global_zero:
+            self.wait_until_idle(trainer, pl_module, timeout=24 * 3600)
+            if pl_module.kb.embedding_step < trainer.global_step:
+                self._last_trigger_step = trainer.global_step
+                # Training waits, so the encoders may take every core of this machine.
+                self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.encoders)))
+                self.wait_until_idle(trainer, pl_module, timeout=24 * 3600)
+        trainer.strategy.barrier("kb_refreshed_for_validation")  # no rank validates against the old index
+
     # --------------------------------------------------------------- checkpoint state
 
     def state_dict(self) -> dict:
@@ -222,16 +241,48 @@ class KBRefreshCallback(pl.Callback):
         self._restored = state_dict
 
 
-def get_checkpoint_callback(output_dir: str, metric: str = "em") -> ModelCheckpoint:
-    """Keep the best checkpoint by `val_<metric>` (max for em/f1, min for loss)."""
+class RagCheckpoint(ModelCheckpoint):
+    """Lightning's checkpointing, plus a transformers-format export `checkpoint<step>/` beside every `.ckpt`
+    it keeps, removed when Lightning removes that `.ckpt`: exports (and the KB versions they pin) stay as
+    few as the checkpoints `save_top_k` keeps, however long the run."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            trainer.lightning_module.save_hf_checkpoint(export_dir(filepath, trainer.global_step))
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        step = checkpoint_step(filepath)
+        kept = {checkpoint_step(p) for p in [*self.best_k_models, self.last_model_path] if p}
+        export = export_dir(filepath, step)
+        # Only an export of this toolkit (it holds kb_version.json) that no kept checkpoint shares.
+        if trainer.is_global_zero and step is not None and step not in kept and (export / "kb_version.json").is_file():
+            shutil.rmtree(export)
+
+
+def checkpoint_step(filepath: str) -> int | None:
+    """The step in a `<metric>-<step>.ckpt` name (get_checkpoint_callback's pattern)."""
+    tail = Path(filepath).stem.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def export_dir(filepath: str, step: int) -> Path:
+    """Where the transformers-format export of the checkpoint at `filepath` (taken at `step`) goes."""
+    return Path(filepath).parent / f"checkpoint{step}"
+
+
+def get_checkpoint_callback(output_dir: str, metric: str = "em", save_top_k: int = 1) -> ModelCheckpoint:
+    """Keep the best `save_top_k` checkpoints by `val_<metric>` (max for em/f1, min for loss), each with its
+    transformers-format export."""
     if metric not in {"em", "f1", "loss"}:
         raise NotImplementedError(f"checkpointing on {metric!r} is not supported (em, f1, loss)")
-    return ModelCheckpoint(
+    return RagCheckpoint(
         dirpath=output_dir,
         filename=f"{{val_{metric}:.4f}}-{{step}}",
         monitor=f"val_{metric}",
         mode="min" if metric == "loss" else "max",
-        save_top_k=1,
+        save_top_k=save_top_k,
         auto_insert_metric_name=False,
     )
 

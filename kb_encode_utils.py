@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 READY_MARKER = "READY.json"  # written last: a version directory without it is incomplete
 VERSION_DIR_RE = re.compile(r"^v(\d{4,})$")
+KB_INFO_FILE = "rag_kb.json"  # inside a passages directory: how its embeddings are to be scored
+UNIT_NORM_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------- passages
@@ -123,11 +125,18 @@ class ShardEncoder:
         self.pad_token_id = tokenizer.pad_token_id
         self.encoder = build_encoder(encoder_config).to(self.device).eval()  # e.g. a class, or encoder_factory(...)
 
-    def encode(self, state_dict: dict, batch_size: int = 64) -> np.ndarray:
+    def encode(self, state_dict: dict, batch_size: int = 64, threads: int | None = None) -> np.ndarray:
+        """The shard's embeddings under `state_dict`; `threads` CPU threads for this call (when training waits)."""
         self.encoder.load_state_dict(state_dict)
-        return encode_token_ids(
-            self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, progress=False
-        )
+        before = torch.get_num_threads()
+        if threads and self.device == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            return encode_token_ids(
+                self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, progress=False
+            )
+        finally:
+            torch.set_num_threads(before)
 
 
 def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
@@ -190,9 +199,15 @@ def _temporary_sibling(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def save_kb(dataset: Dataset, passages_path: str | os.PathLike, index_path: str | os.PathLike, cfg: IndexConfig):
-    """Write the passages dataset and its index to user-chosen paths, each under a temporary name first.
-    Refuses to replace existing files: a user's KB is never overwritten."""
+def save_kb(
+    dataset: Dataset,
+    passages_path: str | os.PathLike,
+    index_path: str | os.PathLike,
+    cfg: IndexConfig,
+    similarity: str = "dot",
+):
+    """Write the passages dataset (declaring its `similarity`) and its index to user-chosen paths, each under a
+    temporary name first. Refuses to replace existing files: a user's KB is never overwritten."""
     passages_path, index_path = Path(passages_path), Path(index_path)
     for path in (passages_path, index_path):
         if path.exists():
@@ -200,9 +215,45 @@ def save_kb(dataset: Dataset, passages_path: str | os.PathLike, index_path: str 
     index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
     tmp_passages, tmp_index = _temporary_sibling(passages_path), _temporary_sibling(index_path)
     dataset.save_to_disk(str(tmp_passages))
+    write_kb_info(tmp_passages, similarity)
     faiss.write_index(index, str(tmp_index))
     os.rename(tmp_passages, passages_path)
     os.rename(tmp_index, index_path)
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def write_kb_info(passages_path: str | os.PathLike, similarity: str) -> None:
+    """Declare how a KB's embeddings are scored (`dot` or `cosine`), inside its passages directory."""
+    (Path(passages_path) / KB_INFO_FILE).write_text(json.dumps({"similarity": similarity}, indent=1))
+
+
+def kb_similarity(passages_path: str | os.PathLike) -> tuple[str, str]:
+    """(similarity, how it is known) of a KB: what it declares, else inferred from its embeddings' norms
+    (all unit length: cosine) for KBs written before the declaration existed or by other tools."""
+    info = Path(passages_path) / KB_INFO_FILE
+    if info.is_file():
+        return json.loads(info.read_text())["similarity"], f"declared in {info}"
+    passages = load_from_disk(str(passages_path))
+    if "embeddings" not in passages.column_names:
+        raise ValueError(f"{passages_path}: the passages dataset has no `embeddings` column")
+    sample = np.asarray(passages.select(range(min(256, len(passages))))["embeddings"], dtype=np.float32)
+    unit = np.abs(np.linalg.norm(sample, axis=1) - 1).max() < UNIT_NORM_TOLERANCE
+    return ("cosine" if unit else "dot"), "inferred from its embedding norms"
+
+
+def check_kb_similarity(passages_path: str | os.PathLike, side: str, similarity: str) -> str:
+    """Stop when a KB's embeddings were made for another similarity than `side` (e.g. "the question encoder
+    pretrained/minilm") scores with; returns the KB's similarity."""
+    kb_sim, how = kb_similarity(passages_path)
+    if kb_sim != similarity:
+        raise ValueError(
+            f"the knowledge base {passages_path} holds {kb_sim} embeddings ({how}), but {side} scores with "
+            f"{similarity} similarity: rebuild the KB with use_own_knowledge_dataset.py --similarity {similarity}, "
+            f"or pass --similarity {kb_sim}"
+        )
+    return kb_sim
 
 
 @dataclass
@@ -213,6 +264,7 @@ class KBVersion:
     passages_path: str
     index_path: str
     embedding_step: int = 0  # optimizer step whose context-encoder weights made the embeddings
+    similarity: str = "dot"  # how the embeddings are scored: dot or cosine (unit-length vectors)
 
 
 def version_dir(kb_root: str | os.PathLike, version: int) -> Path:
@@ -249,10 +301,11 @@ def build_kb_version(
     version: int,
     embedding_step: int,
     cfg: IndexConfig,
+    similarity: str,
     *shard_embeddings: np.ndarray,
 ) -> KBVersion:
     """Merge encoded shards (in shard order), build the index and publish `kb_root/vNNNN` atomically.
-    Runs as a Ray task, away from the training processes."""
+    Runs in a Ray actor, away from the training processes."""
     embeddings = np.concatenate(shard_embeddings, axis=0)
     dataset = with_embeddings(load_from_disk(base_passages_path), embeddings)
     final = version_dir(kb_root, version)
@@ -262,8 +315,9 @@ def build_kb_version(
     tmp.mkdir(parents=True)
     try:
         dataset.save_to_disk(str(tmp / "passages"))
+        write_kb_info(tmp / "passages", similarity)
         faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
-        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step)
+        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
         (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
         os.rename(tmp, final)
     except BaseException:

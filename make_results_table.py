@@ -1,7 +1,10 @@
-"""Turn the test metrics of several runs into one Markdown table (EM, F1, retrieval recall@5).
+"""Turn the test metrics of several runs into one Markdown table (EM, F1, retrieval recall@k, MRR@5).
 
     python make_results_table.py OUT/rag-original OUT/rag-end2end [--names RAG-original RAG-end2end] \
         [--output table.md]
+
+Runs given the same name (e.g. one per seed) make one row: the mean, +- the sample standard deviation,
+and the number of runs in the `runs` column.
 
 Each run directory holds the `test_results.txt` that `finetune_rag.py --do_predict` writes; recall@k and
 MRR@k are there when the data directory had `test.gold.jsonl` (written by prepare_squad.py/prepare_cmu_qa.py).
@@ -10,10 +13,11 @@ MRR@k are there when the data directory had `test.gold.jsonl` (written by prepar
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
-COLUMNS = {"EM": "test_em", "F1": "test_f1", "recall@5": "test_recall@5", "MRR@5": "test_mrr@5",
-           "recall@20": "test_recall@20", "loss": "test_loss"}  # fmt: skip
+COLUMNS = {"EM": "test_em", "F1": "test_f1", "recall@1": "test_recall@1", "recall@5": "test_recall@5",
+           "recall@20": "test_recall@20", "MRR@5": "test_mrr@5", "loss": "test_loss"}  # fmt: skip
 
 
 def read_test_results(run_dir: str | Path) -> dict[str, float]:
@@ -33,18 +37,27 @@ def read_test_results(run_dir: str | Path) -> dict[str, float]:
     return metrics
 
 
-def results_table(runs: dict[str, dict[str, float]]) -> str:
-    """A Markdown table, one row a run; EM/F1/recall as percentages, a dash where a run lacks a metric."""
-    present = [c for c, key in COLUMNS.items() if any(key in m for m in runs.values())]
-    lines = ["| run | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
-    for name, metrics in runs.items():
-        cells = []
+def _cell(values: list[float], column: str) -> str:
+    """One value, or mean +- sample standard deviation of several; percentages except the loss."""
+    scale, digits = (1, 3) if column == "loss" else (100, 2)
+    mean = f"{scale * statistics.fmean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def results_table(runs: list[tuple[str, dict[str, float]]]) -> str:
+    """A Markdown table, one row a name (runs of one name are averaged); a dash where the runs lack a metric."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for name, metrics in runs:
+        groups.setdefault(name, []).append(metrics)
+    present = [c for c, key in COLUMNS.items() if any(key in m for _, m in runs)]
+    repeated = any(len(group) > 1 for group in groups.values())
+    header = ["run", *(["runs"] if repeated else []), *present]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, group in groups.items():
+        cells = [str(len(group))] if repeated else []
         for column in present:
-            value = metrics.get(COLUMNS[column])
-            if value is None:
-                cells.append("-")
-            else:
-                cells.append(f"{value:.3f}" if column == "loss" else f"{100 * value:.2f}")
+            values = [m[COLUMNS[column]] for m in group if COLUMNS[column] in m]
+            cells.append(_cell(values, column) if len(values) == len(group) else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -62,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> str:
     names = args.names or [Path(d).name for d in args.run_dirs]
-    table = results_table({name: read_test_results(d) for name, d in zip(names, args.run_dirs)})
+    table = results_table([(name, read_test_results(d)) for name, d in zip(names, args.run_dirs)])
     if args.output:
         Path(args.output).write_text(table, encoding="utf-8")
     print(table, end="")

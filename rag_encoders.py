@@ -3,8 +3,14 @@
 RAG reads a question encoder as `encoder(ids, attention_mask=mask)[0]` and a context encoder as
 `encoder(ids, attention_mask=mask, return_dict=True).pooler_output`: both must be one (B, d) vector per text.
 DPR models answer so already; `PooledEncoder` makes any other encoder answer so by pooling its last hidden
-state (`cls`: the first token, `mean`: the mean over real tokens, `pooler`: the model's own `pooler_output`),
-optionally L2-normalised (e5, bge and MiniLM are trained for cosine similarity).
+state (`cls`: the first token, `mean`: the mean over real tokens, `pooler`: the model's own `pooler_output`).
+
+Similarity is part of an encoder's identity: `dot` (DPR) or `cosine` (e5, bge and MiniLM were trained for it:
+the pooled vector is L2-normalised). It is read from what a checkpoint declares (our pooling.json, or a
+sentence-transformers `Normalize` module) unless overridden. A question encoder also carries the retrieval
+temperature tau: it returns q / tau, so that RAG's doc scores q.d become similarity / tau before the softmax
+over passages, in transformers' RAG classes and in `CausalRag` alike, and FAISS rankings are unchanged.
+Cosine scores lie in [-1, 1]: without a small tau the passage softmax is almost uniform.
 
     q_enc = load_encoder("intfloat/e5-small-v2", pooling="mean", side="question")
     q_tok = with_prefix(AutoTokenizer.from_pretrained("intfloat/e5-small-v2"), "query: ")
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoTokenizer,
     DPRContextEncoder,
     DPRQuestionEncoder,
     PretrainedConfig,
@@ -40,7 +47,13 @@ from transformers.models.dpr.modeling_dpr import DPREncoder
 from transformers.utils import ModelOutput, cached_file
 
 POOLINGS = ("cls", "mean", "pooler")
+SIMILARITIES = ("dot", "cosine")
+# tau per similarity: 1 leaves dot products as DPR was trained; 0.05 is the scale (20) of the
+# MultipleNegativesRankingLoss that all-MiniLM-L6-v2 and most sentence-transformers were trained with.
+DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05}
+MIN_TEMPERATURE = 0.01  # a learned tau is clamped here (CLIP's bound), so scores stay finite
 POOLING_FILE = "pooling.json"
+PREFIX_FILE = "text_prefix.json"  # the prefix a PrefixedTokenizer puts before texts, saved beside it
 # side -> the DPR class of that side and the attribute holding its DPREncoder (BERT + optional projection)
 DPR_SIDES = {"question": (DPRQuestionEncoder, "question_encoder"), "context": (DPRContextEncoder, "ctx_encoder")}
 ST_MODES = {"cls_token": "cls", "mean_tokens": "mean"}  # sentence-transformers' pooling_mode_* names
@@ -65,13 +78,31 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 
 
 class PooledEncoder(torch.nn.Module):
-    """An encoder that returns one pooled vector per text, as RAG's question and context encoders must."""
+    """An encoder that returns one pooled vector per text, as RAG's question and context encoders must:
+    L2-normalised for cosine similarity, and divided by the retrieval temperature (question side)."""
 
-    def __init__(self, model: PreTrainedModel, pooling: str = "cls", normalize: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        pooling: str = "cls",
+        normalize: bool = False,
+        temperature: float | None = None,
+        learn_temperature: bool = False,
+    ):
+        """temperature: tau of a question encoder (its vectors are divided by it); None on the context side."""
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not supported: use one of {', '.join(POOLINGS)}")
+        if temperature is not None and temperature < MIN_TEMPERATURE:
+            raise ValueError(f"retrieval temperature {temperature} is below {MIN_TEMPERATURE}")
+        if learn_temperature and temperature is None:
+            raise ValueError("a learned temperature needs a starting value")
         self.model, self.pooling, self.normalize = model, pooling, normalize
+        self.learn_temperature = learn_temperature
+        if learn_temperature:  # learned as log tau, so that it stays positive
+            self.log_temperature = torch.nn.Parameter(torch.tensor(float(temperature)).log())
+        else:
+            self.fixed_temperature = temperature
         if pooling != "pooler":
             # An unused pooler gets no gradient, which DDP (find_unused_parameters=False) takes for an error.
             for name, param in model.named_parameters():
@@ -83,8 +114,32 @@ class PooledEncoder(torch.nn.Module):
         """The wrapped model's config (`hidden_size`, `prefix`, ...), as RAG code reads it from encoders."""
         return self.model.config
 
+    @property
+    def similarity(self) -> str:
+        return "cosine" if self.normalize else "dot"
+
+    @property
+    def temperature(self) -> torch.Tensor | float | None:
+        """tau, by which a question encoder divides its vectors; None on the context side."""
+        if self.learn_temperature:
+            return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE)
+        return self.fixed_temperature
+
+    @property
+    def temperature_value(self) -> float | None:
+        """tau as a plain number (detached), for saving and logging."""
+        tau = self.temperature
+        return float(tau.detach()) if isinstance(tau, torch.Tensor) else tau
+
+    def settings(self) -> dict:
+        """What pooling.json declares: how texts become vectors and how vectors are scored."""
+        settings = {"pooling": self.pooling, "normalize": self.normalize, "similarity": self.similarity}
+        if self.temperature is not None:
+            settings |= {"temperature": self.temperature_value, "learn_temperature": self.learn_temperature}
+        return settings
+
     def extra_repr(self) -> str:
-        return f"pooling={self.pooling!r}, normalize={self.normalize}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
 
     def forward(
         self,
@@ -108,6 +163,8 @@ class PooledEncoder(torch.nn.Module):
                                  "use pooling='cls' or 'mean'")  # fmt: skip
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
+        if self.learn_temperature or self.fixed_temperature not in (None, 1.0):
+            pooled = pooled / self.temperature
         result = PooledOutput(pooler_output=pooled, last_hidden_state=hidden)
         return result if return_dict else result.to_tuple()
 
@@ -118,41 +175,78 @@ class PooledEncoder(torch.nn.Module):
         pooling: str = "cls",
         normalize: bool = False,
         model_cls: type[PreTrainedModel] | None = None,
+        temperature: float | None = None,
+        learn_temperature: bool = False,
     ) -> PooledEncoder:
         """A randomly initialised encoder of this architecture: what a Ray actor builds before `load_state_dict`."""
         if model_cls is None:
             model_cls = DPREncoder if config.model_type == "dpr" else None
         model = model_cls(config) if model_cls else AutoModel.from_config(config, trust_remote_code=False)
-        return cls(model, pooling, normalize)
+        return cls(model, pooling, normalize, temperature, learn_temperature)
 
     def factory(self) -> Callable[[PretrainedConfig], PooledEncoder]:
         """`factory(config)` rebuilds this encoder (randomly initialised); picklable, for Ray's `ShardEncoder`."""
         return functools.partial(
-            type(self).from_config, pooling=self.pooling, normalize=self.normalize, model_cls=type(self.model)
+            type(self).from_config,
+            pooling=self.pooling,
+            normalize=self.normalize,
+            temperature=self.temperature_value,
+            learn_temperature=self.learn_temperature,
+            model_cls=type(self.model),
         )
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
-        """The wrapped model (loadable by AutoModel too) and `pooling.json` beside it."""
+        """The wrapped model (loadable by AutoModel too) and `pooling.json` beside it (with the current tau)."""
         self.model.save_pretrained(directory, **kwargs)
-        settings = {"pooling": self.pooling, "normalize": self.normalize}
-        (Path(directory) / POOLING_FILE).write_text(json.dumps(settings, indent=1))
+        (Path(directory) / POOLING_FILE).write_text(json.dumps(self.settings(), indent=1))
 
     @classmethod
     def from_pretrained(
         cls,
         name_or_path: str | os.PathLike,
         pooling: str | None = None,
-        normalize: bool | None = None,
+        similarity: str | None = None,
         cache_dir: str | None = None,
         side: str | None = None,
+        temperature: float | None = None,
+        learn_temperature: bool | None = None,
     ) -> PooledEncoder:
-        """Load a checkpoint. pooling/normalize: the arguments, else what the checkpoint declares
-        (`read_pooling`), else cls without normalising. `side` picks the half of a DPR checkpoint."""
+        """Load a checkpoint. Each setting: the argument, else what the checkpoint declares (`read_pooling`),
+        else cls pooling, dot similarity and that similarity's default tau (question side; none for passages).
+        `side` picks the half of a DPR checkpoint."""
         saved = read_pooling(name_or_path, cache_dir)
         config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=False)
         model = _load_model(name_or_path, config, cache_dir, side)
-        normalize = saved.get("normalize", False) if normalize is None else normalize
-        return cls(model, pooling or saved.get("pooling", "cls"), normalize)
+        similarity, temperature, learn = _scoring(saved, side or "question", similarity, temperature, learn_temperature)
+        return cls(model, pooling or saved.get("pooling", "cls"), similarity == "cosine", temperature, learn)
+
+
+def declared_similarity(settings: dict) -> str:
+    """The similarity a pooling.json (or sentence-transformers) declaration names; dot when it names none."""
+    return settings.get("similarity") or ("cosine" if settings.get("normalize") else "dot")
+
+
+def encoder_similarity(encoder: torch.nn.Module) -> str:
+    """How an encoder's vectors are meant to be compared: a PooledEncoder says; DPR's are dot products."""
+    return encoder.similarity if isinstance(encoder, PooledEncoder) else "dot"
+
+
+def _scoring(
+    saved: dict, side: str, similarity: str | None, temperature: float | None, learn: bool | None
+) -> tuple[str, float | None, bool]:
+    """(similarity, tau, learn tau): each the argument, else the checkpoint's declaration, else the default.
+    Passages are never scaled (tau None); a saved tau applies only with the similarity it was saved with."""
+    if similarity is not None and similarity not in SIMILARITIES:
+        raise ValueError(f"similarity {similarity!r}: use one of {', '.join(SIMILARITIES)}")
+    chosen = similarity or declared_similarity(saved)
+    if side != "question":
+        return chosen, None, False
+    if temperature is None:
+        same = declared_similarity(saved) == chosen
+        temperature = saved.get("temperature") if same else None
+        temperature = temperature or DEFAULT_TEMPERATURE[chosen]
+    learn = bool(saved.get("learn_temperature", False)) if learn is None else learn
+    return chosen, float(temperature), learn
 
 
 def _find(name_or_path: str | os.PathLike, filename: str, cache_dir: str | None, subfolder: str = "") -> str | None:
@@ -207,21 +301,53 @@ def load_encoder(
     pooling: str | None = None,
     cache_dir: str | None = None,
     side: str = "question",
-    normalize: bool | None = None,
+    similarity: str | None = None,
+    temperature: float | None = None,
+    learn_temperature: bool | None = None,
 ) -> torch.nn.Module:
     """A question or context encoder from any checkpoint. DPR checkpoints load as DPRQuestionEncoder /
-    DPRContextEncoder, unchanged, unless asked for cls/mean pooling or normalising; anything else as a
-    PooledEncoder. Remote code is never run."""
+    DPRContextEncoder, unchanged, unless asked for cls/mean pooling, cosine similarity or a temperature;
+    anything else as a PooledEncoder. Remote code is never run."""
     if side not in DPR_SIDES:
         raise ValueError(f"side {side!r}: use 'question' or 'context'")
     config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=False)
     if config.model_type == "dpr":
         saved = read_pooling(name_or_path, cache_dir)
         pooling = pooling or saved.get("pooling", "pooler")
-        normalize = saved.get("normalize", False) if normalize is None else normalize
-        if pooling == "pooler" and not normalize and (config.architectures or [None])[0] != "DPREncoder":
+        sim, tau, learn = _scoring(saved, side, similarity, temperature, learn_temperature)
+        plain = sim == "dot" and tau in (None, 1.0) and not learn
+        if pooling == "pooler" and plain and (config.architectures or [None])[0] != "DPREncoder":
             return DPR_SIDES[side][0].from_pretrained(name_or_path, config=config, cache_dir=cache_dir)
-    return PooledEncoder.from_pretrained(name_or_path, pooling, normalize, cache_dir, side)
+    return PooledEncoder.from_pretrained(
+        name_or_path, pooling, similarity, cache_dir, side, temperature, learn_temperature
+    )
+
+
+def with_scoring(
+    encoder: torch.nn.Module, similarity: str | None, temperature: float | None, learn_temperature: bool = False
+) -> torch.nn.Module:
+    """A loaded question encoder (e.g. the DPR one inside a RAG checkpoint) scoring with `similarity` and tau;
+    the encoder itself when nothing changes. A DPR encoder is wrapped as a PooledEncoder over its DPREncoder."""
+    current = encoder_similarity(encoder)
+    similarity = similarity or current
+    tau = DEFAULT_TEMPERATURE[similarity] if temperature is None else temperature
+    if not isinstance(encoder, PooledEncoder):
+        if similarity == "dot" and tau == 1.0 and not learn_temperature:
+            return encoder
+        inner = getattr(encoder, DPR_SIDES["question"][1], None)
+        if inner is None:
+            raise ValueError(f"cannot set the similarity of a {type(encoder).__name__}")
+        return PooledEncoder(inner, "pooler", similarity == "cosine", tau, learn_temperature)
+    if similarity == encoder.similarity and temperature is None and not learn_temperature:
+        return encoder
+    return PooledEncoder(encoder.model, encoder.pooling, similarity == "cosine", tau, learn_temperature)
+
+
+def context_side(question_encoder: torch.nn.Module) -> torch.nn.Module:
+    """The context encoder of `--shared_encoder`: the same transformer, pooled and normalised alike, unscaled."""
+    if isinstance(question_encoder, PooledEncoder):
+        return PooledEncoder(question_encoder.model, question_encoder.pooling, question_encoder.normalize)
+    return question_encoder
 
 
 def encoder_factory(encoder: torch.nn.Module) -> Callable[[PretrainedConfig], torch.nn.Module]:
@@ -257,6 +383,12 @@ class PrefixedTokenizer:
     def __len__(self) -> int:
         return len(self.tokenizer)
 
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs):
+        """The wrapped tokenizer and the prefix (`text_prefix.json`), which `load_tokenizer` puts back."""
+        files = self.tokenizer.save_pretrained(directory, **kwargs)
+        (Path(directory) / PREFIX_FILE).write_text(json.dumps({"prefix": self.prefix}))
+        return files
+
     def __repr__(self) -> str:
         return f"PrefixedTokenizer({self.prefix!r}, {self.tokenizer!r})"
 
@@ -264,3 +396,15 @@ class PrefixedTokenizer:
 def with_prefix(tokenizer, prefix: str | None):
     """`tokenizer` with `prefix` before every text; the tokenizer itself when there is no prefix."""
     return PrefixedTokenizer(tokenizer, prefix) if prefix else tokenizer
+
+
+def saved_prefix(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> str | None:
+    """The prefix a saved PrefixedTokenizer declares (`text_prefix.json`), or None."""
+    path = _find(name_or_path, PREFIX_FILE, cache_dir)
+    return json.loads(Path(path).read_text())["prefix"] if path else None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, prefix: str | None = None, cache_dir: str | None = None):
+    """AutoTokenizer with the prefix it was saved with (or `prefix`, which wins)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+    return with_prefix(tokenizer, prefix if prefix is not None else saved_prefix(name_or_path, cache_dir))

@@ -1,5 +1,8 @@
 """Build the initial knowledge base (version 0) from a `title<TAB>text` CSV: split documents into
 100-word passages, embed them with a context encoder (DPR, or any encoder with --pooling) and index them with FAISS.
+The embeddings are made for the encoder's similarity (`dot`, or `cosine`: unit-length vectors), which the
+checkpoint declares (e.g. all-MiniLM's sentence-transformers files) or --similarity sets; the KB records it
+(my_knowledge_dataset/rag_kb.json) and finetune_rag.py / eval_rag.py refuse a question encoder that scores otherwise.
 
     python use_own_knowledge_dataset.py --csv_path my_kb.csv --output_dir KB \
         --dpr_ctx_encoder_model_name facebook/dpr-ctx_encoder-multiset-base
@@ -27,7 +30,7 @@ from kb_encode_utils import (
     tokenize_passages,
     with_embeddings,
 )
-from rag_encoders import load_encoder, with_prefix
+from rag_encoders import encoder_similarity, load_encoder, with_prefix
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for a non-DPR encoder (default: DPR's own, or the checkpoint's sentence-transformers setting)",
     )
     p.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
+    p.add_argument("--similarity", choices=["dot", "cosine"], default=None,
+                   help="cosine: L2-normalised embeddings (default: the encoder's declaration, else dot)")  # fmt: skip
     p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
     p.add_argument("--m", "--hnsw_m", dest="hnsw_m", type=int, default=128, help="HNSW links per node")
     p.add_argument("--hnsw_ef_construction", type=int, default=200)
@@ -70,13 +75,16 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
     print(f"{args.csv_path}: {len(passages)} passages")
     tokenizer = AutoTokenizer.from_pretrained(args.context_encoder_tokenizer_name or args.dpr_ctx_encoder_model_name)
     tokenizer = with_prefix(tokenizer, args.passage_prefix)
-    encoder = load_encoder(args.dpr_ctx_encoder_model_name, args.pooling, side="context").to(args.device)
+    encoder = load_encoder(args.dpr_ctx_encoder_model_name, args.pooling, side="context", similarity=args.similarity)
+    encoder = encoder.to(args.device)
+    similarity = encoder_similarity(encoder)
+    print(f"{args.dpr_ctx_encoder_model_name}: {similarity} similarity")
     token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
     embeddings = encode_token_ids(encoder, token_ids, tokenizer.pad_token_id, args.batch_size, args.device)
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
-    save_kb(with_embeddings(passages, embeddings), passages_path, index_path, cfg)
+    save_kb(with_embeddings(passages, embeddings), passages_path, index_path, cfg, similarity)
     print(f"wrote {passages_path} and {index_path}")
     return passages_path, index_path
 

@@ -93,7 +93,7 @@ class Seq2SeqDataset(Dataset):
         source_enc = self.question_tokenizer(self.prefix + source, truncation=True, max_length=self.max_source_length)
         target_enc = self.generator_tokenizer(target, truncation=True, max_length=self.max_target_length)
         input_ids, labels = source_enc["input_ids"], target_enc["input_ids"]
-        return {"source_text": source, "target_text": target, "input_ids": input_ids, "labels": labels}
+        return {"source_text": source, "target_text": target, "input_ids": input_ids, "labels": labels, "index": index}
 
     def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad a list of examples to the batch's longest sequence, each side with its own pad id."""
@@ -106,6 +106,7 @@ class Seq2SeqDataset(Dataset):
             "labels": labels,
             "source_text": [ex["source_text"] for ex in batch],
             "target_text": [ex["target_text"] for ex in batch],
+            "index": torch.tensor([ex["index"] for ex in batch]),  # line numbers, to put DDP shards back in order
         }
 
 

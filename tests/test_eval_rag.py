@@ -5,16 +5,18 @@ import json
 import uuid
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import ray
 import torch
 from datasets import load_from_disk
-from transformers import RagTokenForGeneration, RagTokenizer
+from transformers import AutoTokenizer, DPRQuestionEncoder, RagTokenForGeneration, RagTokenizer
 
 import eval_rag
 import finetune_rag
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
+from utils_rag import has_answer, mrr_at_k, recall_at_k
 
 DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
 QUESTIONS, ANSWERS = DATA / "test.source", DATA / "test.target"
@@ -159,3 +161,33 @@ def test_checkpoint_dirs_in_step_order(tmp_path):
     assert eval_rag.checkpoint_dirs("some/dir", False) == ["some/dir"]
     with pytest.raises(FileNotFoundError):
         eval_rag.checkpoint_dirs(str(tmp_path / "kb"), True)
+
+
+def test_zero_shot_retrieval_of_a_question_encoder_alone(tiny_models, tiny_kb, tmp_path):
+    """--question_encoder_name_or_path: no RAG model, no training; the metrics equal a direct FAISS search with
+    the encoder's own vectors, and a KB made for another similarity is refused."""
+    passages, index = tiny_kb
+    texts = load_from_disk(str(passages))["text"][:]
+    answers = ANSWERS.read_text().splitlines()
+    gold = [[i for i, text in enumerate(texts) if has_answer(text, [a])] for a in answers]
+    gold_path = tmp_path / "test.gold.jsonl"
+    gold_path.write_text(
+        "".join(json.dumps({"answers": [a], "gold_passage_ids": g}) + "\n" for a, g in zip(answers, gold))
+    )
+    assert sum(map(bool, gold)) >= 4, "too few questions with a gold passage to test anything"
+    encoder = str(tiny_models["question_encoder"])
+    common = ["--eval_mode", "retrieval", "--question_encoder_name_or_path", encoder, "--passages_path", passages,
+              "--index_path", index, "--evaluation_set", QUESTIONS, "--gold_data_path", gold_path, "--ks", "1,5,20",
+              "--predictions_path", tmp_path / "zs.txt", "--metrics_path", tmp_path / "zero-shot.json"]  # fmt: skip
+    metrics = _evaluate(*common)[encoder]
+    assert json.loads((tmp_path / "zero-shot.json").read_text()) == metrics
+
+    model, tokenizer = DPRQuestionEncoder.from_pretrained(encoder).eval(), AutoTokenizer.from_pretrained(encoder)
+    with torch.no_grad():
+        q = model(**tokenizer(QUESTIONS.read_text().splitlines(), padding=True, return_tensors="pt")).pooler_output
+    _, ids = faiss.read_index(str(index)).search(q.numpy(), 20)
+    expected = {**recall_at_k(ids.tolist(), gold, (1, 5, 20)), **mrr_at_k(ids.tolist(), gold, (1, 5, 20))}
+    for key in ("recall@1", "recall@5", "recall@20", "mrr@20"):
+        assert metrics[key] == pytest.approx(expected[key]) and 0.0 <= metrics[key] <= 1.0
+    with pytest.raises(ValueError, match=r"holds dot embeddings .* scores with cosine"):
+        _evaluate(*common, "--similarity", "cosine", "--recalculate")

@@ -2,22 +2,26 @@
 
 import csv
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import ray
 import torch
 from datasets import load_from_disk
 from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
 
+import callbacks_rag
 import eval_rag
 import finetune_rag
-from callbacks_rag import KBRefreshCallback
-from kb_encode_utils import read_version
-from rag_encoders import PooledEncoder
+from callbacks_rag import KBRefreshCallback, RefreshState
+from kb_encode_utils import IndexConfig, read_version
+from rag_encoders import PooledEncoder, load_tokenizer
 from utils_rag import has_answer, read_lines
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
@@ -39,7 +43,7 @@ def _kill_actors(module):
 @pytest.mark.parametrize("model", ["rag_token", "rag_sequence"])
 def test_context_encoder_gets_gradient_with_end2end(ray_local, finetune_argv, model):
     module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end", model=model)))
-    module._step(_batch(module)).backward()
+    module._step(_batch(module)).sum().backward()
     grads = {n: p.grad for n, p in module.context_encoder.named_parameters()}
     assert grads, "no context-encoder parameters"
     missing = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
@@ -51,7 +55,7 @@ def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
     module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv()))
     assert module.context_encoder is None
     assert not [n for n, _ in module.named_parameters() if "ctx_encoder" in n]
-    module._step(_batch(module)).backward()
+    module._step(_batch(module)).sum().backward()
     # The retrieval scores still train the question encoder.
     q_grads = [p.grad for p in module.model.rag.question_encoder.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in q_grads)
@@ -69,7 +73,7 @@ def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_a
     assert module.model.config.max_combined_length <= limit
     assert module.model.config.decoder_start_token_id == module.model.config.generator.decoder_start_token_id
     batch = _batch(module)
-    assert torch.isfinite(module._step(batch))
+    assert torch.isfinite(module._step(batch)).all()
     out = module.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6)
     assert out.shape[0] == len(batch["input_ids"])
     _kill_actors(module)
@@ -142,10 +146,56 @@ def test_predict_tests_the_best_checkpoint_against_its_kb_version(trained):
     assert module.retriever.last_version == saved["version"], "the test pass retrieved from another index"
 
 
-def test_training_went_on_during_refreshes(trained):
-    _, refresh, _ = trained
-    assert any(h["steps_during_refresh"] > 0 for h in refresh.history), refresh.history
-    assert all(h["reindex_seconds"] > 0 for h in refresh.history)
+def test_training_goes_on_while_a_refresh_is_held_back(ray_local, finetune_argv, tmp_path, monkeypatch):
+    """The encoding actor's encoder waits for a file that only the training loop creates, after HOLD more
+    optimizer steps: if training waited on the refresh, it would never get there (the encoder gives up
+    waiting after a minute and the test fails). Then the swap must follow."""
+    hold, gate = 4, str(tmp_path / "release")
+    real_factory = callbacks_rag.encoder_factory
+
+    def gated_factory(encoder):
+        build = real_factory(encoder)
+
+        class Gated(torch.nn.Module):  # defined here, so Ray ships it to the actor by value
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def load_state_dict(self, state, *args, **kwargs):  # the first thing a refresh does in the actor
+                deadline = time.monotonic() + 60
+                while not os.path.exists(gate) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                return self.inner.load_state_dict(state, *args, **kwargs)
+
+            def forward(self, *args, **kwargs):
+                return self.inner(*args, **kwargs)
+
+        return lambda config: Gated(build(config))
+
+    class Release(pl.Callback):
+        trigger_step, released_at = None, None
+
+        def on_train_batch_end(self, trainer, module, *args):
+            if self.trigger_step is None and refresh.state is not RefreshState.IDLE:
+                self.trigger_step = trainer.global_step
+            if self.trigger_step is not None and self.released_at is None and not refresh.history:
+                if trainer.global_step >= self.trigger_step + hold:
+                    Path(gate).touch()
+                    self.released_at = trainer.global_step
+
+    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_factory)
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"))
+    release = Release()
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=16, limit_val_batches=0, callbacks=[refresh, release],
+                         **quiet)  # fmt: skip
+    trainer.fit(module)
+    _kill_actors(module)
+    assert release.released_at is not None, "training stopped while the refresh was held back"
+    first = refresh.history[0]
+    assert first["trigger_step"] == release.trigger_step and first["swap_step"] > release.released_at
+    assert first["steps_during_refresh"] >= hold and module.kb.version >= 1
 
 
 def test_logs_and_run_files(trained):
@@ -225,7 +275,7 @@ def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_model
     argv = _causal_argv(finetune_argv, tiny_models, "--end2end")
     argv[argv.index("--model_type") + 1] = model_type
     module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
-    module._step(_batch(module)).backward()
+    module._step(_batch(module)).sum().backward()
     for name, part in (("context", module.context_encoder), ("question", module.model.question_encoder),
                        ("generator", module.model.generator)):  # fmt: skip
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
@@ -257,7 +307,8 @@ def test_causal_mean_pooled_shared_encoder_refreshes_and_evaluates(ray_local, fi
         *pooling, *prefixes,
     )  # fmt: skip
     module = finetune_rag.main(finetune_rag.parse_args(argv))
-    assert module.context_encoder is module.model.question_encoder
+    # one transformer for both sides (the context side unscaled by the retrieval temperature)
+    assert module.context_encoder.model is module.model.question_encoder.model
     assert module.model.question_encoder.pooling == "mean"
     history = _refresh_callback(module).history
     assert history, "no refresh with a mean-pooled shared encoder"
@@ -307,3 +358,73 @@ def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
     metrics = eval_rag.main(eval_rag.parse_args([*common, "--predictions_path", str(preds), "--max_length", "4",
                                                  "--num_beams", "1"]))  # fmt: skip
     assert len(preds.read_text().split("\n")) == 8 + 1 and 0 <= metrics[str(ckpt)]["f1"] <= 1
+
+
+# ---------------------------------------------------------------- scoring, losses, saved settings
+
+
+def test_a_kb_built_for_another_similarity_is_refused(ray_local, finetune_argv):
+    with pytest.raises(ValueError, match=r"holds dot embeddings .* scores with cosine similarity"):
+        finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--similarity", "cosine")))
+
+
+def test_learned_temperature_trains_at_its_own_rate(ray_local, finetune_argv):
+    argv = finetune_argv("--retrieval_temperature", "2", "--learn_temperature", "--temperature_learning_rate", "0.1")
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    encoder = module.model.rag.question_encoder
+    assert isinstance(encoder, PooledEncoder) and encoder.temperature_value == pytest.approx(2.0)
+    module._step(_batch(module)).sum().backward()
+    assert encoder.log_temperature.grad.abs() > 0, "no gradient reaches the temperature"
+    module.trainer = type("T", (), {"estimated_stepping_batches": 10})()  # what configure_optimizers reads
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    tau_group = next(g for g in groups if any(p is encoder.log_temperature for p in g["params"]))
+    assert tau_group["weight_decay"] == 0.0 and len(tau_group["params"]) == 1
+    assert tau_group["initial_lr"] == 0.1
+    _kill_actors(module)
+
+
+def test_causal_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, tiny_models):
+    """val_loss = mean over questions of each question's loss, whatever the batch size (it used to be the sum
+    of per-batch means divided by the number of questions)."""
+    argv = _causal_argv(finetune_argv, tiny_models, "--eval_batch_size", "4")
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    logged = trainer.validate(module)[0]["val_loss"]
+    module.eval()
+    with torch.no_grad():
+        losses = torch.cat([module._step(b) for b in module.val_dataloader()])
+    assert len(losses) == 8
+    assert logged == pytest.approx(float(losses.mean()), rel=1e-4)
+    _kill_actors(module)
+
+
+def test_seq2seq_checkpoint_keeps_question_and_passage_prefixes(ray_local, finetune_argv, tmp_path):
+    argv = finetune_argv("--end2end", "--question_prefix", "query: ", "--passage_prefix", "passage: ")
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    ckpt = tmp_path / "checkpoint0"
+    module.save_hf_checkpoint(ckpt)
+    _kill_actors(module)
+    args = eval_rag.parse_args(["--model_name_or_path", str(ckpt), "--evaluation_set", "q", "--gold_data_path", "g"])
+    model = eval_rag.load_model(str(ckpt), args)
+    tokenizer = module.tokenizer.question_encoder
+    assert eval_rag._encode_questions(model, ["who?"])["input_ids"].tolist() == [tokenizer("query: who?")["input_ids"]]
+    passages = load_tokenizer(ckpt / "context_encoder")
+    assert passages.prefix == "passage: "
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--model_type", "bart"], "invalid choice"),
+     (["--use_dummy_dataset", "true", "--passages_path", "elsewhere"], "selects the bundled dummy KB")],
+)  # fmt: skip
+def test_flags_that_would_be_ignored_are_refused(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        finetune_rag.parse_args(["--model_type", "rag_token", *extra])
+    assert message in capsys.readouterr().err
+    assert finetune_rag.parse_args(["--model_type", "rag_token", "--use_dummy_dataset", "true"]).use_dummy_dataset
+
+
+def test_ddp_shards_of_test_answers_are_put_back_in_line_order():
+    # DistributedSampler deals lines round-robin and pads the last shard with a repeat of line 0
+    shards = [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d"), (0, "a")]]
+    assert finetune_rag.in_line_order(shards) == ["a", "b", "c", "d", "e"]

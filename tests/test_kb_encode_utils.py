@@ -15,7 +15,9 @@ from kb_encode_utils import (
     KBVersion,
     build_faiss_index,
     build_kb_version,
+    check_kb_similarity,
     encode_token_ids,
+    kb_similarity,
     list_versions,
     read_kb_csv,
     read_version,
@@ -25,6 +27,7 @@ from kb_encode_utils import (
     split_text,
     version_dir,
     with_embeddings,
+    write_kb_info,
 )
 
 
@@ -198,6 +201,28 @@ def test_save_kb_refuses_existing_paths(tmp_path, existing):
     assert [p.name for p in tmp_path.iterdir()] == [existing]  # nothing else written
 
 
+def test_kb_declares_its_similarity_and_a_mismatch_names_both(tmp_path):
+    emb = np.random.default_rng(6).standard_normal((5, 4)).astype(np.float32)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    ds = with_embeddings(passages_dataset(5), unit)
+    save_kb(ds, tmp_path / "cos", tmp_path / "cos.faiss", IndexConfig(index_type="flat"), similarity="cosine")
+    assert kb_similarity(tmp_path / "cos")[0] == "cosine"
+    assert check_kb_similarity(tmp_path / "cos", "the question encoder q", "cosine") == "cosine"
+    with pytest.raises(ValueError, match=r"cos holds cosine embeddings.*the question encoder q scores with dot"):
+        check_kb_similarity(tmp_path / "cos", "the question encoder q", "dot")
+
+
+@pytest.mark.parametrize(("unit_length", "expected"), [(True, "cosine"), (False, "dot")])
+def test_kb_without_a_declaration_is_judged_by_its_norms(tmp_path, unit_length, expected):
+    emb = np.random.default_rng(7).standard_normal((5, 4)).astype(np.float32) * 3
+    if unit_length:
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    with_embeddings(passages_dataset(5), emb).save_to_disk(str(tmp_path / "legacy"))  # written by other tools
+    assert kb_similarity(tmp_path / "legacy") == (expected, "inferred from its embedding norms")
+    write_kb_info(tmp_path / "legacy", "dot")  # a declaration wins
+    assert kb_similarity(tmp_path / "legacy")[0] == "dot"
+
+
 # ----------------------------------------------------------------------------- versions
 
 
@@ -212,11 +237,12 @@ def test_build_kb_version_publishes_and_lists(tmp_path, base_passages):
     root = tmp_path / "kb"
     emb = np.random.default_rng(5).standard_normal((10, 8)).astype(np.float32)
     shards = [emb[0:4], emb[4:8], emb[8:10]]
-    kb = build_kb_version(base_passages, str(root), 3, 17, IndexConfig(index_type="flat"), *shards)
+    kb = build_kb_version(base_passages, str(root), 3, 17, IndexConfig(index_type="flat"), "cosine", *shards)
 
     final = root / "v0003"
     assert version_dir(root, 3) == final
-    assert kb == KBVersion(3, str(final / "passages"), str(final / "index.faiss"), 17)
+    assert kb == KBVersion(3, str(final / "passages"), str(final / "index.faiss"), 17, "cosine")
+    assert kb_similarity(kb.passages_path)[0] == "cosine"  # every version declares what it holds
     assert sorted(p.name for p in root.iterdir()) == ["v0003"]  # the temporary directory was renamed
     assert json.loads((final / READY_MARKER).read_text())["version"] == 3
     assert read_version(final) == kb
@@ -239,7 +265,8 @@ def test_build_kb_version_publishes_and_lists(tmp_path, base_passages):
 def test_list_versions_sorted_oldest_first(tmp_path, base_passages):
     root = tmp_path / "kb"
     emb = np.zeros((10, 2), dtype=np.float32)
-    kbs = [build_kb_version(base_passages, str(root), v, v, IndexConfig(index_type="flat"), emb) for v in (12, 2, 7)]
+    cfg = IndexConfig(index_type="flat")
+    kbs = [build_kb_version(base_passages, str(root), v, v, cfg, "dot", emb) for v in (12, 2, 7)]
     assert [v.version for v in list_versions(root)] == [2, 7, 12]
     assert list_versions(root)[0] == kbs[1]
 
@@ -248,10 +275,10 @@ def test_build_kb_version_refuses_to_overwrite(tmp_path, base_passages):
     root = tmp_path / "kb"
     cfg = IndexConfig(index_type="flat")
     first = np.ones((10, 4), dtype=np.float32)
-    kb = build_kb_version(base_passages, str(root), 1, 0, cfg, first)
+    kb = build_kb_version(base_passages, str(root), 1, 0, cfg, "dot", first)
     marker = (root / "v0001" / READY_MARKER).read_text()
     with pytest.raises(FileExistsError, match="v0001"):
-        build_kb_version(base_passages, str(root), 1, 5, cfg, np.zeros((10, 4), dtype=np.float32))
+        build_kb_version(base_passages, str(root), 1, 5, cfg, "dot", np.zeros((10, 4), dtype=np.float32))
     assert (root / "v0001" / READY_MARKER).read_text() == marker
     assert sorted(p.name for p in root.iterdir()) == ["v0001"]
     np.testing.assert_array_equal(stored_embeddings(load_from_disk(kb.passages_path)), first)
@@ -259,7 +286,7 @@ def test_build_kb_version_refuses_to_overwrite(tmp_path, base_passages):
 
 def test_build_kb_version_rejects_wrong_row_count(tmp_path, base_passages):
     with pytest.raises(ValueError, match="10 passages but 9 embeddings"):
-        build_kb_version(base_passages, str(tmp_path / "kb"), 1, 0, IndexConfig(), np.zeros((9, 4), np.float32))
+        build_kb_version(base_passages, str(tmp_path / "kb"), 1, 0, IndexConfig(), "dot", np.zeros((9, 4), np.float32))
     assert list_versions(tmp_path / "kb") == []
 
 

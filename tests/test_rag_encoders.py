@@ -16,7 +16,18 @@ from transformers import BertConfig, BertModel, DPRConfig, DPRContextEncoder, DP
 
 from causal_rag import CausalRag
 from kb_encode_utils import ShardEncoder, encode_token_ids, tokenize_passages
-from rag_encoders import PooledEncoder, PrefixedTokenizer, encoder_factory, load_encoder, read_pooling, with_prefix
+from rag_encoders import (
+    DEFAULT_TEMPERATURE,
+    PooledEncoder,
+    PrefixedTokenizer,
+    context_side,
+    encoder_factory,
+    load_encoder,
+    load_tokenizer,
+    read_pooling,
+    with_prefix,
+    with_scoring,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,13 +143,14 @@ def test_shard_encoder_rebuilds_a_pooled_encoder(tok, tmp_path):
 def test_save_and_from_pretrained_keep_pooling(tok, tmp_path):
     enc = PooledEncoder(bert(), "mean", normalize=True)
     enc.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "pooling.json").read_text()) == {"pooling": "mean", "normalize": True}
-    loaded = PooledEncoder.from_pretrained(tmp_path).eval()
+    settings = {"pooling": "mean", "normalize": True, "similarity": "cosine"}  # a context-side encoder: no tau
+    assert json.loads((tmp_path / "pooling.json").read_text()) == settings
+    loaded = PooledEncoder.from_pretrained(tmp_path, side="context").eval()
     assert (loaded.pooling, loaded.normalize) == ("mean", True)
     ids, mask = batch(tok)
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask)[0], enc(ids, mask)[0])
-    assert PooledEncoder.from_pretrained(tmp_path, pooling="cls", normalize=False).pooling == "cls"
+    assert PooledEncoder.from_pretrained(tmp_path, pooling="cls", similarity="dot").pooling == "cls"
 
 
 def test_sentence_transformers_pooling_is_read_and_plain_models_default_to_cls(tmp_path):
@@ -153,8 +165,10 @@ def test_sentence_transformers_pooling_is_read_and_plain_models_default_to_cls(t
     flags = {"word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(flags))
     enc = load_encoder(tmp_path, None)
-    assert isinstance(enc, PooledEncoder) and (enc.pooling, enc.normalize) == ("mean", True)
-    assert load_encoder(tmp_path, "cls", normalize=False).pooling == "cls"  # arguments win
+    assert isinstance(enc, PooledEncoder) and (enc.pooling, enc.similarity) == ("mean", "cosine")
+    assert enc.temperature == DEFAULT_TEMPERATURE["cosine"]  # a question encoder scores cosine / tau
+    dot = load_encoder(tmp_path, "cls", similarity="dot")  # arguments win
+    assert (dot.pooling, dot.similarity, dot.temperature) == ("cls", "dot", 1.0)
 
 
 def test_load_encoder_keeps_dpr_classes_and_wraps_anything_else(tok, tmp_path):
@@ -178,6 +192,64 @@ def test_load_encoder_keeps_dpr_classes_and_wraps_anything_else(tok, tmp_path):
     reloaded = load_encoder(tmp_path / "dpr_cls", None, side="context").eval()
     with torch.no_grad():
         assert reloaded.pooling == "cls" and torch.equal(reloaded(ids, mask)[0], wrapped(ids, mask)[0])
+
+
+# ---------------------------------------------------------------- similarity and temperature
+
+
+def test_question_encoder_divides_cosine_vectors_by_tau_and_saves_it(tok, tmp_path):
+    ids, mask = batch(tok)
+    enc = PooledEncoder(bert(), "mean", normalize=True, temperature=0.05)
+    with torch.no_grad():
+        unit = F.normalize(PooledEncoder(bert(), "mean")(ids, mask)[0], dim=-1)
+        torch.testing.assert_close(enc(ids, mask)[0], unit / 0.05)
+    enc.save_pretrained(tmp_path)
+    question = load_encoder(tmp_path, side="question").eval()
+    assert (question.similarity, question.temperature) == ("cosine", 0.05)
+    context = load_encoder(tmp_path, side="context").eval()  # passages are never scaled
+    assert context.temperature is None
+    with torch.no_grad():
+        torch.testing.assert_close(context(ids, mask)[0], unit)
+    assert load_encoder(tmp_path, temperature=0.1).temperature == 0.1  # the flag wins
+
+
+def test_learned_temperature_gets_a_gradient_and_round_trips(tok, tmp_path):
+    enc = PooledEncoder(bert(), "mean", normalize=True, temperature=0.05, learn_temperature=True)
+    ids, mask = batch(tok)
+    scores = enc(ids, mask)[0] @ F.normalize(enc(ids, mask)[0], dim=-1).detach().T
+    scores.log_softmax(1).diagonal().sum().backward()
+    assert enc.log_temperature.grad is not None and enc.log_temperature.grad.abs() > 0
+    with torch.no_grad():
+        enc.log_temperature.fill_(torch.tensor(0.2).log())
+    enc.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "pooling.json").read_text())
+    assert saved["temperature"] == pytest.approx(0.2) and saved["learn_temperature"] is True
+    reloaded = load_encoder(tmp_path)
+    assert reloaded.learn_temperature and float(reloaded.temperature) == pytest.approx(0.2)
+    rebuilt = encoder_factory(enc)(enc.config)  # as a Ray actor rebuilds it
+    rebuilt.load_state_dict(enc.state_dict())
+    assert float(rebuilt.temperature) == pytest.approx(0.2)
+
+
+def test_shared_encoder_context_side_shares_weights_but_is_not_scaled(tok):
+    question = PooledEncoder(bert(), "mean", normalize=True, temperature=0.05)
+    context = context_side(question)
+    assert context.model is question.model and context.temperature is None and context.similarity == "cosine"
+    ids, mask = batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(question(ids, mask)[0] * 0.05, context(ids, mask)[0])
+
+
+def test_with_scoring_turns_a_dpr_question_encoder_to_cosine(tok):
+    torch.manual_seed(0)
+    dpr = DPRQuestionEncoder(DPRConfig(**SIZES)).eval()
+    assert with_scoring(dpr, None, None) is dpr  # dot products at tau 1: unchanged
+    cosine = with_scoring(dpr, "cosine", None).eval()
+    ids, mask = batch(tok)
+    with torch.no_grad():
+        expected = F.normalize(dpr(ids, attention_mask=mask).pooler_output, dim=-1) / DEFAULT_TEMPERATURE["cosine"]
+        torch.testing.assert_close(cosine(ids, mask)[0], expected)
+    assert with_scoring(dpr, "dot", 2.0).temperature == 2.0
 
 
 # ---------------------------------------------------------------- prefixes
@@ -206,6 +278,16 @@ def test_prefixed_tokenizer_delegates_and_pickles(tok, tmp_path):
     assert (tmp_path / "tokenizer.json").is_file()
     clone = pickle.loads(pickle.dumps(query))
     assert clone("rome")["input_ids"] == query("rome")["input_ids"] and clone.prefix == "query: "
+
+
+def test_prefixed_tokenizer_round_trips_its_prefix(tok, tmp_path):
+    with_prefix(tok, "passage: ").save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, PrefixedTokenizer) and loaded.prefix == "passage: "
+    assert loaded(["paris"], ["the capital."])["input_ids"] == tok(["passage: paris"], ["the capital."])["input_ids"]
+    assert load_tokenizer(tmp_path, prefix="query: ").prefix == "query: "  # an explicit prefix wins
+    tok.save_pretrained(tmp_path / "plain")
+    assert not isinstance(load_tokenizer(tmp_path / "plain"), PrefixedTokenizer)
 
 
 # ---------------------------------------------------------------- in RAG
@@ -249,7 +331,8 @@ def test_minilm_mean_pooling_ranks_the_matching_passage_first():
 
     path = minilm.get_model_path() if hasattr(minilm, "get_model_path") else Path(minilm.__file__).parent / "model"
     enc, tokenizer = load_encoder(path, None).eval(), AutoTokenizer.from_pretrained(path)
-    assert isinstance(enc, PooledEncoder) and enc.pooling == "mean"  # from its sentence-transformers config
+    # from its sentence-transformers files: mean pooling, normalised (cosine)
+    assert isinstance(enc, PooledEncoder) and (enc.pooling, enc.similarity) == ("mean", "cosine")
     questions = ["What is the capital of France?", "How many legs does a spider have?", "Who wrote Romeo and Juliet?"]
     passages = ["Paris is the capital and largest city of France.",
                 "Spiders are arachnids with eight legs that spin silk webs.",

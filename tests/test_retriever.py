@@ -41,7 +41,7 @@ def kb_factory(tmp_path):
     root = tmp_path / "kb"
 
     def make(version: int, embeddings: np.ndarray) -> KBVersion:
-        return build_kb_version(str(base), str(root), version, 0, IndexConfig(index_type="flat"), embeddings)
+        return build_kb_version(str(base), str(root), version, 0, IndexConfig(index_type="flat"), "dot", embeddings)
 
     return make
 
@@ -58,7 +58,7 @@ class Actors:
         return handles
 
     def named(self, n: int) -> list:
-        handles = start_retrieval_actors(n, prefix=f"test_{uuid.uuid4().hex[:8]}")
+        handles = start_retrieval_actors(n, namespace=f"test_{uuid.uuid4().hex[:8]}")
         self.created.extend(handles)
         return handles
 

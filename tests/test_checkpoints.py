@@ -1,0 +1,54 @@
+"""RagCheckpoint: the transformers-format exports follow the `.ckpt` files that Lightning keeps."""
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from callbacks_rag import checkpoint_step, get_checkpoint_callback
+
+
+class Improving(pl.LightningModule):
+    """A one-weight model whose val_em gets better at every validation, and that exports like
+    GenerativeQAModule.save_hf_checkpoint (a directory holding kb_version.json)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.validations = 0
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight - batch).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.validations += 1
+        self.log("val_em", float(self.validations))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(8, 1), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(2, 1), batch_size=2)
+
+    def save_hf_checkpoint(self, directory: Path) -> None:
+        directory.mkdir()
+        (directory / "kb_version.json").write_text(json.dumps({"version": self.global_step}))
+
+
+def test_exports_are_removed_with_the_checkpoints_lightning_drops(tmp_path):
+    (tmp_path / "checkpoint999").mkdir()  # not an export of this run (no kb_version.json): never touched
+    checkpoint = get_checkpoint_callback(str(tmp_path), "em")
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, callbacks=[checkpoint], logger=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(Improving())
+    ckpts = sorted(tmp_path.glob("*.ckpt"))
+    assert [checkpoint_step(str(c)) for c in ckpts] == [12]  # three new bests; save_top_k=1 keeps the last
+    exports = sorted(p.name for p in tmp_path.glob("checkpoint*"))
+    assert exports == ["checkpoint12", "checkpoint999"]
