@@ -41,7 +41,7 @@ from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 from causal_rag import CausalRag
 from kb_encode_utils import check_kb_similarity
-from rag_encoders import POOLING_FILE, encoder_similarity, load_encoder, load_tokenizer
+from rag_encoders import POOLING_FILE, encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from utils_rag import (
     Gold,
     answer_recall_at_k,
@@ -131,6 +131,8 @@ def load_model(checkpoint: str, args: argparse.Namespace):
     else:
         passages, index = kb_paths(checkpoint, args)
         model = load_rag_model(checkpoint, passages, index, args)
+        if args.similarity:  # overrides what the checkpoint's question encoder declares
+            model.rag.question_encoder = with_scoring(model.rag.question_encoder, args.similarity, None)
     side = f"the question encoder of {checkpoint}"
     check_kb_similarity(passages, side, encoder_similarity(model.rag.question_encoder))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -409,7 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--similarity",
         choices=["dot", "cosine"],
         default=None,
-        help="with --question_encoder_name_or_path (default: the checkpoint's declaration)",
+        help="how the question encoder scores (default: what the checkpoint declares)",
     )
     parser.add_argument("--model_type", choices=sorted(MODEL_CLASSES), default=None,
                         help="default: from the config's architectures")  # fmt: skip
@@ -445,9 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "--question_encoder_name_or_path evaluates retrieval alone: it needs --eval_mode retrieval "
                 "and --passages_path/--index_path, and has no checkpoints to iterate"
             )
-    elif args.question_pooling or args.question_prefix is not None or args.similarity:
+    elif args.question_pooling or args.question_prefix is not None:
         parser.error(
-            "--question_pooling, --question_prefix and --similarity go with --question_encoder_name_or_path; "
+            "--question_pooling and --question_prefix go with --question_encoder_name_or_path; "
             "a RAG checkpoint carries its own"
         )
     if args.k < 1:

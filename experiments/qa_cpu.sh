@@ -56,7 +56,7 @@ set -- --generator_type causal --model_type rag_token \
     --index_type flat --data_dir "$OUT/data" --n_train "$N_TRAIN" --n_val "$N_VAL" --n_test "$N_TEST" \
     --accelerator cpu --devices 1 --num_retrieval_workers 1 \
     --n_docs "$N_DOCS" --eval_batch_size 8 --max_source_length 64 --max_combined_length 256 \
-    --max_target_length 24 --val_max_target_length 12 --test_max_target_length 12
+    --max_target_length 24 --val_max_target_length 12 --test_max_target_length 12 --no_test_loss
 TRAIN="--do_train --train_batch_size $BATCH --num_train_epochs 1 --num_sanity_val_steps 0 \
     --learning_rate $LR --warmup_steps 3 --lr_scheduler linear --max_grad_norm 1.0"
 

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 PRE=pretrained
-KB=test_run/dummy-kb-minilm-mean
+KB=test_run/dummy-kb-minilm-cosine  # mean pooling, cosine: as MiniLM declares
 OUT=${OUT:-test_run/model_checkpoints/pretrained-$(date +%Y%m%d-%H%M%S)}
 EPOCHS=${EPOCHS:-1}
 START=$(date +%s)

@@ -24,9 +24,12 @@ def _logged(out: Path, name: str) -> list[float]:
 
 def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_path):
     # The child processes join the Ray that the test session started (its address is in the environment).
-    argv = finetune_argv("--devices", "2", "--do_train", "--end2end", "--indexing_freq", "2", "--max_epochs", "2")
+    argv = finetune_argv("--devices", "2", "--do_train", "--do_predict", "--end2end", "--indexing_freq", "2",
+                         "--max_epochs", "2")  # fmt: skip
     proc = _run(argv)
     out = tmp_path / "out"
+    # Every rank's test answers, one a line: 8 test questions, though each rank generated only half of them.
+    assert len((out / "test_generations.txt").read_text().splitlines()) == 8
     assert "KB refresh: v1 live" in proc.stdout + proc.stderr
     assert max(_logged(out, "index_version")) >= 1
     assert _logged(out, "loss"), "no training loss logged"

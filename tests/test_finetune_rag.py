@@ -428,3 +428,23 @@ def test_ddp_shards_of_test_answers_are_put_back_in_line_order():
     # DistributedSampler deals lines round-robin and pads the last shard with a repeat of line 0
     shards = [[(0, "a"), (2, "c"), (4, "e")], [(1, "b"), (3, "d"), (0, "a")]]
     assert finetune_rag.in_line_order(shards) == ["a", "b", "c", "d", "e"]
+
+
+def test_refresh_before_validation_validates_against_the_current_weights(ray_local, finetune_argv, tmp_path):
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "100", "--refresh_before_validation",
+                         "--max_steps", "4", "--val_check_interval", "4", "--num_sanity_val_steps", "0")  # fmt: skip
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    _kill_actors(module)
+    (refresh,) = _refresh_callback(module).history  # no periodic trigger in 4 steps: this one is the pre-validation
+    assert refresh["trigger_step"] == refresh["swap_step"] == 4
+    assert module.kb.embedding_step == 4
+    saved = json.loads((tmp_path / "out" / "checkpoint4" / "kb_version.json").read_text())
+    assert saved["version"] == refresh["version"] == 1  # the checkpoint was validated against this index
+
+
+def test_no_test_loss_skips_only_the_loss(ray_local, finetune_argv):
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--no_test_loss")))
+    results = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(module)[0]
+    _kill_actors(module)
+    assert "test_loss" not in results and 0.0 <= results["test_em"] <= 1.0
+    assert len(module.test_predictions) == 8

@@ -20,6 +20,7 @@ from transformers import (
 )
 
 import install_pretrained_models as ipm
+from rag_encoders import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
@@ -149,6 +150,19 @@ def test_write_dir_never_touches_an_incomplete_directory(tmp_path):
     assert (tmp_path / "m" / "notes.txt").read_text() == "mine"
 
 
+def test_minilm_gets_its_pooling_declaration_without_anything_replaced(tmp_path):
+    source, out = tmp_path / "source", tmp_path / "minilm"
+    for name in ipm.ST_DECLARATION:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(f"source {name}")
+    out.mkdir()
+    (out / "modules.json").write_text("the user's")
+    assert ipm.declare_pooling(out, source) == ["1_Pooling/config.json", "sentence_bert_config.json"]
+    assert (out / "modules.json").read_text() == "the user's"
+    assert (out / "1_Pooling" / "config.json").read_text() == "source 1_Pooling/config.json"
+    assert ipm.declare_pooling(out, source) == []
+
+
 def test_failed_build_publishes_nothing(tmp_path):
     def build(d: Path) -> None:
         raise RuntimeError("check failed")
@@ -184,6 +198,11 @@ def test_real_dpr_minilm_equals_bert_cls(pretrained, kind, cls):
 
 
 @needs_packages
+def test_real_minilm_declares_mean_pooling_and_cosine_similarity(pretrained):
+    encoder = load_encoder(pretrained["minilm"], side="question")
+    assert (encoder.pooling, encoder.similarity, encoder.temperature) == ("mean", "cosine", 0.05)
+
+
 def test_real_minilm_mean_pooling_finds_the_passage(pretrained):
     tokenizer = AutoTokenizer.from_pretrained(pretrained["minilm"])
     model = BertModel.from_pretrained(pretrained["minilm"]).eval()

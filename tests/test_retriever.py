@@ -288,6 +288,20 @@ def test_rag_ray_retriever_end_to_end(kb_factory, actors):
     assert other_rank.last_version == 2
 
 
+def test_retrieval_actors_are_named_as_documented_within_their_namespace(ray_local):
+    namespace = f"test_{uuid.uuid4().hex[:8]}"
+    handles = start_retrieval_actors(2, namespace=namespace)
+    try:
+        found = ray.get_actor("retrieval_worker_1", namespace=namespace)
+        assert found._actor_id == handles[1]._actor_id
+        assert start_retrieval_actors(1, namespace=namespace)[0]._actor_id == handles[0]._actor_id  # attached
+        with pytest.raises(ValueError):
+            ray.get_actor("retrieval_worker_0", namespace=f"{namespace}-other")  # another run's namespace
+    finally:
+        for handle in handles:
+            ray.kill(handle)
+
+
 def test_local_ray_listens_on_loopback_only(ray_local):
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
