@@ -203,6 +203,7 @@ def test_real_minilm_declares_mean_pooling_and_cosine_similarity(pretrained):
     assert (encoder.pooling, encoder.similarity, encoder.temperature) == ("mean", "cosine", 0.05)
 
 
+@needs_packages
 def test_real_minilm_mean_pooling_finds_the_passage(pretrained):
     tokenizer = AutoTokenizer.from_pretrained(pretrained["minilm"])
     model = BertModel.from_pretrained(pretrained["minilm"]).eval()
