@@ -246,18 +246,23 @@ class RagCheckpoint(ModelCheckpoint):
     it keeps, removed when Lightning removes that `.ckpt`: exports (and the KB versions they pin) stay as
     few as the checkpoints `save_top_k` keeps, however long the run."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._written: dict[str, Path] = {}  # .ckpt path -> the export this callback wrote beside it
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        if trainer.is_global_zero:
-            trainer.lightning_module.save_hf_checkpoint(export_dir(filepath, trainer.global_step))
+        export = export_dir(filepath, trainer.global_step)
+        if trainer.is_global_zero and not export.exists():  # one already there (e.g. an earlier run's) is not ours
+            trainer.lightning_module.save_hf_checkpoint(export)
+            self._written[filepath] = export
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
-        step = checkpoint_step(filepath)
+        export = self._written.pop(filepath, None)
         kept = {checkpoint_step(p) for p in [*self.best_k_models, self.last_model_path] if p}
-        export = export_dir(filepath, step)
-        # Only an export of this toolkit (it holds kb_version.json) that no kept checkpoint shares.
-        if trainer.is_global_zero and step is not None and step not in kept and (export / "kb_version.json").is_file():
+        # Only an export this callback wrote in this run (it holds kb_version.json) that no kept checkpoint shares.
+        if export is not None and checkpoint_step(filepath) not in kept and (export / "kb_version.json").is_file():
             shutil.rmtree(export)
 
 
