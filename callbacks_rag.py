@@ -16,6 +16,7 @@ import torch
 from datasets import load_from_disk
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from ray.exceptions import RayActorError
 
 from kb_encode_utils import (
     IndexConfig,
@@ -27,6 +28,8 @@ from kb_encode_utils import (
     shard_bounds,
 )
 from rag_encoders import encoder_factory
+
+ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
 
 
 class RefreshState(str, Enum):
@@ -54,6 +57,7 @@ class KBRefreshCallback(pl.Callback):
         encode_batch_size: int = 64,
         keep_versions: int = 3,
         refresh_before_validation: bool = False,
+        max_failures: int = 3,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -65,6 +69,7 @@ class KBRefreshCallback(pl.Callback):
         self.encode_batch_size = encode_batch_size
         self.keep_versions = keep_versions
         self.refresh_before_validation = refresh_before_validation
+        self.max_failures = max_failures
         self.state = RefreshState.IDLE
         self.encoders: list = []
         self.builder = None
@@ -79,6 +84,9 @@ class KBRefreshCallback(pl.Callback):
         self.history: list[dict] = []
         self.skipped_triggers = 0
         self.failures = 0
+        self.consecutive_failures = 0
+        self.actor_restarts = 0  # encoding actors and builder that died and were restarted by Ray
+        self._pids: list[int | None] = []
 
     # --------------------------------------------------------------- start-up
 
@@ -90,7 +98,9 @@ class KBRefreshCallback(pl.Callback):
         base = pl_module.base_passages_path
         n_rows = len(load_from_disk(base))
         ctx = pl_module.context_encoder
-        options = {"num_cpus": 0}
+        # Ray restarts a dead encoder or builder (a fresh process, same constructor arguments) and runs the
+        # task it was doing again there; a task that fails ACTOR_TASK_RETRIES more times fails the refresh.
+        options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
         if self.index_gpus > ray.cluster_resources().get("GPU", 0):
             rank_zero_warn(f"--index_gpus {self.index_gpus}: the Ray cluster has fewer GPUs; encoding on CPU")
             self.index_gpus = 0
@@ -101,7 +111,7 @@ class KBRefreshCallback(pl.Callback):
             remote_cls.remote(base, start, end, pl_module.context_tokenizer, encoder_factory(ctx), ctx.config)
             for start, end in shard_bounds(n_rows, self.index_workers)
         ]
-        self.builder = ray.remote(KBBuilder).options(num_cpus=0).remote()
+        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote()
         rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {n_rows} passages")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -117,8 +127,25 @@ class KBRefreshCallback(pl.Callback):
         # Actors start (imports, tokenising their shard) while the sanity check runs; waiting here once
         # keeps that start-up out of the first refresh's timings.
         if trainer.is_global_zero:
-            actors = [*self.encoders, self.builder]
-            ray.wait([a.__ray_ready__.remote() for a in actors], num_returns=len(actors))
+            self._pids = self._actor_pids()
+
+    def _actor_pids(self, timeout: float | None = None) -> list[int | None]:
+        """Each actor's process id (None if it does not answer in time): a new one means Ray restarted it."""
+        refs = [a.__ray_call__.remote(_process_id) for a in [*self.encoders, self.builder]]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        pids = []
+        for ref in refs:
+            try:
+                pids.append(ray.get(ref, timeout=0))
+            except Exception:  # still restarting, or gone: looked at again after the next refresh
+                pids.append(None)
+        return pids
+
+    def _count_restarts(self) -> None:
+        pids = self._actor_pids(timeout=30)
+        self.actor_restarts += sum(old is not None and new is not None and old != new
+                                   for old, new in zip(self._pids, pids))  # fmt: skip
+        self._pids = [new if new is not None else old for old, new in zip(self._pids, pids)]
 
     # --------------------------------------------------------------- the state machine
 
@@ -132,6 +159,9 @@ class KBRefreshCallback(pl.Callback):
             if step > 0 and step - self._last_trigger_step >= self.indexing_freq:
                 self._last_trigger_step = step
                 self._trigger(trainer, pl_module)
+            restarts = self.actor_restarts + pl_module.retriever.actor_restarts
+            pl_module.log_dict({"refresh_failures": float(self.failures), "actor_restarts": float(restarts)},
+                               rank_zero_only=True)  # fmt: skip
         pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
 
@@ -170,15 +200,33 @@ class KBRefreshCallback(pl.Callback):
             elif self.state is RefreshState.SWAPPING:
                 done, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
                 if len(done) == len(self._pending):
-                    ray.get(self._pending)
+                    for ref in self._pending:
+                        try:
+                            ray.get(ref)
+                        except RayActorError:  # restarted empty: activate() loads the new version there
+                            pass
                     self._finish_swap(trainer, pl_module)
-        except Exception as err:  # a failed refresh must not kill hours of training
-            self.failures += 1
-            self.state = RefreshState.IDLE
-            rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{pl_module.kb.version}: {err!r}")
+        except Exception as err:  # one failed refresh must not kill hours of training; several in a row do
+            self._failed(pl_module, err)
+
+    def _failed(self, pl_module, err: Exception) -> None:
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.state = RefreshState.IDLE
+        self._count_restarts()
+        cause = getattr(err, "cause", None) or err  # the error inside an actor, without Ray's wrapper
+        cause = f"{type(cause).__name__}: {cause}"
+        if self.consecutive_failures >= self.max_failures:
+            raise RuntimeError(
+                f"KB refresh failed {self.consecutive_failures} times in a row; stopping rather than training on "
+                f"an index that no longer moves (v{pl_module.kb.version}, --max_refresh_failures "
+                f"{self.max_failures}). Last error: {cause}"
+            ) from err
+        rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{pl_module.kb.version}; retried at "
+                       f"the next trigger: {cause}")  # fmt: skip
 
     def _finish_swap(self, trainer, pl_module) -> None:
-        pl_module.retriever.activate(self._new_kb.version)
+        pl_module.retriever.activate(self._new_kb)
         pl_module.kb = self._new_kb
         seconds = time.perf_counter() - self._trigger_time
         record = {
@@ -190,10 +238,11 @@ class KBRefreshCallback(pl.Callback):
         }
         self.history.append(record)
         self.state = RefreshState.IDLE
-        saved = {
-            json.loads(p.read_text())["version"] for p in Path(pl_module.hparams.output_dir).glob("*/kb_version.json")
-        }
-        prune_versions(self.kb_root, self.keep_versions, protect=saved | {self._new_kb.version})
+        self.consecutive_failures = 0
+        self._count_restarts()
+        created = {r["version"] for r in self.history}  # by this run, resumed parts included: nothing else
+        pinned = pinned_kb_versions(pl_module.hparams.output_dir)
+        prune_versions(self.kb_root, self.keep_versions, protect=pinned | {self._new_kb.version}, only=created)
         rank_zero_info(f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step} ({seconds:.2f}s)")
         # Straight to the loggers: this also runs from on_train_end, where self.log is not allowed.
         metrics = pl_module.retrieval_metrics("val")
@@ -215,6 +264,11 @@ class KBRefreshCallback(pl.Callback):
             for actor in [*self.encoders, self.builder]:
                 ray.kill(actor)
             self.encoders, self.builder = [], None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        for actor in [*self.encoders, self.builder] if trainer.is_global_zero and self.builder else []:
+            ray.kill(actor)
+        self.encoders, self.builder = [], None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         """With refresh_before_validation: validate (and so checkpoint and test) against an index re-encoded
@@ -241,29 +295,83 @@ class KBRefreshCallback(pl.Callback):
         self._restored = state_dict
 
 
-class RagCheckpoint(ModelCheckpoint):
-    """Lightning's checkpointing, plus a transformers-format export `checkpoint<step>/` beside every `.ckpt`
-    it keeps, removed when Lightning removes that `.ckpt`: exports (and the KB versions they pin) stay as
-    few as the checkpoints `save_top_k` keeps, however long the run."""
+def _process_id(actor) -> int:
+    return os.getpid()
 
-    def __init__(self, *args, **kwargs):
+
+def pinned_kb_versions(output_dir: str | os.PathLike) -> set[int]:
+    """KB versions that the checkpoints in `output_dir` were saved with: pruning never deletes them."""
+    out = Path(output_dir)
+    files = [*out.glob("*/kb_version.json"), *out.glob("*.kb_version.json")]
+    return {json.loads(p.read_text())["version"] for p in files}
+
+
+class RagCheckpoint(ModelCheckpoint):
+    """Lightning's checkpointing, written to a temporary name and renamed (a crash never leaves a torn
+    `.ckpt`), with `<name>.kb_version.json` beside each one (the KB version its weights were trained
+    against, which pruning spares) and, with `export`, a transformers-format `checkpoint<step>/` that is
+    removed when Lightning removes its `.ckpt`: exports stay as few as the checkpoints kept."""
+
+    def __init__(self, *args, export: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
+        self.export = export
         self._written: dict[str, Path] = {}  # .ckpt path -> the export this callback wrote beside it
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
+        tmp = f"{filepath}.tmp"
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+            kb = getattr(trainer.lightning_module, "kb", None)
+            if kb is not None:
+                _write_atomically(kb_pin_path(filepath), json.dumps(vars(kb), indent=1))
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
         export = export_dir(filepath, trainer.global_step)
-        if trainer.is_global_zero and not export.exists():  # one already there (e.g. an earlier run's) is not ours
+        if self.export and trainer.is_global_zero and not export.exists():  # an earlier run's is not ours
             trainer.lightning_module.save_hf_checkpoint(export)
             self._written[filepath] = export
 
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            kb_pin_path(filepath).unlink(missing_ok=True)
         export = self._written.pop(filepath, None)
         kept = {checkpoint_step(p) for p in [*self.best_k_models, self.last_model_path] if p}
         # Only an export this callback wrote in this run (it holds kb_version.json) that no kept checkpoint shares.
         if export is not None and checkpoint_step(filepath) not in kept and (export / "kb_version.json").is_file():
             shutil.rmtree(export)
+
+
+class LastCheckpoint(RagCheckpoint):
+    """`last.ckpt` only: every N optimizer steps, at the end of training, and when training stops on an
+    exception (Ctrl-C, a refresh that keeps failing), so a run resumes from where it stopped."""
+
+    def __init__(self, dirpath: str, every_n_steps: int):
+        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps,
+                         save_on_exception=True, export=False)  # fmt: skip
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._should_save_on_exception(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def kb_pin_path(filepath: str) -> Path:
+    """`<name>.kb_version.json` beside `<name>.ckpt`."""
+    return Path(filepath).with_suffix(".kb_version.json")
 
 
 def checkpoint_step(filepath: str) -> int | None:
@@ -290,6 +398,12 @@ def get_checkpoint_callback(output_dir: str, metric: str = "em", save_top_k: int
         save_top_k=save_top_k,
         auto_insert_metric_name=False,
     )
+
+
+def get_last_checkpoint_callback(output_dir: str, every_n_steps: int) -> LastCheckpoint:
+    """`last.ckpt` every `every_n_steps` optimizer steps and at the end of training: the point `--resume`
+    continues from (optimizer, scheduler, step, KB version and refresh history included)."""
+    return LastCheckpoint(output_dir, every_n_steps)
 
 
 def get_early_stopping_callback(metric: str, patience: int) -> EarlyStopping:

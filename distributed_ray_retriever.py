@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import faiss
@@ -13,12 +15,17 @@ import numpy as np
 import ray
 from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
+from ray.exceptions import RayActorError
 from transformers import RagRetriever
 from transformers.models.rag.retrieval_rag import Index
 
 from kb_encode_utils import KBVersion
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
+# A dead actor comes back within seconds (a new process that imports faiss and loads the KB): 40 tries
+# 0.5 s apart ride that out, or go round the other actors.
+MAX_RETRIEVAL_ATTEMPTS = 40
+RETRY_PAUSE_S = 0.5
 
 
 def init_ray(address: str | None = None, namespace: str = "rag") -> None:
@@ -27,7 +34,10 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
         return
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        check_reachable(address)
+        # The cluster's workers import this toolkit's modules from the same path (a shared or identical checkout).
+        here = os.path.dirname(os.path.abspath(__file__))
+        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": {"PYTHONPATH": here}})
         return
     # Keep every Ray listener on 127.0.0.1: `_node_ip_address` alone does not. Ray reads this variable
     # when it is imported, so set it for the processes ray.init starts and patch the imported constant.
@@ -39,6 +49,20 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
     os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
     ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at a `host:port` Ray address (ray.init would retry for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"--ray_address {address}: nothing answers there ({err}). Start the head node with "
+            f"`ray start --head --port {port}` on {host}, or leave --ray_address out to start a local Ray."
+        ) from None
 
 
 @dataclass
@@ -76,8 +100,11 @@ class RetrievalActor:
             self._staged[kb.version] = loaded
         return kb.version
 
-    def activate(self, version: int) -> int:
+    def activate(self, version: int, kb: KBVersion | None = None) -> int:
+        """Make staged `version` live; a restarted actor, which lost what was staged, loads `kb` instead."""
         with self._lock:
+            if version not in self._staged and kb is not None and kb.version == version:
+                self._staged[version] = self._load(kb)
             self._live = self._staged.pop(version)
             self._staged = {v: kb for v, kb in self._staged.items() if v > version}
         return version
@@ -95,9 +122,13 @@ class RetrievalActor:
     def request_count(self) -> int:
         return self.requests
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
+    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, fallback: KBVersion | None = None):
+        """Top-`n_docs` passages of the live version; an actor Ray restarted (so empty) first loads `fallback`."""
         self.requests = next(self._requests)
         kb = self._live  # read the pointer once: the whole answer comes from this version
+        if kb is None and fallback is not None:
+            self.ensure_live(fallback)
+            kb = self._live
         if kb is None:
             raise RuntimeError("no knowledge-base version is loaded in this retrieval actor")
         queries = np.ascontiguousarray(question_hidden_states, dtype=np.float32)
@@ -106,13 +137,15 @@ class RetrievalActor:
         ids = np.where(ids < 0, ids[:, :1], ids)
         docs = [kb.passages[row.tolist()] for row in ids]
         embeds = np.stack([d.pop("embeddings") for d in docs]).astype(np.float32)
-        return embeds, ids, docs, kb.info.version
+        return embeds, ids, docs, kb.info
 
 
 def start_retrieval_actors(n: int, ef_search: int = 128, namespace: str = "rag") -> list:
-    """Create (or, from other ranks, attach to) the actors `retrieval_worker_<i>` of Ray namespace `namespace`."""
+    """Create (or, from other ranks, attach to) the actors `retrieval_worker_<i>` of Ray namespace `namespace`.
+    Ray restarts one that dies (a fresh, empty process); the retriever reloads it on its next call."""
     # Two threads: a search can run while a new version is staged; num_cpus=0 because they mostly wait.
-    options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace}
+    options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace,
+               "max_restarts": -1}  # fmt: skip
     remote_cls = ray.remote(RetrievalActor)
     return [remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search) for i in range(n)]
 
@@ -125,7 +158,9 @@ class _RemoteIndex(Index):
 
 
 class RagRayDistributedRetriever(RagRetriever):
-    """A `RagRetriever` whose searches run in the Ray retrieval actors, spread round-robin."""
+    """A `RagRetriever` whose searches run in the Ray retrieval actors, spread round-robin. A call whose
+    actor died is retried on the next actor (or the same one once Ray has restarted it), so training never
+    sees the death; `actor_restarts` counts the actors that came back."""
 
     def __init__(self, config, question_encoder_tokenizer, generator_tokenizer, actor_handles, rank: int = 0):
         if not actor_handles:
@@ -135,25 +170,55 @@ class RagRayDistributedRetriever(RagRetriever):
         )
         self.actors = list(actor_handles)
         self._next = rank  # ranks start at different actors so their requests interleave
+        self.live_kb: KBVersion | None = None  # the newest version this rank has seen served or made live
         self.last_version: int | None = None
+        self.actor_restarts = 0
+        self._dead: set[int] = set()  # actors whose last call failed because they died
 
     def init_retrieval(self, kb: KBVersion | None = None) -> int:
         """Make sure every actor serves a version, loading `kb` (default: the config's paths) if none."""
         kb = kb or KBVersion(0, self.config.passages_path, self.config.index_path)
+        self.live_kb = self.live_kb or kb
         versions = ray.get([a.ensure_live.remote(kb) for a in self.actors])
         return max(versions)
 
     def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
-        actor = self.actors[self._next % len(self.actors)]
-        self._next += 1
-        embeds, ids, docs, version = ray.get(actor.retrieve.remote(question_hidden_states, n_docs))
-        self.last_version = version
-        return embeds, ids, docs
+        error = None
+        for _ in range(MAX_RETRIEVAL_ATTEMPTS):
+            i = self._next % len(self.actors)
+            self._next += 1
+            try:
+                embeds, ids, docs, kb = ray.get(self.actors[i].retrieve.remote(question_hidden_states, n_docs,
+                                                                              self.live_kb))  # fmt: skip
+            except RayActorError as err:  # died mid-call, or restarting: Ray brings it back, we move on
+                self._dead.add(i)
+                error = err
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            if i in self._dead:
+                self._dead.discard(i)
+                self.actor_restarts += 1
+            if self.live_kb is None or kb.version >= self.live_kb.version:
+                self.live_kb = kb
+            self.last_version = kb.version
+            return embeds, ids, docs
+        raise RuntimeError(f"no retrieval actor answered in {MAX_RETRIEVAL_ATTEMPTS} attempts") from error
 
     def stage(self, kb: KBVersion) -> list:
-        """Start loading `kb` in every actor; returns the object refs to poll."""
+        """Start loading `kb` in every actor; returns the object refs to poll (an actor that dies meanwhile
+        loads it in `activate`)."""
         return [a.stage.remote(kb) for a in self.actors]
 
-    def activate(self, version: int) -> None:
-        """Switch every actor to a staged version (milliseconds: a pointer assignment each)."""
-        ray.get([a.activate.remote(version) for a in self.actors])
+    def activate(self, kb: KBVersion) -> None:
+        """Switch every actor to `kb` (milliseconds: a pointer assignment each, for actors that staged it)."""
+        for i, actor in enumerate(self.actors):
+            for attempt in range(MAX_RETRIEVAL_ATTEMPTS):
+                try:
+                    ray.get(actor.activate.remote(kb.version, kb))
+                    break
+                except RayActorError:
+                    if attempt == MAX_RETRIEVAL_ATTEMPTS - 1:
+                        raise
+                    self._dead.add(i)
+                    time.sleep(RETRY_PAUSE_S)
+        self.live_kb = kb

@@ -16,9 +16,11 @@ import uuid
 import warnings
 from pathlib import Path
 
+import faiss
 import pytorch_lightning as pl
 import ray
 import torch
+from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
@@ -40,6 +42,7 @@ from callbacks_rag import (
     Seq2SeqLoggingCallback,
     get_checkpoint_callback,
     get_early_stopping_callback,
+    get_last_checkpoint_callback,
 )
 from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
@@ -61,6 +64,9 @@ MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequence
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
               "polynomial": "polynomial"}  # fmt: skip
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "log_temperature")
+MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
+               "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
+RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
 DUMMY_KB = ("test_run/dummy-kb/my_knowledge_dataset", "test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
 
 
@@ -81,6 +87,8 @@ class GenerativeQAModule(pl.LightningModule):
         for path in (hp.passages_path, hp.index_path):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
+        for flag in MODEL_FLAGS:
+            check_model_path(flag, getattr(hp, flag))
         self.is_causal = hp.generator_type == "causal"
         if hp.model_name_or_path and not self.is_causal and (hp.question_pooling or hp.shared_encoder):
             raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
@@ -88,7 +96,9 @@ class GenerativeQAModule(pl.LightningModule):
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
 
         init_ray(hp.ray_address, hp.ray_namespace)
-        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search, hp.ray_namespace)
+        # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
+        self.ray_namespace = f"{hp.ray_namespace}-{hp.run_id}"
+        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search, self.ray_namespace)
         self.tokenizer, config = self._load_tokenizer_and_config()
         self.retriever = RagRayDistributedRetriever(
             config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, local_rank_from_env()
@@ -99,6 +109,7 @@ class GenerativeQAModule(pl.LightningModule):
         self.similarity = encoder_similarity(self.model.rag.question_encoder)
         q_name = hp.question_encoder_name_or_path or hp.model_name_or_path
         check_kb_similarity(hp.passages_path, f"the question encoder {q_name}", self.similarity)
+        check_kb(hp.passages_path, hp.index_path, self.model.rag.question_encoder.config.hidden_size, config.n_docs)
         self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0, similarity=self.similarity)
         self.retriever.init_retrieval(self.kb)
         config_prefix = getattr(self.model.rag.question_encoder.config, "prefix", None)
@@ -423,7 +434,7 @@ class GenerativeQAModule(pl.LightningModule):
             return
         if self.global_rank == 0:  # the actors are shared: one rank swaps them
             ray.get(self.retriever.stage(kb))
-            self.retriever.activate(kb.version)
+            self.retriever.activate(kb)
         self.kb = kb
         self.trainer.strategy.barrier("kb_swapped")  # no rank retrieves from the old version after this
 
@@ -455,6 +466,95 @@ def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
     """Answers of every rank's (line, answer) rows in line order; a line that DistributedSampler gave two
     ranks (it pads shards to equal length) is kept once."""
     return [answer for _, answer in sorted(dict(row for shard in shards for row in shard).items())]
+
+
+def check_model_path(flag: str, name: str | None) -> None:
+    """Refuse a local model directory that does not exist, instead of letting the hub call it a bad repo id."""
+    if not name or Path(name).exists():
+        return
+    parent = Path(name).expanduser().parent
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
+        raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")
+
+
+def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:
+    """Refuse a KB that cannot serve this model before any work: no embeddings, another vector size, fewer
+    passages than --n_docs, or an index that does not match its passages."""
+    passages = load_from_disk(passages_path)
+    if "embeddings" not in passages.column_names:
+        raise ValueError(f"{passages_path}: no `embeddings` column (columns: {', '.join(passages.column_names)}); "
+                         "build the KB with use_own_knowledge_dataset.py")  # fmt: skip
+    kb_dim = len(passages[0]["embeddings"])
+    if kb_dim != dim:
+        raise ValueError(f"{passages_path}: embeddings of size {kb_dim}, the question encoder makes {dim}: "
+                         "re-encode the KB with the matching context encoder")  # fmt: skip
+    if n_docs > len(passages):
+        raise ValueError(f"--n_docs {n_docs} is more than the {len(passages)} passages of {passages_path}")
+    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    if index.d != kb_dim or index.ntotal != len(passages):
+        raise ValueError(f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
+                         f"of size {kb_dim} in {passages_path}: build them together")  # fmt: skip
+
+
+RUN_FILES = ("*.ckpt", "*.kb_version.json", "checkpoint*", "metrics.json", "test_results.txt",
+             "test_generations.txt", "logs", "kb")  # fmt: skip
+
+
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Every split the run will read exists, before hours of training reach the test pass."""
+    splits = [*(["train", "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
+    names = [f"{split}.{ext}" for split in splits for ext in ("source", "target")]
+    missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--data_dir {args.data_dir} lacks {', '.join(missing)}")
+
+
+def prepare_output_dir(args: argparse.Namespace) -> None:
+    """Refuse to train into an earlier run's directory unless told to continue it (--resume) or start over
+    (--overwrite_output_dir: its files move to OUTPUT/previous_runs/, nothing is deleted)."""
+    out = Path(args.output_dir)
+    if args.resume and not args.resume_from_checkpoint:
+        args.resume_from_checkpoint = newest_checkpoint(out)
+    if not args.do_train or args.resume_from_checkpoint or not is_first_process():
+        return
+    earlier = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)}) if out.is_dir() else []
+    if not earlier:
+        return
+    if not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"--output_dir {out} holds an earlier run ({', '.join(earlier[:6])}): pass --resume to continue it, "
+            "--overwrite_output_dir to start over (its files move to OUTPUT/previous_runs/), or another directory"
+        )
+    dest = out / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for name in earlier:
+        (out / name).rename(dest / name)
+    print(f"--overwrite_output_dir: the earlier run's files are in {dest}")
+
+
+def newest_checkpoint(output_dir: Path) -> str:
+    """`last.ckpt` if the run wrote one, else its newest checkpoint."""
+    if (output_dir / "last.ckpt").is_file():
+        return str(output_dir / "last.ckpt")
+    found = sorted(output_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint (*.ckpt) in {output_dir}")
+    return str(found[-1])
+
+
+def is_first_process() -> bool:
+    """Global rank 0 before the Trainer exists (Lightning's and torchrun's launchers set these variables)."""
+    return all(int(os.environ.get(name, 0)) == 0 for name in ("RANK", "NODE_RANK", "LOCAL_RANK"))
+
+
+def resolve_run_id(run_id: str | None) -> str:
+    """The id that names this run's Ray actors: the flag, else the one the first process of this run exported
+    (DDP ranks re-run this script), else the launcher's job id, else a new one."""
+    run_id = run_id or (None if is_first_process() else os.environ.get(RUN_ID_ENV))
+    run_id = run_id or os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    os.environ[RUN_ID_ENV] = run_id
+    return run_id
 
 
 # ---------------------------------------------------------------------- command line
@@ -570,6 +670,8 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refresh_before_validation", action="store_true",
                    help="re-encode the KB with the current weights (training waits) before every validation, so "
                    "validation, the checkpoint and the test pass use an index that is not stale")  # fmt: skip
+    g.add_argument("--max_refresh_failures", type=int, default=3,
+                   help="stop the run after this many KB refreshes in a row fail")  # fmt: skip
     g.add_argument("--keep_kb_versions", type=int, default=3,
                    help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all")  # fmt: skip
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
@@ -579,7 +681,9 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("ray")
     g.add_argument("--ray_address", "--ray-address", default=None,
                    help="join this Ray cluster (e.g. auto); default: start a local Ray on loopback")  # fmt: skip
-    g.add_argument("--ray_namespace", default="rag")
+    g.add_argument("--ray_namespace", default="rag", help="prefix of this run's Ray namespace, RAY_NAMESPACE-RUN_ID")
+    g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
+                   "every node of a multi-node run the same one")  # fmt: skip
     g.add_argument("--num_retrieval_workers", type=int, default=1)
     g.add_argument("--distributed-port", dest="distributed_port", type=int, default=-1, help="unused")
 
@@ -614,6 +718,11 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", "--gradient_clip_val", dest="gradient_clip_val", type=float, default=1.0)
     g.add_argument("--profile", action="store_true", help="attach Lightning's simple profiler")
     g.add_argument("--resume_from_checkpoint", default=None, help="a Lightning .ckpt to resume from")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last.ckpt")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/")  # fmt: skip
+    g.add_argument("--save_last_every_n_steps", type=int, default=50,
+                   help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -634,8 +743,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"--passages_path {args.passages_path} --index_path {args.index_path}")  # fmt: skip
     if args.retrieval_temperature is not None and args.retrieval_temperature <= 0:
         parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
+    if args.indexing_freq is not None and args.indexing_freq < 1:
+        parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
     if args.indexing_freq and not args.end2end:
         warnings.warn("--indexing_freq without --end2end: the context encoder is frozen, so no refresh", stacklevel=1)
+    if args.end2end and not args.indexing_freq:
+        warnings.warn("--end2end without --indexing_freq: the KB is never re-encoded while the context encoder "
+                      "learns", stacklevel=1)  # fmt: skip
+    if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
+        parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
+    # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
+    for name in ("passages_path", "index_path", "output_dir", "data_dir"):
+        setattr(args, name, os.path.abspath(getattr(args, name)))
+    args.run_id = resolve_run_id(args.run_id)
     if args.index_workers is None:
         args.index_workers = max(1, args.index_gpus)
     val = args.val_check_interval
@@ -690,6 +810,8 @@ def build_loggers(args: argparse.Namespace) -> list:
 
 def main(args: argparse.Namespace) -> GenerativeQAModule:
     pl.seed_everything(args.seed, workers=True)
+    check_data_dir(args)
+    prepare_output_dir(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model = GenerativeQAModule(args)
     if not (args.do_train or args.do_predict):
@@ -698,6 +820,7 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
 
     callbacks = [
         get_checkpoint_callback(args.output_dir, "em"),
+        get_last_checkpoint_callback(args.output_dir, args.save_last_every_n_steps),
         Seq2SeqLoggingCallback(),
         LearningRateMonitor(logging_interval="step"),
     ]
@@ -715,6 +838,7 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
                 args.encode_batch_size,
                 args.keep_kb_versions,
                 args.refresh_before_validation,
+                args.max_refresh_failures,
             )
         )
     trainer = pl.Trainer(

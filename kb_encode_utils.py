@@ -4,11 +4,13 @@ save knowledge-base versions atomically (written under a temporary name, then re
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
 import shutil
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import torch
 from datasets import Dataset, load_from_disk
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
+
+from utils_rag import MAX_LINE_CHARS, InputError, encoding_error
 
 READY_MARKER = "READY.json"  # written last: a version directory without it is incomplete
 VERSION_DIR_RE = re.compile(r"^v(\d{4,})$")
@@ -35,26 +39,137 @@ def split_text(text: str, n: int = 100, character: str = " ") -> list[str]:
     return [character.join(words[i : i + n]).strip() for i in range(0, len(words), n)]
 
 
+KB_FIELDS = ("title", "text")
+_UNQUOTED_FIELD = re.compile(r"[^\t\r\n]*")
+_NEWLINE = re.compile(r"\r\n?|\n")  # how a file opened with newline="" splits lines, hence csv's line_num
+
+
+def _field_name(column: int) -> str:
+    """`title` (column 1), `text` (column 2), else just the column."""
+    return f"field `{KB_FIELDS[column - 1]}` (column {column})" if column <= len(KB_FIELDS) else f"column {column}"
+
+
+def _closing_quote_end(raw: str, pos: int) -> int | None:
+    """End of the quoted field that opens at `raw[pos]` (doubled quotes are part of it), None when unclosed."""
+    pos += 1
+    while (pos := raw.find('"', pos)) >= 0:
+        if raw[pos + 1 : pos + 2] != '"':
+            return pos + 1
+        pos += 2
+    return None
+
+
+def _quote_fix(field: str) -> str:
+    """How to write a field that starts with a quote (`field`: as typed) so that it reads back as typed."""
+    example = field if len(field) <= 60 else '"hi" she said'
+    quoted = '"' + example.replace('"', '""') + '"'
+    return f"quote the whole field and double each quote inside it: write `{example}` as `{quoted}`"
+
+
+def _merged_lines_error(where: str, first: int, last: int, typed: str) -> InputError:
+    """A field that opens a quote which a later line closes: the lines between became one field."""
+    return InputError(
+        f'{where} starts with a quote (") that is not closed on that line, so lines {first}-{last} were read as one '
+        f"field (documents merged into one); if the quote is part of the text, {_quote_fix(typed)}"
+    )
+
+
+def _row_error(path: Path, start: int, raw: str, error: csv.Error) -> InputError:
+    """Explain a csv error in the row that starts on line `start` (`raw`: its lines read so far): the first field
+    that opens a quote it does not close cleanly, or one over MAX_LINE_CHARS."""
+    pos, column, line = 0, 1, start
+    while pos < len(raw):
+        typed = _UNQUOTED_FIELD.match(raw, pos).group()  # a quoted field as typed: up to the end of its line or a tab
+        quoted = raw[pos] == '"'
+        closed = _closing_quote_end(raw, pos) if quoted else pos + len(typed)
+        end = len(raw) if closed is None else closed
+        where, lines = f"{path}:{line}: {_field_name(column)}", len(_NEWLINE.findall(raw, pos, end))
+        if end - pos > MAX_LINE_CHARS:
+            stray = f'; it starts with a quote (") not closed on that line: {_quote_fix(typed)}'
+            return InputError(
+                f"{where} is over the limit of {MAX_LINE_CHARS:,} characters (utils_rag.MAX_LINE_CHARS)"
+                + (stray if quoted and lines else "; split it into several documents")
+            )
+        if closed is None:
+            return InputError(
+                f'{where} starts with a quote (") that is never closed, so every line after it would be read '
+                f"into that field; if the quote is part of the text, {_quote_fix(typed)}"
+            )
+        if quoted and lines:
+            return _merged_lines_error(where, line, line + lines, typed)
+        if quoted and end < len(raw) and raw[end] not in "\t\r\n":
+            return InputError(
+                f'{where} starts with a quote (") that closes before the field ends, so the quotes would be lost; '
+                f"{_quote_fix(typed)}"
+            )
+        line += lines
+        if raw[end : end + 1] != "\t":
+            break
+        pos, column = end + 1, column + 1
+    return InputError(f"{path}:{start}: malformed row ({error})")
+
+
+def _check_row(path: Path, row: list[str], start: int) -> tuple[str, str]:
+    """The (title, text) of a parsed row that starts on line `start`, or the error that names its line and field."""
+    line = start
+    for column, field in enumerate(row, start=1):
+        if "\t" in field and _NEWLINE.search(field):  # only a quote can put both in a field
+            typed = '"' + re.split(r"[\t\r\n]", field, maxsplit=1)[0]
+            last = line + len(_NEWLINE.findall(field))
+            raise _merged_lines_error(f"{path}:{line}: {_field_name(column)}", line, last, typed)
+        line += len(_NEWLINE.findall(field))
+    if not row or all(not field.strip() for field in row):
+        raise InputError(f"{path}:{start}: empty line; every line must be `title<TAB>text`")
+    if len(row) != 2:
+        raise InputError(f"{path}:{start}: expected 2 tab-separated fields (title, text), found {len(row)}")
+    title, text = row
+    if not text.strip():
+        raise InputError(f"{path}:{start}: field `text` (column 2) is empty")
+    if "\x00" in title or "\x00" in text:
+        raise encoding_error(path)
+    return title.strip(), text.strip()
+
+
 def read_kb_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
-    """Read a tab-separated `title<TAB>text` file (no header), failing on the first bad row."""
+    """Read a tab-separated UTF-8 `title<TAB>text` file (no header), failing on the first bad row with its line and
+    field; warns about duplicate documents, which would be retrieved side by side."""
     path = Path(csv_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: knowledge-base CSV not found (expected `title<TAB>text` lines)")
-    docs = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not field.strip() for field in row):
-                raise ValueError(f"{path}:{line}: empty line; every line must be `title<TAB>text`")
-            if len(row) != 2:
-                raise ValueError(f"{path}:{line}: expected 2 tab-separated fields (title, text), found {len(row)}")
-            title, text = row
-            if not text.strip():
-                raise ValueError(f"{path}:{line}: field `text` (column 2) is empty")
-            docs.append((title.strip(), text.strip()))
+    docs, first_line, duplicates = [], {}, []
+    limit = csv.field_size_limit(MAX_LINE_CHARS)  # process-wide: restored below
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            # strict: a field that opens a quote and closes it before its end is an error, not silently unquoted
+            reader = csv.reader(f, delimiter="\t", strict=True)
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    f.seek(0)
+                    raw = "".join(itertools.islice(f, start - 1, reader.line_num))
+                    raise _row_error(path, start, raw, e) from None
+                doc = _check_row(path, row, start)
+                if doc in first_line:
+                    duplicates.append((first_line[doc], start))
+                first_line.setdefault(doc, start)
+                docs.append(doc)
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
+    finally:
+        csv.field_size_limit(limit)
     if not docs:
-        raise ValueError(f"{path}: no documents found")
+        raise InputError(f"{path}: no documents found")
+    if duplicates:
+        first, again = duplicates[0]
+        warnings.warn(
+            f"{path}: {len(duplicates)} duplicate document(s) (same title and text), e.g. line {again} repeats line "
+            f"{first}; each copy becomes passages of its own, retrieved side by side",
+            stacklevel=2,
+        )
     return docs
 
 
@@ -284,12 +399,15 @@ def list_versions(kb_root: str | os.PathLike) -> list[KBVersion]:
     return sorted((v for v in found if v is not None), key=lambda v: v.version)
 
 
-def prune_versions(kb_root: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> list[int]:
-    """Delete all but the newest `keep` complete versions under `kb_root`, sparing `protect`
-    (versions that saved checkpoints name). Only our own `vNNNN` directories are ever touched."""
+def prune_versions(
+    kb_root: str | os.PathLike, keep: int, protect: set[int] = frozenset(), only: set[int] | None = None
+) -> list[int]:
+    """Delete all but the newest `keep` complete versions under `kb_root`, sparing `protect` (versions that
+    saved checkpoints name) and, when `only` is given, every version not in it (another run's)."""
     if keep < 1:
         return []
     old = [v for v in list_versions(kb_root)[:-keep] if v.version not in protect]
+    old = [v for v in old if only is None or v.version in only]
     for kb in old:
         shutil.rmtree(version_dir(kb_root, kb.version))  # a complete vNNNN that this toolkit wrote
     return [kb.version for kb in old]
@@ -312,16 +430,20 @@ def build_kb_version(
     if final.exists():
         raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
     tmp = _temporary_sibling(final)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         dataset.save_to_disk(str(tmp / "passages"))
         write_kb_info(tmp / "passages", similarity)
         faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
         kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
         (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
         os.rename(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written temporary directory
+        if isinstance(err, OSError):  # a full or read-only disk: say where, and the errno
+            raise OSError(err.errno, f"writing KB version {final} failed: {err}", err.filename) from err
+        if isinstance(err, RuntimeError):  # faiss's write errors carry no path
+            raise RuntimeError(f"writing KB version {final} failed: {err}") from err
         raise
     return kb
 

@@ -25,6 +25,7 @@ from prepare_squad import (
     TokenIndex,
     add_common_args,
     check_args,
+    check_output_dir,
     clean,
     dedupe_answers,
     write_outputs,
@@ -160,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_output_dir(args.output_dir, args.overwrite)
     docs, questions, stats = load_cmu_qa(args.input_dir)
     stats = write_outputs(docs, questions, args, {"input": str(args.input_dir), **stats})
     print(json.dumps(stats, indent=1))

@@ -24,17 +24,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
+import warnings
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from kb_encode_utils import read_kb_csv, split_documents, split_text
+from kb_encode_utils import _temporary_sibling, read_kb_csv, split_documents, split_text
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
 SPLITS = ("train", "val", "test")
+OUTPUT_FILES = ("kb.csv", *(f"{s}.{ext}" for s in SPLITS for ext in ("source", "target", "gold.jsonl")), "stats.json")
 MAX_TITLE_CHARS = 100
 
 
@@ -137,20 +140,57 @@ def read_distractors(paths: list[str]) -> list[Document]:
     return [Document(clean(t), clean(x)) for path in paths for t, x in read_kb_csv(path)]
 
 
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a file of an earlier run in `output_dir` unless `--overwrite`."""
+    out = Path(output_dir)
+    existing = [out / name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more of the files this script writes)" if len(existing) > 1 else ""
+        raise FileExistsError(
+            f"{existing[0]} already exists{more}; pass --overwrite to replace them or choose another --output_dir"
+        )
+
+
 def write_outputs(docs: list[Document], questions: list[Question], args: argparse.Namespace, extra_stats: dict) -> dict:
-    """Write kb.csv, the split files and stats.json; return the stats."""
+    """Write kb.csv, the split files and stats.json, each under a temporary name renamed into place once all are
+    written; return the stats."""
     out = Path(args.output_dir)
-    if (out / "kb.csv").exists() and not args.overwrite:
-        raise FileExistsError(f"{out / 'kb.csv'} already exists; pass --overwrite or choose another --output_dir")
+    check_output_dir(out, args.overwrite)
     distractors = read_distractors(args.distractor_csv or [])
     out.mkdir(parents=True, exist_ok=True)
+    tmp = {name: _temporary_sibling(out / name) for name in OUTPUT_FILES}
+    try:
+        stats = _write_files(docs, distractors, questions, args, extra_stats, tmp)
+        for name, path in tmp.items():
+            os.replace(path, out / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)  # our own temporary files, left only when writing failed
+    return stats
+
+
+def _write_files(
+    docs: list[Document],
+    distractors: list[Document],
+    questions: list[Question],
+    args: argparse.Namespace,
+    extra_stats: dict,
+    paths: dict[str, Path],
+) -> dict:
+    """Write every output file to `paths[name]` and return the stats."""
+    kb_path = Path(args.output_dir) / "kb.csv"
     kb = docs + distractors  # distractors last: the QA documents' passage ids do not move
     n_passages = [len(split_text(d.text, WORDS_PER_PASSAGE)) for d in kb]
     offsets = list(accumulate(n_passages, initial=0))
-    with (out / "kb.csv").open("w", newline="", encoding="utf-8") as f:
+    with paths["kb.csv"].open("w", newline="", encoding="utf-8") as f:
         csv.writer(f, delimiter="\t", lineterminator="\n").writerows((d.title, d.text) for d in kb)
-    if len(split_documents(read_kb_csv(out / "kb.csv"))) != offsets[-1]:  # the contract gold ids rely on
-        raise RuntimeError(f"{out / 'kb.csv'} does not read back as {offsets[-1]} passages")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        n_read = len(split_documents(read_kb_csv(paths["kb.csv"])))
+    for warning in caught:  # e.g. duplicate documents: name the file that the user gets
+        warnings.warn(str(warning.message).replace(str(paths["kb.csv"]), str(kb_path)), stacklevel=3)
+    if n_read != offsets[-1]:  # the contract gold ids rely on
+        raise RuntimeError(f"{kb_path} does not read back as {offsets[-1]} passages")
 
     titles = split_titles([q.title for q in questions], args.val_fraction, args.test_fraction, args.seed)
     rng = random.Random(args.seed)
@@ -166,19 +206,19 @@ def write_outputs(docs: list[Document], questions: list[Question], args: argpars
         rng.shuffle(chosen)
         chosen = chosen[: args.max_questions_per_split]
         gold = [q.gold_passage_ids(offsets) for q in chosen]
-        (out / f"{split}.source").write_text("".join(q.question + "\n" for q in chosen), encoding="utf-8")
-        (out / f"{split}.target").write_text("".join(q.answers[0] + "\n" for q in chosen), encoding="utf-8")
+        paths[f"{split}.source"].write_text("".join(q.question + "\n" for q in chosen), encoding="utf-8")
+        paths[f"{split}.target"].write_text("".join(q.answers[0] + "\n" for q in chosen), encoding="utf-8")
         rows = [
             {"id": q.id, "question": q.question, "answers": q.answers, "title": q.title, "gold_passage_ids": g}
             for q, g in zip(chosen, gold)
         ]
-        (out / f"{split}.gold.jsonl").write_text(
+        paths[f"{split}.gold.jsonl"].write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
         )
         stats["documents_per_split"][split] = sum(d.title in titles[split] for d in docs)
         stats["questions"][split] = len(chosen)
         stats["questions_without_gold_passage"][split] = sum(not g for g in gold)
-    (out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    paths["stats.json"].write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     return stats
 
 
@@ -280,6 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    check_output_dir(args.output_dir, args.overwrite)
     docs, questions, stats = load_squad(args.input)
     stats = write_outputs(docs, questions, args, {"input": str(args.input), **stats})
     print(json.dumps(stats, indent=1))

@@ -1,6 +1,7 @@
 """Dataset and SQuAD-style metrics for end-to-end RAG fine-tuning."""
 
 import ast
+import codecs
 import csv
 import json
 import re
@@ -16,20 +17,91 @@ from torch.utils.data import Dataset
 from transformers import RagTokenizer
 
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
+MAX_LINE_CHARS = 1_000_000  # a longer question, answer or KB field is a wrong file or a missing newline
+# Byte-order marks that tell a file's encoding, with the name iconv knows it by (it then drops the mark).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32LE", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32BE", "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16LE", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16BE", "UTF-16"),
+)
+
+
+class InputError(ValueError):
+    """A user's input file is malformed; the message names the file, the line and the field where there is one."""
+
+
+def guess_encoding(data: bytes) -> tuple[str, str] | None:
+    """(iconv name, why) of the encoding that bytes which are not UTF-8 look like, when it can be told cheaply:
+    a byte-order mark, NULs in every other byte (UTF-16 without a mark) or text that decodes as Windows-1252."""
+    for bom, name, iconv_name in _BOMS:
+        if data.startswith(bom):
+            return iconv_name, f"it starts with a {name} byte-order mark"
+    sample = data[:4096]
+    even, odd = sample[0::2].count(0), sample[1::2].count(0)
+    if max(even, odd) > len(sample) // 4:  # ASCII text in UTF-16: one byte of each pair is NUL
+        name = "UTF-16LE" if odd > even else "UTF-16BE"
+        return name, f"every other byte is NUL, as in {name} text without a byte-order mark"
+    try:
+        data.decode("cp1252")
+    except UnicodeDecodeError:
+        return None
+    return "CP1252", "it decodes as Windows-1252 (cp1252, which covers Latin-1's letters)"
+
+
+def encoding_error(path: str | Path) -> InputError:
+    """The error for a file that is not UTF-8 text: the first bad byte (or NUL) by line and byte offset, and the
+    encoding the file looks like, with the command that converts it."""
+    path = Path(path)
+    data = path.read_bytes()
+    start, end, what = len(data), len(data), "a NUL byte, which UTF-8 text never holds"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start, end, what = e.start, e.end, "not UTF-8"
+    nul = data.find(b"\x00")
+    if 0 <= nul < start:
+        start, end, what = nul, nul + 1, "a NUL byte, which UTF-8 text never holds"
+    if start == len(data):
+        return InputError(f"{path}: cannot be read as UTF-8 text")
+    line = data.count(b"\n", 0, start) + 1
+    column = start - data.rfind(b"\n", 0, start)
+    shown = " ".join(f"0x{b:02x}" for b in data[start : min(end, start + 4)])
+    message = f"{path}:{line}: {what}: {shown} at byte offset {start} (byte {column} of line {line})"
+    guess = guess_encoding(data)
+    if data[start] == 0 and (guess is None or guess[0] == "CP1252"):  # a NUL in text that is otherwise fine
+        return InputError(f"{message}; remove it (is this a binary file?)")
+    if guess is None:
+        return InputError(f"{message}; re-save the file as UTF-8")
+    name, why = guess
+    fixed = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    return InputError(f"{message}; {why}: convert it to UTF-8, e.g. `iconv -f {name} -t UTF-8 {path} > {fixed}`")
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Read a one-example-per-line file, rejecting blank lines so source/target stay aligned."""
+    """Read a one-example-per-line UTF-8 file, rejecting blank and over-long lines so source/target stay aligned."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected a UTF-8 text file with one example per line")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    try:
+        # -sig: a UTF-8 byte-order mark is not part of line 1; newline="": a lone \r inside a line splits nothing
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise encoding_error(path) from None
+    if "\x00" in text:
+        raise encoding_error(path)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]  # \r\n line ends too
     if lines[-1] == "":  # the final newline (or an empty file) does not start another line
         lines.pop()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
-            raise ValueError(f"{path}:{number}: empty or whitespace-only line")
+            raise InputError(f"{path}:{number}: empty or whitespace-only line")
+        if len(line) > MAX_LINE_CHARS:
+            raise InputError(
+                f"{path}:{number}: line is {len(line):,} characters long, over the limit of {MAX_LINE_CHARS:,} "
+                "(utils_rag.MAX_LINE_CHARS): one example a line, is a newline missing?"
+            )
     return lines
 
 
@@ -277,18 +349,26 @@ def read_gold(path: str, mode: str) -> Gold:
             try:
                 parsed = ast.literal_eval(fields[-1].strip()) if len(fields) >= 2 else None
             except (ValueError, SyntaxError) as e:
-                raise ValueError(f"{where}: the answer list is not a Python literal ({e})") from None
+                raise InputError(f"{where}: the answer list is not a Python literal ({e})") from None
             parsed = [parsed] if isinstance(parsed, str) else parsed
             if not isinstance(parsed, list | tuple) or not all(isinstance(a, str) for a in parsed):
-                raise ValueError(f"{where}: expected `question<TAB>['answer', ...]`")
+                raise InputError(f"{where}: expected `question<TAB>['answer', ...]`")
             answers.append(list(parsed))
         elif mode == "jsonl":
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
+                raise InputError(f"{where}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise InputError(f'{where}: expected a JSON object {{"answers": [...], "gold_passage_ids": [...]}}')
             answers.append([str(a) for a in _as_list(record.get("answers"))])
-            ids.append([int(i) for i in _as_list(record.get("gold_passage_ids"))])
+            try:
+                ids.append([int(i) for i in _as_list(record.get("gold_passage_ids"))])
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"{where}: field `gold_passage_ids` must list passage ids (integers), "
+                    f"found {record['gold_passage_ids']!r}"
+                ) from None
             titles.append([one_line(str(t)) for t in _as_list(record.get("title")) if str(t).strip()])
         else:
             raise ValueError(f"unknown --gold_data_mode {mode!r}")

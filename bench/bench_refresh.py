@@ -269,9 +269,10 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
         time.sleep(0.2)  # retrieval alone between swaps
         kb = kbs[version % len(kbs)]
         t0 = time.perf_counter()
-        ray.get(retriever.stage(KBVersion(version, kb.passages_path, kb.index_path)))
+        new = KBVersion(version, kb.passages_path, kb.index_path)
+        ray.get(retriever.stage(new))
         t1 = time.perf_counter()
-        retriever.activate(version)
+        retriever.activate(new)
         t2 = time.perf_counter()
         windows.append((t0, t2))
         stage_ms.append(1e3 * (t1 - t0))

@@ -2,18 +2,17 @@
 
 import csv
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import ray
 import torch
 from datasets import load_from_disk
+from faults import gated_encoder_factory
+from faults import kill_actors as _kill_actors
 from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
 
 import callbacks_rag
@@ -35,9 +34,9 @@ def _refresh_callback(module) -> KBRefreshCallback:
     return next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
 
 
-def _kill_actors(module):
-    for actor in module.retriever.actors:
-        ray.kill(actor)
+def _best_checkpoint(out: Path) -> Path:
+    (best,) = [p for p in out.glob("*.ckpt") if p.name != "last.ckpt"]
+    return best
 
 
 @pytest.mark.parametrize("model", ["rag_token", "rag_sequence"])
@@ -138,7 +137,7 @@ def test_retrieval_comes_from_the_new_index(trained):
 
 def test_predict_tests_the_best_checkpoint_against_its_kb_version(trained):
     module, refresh, out = trained
-    step = int(next(out.glob("*.ckpt")).stem.rsplit("-", 1)[1])
+    step = int(_best_checkpoint(out).stem.rsplit("-", 1)[1])
     saved = json.loads((out / f"checkpoint{step}" / "kb_version.json").read_text())
     # Ties in val_em keep the earliest checkpoint, so the best one predates the last refreshes.
     assert saved["version"] < refresh.history[-1]["version"]
@@ -151,26 +150,6 @@ def test_training_goes_on_while_a_refresh_is_held_back(ray_local, finetune_argv,
     optimizer steps: if training waited on the refresh, it would never get there (the encoder gives up
     waiting after a minute and the test fails). Then the swap must follow."""
     hold, gate = 4, str(tmp_path / "release")
-    real_factory = callbacks_rag.encoder_factory
-
-    def gated_factory(encoder):
-        build = real_factory(encoder)
-
-        class Gated(torch.nn.Module):  # defined here, so Ray ships it to the actor by value
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def load_state_dict(self, state, *args, **kwargs):  # the first thing a refresh does in the actor
-                deadline = time.monotonic() + 60
-                while not os.path.exists(gate) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                return self.inner.load_state_dict(state, *args, **kwargs)
-
-            def forward(self, *args, **kwargs):
-                return self.inner(*args, **kwargs)
-
-        return lambda config: Gated(build(config))
 
     class Release(pl.Callback):
         trigger_step, released_at = None, None
@@ -183,7 +162,7 @@ def test_training_goes_on_while_a_refresh_is_held_back(ray_local, finetune_argv,
                     Path(gate).touch()
                     self.released_at = trainer.global_step
 
-    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_factory)
+    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_encoder_factory(callbacks_rag.encoder_factory, gate))
     module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
     refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"))
     release = Release()
@@ -244,7 +223,7 @@ def test_checkpoint_reloads_with_transformers_and_generates(trained):
 
 def test_resume_goes_on_from_the_checkpoint_and_its_kb_version(trained):
     module, _, out = trained
-    ckpt = next(out.glob("*.ckpt"))
+    ckpt = _best_checkpoint(out)
     step = int(ckpt.stem.rsplit("-", 1)[1])
     saved_kb = json.loads((out / f"checkpoint{step}" / "kb_version.json").read_text())
     argv = [a if a != "test-trained" else "test-resume" for a in module.argv if a != "--do_predict"]

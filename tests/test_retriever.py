@@ -78,7 +78,8 @@ def serve(handles: list, kb: KBVersion) -> None:
 
 def check_result(result, queries: np.ndarray, k: int, embeddings_by_version: dict) -> int:
     """Asserts that one retrieve() answer comes entirely from the version it names; returns that version."""
-    embeds, ids, docs, version = result
+    embeds, ids, docs, kb = result
+    version = kb.version
     emb = embeddings_by_version[version]
     np.testing.assert_array_equal(ids, exact_topk(queries, emb, k))
     np.testing.assert_array_equal(embeds, emb[ids])
@@ -100,17 +101,29 @@ def test_retrieval_returns_exact_topk_with_embeddings_and_docs(kb_factory, actor
 
     serve([actor], kb)
     queries = np.random.default_rng(1).standard_normal((4, DIM)).astype(np.float32)
-    embeds, ids, docs, version = ray.get(actor.retrieve.remote(queries, 3))
-    assert version == 1
+    embeds, ids, docs, served = ray.get(actor.retrieve.remote(queries, 3))
+    assert served == kb
     assert ids.shape == (4, 3) and embeds.shape == (4, 3, DIM) and embeds.dtype == np.float32
     assert len(docs) == 4 and set(docs[0]) == {"title", "text"}
-    check_result((embeds, ids, docs, version), queries, 3, {1: emb})
+    check_result((embeds, ids, docs, served), queries, 3, {1: emb})
     assert ray.get(actor.live_version.remote()) == kb
     assert ray.get(actor.request_count.remote()) == 2  # the failed call counts too
 
     with pytest.raises(ray.exceptions.RayTaskError):
         ray.get(actor.activate.remote(7))  # never staged: the live version stays
     assert check_result(ray.get(actor.retrieve.remote(queries, 2)), queries, 2, {1: emb}) == 1
+
+
+def test_an_empty_actor_loads_the_version_it_is_told(kb_factory, actors):
+    """What a restarted actor (a fresh, empty process) does: serves the caller's live version, or the version
+    being activated, though it never staged it."""
+    emb1, emb2 = random_embeddings(0), random_embeddings(1)
+    kb1, kb2 = kb_factory(1, emb1), kb_factory(2, emb2)
+    first, second = actors(2)
+    queries = np.random.default_rng(1).standard_normal((2, DIM)).astype(np.float32)
+    assert check_result(ray.get(first.retrieve.remote(queries, 2, kb1)), queries, 2, {1: emb1}) == 1
+    assert ray.get(second.activate.remote(2, kb2)) == 2
+    assert check_result(ray.get(second.retrieve.remote(queries, 2, kb1)), queries, 2, {2: emb2}) == 2
 
 
 def test_swaps_are_atomic_under_concurrent_retrieval(kb_factory, actors):
@@ -149,7 +162,7 @@ def test_swaps_are_atomic_under_concurrent_retrieval(kb_factory, actors):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not errors:
             with lock:
-                if any(r[3] == version for r in results[seen:]):
+                if any(r[3].version == version for r in results[seen:]):
                     return
             time.sleep(0.01)
         raise AssertionError(f"no answer from version {version}; errors: {errors}")
@@ -272,7 +285,7 @@ def test_rag_ray_retriever_end_to_end(kb_factory, actors):
     assert TITLES[want_ids[1, 0]] in third and QUESTIONS[1] in third
 
     assert ray.get(retriever.stage(kb2)) == [2, 2]
-    retriever.activate(kb2.version)
+    retriever.activate(kb2)
     for _ in range(2):  # one call per actor
         embeds, ids, _ = retriever.retrieve(queries, 2)
         assert retriever.last_version == 2

@@ -1,0 +1,266 @@
+"""Bad input is refused before any work, naming the file, the line and the field: encodings, stray quotes, long
+lines, duplicate documents, prepare_*.py outputs that would replace an earlier run's; plus property-based tests of
+the KB CSV reader and the line readers."""
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prepare_cmu_qa
+import prepare_squad
+from kb_encode_utils import read_kb_csv
+from utils_rag import MAX_LINE_CHARS, InputError, read_gold, read_lines
+
+FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def write_bytes(tmp_path: Path, data: bytes, name: str = "kb.tsv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def error_of(read, path: Path) -> str:
+    """The message of the InputError that reading `path` raises."""
+    with pytest.raises(InputError) as excinfo:
+        read(path)
+    return str(excinfo.value)
+
+
+# ----------------------------------------------------------------------------- encodings
+
+ENCODED = {  # how a file is encoded -> (its bytes, line and byte offset of the first bad byte, what the error says)
+    "cp1252": ("t1\tone\nt2\tcafé au lait\n".encode("cp1252"), 2, 13, "iconv -f CP1252 -t UTF-8"),
+    "utf-16-bom": ("t1\tone\n".encode("utf-16"), 1, 0, "UTF-16LE byte-order mark"),
+    "utf-16be-bom": (b"\xfe\xff" + "t1\tone\n".encode("utf-16-be"), 1, 0, "UTF-16BE byte-order mark"),
+    "utf-16le-no-bom": ("t1\tone\n".encode("utf-16-le"), 1, 1, "as in UTF-16LE text without a byte-order mark"),
+    "unknown": (b"t1\tone\nt2\t\x81\x8d\n", 2, 10, "re-save the file as UTF-8"),
+}
+
+
+@pytest.mark.parametrize("case", ENCODED, ids=list(ENCODED))
+def test_kb_csv_not_utf8_names_file_line_offset_and_encoding(tmp_path, case):
+    data, line, offset, says = ENCODED[case]
+    path = write_bytes(tmp_path, data)
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f"{path}:{line}: ")
+    assert f"at byte offset {offset} " in message
+    assert says in message
+
+
+@pytest.mark.parametrize("case", ["cp1252", "utf-16-bom", "utf-16le-no-bom"])
+def test_source_and_gold_files_not_utf8_name_file_line_and_encoding(tmp_path, case):
+    data, line, offset, says = ENCODED[case]
+    source = write_bytes(tmp_path, data, "train.source")
+    message = error_of(read_lines, source)
+    assert message.startswith(f"{source}:{line}: ") and f"at byte offset {offset} " in message and says in message
+    gold = write_bytes(tmp_path, b'{"answers": ["x"]}\n' + "\xe9t\xe9\n".encode("latin-1"), "test.gold.jsonl")
+    message = error_of(lambda p: read_gold(str(p), "jsonl"), gold)
+    assert message.startswith(f"{gold}:2: not UTF-8: 0xe9 at byte offset 19 (byte 1 of line 2)")
+    assert "Windows-1252" in message
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    assert read_kb_csv(write_bytes(tmp_path, b"\xef\xbb\xbft1\tone\n")) == [("t1", "one")]
+    assert read_lines(write_bytes(tmp_path, b"\xef\xbb\xbfwho?\n", "q.source")) == ["who?"]
+
+
+# ----------------------------------------------------------------------------- stray quotes
+
+
+def test_stray_quote_that_merges_documents_is_refused_with_its_line_and_field(tmp_path):
+    # the quote opening line 2 closes on line 5: csv would read lines 2-5 as one field
+    path = write_bytes(tmp_path, b't1\tone\n"t2\ttwo\nt3\tthree\nt4\tfour\nt5\t"five\nt6\tsix\n')
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f'{path}:2: field `title` (column 1) starts with a quote (") that is not closed on that')
+    assert "lines 2-5 were read as one field" in message
+    assert 'write `"t2` as `"""t2"`' in message
+
+
+def test_stray_quote_closed_at_a_tab_on_a_later_line_is_refused(tmp_path):
+    # csv parses this without complaint: ['t2\ttwo\nt3', 'three'], two documents merged into one
+    path = write_bytes(tmp_path, b't1\tone\n"t2\ttwo\nt3"\tthree\nt4\tfour\n')
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f"{path}:2: field `title` (column 1) starts with a quote")
+    assert "lines 2-3 were read as one field" in message
+
+
+def test_quote_that_closes_before_the_field_ends_is_refused_with_the_fix(tmp_path):
+    path = write_bytes(tmp_path, b't1\tone\nt2\t"five" is a number\nt3\tthree\n')
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f'{path}:2: field `text` (column 2) starts with a quote (") that closes before')
+    assert 'write `"five" is a number` as `"""five"" is a number"`' in message
+
+
+def test_quote_never_closed_is_refused_with_its_line(tmp_path):
+    path = write_bytes(tmp_path, b't1\tone\nt2\ttwo\nt3\t"three\n')
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f'{path}:3: field `text` (column 2) starts with a quote (") that is never closed')
+
+
+def test_well_formed_quoting_still_reads(tmp_path):
+    data = b't1\t"say ""hi"" twice"\nt2\the is 5" tall\n"multi\nline title"\ttext\nt4\t"a\ttab"\n'
+    assert read_kb_csv(write_bytes(tmp_path, data)) == [
+        ("t1", 'say "hi" twice'),
+        ("t2", 'he is 5" tall'),
+        ("multi\nline title", "text"),
+        ("t4", "a\ttab"),
+    ]
+
+
+def test_wrong_field_count_names_the_line_the_row_starts_on(tmp_path):
+    path = write_bytes(tmp_path, b't1\tone\n"t2\nspans"\ttwo\textra\n')
+    assert error_of(read_kb_csv, path).startswith(f"{path}:2: expected 2 tab-separated fields (title, text), found 3")
+
+
+def test_nul_bytes_in_a_kb_field_are_refused(tmp_path):
+    path = write_bytes(tmp_path, b"t1\tone\nt2\ttw\x00o\n")
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f"{path}:2: a NUL byte, which UTF-8 text never holds: 0x00 at byte offset 12")
+    assert message.endswith("remove it (is this a binary file?)")
+
+
+# ----------------------------------------------------------------------------- long lines
+
+
+def test_kb_field_over_the_limit_is_refused_and_one_at_the_limit_is_read(tmp_path):
+    ok = write_bytes(tmp_path, b"t1\tone\nt2\t" + b"x" * MAX_LINE_CHARS + b"\n", "ok.tsv")
+    assert len(read_kb_csv(ok)[1][1]) == MAX_LINE_CHARS  # over csv's own default limit (131,072)
+    path = write_bytes(tmp_path, b"t1\tone\nt2\t" + b"x" * (MAX_LINE_CHARS + 1) + b"\n")
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f"{path}:2: field `text` (column 2) is over the limit of {MAX_LINE_CHARS:,} characters")
+
+
+def test_long_field_from_an_unclosed_quote_points_at_the_quote(tmp_path):
+    path = write_bytes(tmp_path, b't1\tone\n"t2\ttwo\n' + (b"t\t" + b"x" * 1000 + b"\n") * (MAX_LINE_CHARS // 1000))
+    message = error_of(read_kb_csv, path)
+    assert message.startswith(f"{path}:2: field `title` (column 1) is over the limit")
+    assert 'it starts with a quote (") not closed on that line' in message
+
+
+def test_question_line_over_the_limit_is_refused(tmp_path):
+    read_lines(write_bytes(tmp_path, b"q\n" + b"x" * MAX_LINE_CHARS + b"\n", "ok.source"))
+    path = write_bytes(tmp_path, b"q\n" + b"x" * (MAX_LINE_CHARS + 1) + b"\n", "train.source")
+    message = error_of(read_lines, path)
+    assert message.startswith(f"{path}:2: line is {MAX_LINE_CHARS + 1:,} characters long, over the limit")
+
+
+# ----------------------------------------------------------------------------- duplicates and gold fields
+
+
+def test_duplicate_documents_warn_with_count_and_lines_and_are_kept(tmp_path):
+    path = write_bytes(tmp_path, b"t1\tone\nt2\ttwo\nt1\tone\nt2\t two \nt3\tthree\n")
+    with pytest.warns(UserWarning, match=r"kb\.tsv: 2 duplicate document\(s\) .*line 3 repeats line 1"):
+        docs = read_kb_csv(path)
+    assert docs == [("t1", "one"), ("t2", "two"), ("t1", "one"), ("t2", "two"), ("t3", "three")]
+
+
+def test_gold_jsonl_field_errors_name_file_line_and_field(tmp_path):
+    path = write_bytes(tmp_path, b'{"answers": ["a"]}\n{"answers": ["b"], "gold_passage_ids": ["x"]}\n', "g.jsonl")
+    message = error_of(lambda p: read_gold(str(p), "jsonl"), path)
+    assert message.startswith(f"{path}:2: field `gold_passage_ids` must list passage ids")
+    path.write_text('{"answers": ["a"]}\n[1]\n', encoding="utf-8")
+    assert error_of(lambda p: read_gold(str(p), "jsonl"), path).startswith(f"{path}:2: expected a JSON object")
+
+
+# ----------------------------------------------------------------------------- prepare_*.py outputs
+
+
+@pytest.fixture
+def squad_file(tmp_path) -> Path:
+    context = " ".join(f"word{i}" for i in range(30))
+    answer = {"text": "word3", "answer_start": 18}
+    qas = [{"id": "q", "question": "Which word?", "answers": [answer]}]
+    articles = [{"title": f"A{n}", "paragraphs": [{"context": context, "qas": qas}]} for n in range(5)]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"data": articles}), encoding="utf-8")
+    return path
+
+
+def run_squad(squad: Path, out: Path, *extra: str) -> dict:
+    return prepare_squad.main(prepare_squad.parse_args(["--input", str(squad), "--output_dir", str(out), *extra]))
+
+
+@pytest.mark.parametrize("existing", ["train.source", "test.gold.jsonl", "stats.json"])
+def test_prepare_squad_refuses_to_replace_any_output_without_overwrite(tmp_path, squad_file, existing):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / existing).write_text("the user's own file\n", encoding="utf-8")  # and no kb.csv
+    with pytest.raises(FileExistsError, match=rf"{out / existing} already exists; pass --overwrite"):
+        run_squad(squad_file, out)
+    assert sorted(p.name for p in out.iterdir()) == [existing]
+    assert (out / existing).read_text(encoding="utf-8") == "the user's own file\n"
+    run_squad(squad_file, out, "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == sorted(prepare_squad.OUTPUT_FILES)  # no temporary files left
+
+
+def test_prepare_scripts_refuse_before_reading_their_input(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val.target").write_text("a\n", encoding="utf-8")
+    with pytest.raises(FileExistsError, match=r"val\.target already exists"):
+        run_squad(tmp_path / "missing.json", out)
+    args = prepare_cmu_qa.parse_args(["--input_dir", str(tmp_path / "missing"), "--output_dir", str(out)])
+    with pytest.raises(FileExistsError, match=r"val\.target already exists"):
+        prepare_cmu_qa.main(args)
+
+
+def test_prepare_squad_failing_midway_leaves_no_partial_outputs(tmp_path, squad_file, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(prepare_squad, "split_titles", fail)  # after kb.csv is written, before the splits
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_squad(squad_file, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- properties
+
+FIELD_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\n\r\x00\ufeff")
+LINE_CHARS = st.characters(exclude_categories=["Cs"], exclude_characters="\n\x00\ufeff")
+DOCUMENTS = st.lists(
+    st.tuples(st.text(FIELD_CHARS, max_size=20), st.text(FIELD_CHARS, max_size=40).filter(str.strip)),
+    min_size=1,
+    max_size=8,
+)
+PIECES = [b"\t", b"\n", b"\r", b'"', b"a", b" ", b"\xe9", b"\xc3\xa9", b"\x00", b"\xff\xfe"]
+BYTE_SOUP = st.one_of(st.binary(max_size=200), st.lists(st.sampled_from(PIECES), max_size=40).map(b"".join))
+
+
+@FEW
+@given(docs=DOCUMENTS)
+def test_property_csv_writer_output_round_trips_through_read_kb_csv(tmp_path_factory, docs):
+    path = tmp_path_factory.mktemp("kb") / "kb.tsv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t", lineterminator="\n").writerows(docs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicate documents
+        assert read_kb_csv(path) == [(title.strip(), text.strip()) for title, text in docs]
+
+
+@FEW
+@given(lines=st.lists(st.text(LINE_CHARS, max_size=30).filter(str.strip), max_size=8))
+def test_property_utf8_lines_round_trip_through_read_lines(tmp_path_factory, lines):
+    path = tmp_path_factory.mktemp("lines") / "train.source"
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    assert read_lines(path) == [line.removesuffix("\r") for line in lines]  # \r\n ends a line as \n does
+
+
+@FEW
+@given(data=BYTE_SOUP)
+def test_property_any_bytes_read_or_raise_an_error_naming_the_file(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("bytes")
+    for read, name in ((read_kb_csv, "kb.tsv"), (read_lines, "train.source")):
+        path = write_bytes(folder, data, name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                read(path)
+        except InputError as e:  # never a bare UnicodeDecodeError or csv.Error
+            assert str(e).startswith(f"{path}:"), str(e)

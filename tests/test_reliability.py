@@ -1,0 +1,308 @@
+"""Faults really caused, and what the run does about them: a retrieval actor, an encoding actor and the
+builder killed mid-run, two runs on one Ray cluster, a reused output directory, a trainer killed and resumed,
+an unreachable Ray address, a cluster joined by address, and full or read-only disks."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import ray
+import torch
+from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesystem
+
+import callbacks_rag
+import finetune_rag
+import use_own_knowledge_dataset
+from callbacks_rag import KBRefreshCallback, RefreshState
+from kb_encode_utils import IndexConfig, build_kb_version
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+
+
+def _fit(module, *callbacks, max_steps: int) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0,
+                         callbacks=list(callbacks), **QUIET)  # fmt: skip
+    trainer.fit(module)
+    return trainer
+
+
+def _queries(module, n: int = 3) -> np.ndarray:
+    dim = module.model.rag.question_encoder.config.hidden_size
+    return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- supervised actors
+
+
+def test_training_survives_a_killed_retrieval_actor(ray_local, finetune_argv):
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--num_retrieval_workers", "2")))
+    victim = module.retriever.actors[0]
+    killed = actor_pid(victim)
+
+    class Kill(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(killed, signal.SIGKILL)
+
+    trainer = _fit(module, Kill(), max_steps=8)
+    assert trainer.global_step == 8, "training did not go on after the actor died"
+    for _ in range(4):  # every actor answers, from the one live version
+        module.retriever.retrieve(_queries(module), 2)
+        assert module.retriever.last_version == module.kb.version == 0
+    assert actor_pid(victim) != killed, "the dead actor was not restarted"
+    assert module.retriever.actor_restarts >= 1
+    kill_actors(module)
+
+
+def test_a_refresh_goes_live_after_its_encoder_and_builder_were_killed(ray_local, finetune_argv, tmp_path, monkeypatch):
+    """The first refresh is held in the encoding actor (it waits for a file) while its encoder and the builder
+    are killed. Ray restarts both and runs their tasks again: that refresh still goes live."""
+    gate = str(tmp_path / "release")
+    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_encoder_factory(callbacks_rag.encoder_factory, gate))
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"), max_failures=1)
+
+    class Kill(pl.Callback):
+        killed: list[int] = []
+
+        def on_train_batch_end(self, trainer, *args):
+            if refresh.state is RefreshState.ENCODING and not self.killed:
+                self.killed = [pid for pid in refresh._pids]  # the encoder waits for the gate, inside the refresh
+                for pid in self.killed:
+                    os.kill(pid, signal.SIGKILL)
+                Path(gate).touch()
+
+    kill = Kill()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, limit_val_batches=0,
+                         callbacks=[refresh, kill], **QUIET)  # fmt: skip
+    trainer.fit(module)
+    assert kill.killed, "the refresh was never caught in flight"
+    assert refresh.failures == 0 and refresh.history, "the refresh did not survive its actors' deaths"
+    assert refresh.history[0]["version"] == module.kb.version or module.kb.version > 1
+    assert refresh.history[0]["version"] == 1 and refresh.actor_restarts == len(kill.killed) == 2
+    kill_actors(module)
+
+
+def test_refreshes_that_keep_failing_stop_the_run_with_the_cause(ray_local, finetune_argv, tmp_path):
+    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    with small_filesystem(tmp_path / "ro", read_only=True) as read_only:
+        refresh = KBRefreshCallback(str(read_only / "kb"), 1, IndexConfig("flat"), max_failures=2)
+        last = callbacks_rag.get_last_checkpoint_callback(str(tmp_path / "out"), every_n_steps=100)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=30, limit_val_batches=0, logger=False,
+                             enable_progress_bar=False, callbacks=[refresh, last])  # fmt: skip
+        with pytest.raises(RuntimeError, match=r"failed 2 times in a row") as caught:
+            trainer.fit(module)
+    message = str(caught.value)
+    assert str(read_only / "kb") in message and "Read-only file system" in message
+    assert trainer.global_step < 30
+    assert (tmp_path / "out" / "last.ckpt").is_file(), "the stopped run left nothing to resume from"
+    kill_actors(module)
+
+
+def test_a_full_disk_is_reported_with_path_and_errno(tiny_kb, tmp_path):
+    passages, _ = tiny_kb
+    from datasets import load_from_disk
+
+    n = len(load_from_disk(str(passages)))
+    with small_filesystem(tmp_path / "full", size="16k") as full:
+        with pytest.raises(OSError) as caught:
+            build_kb_version(str(passages), str(full), 1, 0, IndexConfig("flat"), "dot", np.ones((n, 64), np.float32))
+        assert caught.value.errno == 28 and str(full / "v0001") in str(caught.value)
+        assert not list(full.iterdir()), "a half-written version was left behind"
+
+
+# ---------------------------------------------------------------- isolation and output directories
+
+
+@pytest.fixture(scope="module")
+def other_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
+    """A second KB with passages of its own."""
+    csv = tmp_path_factory.mktemp("other-csv") / "kb.csv"
+    csv.write_text("".join(f"Other {i}\tunrelated passage number {i} about nothing\n" for i in range(6)))
+    args = use_own_knowledge_dataset.parse_args(
+        ["--csv_path", str(csv), "--output_dir", str(tmp_path_factory.mktemp("other-kb")), "--index_type", "flat",
+         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
+    )  # fmt: skip
+    return use_own_knowledge_dataset.main(args)
+
+
+def test_two_runs_on_one_cluster_retrieve_from_their_own_kb(ray_local, finetune_argv, other_kb):
+    first = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--ray_namespace", "shared")))
+    argv = finetune_argv("--ray_namespace", "shared")
+    argv[argv.index("--passages_path") + 1], argv[argv.index("--index_path") + 1] = map(str, other_kb)
+    second = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    assert first.ray_namespace != second.ray_namespace
+    assert first.retriever.actors[0]._actor_id != second.retriever.actors[0]._actor_id
+    titles = {}
+    for name, module in (("first", first), ("second", second)):
+        _, _, docs = module.retriever.retrieve(_queries(module), 2)
+        titles[name] = {t for d in docs for t in d["title"]}
+    assert all(t.startswith("Other") for t in titles["second"])
+    assert not any(t.startswith("Other") for t in titles["first"])
+    kill_actors(first)
+    kill_actors(second)
+
+
+def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0.5000-20.ckpt").write_text("earlier")
+    (out / "kb").mkdir()
+    (out / "kb" / "v0003").mkdir()
+    (out / "notes.txt").write_text("the user's own")
+    argv = ["--model_type", "rag_token", "--output_dir", str(out), "--do_train"]
+    with pytest.raises(FileExistsError, match=r"holds an earlier run .*--resume.*--overwrite_output_dir"):
+        finetune_rag.prepare_output_dir(finetune_rag.parse_args(argv))
+    assert (out / "0.5000-20.ckpt").read_text() == "earlier" and (out / "kb" / "v0003").is_dir()
+    finetune_rag.prepare_output_dir(finetune_rag.parse_args([*argv, "--overwrite_output_dir"]))
+    (moved,) = (out / "previous_runs").iterdir()
+    assert (moved / "0.5000-20.ckpt").read_text() == "earlier" and (moved / "kb" / "v0003").is_dir()
+    assert (out / "notes.txt").read_text() == "the user's own" and not (out / "kb").exists()
+    # --resume continues from last.ckpt, the newest checkpoint otherwise
+    (out / "0.7500-40.ckpt").write_text("newer")
+    assert finetune_rag.parse_args([*argv, "--resume"]).resume
+    args = finetune_rag.parse_args([*argv, "--resume"])
+    finetune_rag.prepare_output_dir(args)
+    assert args.resume_from_checkpoint == str(out / "0.7500-40.ckpt")
+    (out / "last.ckpt").write_text("last")
+    args = finetune_rag.parse_args([*argv, "--resume"])
+    finetune_rag.prepare_output_dir(args)
+    assert args.resume_from_checkpoint == str(out / "last.ckpt")
+
+
+def test_pruning_spares_other_runs_versions_and_pinned_ones(tmp_path):
+    from kb_encode_utils import KBVersion, prune_versions, version_dir
+
+    for v in range(1, 7):
+        path = version_dir(tmp_path, v)
+        path.mkdir()
+        (path / "READY.json").write_text(json.dumps(vars(KBVersion(v, "p", "i"))))
+    (tmp_path / "last.kb_version.json").write_text(json.dumps({"version": 3}))
+    pinned = callbacks_rag.pinned_kb_versions(tmp_path)
+    assert prune_versions(tmp_path, 2, protect=pinned, only={3, 4, 5, 6}) == [4]
+    assert sorted(p.name for p in tmp_path.glob("v*")) == ["v0001", "v0002", "v0003", "v0005", "v0006"]
+
+
+# ---------------------------------------------------------------- a killed trainer, resumed
+
+
+def _finetune_command(argv: list[str]) -> list[str]:
+    return [sys.executable, str(REPO / "finetune_rag.py"), *argv]
+
+
+def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_path, monkeypatch):
+    """The trainer process is killed (SIGKILL) after it wrote a last.ckpt with a refreshed KB version; --resume
+    then restores step, optimizer, scheduler and that KB version."""
+    out = tmp_path / "out"
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--save_last_every_n_steps", "2",
+                         "--max_epochs", "100", "--check_val_every_n_epoch", "1000",
+                         "--num_sanity_val_steps", "0")  # fmt: skip
+    env = {**os.environ, "RAG_E2E_RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
+    proc = subprocess.Popen(_finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    pin = out / "last.kb_version.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pin.is_file() and json.loads(pin.read_text())["version"] >= 1:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert pin.is_file(), "no last.ckpt with a refreshed KB version before the kill"
+    state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)  # written by this test's run
+    step, kb_version = state["global_step"], state["kb_version"]["version"]
+    assert step >= 2 and kb_version >= 1 and state["optimizer_states"][0]["state"]
+
+    with pytest.raises(FileExistsError):  # the killed run's directory is not silently reused
+        finetune_rag.prepare_output_dir(finetune_rag.parse_args(argv))
+    seen = {}
+
+    class Observe(pl.Callback):
+        def on_train_start(self, trainer, module):
+            seen.update(step=trainer.global_step, kb=module.kb.version, optimizer=len(trainer.optimizers[0].state),
+                        scheduler=trainer.lr_scheduler_configs[0].scheduler.last_epoch)  # fmt: skip
+
+    trainer_cls = pl.Trainer
+    monkeypatch.setattr(
+        pl, "Trainer", lambda *a, callbacks=(), **kw: trainer_cls(*a, callbacks=[*callbacks, Observe()], **kw)
+    )
+    module = finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", str(step + 2), "--resume"]))
+    assert seen["step"] == step and seen["scheduler"] == step and seen["kb"] == kb_version
+    assert seen["optimizer"] > 0, "optimizer state not restored"
+    assert module.trainer.global_step == step + 2
+    refresh = next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
+    assert refresh.history and refresh.history[0]["version"] >= 1  # the killed run's refresh history came back
+    kill_actors(module)
+
+
+# ---------------------------------------------------------------- cluster mode
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_ray_address_fails_fast(finetune_argv):
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
+    done = subprocess.run(_finetune_command(finetune_argv("--ray_address", address)), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and time.monotonic() - start < 30
+    assert address in done.stderr and "ray start --head" in done.stderr
+
+
+def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, tiny_kb, tmp_path):
+    """`ray start --head` on loopback, then finetune_rag.py --ray_address from another working directory with
+    relative KB paths: the actors (in the cluster's own processes) still find the KB."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once on SIGTERM
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 characters
+    ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
+                 "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
+                 "--temp-dir", ray_tmp]  # fmt: skip
+    head = subprocess.Popen(ray_start, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))
+    try:
+        passages, index = tiny_kb
+        work = passages.parent
+        argv = ["--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
+                "--context_encoder_name", str(tiny_models["context_encoder"]),
+                "--passages_path", passages.name, "--index_path", index.name,
+                "--data_dir", str(REPO / "test_run" / "dummy-train-data"), "--output_dir", str(tmp_path / "out"),
+                "--accelerator", "cpu", "--devices", "1", "--train_batch_size", "2", "--eval_batch_size", "4",
+                "--index_type", "flat", "--do_train", "--max_steps", "2",
+                "--num_sanity_val_steps", "0", "--ray_address", f"127.0.0.1:{port}"]  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and head.poll() is None:  # its port opens when it is ready
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"`ray start --head` did not open port {port}: {(tmp_path / 'head.log').read_text()[-2000:]}")
+        done = subprocess.run(_finetune_command(argv), cwd=work, env=env, capture_output=True, text=True,
+                              timeout=400)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / "out" / "last.ckpt").is_file()
+    finally:
+        head.send_signal(signal.SIGTERM)  # stopped by its own process id: other Ray instances are left alone
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
