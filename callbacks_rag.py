@@ -87,6 +87,7 @@ class KBRefreshCallback(pl.Callback):
         self.consecutive_failures = 0
         self.actor_restarts = 0  # encoding actors and builder that died and were restarted by Ray
         self._pids: list[int | None] = []
+        self.n_rows = 0
 
     # --------------------------------------------------------------- start-up
 
@@ -96,7 +97,7 @@ class KBRefreshCallback(pl.Callback):
         versions = list_versions(self.kb_root)
         self._next_version = max([pl_module.kb.version] + [v.version for v in versions]) + 1
         base = pl_module.base_passages_path
-        n_rows = len(load_from_disk(base))
+        self.n_rows = n_rows = len(load_from_disk(base))
         ctx = pl_module.context_encoder
         # Ray restarts a dead encoder or builder (a fresh process, same constructor arguments) and runs the
         # task it was doing again there; a task that fails ACTOR_TASK_RETRIES more times fails the refresh.
@@ -243,7 +244,11 @@ class KBRefreshCallback(pl.Callback):
         created = {r["version"] for r in self.history}  # by this run, resumed parts included: nothing else
         pinned = pinned_kb_versions(pl_module.hparams.output_dir)
         prune_versions(self.kb_root, self.keep_versions, protect=pinned | {self._new_kb.version}, only=created)
-        rank_zero_info(f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step} ({seconds:.2f}s)")
+        rank_zero_info(
+            f"KB refresh: v{self._new_kb.version} live at step {trainer.global_step}: {self.n_rows:,} passages in "
+            f"{seconds:.1f} s ({self.n_rows / seconds:.1f} passages/s), over steps {self._trigger_step}-"
+            f"{trainer.global_step}"
+        )
         # Straight to the loggers: this also runs from on_train_end, where self.log is not allowed.
         metrics = pl_module.retrieval_metrics("val")
         for lg in trainer.loggers if metrics else []:

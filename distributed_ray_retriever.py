@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 from transformers import RagRetriever
 from transformers.models.rag.retrieval_rag import Index
 
-from kb_encode_utils import KBVersion
+from kb_encode_utils import KBVersion, quiet_actor
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 # A dead actor comes back within seconds (a new process that imports faiss and loads the KB): 40 tries
@@ -77,6 +77,7 @@ class RetrievalActor:
     and made live by one assignment (`activate`), so each search sees exactly one version."""
 
     def __init__(self, ef_search: int = 128):
+        quiet_actor()
         self.ef_search = ef_search
         self._live: _LoadedKB | None = None
         self._staged: dict[int, _LoadedKB] = {}

@@ -47,6 +47,7 @@ from callbacks_rag import (
 from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
+from plot_run import plot_runs
 from rag_encoders import (
     PooledEncoder,
     context_side,
@@ -851,6 +852,8 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
     if args.do_predict:
         best = callbacks[0].best_model_path if args.do_train else ""
         trainer.test(model, ckpt_path=best or None)
+    if args.do_train and trainer.is_global_zero:  # PNG curves in OUTPUT/plots; warns, never raises
+        plot_runs([args.output_dir], Path(args.output_dir) / "plots")
     return model
 
 

@@ -225,11 +225,22 @@ def encode_token_ids(
     return out
 
 
+def quiet_actor() -> None:
+    """In a Ray actor: no progress bars or info chatter from datasets and transformers, which Ray would
+    copy to the user's console on every refresh (errors still reach the trainer as exceptions)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+
+
 class ShardEncoder:
     """Body of a Ray encoding actor: holds one contiguous shard of the KB, tokenised once at start-up,
     and re-encodes it with whatever context-encoder weights it is handed."""
 
     def __init__(self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config):
+        quiet_actor()
         on_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.device = "cuda" if on_gpu else "cpu"
         if not on_gpu:
@@ -451,6 +462,9 @@ def build_kb_version(
 class KBBuilder:
     """Body of the Ray actor that runs `build_kb_version`; kept alive so that a refresh does not pay
     for starting a worker process and importing faiss/datasets each time."""
+
+    def __init__(self):
+        quiet_actor()
 
     def build(self, *args) -> KBVersion:
         return build_kb_version(*args)

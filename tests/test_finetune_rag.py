@@ -197,6 +197,7 @@ def test_logs_and_run_files(trained):
     generations = (out / "test_generations.txt").read_text().splitlines()
     assert len(generations) == 8  # one per test question
     assert "test_em" in (out / "test_results.txt").read_text()
+    assert (out / "plots" / "loss.png").is_file() and (out / "plots" / "index_staleness.png").is_file()
 
 
 def test_checkpoint_reloads_with_transformers_and_generates(trained):
