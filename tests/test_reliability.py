@@ -205,7 +205,7 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     """The trainer process is killed (SIGKILL) after it wrote a last.ckpt with a refreshed KB version; --resume
     then restores step, optimizer, scheduler and that KB version."""
     out = tmp_path / "out"
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--save_last_every_n_steps", "2",
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "1", "--save_last_every_n_steps", "2",
                          "--max_epochs", "100", "--check_val_every_n_epoch", "1000",
                          "--num_sanity_val_steps", "0")  # fmt: skip
     env = {**os.environ, "RAG_E2E_RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
