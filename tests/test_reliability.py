@@ -2,6 +2,7 @@
 builder killed mid-run, two runs on one Ray cluster, a reused output directory, a trainer killed and resumed,
 an unreachable Ray address, a cluster joined by address, and full or read-only disks."""
 
+import argparse
 import json
 import os
 import shutil
@@ -89,7 +90,6 @@ def test_a_refresh_goes_live_after_its_encoder_and_builder_were_killed(ray_local
     trainer.fit(module)
     assert kill.killed, "the refresh was never caught in flight"
     assert refresh.failures == 0 and refresh.history, "the refresh did not survive its actors' deaths"
-    assert refresh.history[0]["version"] == module.kb.version or module.kb.version > 1
     assert refresh.history[0]["version"] == 1 and refresh.actor_restarts == len(kill.killed) == 2
     kill_actors(module)
 
@@ -171,7 +171,6 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
     assert (out / "notes.txt").read_text() == "the user's own" and not (out / "kb").exists()
     # --resume continues from last.ckpt, the newest checkpoint otherwise
     (out / "0.7500-40.ckpt").write_text("newer")
-    assert finetune_rag.parse_args([*argv, "--resume"]).resume
     args = finetune_rag.parse_args([*argv, "--resume"])
     finetune_rag.prepare_output_dir(args)
     assert args.resume_from_checkpoint == str(out / "0.7500-40.ckpt")
@@ -220,7 +219,8 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert pin.is_file(), "no last.ckpt with a refreshed KB version before the kill"
-    state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)  # written by this test's run
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the hyperparameters Lightning saves
+        state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     step, kb_version = state["global_step"], state["kb_version"]["version"]
     assert step >= 2 and kb_version >= 1 and state["optimizer_states"][0]["state"]
 
