@@ -1,5 +1,5 @@
-"""Retrieval over Ray: named actors that each hold one knowledge-base version in memory, and a
-`RagRetriever` subclass that the RAG model calls as it would call transformers' own."""
+"""Retrieval over Ray: named actors that each hold one knowledge-base version in memory, and the retriever
+the RAG model calls, which spreads searches over them."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import ray
 from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
 from ray.exceptions import RayActorError
-from transformers import RagRetriever
-from transformers.models.rag.retrieval_rag import Index
 
 from kb_encode_utils import KBVersion, quiet_actor
 
@@ -151,34 +149,24 @@ def start_retrieval_actors(n: int, ef_search: int = 128, namespace: str = "rag")
     return [remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search) for i in range(n)]
 
 
-class _RemoteIndex(Index):
-    """Placeholder so `RagRetriever.__init__` does not load an index in the training process."""
+class RagRayDistributedRetriever:
+    """Top-k search in the Ray retrieval actors, spread round-robin: `retrieve(q, n) -> (embeddings, ids,
+    docs)`, what rag_model.RagModel asks of any retriever. A call whose actor died is retried on the next
+    actor (or the same one once Ray has restarted it), so training never sees the death; `actor_restarts`
+    counts the actors that came back. `live_kb` is the newest version this rank has seen served or made live."""
 
-    def is_initialized(self) -> bool:
-        return True
-
-
-class RagRayDistributedRetriever(RagRetriever):
-    """A `RagRetriever` whose searches run in the Ray retrieval actors, spread round-robin. A call whose
-    actor died is retried on the next actor (or the same one once Ray has restarted it), so training never
-    sees the death; `actor_restarts` counts the actors that came back."""
-
-    def __init__(self, config, question_encoder_tokenizer, generator_tokenizer, actor_handles, rank: int = 0):
+    def __init__(self, actor_handles: list, rank: int = 0):
         if not actor_handles:
             raise ValueError("RagRayDistributedRetriever needs at least one retrieval actor")
-        super().__init__(
-            config, question_encoder_tokenizer, generator_tokenizer, index=_RemoteIndex(), init_retrieval=False
-        )
         self.actors = list(actor_handles)
         self._next = rank  # ranks start at different actors so their requests interleave
-        self.live_kb: KBVersion | None = None  # the newest version this rank has seen served or made live
+        self.live_kb: KBVersion | None = None
         self.last_version: int | None = None
         self.actor_restarts = 0
         self._dead: set[int] = set()  # actors whose last call failed because they died
 
-    def init_retrieval(self, kb: KBVersion | None = None) -> int:
-        """Make sure every actor serves a version, loading `kb` (default: the config's paths) if none."""
-        kb = kb or KBVersion(0, self.config.passages_path, self.config.index_path)
+    def init_retrieval(self, kb: KBVersion) -> int:
+        """Make sure every actor serves a version, loading `kb` if none; returns the newest version served."""
         self.live_kb = self.live_kb or kb
         versions = ray.get([a.ensure_live.remote(kb) for a in self.actors])
         return max(versions)

@@ -15,8 +15,10 @@ that similarity (a mismatch is refused).
 
 Each checkpoint is evaluated with the knowledge-base version that matches its weights (its kb_version.json,
 else the passages_path and index_path of its config.json) unless --passages_path/--index_path say otherwise.
-Checkpoints of causal generators (question_encoder/, generator/, causal_rag.json) are read too; they decode
-greedily (--num_beams does not apply) and --max_length counts new tokens. No Ray is needed.
+Checkpoints are what finetune_rag.py writes (rag_model.RagModel: question_encoder/, generator/,
+rag_settings.json), for seq2seq and decoder-only generators alike, or transformers RAG checkpoints.
+RAG-token decodes greedily over the marginal; RAG-sequence takes --num_beams candidates per passage (seq2seq
+generators) and keeps the most likely over all passages. --max_length counts new tokens. No Ray is needed.
 """
 
 from __future__ import annotations
@@ -29,19 +31,12 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from safetensors.torch import load_file
-from transformers import (
-    AutoModelForSeq2SeqLM,
-    RagConfig,
-    RagRetriever,
-    RagSequenceForGeneration,
-    RagTokenForGeneration,
-)
+from transformers import AutoConfig
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
-from causal_rag import CausalRag
 from kb_encode_utils import check_kb_similarity
-from rag_encoders import POOLING_FILE, encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_model import RagModel
 from utils_rag import (
     Gold,
     answer_recall_at_k,
@@ -57,7 +52,6 @@ from utils_rag import (
 )
 
 logger = logging.getLogger("eval_rag")
-MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
 
 
@@ -78,8 +72,8 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
         kb = json.loads(saved.read_text())
         passages, index = kb["passages_path"], kb["index_path"]
     else:
-        config = RagConfig.from_pretrained(checkpoint)
-        passages, index = config.passages_path, config.index_path
+        config = AutoConfig.from_pretrained(checkpoint)  # a transformers RAG checkpoint names its KB
+        passages, index = getattr(config, "passages_path", None), getattr(config, "index_path", None)
     passages, index = args.passages_path or passages, args.index_path or index
     if not (passages and index):
         raise ValueError(f"{checkpoint}/config.json names no knowledge base; pass --passages_path and --index_path")
@@ -91,155 +85,65 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
     return passages, index
 
 
-def is_causal(checkpoint: str) -> bool:
-    return (Path(checkpoint) / "causal_rag.json").exists()
-
-
-class QuestionEncoderRetriever(torch.nn.Module):
-    """A question encoder over a KB, answering eval's retrieval calls as a RAG model does, with no generator."""
-
-    def __init__(self, question_encoder: torch.nn.Module, tokenizer, question_prefix: str, passages: str, index: str):
-        super().__init__()
-        self.question_encoder, self.question_prefix = question_encoder, question_prefix
-        self.retriever = KBSearch(tokenizer, passages, index, question_encoder.config.hidden_size)
-
-    @property
-    def rag(self) -> QuestionEncoderRetriever:
-        return self
-
-
 class KBSearch:
-    """What eval needs of a RagRetriever: the question tokenizer and top-k search of a KB (transformers'
-    CustomHFIndex over our passages and FAISS index)."""
+    """Top-k search of a KB in this process (transformers' CustomHFIndex over our passages and FAISS index):
+    what rag_model.RagModel asks of a retriever, without Ray."""
 
-    def __init__(self, tokenizer, passages: str, index: str, dim: int):
-        self.question_encoder_tokenizer = tokenizer
+    def __init__(self, passages: str, index: str, dim: int):
         self.index = CustomHFIndex.load_from_disk(dim, passages, index)
         self.index.init_index()  # reads the FAISS file
+
+    def __len__(self) -> int:
+        return len(self.index.dataset)
 
     def retrieve(self, question_hidden_states, n_docs: int):
         ids, embeddings = self.index.get_top_docs(question_hidden_states, n_docs)
         return embeddings, ids, self.index.get_doc_dicts(ids)
 
 
-def load_model(checkpoint: str, args: argparse.Namespace):
-    """The RAG model with transformers' own retriever over the matching KB, in eval mode (on a GPU if any);
-    with --question_encoder_name_or_path, that encoder alone over --passages_path/--index_path."""
+def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
+    """The model (or with --question_encoder_name_or_path that encoder alone) over the matching KB, searched
+    in this process, in eval mode (on a GPU if any)."""
     if args.question_encoder_name_or_path:
         passages, index = args.passages_path, args.index_path
-        model = load_question_encoder_retriever(args)
+        name = args.question_encoder_name_or_path
+        encoder = load_encoder(name, args.question_pooling, side="question", similarity=args.similarity)
+        model = RagModel(encoder, load_tokenizer(name), question_prefix=args.question_prefix or "")
     else:
         passages, index = kb_paths(checkpoint, args)
-        model = load_rag_model(checkpoint, passages, index, args)
+        overrides = {"n_docs": args.n_docs}
+        if args.model_type:
+            overrides["marginal"] = args.model_type.removeprefix("rag_")
+        model = RagModel.from_pretrained(checkpoint, load_generator=args.eval_mode == "e2e", **overrides)
         if args.similarity:  # overrides what the checkpoint's question encoder declares
-            model.rag.question_encoder = with_scoring(model.rag.question_encoder, args.similarity, None)
-    side = f"the question encoder of {checkpoint}"
-    check_kb_similarity(passages, side, encoder_similarity(model.rag.question_encoder))
+            model.question_encoder = with_scoring(model.question_encoder, args.similarity, None)
+    check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
+    model.retriever = KBSearch(passages, index, model.question_encoder.config.hidden_size)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def load_question_encoder_retriever(args: argparse.Namespace) -> QuestionEncoderRetriever:
-    """An untrained (or any) question encoder and the KB it is to search: zero-shot retrieval."""
-    name = args.question_encoder_name_or_path
-    encoder = load_encoder(name, args.question_pooling, side="question", similarity=args.similarity)
-    tokenizer = load_tokenizer(name)
-    return QuestionEncoderRetriever(encoder, tokenizer, args.question_prefix or "", args.passages_path, args.index_path)
-
-
-def load_rag_model(checkpoint: str, passages: str, index: str, args: argparse.Namespace):
-    """A seq2seq or causal RAG checkpoint with transformers' retriever over the KB (passages, index)."""
-    if is_causal(checkpoint):
-        model = load_causal_model(checkpoint, passages, index, args.n_docs)
-    else:
-        retriever = RagRetriever.from_pretrained(
-            checkpoint, index_name="custom", passages_path=passages, index_path=index
-        )
-        model_cls = MODEL_CLASSES[args.model_type or infer_model_type(checkpoint)]
-        if (Path(checkpoint) / "question_encoder" / POOLING_FILE).exists():
-            model = load_pooled_seq2seq_model(checkpoint, model_cls, retriever)
-        else:
-            model = model_cls.from_pretrained(checkpoint, retriever=retriever)
-    return model
-
-
-def load_pooled_seq2seq_model(checkpoint: str, model_cls, retriever: RagRetriever):
-    """A transformers RAG checkpoint whose question encoder is a PooledEncoder (any AutoModel + pooling):
-    from_pretrained would rebuild it as a bare AutoModel, so the model is built first and the weights loaded."""
-    config = RagConfig.from_pretrained(checkpoint)
-    question_encoder = load_encoder(str(Path(checkpoint) / "question_encoder"), side="question")
-    generator = AutoModelForSeq2SeqLM.from_config(config.generator)
-    model = model_cls(config=config, question_encoder=question_encoder, generator=generator, retriever=retriever)
-    missing, unexpected = model.load_state_dict(load_file(Path(checkpoint) / "model.safetensors"), strict=False)
-    model.tie_weights()  # save_pretrained stores tied weights once
-    if unexpected or any(".question_encoder." in k for k in missing):
-        raise ValueError(
-            f"{checkpoint}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
-    return model
-
-
-def load_causal_model(checkpoint: str, passages: str, index: str, n_docs: int) -> CausalRag:
-    """A causal-generator checkpoint with transformers' retriever over the KB, in this process."""
-    model = CausalRag.from_pretrained(checkpoint, retriever=None, n_docs=n_docs)
-    q_config = model.question_encoder.config
-    config = RagConfig.from_question_encoder_generator_configs(
-        q_config, model.generator.config, index_name="custom", passages_path=passages, index_path=index,
-        retrieval_vector_size=q_config.hidden_size,
-    )  # fmt: skip
-    model.retriever = RagRetriever(config, model.question_tokenizer, model.generator_tokenizer)
-    return model
-
-
-def infer_model_type(checkpoint: str) -> str:
-    """rag_token or rag_sequence, from the architecture that config.json names."""
-    architectures = RagConfig.from_pretrained(checkpoint).architectures or []
-    for model_type, cls in MODEL_CLASSES.items():
-        if cls.__name__ in architectures:
-            return model_type
-    raise ValueError(f"{checkpoint}: cannot tell the model type from {architectures}; pass --model_type")
-
-
-def _encode_questions(model, questions: list[str]) -> dict[str, torch.Tensor]:
+def _encode_questions(model: RagModel, questions: list[str]) -> dict[str, torch.Tensor]:
     """Tokenise questions for the question encoder, with the prefix training used."""
-    if isinstance(model, CausalRag | QuestionEncoderRetriever):
-        prefix = model.question_prefix
-    else:
-        prefix = getattr(model.config.question_encoder, "prefix", None) or ""
-    tokenizer = model.retriever.question_encoder_tokenizer
-    enc = tokenizer([prefix + q for q in questions], return_tensors="pt", padding=True, truncation=True)
+    texts = [model.question_prefix + q for q in questions]
+    enc = model.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
 @torch.no_grad()
-def generate_answers(model, questions: list[str], args: argparse.Namespace) -> list[str]:
-    """Generate one answer per question with beam search, as the reference's evaluate_batch_e2e."""
-    if isinstance(model, CausalRag):  # greedy marginal decoding, max_length new tokens
-        enc = _encode_questions(model, questions)
-        answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, args.max_length)
-        return [one_line(a) for a in answers]
-    # The reference forbids <s><s> ([[0, 0]]: BART repeats BOS); the generator's own BOS id says the same
-    # for any tokenizer (it is 0 for BART; 0 is [PAD] in a BERT-style vocabulary, where [[0, 0]] is a no-op).
-    bos = model.config.generator.bos_token_id
-    generated = model.generate(
-        **_encode_questions(model, questions),
-        num_beams=args.num_beams,
-        min_length=args.min_length,
-        max_length=args.max_length,
-        early_stopping=False,
-        num_return_sequences=1,
-        n_docs=args.n_docs,
-        bad_words_ids=[[bos, bos]] if bos is not None else None,
-    )
-    answers = model.retriever.generator_tokenizer.batch_decode(generated, skip_special_tokens=True)
+def generate_answers(model: RagModel, questions: list[str], args: argparse.Namespace) -> list[str]:
+    """One answer per question: RAG-token greedy over the marginal, RAG-sequence with --num_beams candidates
+    per passage (seq2seq generators) rescored over all passages; --max_length counts new tokens."""
+    enc = _encode_questions(model, questions)
+    answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, args.max_length, args.num_beams)
     return [one_line(a) for a in answers]
 
 
 @torch.no_grad()
 def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
     """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
-    q = model.rag.question_encoder(**_encode_questions(model, questions))[0]
-    n = min(n, len(model.retriever.index.dataset))  # FAISS pads with id -1 beyond the KB's size
+    q = model.question_encoder(**_encode_questions(model, questions))[0]
+    n = min(n, len(model.retriever))  # FAISS pads with id -1 beyond the KB's size
     _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n)
     keep = [[j for j, i in enumerate(row) if i >= 0] for row in ids]
     return (
@@ -413,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="how the question encoder scores (default: what the checkpoint declares)",
     )
-    parser.add_argument("--model_type", choices=sorted(MODEL_CLASSES), default=None,
+    parser.add_argument("--model_type", choices=["rag_token", "rag_sequence"], default=None,
                         help="default: from the config's architectures")  # fmt: skip
     parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
     parser.add_argument("--evaluation_set", required=True, help="questions, one per line (e.g. test.source)")
@@ -430,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ks", type=_ks, default=(1, 5, 10, 20), help="ks of recall@k and MRR@k, e.g. 1,5,20")
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--num_beams", type=int, default=4)
-    parser.add_argument("--min_length", type=int, default=1)
+    parser.add_argument("--min_length", type=int, default=1, help="accepted for compatibility; unused")
     parser.add_argument("--max_length", type=int, default=50)
     parser.add_argument("--eval_all_checkpoints", action="store_true",
                         help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip

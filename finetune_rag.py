@@ -3,7 +3,10 @@ Ray actors re-encode the knowledge base and rebuild its FAISS index in the backg
 
     python finetune_rag.py --model_name_or_path facebook/rag-token-base --model_type rag_token \
         --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
-        --data_dir DATA --output_dir OUT --do_train --end2end --indexing_freq 500
+        --data_dir DATA --output_dir OUT --do_train --training_mode rag_end2end --indexing_freq 500
+
+--training_mode picks the recipe (training_modes.py): rag_end2end, rag_original, retriever_only, dalm, lsr
+or ralt; --end2end is rag_end2end's old name.
 """
 
 from __future__ import annotations
@@ -24,17 +27,7 @@ from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    RagConfig,
-    RagSequenceForGeneration,
-    RagTokenForGeneration,
-    RagTokenizer,
-    get_scheduler,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 from transformers.optimization import Adafactor
 
 from callbacks_rag import (
@@ -44,24 +37,18 @@ from callbacks_rag import (
     get_early_stopping_callback,
     get_last_checkpoint_callback,
 )
-from causal_rag import CausalRag
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
 from plot_run import plot_runs
-from rag_encoders import (
-    PooledEncoder,
-    context_side,
-    encoder_similarity,
-    load_encoder,
-    load_tokenizer,
-    with_scoring,
-)
+from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+from training_modes import MODES, make_objective, mine
 from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 
-MODEL_CLASSES = {"rag_token": RagTokenForGeneration, "rag_sequence": RagSequenceForGeneration}
+MARGINALS = ("rag_token", "rag_sequence")
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
               "polynomial": "polynomial"}  # fmt: skip
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "log_temperature")
@@ -77,241 +64,106 @@ def local_rank_from_env() -> int:
 
 
 class GenerativeQAModule(pl.LightningModule):
-    """RAG for generative QA: builds the models and retriever, and defines the step and validation."""
+    """RAG for generative QA under one training recipe (`--training_mode`): the step, validation and test.
 
-    def __init__(self, hparams: argparse.Namespace):
+    The retriever comes from outside (Ray actors from `build_module`, or any in-process search in tests), so
+    the module itself never starts Ray; the KB refresh (callbacks_rag.KBRefreshCallback) only swaps what that
+    retriever serves, which the module reads as `self.kb`."""
+
+    def __init__(self, hparams: argparse.Namespace, retriever):
         super().__init__()
         self.save_hyperparameters(hparams)
         hp = self.hparams
-        if hp.model_type not in MODEL_CLASSES:
+        if hp.model_type not in MARGINALS:
             raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
         for path in (hp.passages_path, hp.index_path):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
         for flag in MODEL_FLAGS:
             check_model_path(flag, getattr(hp, flag))
-        self.is_causal = hp.generator_type == "causal"
-        if hp.model_name_or_path and not self.is_causal and (hp.question_pooling or hp.shared_encoder):
-            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
-                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
+        self.objective = make_objective(hp)
+        self.retriever = retriever
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
-
-        init_ray(hp.ray_address, hp.ray_namespace)
-        # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
-        self.ray_namespace = f"{hp.ray_namespace}-{hp.run_id}"
-        actors = start_retrieval_actors(hp.num_retrieval_workers, hp.hnsw_ef_search, self.ray_namespace)
-        self.tokenizer, config = self._load_tokenizer_and_config()
-        self.retriever = RagRayDistributedRetriever(
-            config, self.tokenizer.question_encoder, self.tokenizer.generator, actors, local_rank_from_env()
-        )
-        self.model = self._load_rag_model(config)
+        self.model = build_model(hp, self.objective, retriever)
         # The similarity the question encoder scores with (declared by its checkpoint, or --similarity); the KB
         # must hold embeddings made for it, checked before any work is done.
-        self.similarity = encoder_similarity(self.model.rag.question_encoder)
+        self.similarity = encoder_similarity(self.model.question_encoder)
         q_name = hp.question_encoder_name_or_path or hp.model_name_or_path
         check_kb_similarity(hp.passages_path, f"the question encoder {q_name}", self.similarity)
-        check_kb(hp.passages_path, hp.index_path, self.model.rag.question_encoder.config.hidden_size, config.n_docs)
-        self.kb = KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0, similarity=self.similarity)
-        self.retriever.init_retrieval(self.kb)
-        config_prefix = getattr(self.model.rag.question_encoder.config, "prefix", None)
-        self.question_prefix = hp.question_prefix or config_prefix or ""
-        if self.is_causal:  # saved with it, for eval_rag.py
-            self.model.question_prefix = self.question_prefix
-
-        self.context_tokenizer = None
-        if hp.end2end:
-            ctx_name = hp.context_encoder_name
-            if hp.shared_encoder:  # one transformer encodes questions and passages
-                context_encoder = context_side(self.model.rag.question_encoder)
-            else:
-                context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
-            if encoder_similarity(context_encoder) != self.similarity:
-                raise ValueError(
-                    f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
-                    f"the question encoder {q_name} with {self.similarity}: pass --similarity dot or cosine"
-                )
-            self.context_tokenizer = load_tokenizer(
-                hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix, hp.cache_dir
-            )
-            q_dim = self.model.rag.question_encoder.config.hidden_size
-            if context_encoder.config.hidden_size != q_dim:
-                raise ValueError(
-                    f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, "
-                    f"the question encoder {q_dim}: their dot product needs one size"
-                )
-            if self.is_causal:
-                self.model.ctx_encoder, self.model.ctx_tokenizer = context_encoder, self.context_tokenizer
-            else:
-                # Both calls are needed: the model re-encodes retrieved passages in the graph, and the
-                # retriever hands it their tokens.
-                self.model.set_context_encoder_for_training(context_encoder)
-                self.retriever.set_ctx_encoder_tokenizer(self.context_tokenizer)
+        check_kb(hp.passages_path, hp.index_path, self.model.question_encoder.config.hidden_size, self.model.n_docs)
+        retriever.init_retrieval(KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0,
+                                           similarity=self.similarity))  # fmt: skip
+        self.objective.freeze(self.model)
         # from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds:
         # without this, dropout would be silently off during training.
         self.model.train()
+        if self.objective.name == "lsr":  # the generator only judges passages: no dropout noise in its judgement
+            self.model.generator.eval()
 
         self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
                             "test": hp.test_max_target_length}  # fmt: skip
         self.n_obs = {"train": hp.n_train, "val": hp.n_val, "test": hp.n_test}
-        # Optional gold passages ({split}.gold.jsonl, written by prepare_squad.py): retrieval metrics.
+        # Optional gold passages ({split}.gold.jsonl, written by the converters): retrieval metrics, and the
+        # positives of the contrastive recipes.
         self.gold = {
             split: (read_lines(Path(hp.data_dir) / f"{split}.source"), read_gold(str(path), "jsonl"))
-            for split in ("val", "test")
+            for split in ("train", "val", "test")
             if (path := Path(hp.data_dir) / f"{split}.gold.jsonl").exists()
         }
+        self.passages = load_from_disk(hp.passages_path) if self.objective.needs_positives else None
         self._eval_sums: list[torch.Tensor] = []
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
 
     @property
+    def kb(self) -> KBVersion:
+        """The KB version retrieval serves now (the refresh swaps it; a resumed run restores it)."""
+        return self.retriever.live_kb
+
+    @property
     def context_encoder(self) -> torch.nn.Module | None:
-        """The trained context encoder (it lives inside the RAG model), or None without --end2end."""
-        return self.model.rag.ctx_encoder
-
-    # ------------------------------------------------------------------ building
-
-    def _load_tokenizer_and_config(self) -> tuple[RagTokenizer, RagConfig]:
-        hp = self.hparams
-        if self.is_causal and not (hp.question_encoder_name_or_path and hp.generator_name_or_path):
-            raise ValueError(
-                "--generator_type causal needs --question_encoder_name_or_path and --generator_name_or_path"
-            )
-        if hp.model_name_or_path and not self.is_causal:
-            config = RagConfig.from_pretrained(hp.config_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
-            tokenizer = RagTokenizer.from_pretrained(hp.tokenizer_name or hp.model_name_or_path, cache_dir=hp.cache_dir)
-        elif hp.question_encoder_name_or_path and hp.generator_name_or_path:
-            q_cfg = AutoConfig.from_pretrained(hp.question_encoder_name_or_path, cache_dir=hp.cache_dir)
-            g_cfg = AutoConfig.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir)
-            config = RagConfig.from_question_encoder_generator_configs(q_cfg, g_cfg)
-            for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
-                setattr(config, name, getattr(g_cfg, name, None))  # RAG reads these at the top level
-            tokenizer = RagTokenizer(
-                question_encoder=AutoTokenizer.from_pretrained(
-                    hp.question_encoder_name_or_path, cache_dir=hp.cache_dir
-                ),
-                generator=AutoTokenizer.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
-            )
-        else:
-            raise ValueError("give --model_name_or_path, or both --question_encoder_name_or_path and "
-                             "--generator_name_or_path")  # fmt: skip
-        config.index_name = "custom"
-        config.passages_path, config.index_path = str(hp.passages_path), str(hp.index_path)
-        config.use_dummy_dataset = False
-        config.retrieval_vector_size = config.question_encoder.hidden_size
-        # Passage + question must fit the generator's positions (RagConfig's default, 300, may not).
-        config.max_combined_length = min(
-            hp.max_combined_length or config.max_combined_length,
-            getattr(config.generator, "max_position_embeddings", None) or config.max_combined_length,
-        )
-        if hp.n_docs is not None:
-            config.n_docs = hp.n_docs
-        self.n_docs = config.n_docs
-        config.label_smoothing = hp.label_smoothing
-        if hp.prefix is not None:
-            config.generator.prefix = hp.prefix
-        for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
-            if getattr(hp, name) is not None:
-                setattr(config.generator, name, getattr(hp, name))
-        return tokenizer, config
-
-    def _question_encoder(self) -> torch.nn.Module:
-        """The question encoder with its similarity and retrieval temperature (flags, else its declaration)."""
-        hp = self.hparams
-        return load_encoder(hp.question_encoder_name_or_path, hp.question_pooling, hp.cache_dir, "question",
-                            hp.similarity, hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
-
-    def _load_rag_model(self, config: RagConfig):
-        hp = self.hparams
-        if self.is_causal:
-            return CausalRag(
-                self._question_encoder(),
-                AutoModelForCausalLM.from_pretrained(hp.generator_name_or_path, cache_dir=hp.cache_dir),
-                self.tokenizer.question_encoder,
-                self.tokenizer.generator,
-                self.retriever,
-                n_docs=config.n_docs,
-                mode=hp.model_type.removeprefix("rag_"),
-                template=hp.prompt_template,
-                max_length=hp.max_combined_length or 512,
-            )
-        model_cls = MODEL_CLASSES[hp.model_type]
-        if hp.model_name_or_path:
-            model = model_cls.from_pretrained(
-                hp.model_name_or_path, config=config, retriever=self.retriever, cache_dir=hp.cache_dir
-            )
-            # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
-            model.rag.question_encoder = with_scoring(
-                model.rag.question_encoder, hp.similarity, hp.retrieval_temperature, hp.learn_temperature
-            )
-            return model
-        question_encoder = self._question_encoder()
-        generator = AutoModelForSeq2SeqLM.from_pretrained(
-            hp.generator_name_or_path, config=config.generator, cache_dir=hp.cache_dir
-        )
-        return model_cls(config=config, question_encoder=question_encoder, generator=generator,
-                         retriever=self.retriever)  # fmt: skip
+        return self.model.ctx_encoder
 
     # ------------------------------------------------------------------ training
 
-    def _step(self, batch: dict) -> torch.Tensor:
-        """Each question's RAG NLL (B,): per answer token for causal generators, summed over the answer's
-        tokens for seq2seq ones (transformers' RAG)."""
-        if self.is_causal:
-            questions, answers = batch["source_text"], batch["target_text"]
-            return self.model(batch["input_ids"], batch["attention_mask"], questions, answers)[0]
-        out = self.model(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            reduce_loss=False,
-            use_cache=False,
-            n_docs=self.n_docs,
-        )
-        return out.loss
+    def _mined(self, batch: dict, split: str):
+        """Positives and hard negatives for the contrastive recipes; None for the others."""
+        if not self.objective.needs_positives:
+            return None
+        gold = self.gold[split][1].passage_ids if split in self.gold else None
+        gold = [gold[int(i)] for i in batch["index"]] if gold is not None else None
+        return mine(self.model, batch, self.passages, gold, self.hparams.hard_negatives)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self._step(batch)
-        # The objective: summed over the batch for seq2seq (as the reference), averaged for causal generators.
-        loss = losses.mean() if self.is_causal else losses.sum()
-        self.log("loss", losses.mean(), prog_bar=True, batch_size=len(losses))  # per question, for both
+        loss, logs = self.objective.loss(self.model, batch, self._mined(batch, "train"))
+        n = len(batch["source_text"])
+        self.log("loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train_{k}": v for k, v in logs.items()}, batch_size=n)
         if self.hparams.learn_temperature:
-            tau = self.model.rag.question_encoder.temperature_value
-            self.log("retrieval_temperature", tau, batch_size=len(losses))
+            self.log("retrieval_temperature", self.model.question_encoder.temperature_value, batch_size=n)
         return loss
 
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
-        if self.is_causal:
-            preds = self.model.generate(
-                batch["input_ids"], batch["attention_mask"], batch["source_text"], self.target_lens[split]
-            )
+        questions, golds = batch["source_text"], batch["target_text"]
+        em = f1 = loss = 0.0
+        preds = []
+        if self.model.generator is None:  # retriever_only: its own loss on held-out questions
+            loss = float(self.objective.loss(self.model, batch, self._mined(batch, split))[0]) * len(questions)
         else:
-            preds = self._generate_seq2seq(batch, split)
-        golds = batch["target_text"]
-        # Summed here, divided by the number of questions at epoch end; the forward pass it takes is as long as
-        # generating, so --no_test_loss skips it in the test pass.
-        skip_loss = split == "test" and self.hparams.no_test_loss
-        loss = float("nan") if skip_loss else float(self._step(batch).sum())
-        em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
-        f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
+            preds = self.model.generate(batch["input_ids"], batch["attention_mask"], questions,
+                                        self.target_lens[split], self.hparams.num_beams)  # fmt: skip
+            em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
+            f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
+            # Summed here, divided by the number of questions at epoch end. The RAG NLL, whatever the recipe, so
+            # that modes compare; it is a forward pass as long as generating, so --no_test_loss skips it.
+            skip_loss = split == "test" and self.hparams.no_test_loss
+            losses = self.model(batch["input_ids"], batch["attention_mask"], questions, golds)[0]
+            loss = float("nan") if skip_loss else float(losses.sum())
         seconds = time.perf_counter() - start
-        self._eval_sums.append(torch.tensor([em, f1, loss, seconds, len(preds)], dtype=torch.float64))
+        self._eval_sums.append(torch.tensor([em, f1, loss, seconds, len(questions)], dtype=torch.float64))
         if split == "test":  # one answer a line
             self._test_rows.extend((int(i), " ".join(p.split())) for i, p in zip(batch["index"], preds))
-
-    def _generate_seq2seq(self, batch: dict, split: str) -> list[str]:
-        kwargs = {"do_deduplication": False} if self.hparams.model_type == "rag_sequence" else {}
-        generated = self.model.generate(
-            batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            use_cache=True,
-            min_length=1,
-            max_length=self.target_lens[split],
-            num_beams=self.hparams.num_beams,
-            n_docs=self.n_docs,
-            **kwargs,
-        )
-        return self.tokenizer.generator.batch_decode(generated, skip_special_tokens=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._generative_step(batch, "val")
@@ -325,7 +177,9 @@ class GenerativeQAModule(pl.LightningModule):
         # Sum counts over ranks before dividing, so uneven shards weigh each example once.
         em, f1, loss, seconds, n = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").tolist()
         n = max(n, 1.0)
-        metrics = {f"{prefix}_em": em / n, f"{prefix}_f1": f1 / n, f"{prefix}_gen_time": seconds / n}
+        metrics = {f"{prefix}_gen_time": seconds / n}
+        if self.model.generator is not None:
+            metrics |= {f"{prefix}_em": em / n, f"{prefix}_f1": f1 / n}
         if loss == loss:  # not NaN: the loss was computed
             metrics[f"{prefix}_loss"] = loss / n
         self.log_dict(metrics, prog_bar=True)
@@ -342,12 +196,12 @@ class GenerativeQAModule(pl.LightningModule):
         if split not in self.gold:
             return {}
         questions, gold = self.gold[split]
-        encoder, tokenizer = self.model.rag.question_encoder, self.tokenizer.question_encoder
+        encoder, tokenizer = self.model.question_encoder, self.model.question_tokenizer
         was_training = encoder.training
         encoder.eval()
         retrieved = []
         for start in range(0, len(questions), 32):
-            batch = [self.question_prefix + q for q in questions[start : start + 32]]
+            batch = [self.model.question_prefix + q for q in questions[start : start + 32]]
             max_length = self.hparams.max_source_length
             inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             inputs = inputs.to(self.device)
@@ -398,13 +252,12 @@ class GenerativeQAModule(pl.LightningModule):
 
     def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = Seq2SeqDataset(
-            self.tokenizer,
+            self.model.question_tokenizer,
             self.hparams.data_dir,
             max_source_length=self.hparams.max_source_length,
-            max_target_length=self.target_lens[split],
             type_path=split,
             n_obs=self.n_obs[split],
-            prefix=self.question_prefix,
+            prefix=self.model.question_prefix,
         )
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
                           num_workers=self.hparams.num_workers)  # fmt: skip
@@ -436,31 +289,105 @@ class GenerativeQAModule(pl.LightningModule):
         if self.global_rank == 0:  # the actors are shared: one rank swaps them
             ray.get(self.retriever.stage(kb))
             self.retriever.activate(kb)
-        self.kb = kb
+        self.retriever.live_kb = kb
         self.trainer.strategy.barrier("kb_swapped")  # no rank retrieves from the old version after this
 
     def save_hf_checkpoint(self, directory: Path) -> None:
-        """Write the RAG model in transformers' format (without the context encoder, which goes to
-        `context_encoder/`), the tokenizers and the KB version whose index matches these weights."""
+        """Write the model (rag_model.RagModel.save_pretrained: every part with its tokenizer, and
+        rag_settings.json) and the KB version whose index matches these weights."""
         if directory.exists():
             return  # this step is already saved
         tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
-        if self.is_causal:  # no transformers class for it: its parts, each loadable with from_pretrained
-            self.model.save_pretrained(tmp)
-        else:
-            self.model.config.passages_path, self.model.config.index_path = self.kb.passages_path, self.kb.index_path
-            self.model.config.question_encoder.prefix = self.question_prefix  # eval_rag.py puts it before questions
-            state = {k: v for k, v in self.model.state_dict().items() if ".ctx_encoder." not in k}
-            self.model.save_pretrained(tmp, state_dict=state)
-            self.tokenizer.save_pretrained(tmp)
-            question_encoder = self.model.rag.question_encoder
-            if isinstance(question_encoder, PooledEncoder):  # transformers cannot rebuild it from config.json
-                question_encoder.save_pretrained(tmp / "question_encoder")  # with pooling.json, for eval_rag.py
-        if self.context_encoder is not None:
-            self.context_encoder.save_pretrained(tmp / "context_encoder")
-            self.context_tokenizer.save_pretrained(tmp / "context_encoder")
+        self.model.save_pretrained(tmp)
         (tmp / "kb_version.json").write_text(json.dumps(vars(self.kb), indent=1))
         os.rename(tmp, directory)
+
+
+def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
+    """The RagModel the flags describe, with only the parts the recipe needs (no generator for
+    retriever_only, no context encoder where passage embeddings never change)."""
+    marginal = hp.model_type.removeprefix("rag_")
+    if hp.model_name_or_path:
+        if hp.question_pooling or hp.shared_encoder:
+            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
+                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
+        overrides = {"marginal": marginal, "rerank_top": hp.rerank_top}
+        overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
+        overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
+        model = RagModel.from_pretrained(hp.model_name_or_path, retriever, objective.needs_generator,
+                                         cache_dir=hp.cache_dir, **overrides)  # fmt: skip
+        # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
+        model.question_encoder = with_scoring(model.question_encoder, hp.similarity, hp.retrieval_temperature,
+                                              hp.learn_temperature)  # fmt: skip
+        if model.generator is not None:
+            if hp.prompt_template:
+                model.generator.template = hp.prompt_template
+            model.generator.label_smoothing = hp.label_smoothing
+    else:
+        if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
+            raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
+                             f"path (--training_mode {objective.name} needs a generator: "
+                             f"{objective.needs_generator})")  # fmt: skip
+        q_name = hp.question_encoder_name_or_path
+        question_encoder = load_encoder(q_name, hp.question_pooling, hp.cache_dir, "question", hp.similarity,
+                                        hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
+        prefix = hp.question_prefix or getattr(question_encoder.config, "prefix", None) or ""
+        generator = load_generator(hp) if objective.needs_generator else None
+        q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
+        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
+                         question_prefix=prefix, rerank_top=hp.rerank_top)  # fmt: skip
+    if objective.uses_context_encoder:
+        attach_context_encoder(model, hp)
+    return model
+
+
+def load_generator(hp: argparse.Namespace):
+    """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
+    config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
+                                                   "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
+    name = hp.generator_name_or_path
+    if hp.generator_type == "causal":
+        model = AutoModelForCausalLM.from_pretrained(name, cache_dir=hp.cache_dir, **config)
+        return CausalGenerator(model, AutoTokenizer.from_pretrained(name, cache_dir=hp.cache_dir),
+                               hp.prompt_template, hp.max_combined_length or 512, hp.label_smoothing)  # fmt: skip
+    model = AutoModelForSeq2SeqLM.from_pretrained(name, cache_dir=hp.cache_dir, **config)
+    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
+    room = min(hp.max_combined_length or 300, getattr(model.config, "max_position_embeddings", None) or 300)
+    template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
+    return Seq2SeqGenerator(model, AutoTokenizer.from_pretrained(name, cache_dir=hp.cache_dir), template, room,
+                            hp.label_smoothing)  # fmt: skip
+
+
+def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:
+    """The context encoder the recipe re-encodes passages with (--shared_encoder: the question encoder's
+    transformer), checked to score like the question encoder."""
+    ctx_name = hp.context_encoder_name
+    if hp.shared_encoder:  # one transformer encodes questions and passages
+        context_encoder = context_side(model.question_encoder)
+    else:
+        context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
+    similarity = encoder_similarity(model.question_encoder)
+    if encoder_similarity(context_encoder) != similarity:
+        raise ValueError(
+            f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
+            f"the question encoder with {similarity}: pass --similarity dot or cosine"
+        )
+    q_dim = model.question_encoder.config.hidden_size
+    if context_encoder.config.hidden_size != q_dim:
+        raise ValueError(f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, the question "
+                         f"encoder {q_dim}: their dot product needs one size")  # fmt: skip
+    model.ctx_encoder = context_encoder
+    model.ctx_tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix,
+                                         hp.cache_dir)  # fmt: skip
+
+
+def build_module(args: argparse.Namespace) -> GenerativeQAModule:
+    """Start (or join) Ray and this run's retrieval actors, then build the module around them."""
+    init_ray(args.ray_address, args.ray_namespace)
+    # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
+    namespace = f"{args.ray_namespace}-{args.run_id}"
+    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace)
+    return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
 
 
 def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
@@ -575,7 +502,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
                    "assemble a RAG model instead of loading one")  # fmt: skip
     g.add_argument("--generator_name_or_path", default=None)
-    g.add_argument("--model_type", choices=sorted(MODEL_CLASSES), required=True)
+    g.add_argument("--model_type", choices=MARGINALS, required=True)
     g.add_argument(
         "--generator_type",
         choices=["seq2seq", "causal"],
@@ -589,7 +516,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")
     g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
     g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
-    g.add_argument("--end2end", action="store_true", help="train the context encoder and refresh the KB")
+    g.add_argument("--end2end", action="store_true", help="old name of --training_mode rag_end2end")
     g.add_argument(
         "--question_pooling",
         choices=["cls", "mean", "pooler"],
@@ -624,6 +551,24 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
         g.add_argument(f"--{name}", type=float, default=None, help="set in the generator config")
     g.add_argument("--label_smoothing", type=float, default=0.0)
+
+    g = parser.add_argument_group("training recipe (training_modes.py)")
+    g.add_argument("--training_mode", choices=sorted(MODES), default=None,
+                   help="what trains and with which loss (README: training recipes); default rag_original, or "
+                   "rag_end2end with --end2end")  # fmt: skip
+    g.add_argument("--query_side_only", action="store_true",
+                   help="freeze the context encoder of any recipe: the KB never goes stale, no refresh")  # fmt: skip
+    g.add_argument("--hard_negatives", type=int, default=0,
+                   help="retriever_only/dalm: negatives per question mined from the live index (top-ranked "
+                   "passages that are not gold and hold no answer)")  # fmt: skip
+    g.add_argument("--symmetric_infonce", action="store_true", help="InfoNCE in both directions (q->p and p->q)")
+    g.add_argument("--retriever_loss", choices=["none", "pdist"], default="none",
+                   help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)")  # fmt: skip
+    g.add_argument("--lm_temperature", type=float, default=1.0,
+                   help="tau_lm of lsr and pdist: softmax(answer log-likelihood per passage / tau_lm)")  # fmt: skip
+    g.add_argument("--rerank_top", type=int, default=0,
+                   help="fetch L passages from the (stale) index, re-score them with the current context "
+                   "encoder, keep the top n_docs (Atlas); 0: off")  # fmt: skip
 
     g = parser.add_argument_group("data")
     g.add_argument("--data_dir", default="test_run/dummy-train-data",
@@ -746,11 +691,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
     if args.indexing_freq is not None and args.indexing_freq < 1:
         parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
-    if args.indexing_freq and not args.end2end:
-        warnings.warn("--indexing_freq without --end2end: the context encoder is frozen, so no refresh", stacklevel=1)
-    if args.end2end and not args.indexing_freq:
-        warnings.warn("--end2end without --indexing_freq: the KB is never re-encoded while the context encoder "
-                      "learns", stacklevel=1)  # fmt: skip
+    if args.end2end and args.training_mode not in (None, "rag_end2end"):
+        parser.error(
+            f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"
+        )
+    args.training_mode = args.training_mode or ("rag_end2end" if args.end2end else "rag_original")
+    args.end2end = args.training_mode == "rag_end2end"
+    refreshes = make_objective(args).refreshes
+    if args.indexing_freq and not refreshes:
+        warnings.warn(f"--indexing_freq: --training_mode {args.training_mode} keeps the context encoder frozen, so "
+                      "the KB is never refreshed", stacklevel=1)  # fmt: skip
+    if refreshes and not args.indexing_freq:
+        warnings.warn(f"--training_mode {args.training_mode} without --indexing_freq: the KB is never re-encoded "
+                      "while the context encoder learns", stacklevel=1)  # fmt: skip
+    if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
+        parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
     if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
         parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
     # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
@@ -814,20 +769,22 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
     check_data_dir(args)
     prepare_output_dir(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    model = GenerativeQAModule(args)
+    model = build_module(args)
     if not (args.do_train or args.do_predict):
-        print("RAG model built with its retriever (and context encoder with --end2end); nothing to train.")
+        print(f"RAG model built with its retriever for --training_mode {args.training_mode}; nothing to train.")
         return model
 
+    # Recipes without a generator are judged by their own loss on validation questions.
+    metric = "em" if model.model.generator is not None else "loss"
     callbacks = [
-        get_checkpoint_callback(args.output_dir, "em"),
+        get_checkpoint_callback(args.output_dir, metric),
         get_last_checkpoint_callback(args.output_dir, args.save_last_every_n_steps),
         Seq2SeqLoggingCallback(),
         LearningRateMonitor(logging_interval="step"),
     ]
     if args.early_stopping_patience >= 0:
-        callbacks.append(get_early_stopping_callback("em", args.early_stopping_patience))
-    if args.end2end and args.indexing_freq:
+        callbacks.append(get_early_stopping_callback(metric, args.early_stopping_patience))
+    if model.objective.refreshes and args.indexing_freq:
         index_config = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
         callbacks.append(
             KBRefreshCallback(

@@ -1,8 +1,10 @@
 """Dataset and SQuAD-style metrics for end-to-end RAG fine-tuning."""
 
+import argparse
 import ast
 import codecs
 import csv
+import functools
 import json
 import re
 import string
@@ -14,7 +16,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
-from transformers import RagTokenizer
 
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 MAX_LINE_CHARS = 1_000_000  # a longer question, answer or KB field is a wrong file or a missing newline
@@ -117,14 +118,14 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 class Seq2SeqDataset(Dataset):
-    """Question/answer pairs from `{type_path}.source`/`.target`, tokenised for a RAG model."""
+    """Question/answer pairs from `{type_path}.source`/`.target`: the texts, and the questions tokenised for
+    the question encoder (generators tokenise their own prompts and answers: rag_model.py)."""
 
     def __init__(
         self,
-        tokenizer: RagTokenizer,
+        question_tokenizer,
         data_dir: str,
         max_source_length: int,
-        max_target_length: int,
         type_path: str = "train",
         n_obs: int | None = None,
         prefix: str = "",
@@ -141,18 +142,15 @@ class Seq2SeqDataset(Dataset):
             raise ValueError(f"{source_path} and {target_path} contain no examples")
         if n_obs is not None and n_obs < -1:
             raise ValueError(f"n_obs must be None, -1 (all) or >= 0, got {n_obs}")
-        for name in ("question_encoder", "generator"):
-            if getattr(tokenizer, name).pad_token_id is None:
-                raise ValueError(f"the {name} tokenizer has no pad token, which collate_fn needs")
+        if question_tokenizer.pad_token_id is None:
+            raise ValueError("the question encoder tokenizer has no pad token, which collate_fn needs")
         if n_obs is not None and n_obs != -1:
             sources, targets = sources[:n_obs], targets[:n_obs]
 
-        self.question_tokenizer = tokenizer.question_encoder
-        self.generator_tokenizer = tokenizer.generator
+        self.question_tokenizer = question_tokenizer
         self.sources = [line.strip() for line in sources]
         self.targets = [line.strip() for line in targets]
         self.max_source_length = max_source_length
-        self.max_target_length = max_target_length
         self.prefix = prefix
 
     def __len__(self) -> int:
@@ -160,22 +158,17 @@ class Seq2SeqDataset(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Return the raw texts plus unpadded `input_ids` (question encoder) and `labels` (generator)."""
+        """The raw texts and the question's unpadded `input_ids`."""
         source, target = self.sources[index], self.targets[index]
-        source_enc = self.question_tokenizer(self.prefix + source, truncation=True, max_length=self.max_source_length)
-        target_enc = self.generator_tokenizer(target, truncation=True, max_length=self.max_target_length)
-        input_ids, labels = source_enc["input_ids"], target_enc["input_ids"]
-        return {"source_text": source, "target_text": target, "input_ids": input_ids, "labels": labels, "index": index}
+        enc = self.question_tokenizer(self.prefix + source, truncation=True, max_length=self.max_source_length)
+        return {"source_text": source, "target_text": target, "input_ids": enc["input_ids"], "index": index}
 
     def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Pad a list of examples to the batch's longest sequence, each side with its own pad id."""
-        question_pad = self.question_tokenizer.pad_token_id
-        input_ids, attention_mask = _pad([ex["input_ids"] for ex in batch], question_pad)
-        labels, _ = _pad([ex["labels"] for ex in batch], self.generator_tokenizer.pad_token_id)
+        """Pad the questions to the batch's longest."""
+        input_ids, attention_mask = _pad([ex["input_ids"] for ex in batch], self.question_tokenizer.pad_token_id)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": labels,
             "source_text": [ex["source_text"] for ex in batch],
             "target_text": [ex["target_text"] for ex in batch],
             "index": torch.tensor([ex["index"] for ex in batch]),  # line numbers, to put DDP shards back in order
@@ -240,6 +233,56 @@ def calculate_exact_match(predictions: list[str], references: list[str] | list[l
 def calculate_f1(predictions: list[str], references: list[str] | list[list[str]]) -> float:
     """Mean over examples of the best token F1 against the gold answers, in [0, 1]."""
     return _mean_metric(f1_score, predictions, references)
+
+
+# ----------------------------------------------------------------------------- long-answer metrics
+
+GENERATION_METRICS = ("em", "f1", "rouge_l", "bleu")
+
+
+@functools.cache
+def _rouge_l_scorer() -> Any:
+    """The ROUGE-L scorer, built on first use (importing rouge_score pulls in nltk, which is slow)."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@functools.cache
+def _bleu(effective_order: bool) -> Any:
+    """A sacrebleu BLEU metric, built once; effective_order skips n-gram orders a short sentence lacks."""
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(effective_order=effective_order)
+
+
+def rouge_l_score(prediction: str, ground_truth: str) -> float:
+    """ROUGE-L F-measure in [0, 1]: longest-common-subsequence overlap, which rewards word order in long answers."""
+    return _rouge_l_scorer().score(ground_truth, prediction)["rougeL"].fmeasure
+
+
+def corpus_bleu(predictions: list[str], references: list[str]) -> float:
+    """sacrebleu corpus BLEU in [0, 100], one reference per prediction: n-gram precision pooled over the corpus."""
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions but {len(references)} references")
+    return _bleu(False).corpus_score(predictions, [references]).score
+
+
+def sentence_bleu(prediction: str, reference: str) -> float:
+    """BLEU in [0, 100] of one sentence (effective order), so per-example sums can be averaged across batches."""
+    return _bleu(True).sentence_score(prediction, [reference]).score
+
+
+def parse_metrics(value: str) -> tuple[str, ...]:
+    """The `--metrics` names (comma-separated) in GENERATION_METRICS order; em and f1 are always computed."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(GENERATION_METRICS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric(s) {', '.join(map(repr, unknown))} in --metrics {value!r}; "
+            f"choose from {', '.join(GENERATION_METRICS)}"
+        )
+    return tuple(name for name in GENERATION_METRICS if name in names or name in ("em", "f1"))
 
 
 # ----------------------------------------------------------------------------- retrieval metrics

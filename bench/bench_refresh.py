@@ -232,7 +232,7 @@ def pct(values: list[float], q: float) -> float:
 def encode_questions(module: finetune_rag.GenerativeQAModule, n: int) -> np.ndarray:
     """Question-encoder vectors for the first `n` training questions: realistic queries for the index."""
     questions = (DUMMY_DATA / "train.source").read_text(encoding="utf-8").splitlines()[:n]
-    encoder = module.model.rag.question_encoder
+    encoder = module.model.question_encoder
     device = next(encoder.parameters()).device
     tokens = module.tokenizer.question_encoder(questions, return_tensors="pt", padding=True).to(device)
     with torch.no_grad():
@@ -332,8 +332,8 @@ def report_training(args: argparse.Namespace, base: list[RunResult], refr: list[
     b_ms = [ms for run in refr for _, ms in run.steps]
     b_busy = [ms for run in refr for step, ms in run.steps if step in run.in_flight_steps()]
     history = [h for run in refr for h in run.refresh.history]
-    skipped = sum(run.refresh.skipped_triggers for run in refr)
-    failures = sum(run.refresh.failures for run in refr)
+    skipped = sum(run.refresh.refresher.skipped_triggers for run in refr)
+    failures = sum(run.refresh.refresher.failures for run in refr)
     print(f"steps with a refresh in flight: {len(b_busy)} of {len(b_ms)}, median {pct(b_busy, 50):.1f} ms")
     print("refreshes (trigger -> swap step, seconds): " + ", ".join(
         f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history))  # fmt: skip

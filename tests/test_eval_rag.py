@@ -34,7 +34,7 @@ def _controlled_kb(checkpoint: Path, out: Path) -> tuple[Path, Path]:
     model = RagTokenForGeneration.from_pretrained(str(checkpoint))
     questions = QUESTIONS.read_text().splitlines()
     with torch.no_grad():
-        q = model.rag.question_encoder(**tokenizer(questions, return_tensors="pt", padding=True))[0].numpy()
+        q = model.question_encoder(**tokenizer(questions, return_tensors="pt", padding=True))[0].numpy()
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     direction = q.mean(0) / np.linalg.norm(q.mean(0))
     assert (q @ direction > 0.1).all(), "the test questions do not share a direction"

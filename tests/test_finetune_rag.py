@@ -15,11 +15,12 @@ from faults import gated_encoder_factory
 from faults import kill_actors as _kill_actors
 from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
 
-import callbacks_rag
 import eval_rag
 import finetune_rag
-from callbacks_rag import KBRefreshCallback, RefreshState
+import kb_refresh
+from callbacks_rag import KBRefreshCallback
 from kb_encode_utils import IndexConfig, read_version
+from kb_refresh import RefreshState
 from rag_encoders import PooledEncoder, load_tokenizer
 from utils_rag import has_answer, read_lines
 
@@ -41,7 +42,7 @@ def _best_checkpoint(out: Path) -> Path:
 
 @pytest.mark.parametrize("model", ["rag_token", "rag_sequence"])
 def test_context_encoder_gets_gradient_with_end2end(ray_local, finetune_argv, model):
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end", model=model)))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end", model=model)))
     module._step(_batch(module)).sum().backward()
     grads = {n: p.grad for n, p in module.context_encoder.named_parameters()}
     assert grads, "no context-encoder parameters"
@@ -51,12 +52,12 @@ def test_context_encoder_gets_gradient_with_end2end(ray_local, finetune_argv, mo
 
 
 def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv()))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv()))
     assert module.context_encoder is None
     assert not [n for n, _ in module.named_parameters() if "ctx_encoder" in n]
     module._step(_batch(module)).sum().backward()
     # The retrieval scores still train the question encoder.
-    q_grads = [p.grad for p in module.model.rag.question_encoder.parameters()]
+    q_grads = [p.grad for p in module.model.question_encoder.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in q_grads)
     _kill_actors(module)
 
@@ -67,7 +68,7 @@ def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_a
         "--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
         "--generator_name_or_path", str(tiny_models["generator"]),
     ]  # fmt: skip
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     limit = module.model.config.generator.max_position_embeddings
     assert module.model.config.max_combined_length <= limit
     assert module.model.config.decoder_start_token_id == module.model.config.generator.decoder_start_token_id
@@ -155,15 +156,15 @@ def test_training_goes_on_while_a_refresh_is_held_back(ray_local, finetune_argv,
         trigger_step, released_at = None, None
 
         def on_train_batch_end(self, trainer, module, *args):
-            if self.trigger_step is None and refresh.state is not RefreshState.IDLE:
+            if self.trigger_step is None and refresh.refresher.state is not RefreshState.IDLE:
                 self.trigger_step = trainer.global_step
             if self.trigger_step is not None and self.released_at is None and not refresh.history:
                 if trainer.global_step >= self.trigger_step + hold:
                     Path(gate).touch()
                     self.released_at = trainer.global_step
 
-    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_encoder_factory(callbacks_rag.encoder_factory, gate))
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    monkeypatch.setattr(kb_refresh, "encoder_factory", gated_encoder_factory(kb_refresh.encoder_factory, gate))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end")))
     refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"))
     release = Release()
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
@@ -254,7 +255,7 @@ def _causal_argv(finetune_argv, tiny_models, *extra: str) -> list[str]:
 def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_models, model_type):
     argv = _causal_argv(finetune_argv, tiny_models, "--end2end")
     argv[argv.index("--model_type") + 1] = model_type
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     module._step(_batch(module)).sum().backward()
     for name, part in (("context", module.context_encoder), ("question", module.model.question_encoder),
                        ("generator", module.model.generator)):  # fmt: skip
@@ -305,7 +306,7 @@ def test_seq2seq_with_a_mean_pooled_question_encoder(ray_local, finetune_argv, t
     argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
                        "--generator_name_or_path", str(tiny_models["generator"])]  # fmt: skip
     module = finetune_rag.main(finetune_rag.parse_args(argv))
-    encoder = module.model.rag.question_encoder
+    encoder = module.model.question_encoder
     assert isinstance(encoder, PooledEncoder) and encoder.pooling == "mean"
     start = PooledEncoder.from_pretrained(str(tiny_models["question_encoder"]), "mean", side="question")
     assert any(not torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), start.state_dict().values()))
@@ -327,7 +328,7 @@ def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
                                        "--predictions_path", str(preds)]))  # fmt: skip
     lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
     got = [list(map(int, line.split("\t")))[:5] for line in lines]
-    encoder = module.model.rag.question_encoder.eval()
+    encoder = module.model.question_encoder.eval()
     enc = module.tokenizer.question_encoder([prefix + q for q in read_lines(questions)], padding=True,
                                             return_tensors="pt")  # fmt: skip
     with torch.no_grad():
@@ -345,13 +346,13 @@ def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
 
 def test_a_kb_built_for_another_similarity_is_refused(ray_local, finetune_argv):
     with pytest.raises(ValueError, match=r"holds dot embeddings .* scores with cosine similarity"):
-        finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--similarity", "cosine")))
+        finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--similarity", "cosine")))
 
 
 def test_learned_temperature_trains_at_its_own_rate(ray_local, finetune_argv):
     argv = finetune_argv("--retrieval_temperature", "2", "--learn_temperature", "--temperature_learning_rate", "0.1")
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
-    encoder = module.model.rag.question_encoder
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
+    encoder = module.model.question_encoder
     assert isinstance(encoder, PooledEncoder) and encoder.temperature_value == pytest.approx(2.0)
     module._step(_batch(module)).sum().backward()
     assert encoder.log_temperature.grad.abs() > 0, "no gradient reaches the temperature"
@@ -367,7 +368,7 @@ def test_causal_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, t
     """val_loss = mean over questions of each question's loss, whatever the batch size (it used to be the sum
     of per-batch means divided by the number of questions)."""
     argv = _causal_argv(finetune_argv, tiny_models, "--eval_batch_size", "4")
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     logged = trainer.validate(module)[0]["val_loss"]
     module.eval()
@@ -380,7 +381,7 @@ def test_causal_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, t
 
 def test_seq2seq_checkpoint_keeps_question_and_passage_prefixes(ray_local, finetune_argv, tmp_path):
     argv = finetune_argv("--end2end", "--question_prefix", "query: ", "--passage_prefix", "passage: ")
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     ckpt = tmp_path / "checkpoint0"
     module.save_hf_checkpoint(ckpt)
     _kill_actors(module)
@@ -423,7 +424,7 @@ def test_refresh_before_validation_validates_against_the_current_weights(ray_loc
 
 
 def test_no_test_loss_skips_only_the_loss(ray_local, finetune_argv):
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--no_test_loss")))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--no_test_loss")))
     results = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(module)[0]
     _kill_actors(module)
     assert "test_loss" not in results and 0.0 <= results["test_em"] <= 1.0

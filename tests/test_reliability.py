@@ -23,9 +23,11 @@ from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesyst
 
 import callbacks_rag
 import finetune_rag
+import kb_refresh
 import use_own_knowledge_dataset
-from callbacks_rag import KBRefreshCallback, RefreshState
+from callbacks_rag import KBRefreshCallback
 from kb_encode_utils import IndexConfig, build_kb_version
+from kb_refresh import RefreshState
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
@@ -39,7 +41,7 @@ def _fit(module, *callbacks, max_steps: int) -> pl.Trainer:
 
 
 def _queries(module, n: int = 3) -> np.ndarray:
-    dim = module.model.rag.question_encoder.config.hidden_size
+    dim = module.model.question_encoder.config.hidden_size
     return np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
 
 
@@ -47,7 +49,7 @@ def _queries(module, n: int = 3) -> np.ndarray:
 
 
 def test_training_survives_a_killed_retrieval_actor(ray_local, finetune_argv):
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--num_retrieval_workers", "2")))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--num_retrieval_workers", "2")))
     victim = module.retriever.actors[0]
     killed = actor_pid(victim)
 
@@ -70,16 +72,17 @@ def test_a_refresh_goes_live_after_its_encoder_and_builder_were_killed(ray_local
     """The first refresh is held in the encoding actor (it waits for a file) while its encoder and the builder
     are killed. Ray restarts both and runs their tasks again: that refresh still goes live."""
     gate = str(tmp_path / "release")
-    monkeypatch.setattr(callbacks_rag, "encoder_factory", gated_encoder_factory(callbacks_rag.encoder_factory, gate))
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    monkeypatch.setattr(kb_refresh, "encoder_factory", gated_encoder_factory(kb_refresh.encoder_factory, gate))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end")))
     refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"), max_failures=1)
 
     class Kill(pl.Callback):
         killed: list[int] = []
 
         def on_train_batch_end(self, trainer, *args):
-            if refresh.state is RefreshState.ENCODING and not self.killed:
-                self.killed = [pid for pid in refresh._pids]  # the encoder waits for the gate, inside the refresh
+            if refresh.refresher.state is RefreshState.ENCODING and not self.killed:
+                # the encoder waits for the gate, inside the refresh
+                self.killed = list(refresh.refresher._pids)
                 for pid in self.killed:
                     os.kill(pid, signal.SIGKILL)
                 Path(gate).touch()
@@ -89,13 +92,13 @@ def test_a_refresh_goes_live_after_its_encoder_and_builder_were_killed(ray_local
                          callbacks=[refresh, kill], **QUIET)  # fmt: skip
     trainer.fit(module)
     assert kill.killed, "the refresh was never caught in flight"
-    assert refresh.failures == 0 and refresh.history, "the refresh did not survive its actors' deaths"
-    assert refresh.history[0]["version"] == 1 and refresh.actor_restarts == len(kill.killed) == 2
+    assert refresh.refresher.failures == 0 and refresh.history, "the refresh did not survive its actors' deaths"
+    assert refresh.history[0]["version"] == 1 and refresh.refresher.actor_restarts == len(kill.killed) == 2
     kill_actors(module)
 
 
 def test_refreshes_that_keep_failing_stop_the_run_with_the_cause(ray_local, finetune_argv, tmp_path):
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--end2end")))
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end")))
     with small_filesystem(tmp_path / "ro", read_only=True) as read_only:
         refresh = KBRefreshCallback(str(read_only / "kb"), 1, IndexConfig("flat"), max_failures=2)
         last = callbacks_rag.get_last_checkpoint_callback(str(tmp_path / "out"), every_n_steps=100)
@@ -138,10 +141,10 @@ def other_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_two_runs_on_one_cluster_retrieve_from_their_own_kb(ray_local, finetune_argv, other_kb):
-    first = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv("--ray_namespace", "shared")))
+    first = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--ray_namespace", "shared")))
     argv = finetune_argv("--ray_namespace", "shared")
     argv[argv.index("--passages_path") + 1], argv[argv.index("--index_path") + 1] = map(str, other_kb)
-    second = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv))
+    second = finetune_rag.build_module(finetune_rag.parse_args(argv))
     assert first.ray_namespace != second.ray_namespace
     assert first.retriever.actors[0]._actor_id != second.retriever.actors[0]._actor_id
     titles = {}

@@ -1,5 +1,6 @@
-"""Tests for utils_rag: SQuAD metrics and the line-aligned Seq2SeqDataset."""
+"""Tests for utils_rag: SQuAD and long-answer metrics and the line-aligned Seq2SeqDataset."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -8,13 +9,18 @@ from tiny_tokenizers import SPECIALS, wordpiece_tokenizer
 from transformers import RagTokenizer
 
 from utils_rag import (
+    GENERATION_METRICS,
     Seq2SeqDataset,
     calculate_exact_match,
     calculate_f1,
+    corpus_bleu,
     exact_match_score,
     f1_score,
     metric_max_over_ground_truths,
     normalize_answer,
+    parse_metrics,
+    rouge_l_score,
+    sentence_bleu,
 )
 
 SENTENCES = [
@@ -99,6 +105,59 @@ def test_corpus_metrics_reject_length_mismatch() -> None:
         calculate_exact_match(["a", "b"], ["a"])
     with pytest.raises(ValueError):
         calculate_f1(["a"], [])
+
+
+# --- long-answer metrics -------------------------------------------------------------------------------
+
+
+def test_rouge_l_identical_and_disjoint() -> None:
+    assert rouge_l_score("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert rouge_l_score("dogs bark loudly", "the cat sat on the mat") == 0.0
+
+
+def test_rouge_l_partial_is_lcs_hand_computed() -> None:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    # LCS "the cat on the mat" = 5 of 6 tokens each side: P = R = F = 5/6
+    pred, ref = "the cat sat on the mat", "the cat lay on the mat"
+    assert rouge_l_score(pred, ref) == pytest.approx(5 / 6)
+    unstemmed = RougeScorer(["rougeL"], use_stemmer=False).score(ref, pred)["rougeL"].fmeasure
+    assert unstemmed == pytest.approx(5 / 6)  # the stemmer leaves these words alone
+    # a subsequence, not a bag of words: same tokens reversed share an LCS of 1 of 2 (token F1 would be 1)
+    assert rouge_l_score("mat cat", "cat mat") == pytest.approx(1 / 2)
+    # the stemmer is on: cats -> cat, running/runs -> run
+    assert rouge_l_score("cats running", "cat runs") == pytest.approx(1.0)
+
+
+def test_bleu_identical_and_disjoint() -> None:
+    ref = "the quick brown fox jumps over the lazy dog"
+    assert sentence_bleu(ref, ref) == pytest.approx(100.0)
+    assert sentence_bleu("paris", "paris") == pytest.approx(100.0)  # effective order: no 4-grams needed
+    assert sentence_bleu("dogs bark loudly at night", ref) < 1.0
+    assert corpus_bleu([ref, "the cat sat on the mat"], [ref, "the cat sat on the mat"]) == pytest.approx(100.0)
+    assert corpus_bleu(["dogs bark loudly at night", "red green blue"], [ref, "the cat sat on the mat"]) < 1.0
+
+
+def test_corpus_bleu_rejects_length_mismatch() -> None:
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        corpus_bleu(["a", "b"], ["a"])
+
+
+def test_parse_metrics_orders_and_always_includes_em_f1() -> None:
+    assert GENERATION_METRICS == ("em", "f1", "rouge_l", "bleu")
+    assert parse_metrics("bleu") == ("em", "f1", "bleu")
+    assert parse_metrics(" bleu, rouge_l ,em,bleu") == ("em", "f1", "rouge_l", "bleu")
+    assert parse_metrics("") == ("em", "f1")
+
+
+def test_parse_metrics_rejects_unknown_name_naming_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=r"unknown metric\(s\) 'rouge' .*rouge_l, bleu"):
+        parse_metrics("em,rouge")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--metrics", type=parse_metrics)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--metrics", "rouge"])
+    assert "unknown metric(s) 'rouge'" in capsys.readouterr().err  # argparse shows the message, not "invalid value"
 
 
 # --- dataset -------------------------------------------------------------------------------------------

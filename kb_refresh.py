@@ -1,0 +1,212 @@
+"""The asynchronous knowledge-base refresh: Ray actors re-encode the passages with a snapshot of the context
+encoder, a builder writes the new version's FAISS index, and the retrieval actors swap it in.
+
+    refresher = Refresher(retriever, passages_path, kb_root, ctx_encoder, ctx_tokenizer, index_config)
+    refresher.trigger(ctx_encoder.state_dict(), step)   # returns at once
+    refresher.poll(step)                                # call often; a dict when a new version went live
+    refresher.live_version                              # the KBVersion that retrieval serves now
+
+IDLE -> ENCODING (encode shards, build vNNNN) -> SWAPPING (retrieval actors stage it) -> IDLE (activate).
+Each state change is polled with `ray.wait(timeout=0)`: nothing here makes the caller wait.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from enum import Enum
+
+import ray
+import torch
+from datasets import load_from_disk
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from ray.exceptions import RayActorError
+
+from kb_encode_utils import IndexConfig, KBBuilder, KBVersion, ShardEncoder, list_versions, prune_versions, shard_bounds
+from rag_encoders import encoder_factory
+
+ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
+
+
+class RefreshState(str, Enum):
+    IDLE = "idle"
+    ENCODING = "encoding"  # encoding actors re-encode their shards, then a task builds the index
+    SWAPPING = "swapping"  # retrieval actors load the new version beside the live one
+
+
+class Refresher:
+    """Re-encodes the KB in Ray actors and swaps each new version into `retriever` (a
+    RagRayDistributedRetriever). Failures are counted; `max_failures` in a row raise."""
+
+    def __init__(
+        self,
+        retriever,
+        passages_path: str,
+        kb_root: str,
+        context_encoder: torch.nn.Module,
+        context_tokenizer,
+        index_config: IndexConfig,
+        index_workers: int = 1,
+        index_gpus: int = 0,
+        encode_batch_size: int = 64,
+        keep_versions: int = 3,
+        max_failures: int = 3,
+        pinned: Callable[[], set[int]] = set,
+    ):
+        self.retriever = retriever
+        self.passages_path, self.kb_root = passages_path, kb_root
+        self.index_config = index_config
+        self.encode_batch_size, self.keep_versions, self.max_failures = encode_batch_size, keep_versions, max_failures
+        self.pinned = pinned  # versions that checkpoints use: never pruned
+        self.state = RefreshState.IDLE
+        self.history: list[dict] = []  # one dict per completed refresh
+        self.skipped_triggers = self.failures = self.consecutive_failures = 0
+        self.actor_restarts = 0  # encoding actors and builder that died and were restarted by Ray
+        self._build_ref = None
+        self._pending: list = []
+        self._new_kb: KBVersion | None = None
+        self._trigger_step, self._trigger_time = 0, 0.0
+        self._next_version = max([self.live_version.version] + [v.version for v in list_versions(kb_root)]) + 1
+        self.n_rows = len(load_from_disk(passages_path))
+
+        # Ray restarts a dead encoder or builder (a fresh process, same constructor arguments) and runs the
+        # task it was doing again there; a task that fails ACTOR_TASK_RETRIES more times fails the refresh.
+        options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
+        if index_gpus > ray.cluster_resources().get("GPU", 0):
+            rank_zero_warn(f"--index_gpus {index_gpus}: the Ray cluster has fewer GPUs; encoding on CPU")
+            index_gpus = 0
+        if index_gpus:
+            options["num_gpus"] = index_gpus / index_workers
+        remote_cls = ray.remote(ShardEncoder).options(**options)
+        make = encoder_factory(context_encoder)
+        self.encoders = [
+            remote_cls.remote(passages_path, start, end, context_tokenizer, make, context_encoder.config)
+            for start, end in shard_bounds(self.n_rows, index_workers)
+        ]
+        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote()
+        self._pids: list[int | None] = []
+        rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {self.n_rows} passages")
+
+    @property
+    def live_version(self) -> KBVersion:
+        return self.retriever.live_kb
+
+    def wait_for_actors(self) -> None:
+        """Actors start (imports, tokenising their shard) in the background; waiting once keeps that start-up
+        out of the first refresh's timings, and records their process ids."""
+        self._pids = self._actor_pids()
+
+    # --------------------------------------------------------------- the state machine
+
+    def trigger(self, weights: dict[str, torch.Tensor], step: int, threads: int | None = None) -> bool:
+        """Start re-encoding with these context-encoder weights (copied now, so later optimizer steps cannot
+        change them); False if a refresh is still running."""
+        if self.state is not RefreshState.IDLE:
+            self.skipped_triggers += 1
+            rank_zero_info(f"KB refresh: trigger at step {step} skipped ({self.state.value})")
+            return False
+        snapshot = ray.put({k: v.detach().to("cpu", copy=True) for k, v in weights.items()})
+        shards = [e.encode.remote(snapshot, self.encode_batch_size, threads) for e in self.encoders]
+        similarity = self.live_version.similarity
+        self._build_ref = self.builder.build.remote(
+            self.passages_path, self.kb_root, self._next_version, step, self.index_config, similarity, *shards
+        )
+        self._next_version += 1
+        self._trigger_step, self._trigger_time = step, time.perf_counter()
+        self.state = RefreshState.ENCODING
+        rank_zero_info(f"KB refresh: started at step {step}")
+        return True
+
+    def poll(self, step: int) -> dict | None:
+        """Advance the state machine without waiting; the refresh's record when its version just went live."""
+        try:
+            if self.state is RefreshState.ENCODING:
+                if ray.wait([self._build_ref], timeout=0)[0]:
+                    self._new_kb = ray.get(self._build_ref)
+                    self._pending = self.retriever.stage(self._new_kb)
+                    self.state = RefreshState.SWAPPING
+            elif self.state is RefreshState.SWAPPING:
+                done, _ = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+                if len(done) == len(self._pending):
+                    for ref in self._pending:
+                        try:
+                            ray.get(ref)
+                        except RayActorError:  # restarted empty: activate() loads the new version there
+                            pass
+                    return self._finish_swap(step)
+        except Exception as err:  # one failed refresh must not kill hours of training; several in a row do
+            self._failed(err)
+        return None
+
+    def _failed(self, err: Exception) -> None:
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.state = RefreshState.IDLE
+        self._count_restarts()
+        cause = getattr(err, "cause", None) or err  # the error inside an actor, without Ray's wrapper
+        cause = f"{type(cause).__name__}: {cause}"
+        live = self.live_version.version
+        if self.consecutive_failures >= self.max_failures:
+            raise RuntimeError(
+                f"KB refresh failed {self.consecutive_failures} times in a row; stopping rather than training on "
+                f"an index that no longer moves (v{live}, --max_refresh_failures {self.max_failures}). "
+                f"Last error: {cause}"
+            ) from err
+        rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{live}; retried at the next "
+                       f"trigger: {cause}")  # fmt: skip
+
+    def _finish_swap(self, step: int) -> dict:
+        self.retriever.activate(self._new_kb)
+        seconds = time.perf_counter() - self._trigger_time
+        record = {"version": self._new_kb.version, "trigger_step": self._trigger_step, "swap_step": step,
+                  "steps_during_refresh": step - self._trigger_step, "reindex_seconds": seconds}  # fmt: skip
+        self.history.append(record)
+        self.state = RefreshState.IDLE
+        self.consecutive_failures = 0
+        self._count_restarts()
+        created = {r["version"] for r in self.history}  # by this run, resumed parts included: nothing else
+        prune_versions(self.kb_root, self.keep_versions, protect=self.pinned() | {self._new_kb.version}, only=created)
+        rank_zero_info(
+            f"KB refresh: v{self._new_kb.version} live at step {step}: {self.n_rows:,} passages in {seconds:.1f} s "
+            f"({self.n_rows / seconds:.1f} passages/s), over steps {self._trigger_step}-{step}"
+        )
+        return record
+
+    def wait_until_idle(self, step: int, timeout: float = 300.0) -> None:
+        """Let an in-flight refresh finish and swap in, so no work is orphaned."""
+        deadline = time.monotonic() + timeout
+        while self.state is not RefreshState.IDLE and time.monotonic() < deadline:
+            self.poll(step)
+            time.sleep(0.05)
+        if self.state is not RefreshState.IDLE:
+            rank_zero_warn(f"KB refresh still {self.state.value} after {timeout:.0f}s; abandoned")
+
+    def close(self) -> None:
+        for actor in [*self.encoders, self.builder] if self.builder is not None else []:
+            ray.kill(actor)
+        self.encoders, self.builder = [], None
+
+    # --------------------------------------------------------------- actor restarts
+
+    def _actor_pids(self, timeout: float | None = None) -> list[int | None]:
+        """Each actor's process id (None if it does not answer in time): a new one means Ray restarted it."""
+        refs = [a.__ray_call__.remote(_process_id) for a in [*self.encoders, self.builder]]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        pids = []
+        for ref in refs:
+            try:
+                pids.append(ray.get(ref, timeout=0))
+            except Exception:  # still restarting, or gone: looked at again after the next refresh
+                pids.append(None)
+        return pids
+
+    def _count_restarts(self) -> None:
+        pids = self._actor_pids(timeout=30)
+        self.actor_restarts += sum(old is not None and new is not None and old != new
+                                   for old, new in zip(self._pids, pids))  # fmt: skip
+        self._pids = [new if new is not None else old for old, new in zip(self._pids, pids)]
+
+
+def _process_id(actor) -> int:
+    return os.getpid()

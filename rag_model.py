@@ -1,0 +1,494 @@
+"""The one model contract: a question encoder, an optional context encoder and a generator, with RAG's
+retrieval, doc scores, marginal loss and generation, for seq2seq and decoder-only generators alike.
+
+    model = RagModel.from_pretrained("OUT/checkpoint120", retriever=search)
+    losses, doc_scores = model(question_ids, question_mask, questions, answers)  # (B,) NLL per answer token
+    answers = model.generate(question_ids, question_mask, questions, max_new_tokens=20)
+
+A generator answers the same calls whatever its family: `answer_logprobs(questions, docs, answers)` (each
+answer token's log-prob under each passage, aligned across passages), `loss(...)` (the RAG marginal of
+those, per answer token), `generate(questions, docs, doc_scores, ...)` and `save_pretrained`. The training
+objectives (training_modes.py), the training step and eval_rag.py are written against these calls and
+never ask which family they hold. A retriever is anything with `retrieve(q, n) -> (embeddings, ids, docs)`:
+the Ray actors in training, an in-process FAISS index in eval_rag.py and in tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    RagConfig,
+    RagTokenForGeneration,
+    RagTokenizer,
+)
+
+from causal_rag import (
+    DEFAULT_TEMPLATE,
+    IGNORE,
+    answer_logprobs,
+    build_prompts,
+    encode_prompts,
+    marginal_nll,
+    pack,
+    pad_id,
+    tokenize_for_loss,
+    truncate_left,
+)
+from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
+
+SETTINGS_FILE = "rag_settings.json"
+RAG_TEMPLATE = "{title} / {text} // {question}"  # transformers' RAG prompt: title_sep " / ", doc_sep " // "
+MARGINALS = ("token", "sequence")
+
+
+class RagGenerator(torch.nn.Module):
+    """What every generator offers the rest of the toolkit; subclasses define how prompts become log-probs."""
+
+    family = ""
+
+    def __init__(self, model, tokenizer, template: str | None, max_length: int, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.template, self.max_length, self.label_smoothing = template, max_length, label_smoothing
+
+    def prompts(self, questions: list[str], docs: list[dict]) -> list[str]:
+        return build_prompts(questions, docs, self.tokenizer, self.template, len(docs[0]["title"]))
+
+    def answer_logprobs(
+        self, questions: list[str], docs: list[dict], answers: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(y_t | x, z_k, y_<t) of each answer token under each passage (B, n, A), and the (B, A) mask."""
+        raise NotImplementedError
+
+    def loss(
+        self, questions: list[str], docs: list[dict], doc_scores: torch.Tensor, answers: list[str], marginal: str
+    ) -> torch.Tensor:
+        """Each question's RAG NLL per answer token (B,): one reduction for every family."""
+        return marginal_nll(*self.answer_logprobs(questions, docs, answers), doc_scores, marginal)
+
+    def passage_loglik(self, questions: list[str], docs: list[dict], answers: list[str]) -> torch.Tensor:
+        """Mean log-prob per answer token under each passage alone (B, n): how much each passage helps."""
+        token_lp, mask = self.answer_logprobs(questions, docs, answers)
+        return (token_lp * mask[:, None]).sum(2) / mask.sum(1, keepdim=True).clamp(min=1)
+
+    def generate(
+        self,
+        questions: list[str],
+        docs: list[dict],
+        doc_scores: torch.Tensor,
+        max_new_tokens: int,
+        marginal: str = "token",
+        num_beams: int = 1,
+    ) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def settings(self) -> dict:
+        return {"generator_family": self.family, "template": self.template, "max_length": self.max_length}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+class Seq2SeqGenerator(RagGenerator):
+    """An encoder-decoder generator (BART, T5): the prompt is encoded, the answer decoded from it."""
+
+    family = "seq2seq"
+
+    def _encode(self, prompts: list[str]):
+        enc = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        return enc.to(self.device)
+
+    def _logprobs(self, enc, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = labels.to(self.device)
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                         decoder_input_ids=decoder_input_ids, use_cache=False)  # fmt: skip
+        logp = out.logits.float().log_softmax(-1)
+        is_answer = labels != IGNORE
+        token_lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        if self.label_smoothing:
+            token_lp = (1 - self.label_smoothing) * token_lp + self.label_smoothing * logp.mean(-1)
+        width = labels.shape[1]
+        return (token_lp * is_answer).view(-1, n, width), is_answer.view(-1, n, width)[:, 0]
+
+    def answer_logprobs(self, questions, docs, answers):
+        n = len(docs[0]["title"])
+        repeated = [a for a in answers for _ in range(n)]
+        labels = self.tokenizer(text_target=repeated, truncation=True, max_length=self.max_length, padding=True,
+                                return_tensors="pt")["input_ids"]  # fmt: skip
+        labels[labels == self.tokenizer.pad_token_id] = IGNORE
+        return self._logprobs(self._encode(self.prompts(questions, docs)), labels, n)
+
+    @torch.no_grad()
+    def generate(self, questions, docs, doc_scores, max_new_tokens, marginal="token", num_beams=1):
+        """RAG-token: greedy over the marginal next-token distribution. RAG-sequence: a (beam) candidate per
+        passage, kept by its marginal likelihood over all passages ("thorough" decoding)."""
+        n = len(docs[0]["title"])
+        enc = self._encode(self.prompts(questions, docs))
+        doc_lp = doc_scores.float().log_softmax(1).to(self.device)
+        if marginal == "sequence":
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+            candidates = [self._cut(row[1:]) for row in out.tolist()]  # without the decoder start token
+            best = self._rescore(enc, candidates, doc_lp, n)
+        else:
+            best = self._greedy_marginal(enc, doc_lp, n, max_new_tokens)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in best]
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids = ids[: ids.index(eos) + 1] if eos in ids else ids
+        return [i for i in ids if i != pad]
+
+    def _greedy_marginal(self, enc, doc_lp: torch.Tensor, n: int, max_new_tokens: int) -> list[list[int]]:
+        encoder_outputs = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+        start = self.model.config.decoder_start_token_id
+        decoder_input_ids = torch.full((len(enc["input_ids"]), 1), start, device=self.device)
+        past, steps = None, []
+        done = torch.zeros(len(doc_lp), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            out = self.model(encoder_outputs=encoder_outputs, attention_mask=enc["attention_mask"],
+                             decoder_input_ids=decoder_input_ids, past_key_values=past, use_cache=True)  # fmt: skip
+            past = out.past_key_values
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            token = (doc_lp[:, :, None] + logp.view(len(doc_lp), n, -1)).logsumexp(1).argmax(-1)
+            steps.append(token)
+            done |= token == self.tokenizer.eos_token_id
+            if done.all():
+                break
+            decoder_input_ids = token.repeat_interleave(n)[:, None]
+        return [self._cut(row) for row in torch.stack(steps, 1).tolist()]
+
+    def _rescore(self, enc, candidates: list[list[int]], doc_lp: torch.Tensor, n: int) -> list[list[int]]:
+        best = []
+        for b in range(len(doc_lp)):
+            group = list(dict.fromkeys(map(tuple, candidates[b * n : (b + 1) * n])))
+            rows = [list(c) for c in group for _ in range(n)]
+            width = max(len(r) for r in rows) or 1
+            labels = torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
+            sub = {k: v[b * n : (b + 1) * n].repeat(len(group), 1) for k, v in enc.items()}
+            token_lp, mask = self._logprobs(sub, labels, n)
+            score = (doc_lp[b] + token_lp.sum(2)).logsumexp(1)  # log p(y|x) of each candidate
+            best.append(list(group[int(score.argmax())]))
+        return best
+
+    @classmethod
+    def from_pretrained(cls, path: str, template: str | None = None, max_length: int = 300,
+                        label_smoothing: float = 0.0, cache_dir: str | None = None) -> Seq2SeqGenerator:  # fmt: skip
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        return cls(model, tokenizer, template or RAG_TEMPLATE, max_length, label_smoothing)
+
+
+class CausalGenerator(RagGenerator):
+    """A decoder-only generator (any AutoModelForCausalLM): the answer follows each prompt; labels on it only."""
+
+    family = "causal"
+
+    def __init__(self, model, tokenizer, template=None, max_length=512, label_smoothing=0.0):
+        super().__init__(model, tokenizer, template, max_length, label_smoothing)
+        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def answer_logprobs(self, questions, docs, answers):
+        batch = tokenize_for_loss(self.prompts(questions, docs), answers, self.tokenizer, self.max_length)
+        logits, labels = self._logits({k: v.to(self.device) for k, v in batch.items()})
+        return answer_logprobs(logits, labels, len(docs[0]["title"]), self.label_smoothing)
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator logits of packed rows from the earliest answer's last prompt token on (`logits_to_keep`:
+        the prompts' own (T, V) predictions are never used and dominate memory), and the matching labels."""
+        first_answer = int((batch["labels"] != IGNORE).int().argmax(1).min())
+        keep = {"logits_to_keep": batch["labels"].shape[1] - first_answer + 1} if self._has_logits_to_keep else {}
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                         **keep)  # fmt: skip
+        return out.logits, batch["labels"][:, -out.logits.shape[1] :]
+
+    @torch.no_grad()
+    def generate(self, questions, docs, doc_scores, max_new_tokens, marginal="token", num_beams=1):
+        """Greedy answers (num_beams does not apply): RAG-token decodes the marginal next-token distribution;
+        RAG-sequence decodes one candidate per passage and keeps the most likely under all passages."""
+        tok = self.tokenizer
+        if max_new_tokens < 1:
+            return [""] * len(questions)
+        n = len(docs[0]["title"])
+        doc_lp = doc_scores.float().log_softmax(1).to(self.device)
+        room = self.max_length - max_new_tokens
+        prompt_ids = [truncate_left(ids, room, tok.bos_token_id) for ids in encode_prompts(self.prompts(questions,
+                      docs), tok)]  # fmt: skip
+        if marginal == "token":
+            answers = self._greedy(prompt_ids, max_new_tokens, doc_lp)[::n]
+        else:
+            answers = self._rescore(prompt_ids, self._greedy(prompt_ids, max_new_tokens), doc_lp)
+        return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
+
+    def _greedy(
+        self, prompt_ids: list[list[int]], max_new_tokens: int, doc_lp: torch.Tensor | None = None
+    ) -> list[list[int]]:
+        """Greedy continuation of each prompt, up to and including EOS. With doc_lp (B, n), the n prompts of a
+        question advance together, each token the argmax of sum_k p(z_k|x) p(y_t | x, z_k, y_<t) (RAG-token)."""
+        pad, eos = pad_id(self.tokenizer), self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompt_ids)
+        # Left padding lines up every row's next token; positions count real tokens only.
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        keep = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
+        past, steps = None, []
+        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=past, use_cache=True, **keep)  # fmt: skip
+            past = out.past_key_values
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            if doc_lp is not None:
+                n = doc_lp.shape[1]
+                logp = (doc_lp[:, :, None] + logp.view(-1, n, logp.shape[-1])).logsumexp(1).repeat_interleave(n, 0)
+            token = logp.argmax(-1)
+            steps.append(token)
+            done |= token == eos
+            if done.all():
+                break
+            input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+        rows = torch.stack(steps, 1).tolist()
+        return [row[: row.index(eos) + 1] if eos in row else row for row in rows]  # what follows EOS is noise
+
+    def _rescore(
+        self, prompt_ids: list[list[int]], candidates: list[list[int]], doc_lp: torch.Tensor
+    ) -> list[list[int]]:
+        """For each question, its distinct candidates' RAG-sequence log-likelihood under all n passages; the best."""
+        n = doc_lp.shape[1]
+        groups = [list(dict.fromkeys(map(tuple, candidates[b * n : (b + 1) * n]))) for b in range(len(doc_lp))]
+        owners = [b for b, group in enumerate(groups) for _ in group]  # the question of each (question, candidate)
+        flat = [list(c) for group in groups for c in group]
+        rows_prompt = [prompt_ids[b * n + k] for b in owners for k in range(n)]
+        rows_answer = [c for c in flat for _ in range(n)]
+        tok = self.tokenizer
+        batch = pack(rows_prompt, rows_answer, pad_id(tok), self.max_length, tok.bos_token_id)
+        logits, labels = self._logits({k: v.to(self.device) for k, v in batch.items()})
+        token_lp, mask = answer_logprobs(logits, labels, n)
+        score = (doc_lp[owners] + (token_lp * mask[:, None]).sum(2)).logsumexp(1)  # log p(y|x), not per token
+        best, start = [], 0
+        for group in groups:
+            best.append(flat[start + int(score[start : start + len(group)].argmax())])
+            start += len(group)
+        return best
+
+    @classmethod
+    def from_pretrained(cls, path: str, template: str | None = None, max_length: int = 512,
+                        label_smoothing: float = 0.0, cache_dir: str | None = None) -> CausalGenerator:  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        return cls(model, tokenizer, template, max_length, label_smoothing)
+
+
+GENERATORS = {cls.family: cls for cls in (Seq2SeqGenerator, CausalGenerator)}
+
+
+@dataclass
+class Retrieved:
+    """One batch's retrieval: question vectors (in the graph), doc scores (B, n), passages and their KB rows."""
+
+    q: torch.Tensor
+    doc_scores: torch.Tensor
+    docs: list[dict]
+    ids: np.ndarray
+
+
+class RagModel(torch.nn.Module):
+    """Question encoder -> retriever -> doc scores -> generator. With a context encoder, the doc scores use
+    fresh in-graph embeddings of the retrieved passages (their gradient trains it); else the KB's stored ones.
+    The question encoder's vectors carry 1/tau (rag_encoders.PooledEncoder): doc scores are similarity / tau."""
+
+    def __init__(
+        self,
+        question_encoder: torch.nn.Module,
+        question_tokenizer,
+        generator: RagGenerator | None = None,
+        retriever=None,
+        n_docs: int = 5,
+        marginal: str = "token",
+        ctx_encoder: torch.nn.Module | None = None,
+        ctx_tokenizer=None,
+        question_prefix: str = "",
+        rerank_top: int = 0,
+    ):
+        super().__init__()
+        if marginal not in MARGINALS:
+            raise ValueError(f"marginal {marginal!r}: use 'token' or 'sequence'")
+        if (ctx_encoder is None) != (ctx_tokenizer is None):
+            raise ValueError("give both ctx_encoder and ctx_tokenizer, or neither")
+        self.question_encoder, self.question_tokenizer = question_encoder, question_tokenizer
+        self.generator = generator
+        self.ctx_encoder, self.ctx_tokenizer = ctx_encoder, ctx_tokenizer
+        self.retriever = retriever
+        self.n_docs, self.marginal = n_docs, marginal
+        self.question_prefix = question_prefix  # callers put it before the questions they tokenise
+        self.rerank_top = rerank_top
+
+    # ------------------------------------------------------------------ retrieval
+
+    def encode_questions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.question_encoder(input_ids, attention_mask=attention_mask)[0]
+
+    def encode_passages(self, titles: list[str], texts: list[str]) -> torch.Tensor:
+        """Fresh (len, d) embeddings of passages from the context encoder, in the autograd graph."""
+        enc = self.ctx_tokenizer(titles, texts, truncation=True, padding="longest", return_tensors="pt")
+        enc = enc.to(next(self.ctx_encoder.parameters()).device)
+        return self.ctx_encoder(enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True).pooler_output
+
+    def search(self, q: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """The KB's top-n for each question vector: stored embeddings (B, n, d), rows (B, n) and passages."""
+        return self.retriever.retrieve(q.detach().float().cpu().numpy(), n)
+
+    def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_docs: int | None = None) -> Retrieved:
+        """Top-n passages and their doc scores. With `rerank_top` L > n and a context encoder, L passages are
+        fetched from the (possibly stale) index and re-ranked with fresh embeddings first (Atlas)."""
+        n = n_docs or self.n_docs
+        q = self.encode_questions(input_ids, attention_mask)
+        fresh = self.ctx_encoder is not None
+        fetch = max(n, self.rerank_top) if fresh else n
+        stored, ids, docs = self.search(q, fetch)
+        if fetch > n:
+            with torch.no_grad():
+                d = self.encode_passages(*_flat(docs)).view(len(q), fetch, -1)
+                keep = torch.einsum("bd,bnd->bn", q.float(), d.float()).topk(n, dim=1).indices.cpu().numpy()
+            ids = np.take_along_axis(np.asarray(ids), keep, 1)
+            docs = [{key: [doc[key][k] for k in row] for key in ("title", "text")} for doc, row in zip(docs, keep)]
+        if fresh:
+            d = self.encode_passages(*_flat(docs)).view(len(q), n, -1)
+        else:
+            d = torch.tensor(np.asarray(stored), device=q.device)  # a copy: Ray hands read-only arrays
+        return Retrieved(q, torch.einsum("bd,bnd->bn", q.float(), d.float()), docs, np.asarray(ids))
+
+    # ------------------------------------------------------------------ the RAG loss and generation
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, questions: list[str], answers: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each question's RAG NLL per answer token (B,), and the doc scores (B, n)."""
+        r = self.retrieve(input_ids, attention_mask)
+        return self.generator.loss(questions, r.docs, r.doc_scores, answers, self.marginal), r.doc_scores
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        questions: list[str],
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+    ) -> list[str]:
+        """Answers decoded over the retrieved passages; dropout stays as the caller set it (call `.eval()`)."""
+        if self.generator is None:
+            raise ValueError("this model has no generator (a retriever_only checkpoint): evaluate its retrieval")
+        r = self.retrieve(input_ids, attention_mask)
+        return self.generator.generate(questions, r.docs, r.doc_scores, max_new_tokens, self.marginal, num_beams)
+
+    # ------------------------------------------------------------------ saving and loading
+
+    def settings(self) -> dict:
+        """rag_settings.json: everything but weights that reproduces this model's retrieval and prompts."""
+        q = self.question_encoder
+        return {
+            "n_docs": self.n_docs,
+            "marginal": self.marginal,
+            "question_prefix": self.question_prefix,
+            "passage_prefix": getattr(self.ctx_tokenizer, "prefix", None),
+            "question_encoder": q.settings() if isinstance(q, PooledEncoder) else {"similarity": "dot"},
+            **(self.generator.settings() if self.generator is not None else {"generator_family": None}),
+            "label_smoothing": getattr(self.generator, "label_smoothing", 0.0),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """question_encoder/, generator/ and context_encoder/ (each with its tokenizer) and rag_settings.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.question_encoder.save_pretrained(directory / "question_encoder")
+        self.question_tokenizer.save_pretrained(directory / "question_encoder")
+        if self.generator is not None:
+            self.generator.save_pretrained(directory / "generator")
+        if self.ctx_encoder is not None:
+            self.ctx_encoder.save_pretrained(directory / "context_encoder")
+            self.ctx_tokenizer.save_pretrained(directory / "context_encoder")
+        (directory / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=1))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        retriever=None,
+        load_generator: bool = True,
+        load_context_encoder: bool = False,
+        cache_dir: str | None = None,
+        **overrides,
+    ) -> RagModel:
+        """What `save_pretrained` wrote, or a transformers RAG checkpoint (hub name or directory, e.g.
+        facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix) replace saved settings."""
+        directory = Path(path)
+        if not (directory / SETTINGS_FILE).is_file():
+            return cls._from_transformers_rag(str(path), retriever, load_generator, cache_dir, **overrides)
+        s = json.loads((directory / SETTINGS_FILE).read_text())
+        scoring = s["question_encoder"]
+        q = load_encoder(str(directory / "question_encoder"), scoring.get("pooling"), side="question",
+                         similarity=scoring.get("similarity"), temperature=scoring.get("temperature"))  # fmt: skip
+        generator = None
+        if load_generator and s["generator_family"]:
+            generator = GENERATORS[s["generator_family"]].from_pretrained(
+                str(directory / "generator"), s["template"], s["max_length"], s.get("label_smoothing", 0.0)
+            )
+        ctx = ctx_tok = None
+        if load_context_encoder and (directory / "context_encoder").is_dir():
+            ctx = load_encoder(str(directory / "context_encoder"), side="context")
+            ctx_tok = load_tokenizer(str(directory / "context_encoder"))
+        settings = {"n_docs": s["n_docs"], "marginal": s["marginal"], "question_prefix": s["question_prefix"]}
+        return cls(q, load_tokenizer(str(directory / "question_encoder")), generator, retriever,
+                   ctx_encoder=ctx, ctx_tokenizer=ctx_tok, **(settings | overrides))  # fmt: skip
+
+    @classmethod
+    def _from_transformers_rag(cls, name: str, retriever, load_generator: bool, cache_dir: str | None, **overrides):
+        """transformers' RAG checkpoints (RagToken/RagSequenceForGeneration): its DPR question encoder and its
+        BART generator, prompted as transformers' RAG prompts them."""
+        config = RagConfig.from_pretrained(name, cache_dir=cache_dir)
+        rag = RagTokenForGeneration.from_pretrained(name, cache_dir=cache_dir)  # both classes hold the same weights
+        tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
+        generator = None
+        if load_generator:
+            template = (config.generator.prefix or "") + RAG_TEMPLATE
+            generator = Seq2SeqGenerator(rag.rag.generator, tokenizer.generator, template, config.max_combined_length)
+        marginal = "sequence" if "RagSequenceForGeneration" in (config.architectures or []) else "token"
+        settings = {"n_docs": config.n_docs, "marginal": marginal,
+                    "question_prefix": getattr(config.question_encoder, "prefix", None) or ""}  # fmt: skip
+        return cls(rag.rag.question_encoder, tokenizer.question_encoder, generator, retriever,
+                   **(settings | overrides))  # fmt: skip
+
+
+def is_rag_checkpoint(path: str) -> bool:
+    """A directory this module saved, or a transformers RAG checkpoint (by its config's model_type)."""
+    if (Path(path) / SETTINGS_FILE).is_file():
+        return True
+    try:
+        return AutoConfig.from_pretrained(path).model_type == "rag"
+    except (OSError, ValueError):
+        return False
+
+
+def _flat(docs: list[dict]) -> tuple[list[str], list[str]]:
+    return [t for d in docs for t in d["title"]], [t for d in docs for t in d["text"]]
+
+
+__all__ = ["DEFAULT_TEMPLATE", "RAG_TEMPLATE", "CausalGenerator", "RagModel", "Seq2SeqGenerator"]

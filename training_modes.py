@@ -1,0 +1,245 @@
+"""Training recipes (`--training_mode`): which parts train, the loss built from the model contract
+(rag_model.RagModel), and whether passage embeddings change, so whether the KB is refreshed.
+
+    mode           trains                       loss                                           KB refresh
+    rag_end2end    question, context, generator RAG marginal NLL, fresh passage embeddings      yes
+    rag_original   question, generator          RAG marginal NLL, stored passage embeddings     no
+    retriever_only question, context            InfoNCE: gold passage vs in-batch + hard negs   yes
+    dalm           question, context, generator InfoNCE in-batch + NLL on the gold passage      yes
+    lsr            question, context            KL(LM's passage preference || retriever's)      yes
+    ralt           generator                    NLL of the answer under each top-k passage      no
+
+`--query_side_only` freezes the context encoder of any mode (no refresh needed). A new recipe is one small
+class here with its test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rag_model import RagModel
+from utils_rag import has_answer
+
+PARTS = ("question_encoder", "ctx_encoder", "generator")
+
+
+@dataclass
+class Positives:
+    """Per question of a batch: the positive passage (title, text) or None, and its hard negatives."""
+
+    positive: list[tuple[str, str] | None]
+    negatives: list[list[tuple[str, str]]]
+
+
+def infonce(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: torch.Tensor,
+            symmetric: bool = False) -> torch.Tensor:  # fmt: skip
+    """Contrastive loss of B questions (B, d) against P candidate passages (P, d), scores q.p (the question
+    vectors carry 1/tau). positive[i]: the column of question i's positive; owner[j]: the passage id of
+    column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative.
+    symmetric adds the passage -> question direction over the positives' columns."""
+    scores = q.float() @ p.float().T  # (B, P)
+    same = owner[None, :] == owner[positive][:, None]  # the same passage as question i's positive
+    same[torch.arange(len(q)), positive] = False
+    loss = F.cross_entropy(scores.masked_fill(same, float("-inf")), positive)
+    if symmetric:
+        by_passage = scores[:, positive].T  # (B, B): positive of i against every question
+        dup = owner[positive][None, :] == owner[positive][:, None]
+        dup.fill_diagonal_(False)
+        loss = (loss + F.cross_entropy(by_passage.masked_fill(dup, float("-inf")), torch.arange(len(q)))) / 2
+    return loss
+
+
+def distillation_kl(retriever_scores: torch.Tensor, lm_loglik: torch.Tensor, lm_temperature: float) -> torch.Tensor:
+    """Mean over questions of KL(p_LM || p_R): p_R = softmax(doc scores) (already similarity / tau_r),
+    p_LM = softmax(answer log-likelihood per passage / tau_lm) (REPLUG-LSR; Atlas's perplexity distillation).
+    The LM side is a fixed target: no gradient flows into it."""
+    target = (lm_loglik.detach().float() / lm_temperature).log_softmax(1)
+    return F.kl_div(retriever_scores.float().log_softmax(1), target, log_target=True, reduction="batchmean")
+
+
+def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | None, n_hard: int,
+         pool: int = 20) -> Positives:  # fmt: skip
+    """Positives and hard negatives from the live index. The positive is the first gold passage when gold ids
+    are known, else the best-ranked retrieved passage that holds the answer (distant supervision, as DPR).
+    Hard negatives: the best-ranked retrieved passages that are no gold passage and hold no answer."""
+    with torch.no_grad():
+        q = model.encode_questions(batch["input_ids"], batch["attention_mask"])
+        _, ids, docs = model.search(q, max(pool, n_hard + 1))
+    positives, negatives = [], []
+    for i, (row, found) in enumerate(zip(np.asarray(ids).tolist(), docs)):
+        answer = [batch["target_text"][i]]
+        gold = set(gold_ids[i]) if gold_ids is not None else set()
+        ranked = list(zip(row, found["title"], found["text"]))
+        if gold:
+            pid = min(gold)
+            positive = (passages[pid]["title"], passages[pid]["text"])
+        else:
+            positive = next(((t, x) for _, t, x in ranked if has_answer(x, answer)), None)
+        positives.append(positive)
+        negatives.append([(t, x) for pid, t, x in ranked if pid not in gold and not has_answer(x, answer)][:n_hard])
+    return Positives(positives, negatives)
+
+
+class Objective:
+    """A training recipe. `trains` names the RagModel parts that learn; every other parameter is frozen."""
+
+    name = ""
+    trains: tuple[str, ...] = ()
+    needs_generator = True
+    needs_context_encoder = False  # loaded (maybe frozen) even when it does not train
+    needs_positives = False
+
+    def __init__(self, args):
+        self.args = args
+        self.trains = tuple(p for p in self.trains if not (p == "ctx_encoder" and args.query_side_only))
+
+    @property
+    def refreshes(self) -> bool:
+        """The passage embeddings change, so the KB must be re-encoded as training goes on."""
+        return "ctx_encoder" in self.trains
+
+    @property
+    def uses_context_encoder(self) -> bool:
+        return self.needs_context_encoder or self.refreshes
+
+    def freeze(self, model: RagModel) -> None:
+        """requires_grad only on the parts this recipe trains (a shared encoder trains if either side does)."""
+        for part in PARTS:
+            module = getattr(model, part, None)
+            if module is not None:
+                module.requires_grad_(False)
+        for part in self.trains:
+            module = getattr(model, part, None)
+            if module is not None:
+                module.requires_grad_(True)
+                _keep_unused_pooler_frozen(module)
+
+    def loss(self, model: RagModel, batch: dict, mined: Positives | None) -> tuple[torch.Tensor, dict]:
+        """The scalar to minimise and the figures to log (per question)."""
+        raise NotImplementedError
+
+
+def _keep_unused_pooler_frozen(module: torch.nn.Module) -> None:
+    # PooledEncoder freezes a pooler it does not use (DDP would take its missing gradient for an error).
+    if getattr(module, "pooling", "pooler") != "pooler":
+        for name, param in module.model.named_parameters():
+            if name.startswith("pooler"):
+                param.requires_grad_(False)
+
+
+class RagEnd2End(Objective):
+    """RAG's marginal NLL into all three parts, passages re-encoded in the graph (Siriwardhana et al. 2023);
+    `--retriever_loss pdist` adds Atlas's perplexity distillation."""
+
+    name = "rag_end2end"
+    trains = ("question_encoder", "ctx_encoder", "generator")
+
+    def loss(self, model, batch, mined=None):
+        r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        questions, answers = batch["source_text"], batch["target_text"]
+        token_lp, mask = model.generator.answer_logprobs(questions, r.docs, answers)
+        from causal_rag import marginal_nll
+
+        losses = marginal_nll(token_lp, mask, r.doc_scores, model.marginal)
+        logs = {"nll": float(losses.mean())}
+        loss = losses.mean()
+        if self.args.retriever_loss == "pdist":
+            loglik = (token_lp * mask[:, None]).sum(2) / mask.sum(1, keepdim=True).clamp(min=1)
+            kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
+            loss, logs["distill_kl"] = loss + kl, float(kl)
+        return loss, logs
+
+
+class RagOriginal(RagEnd2End):
+    """RAG as Lewis et al. trained it: the context encoder and the KB stay as built."""
+
+    name = "rag_original"
+    trains = ("question_encoder", "generator")
+
+
+class RetrieverOnly(Objective):
+    """DALM's train-retriever-only, with hard negatives: InfoNCE of each question against its positive
+    passage, the other questions' positives and `--hard_negatives` mined from the live index. No generator."""
+
+    name = "retriever_only"
+    trains = ("question_encoder", "ctx_encoder")
+    needs_generator = False
+    needs_context_encoder = True
+    needs_positives = True
+
+    def loss(self, model, batch, mined):
+        keep = [i for i, p in enumerate(mined.positive) if p is not None]
+        if not keep:  # no question of this batch has a positive: a zero that keeps the graph
+            zero = sum(p.sum() for p in model.question_encoder.parameters()) * 0.0
+            return zero, {"infonce": 0.0, "with_positive": 0.0}
+        passages, owner = [mined.positive[i] for i in keep], [hash(mined.positive[i]) for i in keep]
+        for i in keep:
+            passages += mined.negatives[i]
+            owner += [hash(p) for p in mined.negatives[i]]
+        q = model.encode_questions(batch["input_ids"][keep], batch["attention_mask"][keep])
+        p = model.encode_passages(*map(list, zip(*passages)))
+        loss = infonce(q, p, torch.tensor(owner), torch.arange(len(keep)), self.args.symmetric_infonce)
+        return loss, {"infonce": float(loss), "with_positive": len(keep) / len(mined.positive)}
+
+
+class Dalm(RetrieverOnly):
+    """DALM's joint recipe, done right: in-batch InfoNCE plus the generator's NLL of the answer (its tokens
+    only) given the question and its gold passage."""
+
+    name = "dalm"
+    trains = ("question_encoder", "ctx_encoder", "generator")
+    needs_generator = True
+
+    def loss(self, model, batch, mined):
+        contrastive, logs = super().loss(model, batch, mined)
+        keep = [i for i, p in enumerate(mined.positive) if p is not None]
+        if not keep:
+            return contrastive, logs
+        docs = [{"title": [mined.positive[i][0]], "text": [mined.positive[i][1]]} for i in keep]
+        questions = [batch["source_text"][i] for i in keep]
+        answers = [batch["target_text"][i] for i in keep]
+        nll = -model.generator.passage_loglik(questions, docs, answers)[:, 0].mean()
+        return contrastive + nll, {**logs, "nll": float(nll)}
+
+
+class Lsr(Objective):
+    """LM-supervised retrieval (REPLUG-LSR): the retriever's distribution over its top-k, from question and
+    passages re-encoded in the graph, learns the frozen generator's preference among those passages."""
+
+    name = "lsr"
+    trains = ("question_encoder", "ctx_encoder")
+    needs_context_encoder = True
+
+    def loss(self, model, batch, mined=None):
+        r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
+        return kl, {"lsr_kl": float(kl)}
+
+
+class Ralt(Objective):
+    """Retrieval-augmented generator tuning (RA-DIT): retriever frozen, each top-k passage in its own
+    prompt, the NLL of the answer tokens averaged over passages."""
+
+    name = "ralt"
+    trains = ("generator",)
+
+    def loss(self, model, batch, mined=None):
+        with torch.no_grad():
+            r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        nll = -model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"]).mean()
+        return nll, {"nll": float(nll)}
+
+
+MODES = {cls.name: cls for cls in (RagEnd2End, RagOriginal, RetrieverOnly, Dalm, Lsr, Ralt)}
+
+
+def make_objective(args) -> Objective:
+    if args.training_mode not in MODES:
+        raise ValueError(f"--training_mode {args.training_mode!r}: use one of {', '.join(MODES)}")
+    return MODES[args.training_mode](args)
