@@ -468,7 +468,7 @@ class RagModel(torch.nn.Module):
         tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
         generator = None
         if load_generator:
-            template = (config.generator.prefix or "") + RAG_TEMPLATE
+            template = (getattr(config.generator, "prefix", None) or "") + RAG_TEMPLATE
             generator = Seq2SeqGenerator(rag.rag.generator, tokenizer.generator, template, config.max_combined_length)
         marginal = "sequence" if "RagSequenceForGeneration" in (config.architectures or []) else "token"
         settings = {"n_docs": config.n_docs, "marginal": marginal,

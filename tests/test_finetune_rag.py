@@ -13,7 +13,7 @@ import torch
 from datasets import load_from_disk
 from faults import gated_encoder_factory
 from faults import kill_actors as _kill_actors
-from transformers import DPRContextEncoder, RagRetriever, RagTokenForGeneration, RagTokenizer
+from transformers import DPRContextEncoder
 
 import eval_rag
 import finetune_rag
@@ -22,6 +22,7 @@ from callbacks_rag import KBRefreshCallback
 from kb_encode_utils import IndexConfig, read_version
 from kb_refresh import RefreshState
 from rag_encoders import PooledEncoder, load_tokenizer
+from rag_model import RagModel
 from utils_rag import has_answer, read_lines
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
@@ -43,7 +44,7 @@ def _best_checkpoint(out: Path) -> Path:
 @pytest.mark.parametrize("model", ["rag_token", "rag_sequence"])
 def test_context_encoder_gets_gradient_with_end2end(ray_local, finetune_argv, model):
     module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end", model=model)))
-    module._step(_batch(module)).sum().backward()
+    module.training_step(_batch(module), 0).backward()
     grads = {n: p.grad for n, p in module.context_encoder.named_parameters()}
     assert grads, "no context-encoder parameters"
     missing = [n for n, g in grads.items() if g is None or not g.abs().sum() > 0]
@@ -55,7 +56,7 @@ def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
     module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv()))
     assert module.context_encoder is None
     assert not [n for n, _ in module.named_parameters() if "ctx_encoder" in n]
-    module._step(_batch(module)).sum().backward()
+    module.training_step(_batch(module), 0).backward()
     # The retrieval scores still train the question encoder.
     q_grads = [p.grad for p in module.model.question_encoder.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in q_grads)
@@ -69,13 +70,12 @@ def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_a
         "--generator_name_or_path", str(tiny_models["generator"]),
     ]  # fmt: skip
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
-    limit = module.model.config.generator.max_position_embeddings
-    assert module.model.config.max_combined_length <= limit
-    assert module.model.config.decoder_start_token_id == module.model.config.generator.decoder_start_token_id
+    generator = module.model.generator
+    assert generator.max_length <= generator.model.config.max_position_embeddings
     batch = _batch(module)
-    assert torch.isfinite(module._step(batch)).all()
-    out = module.model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_length=6)
-    assert out.shape[0] == len(batch["input_ids"])
+    assert torch.isfinite(module.training_step(batch, 0))
+    out = module.model.generate(batch["input_ids"], batch["attention_mask"], batch["source_text"], max_new_tokens=6)
+    assert len(out) == len(batch["input_ids"]) and all(isinstance(a, str) for a in out)
     _kill_actors(module)
 
 
@@ -201,21 +201,20 @@ def test_logs_and_run_files(trained):
     assert (out / "plots" / "loss.png").is_file() and (out / "plots" / "index_staleness.png").is_file()
 
 
-def test_checkpoint_reloads_with_transformers_and_generates(trained):
+def test_checkpoint_reloads_and_generates(trained):
     module, _, out = trained
     checkpoints = sorted(out.glob("checkpoint*"))
-    assert checkpoints, "no transformers-format checkpoint"
+    assert checkpoints, "no exported checkpoint"
     ckpt = checkpoints[-1]
     kb = json.loads((ckpt / "kb_version.json").read_text())
     assert Path(kb["passages_path"]).exists() and Path(kb["index_path"]).exists()
-    retriever = RagRetriever.from_pretrained(str(ckpt))
-    assert retriever.config.passages_path == kb["passages_path"]
-    model = RagTokenForGeneration.from_pretrained(str(ckpt), retriever=retriever)
-    tokenizer = RagTokenizer.from_pretrained(str(ckpt))
-    inputs = tokenizer.question_encoder(["what causes tuberculosis ?"], return_tensors="pt")
-    generated = model.generate(inputs["input_ids"], attention_mask=inputs["attention_mask"], max_length=8)
-    assert generated.shape[0] == 1 and generated.shape[1] > 1
-    assert not [k for k in model.state_dict() if "ctx_encoder" in k]
+    settings = json.loads((ckpt / "rag_settings.json").read_text())
+    assert settings["generator_family"] == "seq2seq" and settings["n_docs"] == module.model.n_docs
+    model = RagModel.from_pretrained(str(ckpt)).eval()
+    model.retriever = eval_rag.KBSearch(kb["passages_path"], kb["index_path"], 8)
+    inputs = model.question_tokenizer(["what causes tuberculosis ?"], return_tensors="pt")
+    answers = model.generate(inputs["input_ids"], inputs["attention_mask"], ["what causes tuberculosis ?"], 8)
+    assert len(answers) == 1 and isinstance(answers[0], str)
     # The trained context encoder is saved beside it and differs from the one training started from.
     saved_ctx = DPRContextEncoder.from_pretrained(str(ckpt / "context_encoder"))
     start_ctx = DPRContextEncoder.from_pretrained(str(module.hparams.context_encoder_name))
@@ -256,7 +255,7 @@ def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_model
     argv = _causal_argv(finetune_argv, tiny_models, "--end2end")
     argv[argv.index("--model_type") + 1] = model_type
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
-    module._step(_batch(module)).sum().backward()
+    module.training_step(_batch(module), 0).backward()
     for name, part in (("context", module.context_encoder), ("question", module.model.question_encoder),
                        ("generator", module.model.generator)):  # fmt: skip
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
@@ -272,8 +271,9 @@ def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune
     validations = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [v["step"] for v in validations] == [0, 6, 12] and all("val_em" in v for v in validations)
     ckpt = sorted((tmp_path / "out").glob("checkpoint*"))[-1]
-    settings = json.loads((ckpt / "causal_rag.json").read_text())
-    assert settings["mode"] == "token" and settings["n_docs"] == module.model.n_docs
+    settings = json.loads((ckpt / "rag_settings.json").read_text())
+    assert settings["marginal"] == "token" and settings["n_docs"] == module.model.n_docs
+    assert settings["generator_family"] == "causal"
     saved_ctx = DPRContextEncoder.from_pretrained(str(ckpt / "context_encoder"))
     start_ctx = DPRContextEncoder.from_pretrained(str(tiny_models["context_encoder"]))
     assert any(not torch.equal(a, b) for a, b in zip(saved_ctx.state_dict().values(), start_ctx.state_dict().values()))
@@ -329,8 +329,8 @@ def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
     lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
     got = [list(map(int, line.split("\t")))[:5] for line in lines]
     encoder = module.model.question_encoder.eval()
-    enc = module.tokenizer.question_encoder([prefix + q for q in read_lines(questions)], padding=True,
-                                            return_tensors="pt")  # fmt: skip
+    enc = module.model.question_tokenizer([prefix + q for q in read_lines(questions)], padding=True,
+                                          return_tensors="pt")  # fmt: skip
     with torch.no_grad():
         q = encoder(enc["input_ids"], attention_mask=enc["attention_mask"])[0].numpy()
     _, expected = faiss.read_index(module.kb.index_path).search(q, 5)
@@ -354,7 +354,7 @@ def test_learned_temperature_trains_at_its_own_rate(ray_local, finetune_argv):
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     encoder = module.model.question_encoder
     assert isinstance(encoder, PooledEncoder) and encoder.temperature_value == pytest.approx(2.0)
-    module._step(_batch(module)).sum().backward()
+    module.training_step(_batch(module), 0).backward()
     assert encoder.log_temperature.grad.abs() > 0, "no gradient reaches the temperature"
     module.trainer = type("T", (), {"estimated_stepping_batches": 10})()  # what configure_optimizers reads
     groups = module.configure_optimizers()["optimizer"].param_groups
@@ -364,16 +364,16 @@ def test_learned_temperature_trains_at_its_own_rate(ray_local, finetune_argv):
     _kill_actors(module)
 
 
-def test_causal_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, tiny_models):
-    """val_loss = mean over questions of each question's loss, whatever the batch size (it used to be the sum
-    of per-batch means divided by the number of questions)."""
+def test_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, tiny_models):
+    """val_loss = mean over questions of each question's RAG NLL per answer token, whatever the batch size."""
     argv = _causal_argv(finetune_argv, tiny_models, "--eval_batch_size", "4")
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     logged = trainer.validate(module)[0]["val_loss"]
     module.eval()
     with torch.no_grad():
-        losses = torch.cat([module._step(b) for b in module.val_dataloader()])
+        losses = torch.cat([module.model(b["input_ids"], b["attention_mask"], b["source_text"], b["target_text"])[0]
+                            for b in module.val_dataloader()])  # fmt: skip
     assert len(losses) == 8
     assert logged == pytest.approx(float(losses.mean()), rel=1e-4)
     _kill_actors(module)
@@ -387,7 +387,7 @@ def test_seq2seq_checkpoint_keeps_question_and_passage_prefixes(ray_local, finet
     _kill_actors(module)
     args = eval_rag.parse_args(["--model_name_or_path", str(ckpt), "--evaluation_set", "q", "--gold_data_path", "g"])
     model = eval_rag.load_model(str(ckpt), args)
-    tokenizer = module.tokenizer.question_encoder
+    tokenizer = module.model.question_tokenizer
     assert eval_rag._encode_questions(model, ["who?"])["input_ids"].tolist() == [tokenizer("query: who?")["input_ids"]]
     passages = load_tokenizer(ckpt / "context_encoder")
     assert passages.prefix == "passage: "
