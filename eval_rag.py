@@ -86,12 +86,20 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
 
 
 class KBSearch:
-    """Top-k search of a KB in this process (transformers' CustomHFIndex over our passages and FAISS index):
-    what rag_model.RagModel asks of a retriever, without Ray."""
+    """Top-k search of one KB version in this process (transformers' CustomHFIndex over our passages and FAISS
+    index): what rag_model.RagModel asks of a retriever, without Ray. finetune_rag.GenerativeQAModule takes
+    it too (a module without refreshes, e.g. in unit tests)."""
 
     def __init__(self, passages: str, index: str, dim: int):
         self.index = CustomHFIndex.load_from_disk(dim, passages, index)
         self.index.init_index()  # reads the FAISS file
+        self.live_kb = None
+        self.actor_restarts = 0
+
+    def init_retrieval(self, kb) -> int:
+        """Serve `kb` (a kb_encode_utils.KBVersion of these same passages and index)."""
+        self.live_kb = kb
+        return kb.version
 
     def __len__(self) -> int:
         return len(self.index.dataset)

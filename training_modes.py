@@ -145,12 +145,12 @@ class RagEnd2End(Objective):
         from causal_rag import marginal_nll
 
         losses = marginal_nll(token_lp, mask, r.doc_scores, model.marginal)
-        logs = {"nll": float(losses.mean())}
+        logs = {"nll": float(losses.mean().detach())}
         loss = losses.mean()
         if self.args.retriever_loss == "pdist":
             loglik = (token_lp * mask[:, None]).sum(2) / mask.sum(1, keepdim=True).clamp(min=1)
             kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
-            loss, logs["distill_kl"] = loss + kl, float(kl)
+            loss, logs["distill_kl"] = loss + kl, float(kl.detach())
         return loss, logs
 
 
@@ -183,7 +183,7 @@ class RetrieverOnly(Objective):
         q = model.encode_questions(batch["input_ids"][keep], batch["attention_mask"][keep])
         p = model.encode_passages(*map(list, zip(*passages)))
         loss = infonce(q, p, torch.tensor(owner), torch.arange(len(keep)), self.args.symmetric_infonce)
-        return loss, {"infonce": float(loss), "with_positive": len(keep) / len(mined.positive)}
+        return loss, {"infonce": float(loss.detach()), "with_positive": len(keep) / len(mined.positive)}
 
 
 class Dalm(RetrieverOnly):
@@ -203,7 +203,7 @@ class Dalm(RetrieverOnly):
         questions = [batch["source_text"][i] for i in keep]
         answers = [batch["target_text"][i] for i in keep]
         nll = -model.generator.passage_loglik(questions, docs, answers)[:, 0].mean()
-        return contrastive + nll, {**logs, "nll": float(nll)}
+        return contrastive + nll, {**logs, "nll": float(nll.detach())}
 
 
 class Lsr(Objective):
@@ -219,7 +219,7 @@ class Lsr(Objective):
         with torch.no_grad():
             loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
         kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
-        return kl, {"lsr_kl": float(kl)}
+        return kl, {"lsr_kl": float(kl.detach())}
 
 
 class Ralt(Objective):
@@ -233,7 +233,7 @@ class Ralt(Objective):
         with torch.no_grad():
             r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         nll = -model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"]).mean()
-        return nll, {"nll": float(nll)}
+        return nll, {"nll": float(nll.detach())}
 
 
 MODES = {cls.name: cls for cls in (RagEnd2End, RagOriginal, RetrieverOnly, Dalm, Lsr, Ralt)}

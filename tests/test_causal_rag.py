@@ -22,7 +22,6 @@ from transformers import (
 
 from causal_rag import (
     IGNORE,
-    CausalRag,
     build_prompts,
     encode_prompts,
     rag_sequence_loss,
@@ -30,6 +29,7 @@ from causal_rag import (
     tokenize_for_loss,
     truncate_left,
 )
+from rag_model import CausalGenerator, RagModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,10 +92,11 @@ def parts():
             "ctx_enc": DPRContextEncoder(dpr).eval()}  # fmt: skip
 
 
-def make_rag(parts, n_docs=2, mode="token", end2end=False, generator="generator") -> CausalRag:
-    return CausalRag(
-        parts["q_enc"], parts[generator], parts["tok"], parts["tok"], FakeRetriever(), n_docs=n_docs, mode=mode,
-        ctx_encoder=parts["ctx_enc"] if end2end else None, ctx_tokenizer=parts["tok"] if end2end else None,
+def make_rag(parts, n_docs=2, mode="token", end2end=False, generator="generator") -> RagModel:
+    return RagModel(
+        parts["q_enc"], parts["tok"], CausalGenerator(parts[generator], parts["tok"]), FakeRetriever(), n_docs=n_docs,
+        marginal=mode, ctx_encoder=parts["ctx_enc"] if end2end else None,
+        ctx_tokenizer=parts["tok"] if end2end else None,
     )  # fmt: skip
 
 
@@ -244,7 +245,8 @@ def test_doc_scores_are_question_passage_dot_products(parts, end2end):
     rag = make_rag(parts, n_docs=3, end2end=end2end)
     q_ids, q_mask = questions_batch(tok)
     with torch.no_grad():
-        scores, docs = rag.retrieve(q_ids, q_mask)
+        r = rag.retrieve(q_ids, q_mask)
+        scores, docs = r.doc_scores, r.docs
         q = parts["q_enc"](q_ids, attention_mask=q_mask).pooler_output
         stored = torch.from_numpy(FakeRetriever().retrieve(q.numpy(), 3)[0])
         for b, k in np.ndindex(2, 3):
@@ -310,7 +312,7 @@ def test_generation_stops_at_eos(parts, mode):
     first = torch.tensor(prompt_ids[:1])
     greedy = generator.generate(first, max_new_tokens=8, do_sample=False)[0, first.shape[1] :]
     tok.eos_token = tok.convert_ids_to_tokens(int(greedy[2]))  # a token the model emits at the third step
-    rag = CausalRag(parts["q_enc"], generator, tok, tok, FakeRetriever(), n_docs=1, mode=mode)
+    rag = RagModel(parts["q_enc"], tok, CausalGenerator(generator, tok), FakeRetriever(), n_docs=1, marginal=mode)
     answers = rag.generate(*questions_batch(tok), QUESTIONS, max_new_tokens=8)
     for b, (p, answer) in enumerate(zip(prompt_ids, answers)):
         out = generator.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id)
@@ -319,14 +321,15 @@ def test_generation_stops_at_eos(parts, mode):
 
 
 def generate_with_prompts(parts, mode: str) -> tuple[list[str], torch.Tensor, list[list[int]]]:
-    """CausalRag's answers (3 passages, 6 new tokens), its doc scores and every (question, passage) prompt's
+    """RagModel's answers (3 passages, 6 new tokens), its doc scores and every (question, passage) prompt's
     ids, question-major: what a direct re-computation of its decoding starts from."""
     tok = parts["tok"]
     rag = make_rag(parts, n_docs=3, mode=mode)
     q_ids, q_mask = questions_batch(tok)
     answers = rag.generate(q_ids, q_mask, QUESTIONS, max_new_tokens=6)
     with torch.no_grad():
-        doc_scores, docs = rag.retrieve(q_ids, q_mask)
+        r = rag.retrieve(q_ids, q_mask)
+        doc_scores, docs = r.doc_scores, r.docs
     return answers, doc_scores, encode_prompts(build_prompts(QUESTIONS, docs, tok, None, 3), tok)
 
 

@@ -11,11 +11,12 @@ import pytest
 import ray
 import torch
 from datasets import load_from_disk
-from transformers import AutoTokenizer, DPRQuestionEncoder, RagTokenForGeneration, RagTokenizer
+from transformers import AutoTokenizer, DPRQuestionEncoder
 
 import eval_rag
 import finetune_rag
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
+from rag_model import RagModel
 from utils_rag import has_answer, mrr_at_k, recall_at_k
 
 DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
@@ -30,11 +31,10 @@ def _evaluate(*argv: str) -> dict[str, dict]:
 def _controlled_kb(checkpoint: Path, out: Path) -> tuple[Path, Path]:
     """The checkpoint's passages with embeddings chosen so that every test question ranks A, B, C, then
     the others by increasing id: A, B, C lie along the mean question direction, the others against it."""
-    tokenizer = RagTokenizer.from_pretrained(str(checkpoint)).question_encoder
-    model = RagTokenForGeneration.from_pretrained(str(checkpoint))
+    model = RagModel.from_pretrained(str(checkpoint), load_generator=False)
     questions = QUESTIONS.read_text().splitlines()
     with torch.no_grad():
-        q = model.question_encoder(**tokenizer(questions, return_tensors="pt", padding=True))[0].numpy()
+        q = model.question_encoder(**model.question_tokenizer(questions, return_tensors="pt", padding=True))[0].numpy()
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     direction = q.mean(0) / np.linalg.norm(q.mean(0))
     assert (q @ direction > 0.1).all(), "the test questions do not share a direction"

@@ -14,7 +14,6 @@ from datasets import Dataset
 from tiny_tokenizers import wordpiece_tokenizer
 from transformers import BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
-from causal_rag import CausalRag
 from kb_encode_utils import ShardEncoder, encode_token_ids, tokenize_passages
 from rag_encoders import (
     DEFAULT_TEMPERATURE,
@@ -28,6 +27,7 @@ from rag_encoders import (
     with_prefix,
     with_scoring,
 )
+from rag_model import RagModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -303,15 +303,13 @@ class FakeRetriever:
         return np.random.default_rng(0).standard_normal((len(q), n_docs, q.shape[1])), None, docs
 
 
-def test_one_encoder_shared_by_both_sides_of_causal_rag(tok):
+def test_one_encoder_shared_by_both_sides_of_a_rag_model(tok):
     enc = PooledEncoder(bert(), "mean", normalize=True)
     ctx_tok = with_prefix(tok, "passage: ")
-    rag = CausalRag(
-        enc, torch.nn.Identity(), tok, tok, FakeRetriever(), n_docs=2, ctx_encoder=enc, ctx_tokenizer=ctx_tok
-    )
+    rag = RagModel(enc, tok, None, FakeRetriever(), n_docs=2, ctx_encoder=enc, ctx_tokenizer=ctx_tok)
     assert len(list(rag.parameters())) == len(list(enc.parameters()))  # counted once
     ids, mask = batch(tok)
-    scores, _ = rag.retrieve(ids, mask)
+    scores = rag.retrieve(ids, mask).doc_scores
     with torch.no_grad():
         q = enc(ids, attention_mask=mask)[0]
         docs = ctx_tok(*map(list, zip(*FakeRetriever.KB)), padding=True, return_tensors="pt")

@@ -1,12 +1,13 @@
 """Tests for utils_rag: SQuAD and long-answer metrics and the line-aligned Seq2SeqDataset."""
 
 import argparse
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_tokenizers import SPECIALS, wordpiece_tokenizer
-from transformers import RagTokenizer
+from transformers import BertTokenizerFast, RagTokenizer
 
 from utils_rag import (
     GENERATION_METRICS,
@@ -39,12 +40,9 @@ def rag_tokenizer() -> RagTokenizer:
 
 
 @pytest.fixture(scope="session")
-def split_pad_tokenizer() -> RagTokenizer:
-    """Question encoder pads with id 0, generator with id 4, so mixing them up is detectable."""
-    return RagTokenizer(
-        question_encoder=wordpiece_tokenizer(SENTENCES),
-        generator=wordpiece_tokenizer(SENTENCES, special_tokens=SPECIALS[1:] + ["[PAD]"]),
-    )
+def pad4_tokenizer() -> BertTokenizerFast:
+    """Pads with id 4, not 0, so padding with a constant 0 (or the wrong tokenizer's pad id) is detectable."""
+    return wordpiece_tokenizer(SENTENCES, special_tokens=SPECIALS[1:] + ["[PAD]"])
 
 
 def write_split(data_dir: Path, source: str, target: str, type_path: str = "train") -> None:
@@ -165,12 +163,14 @@ def test_parse_metrics_rejects_unknown_name_naming_it(capsys: pytest.CaptureFixt
 
 def test_dataset_reads_aligned_lines_and_tokenises(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     write_split(tmp_path, "who wrote hamlet\n  what is the capital of france \n", "william shakespeare\nparis\n")
-    ds = Seq2SeqDataset(rag_tokenizer, str(tmp_path), max_source_length=32, max_target_length=32)
+    tok = rag_tokenizer.question_encoder
+    ds = Seq2SeqDataset(tok, str(tmp_path), max_source_length=32)
     assert len(ds) == 2
     item = ds[1]
+    assert set(item) == {"source_text", "target_text", "input_ids", "index"}
     assert item["source_text"] == "what is the capital of france"
     assert item["target_text"] == "paris"
-    tok = rag_tokenizer.question_encoder
+    assert item["index"] == 1
     assert tok.convert_ids_to_tokens(item["input_ids"]) == [
         "[CLS]",
         "what",
@@ -181,32 +181,27 @@ def test_dataset_reads_aligned_lines_and_tokenises(tmp_path: Path, rag_tokenizer
         "france",
         "[SEP]",
     ]
-    assert tok.convert_ids_to_tokens(item["labels"]) == ["[CLS]", "paris", "[SEP]"]
+    assert ds[0]["target_text"] == "william shakespeare" and ds[0]["index"] == 0
 
 
 def test_dataset_prefix_truncation_and_n_obs(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     # no trailing newline here: the last line still counts
     write_split(tmp_path, "who wrote hamlet\nhow tall is the eiffel tower\nwho wrote macbeth", "a\nb\nc", "val")
-    ds = Seq2SeqDataset(
-        rag_tokenizer,
-        str(tmp_path),
-        max_source_length=4,
-        max_target_length=2,
-        type_path="val",
-        prefix="question: ",
-    )
+    tok = rag_tokenizer.question_encoder
+    ds = Seq2SeqDataset(tok, str(tmp_path), max_source_length=4, type_path="val", prefix="question: ")
     assert len(ds) == 3
-    tokens = rag_tokenizer.question_encoder.convert_ids_to_tokens(ds[0]["input_ids"])
+    tokens = tok.convert_ids_to_tokens(ds[0]["input_ids"])
     assert tokens == ["[CLS]", "question", ":", "[SEP]"]
-    assert len(ds[0]["labels"]) == 2
-    assert len(Seq2SeqDataset(rag_tokenizer, str(tmp_path), 8, 8, "val", n_obs=2)) == 2
-    assert len(Seq2SeqDataset(rag_tokenizer, str(tmp_path), 8, 8, "val", n_obs=-1)) == 3
+    assert ds[0]["source_text"] == "who wrote hamlet"  # the prefix goes to the encoder only
+    assert ds[2]["target_text"] == "c"
+    assert len(Seq2SeqDataset(tok, str(tmp_path), 8, "val", n_obs=2)) == 2
+    assert len(Seq2SeqDataset(tok, str(tmp_path), 8, "val", n_obs=-1)) == 3
 
 
 def test_dataset_rejects_mismatched_line_counts(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     write_split(tmp_path, "q1\nq2\nq3\n", "a1\na2\n")
     with pytest.raises(ValueError) as err:
-        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16)
+        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
     message = str(err.value)
     assert "train.source" in message and "train.target" in message
     assert "3" in message and "2" in message
@@ -218,34 +213,42 @@ def test_dataset_rejects_blank_line_naming_file_and_line(
 ) -> None:
     write_split(tmp_path, "q1\nq2\nq3\nq4\n", f"a1\na2\n{blank}\na4\n")
     with pytest.raises(ValueError, match=r"train\.target:3"):
-        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16)
+        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
 
 
 def test_dataset_rejects_missing_file(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     (tmp_path / "test.source").write_text("q1\n", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match=r"test\.target"):
-        Seq2SeqDataset(rag_tokenizer, str(tmp_path), 16, 16, type_path="test")
+        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16, type_path="test")
 
 
-def test_collate_pads_each_side_with_its_own_pad_id(tmp_path: Path, split_pad_tokenizer: RagTokenizer) -> None:
-    q_pad = split_pad_tokenizer.question_encoder.pad_token_id
-    g_pad = split_pad_tokenizer.generator.pad_token_id
-    assert (q_pad, g_pad) == (0, 4)
+def test_dataset_rejects_question_tokenizer_without_pad_token(tmp_path: Path, pad4_tokenizer) -> None:
+    write_split(tmp_path, "q1\n", "a1\n")
+    no_pad = copy.deepcopy(pad4_tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    with pytest.raises(ValueError, match="pad token"):
+        Seq2SeqDataset(no_pad, str(tmp_path), 16)
+
+
+def test_collate_pads_questions_with_the_question_tokenizers_pad_id(tmp_path: Path, pad4_tokenizer) -> None:
+    q_pad = pad4_tokenizer.pad_token_id
+    assert q_pad == 4
     write_split(tmp_path, "who wrote hamlet\nwhat is the capital of france\n", "william shakespeare\nparis\n")
-    ds = Seq2SeqDataset(split_pad_tokenizer, str(tmp_path), 32, 32)
+    ds = Seq2SeqDataset(pad4_tokenizer, str(tmp_path), 32)
     items = [ds[0], ds[1]]
     batch = ds.collate_fn(items)
 
+    assert set(batch) == {"input_ids", "attention_mask", "source_text", "target_text", "index"}
     src_lens = [len(it["input_ids"]) for it in items]
-    tgt_lens = [len(it["labels"]) for it in items]
-    assert src_lens == [5, 8] and tgt_lens == [4, 3]
+    assert src_lens == [5, 8]
+    assert q_pad not in items[0]["input_ids"] + items[1]["input_ids"]  # so a pad in the batch came from collate
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 8)
-    assert batch["labels"].shape == (2, 4)
-    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == torch.long
 
     assert batch["input_ids"][0].tolist() == items[0]["input_ids"] + [q_pad] * 3
+    assert batch["input_ids"][1].tolist() == items[1]["input_ids"]
     assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] * 8]
-    assert batch["labels"][1].tolist() == items[1]["labels"] + [g_pad]
-    assert batch["labels"][0].tolist() == items[0]["labels"]
     assert batch["source_text"] == ["who wrote hamlet", "what is the capital of france"]
     assert batch["target_text"] == ["william shakespeare", "paris"]
+    assert batch["index"].tolist() == [0, 1]

@@ -1,0 +1,297 @@
+"""Every --training_mode on tiny models with an in-process retriever (no Ray): what trains and nothing else,
+that the loss falls, that checkpoints reload in eval_rag.py; the recipes' losses against direct computations."""
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_rag
+import finetune_rag
+from rag_encoders import load_encoder, load_tokenizer
+from rag_model import RagModel
+from training_modes import MODES, distillation_kl, infonce, mine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DUMMY_DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
+HIDDEN = 32  # test_run/make_tiny_models.py
+# What each recipe trains, written out here rather than read from training_modes.py.
+TRAINS = {
+    "rag_end2end": {"question_encoder", "ctx_encoder", "generator"},
+    "rag_original": {"question_encoder", "generator"},
+    "retriever_only": {"question_encoder", "ctx_encoder"},
+    "dalm": {"question_encoder", "ctx_encoder", "generator"},
+    "lsr": {"question_encoder", "ctx_encoder"},
+    "ralt": {"generator"},
+}
+
+
+@pytest.fixture
+def gold_data(tmp_path) -> Path:
+    """The dummy QA set with a gold passage per question (line i: passage i % 8 of the 40)."""
+    data = tmp_path / "data"
+    shutil.copytree(DUMMY_DATA, data)
+    for split in ("train", "val", "test"):
+        n = len((data / f"{split}.source").read_text().splitlines())
+        rows = [json.dumps({"answers": ["x"], "gold_passage_ids": [i % 8]}) for i in range(n)]
+        (data / f"{split}.gold.jsonl").write_text("\n".join(rows) + "\n")
+    return data
+
+
+@pytest.fixture
+def make_module(finetune_argv, tiny_models, tiny_kb):
+    def make(mode: str, *extra: str, data: Path | None = None, causal: bool = False):
+        argv = finetune_argv("--training_mode", mode, "--hard_negatives", "2", "--n_docs", "3", *extra)
+        i = argv.index("--model_name_or_path")
+        generator = tiny_models["causal_generator" if causal else "generator"]
+        argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
+                           "--generator_name_or_path", str(generator),
+                           "--generator_type", "causal" if causal else "seq2seq"]  # fmt: skip
+        if data is not None:
+            argv[argv.index("--data_dir") + 1] = str(data)
+        passages, index = tiny_kb
+        torch.manual_seed(0)
+        args = finetune_rag.parse_args(argv)
+        return finetune_rag.GenerativeQAModule(args, eval_rag.KBSearch(str(passages), str(index), HIDDEN))
+
+    return make
+
+
+def _batch(module, n: int = 4) -> dict:
+    return next(iter(module._dataloader("train", n, shuffle=False)))
+
+
+def _parts(module) -> dict:
+    model = module.model
+    return {"question_encoder": model.question_encoder, "ctx_encoder": model.ctx_encoder, "generator": model.generator}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_gradients_reach_exactly_the_parts_the_mode_trains(make_module, gold_data, mode):
+    module = make_module(mode, data=gold_data, causal=mode == "dalm")
+    module.training_step(_batch(module), 0).backward()
+    for name, part in _parts(module).items():
+        if part is None:
+            assert name not in TRAINS[mode], f"{mode}: {name} is not even loaded"
+            continue
+        params = list(part.parameters())
+        if name in TRAINS[mode]:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), f"{mode}: no gradient in {name}"
+        else:
+            assert not any(p.requires_grad or p.grad is not None for p in params), f"{mode}: {name} should be frozen"
+    assert (module.model.generator is None) == (mode == "retriever_only")
+    assert module.objective.refreshes == ("ctx_encoder" in TRAINS[mode])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_loss_falls_over_a_few_steps(make_module, gold_data, mode):
+    module = make_module(mode, data=gold_data, causal=mode == "dalm")
+    module.model.eval()  # no dropout: one batch, one loss
+    if mode == "lsr":  # a random generator likes every passage alike (to 1e-5): judge them by length instead
+        module.model.generator.passage_loglik = lambda q, docs, a: torch.tensor(
+            [[len(t) / 100 for t in d["text"]] for d in docs]
+        )
+    batch = _batch(module)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+
+    def loss() -> torch.Tensor:
+        return module.objective.loss(module.model, batch, module._mined(batch, "train"))[0]
+
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(loss())
+    assert after < before, f"{mode}: {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_checkpoints_reload_in_eval_rag(make_module, gold_data, mode, tmp_path):
+    module = make_module(mode, data=gold_data)
+    module.training_step(_batch(module), 0).backward()
+    with torch.no_grad():  # a step, so the saved weights are not the ones training started from
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    ckpt = tmp_path / "checkpoint1"
+    module.save_hf_checkpoint(ckpt)
+    questions = (gold_data / "test.source").read_text().splitlines()
+    common = ["--model_name_or_path", str(ckpt), "--evaluation_set", str(gold_data / "test.source"),
+              "--n_docs", "3", "--eval_batch_size", "4"]  # fmt: skip
+    preds = tmp_path / "retrieval.txt"
+    gold = str(gold_data / "test.gold.jsonl")
+    eval_rag.main(eval_rag.parse_args([*common, "--eval_mode", "retrieval", "--gold_data_path", gold,
+                                       "--predictions_path", str(preds)]))  # fmt: skip
+    lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
+    got = [list(map(int, line.split("\t")))[:3] for line in lines]
+    model = module.model.eval()
+    enc = model.question_tokenizer(questions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model.retrieve(enc["input_ids"], enc["attention_mask"]).ids.tolist()
+    assert got == expected
+    if model.generator is None:
+        return
+    preds = tmp_path / "answers.txt"
+    targets = str(gold_data / "test.target")
+    eval_rag.main(eval_rag.parse_args([*common, "--gold_data_path", targets, "--predictions_path", str(preds),
+                                       "--max_length", "5", "--num_beams", "1"]))  # fmt: skip
+    with torch.no_grad():
+        answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, 5)
+    assert preds.read_text().splitlines() == [" ".join(a.split()) for a in answers]
+
+
+# ---------------------------------------------------------------- the losses, by hand
+
+
+def test_distillation_kl_equals_a_direct_computation():
+    scores = [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
+    loglik = [[-0.5, -2.0, -1.0], [-3.0, -1.0, -1.5]]
+    tau = 0.5
+
+    def softmax(xs):
+        z = sum(math.exp(x) for x in xs)
+        return [math.exp(x) / z for x in xs]
+
+    expected = 0.0
+    for s, ll in zip(scores, loglik):
+        p_r, p_lm = softmax(s), softmax([x / tau for x in ll])
+        expected += sum(t * math.log(t / r) for t, r in zip(p_lm, p_r)) / len(scores)
+    s = torch.tensor(scores, requires_grad=True)
+    ll = torch.tensor(loglik, requires_grad=True)
+    kl = distillation_kl(s, ll, tau)
+    assert float(kl) == pytest.approx(expected, rel=1e-6)
+    kl.backward()
+    assert s.grad.abs().sum() > 0 and ll.grad is None  # the LM side is a fixed target
+
+
+def test_infonce_equals_a_direct_computation_and_skips_copies_of_the_positive():
+    q = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    p = torch.tensor([[0.5, 0.5], [1.0, -1.0], [2.0, 0.0]])
+    owner = torch.tensor([10, 20, 10])  # column 2 is another copy of question 0's positive
+    positive = torch.tensor([0, 1])
+    s = (q @ p.T).tolist()
+    q0 = -s[0][0] + math.log(math.exp(s[0][0]) + math.exp(s[0][1]))  # column 2 masked for question 0
+    q1 = -s[1][1] + math.log(sum(math.exp(x) for x in s[1]))
+    assert float(infonce(q, p, owner, positive)) == pytest.approx((q0 + q1) / 2, rel=1e-6)
+    by_passage = [[s[0][0], s[1][0]], [s[0][1], s[1][1]]]  # positive of question i against each question
+    p0 = -by_passage[0][0] + math.log(sum(math.exp(x) for x in by_passage[0]))
+    p1 = -by_passage[1][1] + math.log(sum(math.exp(x) for x in by_passage[1]))
+    symmetric = ((q0 + q1) / 2 + (p0 + p1) / 2) / 2
+    assert float(infonce(q, p, owner, positive, symmetric=True)) == pytest.approx(symmetric, rel=1e-6)
+
+
+def test_lsr_loss_is_the_kl_of_in_graph_scores_and_reaches_every_encoder_parameter(make_module):
+    module = make_module("lsr")
+    model = module.model.eval()
+    batch = _batch(module)
+    loss, _ = module.objective.loss(model, batch, None)
+    with torch.no_grad():
+        r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        expected = distillation_kl(r.doc_scores, loglik, 1.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    for name in ("question_encoder", "ctx_encoder"):
+        missing = [n for n, p in getattr(model, name).named_parameters() if p.grad is None or not p.grad.any()]
+        assert not missing, f"{name}: no gradient for {missing}"
+    assert all(p.grad is None for p in model.generator.parameters())
+
+
+def test_pdist_adds_the_distillation_to_the_marginal_nll(make_module):
+    module = make_module("rag_end2end", "--retriever_loss", "pdist", "--lm_temperature", "2")
+    model = module.model.eval()
+    batch = _batch(module)
+    with torch.no_grad():
+        loss, logs = module.objective.loss(model, batch, None)
+        r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        nll = model.generator.loss(batch["source_text"], r.docs, r.doc_scores, batch["target_text"], model.marginal)
+        loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        kl = distillation_kl(r.doc_scores, loglik, 2.0)
+    assert float(loss) == pytest.approx(float(nll.mean() + kl), rel=1e-5)
+    assert logs["distill_kl"] == pytest.approx(float(kl), rel=1e-5) and float(kl) > 0
+
+
+# ---------------------------------------------------------------- mining, reranking, flags
+
+
+class RankedModel:
+    """A stand-in for RagModel's retrieval: every question gets the passages in `ranking` order."""
+
+    def __init__(self, passages: list[dict], ranking: list[int]):
+        self.passages, self.ranking = passages, ranking
+
+    def encode_questions(self, input_ids, attention_mask):
+        return torch.zeros(len(input_ids), 2)
+
+    def search(self, q, n):
+        ids = [self.ranking[:n]] * len(q)
+        docs = [{k: [self.passages[i][k] for i in row] for k in ("title", "text")} for row in ids]
+        return None, ids, docs
+
+
+def test_hard_negatives_never_include_a_gold_passage_or_an_answer():
+    rng = random.Random(0)
+    texts = ["a snake in the desert", "the rod of moses", "pokemon cards", "a large snake", "the river nile",
+             "mount sinai", "pikachu", "the red sea"]  # fmt: skip
+    passages = [{"title": f"t{i}", "text": t} for i, t in enumerate(texts)]
+    batch = {"input_ids": torch.zeros(1, 3), "attention_mask": torch.ones(1, 3), "target_text": ["snake"]}
+    for _ in range(50):
+        ranking = rng.sample(range(len(texts)), len(texts))
+        gold = rng.sample(range(len(texts)), rng.randint(1, 3))
+        mined = mine(RankedModel(passages, ranking), batch, passages, [gold], n_hard=3, pool=8)
+        negatives = {p[1] for p in mined.negatives[0]}
+        assert not negatives & {texts[g] for g in gold}
+        assert not any("snake" in t for t in negatives)
+        assert mined.positive[0] == (f"t{min(gold)}", texts[min(gold)])
+        expected = [texts[i] for i in ranking if i not in gold and "snake" not in texts[i]][:3]
+        assert [p[1] for p in mined.negatives[0]] == expected  # the best-ranked ones
+    # Without gold ids: the best-ranked passage that holds the answer.
+    mined = mine(RankedModel(passages, [1, 3, 0, 2]), batch, passages, None, n_hard=2, pool=4)
+    assert mined.positive[0] == ("t3", "a large snake") and [p[1] for p in mined.negatives[0]] == texts[1:3]
+
+
+def test_rerank_keeps_the_top_passages_by_fresh_embeddings(tiny_models):
+    passages = [{"title": f"t{i}", "text": t} for i, t in enumerate(["moses rod", "a snake", "aaron", "pokemon",
+                                                                       "pikachu", "egypt"])]  # fmt: skip
+
+    class Stale:
+        def retrieve(self, q, n):
+            ids = [list(range(n))] * len(q)
+            docs = [{k: [passages[i][k] for i in row] for k in ("title", "text")} for row in ids]
+            return torch.zeros(len(q), n, HIDDEN).numpy(), ids, docs
+
+    q_enc = load_encoder(str(tiny_models["question_encoder"]), side="question").eval()
+    ctx = load_encoder(str(tiny_models["context_encoder"]), side="context").eval()
+    tok = load_tokenizer(str(tiny_models["question_encoder"]))
+    model = RagModel(q_enc, tok, None, Stale(), n_docs=2, ctx_encoder=ctx, ctx_tokenizer=tok, rerank_top=6)
+    enc = tok(["what did the rod become ?"], return_tensors="pt")
+    with torch.no_grad():
+        r = model.retrieve(enc["input_ids"], enc["attention_mask"])
+        q = q_enc(**enc)[0][0]
+        fresh = [float(q @ model.encode_passages([p["title"]], [p["text"]])[0]) for p in passages]
+    best = sorted(range(6), key=lambda i: -fresh[i])[:2]
+    assert r.ids.tolist() == [best] and r.docs[0]["text"] == [passages[i]["text"] for i in best]
+    assert r.doc_scores[0].tolist() == pytest.approx([fresh[i] for i in best], abs=1e-4)
+
+
+def test_query_side_only_freezes_the_context_encoder(make_module, gold_data):
+    module = make_module("retriever_only", "--query_side_only", data=gold_data)
+    assert not module.objective.refreshes and module.model.ctx_encoder is not None
+    module.training_step(_batch(module), 0).backward()
+    assert all(p.grad is None and not p.requires_grad for p in module.model.ctx_encoder.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in module.model.question_encoder.parameters())
+
+
+def test_end2end_is_the_old_name_of_rag_end2end(capsys):
+    assert finetune_rag.parse_args(["--model_type", "rag_token", "--end2end"]).training_mode == "rag_end2end"
+    assert finetune_rag.parse_args(["--model_type", "rag_token"]).training_mode == "rag_original"
+    with pytest.raises(SystemExit):
+        finetune_rag.parse_args(["--model_type", "rag_token", "--end2end", "--training_mode", "ralt"])
+    assert "conflicts with --training_mode ralt" in capsys.readouterr().err
