@@ -802,15 +802,21 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
     trainer = pl.Trainer(
         **trainer_kwargs(args), callbacks=callbacks, logger=build_loggers(args), default_root_dir=args.output_dir
     )
+    start = time.perf_counter()
     if args.do_train:
         if args.validate_before_training:  # the untrained score, logged at step 0 beside the later ones
             trainer.validate(model)
         trainer.fit(model, ckpt_path=args.resume_from_checkpoint)
+    train_seconds = time.perf_counter() - start
     if args.do_predict:
         best = callbacks[0].best_model_path if args.do_train else ""
         trainer.test(model, ckpt_path=best or None)
     if args.do_train and trainer.is_global_zero:  # PNG curves in OUTPUT/plots; warns, never raises
         plot_runs([args.output_dir], Path(args.output_dir) / "plots")
+        refresh = next((c for c in callbacks if isinstance(c, KBRefreshCallback)), None)
+        info = {"training_mode": args.training_mode, "trains": list(model.objective.trains),
+                "train_seconds": train_seconds, "refreshes": len(refresh.history) if refresh else 0}  # fmt: skip
+        (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     return model
 
 

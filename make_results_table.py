@@ -13,15 +13,18 @@ MRR@k are there when the data directory had `test.gold.jsonl` (written by prepar
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
 COLUMNS = {"EM": "test_em", "F1": "test_f1", "recall@1": "test_recall@1", "recall@5": "test_recall@5",
-           "recall@20": "test_recall@20", "MRR@5": "test_mrr@5", "loss": "test_loss"}  # fmt: skip
+           "recall@20": "test_recall@20", "MRR@5": "test_mrr@5", "loss": "test_loss",
+           "train min": "train_minutes", "refreshes": "refreshes"}  # fmt: skip
+UNSCALED = {"loss": 3, "train min": 1, "refreshes": 0}  # digits of the columns that are not percentages
 
 
-def read_test_results(run_dir: str | Path) -> dict[str, float]:
-    """The `name: value` lines of RUN/test_results.txt, with errors that name the file and line."""
+def read_test_results(run_dir: str | Path) -> dict[str, float | str]:
+    """The `name: value` lines of RUN/test_results.txt (errors name the file and line), and RUN/run_info.json."""
     path = Path(run_dir) / "test_results.txt"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run finetune_rag.py with --do_predict and --output_dir {run_dir}")
@@ -34,12 +37,17 @@ def read_test_results(run_dir: str | Path) -> dict[str, float]:
             metrics[name.strip()] = float(value)
         except ValueError:
             raise ValueError(f"{path}:{number}: expected `name: number`, got {line!r}") from None
+    info = Path(run_dir) / "run_info.json"  # finetune_rag.py's: recipe, what trained, wall time, refreshes
+    if info.exists():
+        run = json.loads(info.read_text())
+        metrics |= {"train_minutes": run["train_seconds"] / 60, "refreshes": run["refreshes"],
+                    "trains": " + ".join(run["trains"])}  # fmt: skip
     return metrics
 
 
 def _cell(values: list[float], column: str) -> str:
     """One value, or mean +- sample standard deviation of several; percentages except the loss."""
-    scale, digits = (1, 3) if column == "loss" else (100, 2)
+    scale, digits = (1, UNSCALED[column]) if column in UNSCALED else (100, 2)
     mean = f"{scale * statistics.fmean(values):.{digits}f}"
     return mean if len(values) == 1 else f"{mean} ± {scale * statistics.stdev(values):.{digits}f}"
 
@@ -51,10 +59,12 @@ def results_table(runs: list[tuple[str, dict[str, float]]]) -> str:
         groups.setdefault(name, []).append(metrics)
     present = [c for c, key in COLUMNS.items() if any(key in m for _, m in runs)]
     repeated = any(len(group) > 1 for group in groups.values())
-    header = ["run", *(["runs"] if repeated else []), *present]
+    trains = any("trains" in m for _, m in runs)
+    header = ["run", *(["trains"] if trains else []), *(["runs"] if repeated else []), *present]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, group in groups.items():
-        cells = [str(len(group))] if repeated else []
+        cells = [group[0].get("trains", "-")] if trains else []
+        cells += [str(len(group))] if repeated else []
         for column in present:
             values = [m[COLUMNS[column]] for m in group if COLUMNS[column] in m]
             cells.append(_cell(values, column) if len(values) == len(group) else "-")
