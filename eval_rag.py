@@ -42,13 +42,16 @@ from utils_rag import (
     answer_recall_at_k,
     calculate_exact_match,
     calculate_f1,
+    corpus_bleu,
     infer_gold_mode,
     mrr_at_k,
     one_line,
+    parse_metrics,
     precision_at_k_titles,
     read_gold,
     read_lines,
     recall_at_k,
+    rouge_l_score,
 )
 
 logger = logging.getLogger("eval_rag")
@@ -161,16 +164,19 @@ def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list
     )
 
 
-def score_e2e(predictions: list[str], gold: Gold, gold_path: str) -> dict[str, float]:
-    """EM and F1 against the best of each question's gold answers (SQuAD normalisation)."""
+def score_e2e(predictions: list[str], gold: Gold, gold_path: str, metrics: tuple[str, ...] = ("em", "f1")) -> dict:
+    """EM, F1 (and ROUGE-L) against the best of each question's gold answers (SQuAD normalisation for EM/F1);
+    corpus BLEU against each question's first gold answer."""
     missing = [i + 1 for i, a in enumerate(gold.answers) if not a]
     if missing:
         raise ValueError(f"{gold_path}: no gold answers on line(s) {missing[:10]}; e2e needs one per question")
-    return {
-        "em": calculate_exact_match(predictions, gold.answers),
-        "f1": calculate_f1(predictions, gold.answers),
-        "n": len(predictions),
-    }
+    scores = {"em": calculate_exact_match(predictions, gold.answers), "f1": calculate_f1(predictions, gold.answers)}
+    if "rouge_l" in metrics:
+        scores["rouge_l"] = sum(max(rouge_l_score(p, g) for g in gs) for p, gs in zip(predictions, gold.answers))
+        scores["rouge_l"] /= max(len(predictions), 1)
+    if "bleu" in metrics:
+        scores["bleu"] = corpus_bleu(predictions, [gs[0] for gs in gold.answers])
+    return scores | {"n": len(predictions)}
 
 
 def _counted(scores: dict, name: str) -> dict:
@@ -263,7 +269,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{args.gold_data_path} has {len(gold.answers)} lines, {args.evaluation_set} {len(questions)}")
     if args.eval_mode == "e2e":
         predictions = e2e_predictions(checkpoint, args, questions, predictions_path)
-        metrics = score_e2e(predictions, gold, args.gold_data_path)
+        metrics = score_e2e(predictions, gold, args.gold_data_path, args.metrics)
     else:
         ids, titles, texts = retrieval_predictions(checkpoint, args, questions, predictions_path)
         predictions = [" | ".join(row[: args.k]) for row in titles]
@@ -328,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_type", choices=["rag_token", "rag_sequence"], default=None,
                         help="default: from the config's architectures")  # fmt: skip
     parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
+    parser.add_argument("--metrics", type=parse_metrics, default=("em", "f1"),
+                        help="e2e metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)")  # fmt: skip
     parser.add_argument("--evaluation_set", required=True, help="questions, one per line (e.g. test.source)")
     parser.add_argument("--gold_data_path", required=True, help="a .target, a .gold.jsonl or a qa .tsv file")
     parser.add_argument("--gold_data_mode", choices=["qa", "ans", "jsonl", "titles"], default=None,

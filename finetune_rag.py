@@ -43,7 +43,19 @@ from plot_run import plot_runs
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
 from training_modes import MODES, make_objective, mine
-from utils_rag import Seq2SeqDataset, exact_match_score, f1_score, mrr_at_k, read_gold, read_lines, recall_at_k
+from utils_rag import (
+    GENERATION_METRICS,
+    Seq2SeqDataset,
+    exact_match_score,
+    f1_score,
+    mrr_at_k,
+    parse_metrics,
+    read_gold,
+    read_lines,
+    recall_at_k,
+    rouge_l_score,
+    sentence_bleu,
+)
 
 # Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
@@ -51,6 +63,8 @@ warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 MARGINALS = ("rag_token", "rag_sequence")
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
               "polynomial": "polynomial"}  # fmt: skip
+# Per-example scores summed over an epoch: EM, F1 and ROUGE-L in [0, 1], sentence BLEU in [0, 100].
+METRIC_FNS = {"em": exact_match_score, "f1": f1_score, "rouge_l": rouge_l_score, "bleu": sentence_bleu}
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "log_temperature")
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
                "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
@@ -146,22 +160,23 @@ class GenerativeQAModule(pl.LightningModule):
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
         questions, golds = batch["source_text"], batch["target_text"]
-        em = f1 = loss = 0.0
-        preds = []
+        sums = dict.fromkeys(GENERATION_METRICS, 0.0)
+        loss, preds = 0.0, []
         if self.model.generator is None:  # retriever_only: its own loss on held-out questions
             loss = float(self.objective.loss(self.model, batch, self._mined(batch, split))[0]) * len(questions)
         else:
             preds = self.model.generate(batch["input_ids"], batch["attention_mask"], questions,
                                         self.target_lens[split], self.hparams.num_beams)  # fmt: skip
-            em = sum(exact_match_score(p, g) for p, g in zip(preds, golds))
-            f1 = sum(f1_score(p, g) for p, g in zip(preds, golds))
+            for name in self.hparams.metrics:
+                sums[name] = sum(METRIC_FNS[name](p, g) for p, g in zip(preds, golds))
             # Summed here, divided by the number of questions at epoch end. The RAG NLL, whatever the recipe, so
             # that modes compare; it is a forward pass as long as generating, so --no_test_loss skips it.
             skip_loss = split == "test" and self.hparams.no_test_loss
             losses = self.model(batch["input_ids"], batch["attention_mask"], questions, golds)[0]
             loss = float("nan") if skip_loss else float(losses.sum())
         seconds = time.perf_counter() - start
-        self._eval_sums.append(torch.tensor([em, f1, loss, seconds, len(questions)], dtype=torch.float64))
+        row = [*sums.values(), loss, seconds, len(questions)]
+        self._eval_sums.append(torch.tensor(row, dtype=torch.float64))
         if split == "test":  # one answer a line
             self._test_rows.extend((int(i), " ".join(p.split())) for i, p in zip(batch["index"], preds))
 
@@ -172,14 +187,16 @@ class GenerativeQAModule(pl.LightningModule):
         self._generative_step(batch, "test")
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        local = torch.stack(self._eval_sums).sum(0) if self._eval_sums else torch.zeros(5, dtype=torch.float64)
+        width = len(GENERATION_METRICS) + 3
+        local = torch.stack(self._eval_sums).sum(0) if self._eval_sums else torch.zeros(width, dtype=torch.float64)
         self._eval_sums = []
         # Sum counts over ranks before dividing, so uneven shards weigh each example once.
-        em, f1, loss, seconds, n = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").tolist()
+        *sums, loss, seconds, n = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").tolist()
         n = max(n, 1.0)
         metrics = {f"{prefix}_gen_time": seconds / n}
         if self.model.generator is not None:
-            metrics |= {f"{prefix}_em": em / n, f"{prefix}_f1": f1 / n}
+            metrics |= {f"{prefix}_{name}": total / n for name, total in zip(GENERATION_METRICS, sums)
+                        if name in self.hparams.metrics}  # fmt: skip
         if loss == loss:  # not NaN: the loss was computed
             metrics[f"{prefix}_loss"] = loss / n
         self.log_dict(metrics, prog_bar=True)
@@ -592,6 +609,8 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_batch_size", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=32)
     g.add_argument("--num_beams", type=int, default=1, help="beam size for validation generation")
+    g.add_argument("--metrics", type=parse_metrics, default=("em", "f1"),
+                   help="validation and test metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)")  # fmt: skip
     g.add_argument("--early_stopping_patience", type=int, default=-1, help="-1 disables; counts validations")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--logger_name", choices=["default", "wandb", "wandb_shared"], default="default")

@@ -17,7 +17,7 @@ import eval_rag
 import finetune_rag
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
 from rag_model import RagModel
-from utils_rag import has_answer, mrr_at_k, recall_at_k
+from utils_rag import corpus_bleu, has_answer, mrr_at_k, recall_at_k
 
 DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
 QUESTIONS, ANSWERS = DATA / "test.source", DATA / "test.target"
@@ -134,6 +134,17 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
         assert len((tmp_path / "all" / f"preds.{c.name}.txt").read_text().splitlines()) == 8
         # Every passage is among the top 40 of a 40-passage KB: every answer in the KB is found.
         assert summary[c.name]["answer_recall@40"] == summary[checkpoints[0].name]["answer_recall@40"] > 0
+
+
+def test_long_answer_metrics_against_the_best_gold_answer():
+    gold = eval_rag.Gold(
+        answers=[["the cat lay on the mat", "a dog"], ["paris"]], passage_ids=[[], []], titles=[[], []]
+    )
+    predictions = ["the cat sat on the mat", "rome"]
+    scores = eval_rag.score_e2e(predictions, gold, "gold.jsonl", ("em", "f1", "rouge_l", "bleu"))
+    assert scores["rouge_l"] == pytest.approx((5 / 6 + 0.0) / 2)  # LCS 5 of 6 words; no word in common
+    assert scores["bleu"] == pytest.approx(corpus_bleu(predictions, ["the cat lay on the mat", "paris"]))
+    assert set(eval_rag.score_e2e(predictions, gold, "gold.jsonl")) == {"em", "f1", "n"}
 
 
 def test_read_gold_formats(tmp_path):

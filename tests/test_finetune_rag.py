@@ -23,7 +23,7 @@ from kb_encode_utils import IndexConfig, read_version
 from kb_refresh import RefreshState
 from rag_encoders import PooledEncoder, load_tokenizer
 from rag_model import RagModel
-from utils_rag import has_answer, read_lines
+from utils_rag import has_answer, read_lines, rouge_l_score, sentence_bleu
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
 
@@ -423,9 +423,14 @@ def test_refresh_before_validation_validates_against_the_current_weights(ray_loc
     assert saved["version"] == refresh["version"] == 1  # the checkpoint was validated against this index
 
 
-def test_no_test_loss_skips_only_the_loss(ray_local, finetune_argv):
-    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--no_test_loss")))
+def test_no_test_loss_skips_only_the_loss_and_long_answer_metrics_are_logged(ray_local, finetune_argv):
+    argv = finetune_argv("--no_test_loss", "--metrics", "rouge_l,bleu", "--eval_batch_size", "3")
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     results = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False).test(module)[0]
     _kill_actors(module)
     assert "test_loss" not in results and 0.0 <= results["test_em"] <= 1.0
     assert len(module.test_predictions) == 8
+    targets = read_lines(DUMMY_DATA / "test.target")
+    pairs = list(zip(module.test_predictions, targets))
+    assert results["test_rouge_l"] == pytest.approx(sum(rouge_l_score(p, g) for p, g in pairs) / 8, abs=1e-6)
+    assert results["test_bleu"] == pytest.approx(sum(sentence_bleu(p, g) for p, g in pairs) / 8, abs=1e-4)
