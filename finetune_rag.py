@@ -41,7 +41,7 @@ from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, star
 from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
 from plot_run import plot_runs
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+from rag_model import RAG_TEMPLATE, SETTINGS_FILE, CausalGenerator, RagModel, Seq2SeqGenerator
 from training_modes import MODES, make_objective, mine
 from utils_rag import (
     GENERATION_METRICS,
@@ -324,14 +324,15 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
     """The RagModel the flags describe, with only the parts the recipe needs (no generator for
     retriever_only, no context encoder where passage embeddings never change)."""
     marginal = hp.model_type.removeprefix("rag_")
-    if hp.model_name_or_path:
+    source = hp.init_from or hp.model_name_or_path
+    if source:
         if hp.question_pooling or hp.shared_encoder:
             raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
                              "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
         overrides = {"marginal": marginal, "rerank_top": hp.rerank_top}
         overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
         overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
-        model = RagModel.from_pretrained(hp.model_name_or_path, retriever, objective.needs_generator,
+        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
                                          cache_dir=hp.cache_dir, **overrides)  # fmt: skip
         # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
         model.question_encoder = with_scoring(model.question_encoder, hp.similarity, hp.retrieval_temperature,
@@ -340,6 +341,11 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
             if hp.prompt_template:
                 model.generator.template = hp.prompt_template
             model.generator.label_smoothing = hp.label_smoothing
+        elif objective.needs_generator:  # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
+            if not hp.generator_name_or_path:
+                raise ValueError(f"{source} holds no generator: --training_mode {objective.name} needs "
+                                 "--generator_name_or_path")  # fmt: skip
+            model.generator = load_generator(hp)
     else:
         if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
             raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
@@ -353,8 +359,10 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
         q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
         model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
                          question_prefix=prefix, rerank_top=hp.rerank_top)  # fmt: skip
-    if objective.uses_context_encoder:
+    if objective.uses_context_encoder and model.ctx_encoder is None:
         attach_context_encoder(model, hp)
+    if not objective.uses_context_encoder:
+        model.ctx_encoder = model.ctx_tokenizer = None
     return model
 
 
@@ -583,6 +591,10 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
                    help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)")  # fmt: skip
     g.add_argument("--lm_temperature", type=float, default=1.0,
                    help="tau_lm of lsr and pdist: softmax(answer log-likelihood per passage / tau_lm)")  # fmt: skip
+    g.add_argument("--init_from", default=None,
+                   help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
+                   "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
+                   "lacks come from the model flags")  # fmt: skip
     g.add_argument("--rerank_top", type=int, default=0,
                    help="fetch L passages from the (stale) index, re-score them with the current context "
                    "encoder, keep the top n_docs (Atlas); 0: off")  # fmt: skip
@@ -727,8 +739,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
     if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
         parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
+    if args.init_from:
+        if args.model_name_or_path:
+            parser.error("--init_from and --model_name_or_path both name the model to start from: give one")
+        saved = Path(args.init_from) / "kb_version.json"
+        if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
+            parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
+                         f"(it needs {SETTINGS_FILE} and kb_version.json)")  # fmt: skip
+        kb = json.loads(saved.read_text())
+        args.passages_path, args.index_path = kb["passages_path"], kb["index_path"]
     # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
-    for name in ("passages_path", "index_path", "output_dir", "data_dir"):
+    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else [])):
         setattr(args, name, os.path.abspath(getattr(args, name)))
     args.run_id = resolve_run_id(args.run_id)
     if args.index_workers is None:

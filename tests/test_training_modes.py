@@ -48,8 +48,9 @@ def make_module(finetune_argv, tiny_models, tiny_kb):
         argv = finetune_argv("--training_mode", mode, "--hard_negatives", "2", "--n_docs", "3", *extra)
         i = argv.index("--model_name_or_path")
         generator = tiny_models["causal_generator" if causal else "generator"]
-        argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-                           "--generator_name_or_path", str(generator),
+        question_encoder = [] if "--init_from" in extra else ["--question_encoder_name_or_path",
+                                                             str(tiny_models["question_encoder"])]  # fmt: skip
+        argv[i : i + 2] = [*question_encoder, "--generator_name_or_path", str(generator),
                            "--generator_type", "causal" if causal else "seq2seq"]  # fmt: skip
         if data is not None:
             argv[argv.index("--data_dir") + 1] = str(data)
@@ -295,3 +296,21 @@ def test_end2end_is_the_old_name_of_rag_end2end(capsys):
     with pytest.raises(SystemExit):
         finetune_rag.parse_args(["--model_type", "rag_token", "--end2end", "--training_mode", "ralt"])
     assert "conflicts with --training_mode ralt" in capsys.readouterr().err
+
+
+def test_init_from_continues_a_retriever_only_checkpoint_with_ralt(make_module, gold_data, tmp_path):
+    first = make_module("retriever_only", data=gold_data)
+    first.training_step(_batch(first), 0).backward()
+    with torch.no_grad():
+        for p in first.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    ckpt = tmp_path / "checkpoint1"
+    first.save_hf_checkpoint(ckpt)
+    second = make_module("ralt", "--init_from", str(ckpt), data=gold_data)
+    trained = first.model.question_encoder.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in second.model.question_encoder.state_dict().items())
+    assert second.hparams.passages_path == json.loads((ckpt / "kb_version.json").read_text())["passages_path"]
+    assert second.model.generator is not None and second.model.ctx_encoder is None  # from the flags; not needed
+    second.training_step(_batch(second), 0).backward()
+    assert all(p.grad is None for p in second.model.question_encoder.parameters())
