@@ -15,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from kb_encode_utils import IndexConfig
 from kb_refresh import Refresher
+from lora import merged
 
 
 class KBRefreshCallback(pl.Callback):
@@ -58,7 +59,7 @@ class KBRefreshCallback(pl.Callback):
             return
         output_dir = pl_module.hparams.output_dir
         self.refresher = Refresher(
-            pl_module.retriever, pl_module.base_passages_path, self.kb_root, pl_module.model.ctx_encoder,
+            pl_module.retriever, pl_module.base_passages_path, self.kb_root, merged(pl_module.model.ctx_encoder),
             pl_module.model.ctx_tokenizer, self.index_config, pinned=lambda: pinned_kb_versions(output_dir),
             **self.refresher_options,
         )  # fmt: skip
@@ -92,7 +93,7 @@ class KBRefreshCallback(pl.Callback):
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
 
     def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
-        weights = pl_module.model.ctx_encoder.state_dict()
+        weights = merged(pl_module.model.ctx_encoder).state_dict()  # the actors encode without peft
         if not self.refresher.trigger(weights, trainer.global_step, threads):
             pl_module.log("reindex_skipped", float(self.refresher.skipped_triggers), rank_zero_only=True)
 

@@ -39,6 +39,7 @@ from callbacks_rag import (
 )
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
 from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
+from lora import PEFT_CHOICES, add_lora, train_only_lora
 from plot_run import plot_runs
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_model import RAG_TEMPLATE, SETTINGS_FILE, CausalGenerator, RagModel, Seq2SeqGenerator
@@ -108,6 +109,8 @@ class GenerativeQAModule(pl.LightningModule):
         retriever.init_retrieval(KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0,
                                            similarity=self.similarity))  # fmt: skip
         self.objective.freeze(self.model)
+        if hp.peft != "none":
+            apply_lora(self.model, hp, self.objective.trains)
         # from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds:
         # without this, dropout would be silently off during training.
         self.model.train()
@@ -366,6 +369,24 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
     return model
 
 
+def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...]) -> None:
+    """LoRA adapters on the parts --peft names that the recipe trains; only the adapters then learn."""
+    names = {"generator": ["generator"], "retriever": ["question_encoder", "ctx_encoder"]}
+    chosen = [p for p in names.get(hp.peft, [*names["generator"], *names["retriever"]]) if p in trains]
+    targets = hp.lora_target_modules.split(",") if hp.lora_target_modules else None
+    q, ctx = model.question_encoder, model.ctx_encoder
+    shared = ctx is not None and getattr(ctx, "model", None) is not None and ctx.model is getattr(q, "model", None)
+    for name in chosen:
+        part = getattr(model, name)
+        if name == "ctx_encoder" and shared:  # --shared_encoder: the adapters are already in its transformer
+            ctx.model = q.model
+            continue
+        add_lora(part, hp.lora_r, hp.lora_alpha, hp.lora_dropout, targets)
+        train_only_lora(part)
+    if not chosen:
+        warnings.warn(f"--peft {hp.peft}: --training_mode {hp.training_mode} trains none of those parts", stacklevel=1)
+
+
 def load_generator(hp: argparse.Namespace):
     """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
     config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
@@ -595,6 +616,15 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
                    help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
                    "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
                    "lacks come from the model flags")  # fmt: skip
+    g.add_argument("--peft", choices=PEFT_CHOICES, default="none",
+                   help="LoRA adapters (peft) instead of full fine-tuning for the generator, the encoders or both; "
+                   "checkpoints and KB refreshes use the merged weights")  # fmt: skip
+    g.add_argument("--lora_r", type=int, default=8)
+    g.add_argument("--lora_alpha", type=int, default=16)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_target_modules", default=None,
+                   help="comma-separated module names (default: peft's per family, e.g. query,value for BERT "
+                   "encoders, q_proj,v_proj for Llama and BART)")  # fmt: skip
     g.add_argument("--rerank_top", type=int, default=0,
                    help="fetch L passages from the (stale) index, re-score them with the current context "
                    "encoder, keep the top n_docs (Atlas); 0: off")  # fmt: skip

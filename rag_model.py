@@ -44,6 +44,7 @@ from causal_rag import (
     tokenize_for_loss,
     truncate_left,
 )
+from lora import merged
 from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
 
 SETTINGS_FILE = "rag_settings.json"
@@ -415,15 +416,16 @@ class RagModel(torch.nn.Module):
         }
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """question_encoder/, generator/ and context_encoder/ (each with its tokenizer) and rag_settings.json."""
+        """question_encoder/, generator/ and context_encoder/ (each with its tokenizer, LoRA adapters merged into
+        the weights) and rag_settings.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.question_encoder.save_pretrained(directory / "question_encoder")
+        merged(self.question_encoder).save_pretrained(directory / "question_encoder")  # LoRA folded in
         self.question_tokenizer.save_pretrained(directory / "question_encoder")
         if self.generator is not None:
-            self.generator.save_pretrained(directory / "generator")
+            merged(self.generator).save_pretrained(directory / "generator")
         if self.ctx_encoder is not None:
-            self.ctx_encoder.save_pretrained(directory / "context_encoder")
+            merged(self.ctx_encoder).save_pretrained(directory / "context_encoder")
             self.ctx_tokenizer.save_pretrained(directory / "context_encoder")
         (directory / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=1))
 

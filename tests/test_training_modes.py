@@ -314,3 +314,49 @@ def test_init_from_continues_a_retriever_only_checkpoint_with_ralt(make_module, 
     assert second.model.generator is not None and second.model.ctx_encoder is None  # from the flags; not needed
     second.training_step(_batch(second), 0).backward()
     assert all(p.grad is None for p in second.model.question_encoder.parameters())
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lora_trains_only_adapters_and_reloads_identically(make_module, gold_data, tmp_path, causal):
+    module = make_module("rag_end2end", "--peft", "both", "--lora_r", "4", data=gold_data, causal=causal)
+    module.training_step(_batch(module), 0).backward()
+    for name, part in _parts(module).items():
+        trained = [n for n, p in part.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n for n in trained), f"{name}: {trained[:3]}"
+        assert any(p.grad is not None and p.grad.any() for n, p in part.named_parameters() if "lora_B" in n), name
+    with torch.no_grad():  # lora_B starts at zero: a step makes the adapters change the outputs
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    ckpt = tmp_path / "checkpoint1"
+    module.save_hf_checkpoint(ckpt)
+    reloaded = RagModel.from_pretrained(str(ckpt), retriever=module.retriever, load_context_encoder=True).eval()
+    model = module.model.eval()
+    batch = _batch(module)
+    args = (batch["input_ids"], batch["attention_mask"], batch["source_text"])
+    with torch.no_grad():
+        assert reloaded.generate(*args, 6) == model.generate(*args, 6)
+        expected = model(*args, batch["target_text"])[0]
+        torch.testing.assert_close(reloaded(*args, batch["target_text"])[0], expected, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in k for k in reloaded.state_dict())  # a plain model: eval_rag.py needs no peft
+
+
+def test_the_refresh_encodes_with_the_merged_lora_weights(make_module, gold_data):
+    from lora import merged
+
+    module = make_module("retriever_only", "--peft", "retriever", data=gold_data)
+    ctx = module.model.ctx_encoder
+    with torch.no_grad():
+        for name, p in ctx.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    plain = merged(ctx).eval()
+    assert set(plain.state_dict()) == set(
+        load_encoder(module.hparams.context_encoder_name, side="context").state_dict()
+    )
+    enc = module.model.ctx_tokenizer(["moses"], ["the rod became a snake"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**enc).pooler_output, ctx.eval()(**enc).pooler_output, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,66 @@
+"""LoRA through peft for any RagModel part (`--peft generator|retriever|both`).
+
+A part's transformer is wrapped in a `peft.PeftModel` where it sits (PooledEncoder.model, DPR's inner
+DPREncoder, RagGenerator.model), so the RagModel calls it as before; only the low-rank matrices train.
+Checkpoints and the KB refresh use `merged(part)`: a copy with the adapters folded into the weights,
+which loads and encodes as a plain model (eval_rag.py and the Ray encoding actors need no peft).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+PEFT_CHOICES = ("none", "generator", "retriever", "both")
+INNER = ("model", "question_encoder", "ctx_encoder")  # where PooledEncoder, DPR*Encoder and RagGenerator keep it
+
+
+def _inner(part: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The module that holds the transformer, and the attribute it is held under."""
+    for attr in INNER:
+        if isinstance(getattr(part, attr, None), torch.nn.Module):
+            return part, attr
+    raise ValueError(f"no transformer found inside {type(part).__name__} to add LoRA to")
+
+
+def default_targets(model: torch.nn.Module) -> list[str]:
+    """peft's attention projections for the model family (BERT: query/value, Llama and BART: q_proj/v_proj)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for targets in (["query", "value"], ["q_proj", "v_proj"], ["q", "v"]):  # DPR holds a BERT
+        if set(targets) <= names:
+            return targets
+    raise ValueError(f"no default LoRA targets for {type(model).__name__}: pass --lora_target_modules")
+
+
+def add_lora(part: torch.nn.Module, r: int, alpha: int, dropout: float, targets: list[str] | None = None) -> None:
+    """Wrap the part's transformer in LoRA adapters, in place; its other weights are frozen."""
+    holder, attr = _inner(part)
+    model = getattr(holder, attr)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets or default_targets(model))
+    setattr(holder, attr, get_peft_model(model, config))
+
+
+def has_lora(part: torch.nn.Module | None) -> bool:
+    return part is not None and any(isinstance(m, PeftModel) for m in part.modules())
+
+
+def train_only_lora(part: torch.nn.Module) -> None:
+    """requires_grad on the adapters only (a recipe's freeze() turns the whole part on)."""
+    for name, param in part.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+def merged(part: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the part with every adapter folded into its weights: a plain model again."""
+    if not has_lora(part):
+        return part
+    part = copy.deepcopy(part)
+    holder, attr = _inner(part)
+    setattr(holder, attr, getattr(holder, attr).merge_and_unload())
+    return part
