@@ -111,11 +111,7 @@ class GenerativeQAModule(pl.LightningModule):
         self.objective.freeze(self.model)
         if hp.peft != "none":
             apply_lora(self.model, hp, self.objective.trains)
-        # from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds:
-        # without this, dropout would be silently off during training.
-        self.model.train()
-        if self.objective.name == "lsr":  # the generator only judges passages: no dropout noise in its judgement
-            self.model.generator.eval()
+        self.objective.set_modes(self.model)  # dropout on in the parts that learn, off in the frozen ones
 
         self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
                             "test": hp.test_max_target_length}  # fmt: skip

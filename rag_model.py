@@ -110,9 +110,18 @@ class Seq2SeqGenerator(RagGenerator):
 
     family = "seq2seq"
 
+    def __init__(self, model, tokenizer, template=None, max_length=300, label_smoothing=0.0):
+        super().__init__(model, tokenizer, template or RAG_TEMPLATE, max_length, label_smoothing)
+        # The token that ends an answer: the model's own (a BERT-style vocabulary has no tokenizer EOS).
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+
     def _encode(self, prompts: list[str]):
         enc = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        return enc.to(self.device)
+        return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
     def _logprobs(self, enc, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = labels.to(self.device)
@@ -151,9 +160,9 @@ class Seq2SeqGenerator(RagGenerator):
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in best]
 
     def _cut(self, ids: list[int]) -> list[int]:
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        ids = ids[: ids.index(eos) + 1] if eos in ids else ids
-        return [i for i in ids if i != pad]
+        """Up to and including the first EOS, without padding."""
+        end = next((t + 1 for t, i in enumerate(ids) if i in self.eos_ids), len(ids))
+        return [i for i in ids[:end] if i != self.tokenizer.pad_token_id]
 
     def _greedy_marginal(self, enc, doc_lp: torch.Tensor, n: int, max_new_tokens: int) -> list[list[int]]:
         encoder_outputs = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
@@ -168,7 +177,7 @@ class Seq2SeqGenerator(RagGenerator):
             logp = out.logits[:, -1].float().log_softmax(-1)
             token = (doc_lp[:, :, None] + logp.view(len(doc_lp), n, -1)).logsumexp(1).argmax(-1)
             steps.append(token)
-            done |= token == self.tokenizer.eos_token_id
+            done |= torch.isin(token, torch.tensor(sorted(self.eos_ids), device=self.device, dtype=token.dtype))
             if done.all():
                 break
             decoder_input_ids = token.repeat_interleave(n)[:, None]
@@ -192,7 +201,7 @@ class Seq2SeqGenerator(RagGenerator):
                         label_smoothing: float = 0.0, cache_dir: str | None = None) -> Seq2SeqGenerator:  # fmt: skip
         model = AutoModelForSeq2SeqLM.from_pretrained(path, cache_dir=cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
-        return cls(model, tokenizer, template or RAG_TEMPLATE, max_length, label_smoothing)
+        return cls(model, tokenizer, template, max_length, label_smoothing)
 
 
 class CausalGenerator(RagGenerator):

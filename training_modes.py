@@ -118,6 +118,15 @@ class Objective:
                 module.requires_grad_(True)
                 _keep_unused_pooler_frozen(module)
 
+    def set_modes(self, model: RagModel) -> None:
+        """Train mode for the parts that learn; eval mode (no dropout) for the frozen ones, which only judge or
+        retrieve. from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds."""
+        model.train()
+        for part in PARTS:
+            module = getattr(model, part, None)
+            if module is not None and part not in self.trains:
+                module.eval()
+
     def loss(self, model: RagModel, batch: dict, mined: Positives | None) -> tuple[torch.Tensor, dict]:
         """The scalar to minimise and the figures to log (per question)."""
         raise NotImplementedError

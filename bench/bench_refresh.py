@@ -1,8 +1,8 @@
 """Benchmark the asynchronous knowledge-base refresh, side by side in one run.
 
 1. Training step time: `finetune_rag.main()` twice on the same tiny models, KB and data, once with
-   `--end2end` alone and once with `--end2end --indexing_freq K`, so the cost of re-encoding the KB and
-   rebuilding its index in Ray actors while the trainer keeps stepping shows up as a step-time ratio.
+   `--training_mode rag_end2end` alone and once with `--indexing_freq K` too, so the cost of re-encoding
+   the KB and rebuilding its index in Ray actors while the trainer keeps stepping shows up as a step-time ratio.
 2. Retrieval through the Ray actors (`RagRayDistributedRetriever.retrieve`, 8 queries a call): latency
    alone, and while new KB versions are staged and activated (the swap a refresh ends with).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -232,21 +233,21 @@ def pct(values: list[float], q: float) -> float:
 def encode_questions(module: finetune_rag.GenerativeQAModule, n: int) -> np.ndarray:
     """Question-encoder vectors for the first `n` training questions: realistic queries for the index."""
     questions = (DUMMY_DATA / "train.source").read_text(encoding="utf-8").splitlines()[:n]
-    encoder = module.model.question_encoder
-    device = next(encoder.parameters()).device
-    tokens = module.tokenizer.question_encoder(questions, return_tensors="pt", padding=True).to(device)
+    model = module.model  # rag_model.RagModel
+    device = next(model.question_encoder.parameters()).device
+    texts = [model.question_prefix + q for q in questions]  # as training tokenises them
+    tokens = model.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
     with torch.no_grad():
-        return encoder(tokens["input_ids"], attention_mask=tokens["attention_mask"])[0].float().cpu().numpy()
+        return model.encode_questions(tokens["input_ids"], tokens["attention_mask"]).float().cpu().numpy()
 
 
 def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float, swaps: int) -> dict[str, float]:
     """Retrieval latency from a thread that keeps calling `retrieve`, first alone, then while the main
     thread stages and activates `swaps` new versions (alternating between the paths in `kbs`)."""
     actors = start_retrieval_actors(1, module.hparams.hnsw_ef_search, f"bench-retrieval-{uuid.uuid4().hex[:6]}")
-    tok = module.tokenizer
-    retriever = RagRayDistributedRetriever(module.model.config, tok.question_encoder, tok.generator, actors)
+    retriever = RagRayDistributedRetriever(actors, rank=0)
     retriever.init_retrieval(kbs[0])
-    queries, n_docs = encode_questions(module, n_queries), module.n_docs
+    queries, n_docs = encode_questions(module, n_queries), module.model.n_docs
     for _ in range(20):  # warm-up: first calls pay for the actor's lazy imports and caches
         retriever.retrieve(queries, n_docs)
 
@@ -269,7 +270,7 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
         time.sleep(0.2)  # retrieval alone between swaps
         kb = kbs[version % len(kbs)]
         t0 = time.perf_counter()
-        new = KBVersion(version, kb.passages_path, kb.index_path)
+        new = dataclasses.replace(kb, version=version)  # the same passages and index, as a new version
         ray.get(retriever.stage(new))
         t1 = time.perf_counter()
         retriever.activate(new)
@@ -372,7 +373,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("pytorch_lightning", "lightning_fabric"):  # our summary lists the refreshes
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*(exists and is not empty|LeafSpec).*")  # each output dir holds logs/
+    # each output dir holds logs/; the baseline runs refresh nothing on purpose
+    warnings.filterwarnings("ignore", ".*(exists and is not empty|LeafSpec|without --indexing_freq).*")
     print_header(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-refresh-"))
     start = time.perf_counter()
@@ -391,7 +393,7 @@ def main() -> None:
             "--train_batch_size", str(args.train_batch_size), "--index_type", args.index_type,
             "--max_steps", str(args.steps), "--max_epochs", "100000", "--num_sanity_val_steps", "0",
             "--check_val_every_n_epoch", "100000",  # no validation or checkpoints: training steps only
-            "--do_train", "--end2end", "--ray_namespace", f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            "--do_train", "--training_mode", "rag_end2end", "--ray_namespace", f"bench-{name}-{uuid.uuid4().hex[:6]}",
             *extra, *passthrough,
         ]  # fmt: skip
 

@@ -21,9 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from causal_rag import CausalRag, build_prompts, rag_token_loss, tokenize_for_loss  # noqa: E402
+from causal_rag import marginal_nll  # noqa: E402
 from eval_rag import KBSearch  # noqa: E402
 from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
+from rag_model import CausalGenerator, RagModel  # noqa: E402
 from utils_rag import read_lines  # noqa: E402
 
 
@@ -32,24 +33,27 @@ def sweep(args: argparse.Namespace) -> dict:
     encoder = load_encoder(args.question_encoder, side="question", temperature=1.0).eval()
     q_tok = load_tokenizer(args.question_encoder)
     g_tok = AutoTokenizer.from_pretrained(args.generator)
-    generator = AutoModelForCausalLM.from_pretrained(args.generator).eval()
-    search = KBSearch(q_tok, args.passages_path, args.index_path, encoder.config.hidden_size)
-    rag = CausalRag(encoder, generator, q_tok, g_tok, search, n_docs=max(args.n_docs), max_length=args.max_length)
+    generator = CausalGenerator(AutoModelForCausalLM.from_pretrained(args.generator).eval(), g_tok, None,
+                                args.max_length)  # fmt: skip
+    search = KBSearch(args.passages_path, args.index_path, encoder.config.hidden_size)
+    rag = RagModel(encoder, q_tok, generator, search, n_docs=max(args.n_docs)).eval()
     questions = read_lines(Path(args.data_dir) / f"{args.split}.source")[: args.n]
     answers = read_lines(Path(args.data_dir) / f"{args.split}.target")[: args.n]
     rows = {(k, tau): [] for k in args.n_docs for tau in args.taus}
     for start in range(0, len(questions), args.batch_size):
         qs, ans = questions[start : start + args.batch_size], answers[start : start + args.batch_size]
-        enc = q_tok(qs, padding=True, truncation=True, max_length=64, return_tensors="pt")
-        scores, docs = rag.retrieve(enc["input_ids"], enc["attention_mask"])  # raw similarities (B, n)
+        enc = q_tok([rag.question_prefix + q for q in qs], padding=True, truncation=True, max_length=64,
+                    return_tensors="pt")  # fmt: skip
+        retrieved = rag.retrieve(enc["input_ids"], enc["attention_mask"])
+        scores = retrieved.doc_scores  # raw similarities (B, n)
         for k in args.n_docs:
-            top = [{"title": d["title"][:k], "text": d["text"][:k]} for d in docs]
-            batch = tokenize_for_loss(build_prompts(qs, top, g_tok, None, k), ans, g_tok, args.max_length)
-            logits, labels = rag._logits(batch)
+            top = [{"title": d["title"][:k], "text": d["text"][:k]} for d in retrieved.docs]
+            # log p(y_t | x, z_k, y_<t) under each of the top k passages: the same for every tau
+            token_lp, mask = generator.answer_logprobs(qs, top, ans)
             for tau in args.taus:
                 prior = (scores[:, :k] / tau).log_softmax(1)
                 entropy = -(prior.exp() * prior).sum(1) / math.log(k)  # 1: uniform over the k passages
-                nll = rag_token_loss(logits, labels, scores[:, :k] / tau, k)
+                nll = marginal_nll(token_lp, mask, scores[:, :k] / tau, "token")
                 rows[k, tau] += list(zip(nll.tolist(), entropy.tolist(), strict=True))
         print(f"{start + len(qs)}/{len(questions)} questions", flush=True)
     return {
@@ -83,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)  # beside a running experiment on a small machine
-    result = sweep(parse_args())
+    args = parse_args()
+    result = sweep(args)
     for name, row in result.items():
         print(f"{name}: NLL/token {row['nll_per_token']:.4f}, prior entropy {row['prior_entropy_normalised']:.3f}")
-    if (out := parse_args().output) is not None:
-        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.output is not None:
+        Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
