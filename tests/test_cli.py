@@ -94,7 +94,7 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
     assert (b.end2end, b.indexing_freq, b.index_gpus) == (False, None, 0)
     assert Path(a.output_dir).name == "rag-end2end" and Path(b.output_dir).name == "rag-original"
     # Otherwise the same recipe (anchors: effective batch 64 on 2 GPUs, lr 3e-5 polynomial, 10 epochs).
-    differ = {"end2end", "indexing_freq", "index_gpus", "output_dir", "run_id"}
+    differ = {"end2end", "training_mode", "indexing_freq", "index_gpus", "output_dir", "run_id"}
     same = [k for k in vars(a) if k not in differ]
     assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same]
     assert (a.train_batch_size * a.accumulate_grad_batches * a.gpus, a.learning_rate) == (64, 3e-5)

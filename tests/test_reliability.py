@@ -145,7 +145,7 @@ def test_two_runs_on_one_cluster_retrieve_from_their_own_kb(ray_local, finetune_
     argv = finetune_argv("--ray_namespace", "shared")
     argv[argv.index("--passages_path") + 1], argv[argv.index("--index_path") + 1] = map(str, other_kb)
     second = finetune_rag.build_module(finetune_rag.parse_args(argv))
-    assert first.ray_namespace != second.ray_namespace
+    assert first.hparams.run_id != second.hparams.run_id
     assert first.retriever.actors[0]._actor_id != second.retriever.actors[0]._actor_id
     titles = {}
     for name, module in (("first", first), ("second", second)):
