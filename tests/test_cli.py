@@ -25,7 +25,7 @@ def _logged(out: Path, name: str) -> list[float]:
 def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_path):
     # The child processes join the Ray that the test session started (its address is in the environment).
     argv = finetune_argv("--devices", "2", "--do_train", "--do_predict", "--end2end", "--indexing_freq", "2",
-                         "--max_epochs", "2")  # fmt: skip
+                         "--max_epochs", "1")  # fmt: skip
     proc = _run(argv)
     out = tmp_path / "out"
     # Every rank's test answers, one a line: 8 test questions, though each rank generated only half of them.
@@ -35,7 +35,7 @@ def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_p
     assert _logged(out, "loss"), "no training loss logged"
     assert sorted(p.name for p in (out / "kb").iterdir() if p.name.startswith("v"))
     # Lightning splits the 40 training examples over 2 ranks: 10 optimizer steps an epoch at batch size 2.
-    assert max(_logged(out, "step")) >= 19
+    assert max(_logged(out, "step")) >= 9
 
 
 def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
@@ -57,7 +57,7 @@ def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
         "--csv_path", str(REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
         "--passages_path", str(passages), "--index_path", str(index), "--shard_dir", str(tmp_path / "shards"),
         "--ray_namespace", "test-reference-flags",
-        "--max_steps", "40",  # the one addition: 10 epochs would be 400 steps
+        "--max_steps", "20",  # the one addition: 10 epochs would be 400 steps
     ]  # fmt: skip
     _run(argv)
     assert max(_logged(out, "index_version")) >= 1
