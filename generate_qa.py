@@ -1,0 +1,673 @@
+"""Generate training questions for a knowledge base that has none: a local causal LM writes one question and a short
+answer copied from each (sampled) passage; filtered pairs become the files that prepare_squad.py writes.
+
+    python generate_qa.py --csv_path my_kb.csv --generator_name_or_path pretrained/smollm2-135m-instruct \
+        --output_dir data/my_kb_qa [--max_passages 2000 --per_passage 2 --seed 42 --batch_size 16 \
+        --max_new_tokens 64 --val_fraction 0.1 --test_fraction 0.1 --no_extractive --overwrite \
+        --roundtrip_k 20 --question_encoder_name_or_path pretrained/minilm]
+
+The knowledge base is a `title<TAB>text` CSV, split into 100-word passages exactly as use_own_knowledge_dataset.py
+splits it (passage ids are the rows of that KB), or --passages_path, a KB directory that script built (title, text).
+Writes into --output_dir:
+  kb.csv                       the documents (for --passages_path: one line per passage), so that
+                               `use_own_knowledge_dataset.py --csv_path OUT/kb.csv` rebuilds the same passage rows
+  {train,val,test}.source      one question per line
+  {train,val,test}.target      its answer
+  {train,val,test}.gold.jsonl  {"id", "question", "answers", "title", "gold_passage_ids": [its passage's row]}
+  stats.json                   counts: passages, generations, each filter's rejections, questions per split
+  generations.jsonl            every raw generation, {"passage_id", "sample", "text"}, appended after each batch
+  generation_settings.json     what the generations depend on (generator, prompt, decoding, KB digest)
+
+Prompt: INSTRUCTION, as one user turn of the tokenizer's chat template when it has one, else as plain text and
+a blank line; either way the prompt ends with CUE (`Question:`), so the reply starts with the question, and the
+stored text is CUE + the continuation. The reply must read `Question: ...` / `Answer: ...`. Sample 0 of a
+passage is greedy; samples 1.. (--per_passage) are drawn with --temperature and --top_p, seeded per batch from
+--seed. Passages are a seeded sample of --max_passages rows (default: all).
+
+Resuming: generations.jsonl is flushed after each batch; rerunning the same command skips the (passage, sample)
+pairs already there, so a crash or Ctrl-C loses at most one batch. The split files are written, from
+generations.jsonl, only once every generation of the selection is done (--max_batches stops a run early, to
+work in pieces). With --overwrite a finished output is rewritten from its generations (e.g. with other filters)
+without generating again; delete generations.jsonl to generate anew.
+
+Filters (each counted in stats.json `rejected`, in this order): unparseable output; question under
+MIN_QUESTION_WORDS or over MAX_QUESTION_WORDS words; answer over MAX_ANSWER_WORDS words; answer not in its passage
+(SQuAD-normalised, whole words; off with --no_extractive); question repeating QUOTE_RUN_WORDS consecutive passage
+words; duplicate question (normalised, over the whole KB); and with --roundtrip_k K, a question for which the
+question encoder does not rank its passage in the top K of all KB passages (exact inner-product search).
+Splits are by document (title), seeded: no document's questions are in two splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from causal_rag import encode_prompts, pad_id
+from kb_encode_utils import _temporary_sibling, read_kb_csv, split_documents
+from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
+from utils_rag import has_answer, normalize_answer
+
+GENERATIONS_FILE = "generations.jsonl"
+SETTINGS_FILE = "generation_settings.json"
+INSTRUCTION = (
+    "Write one question that the passage below answers, and its answer: a short phrase of a few words copied "
+    "exactly from the passage. The question must make sense without the passage. Reply in exactly this format:\n"
+    "Question: <the question>\n"
+    "Answer: <the answer>\n\n"
+    "Title: {title}\n"
+    "Passage: {text}"
+)  # no worked example: small models copy its question into every reply
+CUE = "Question:"  # ends every prompt (after the chat template's turn too): the reply starts with the question
+MIN_QUESTION_WORDS = 3
+MAX_QUESTION_WORDS = 40
+MAX_ANSWER_WORDS = 20  # asked for a short phrase: a longer answer is a copied sentence, not a span to learn
+# A question that repeats this many consecutive (normalised) passage words is a copied sentence with one word turned
+# into "what": it is answered by string matching, not by understanding. 8 still lets a question name a long entity.
+QUOTE_RUN_WORDS = 8
+REASONS = (
+    "unparseable",
+    "question_too_short",
+    "question_too_long",
+    "answer_too_long",
+    "answer_not_in_passage",
+    "quotes_passage",
+    "duplicate_question",
+    "roundtrip_miss",
+)
+# `Question:` / `Answer:` labels, as written or in markdown bold (`**Answer:**`, `**Answer**:`); case-sensitive,
+# as the prompt spells them
+_LABEL = r"(?<![A-Za-z])(?:\*\*|__)?{}(?:\*\*|__)?[ \t]*:(?:\*\*|__)?"
+QUESTION_LABEL = re.compile(_LABEL.format("Question"))
+ANSWER_LABEL = re.compile(_LABEL.format("Answer"))
+_EDGE_CHARS = " \t*_\"'“”‘’`"
+_ANSWER_IS = re.compile(r"^(?:the )?answer is\b:?", re.IGNORECASE)  # `Answer: The answer is X` is answer X
+
+
+@dataclass
+class KnowledgeBase:
+    """Passages (row i is passage id i), the documents kb.csv holds, and where they came from."""
+
+    titles: list[str]
+    texts: list[str]
+    documents: list[tuple[str, str]]
+    source: str
+    passages_path: str | None = None  # a built KB directory, whose embeddings the round-trip filter may use
+
+
+@dataclass
+class Pair:
+    """A generated question with its answer and the passage it was generated from."""
+
+    passage_id: int
+    sample: int
+    question: str
+    answer: str
+    title: str
+
+    @property
+    def id(self) -> str:
+        """`p<passage row>-s<sample>`: unique, and stable across reruns."""
+        return f"p{self.passage_id}-s{self.sample}"
+
+
+# ----------------------------------------------------------------------------- knowledge base
+
+
+def load_kb(csv_path: str | None = None, passages_path: str | None = None) -> KnowledgeBase:
+    """Passages of a `title<TAB>text` CSV (split as use_own_knowledge_dataset.py does) or of a built KB directory."""
+    if csv_path is not None:
+        documents = read_kb_csv(csv_path)
+        passages = split_documents(documents)
+        return KnowledgeBase(list(passages["title"]), list(passages["text"]), documents, str(csv_path))
+    from datasets import load_from_disk
+
+    passages = load_from_disk(str(passages_path))
+    missing = [c for c in ("title", "text") if c not in passages.column_names]
+    if missing:
+        raise ValueError(f"{passages_path}: the passages dataset lacks column(s) {', '.join(missing)}")
+    titles, texts = list(passages["title"]), list(passages["text"])
+    return KnowledgeBase(titles, texts, list(zip(titles, texts)), str(passages_path), str(passages_path))
+
+
+def kb_digest(kb: KnowledgeBase) -> str:
+    """sha256 of the passages in row order: generations name passages by row, so they belong to one KB."""
+    h = hashlib.sha256()
+    for title, text in zip(kb.titles, kb.texts):
+        h.update(f"{title}\x00{text}\x01".encode())
+    return h.hexdigest()
+
+
+def kb_csv_text(documents: list[tuple[str, str]]) -> str:
+    """The documents as `title<TAB>text` lines, quoted by the csv module where needed (read_kb_csv reads them)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, delimiter="\t", lineterminator="\n").writerows(documents)
+    return buffer.getvalue()
+
+
+def check_kb_csv(path: Path, kb: KnowledgeBase, shown_as: Path) -> None:
+    """Stop unless the kb.csv at `path` reads back (read_kb_csv + split_documents) as exactly the KB's passage rows."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # duplicates: already warned about when the KB itself was read
+        passages = split_documents(read_kb_csv(path))
+    titles, texts = passages["title"], passages["text"]
+    if len(titles) != len(kb.titles):
+        raise RuntimeError(f"{shown_as} would read back as {len(titles)} passages, not {len(kb.titles)}")
+    for row, pair in enumerate(zip(titles, texts, kb.titles, kb.texts)):
+        if pair[:2] != pair[2:]:
+            raise RuntimeError(
+                f"{shown_as} would not rebuild passage row {row} of {kb.source} as it is (e.g. a passage over 100 "
+                "words, or a title or text with spaces around it); give the KB as --csv_path instead"
+            )
+
+
+# ----------------------------------------------------------------------------- prompts and generation
+
+
+def prompt_kind(tokenizer) -> str:
+    """`chat` when the tokenizer has a chat template, else `plain`."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def build_prompt(tokenizer, title: str, text: str) -> str:
+    """The prompt for one passage: INSTRUCTION as a chat user turn then CUE as the reply's start, or plain text:
+    INSTRUCTION, a blank line and CUE."""
+    content = INSTRUCTION.format(title=title, text=text)
+    if prompt_kind(tokenizer) == "chat":
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + CUE
+    return f"{content}\n\n{CUE}"
+
+
+def load_generator_tokenizer(name_or_path: str):
+    """The generator's tokenizer; remote code is never run."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+
+
+def load_generator(name_or_path: str, device: str, dtype: str = "auto") -> torch.nn.Module:
+    """A local AutoModelForCausalLM in eval mode on `device`; remote code is never run."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+def batch_seed(seed: int, passage_id: int, sample: int) -> int:
+    """The sampling seed of a batch, from its first (passage, sample): the same batch draws the same text."""
+    return random.Random(f"{seed}-{passage_id}-{sample}").getrandbits(63)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: list[str],
+    sample: bool,
+    seed: int,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+) -> list[str]:
+    """The model's continuations of `prompts`, batched with left padding: greedy, or sampled under `seed`."""
+    from transformers import GenerationConfig
+
+    ids = encode_prompts(prompts, tokenizer)
+    pad, width = pad_id(tokenizer), max(map(len, ids))
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    eos = model.generation_config.eos_token_id
+    eos = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_p=top_p if sample else None, top_k=None, pad_token_id=pad, eos_token_id=eos or None,
+    )  # fmt: skip
+    if sample:
+        torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- generations file
+
+
+def read_generations(path: str | Path) -> dict[tuple[int, int], str]:
+    """{(passage_id, sample): text} of a generations.jsonl; an unfinished last line (a crash mid-write) is ignored,
+    and a (passage, sample) written twice keeps its first text."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = path.read_text(encoding="utf-8")
+    lines = data.split("\n")
+    lines.pop()  # "" after the final newline, or an unfinished line
+    found: dict[tuple[int, int], str] = {}
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            key, text = (int(record["passage_id"]), int(record["sample"])), str(record["text"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{number}: not a generation record ({e}); remove the line to go on") from None
+        found.setdefault(key, text)
+    return found
+
+
+def drop_unfinished_line(path: Path) -> bool:
+    """Cut a last line without its newline (a crash mid-write) off the file, so appending starts a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
+def append_generations(f, records: list[dict]) -> None:
+    """Append records as JSON lines and push them to disk, so a crash after this loses none of them."""
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def generation_settings(args: argparse.Namespace, kb: KnowledgeBase, kind: str) -> dict:
+    """What the stored generations depend on: rerunning with other values would mix two kinds of output."""
+    generator = args.generator_name_or_path
+    return {
+        "generator": os.path.abspath(generator) if os.path.exists(generator) else generator,
+        "prompt": kind,
+        "instruction_sha256": hashlib.sha256(INSTRUCTION.encode()).hexdigest(),
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "passages": len(kb.titles),
+        "kb_sha256": kb_digest(kb),
+    }
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record the settings with the first generation; refuse to add generations made under other settings."""
+    path, generations = out / SETTINGS_FILE, out / GENERATIONS_FILE
+    if not generations.is_file() or generations.stat().st_size == 0:
+        path.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+        return
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    changed = [k for k in settings if saved.get(k) != settings[k]]
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in changed if not k.endswith("sha256"))
+        shown = shown or ", ".join(changed)
+        raise ValueError(
+            f"{generations} was generated with other settings ({shown}); use another --output_dir, or delete "
+            f"{generations} to generate anew"
+        )
+
+
+# ----------------------------------------------------------------------------- parsing and filters
+
+
+def _strip_edges(text: str) -> str:
+    """Whitespace collapsed, and markdown emphasis and quotes around the text removed."""
+    return " ".join(text.split()).strip(_EDGE_CHARS)
+
+
+def _first_line(text: str) -> str:
+    """The first line of `text` that holds more than whitespace, or ''."""
+    return next((line for line in text.split("\n") if line.strip()), "")
+
+
+def parse_pair(text: str) -> tuple[str, str] | None:
+    """(question, answer) from a `Question: ...` / `Answer: ...` reply, chatter around it ignored; None if either
+    is missing or empty. Each is the first non-empty line after its label; a final period is dropped from the
+    answer unless it ends an abbreviation (`U.S.`)."""
+    q_label = QUESTION_LABEL.search(text)
+    a_label = ANSWER_LABEL.search(text, q_label.end()) if q_label else None
+    if a_label is None:
+        return None
+    question = _strip_edges(_first_line(text[q_label.end() : a_label.start()]))
+    answer = _first_line(text[a_label.end() :])
+    if (again := QUESTION_LABEL.search(answer)) is not None:  # `Answer: X Question: ...` on one line
+        answer = answer[: again.start()]
+    answer = _strip_edges(_ANSWER_IS.sub("", _strip_edges(answer)))
+    if answer.endswith(".") and "." not in answer.rsplit(" ", 1)[-1][:-1]:
+        answer = _strip_edges(answer[:-1])
+    return (question, answer) if question and answer else None
+
+
+def quotes_passage(question: str, passage: str, run: int = QUOTE_RUN_WORDS) -> bool:
+    """Whether the question repeats `run` consecutive passage words (both SQuAD-normalised)."""
+    q, p = normalize_answer(question).split(), normalize_answer(passage).split()
+    grams = {tuple(p[i : i + run]) for i in range(len(p) - run + 1)}
+    return any(tuple(q[i : i + run]) in grams for i in range(len(q) - run + 1))
+
+
+def filter_reason(question: str, answer: str, passage: str, seen: set[str], extractive: bool = True) -> str | None:
+    """Why a parsed pair is rejected (a REASONS name), or None when kept: then its normalised question joins `seen`."""
+    n_words = len(question.split())
+    if n_words < MIN_QUESTION_WORDS:
+        return "question_too_short"
+    if n_words > MAX_QUESTION_WORDS:
+        return "question_too_long"
+    if len(answer.split()) > MAX_ANSWER_WORDS:
+        return "answer_too_long"
+    if extractive and not has_answer(passage, [answer]):
+        return "answer_not_in_passage"
+    if quotes_passage(question, passage):
+        return "quotes_passage"
+    key = normalize_answer(question)
+    if key in seen:
+        return "duplicate_question"
+    seen.add(key)
+    return None
+
+
+def filter_generations(
+    generations: dict[tuple[int, int], str], kb: KnowledgeBase, extractive: bool = True
+) -> tuple[list[Pair], Counter]:
+    """Parse and filter generations in (passage, sample) order (the first of duplicate questions is kept)."""
+    kept, rejected, seen = [], Counter(), set()
+    for (row, sample), text in sorted(generations.items()):
+        parsed = parse_pair(text)
+        reason = "unparseable" if parsed is None else filter_reason(*parsed, kb.texts[row], seen, extractive)
+        if reason:
+            rejected[reason] += 1
+        else:
+            kept.append(Pair(row, sample, *parsed, kb.titles[row]))
+    return kept, rejected
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def roundtrip_hits(question_vectors: np.ndarray, passage_vectors: np.ndarray, rows: list[int], k: int) -> list[bool]:
+    """Whether each question's passage (`rows[i]`) is among its top-k passages by inner product (exact search)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(passage_vectors.shape[1])
+    index.add(np.ascontiguousarray(passage_vectors, dtype=np.float32))
+    _, top = index.search(np.ascontiguousarray(question_vectors, dtype=np.float32), min(k, len(passage_vectors)))
+    return [row in set(ids.tolist()) for row, ids in zip(rows, top)]
+
+
+@torch.no_grad()
+def encode_questions(encoder: torch.nn.Module, tokenizer, questions: list[str], batch_size: int, device: str):
+    """Question vectors as RAG reads them (`encoder(ids, attention_mask=mask)[0]`), as float32 numpy."""
+    encoder.eval()
+    out = []
+    for start in range(0, len(questions), batch_size):
+        enc = tokenizer(questions[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
+        out.append(encoder(enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))[0])
+    return torch.cat(out).float().cpu().numpy()
+
+
+def passage_vectors(kb: KnowledgeBase, args: argparse.Namespace, question_encoder, question_tokenizer) -> np.ndarray:
+    """Every KB passage's vector: by --context_encoder_name_or_path, else the --passages_path KB's own embeddings,
+    else by the question encoder itself (one encoder for both sides)."""
+    from kb_encode_utils import check_kb_similarity, encode_token_ids, tokenize_passages
+    from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer
+
+    similarity = encoder_similarity(question_encoder)
+    if args.context_encoder_name_or_path is None and kb.passages_path is not None:
+        from datasets import load_from_disk
+
+        passages = load_from_disk(kb.passages_path)
+        if "embeddings" in passages.column_names:
+            check_kb_similarity(kb.passages_path, f"the question encoder {args.question_encoder_name_or_path}",
+                                similarity)  # fmt: skip
+            return np.asarray(passages.with_format("numpy")["embeddings"], dtype=np.float32)
+    if args.context_encoder_name_or_path is not None:
+        name = args.context_encoder_name_or_path
+        encoder = load_encoder(name, side="context").to(args.device)
+        tokenizer = load_tokenizer(name)
+        if encoder_similarity(encoder) != similarity:
+            raise ValueError(f"the context encoder {name} scores with {encoder_similarity(encoder)} similarity, "
+                             f"the question encoder with {similarity}")  # fmt: skip
+    else:
+        encoder, tokenizer = context_side(question_encoder), question_tokenizer
+    token_ids = tokenize_passages(tokenizer, kb.titles, kb.texts)
+    return encode_token_ids(encoder, token_ids, tokenizer.pad_token_id, args.batch_size, args.device)
+
+
+def roundtrip_filter(pairs: list[Pair], kb: KnowledgeBase, args: argparse.Namespace) -> tuple[list[Pair], int]:
+    """The pairs whose passage the question encoder ranks in the top --roundtrip_k, and how many were dropped."""
+    from rag_encoders import load_encoder, load_tokenizer
+
+    if not pairs:
+        return pairs, 0
+    name = args.question_encoder_name_or_path
+    encoder, tokenizer = load_encoder(name, side="question").to(args.device), load_tokenizer(name)
+    passages = passage_vectors(kb, args, encoder, tokenizer)
+    questions = encode_questions(encoder, tokenizer, [p.question for p in pairs], args.batch_size, args.device)
+    if questions.shape[1] != passages.shape[1]:
+        raise ValueError(f"the question encoder {name} makes {questions.shape[1]}-d vectors but the passages are "
+                         f"{passages.shape[1]}-d: give the context encoder that matches it")  # fmt: skip
+    hits = roundtrip_hits(questions, passages, [p.passage_id for p in pairs], args.roundtrip_k)
+    kept = [p for p, hit in zip(pairs, hits) if hit]
+    return kept, len(pairs) - len(kept)
+
+
+# ----------------------------------------------------------------------------- selection and splits
+
+
+def select_passages(n_passages: int, max_passages: int | None, seed: int) -> list[int]:
+    """Rows to generate for, ascending: all of them, or a seeded sample of `max_passages`."""
+    if max_passages is None or max_passages >= n_passages:
+        return list(range(n_passages))
+    return sorted(random.Random(seed).sample(range(n_passages), max_passages))
+
+
+def plan_batches(rows: list[int], per_passage: int, done: set[tuple[int, int]], batch_size: int) -> list[list]:
+    """The (passage, sample) batches still to generate: sample by sample (0 is greedy, so a batch is one kind),
+    passages ascending; what is done is skipped, so a rerun continues with the batches that were left."""
+    batches = []
+    for sample in range(per_passage):
+        todo = [(row, sample) for row in rows if (row, sample) not in done]
+        batches += [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    return batches
+
+
+def split_by_document(pairs: list[Pair], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Pair]]:
+    """Seeded split by document title (prepare_squad.split_titles), then a seeded shuffle within each split."""
+    titles = split_titles([p.title for p in pairs], val_fraction, test_fraction, seed)
+    rng, splits = random.Random(seed), {}
+    for split in SPLITS:
+        splits[split] = [p for p in pairs if p.title in titles[split]]
+        rng.shuffle(splits[split])
+    return splits
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def split_files(splits: dict[str, list[Pair]]) -> dict[str, str]:
+    """The contents of {split}.source, .target and .gold.jsonl."""
+    files = {}
+    for split, pairs in splits.items():
+        files[f"{split}.source"] = "".join(p.question + "\n" for p in pairs)
+        files[f"{split}.target"] = "".join(p.answer + "\n" for p in pairs)
+        rows = [
+            {"id": p.id, "question": p.question, "answers": [p.answer], "title": p.title,
+             "gold_passage_ids": [p.passage_id]}
+            for p in pairs
+        ]  # fmt: skip
+        files[f"{split}.gold.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return files
+
+
+def write_files(out: Path, files: dict[str, str], overwrite: bool) -> None:
+    """Write every file under a temporary name, then rename them all into place (none replaced without overwrite)."""
+    check_output_dir(out, overwrite)
+    tmp = {name: _temporary_sibling(out / name) for name in files}
+    try:
+        for name, path in tmp.items():
+            path.write_text(files[name], encoding="utf-8")
+        for name, path in tmp.items():
+            os.replace(path, out / name)
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)  # our own temporary files, left only when writing failed
+
+
+def verify_kb_csv(out: Path, kb: KnowledgeBase) -> str:
+    """kb.csv's text, checked (through a temporary file) to rebuild the KB's passage rows; before any generation."""
+    text, tmp = kb_csv_text(kb.documents), _temporary_sibling(out / "kb.csv")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        check_kb_csv(tmp, kb, out / "kb.csv")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return text
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kb = p.add_mutually_exclusive_group(required=True)
+    kb.add_argument("--csv_path", help="the knowledge base: `title<TAB>text` lines, split into 100-word passages")
+    kb.add_argument("--passages_path", help="or a KB directory built by use_own_knowledge_dataset.py (title, text)")
+    p.add_argument("--generator_name_or_path", required=True, help="a local AutoModelForCausalLM directory")
+    p.add_argument("--output_dir", required=True, help="where kb.csv, the splits, stats.json and generations go")
+    p.add_argument("--max_passages", type=int, default=None, help="generate for a seeded sample of N passages")
+    p.add_argument("--per_passage", type=int, default=1, help="pairs asked per passage: one greedy, then sampled")
+    p.add_argument("--seed", type=int, default=42, help="seeds the passage sample, sampling and the split")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (and per encoder batch)")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="for the sampled pairs (--per_passage > 1)")
+    p.add_argument("--top_p", type=float, default=0.95, help="for the sampled pairs (--per_passage > 1)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of documents for val")
+    p.add_argument("--test_fraction", type=float, default=0.1, help="fraction of documents for test")
+    p.add_argument("--no_extractive", dest="extractive", action="store_false",
+                   help="keep answers that do not occur in their passage")  # fmt: skip
+    p.add_argument("--roundtrip_k", type=int, default=None,
+                   help="keep a pair only if the question encoder ranks its passage in its top K")  # fmt: skip
+    p.add_argument("--question_encoder_name_or_path", default=None, help="the round-trip filter's question encoder")
+    p.add_argument("--context_encoder_name_or_path", default=None,
+                   help="round trip: encodes the passages (default: the --passages_path KB's embeddings, else the "
+                        "question encoder itself)")  # fmt: skip
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="generator weights (auto: bfloat16 on a GPU that has it, else float32)")  # fmt: skip
+    p.add_argument("--max_batches", type=int, default=None,
+                   help="generate at most N batches in this run, then stop (rerun to continue)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run")
+    args = p.parse_args(argv)
+    fractions = (args.val_fraction, args.test_fraction)
+    if not (all(0 <= f < 1 for f in fractions) and sum(fractions) < 1):
+        p.error("--val_fraction and --test_fraction must be in [0, 1) and sum to less than 1")
+    for flag in ("max_passages", "per_passage", "batch_size", "max_new_tokens", "roundtrip_k", "max_batches"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be positive and --top_p in (0, 1]")
+    if args.roundtrip_k is not None and not args.question_encoder_name_or_path:
+        p.error("--roundtrip_k needs --question_encoder_name_or_path")
+    if args.roundtrip_k is None and (args.question_encoder_name_or_path or args.context_encoder_name_or_path):
+        warnings.warn("an encoder is given without --roundtrip_k: the round-trip filter is off", stacklevel=1)
+    return args
+
+
+def generate(
+    args: argparse.Namespace, kb: KnowledgeBase, rows: list[int], out: Path
+) -> tuple[dict[tuple[int, int], str], int, float]:
+    """Generate what generations.jsonl lacks for `rows`; return every stored generation, how many this run made
+    (0 when nothing was left) and the seconds it took. Stops after --max_batches batches."""
+    path = out / GENERATIONS_FILE
+    if drop_unfinished_line(path):
+        print(f"{path}: dropped an unfinished last line (a run stopped while writing it)")
+    done = read_generations(path)
+    tokenizer = load_generator_tokenizer(args.generator_name_or_path)
+    kind = prompt_kind(tokenizer)
+    check_settings(out, generation_settings(args, kb, kind))
+    batches = plan_batches(rows, args.per_passage, set(done), args.batch_size)
+    if not batches:
+        return done, 0, 0.0
+    model = load_generator(args.generator_name_or_path, args.device, args.dtype)
+    total = len(rows) * args.per_passage
+    bar = tqdm(total=total, initial=total - sum(map(len, batches)), desc="generating", unit="pair")
+    made, start = 0, time.perf_counter()
+    with path.open("a", encoding="utf-8") as f, bar:
+        for number, batch in enumerate(batches):
+            if args.max_batches is not None and number >= args.max_batches:
+                break
+            prompts = [build_prompt(tokenizer, kb.titles[row], kb.texts[row]) for row, _ in batch]
+            sample = batch[0][1] > 0
+            texts = generate_texts(model, tokenizer, prompts, sample, batch_seed(args.seed, *batch[0]),
+                                   args.max_new_tokens, args.temperature, args.top_p)  # fmt: skip
+            texts = [CUE + t for t in texts]  # the reply as it reads, from the cue that ends the prompt
+            records = [{"passage_id": row, "sample": s, "text": t} for (row, s), t in zip(batch, texts)]
+            append_generations(f, records)
+            done.update(((row, s), t) for (row, s), t in zip(batch, texts))
+            made += len(batch)
+            bar.update(len(batch))
+    return done, made, time.perf_counter() - start
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    """Generate (or resume), filter and write the outputs; returns the stats, or None when stopped early."""
+    out = Path(args.output_dir)
+    check_output_dir(out, args.overwrite)
+    kb = load_kb(args.csv_path, args.passages_path)
+    out.mkdir(parents=True, exist_ok=True)
+    kb_csv = verify_kb_csv(out, kb)
+    rows = select_passages(len(kb.titles), args.max_passages, args.seed)
+    print(f"{kb.source}: {len(kb.documents)} documents, {len(kb.titles)} passages; generating for {len(rows)}")
+    try:
+        done, made, seconds = generate(args, kb, rows, out)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {out / GENERATIONS_FILE} holds every finished batch; rerun the command to resume")
+        raise
+    wanted = {(row, s): done[row, s] for row in rows for s in range(args.per_passage) if (row, s) in done}
+    if len(wanted) < len(rows) * args.per_passage:
+        print(f"stopped after --max_batches {args.max_batches}: {len(wanted)} of {len(rows) * args.per_passage} "
+              f"generations done; rerun the command to continue")  # fmt: skip
+        return None
+
+    pairs, rejected = filter_generations(wanted, kb, args.extractive)
+    if args.roundtrip_k is not None:
+        pairs, rejected["roundtrip_miss"] = roundtrip_filter(pairs, kb, args)
+    splits = split_by_document(pairs, args.val_fraction, args.test_fraction, args.seed)
+    stats = {
+        "kb": kb.source, "generator": args.generator_name_or_path, "documents": len(kb.documents),
+        "passages": len(kb.titles), "selected_passages": len(rows), "per_passage": args.per_passage,
+        "generations": len(wanted), "extractive": args.extractive, "roundtrip_k": args.roundtrip_k,
+        "rejected": {reason: rejected[reason] for reason in REASONS}, "kept": len(pairs),
+        "documents_per_split": {s: len({p.title for p in splits[s]}) for s in SPLITS},
+        "questions": {s: len(splits[s]) for s in SPLITS},
+        "questions_without_gold_passage": dict.fromkeys(SPLITS, 0),
+    }  # fmt: skip
+    files = {"kb.csv": kb_csv, **split_files(splits), "stats.json": json.dumps(stats, indent=1) + "\n"}
+    assert set(files) == set(OUTPUT_FILES)
+    write_files(out, files, args.overwrite)
+    if empty := [f"{split}.source" for split in SPLITS if not splits[split]]:
+        warnings.warn(f"{out}: {', '.join(empty)} empty ({len(pairs)} pairs kept, from "
+                      f"{len({p.title for p in pairs})} documents)", stacklevel=1)  # fmt: skip
+    n_passages = made / args.per_passage
+    rate = f"{n_passages / seconds:.2f} passages/s" if seconds else "nothing left to generate"
+    print(f"{made} generations ({n_passages:g} passages) in {seconds:.1f} s: {rate}; kept {len(pairs)} of "
+          f"{len(wanted)} pairs ({dict(+rejected) or 'none'} rejected); wrote {out}")  # fmt: skip
+    return stats
+
+
+if __name__ == "__main__":
+    main(parse_args())
