@@ -295,14 +295,16 @@ class GenerativeQAModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Test or resume against the KB version whose embeddings match the restored weights."""
         saved = checkpoint.get("kb_version")
-        if not saved or saved["version"] == self.kb.version:
+        if not saved:
             return
         kb = KBVersion(**saved)
+        # Every rank loads the same checkpoint and so takes the same branches here (each rank's own live
+        # version may differ: it is the newest that rank has seen served), and meets the barrier below.
         if not Path(kb.index_path).exists():
             warnings.warn(f"{kb.index_path} (KB v{kb.version} of this checkpoint) is gone; "
                           f"keeping v{self.kb.version}", stacklevel=1)  # fmt: skip
             return
-        if self.global_rank == 0:  # the actors are shared: one rank swaps them
+        if self.global_rank == 0 and kb.version != self.kb.version:  # the actors are shared: one rank swaps them
             ray.get(self.retriever.stage(kb))
             self.retriever.activate(kb)
         self.retriever.live_kb = kb
