@@ -555,8 +555,9 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prompt_template", default=None,
                    help="causal prompt with {title} {text} {question}; default: the chat template if any")  # fmt: skip
-    g.add_argument("--config_name", default="")
-    g.add_argument("--tokenizer_name", default=None)
+    g.add_argument("--config_name", default="", help="accepted for compatibility; the model's own config is used")
+    g.add_argument("--tokenizer_name", default=None, help="accepted for compatibility; each part's own tokenizer "
+                   "is used")  # fmt: skip
     g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")
     g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
     g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
@@ -736,7 +737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_retriever_specific_args(parser)
     add_trainer_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores"):
+    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores", "tokenizer_name"):
         if getattr(args, flag) is not None:
             warnings.warn(f"--{flag} has no effect here (Ray places and ships the KB shards)", stacklevel=1)
     if args.distributed_retriever != "ray":
