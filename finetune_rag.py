@@ -737,7 +737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_retriever_specific_args(parser)
     add_trainer_args(parser)
     args = parser.parse_args(argv)
-    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores", "tokenizer_name"):
+    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores"):
         if getattr(args, flag) is not None:
             warnings.warn(f"--{flag} has no effect here (Ray places and ships the KB shards)", stacklevel=1)
     if args.distributed_retriever != "ray":
