@@ -152,7 +152,7 @@ def pinned_kb_versions(output_dir: str | os.PathLike) -> set[int]:
 class RagCheckpoint(ModelCheckpoint):
     """Lightning's checkpointing, written to a temporary name and renamed (a crash never leaves a torn
     `.ckpt`), with `<name>.kb_version.json` beside each one (the KB version its weights were trained
-    against, which pruning spares) and, with `export`, a transformers-format `checkpoint<step>/` that is
+    against, which pruning spares) and, with `export`, a RagModel `checkpoint<step>/` export that is
     removed when Lightning removes its `.ckpt`: exports stay as few as the checkpoints kept."""
 
     def __init__(self, *args, export: bool = True, **kwargs):
@@ -224,13 +224,13 @@ def checkpoint_step(filepath: str) -> int | None:
 
 
 def export_dir(filepath: str, step: int) -> Path:
-    """Where the transformers-format export of the checkpoint at `filepath` (taken at `step`) goes."""
+    """Where the RagModel export of the checkpoint at `filepath` (taken at `step`) goes."""
     return Path(filepath).parent / f"checkpoint{step}"
 
 
 def get_checkpoint_callback(output_dir: str, metric: str = "em", save_top_k: int = 1) -> ModelCheckpoint:
     """Keep the best `save_top_k` checkpoints by `val_<metric>` (max for em/f1, min for loss), each with its
-    transformers-format export."""
+    RagModel export."""
     if metric not in {"em", "f1", "loss"}:
         raise NotImplementedError(f"checkpointing on {metric!r} is not supported (em, f1, loss)")
     return RagCheckpoint(

@@ -9,7 +9,7 @@ Similarity is part of an encoder's identity: `dot` (DPR) or `cosine` (e5, bge an
 the pooled vector is L2-normalised). It is read from what a checkpoint declares (our pooling.json, or a
 sentence-transformers `Normalize` module) unless overridden. A question encoder also carries the retrieval
 temperature tau: it returns q / tau, so that RAG's doc scores q.d become similarity / tau before the softmax
-over passages, in transformers' RAG classes and in `CausalRag` alike, and FAISS rankings are unchanged.
+over passages in rag_model.RagModel, and FAISS rankings are unchanged.
 Cosine scores lie in [-1, 1]: without a small tau the passage softmax is almost uniform.
 
     q_enc = load_encoder("intfloat/e5-small-v2", pooling="mean", side="question")
@@ -17,9 +17,9 @@ Cosine scores lie in [-1, 1]: without a small tau the passage softmax is almost 
     ctx_tok = with_prefix(AutoTokenizer.from_pretrained("intfloat/e5-small-v2"), "passage: ")
 
 One encoder for both sides: pass the same module as question and context encoder, e.g.
-`CausalRag(q_enc, ..., ctx_encoder=q_enc, ctx_tokenizer=ctx_tok)`. Its parameters are counted once
+`RagModel(q_enc, q_tok, generator, ctx_encoder=q_enc, ctx_tokenizer=ctx_tok)`. Its parameters are counted once
 (`parameters()` de-duplicates them) and receive the gradients of both sides; a state dict holds them under
-both names, so the context side is saved apart (finetune_rag.py already drops `.ctx_encoder.` keys).
+both names; RagModel.save_pretrained saves each side in its own directory.
 The Ray encoding actors rebuild either kind as `encoder_factory(encoder)(encoder.config)`.
 """
 
