@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from causal_rag import marginal_nll
 from rag_model import RagModel
 from utils_rag import has_answer
 
@@ -151,8 +152,6 @@ class RagEnd2End(Objective):
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         questions, answers = batch["source_text"], batch["target_text"]
         token_lp, mask = model.generator.answer_logprobs(questions, r.docs, answers)
-        from causal_rag import marginal_nll
-
         losses = marginal_nll(token_lp, mask, r.doc_scores, model.marginal)
         logs = {"nll": float(losses.mean().detach())}
         loss = losses.mean()
