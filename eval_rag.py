@@ -97,7 +97,6 @@ class KBSearch:
         self.index = CustomHFIndex.load_from_disk(dim, passages, index)
         self.index.init_index()  # reads the FAISS file
         self.live_kb = None
-        self.actor_restarts = 0
 
     def init_retrieval(self, kb) -> int:
         """Serve `kb` (a kb_encode_utils.KBVersion of these same passages and index)."""

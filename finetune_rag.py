@@ -27,7 +27,7 @@ from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
+from transformers import AutoTokenizer, get_scheduler
 from transformers.optimization import Adafactor
 
 from callbacks_rag import (
@@ -389,17 +389,16 @@ def load_generator(hp: argparse.Namespace):
     """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
     config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
                                                    "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
-    name = hp.generator_name_or_path
     if hp.generator_type == "causal":
-        model = AutoModelForCausalLM.from_pretrained(name, cache_dir=hp.cache_dir, **config)
-        return CausalGenerator(model, AutoTokenizer.from_pretrained(name, cache_dir=hp.cache_dir),
-                               hp.prompt_template, hp.max_combined_length or 512, hp.label_smoothing)  # fmt: skip
-    model = AutoModelForSeq2SeqLM.from_pretrained(name, cache_dir=hp.cache_dir, **config)
-    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
-    room = min(hp.max_combined_length or 300, getattr(model.config, "max_position_embeddings", None) or 300)
+        return CausalGenerator.from_pretrained(hp.generator_name_or_path, hp.prompt_template, hp.max_combined_length,
+                                               hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
     template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
-    return Seq2SeqGenerator(model, AutoTokenizer.from_pretrained(name, cache_dir=hp.cache_dir), template, room,
-                            hp.label_smoothing)  # fmt: skip
+    generator = Seq2SeqGenerator.from_pretrained(hp.generator_name_or_path, template, hp.max_combined_length,
+                                                 hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
+    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
+    positions = getattr(generator.model.config, "max_position_embeddings", None)
+    generator.max_length = min(generator.max_length, positions or generator.max_length)
+    return generator
 
 
 def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:

@@ -56,6 +56,8 @@ class RagGenerator(torch.nn.Module):
     """What every generator offers the rest of the toolkit; subclasses define how prompts become log-probs."""
 
     family = ""
+    auto_class = None  # the transformers Auto class that loads this family
+    default_max_length = 512  # prompt (+ answer) tokens
 
     def __init__(self, model, tokenizer, template: str | None, max_length: int, label_smoothing: float = 0.0):
         super().__init__()
@@ -104,11 +106,22 @@ class RagGenerator(torch.nn.Module):
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
+    @classmethod
+    def from_pretrained(cls, path: str, template: str | None = None, max_length: int | None = None,
+                        label_smoothing: float = 0.0, cache_dir: str | None = None, **config):  # fmt: skip
+        """The model at `path` (hub name or directory) and its tokenizer; `config` overrides config values
+        (e.g. dropout)."""
+        model = cls.auto_class.from_pretrained(path, cache_dir=cache_dir, **config)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
+        return cls(model, tokenizer, template, max_length or cls.default_max_length, label_smoothing)
+
 
 class Seq2SeqGenerator(RagGenerator):
     """An encoder-decoder generator (BART, T5): the prompt is encoded, the answer decoded from it."""
 
     family = "seq2seq"
+    auto_class = AutoModelForSeq2SeqLM
+    default_max_length = 300  # transformers' RAG default (max_combined_length)
 
     def __init__(self, model, tokenizer, template=None, max_length=300, label_smoothing=0.0):
         super().__init__(model, tokenizer, template or RAG_TEMPLATE, max_length, label_smoothing)
@@ -196,18 +209,12 @@ class Seq2SeqGenerator(RagGenerator):
             best.append(list(group[int(score.argmax())]))
         return best
 
-    @classmethod
-    def from_pretrained(cls, path: str, template: str | None = None, max_length: int = 300,
-                        label_smoothing: float = 0.0, cache_dir: str | None = None) -> Seq2SeqGenerator:  # fmt: skip
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, cache_dir=cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
-        return cls(model, tokenizer, template, max_length, label_smoothing)
-
 
 class CausalGenerator(RagGenerator):
     """A decoder-only generator (any AutoModelForCausalLM): the answer follows each prompt; labels on it only."""
 
     family = "causal"
+    auto_class = AutoModelForCausalLM
 
     def __init__(self, model, tokenizer, template=None, max_length=512, label_smoothing=0.0):
         super().__init__(model, tokenizer, template, max_length, label_smoothing)
@@ -297,13 +304,6 @@ class CausalGenerator(RagGenerator):
             best.append(flat[start + int(score[start : start + len(group)].argmax())])
             start += len(group)
         return best
-
-    @classmethod
-    def from_pretrained(cls, path: str, template: str | None = None, max_length: int = 512,
-                        label_smoothing: float = 0.0, cache_dir: str | None = None) -> CausalGenerator:  # fmt: skip
-        model = AutoModelForCausalLM.from_pretrained(path, cache_dir=cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
-        return cls(model, tokenizer, template, max_length, label_smoothing)
 
 
 GENERATORS = {cls.family: cls for cls in (Seq2SeqGenerator, CausalGenerator)}
