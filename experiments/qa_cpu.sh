@@ -16,22 +16,7 @@ SET=${1:?usage: sh experiments/qa_cpu.sh cmu|covid INPUT OUT [SEEDS]}
 INPUT=${2:?usage: sh experiments/qa_cpu.sh cmu|covid INPUT OUT [SEEDS]}
 OUT=${3:?usage: sh experiments/qa_cpu.sh cmu|covid INPUT OUT [SEEDS]}
 SEEDS=${4:-1}
-PRE=pretrained
-# Sizes; override from the environment. On 2 cores a CMU seed (RAG-original + RAG-end2end) takes about 40
-# minutes alone and zero-shot about 10: the 30 training steps of a 135M generator over 2 passages are
-# compute-bound (about 17 s a step), and so is a refresh of 6,311 passages.
-N_TRAIN=${N_TRAIN:-120}
-N_VAL=${N_VAL:-16}
-BATCH=${BATCH:-4}
-INDEXING_FREQ=${INDEXING_FREQ:-10}
-N_TEST=${N_TEST:--1}  # questions for EM/F1 (the first N); recall@k always counts every test question
-N_DOCS=${N_DOCS:-2}
-LR=${LR:-5e-5}
-TEST_FRACTION=${TEST_FRACTION:-0.2}
-START=$(date +%s)
-stamp() { echo "== $(($(date +%s) - START)) s: $*"; }
-
-python install_pretrained_models.py --output_dir $PRE
+. experiments/cpu_setting.sh
 case $SET in
     cmu) PREPARE="prepare_cmu_qa.py --input_dir $INPUT" ;;
     covid) PREPARE="prepare_squad.py --input $INPUT" ;;
@@ -39,8 +24,7 @@ case $SET in
 esac
 [ -e "$OUT/data/stats.json" ] || python $PREPARE --output_dir "$OUT/data" --require_gold_passage \
     --test_fraction "$TEST_FRACTION" --seed 42
-[ -e "$OUT/kb/my_knowledge_dataset" ] || python use_own_knowledge_dataset.py --csv_path "$OUT/data/kb.csv" \
-    --output_dir "$OUT/kb" --dpr_ctx_encoder_model_name $PRE/minilm --index_type flat --device cpu
+build_kb
 stamp "data and KB v0 ready"
 
 # The retriever alone, before any training: recall@k and MRR@k over every test question.
@@ -49,18 +33,6 @@ stamp "data and KB v0 ready"
     --index_path "$OUT/kb/my_knowledge_dataset_hnsw_index.faiss" --evaluation_set "$OUT/data/test.source" \
     --gold_data_path "$OUT/data/test.gold.jsonl" --predictions_path "$OUT/zero-shot-retrieval.txt" \
     --metrics_path "$OUT/zero-shot-retrieval.json"
-
-set -- --generator_type causal --model_type rag_token \
-    --question_encoder_name_or_path $PRE/minilm --context_encoder_name $PRE/minilm \
-    --generator_name_or_path $PRE/smollm2-135m-instruct \
-    --passages_path "$OUT/kb/my_knowledge_dataset" --index_path "$OUT/kb/my_knowledge_dataset_hnsw_index.faiss" \
-    --index_type flat --data_dir "$OUT/data" --n_train "$N_TRAIN" --n_val "$N_VAL" --n_test "$N_TEST" \
-    --accelerator cpu --devices 1 --num_retrieval_workers 1 \
-    --n_docs "$N_DOCS" --eval_batch_size 8 --max_source_length 64 --max_combined_length 256 \
-    --max_target_length 24 --val_max_target_length 12 --test_max_target_length 12 \
-    --no_test_loss  # test_loss costs a forward pass as long as generating; the table does not need it
-TRAIN="--do_train --train_batch_size $BATCH --num_train_epochs 1 --num_sanity_val_steps 0 \
-    --learning_rate $LR --warmup_steps 3 --lr_scheduler linear --max_grad_norm 1.0"
 
 [ -e "$OUT/zero-shot/test_results.txt" ] || python finetune_rag.py "$@" --output_dir "$OUT/zero-shot" --do_predict
 stamp "zero-shot tested"
