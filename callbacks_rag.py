@@ -34,6 +34,7 @@ class KBRefreshCallback(pl.Callback):
         keep_versions: int = 3,
         refresh_before_validation: bool = False,
         max_failures: int = 3,
+        index_cpus: int = 1,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -41,6 +42,7 @@ class KBRefreshCallback(pl.Callback):
         self.refresher_options = {
             "index_workers": index_workers,
             "index_gpus": index_gpus,
+            "index_cpus": index_cpus,
             "max_failures": max_failures,
             "encode_batch_size": encode_batch_size,
             "keep_versions": keep_versions,

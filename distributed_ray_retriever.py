@@ -1,5 +1,6 @@
 """Retrieval over Ray: named actors that each hold one knowledge-base version in memory, and the retriever
-the RAG model calls, which spreads searches over them."""
+the RAG model calls, which spreads searches over them. With `--index_shards S` each of S shard actors holds
+1/S of the passages and its own index over them instead; a query fans out to all and their top-k are merged."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
 from ray.exceptions import RayActorError
 
-from kb_encode_utils import KBVersion, quiet_actor
+from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, quiet_actor, shard_bounds
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 # A dead actor comes back within seconds (a new process that imports faiss and loads the KB): 40 tries
@@ -68,6 +69,7 @@ class _LoadedKB:
     info: KBVersion
     passages: Dataset
     index: faiss.Index
+    offset: int = 0  # global row of the index's id 0 (a shard's first row)
 
 
 class RetrievalActor:
@@ -149,6 +151,121 @@ def start_retrieval_actors(n: int, ef_search: int = 128, namespace: str = "rag")
     return [remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search) for i in range(n)]
 
 
+@dataclass
+class ShardAnswer:
+    """One shard's top-k for a batch of queries, all from one KB version; a miss scores -inf."""
+
+    scores: np.ndarray  # (queries, k) inner products, as FAISS returns them
+    ids: np.ndarray  # (queries, k) global rows
+    embeddings: np.ndarray  # (queries, k, dim)
+    docs: list[dict]  # per query: each column's k values
+    kb: KBVersion
+    adopted: bool  # from a version the shard loaded by itself (after a restart), not one `activate` made live
+
+
+class ShardActor(RetrievalActor):
+    """Serves top-k search over shard `shard` of `n_shards` (contiguous rows) of a KB version: it builds its own
+    index over those rows' embeddings, read from the memory-mapped passages. A version it replaces stays
+    beside the new live one until `release`, so while an activation travels over the shards each of them
+    can still answer from either version (`search(want=...)`)."""
+
+    def __init__(self, shard: int, n_shards: int, index_config: IndexConfig):
+        super().__init__(index_config.ef_search)
+        self.shard, self.n_shards, self.index_config = shard, n_shards, index_config
+        self._previous: _LoadedKB | None = None
+        self._adopted = False  # the live version was loaded by ensure_live or search, not made live by activate
+
+    def _load(self, kb: KBVersion) -> _LoadedKB:
+        passages = load_from_disk(kb.passages_path)
+        passages.set_format("numpy", columns=["embeddings"], output_all_columns=True)
+        bounds = shard_bounds(len(passages), self.n_shards)
+        if len(bounds) < self.n_shards:
+            raise ValueError(f"{kb.passages_path}: {len(passages)} passages cannot fill {self.n_shards} index shards")
+        start, end = bounds[self.shard]
+        embeddings = passages.with_format("numpy", columns=["embeddings"])[start:end]["embeddings"]
+        return _LoadedKB(kb, passages, build_faiss_index(embeddings, self.index_config), offset=start)
+
+    def _find(self, version: int) -> _LoadedKB | None:
+        """The loaded `version` if this shard holds it (live, staged or the previous live); call with the lock held."""
+        held = [self._live, self._previous, *self._staged.values()]
+        return next((kb for kb in held if kb is not None and kb.info.version == version), None)
+
+    def ensure_live(self, kb: KBVersion) -> int:
+        """Load `kb` unless some version is already live (marked as not activated); returns the live version."""
+        with self._lock:
+            if self._live is None:
+                self._live, self._adopted = self._load(kb), True
+            return self._live.info.version
+
+    def activate(self, version: int, kb: KBVersion | None = None) -> int:
+        """Make `version` live, keeping the version it replaces until `release`; a restarted actor, which lost
+        what was staged, loads `kb` instead."""
+        with self._lock:
+            loaded = self._find(version)
+            if loaded is None and kb is not None and kb.version == version:
+                loaded = self._load(kb)
+            if loaded is None:
+                raise KeyError(f"version {version} was never staged in retrieval shard {self.shard}")
+            if loaded is not self._live:
+                self._previous, self._live = self._live, loaded
+            self._staged.pop(version, None)
+            self._adopted = False
+        return version
+
+    def release(self, version: int) -> None:
+        """Drop what only an activation in progress needed, once `version` is live on every shard."""
+        with self._lock:
+            if self._live is not None and self._live.info.version == version:
+                self._previous = None
+                self._staged = {v: kb for v, kb in self._staged.items() if v > version}
+
+    def retrieve(self, *args, **kwargs):
+        raise TypeError("a shard answers `search`: its top-k is one part of the answer that ShardedRetriever merges")
+
+    def search(
+        self, queries: np.ndarray, n_docs: int, want: KBVersion | None = None, fallback: KBVersion | None = None
+    ) -> ShardAnswer | None:
+        """This shard's top-`n_docs` from its live version, or from `want` when asked: None if it no longer holds
+        `want` (a later activation released it). A restarted (empty) actor loads `fallback` for a live version,
+        and one whose live version never came through `activate` loads `want`."""
+        self.requests = next(self._requests)
+        if want is None:
+            kb = self._live  # read the pointer once: the whole answer comes from this version
+            if kb is None and fallback is not None:
+                self.ensure_live(fallback)
+                kb = self._live
+            if kb is None:
+                raise RuntimeError("no knowledge-base version is loaded in this retrieval shard")
+        else:
+            with self._lock:
+                kb = self._find(want.version)
+                if kb is None and (self._live is None or self._adopted):
+                    self._live, self._adopted = self._load(want), True
+                    kb = self._live
+            if kb is None:
+                return None
+        adopted = self._adopted and kb is self._live
+        scores, local = kb.index.search(np.ascontiguousarray(queries, dtype=np.float32), n_docs)
+        found = local >= 0  # FAISS pads with -1 past the shard's size, and HNSW may find fewer
+        ids = np.where(found, local + kb.offset, kb.offset)  # a miss names a real row; its -inf sorts it last
+        scores = np.where(found, scores, -np.inf).astype(np.float32)
+        docs = [kb.passages[row.tolist()] for row in ids]
+        embeds = np.stack([d.pop("embeddings") for d in docs]).astype(np.float32)
+        return ShardAnswer(scores, ids, embeds, docs, kb.info, adopted)
+
+
+def start_shard_actors(n_shards: int, index_config: IndexConfig, namespace: str = "rag") -> list:
+    """Create (or attach to) the actors `retrieval_shard_<i>` of Ray namespace `namespace`, spread over the
+    cluster's machines by Ray's scheduler. Ray restarts one that dies (empty); the retriever reloads it."""
+    options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace,
+               "max_restarts": -1, "scheduling_strategy": "SPREAD"}  # fmt: skip
+    remote_cls = ray.remote(ShardActor)
+    return [
+        remote_cls.options(name=f"retrieval_shard_{i}", **options).remote(i, n_shards, index_config)
+        for i in range(n_shards)
+    ]
+
+
 class RagRayDistributedRetriever:
     """Top-k search in the Ray retrieval actors, spread round-robin: `retrieve(q, n) -> (embeddings, ids,
     docs)`, what rag_model.RagModel asks of any retriever. A call whose actor died is retried on the next
@@ -211,3 +328,86 @@ class RagRayDistributedRetriever:
                     self._dead.add(i)
                     time.sleep(RETRY_PAUSE_S)
         self.live_kb = kb
+
+
+def merge_shard_answers(answers: list[ShardAnswer], n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """(scores, embeddings, ids, docs) of the best `n_docs` over the shards' answers: by score, ties to the
+    lower global id, so that the result is what one exact index over all rows returns."""
+    scores = np.concatenate([a.scores for a in answers], axis=1)
+    ids = np.concatenate([a.ids for a in answers], axis=1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :n_docs]
+    # Fewer hits than n_docs over all shards (HNSW misses): repeat the best one, as RetrievalActor does.
+    order = np.where(np.isfinite(np.take_along_axis(scores, order, 1)), order, order[:, :1])
+    embeds = np.concatenate([a.embeddings for a in answers], axis=1)
+    docs = []
+    for query, picks in enumerate(order):
+        pooled = {col: [v for a in answers for v in a.docs[query][col]] for col in answers[0].docs[query]}
+        docs.append({col: [values[j] for j in picks] for col, values in pooled.items()})
+    top = np.take_along_axis(scores, order, 1), np.take_along_axis(embeds, order[:, :, None], 1)
+    return *top, np.take_along_axis(ids, order, 1), docs
+
+
+class ShardedRetriever(RagRayDistributedRetriever):
+    """Exact top-k over shard actors (start_shard_actors): each query goes to every shard at once and their
+    answers are merged by score. An answer never mixes KB versions: while an activation travels over the
+    shards they may answer from two versions, and the odd ones are asked again for one version all hold."""
+
+    def __init__(self, shard_handles: list, rank: int = 0):
+        super().__init__(shard_handles, rank)
+        self._index_of = {handle._actor_id.hex(): i for i, handle in enumerate(self.actors)}
+
+    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
+        _, embeds, ids, docs, _ = self.search(question_hidden_states, n_docs)
+        return embeds, ids, docs
+
+    def search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, KBVersion]:
+        """(scores, embeddings, ids, docs, version) of the top-`n_docs` over all shards, from one version."""
+        error = None
+        for _ in range(MAX_RETRIEVAL_ATTEMPTS):
+            try:
+                answers = ray.get([s.search.remote(queries, n_docs, None, self.live_kb) for s in self.actors])
+                answers = self._one_version(queries, n_docs, answers)
+            except RayActorError as err:  # a shard died mid-call, or is restarting: Ray brings it back
+                if err.actor_id in self._index_of:
+                    self._dead.add(self._index_of[err.actor_id])
+                error = err
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            if answers is None:  # a second activation overtook this query: ask again
+                continue
+            self.actor_restarts += len(self._dead)
+            self._dead.clear()
+            kb = answers[0].kb
+            if self.live_kb is None or kb.version >= self.live_kb.version:
+                self.live_kb = kb
+            self.last_version = kb.version
+            return *merge_shard_answers(answers, n_docs), kb
+        raise RuntimeError(f"the retrieval shards gave no answer in {MAX_RETRIEVAL_ATTEMPTS} attempts") from error
+
+    def _one_version(self, queries: np.ndarray, n_docs: int, answers: list[ShardAnswer]) -> list[ShardAnswer] | None:
+        """`answers` all from one version: the shards that answered from another are asked for it. None when
+        no version was found that every shard still holds."""
+        # Activated versions first (a restarted shard's own pick may be stale), newest first: every shard holds
+        # a version being activated (staged, live or just replaced) until `activate` releases it.
+        preference = sorted({(not a.adopted, a.kb.version): a.kb for a in answers}.items(), reverse=True)
+        tried = set()
+        for (_, version), kb in preference:
+            odd = [i for i, a in enumerate(answers) if a.kb.version != version]
+            if not odd:
+                return answers
+            if version in tried:
+                continue
+            tried.add(version)
+            again = ray.get([self.actors[i].search.remote(queries, n_docs, kb) for i in odd])
+            if all(a is not None for a in again):
+                return [again[odd.index(i)] if i in odd else a for i, a in enumerate(answers)]
+        return None
+
+    def activate(self, kb: KBVersion) -> None:
+        """Switch every shard to `kb` (each staged it), then let each drop the version it replaced."""
+        super().activate(kb)
+        for shard in self.actors:
+            try:
+                ray.get(shard.release.remote(kb.version))
+            except RayActorError:  # restarted: it holds nothing to release
+                pass

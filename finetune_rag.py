@@ -37,8 +37,14 @@ from callbacks_rag import (
     get_early_stopping_callback,
     get_last_checkpoint_callback,
 )
-from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
-from kb_encode_utils import IndexConfig, KBVersion, check_kb_similarity
+from distributed_ray_retriever import (
+    RagRayDistributedRetriever,
+    ShardedRetriever,
+    init_ray,
+    start_retrieval_actors,
+    start_shard_actors,
+)
+from kb_encode_utils import IndexConfig, KBVersion, add_index_args, check_kb_similarity
 from lora import PEFT_CHOICES, add_lora, train_only_lora
 from plot_run import plot_runs
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
@@ -429,6 +435,9 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     init_ray(args.ray_address, args.ray_namespace)
     # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
     namespace = f"{args.ray_namespace}-{args.run_id}"
+    if args.index_shards > 1:
+        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace)
+        return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env()))
     actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace)
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
 
@@ -667,10 +676,10 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
     g.add_argument("--index_workers", type=int, default=None, help="encoding actors (default: max(1, index_gpus))")
     g.add_argument("--index_gpus", type=int, default=0, help="GPUs for encoding actors; 0 encodes on CPU")
-    g.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
-    g.add_argument("--hnsw_m", "--m", type=int, default=128)
-    g.add_argument("--hnsw_ef_construction", type=int, default=200)
-    g.add_argument("--hnsw_ef_search", type=int, default=128)
+    g.add_argument("--index_cpus", type=int, default=1,
+                   help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
+                   "--refresh_before_validation, which training waits for, take every core)")  # fmt: skip
+    add_index_args(g)
     g.add_argument("--encode_batch_size", type=int, default=64)
     g.add_argument("--refresh_before_validation", action="store_true",
                    help="re-encode the KB with the current weights (training waits) before every validation, so "
@@ -690,6 +699,12 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
                    "every node of a multi-node run the same one")  # fmt: skip
     g.add_argument("--num_retrieval_workers", type=int, default=1)
+    g.add_argument("--index_shards", type=int, default=1,
+                   help="S > 1: S retrieval actors each hold 1/S of the passages and build their own index over "
+                   "them (with the index flags) when a KB version loads; a query fans out to every shard and the "
+                   "results are merged exactly (top-k by score). Ray's scheduler places the actors, so with "
+                   "--ray_address the shards spread over the cluster's machines. One replica per shard: not with "
+                   "--num_retrieval_workers > 1")  # fmt: skip
     g.add_argument("--distributed-port", dest="distributed_port", type=int, default=-1, help="unused")
 
 
@@ -700,6 +715,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_test_loss", action="store_true",
                    help="skip test_loss (a forward pass as long as generating): EM/F1 and retrieval only")  # fmt: skip
     g.add_argument("--validate_before_training", action="store_true", help="one validation of the untrained model")
+    g.add_argument("--trainer_threads", type=int, default=None,
+                   help="torch threads of each training process (default: torch's, every core); with --index_cpus "
+                   "a CPU budget that does not oversubscribe the cores")  # fmt: skip
     g.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: gpu if --gpus > 0, else auto)")
     g.add_argument("--devices", default=None, help="number of devices or a list (default: auto / --gpus)")
     g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
@@ -765,6 +783,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "while the context encoder learns", stacklevel=1)  # fmt: skip
     if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
+    if args.index_shards < 1:
+        parser.error(f"--index_shards must be >= 1, got {args.index_shards}")
+    if args.index_shards > 1 and args.num_retrieval_workers > 1:
+        parser.error(f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
+                     f"with --num_retrieval_workers {args.num_retrieval_workers}")  # fmt: skip
     if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
         parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
     if args.init_from:
@@ -834,6 +857,8 @@ def build_loggers(args: argparse.Namespace) -> list:
 
 def main(args: argparse.Namespace) -> GenerativeQAModule:
     pl.seed_everything(args.seed, workers=True)
+    if args.trainer_threads:
+        torch.set_num_threads(args.trainer_threads)
     check_data_dir(args)
     prepare_output_dir(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -853,18 +878,18 @@ def main(args: argparse.Namespace) -> GenerativeQAModule:
     if args.early_stopping_patience >= 0:
         callbacks.append(get_early_stopping_callback(metric, args.early_stopping_patience))
     if model.objective.refreshes and args.indexing_freq:
-        index_config = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
         callbacks.append(
             KBRefreshCallback(
                 str(Path(args.output_dir) / "kb"),
                 args.indexing_freq,
-                index_config,
+                IndexConfig.from_args(args),
                 args.index_workers,
                 args.index_gpus,
                 args.encode_batch_size,
                 args.keep_kb_versions,
                 args.refresh_before_validation,
                 args.max_refresh_failures,
+                index_cpus=args.index_cpus,
             )
         )
     trainer = pl.Trainer(

@@ -197,7 +197,7 @@ def tokenize_passages(tokenizer, titles: list[str], texts: list[str]) -> list[li
     return tokenizer(list(titles), list(texts), truncation=True)["input_ids"]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_token_ids(
     encoder: torch.nn.Module,
     token_ids: list[list[int]],
@@ -239,13 +239,16 @@ class ShardEncoder:
     """Body of a Ray encoding actor: holds one contiguous shard of the KB, tokenised once at start-up,
     and re-encodes it with whatever context-encoder weights it is handed."""
 
-    def __init__(self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config):
+    def __init__(
+        self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config, threads: int = 1
+    ):
         quiet_actor()
         on_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
         self.device = "cuda" if on_gpu else "cpu"
         if not on_gpu:
-            # One thread: the trainer shares these cores, and its steps stall badly if we take both.
-            torch.set_num_threads(1)
+            # An explicit budget (--index_cpus): the trainer shares these cores, and both slow down badly when
+            # their threads together outnumber the cores.
+            torch.set_num_threads(threads)
         shard = load_from_disk(passages_path).select(range(start, end))
         self.token_ids = tokenize_passages(tokenizer, shard["title"], shard["text"])
         self.pad_token_id = tokenizer.pad_token_id
@@ -284,26 +287,81 @@ def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
 
 @dataclass
 class IndexConfig:
-    """FAISS index settings; inner product throughout, as DPR scores are dot products."""
+    """FAISS index settings; inner product throughout, as DPR scores are dot products. `factory` (any
+    `faiss.index_factory` string: "Flat", "HNSW32,Flat", "IVF4096,PQ64", ...) replaces `index_type` when set."""
 
     index_type: str = "hnsw"  # "flat" (exact) or "hnsw"
     hnsw_m: int = 128
     ef_construction: int = 200
     ef_search: int = 128
+    factory: str | None = None
+    train_size: int = 100_000  # IVF/PQ indexes are trained on a random sample of at most this many vectors
+    search_params: str | None = None  # faiss.ParameterSpace string stored in the index, e.g. "nprobe=32"
+
+    @classmethod
+    def from_args(cls, args) -> IndexConfig:
+        """The index settings of a CLI that called `add_index_args`."""
+        return cls(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search,
+                   args.index_factory, args.index_train_size, args.index_search_params)  # fmt: skip
+
+
+def add_index_args(parser) -> None:
+    """The index flags of every script that builds one (use_own_knowledge_dataset.py, finetune_rag.py's refresh)."""
+    parser.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
+    parser.add_argument("--hnsw_m", "--m", type=int, default=128, help="HNSW links per node")
+    parser.add_argument("--hnsw_ef_construction", type=int, default=200)
+    parser.add_argument("--hnsw_ef_search", type=int, default=128)
+    parser.add_argument("--index_factory", default=None,
+                        help='any faiss.index_factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ64" (replaces '
+                        "--index_type; bench/README.md compares them)")  # fmt: skip
+    parser.add_argument("--index_train_size", type=int, default=100_000,
+                        help="IVF/PQ indexes are trained on a random sample of this many passages at most")  # fmt: skip
+    parser.add_argument("--index_search_params", default=None,
+                        help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF')  # fmt: skip
+
+
+def _factory_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """An index from `cfg.factory`, trained (IVF centroids, PQ codebooks) on a seeded sample when it needs it."""
+    try:
+        index = faiss.index_factory(embeddings.shape[1], cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"--index_factory {cfg.factory!r}: not a FAISS factory string ({err})") from None
+    if not index.is_trained:
+        rows = np.random.default_rng(0).permutation(len(embeddings))[: cfg.train_size]
+        try:
+            index.train(embeddings[np.sort(rows)])
+        except RuntimeError as err:  # e.g. fewer training vectors than IVF centroids
+            raise ValueError(
+                f"--index_factory {cfg.factory!r}: training on {len(rows):,} vectors failed; a KB this size needs "
+                f"fewer IVF lists or PQ centroids, e.g. IVF{max(1, int(np.sqrt(len(embeddings))))},Flat ({err})"
+            ) from None
+    if hasattr(index, "hnsw"):
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
+    return index
 
 
 def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     """Build an inner-product index over `embeddings` (row i gets FAISS id i)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     dim = embeddings.shape[1]
-    if cfg.index_type == "flat":
+    if cfg.factory:
+        index = _factory_index(embeddings, cfg)
+    elif cfg.index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif cfg.index_type == "hnsw":
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = cfg.ef_construction
         index.hnsw.efSearch = cfg.ef_search
     else:
-        raise ValueError(f"unknown index type {cfg.index_type!r}; choose flat or hnsw")
-    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        raise ValueError(f"unknown index type {cfg.index_type!r}; choose flat or hnsw, or give --index_factory")
+    if cfg.search_params:  # written with the index (nprobe, efSearch), so every reader searches the same way
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, cfg.search_params)
+        except RuntimeError as err:
+            kind = cfg.factory or cfg.index_type
+            raise ValueError(f"--index_search_params {cfg.search_params!r} do not apply to {kind} ({err})") from None
+    index.add(embeddings)
     return index
 
 

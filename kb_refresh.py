@@ -49,6 +49,7 @@ class Refresher:
         index_config: IndexConfig,
         index_workers: int = 1,
         index_gpus: int = 0,
+        index_cpus: int = 1,
         encode_batch_size: int = 64,
         keep_versions: int = 3,
         max_failures: int = 3,
@@ -81,7 +82,7 @@ class Refresher:
         remote_cls = ray.remote(ShardEncoder).options(**options)
         make = encoder_factory(context_encoder)
         self.encoders = [
-            remote_cls.remote(passages_path, start, end, context_tokenizer, make, context_encoder.config)
+            remote_cls.remote(passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus)
             for start, end in shard_bounds(self.n_rows, index_workers)
         ]
         self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote()

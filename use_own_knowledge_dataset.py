@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 
 from kb_encode_utils import (
     IndexConfig,
+    add_index_args,
     encode_token_ids,
     read_kb_csv,
     save_kb,
@@ -49,10 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
     p.add_argument("--similarity", choices=["dot", "cosine"], default=None,
                    help="cosine: L2-normalised embeddings (default: the encoder's declaration, else dot)")  # fmt: skip
-    p.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
-    p.add_argument("--m", "--hnsw_m", dest="hnsw_m", type=int, default=128, help="HNSW links per node")
-    p.add_argument("--hnsw_ef_construction", type=int, default=200)
-    p.add_argument("--hnsw_ef_search", type=int, default=128)
+    add_index_args(p)
     p.add_argument("--d", type=int, default=None, help="unused: the encoder's size is read from its config")
     p.add_argument("--rag_model_name", default=None, help="unused (kept for the reference's scripts)")
     p.add_argument("--question", default=None, help="unused (kept for the reference's scripts)")
@@ -83,8 +81,7 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
     embeddings = encode_token_ids(encoder, token_ids, tokenizer.pad_token_id, args.batch_size, args.device)
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg = IndexConfig(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search)
-    save_kb(with_embeddings(passages, embeddings), passages_path, index_path, cfg, similarity)
+    save_kb(with_embeddings(passages, embeddings), passages_path, index_path, IndexConfig.from_args(args), similarity)
     print(f"wrote {passages_path} and {index_path}")
     return passages_path, index_path
 

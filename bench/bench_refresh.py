@@ -1,10 +1,13 @@
 """Benchmark the asynchronous knowledge-base refresh, side by side in one run.
 
-1. Training step time: `finetune_rag.main()` twice on the same tiny models, KB and data, once with
-   `--training_mode rag_end2end` alone and once with `--indexing_freq K` too, so the cost of re-encoding
-   the KB and rebuilding its index in Ray actors while the trainer keeps stepping shows up as a step-time ratio.
+1. Training step time: `finetune_rag.main()` on the same tiny models, KB and data, with
+   `--training_mode rag_end2end` alone, with `--indexing_freq K` too (once per `--splits` thread budget,
+   trainer threads:encoding-actor threads), and as `rag_original` (no context encoder, no refresh), so the cost
+   of re-encoding the KB and rebuilding its index in Ray actors while the trainer keeps stepping shows up as
+   step-time and wall-time ratios; the steps at which a new version was swapped in, against the median step.
 2. Retrieval through the Ray actors (`RagRayDistributedRetriever.retrieve`, 8 queries a call): latency
-   alone, and while new KB versions are staged and activated (the swap a refresh ends with).
+   alone, and while new KB versions are staged and activated (the swap a refresh ends with), against the same
+   search in this process (RetrievalActor.retrieve called directly: FAISS and the passages, no Ray).
 
 Prints figures only (no asserts on timings). CPU by default:
 
@@ -21,6 +24,7 @@ import argparse
 import csv
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 import platform
@@ -57,7 +61,7 @@ import transformers  # noqa: E402
 import finetune_rag  # noqa: E402
 import use_own_knowledge_dataset  # noqa: E402
 from callbacks_rag import KBRefreshCallback  # noqa: E402
-from distributed_ray_retriever import RagRayDistributedRetriever, start_retrieval_actors  # noqa: E402
+from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors  # noqa: E402
 from kb_encode_utils import KBVersion, list_versions, read_kb_csv  # noqa: E402
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
@@ -78,6 +82,10 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--retrieval_seconds", type=float, default=3.0, help="length of the idle retrieval phase")
     p.add_argument("--swaps", type=int, default=20, help="KB versions staged and activated under load")
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
+    p.add_argument("--splits", default="",
+                   help='thread budgets of the refresh runs, "T:I,...": --trainer_threads T --index_cpus I '
+                   "(default: one refresh setting with finetune_rag.py's defaults)")  # fmt: skip
+    p.add_argument("--json", default=None, help="also write the summary here (bench/run_all.py reads it)")
     args, passthrough = p.parse_known_args()
     if args.devices.isdigit() and int(args.devices) > 1:
         p.error("--devices: this bench times one training process; use 1")
@@ -284,6 +292,13 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
     for actor in actors:
         ray.kill(actor)
 
+    local = RetrievalActor(module.hparams.hnsw_ef_search)  # the same search and passage lookup, without Ray
+    local.ensure_live(kbs[0])
+    local_ms = []
+    for _ in range(max(20, len(calls))):
+        t0 = time.perf_counter()
+        local.retrieve(queries, n_docs)
+        local_ms.append(1e3 * (time.perf_counter() - t0))
     idle = [1e3 * (e - s) for s, e, _ in calls if e <= idle_end]
     during = [1e3 * (e - s) for s, e, _ in calls if any(s < w1 and e > w0 for w0, w1 in windows)]
     versions = [v for _, _, v in calls]
@@ -292,6 +307,7 @@ def bench_retrieval(module, kbs: list[KBVersion], n_queries: int, idle_s: float,
         "idle_calls": len(idle),
         "idle_median": pct(idle, 50),
         "idle_p95": pct(idle, 95),
+        "local_median": pct(local_ms[5:], 50),
         "swap_calls": len(during),
         "swap_median": pct(during, 50),
         "swap_p95": pct(during, 95),
@@ -320,49 +336,64 @@ def print_header(args: argparse.Namespace) -> None:
           f"datasets {datasets.__version__}")  # fmt: skip
 
 
-def report_training(args: argparse.Namespace, base: list[RunResult], refr: list[RunResult]) -> list[tuple[str, str]]:
-    """Print each run and the refreshes; return the summary rows (all runs of a setting pooled)."""
+def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) -> list[tuple[str, str]]:
+    """Print each run and the refreshes; return the summary rows (the runs of a setting pooled)."""
     print(f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
           f"refresh every {args.indexing_freq} steps)")  # fmt: skip
-    for run in [*base, *refr]:
+    for run in [r for group in runs.values() for r in group]:
         ms = [m for _, m in run.steps]
         refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
-        print(f"{run.name:>13}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
+        print(f"{run.name:>22}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
               f"other processes {run.others_cores:.2f} cores{refreshes})")  # fmt: skip
-    a_ms = [ms for run in base for _, ms in run.steps]
-    b_ms = [ms for run in refr for _, ms in run.steps]
-    b_busy = [ms for run in refr for step, ms in run.steps if step in run.in_flight_steps()]
-    history = [h for run in refr for h in run.refresh.history]
-    skipped = sum(run.refresh.refresher.skipped_triggers for run in refr)
-    failures = sum(run.refresh.refresher.failures for run in refr)
-    print(f"steps with a refresh in flight: {len(b_busy)} of {len(b_ms)}, median {pct(b_busy, 50):.1f} ms")
-    print("refreshes (trigger -> swap step, seconds): " + ", ".join(
-        f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history))  # fmt: skip
-    print(f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}")
+    base = [ms for run in runs["no-refresh"] for _, ms in run.steps]
+    original_wall = pct([run.wall_s for run in runs["rag_original"]], 50)
     k = args.indexing_freq
-    return [
-        ("step median, no refresh (ms)", f"{pct(a_ms, 50):.1f}"),
-        ("step p95, no refresh (ms)", f"{pct(a_ms, 95):.1f}"),
-        (f"step median, async refresh every {k} (ms)", f"{pct(b_ms, 50):.1f}"),
-        (f"step p95, async refresh every {k} (ms)", f"{pct(b_ms, 95):.1f}"),
-        ("ratio refresh / no refresh, median", f"{pct(b_ms, 50) / pct(a_ms, 50):.2f}"),
-        ("ratio refresh / no refresh, p95", f"{pct(b_ms, 95) / pct(a_ms, 95):.2f}"),
-        ("step median while a refresh is in flight (ms)", f"{pct(b_busy, 50):.1f}"),
-        ("refreshes completed / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
-        ("reindex_seconds, median", f"{pct([h['reindex_seconds'] for h in history], 50):.2f}"),
-        ("steps_during_refresh, median", f"{pct([h['steps_during_refresh'] for h in history], 50):.0f}"),
+    rows = [
+        ("step median / p95, end2end without refresh (ms)", f"{pct(base, 50):.1f} / {pct(base, 95):.1f}"),
+        ("wall time, rag_original (s, median)", f"{original_wall:.1f}"),
     ]
+    for name, group in runs.items():
+        if not name.startswith("refresh"):
+            continue
+        steps = [ms for run in group for _, ms in run.steps]
+        busy = [ms for run in group for step, ms in run.steps if step in run.in_flight_steps()]
+        swaps = [ms for run in group for step, ms in run.steps if step in {h["swap_step"] for h in run.refresh.history}]
+        history = [h for run in group for h in run.refresh.history]
+        skipped = sum(run.refresh.refresher.skipped_triggers for run in group)
+        failures = sum(run.refresh.refresher.failures for run in group)
+        wall = pct([run.wall_s for run in group], 50)
+        print(f"{name}: steps with a refresh in flight {len(busy)} of {len(steps)}, median {pct(busy, 50):.1f} ms; "
+              f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}; trigger -> swap step: "
+              + ", ".join(f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s"
+                          for h in history))  # fmt: skip
+        longest_swap = max(swaps, default=float("nan"))
+        rows += [
+            (f"{name}: step median / p95, refresh every {k} (ms)", f"{pct(steps, 50):.1f} / {pct(steps, 95):.1f}"),
+            (f"{name}: ratio to no refresh, median / p95",
+             f"{pct(steps, 50) / pct(base, 50):.2f} / {pct(steps, 95) / pct(base, 95):.2f}"),
+            (f"{name}: step median while a refresh is in flight (ms)", f"{pct(busy, 50):.1f}"),
+            (f"{name}: longest step at a swap / median step", f"{longest_swap / pct(steps, 50):.2f}"),
+            (f"{name}: a swap adds (median swap step - median step, ms)", f"{pct(swaps, 50) - pct(steps, 50):.1f}"),
+            (f"{name}: wall time / rag_original's (same steps)", f"{wall / original_wall:.2f}"),
+            (f"{name}: refreshes / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
+            (f"{name}: reindex_seconds, median", f"{pct([h['reindex_seconds'] for h in history], 50):.2f}"),
+        ]  # fmt: skip
+    return rows
 
 
 def report_retrieval(r: dict, others: float) -> list[tuple[str, str]]:
     """Print the retrieval figures; return the summary rows."""
     print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor (other processes {others:.2f} cores)")
     print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
+    print(f"in process:   median {r['local_median']:.2f} ms (RetrievalActor.retrieve called directly; Ray / in process "
+          f"{r['idle_median'] / r['local_median']:.2f})")  # fmt: skip
     print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
     print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
           f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
     return [
         ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
+        ("retrieve in process (the same call, no Ray), median (ms)", f"{r['local_median']:.2f}"),
+        ("retrieve through Ray / in process, median", f"{r['idle_median'] / r['local_median']:.2f}"),
         ("retrieve during swaps median / p95 (ms)", f"{r['swap_median']:.2f} / {r['swap_p95']:.2f}"),
         ("swap: stage + activate, median (ms)", f"{r['stage_median']:.1f} + {r['activate_median']:.2f}"),
     ]
@@ -397,28 +428,37 @@ def main() -> None:
             *extra, *passthrough,
         ]  # fmt: skip
 
-    # Alternating the two settings spreads any other load on the machine over both of them.
-    base: list[RunResult] = []
-    refr: list[RunResult] = []
+    # Alternating the settings spreads any other load on the machine over all of them.
+    freq = ("--indexing_freq", str(args.indexing_freq))
+    settings = {"no-refresh": (), "rag_original": ("--training_mode", "rag_original")}
+    for split in filter(None, args.splits.split(",")):
+        trainer_threads, index_cpus = split.split(":")
+        settings[f"refresh-{split}"] = (*freq, "--trainer_threads", trainer_threads, "--index_cpus", index_cpus)
+    if len(settings) == 2:
+        settings["refresh"] = freq
+    runs: dict[str, list[RunResult]] = {name: [] for name in settings}
     for rep in range(args.repeats):
-        base.append(train_run(f"no-refresh-{rep}", argv(f"no-refresh-{rep}"), args.warmup))
-        freq = ("--indexing_freq", str(args.indexing_freq))
-        refr.append(train_run(f"refresh-{rep}", argv(f"refresh-{rep}", *freq), args.warmup))
-    rows = report_training(args, base, refr)
+        for name, extra in settings.items():
+            runs[name].append(train_run(f"{name}-{rep}", argv(f"{name.replace(':', '-')}-{rep}", *extra), args.warmup))
+    rows = report_training(args, runs)
+    refr = runs[list(settings)[-1]]
 
     refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
     r = bench_retrieval(refr[-1].module, [KBVersion(0, str(passages), str(index)), *refreshed], 8,
                         args.retrieval_seconds, args.swaps)  # fmt: skip
     r_others = r["others_cores"]
     rows += report_retrieval(r, r_others)
-    others = " / ".join(f"{run.others_cores:.2f}" for run in [*base, *refr])
+    every_run = [run for group in runs.values() for run in group]
+    others = " / ".join(f"{run.others_cores:.2f}" for run in every_run)
     rows.append(("other processes' CPU: each training run / retrieval (cores)", f"{others} / {r_others:.2f}"))
 
     print(f"\n## summary ({n_passages} passages, {args.repeats} x {args.steps} steps a setting, {args.accelerator}, "
           f"total {time.perf_counter() - start:.0f}s)\n")  # fmt: skip
     print("| metric | value |\n|---|---|")
     print("\n".join(f"| {name} | {value} |" for name, value in rows))
-    busiest = max(run.others_cores for run in [*base, *refr])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench": "refresh", "passages": n_passages, "rows": rows}, indent=1))
+    busiest = max(run.others_cores for run in every_run)
     if busiest > 0.2:
         print(f"\nWARNING: other processes kept up to {busiest:.2f} cores busy during training: these step times "
               "measure the machine's other load as much as the refresh; run again on a quiet machine.")  # fmt: skip

@@ -175,6 +175,44 @@ def test_unknown_index_type_is_rejected():
         build_faiss_index(np.zeros((2, 2), dtype=np.float32), IndexConfig(index_type="ivf"))
 
 
+def test_factory_ivf_index_is_trained_and_keeps_its_search_params(tmp_path):
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((8, 16)).astype(np.float32)
+    emb = (centres[rng.integers(0, 8, 2000)] + 0.1 * rng.standard_normal((2000, 16))).astype(np.float32)
+    queries = emb[rng.choice(2000, 50, replace=False)]
+    cfg = IndexConfig(factory="IVF8,Flat", train_size=500, search_params="nprobe=8")
+    index = build_faiss_index(emb, cfg)
+    assert index.is_trained and index.ntotal == 2000
+    faiss.write_index(index, str(tmp_path / "ivf.faiss"))
+    reread = faiss.read_index(str(tmp_path / "ivf.faiss"))
+    assert faiss.extract_index_ivf(reread).nprobe == 8  # every list searched: exact
+    _, ids = reread.search(queries, 5)
+    np.testing.assert_array_equal(ids, exact_topk(queries, emb, 5)[0])
+
+
+def test_factory_pq_index_finds_most_exact_neighbours():
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((3000, 32)).astype(np.float32)
+    queries = emb[:40] + 0.01 * rng.standard_normal((40, 32)).astype(np.float32)
+    index = build_faiss_index(emb, IndexConfig(factory="PQ8x6"))
+    _, ids = index.search(queries, 1)
+    assert (ids[:, 0] == np.arange(40)).mean() >= 0.8  # compressed 16x, near-duplicates still found first
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (IndexConfig(factory="NotAnIndex12"), "not a FAISS factory string"),
+        (IndexConfig(factory="IVF512,Flat"), "IVF14,Flat"),
+        (IndexConfig(factory="IVF4,Flat", search_params="efSearch=3"), "do not apply"),
+    ],
+)
+def test_factory_errors_say_what_to_change(cfg, message):
+    emb = np.random.default_rng(6).standard_normal((200, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=message):
+        build_faiss_index(emb, cfg)
+
+
 # ----------------------------------------------------------------------------- save_kb
 
 
