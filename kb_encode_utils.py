@@ -207,10 +207,12 @@ def encode_token_ids(
     device: str | torch.device = "cpu",
     progress: bool = True,
     offsets: np.ndarray | None = None,
+    bf16: bool = False,
 ) -> np.ndarray:
     """Encode pre-tokenised passages in eval mode; batches are sorted by length to cut padding. `token_ids`: a
     list of ids per passage (tokenize_passages), or, with `offsets`, all passages' ids one after another in one
-    integer array, passage i being `token_ids[offsets[i] : offsets[i + 1]]` (ShardEncoder's compact form)."""
+    integer array, passage i being `token_ids[offsets[i] : offsets[i + 1]]` (ShardEncoder's compact form).
+    `bf16`: autocast the forward pass to bfloat16 (the refresh on GPUs); the vectors come back as float32."""
     if offsets is None:  # the same batches, gathered from one flat copy
         offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
         np.cumsum([len(ids) for ids in token_ids], out=offsets[1:])
@@ -226,7 +228,8 @@ def encode_token_ids(
         ids = np.full(mask.shape, pad_token_id, dtype=np.int64)
         ids[mask] = token_ids[(offsets[rows, None] + np.arange(width))[mask]]
         ids, mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
-        emb = passage_embeddings(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            emb = passage_embeddings(encoder, ids.to(device), mask.to(device)).float().cpu().numpy()
         if out is None:
             out = np.empty((len(lengths), emb.shape[1]), dtype=np.float32)
         out[rows] = emb
@@ -282,8 +285,11 @@ class ShardEncoder:
         if threads and self.device == "cpu":
             torch.set_num_threads(threads)
         try:
+            # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
+            # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
+            bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
             return encode_token_ids(
-                self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, self.offsets
+                self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, self.offsets, bf16
             )
         finally:
             torch.set_num_threads(before)

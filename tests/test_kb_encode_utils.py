@@ -369,3 +369,6 @@ def test_encode_token_ids_matches_single_passage_encoding():
             alone = encoder(input_ids=torch.tensor([ids])).pooler_output[0].numpy()
             np.testing.assert_allclose(out[i], alone, atol=1e-5, rtol=0)
     assert not np.allclose(out[0], out[1])  # different passages really give different vectors
+    low = encode_token_ids(encoder, token_ids, pad_token_id=0, batch_size=3, progress=False, bf16=True)
+    assert low.dtype == np.float32 and not np.array_equal(low, out)  # really computed in bfloat16 ...
+    np.testing.assert_allclose(low, out, atol=0.05 * np.abs(out).max())  # ... and close to float32
