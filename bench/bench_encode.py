@@ -47,6 +47,7 @@ from kb_encode_utils import (  # noqa: E402
     passage_embeddings,
     read_kb_csv,
     save_kb,
+    split_documents,
     tokenize_passages,
     with_embeddings,
 )
@@ -79,10 +80,10 @@ def tiny_encoder(work: Path) -> Path:
 
 
 def build_kb(work: Path, n: int, dim: int, cfg: IndexConfig) -> KBVersion:
-    """Version 0: the dummy documents' passages repeated to `n`, with random unit embeddings."""
-    docs = read_kb_csv(DUMMY_CSV)
-    titles = [f"{docs[i % len(docs)][0]} (copy {i // len(docs)})" for i in range(n)]
-    texts = [docs[i % len(docs)][1] for i in range(n)]
+    """Version 0: the dummy documents' 100-word passages repeated to `n`, with random unit embeddings."""
+    base = split_documents(read_kb_csv(DUMMY_CSV))
+    titles = [f"{base[i % len(base)]['title']} (copy {i // len(base)})" for i in range(n)]
+    texts = [base[i % len(base)]["text"] for i in range(n)]
     emb = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     passages, index = work / "kb" / "passages", work / "kb" / "index.faiss"
