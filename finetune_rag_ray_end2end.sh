@@ -51,7 +51,7 @@ python finetune_rag.py \
     --fp16 `# 16-bit mixed precision; or --precision bf16-mixed` \
     --do_train --do_predict \
     $E2E_FLAGS \
-    --index_type hnsw --hnsw_m 128 --hnsw_ef_construction 200 --hnsw_ef_search 128 \
+    --index_type hnsw --hnsw_m 32 --hnsw_ef_construction 200 --hnsw_ef_search 128 \
     --num_retrieval_workers 4 `# Ray actors serving the index; requests are spread round-robin` \
     --n_val -1 \
     --train_batch_size 4 --eval_batch_size 1 \
