@@ -395,7 +395,8 @@ def run(
                 log(f"\n## {n:,} passages: skipped: {rows[-1]['skipped']}")
                 continue
             size_dir = work / f"kb-{n}"
-            shutil.rmtree(size_dir, ignore_errors=True)  # a --workdir's earlier run
+            if size_dir.exists():  # inside a user-chosen --workdir: never delete what we did not write now
+                raise FileExistsError(f"{size_dir} exists (an earlier run's?): remove it or choose another --workdir")
             encoder = "encoder" in parts and not any("encoder" in r for r in rows)  # its shard: encode_rows at most
             try:
                 rows.append(measure_size(n, size_dir, model_dir if encoder else None, params, log))
