@@ -21,7 +21,7 @@ PASSAGE = (
     "The Eiffel Tower was completed in 1889 for the World's Fair in Paris and was designed by the engineering "
     "company of Gustave Eiffel, whose engineers drew the plans."
 )
-PROMPT_RE = re.compile(r"Title: (.*)\nPassage: (.*)\n\nQuestion:$", re.DOTALL)
+PROMPT_RE = re.compile(r"Title: (.*?)\nPassage: (.*?)\n\n(?:Write one question|Question: )", re.DOTALL)
 
 
 # ---------------------------------------------------------------- parsing
@@ -204,12 +204,17 @@ def fake_reply(title: str, passage: str, sample: bool, seed: int) -> str:
 
 
 def make_fake_generate(calls: list):
-    """generate_texts replaced: fixed replies computed from the prompts; each call's batch size is recorded."""
+    """generate_texts replaced: the question, or for an answer prompt the answer, of fake_reply; the batch size of
+    each question call is recorded."""
 
     def fake(model, tokenizer, prompts, sample, seed, *args):
-        calls.append(len(prompts))
-        parsed = [PROMPT_RE.search(p).groups() for p in prompts]
-        return [fake_reply(title, text, sample, seed)[len(gq.CUE) :] for title, text in parsed]
+        answering = prompts[0].endswith(gq.ANSWER_CUE)
+        if not answering:
+            calls.append(len(prompts))
+        replies = [fake_reply(*PROMPT_RE.search(p).groups(), sample, seed) for p in prompts]
+        if answering:
+            return [reply.split("Answer:", 1)[1] if "Answer:" in reply else "" for reply in replies]
+        return [reply[len(gq.CUE) :].split("\nAnswer:")[0] for reply in replies]
 
     return fake
 
@@ -226,17 +231,17 @@ def run_qa(tiny_models, tmp_path, one_thread):
     return run
 
 
-def test_tiny_random_model_runs_and_everything_is_unparseable(run_qa, tmp_path, capsys):
-    # real generation, greedy and sampled; the tiny tokenizer lower-cases, so it can never write the `Answer:` label
+def test_tiny_random_model_runs_and_nothing_passes_the_filters(run_qa, tmp_path, capsys):
+    # real generation, greedy and sampled, of random tokens: the script writes the labels, the filters drop the rest
     out = tmp_path / "qa"
     with pytest.warns(UserWarning, match="train.source, val.source, test.source empty"):
         stats = run_qa(out, "--max_passages", "5", "--per_passage", "2", "--batch_size", "3")
     assert "passages/s" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / gq.GENERATIONS_FILE).read_text().splitlines()]
     assert len(records) == 10 and len({(r["passage_id"], r["sample"]) for r in records}) == 10
-    assert all(r["text"].startswith(gq.CUE) for r in records)
+    assert all(r["text"].startswith(gq.CUE) and f"\n{gq.ANSWER_CUE}" in r["text"] for r in records)
     assert stats["generations"] == 10 and stats["selected_passages"] == 5 and stats["passages"] == 40
-    assert stats["rejected"]["unparseable"] == 10 and stats["kept"] == 0
+    assert stats["kept"] == 0
     assert sum(stats["rejected"].values()) + stats["kept"] == stats["generations"]
     assert all((out / name).exists() for name in gq.OUTPUT_FILES) and (out / "train.source").read_text() == ""
     settings = json.loads((out / gq.SETTINGS_FILE).read_text())
@@ -323,11 +328,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(run_qa, tmp_path
 def test_ctrl_c_loses_at_most_the_batch_in_flight(run_qa, tmp_path, monkeypatch, capsys):
     calls, fake = [], make_fake_generate([])
 
-    def interrupted_on_the_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
+    def interrupted_on_the_third_batch(model, tokenizer, prompts, *args):
+        calls.append(prompts[0].endswith(gq.CUE))
+        if sum(calls) == 3:
             raise KeyboardInterrupt
-        return fake(*args)
+        return fake(model, tokenizer, prompts, *args)
 
     monkeypatch.setattr(gq, "generate_texts", interrupted_on_the_third_batch)
     out = tmp_path / "qa"
@@ -383,12 +388,16 @@ def test_roundtrip_filter_with_the_tiny_encoders(run_qa, tmp_path, monkeypatch, 
 def test_prompts_plain_and_chat(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["causal_generator"])
     plain = gq.build_prompt(tokenizer, "Tower", PASSAGE)
-    assert gq.prompt_kind(tokenizer) == "plain" and plain.endswith(f"Passage: {PASSAGE}\n\nQuestion:")
-    assert PROMPT_RE.search(plain).groups() == ("Tower", PASSAGE)
+    assert gq.prompt_kind(tokenizer) == "plain" and plain.startswith("Title: Tower\nPassage: The Eiffel")
+    assert plain.endswith("\n\nWrite one question that this passage answers.\n\nQuestion:")
+    answer = gq.build_prompt(tokenizer, "Tower", PASSAGE, "Who designed it?")
+    assert answer.endswith("\n\nQuestion: Who designed it?\n\nAnswer in at most five words, copied exactly from the "
+                           "passage.\n\nAnswer:")  # fmt: skip
+    assert PROMPT_RE.search(plain).groups() == PROMPT_RE.search(answer).groups() == ("Tower", PASSAGE)
     tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}{% endfor %}<assistant>"
     chat = gq.build_prompt(tokenizer, "Tower", PASSAGE)
     assert gq.prompt_kind(tokenizer) == "chat"
-    assert chat == f"<user>{gq.INSTRUCTION.format(title='Tower', text=PASSAGE)}<assistant>Question:"
+    assert chat == f"<user>{gq.QUESTION_INSTRUCTION.format(title='Tower', text=PASSAGE)}<assistant>Question:"
 
 
 def test_parse_args_rejects_bad_flags():
