@@ -436,9 +436,9 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
     namespace = f"{args.ray_namespace}-{args.run_id}"
     if args.index_shards > 1:
-        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace)
+        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads)
         return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env()))
-    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace)
+    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads)
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
 
 
@@ -699,6 +699,9 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
                    "every node of a multi-node run the same one")  # fmt: skip
     g.add_argument("--num_retrieval_workers", type=int, default=1)
+    g.add_argument("--retrieval_threads", type=int, default=None,
+                   help="FAISS threads of each retrieval actor (default: every core of its machine, divided among "
+                   "the --index_shards; training waits for every search)")  # fmt: skip
     g.add_argument("--index_shards", type=int, default=1,
                    help="S > 1: S retrieval actors each hold 1/S of the passages and build their own index over "
                    "them (with the index flags) when a KB version loads; a query fans out to every shard and the "

@@ -551,8 +551,17 @@ class KBBuilder:
     """Body of the Ray actor that runs `build_kb_version`; kept alive so that a refresh does not pay
     for starting a worker process and importing faiss/datasets each time."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
         quiet_actor()
+        # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus=0); the build (HNSW inserts, IVF/PQ training) gets
+        # the encoders' budget, --index_cpus, instead.
+        self.threads = threads
+        faiss.omp_set_num_threads(threads)
 
-    def build(self, *args) -> KBVersion:
-        return build_kb_version(*args)
+    def build(self, *args, threads: int | None = None) -> KBVersion:
+        """`build_kb_version(*args)`, with `threads` FAISS threads for this call (when training waits for it)."""
+        faiss.omp_set_num_threads(threads or self.threads)
+        try:
+            return build_kb_version(*args)
+        finally:
+            faiss.omp_set_num_threads(self.threads)

@@ -85,7 +85,7 @@ class Refresher:
             remote_cls.remote(passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus)
             for start, end in shard_bounds(self.n_rows, index_workers)
         ]
-        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote()
+        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote(index_cpus)
         self._pids: list[int | None] = []
         rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {self.n_rows} passages")
 
@@ -111,7 +111,14 @@ class Refresher:
         shards = [e.encode.remote(snapshot, self.encode_batch_size, threads) for e in self.encoders]
         similarity = self.live_version.similarity
         self._build_ref = self.builder.build.remote(
-            self.passages_path, self.kb_root, self._next_version, step, self.index_config, similarity, *shards
+            self.passages_path,
+            self.kb_root,
+            self._next_version,
+            step,
+            self.index_config,
+            similarity,
+            *shards,
+            threads=threads,
         )
         self._next_version += 1
         self._trigger_step, self._trigger_time = step, time.perf_counter()

@@ -290,3 +290,20 @@ def test_local_ray_workers_run_at_the_trainers_priority(ray_local):
     actor = _Niceness.remote()
     assert ray.get(actor.get.remote()) == os.nice(0)
     ray.kill(actor)
+
+
+def test_actor_searches_with_its_thread_budget_not_rays_one(ray_local, kb_factory):
+    # Ray starts a num_cpus=0 actor with OMP_NUM_THREADS=1, and OpenMP keeps the count per thread: set once in the
+    # constructor, the calls (in the actor's thread pool) would still search on one core.
+    class ThreadProbe(RetrievalActor):  # defined here so that Ray ships it by value to the worker
+        def threads_after_retrieve(self, queries: np.ndarray) -> int:
+            self.retrieve(queries, 2)
+            return faiss.omp_get_max_threads()  # OpenMP's count for this call's thread
+
+    kb = kb_factory(0, random_embeddings(0))
+    handle = ray.remote(ThreadProbe).options(max_concurrency=2, num_cpus=0).remote(128, 3)
+    try:
+        ray.get(handle.ensure_live.remote(kb))
+        assert ray.get([handle.threads_after_retrieve.remote(random_embeddings(1, 2)) for _ in range(4)]) == [3] * 4
+    finally:
+        ray.kill(handle)
