@@ -216,42 +216,35 @@ def measure_builder(base: Path, kb_root: Path, version: int, n: int, dim: int, s
                 "embeddings_bytes": n * dim * 4}  # fmt: skip
 
 
-def measure_retrieval(kb: KBVersion, dim: int, searches: int, seed: int) -> dict:
-    """One RetrievalActor: idle, then serving `kb` after init_retrieval and `searches` calls of 8 queries."""
-    actors = start_retrieval_actors(1, namespace=f"bench-memory-{uuid.uuid4().hex[:8]}")
-    pid = actor_pid(actors[0])
-    idle = memory(pid)
-    retriever = RagRayDistributedRetriever(actors)
+def measure_serving(actors: list, retriever, kb: KBVersion, dim: int, searches: int, seed: int) -> dict:
+    """Each actor's memory idle, then after `retriever` loads `kb` and makes `searches` calls of 8 queries."""
+    pids = [actor_pid(a) for a in actors]
+    idle = [memory(pid) for pid in pids]
     t0 = time.perf_counter()
     retriever.init_retrieval(kb)
     load_s = time.perf_counter() - t0
     queries = unit_queries(8, dim, seed)
     for _ in range(searches):
         retriever.retrieve(queries, 5)
-    mem, maps = memory(pid), mapped(pid, Path(kb.passages_path))
-    ray.kill(actors[0])
-    return {"idle": idle, "load_s": load_s, **mem, **maps}
+    served = [{**memory(pid), **mapped(pid, Path(kb.passages_path))} for pid in pids]
+    for actor in actors:
+        ray.kill(actor)
+    return {"load_s": load_s, "idle": idle, "served": served}
+
+
+def measure_retrieval(kb: KBVersion, dim: int, searches: int, seed: int) -> dict:
+    """One RetrievalActor: idle, then serving `kb` after init_retrieval and `searches` calls of 8 queries."""
+    actors = start_retrieval_actors(1, namespace=f"bench-memory-{uuid.uuid4().hex[:8]}")
+    m = measure_serving(actors, RagRayDistributedRetriever(actors), kb, dim, searches, seed)
+    return {"idle": m["idle"][0], "load_s": m["load_s"], **m["served"][0]}
 
 
 def measure_shards(kb: KBVersion, n_shards: int, dim: int, searches: int, seed: int) -> dict:
     """`n_shards` ShardActors (Flat) serving `kb`, each building its own index over its rows."""
     cfg = IndexConfig(factory="Flat")
     actors = start_shard_actors(n_shards, cfg, namespace=f"bench-memory-{uuid.uuid4().hex[:8]}")
-    pids = [actor_pid(a) for a in actors]
-    idle = [memory(pid) for pid in pids]
-    retriever = ShardedRetriever(actors)
-    t0 = time.perf_counter()
-    retriever.init_retrieval(kb)
-    load_s = time.perf_counter() - t0
-    queries = unit_queries(8, dim, seed)
-    for _ in range(searches):
-        retriever.retrieve(queries, 5)
-    mems = [memory(pid) for pid in pids]
-    maps = [mapped(pid, Path(kb.passages_path)) for pid in pids]
-    for actor in actors:
-        ray.kill(actor)
-    return {"shards": n_shards, "load_s": load_s, "idle": idle, "per_shard": [
-        {**m, **p} for m, p in zip(mems, maps)]}  # fmt: skip
+    m = measure_serving(actors, ShardedRetriever(actors), kb, dim, searches, seed)
+    return {"shards": n_shards, "load_s": m["load_s"], "idle": m["idle"], "per_shard": m["served"]}
 
 
 def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
