@@ -50,6 +50,14 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
+def shutdown_ray() -> None:
+    """`ray.shutdown()`, and forget the address init_ray left for DDP children when it started this Ray: a later
+    init_ray in this process would otherwise try to join the Ray that just stopped."""
+    if ray.is_initialized() and os.environ.get(RAY_ADDRESS_ENV) == ray.get_runtime_context().gcs_address:
+        del os.environ[RAY_ADDRESS_ENV]
+    ray.shutdown()
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail within seconds when nothing listens at a `host:port` Ray address (ray.init would retry for minutes)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")

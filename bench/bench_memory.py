@@ -80,6 +80,7 @@ from distributed_ray_retriever import (  # noqa: E402
     RagRayDistributedRetriever,
     ShardedRetriever,
     init_ray,
+    shutdown_ray,
     start_retrieval_actors,
     start_shard_actors,
 )
@@ -398,7 +399,7 @@ def run(
                     shutil.rmtree(size_dir, ignore_errors=True)
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
     params["parts"] = sorted(params["parts"])

@@ -42,6 +42,7 @@ from distributed_ray_retriever import (  # noqa: E402
     RagRayDistributedRetriever,
     RetrievalActor,
     init_ray,
+    shutdown_ray,
     start_retrieval_actors,
 )
 from kb_encode_utils import IndexConfig, KBVersion, build_kb_version  # noqa: E402
@@ -147,7 +148,7 @@ def run(
                 shutil.rmtree(size_dir, ignore_errors=True)
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
         if not workdir:
             shutil.rmtree(work, ignore_errors=True)
     return {"bench": "retrieval", "environment": env, "params": params, "noop": noop, "rows": rows}

@@ -12,7 +12,6 @@ os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import ray  # noqa: E402
 
 import distributed_ray_retriever  # noqa: E402
 
@@ -36,7 +35,7 @@ def one_thread():
 def ray_local():
     distributed_ray_retriever.init_ray(None, "rag-tests")
     yield
-    ray.shutdown()
+    distributed_ray_retriever.shutdown_ray()
 
 
 @pytest.fixture(scope="session")

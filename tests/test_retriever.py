@@ -2,9 +2,12 @@
 round-robin RagRayDistributedRetriever, and loading checks."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -307,3 +310,15 @@ def test_actor_searches_with_its_thread_budget_not_rays_one(ray_local, kb_factor
         assert ray.get([handle.threads_after_retrieve.remote(random_embeddings(1, 2)) for _ in range(4)]) == [3] * 4
     finally:
         ray.kill(handle)
+
+
+def test_ray_can_start_again_after_shutdown_ray():
+    # init_ray leaves its address for DDP children; after shutdown_ray a new init_ray must start a fresh Ray, not try
+    # to join the stopped one (a bench run inside the test session once broke every later Ray test this way).
+    script = (
+        "import os, distributed_ray_retriever as d\n"
+        "d.init_ray(None, 'a'); first = os.environ[d.RAY_ADDRESS_ENV]; d.shutdown_ray()\n"
+        "assert d.RAY_ADDRESS_ENV not in os.environ\n"
+        "d.init_ray(None, 'b'); assert os.environ[d.RAY_ADDRESS_ENV] != first; d.shutdown_ray()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
