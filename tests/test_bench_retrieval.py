@@ -19,7 +19,8 @@ def bench():
     return module
 
 
-def test_main_writes_one_row_per_size_and_index(bench, tmp_path, monkeypatch, capsys):
+def test_main_writes_one_row_per_size_and_index(bench, ray_local, tmp_path, monkeypatch, capsys):
+    # ray_local: the bench joins the session's Ray (and leaves it running) instead of starting one of its own
     out, work = tmp_path / "retrieval.json", tmp_path / "mine"
     work.mkdir()
     (work / "keep.txt").write_text("the user's")
