@@ -19,6 +19,11 @@ stamp() { echo "== $(($(date +%s) - START)) s: $*"; }
 
 python install_pretrained_models.py --output_dir $PRE
 
+prepare_cmu() {  # OUT/data from the CMU QA set: questions whose answer is in their article, split by article
+    [ -e "$OUT/data/stats.json" ] || python prepare_cmu_qa.py --input_dir "$INPUT" --output_dir "$OUT/data" \
+        --require_gold_passage --test_fraction "$TEST_FRACTION" --seed 42
+}
+
 build_kb() {  # KB version 0 of OUT/data/kb.csv, encoded by MiniLM as its authors use it
     [ -e "$OUT/kb/my_knowledge_dataset" ] || python use_own_knowledge_dataset.py --csv_path "$OUT/data/kb.csv" \
         --output_dir "$OUT/kb" --dpr_ctx_encoder_model_name $PRE/minilm --index_type flat --device cpu

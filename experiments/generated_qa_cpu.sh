@@ -19,8 +19,7 @@ SEEDS=${3:-1}
 MAX_PASSAGES=${4:-300}
 . experiments/cpu_setting.sh
 HARD_NEGATIVES=${HARD_NEGATIVES:-3}
-[ -e "$OUT/data/stats.json" ] || python prepare_cmu_qa.py --input_dir "$INPUT" --output_dir "$OUT/data" \
-    --require_gold_passage --test_fraction "$TEST_FRACTION" --seed 42
+prepare_cmu
 build_kb
 stamp "data and KB v0 ready"
 

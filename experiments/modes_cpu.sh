@@ -17,8 +17,7 @@ SEEDS=${3:-1}
 MODES=${4:-"retriever_only lsr ralt dalm rag_original rag_end2end"}
 . experiments/cpu_setting.sh
 HARD_NEGATIVES=${HARD_NEGATIVES:-3}
-[ -e "$OUT/data/stats.json" ] || python prepare_cmu_qa.py --input_dir "$INPUT" --output_dir "$OUT/data" \
-    --require_gold_passage --test_fraction "$TEST_FRACTION" --seed 42
+prepare_cmu
 build_kb
 stamp "data and KB v0 ready"
 
