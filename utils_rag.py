@@ -1,5 +1,7 @@
 """Dataset and SQuAD-style metrics for end-to-end RAG fine-tuning."""
 
+from __future__ import annotations
+
 import argparse
 import ast
 import codecs
@@ -12,10 +14,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.data import Dataset
+if TYPE_CHECKING:
+    import torch
 
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 MAX_LINE_CHARS = 1_000_000  # a longer question, answer or KB field is a wrong file or a missing newline
@@ -108,6 +110,8 @@ def read_lines(path: str | Path) -> list[str]:
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists to the longest one; return (ids, attention mask)."""
+    import torch  # here, not at the top: retrieval actors import this module (kb_encode_utils) and never need it
+
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -117,7 +121,7 @@ def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-class Seq2SeqDataset(Dataset):
+class Seq2SeqDataset:
     """Question/answer pairs from `{type_path}.source`/`.target`: the texts, and the questions tokenised for
     the question encoder (generators tokenise their own prompts and answers: rag_model.py)."""
 
@@ -165,6 +169,8 @@ class Seq2SeqDataset(Dataset):
 
     def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad the questions to the batch's longest."""
+        import torch
+
         input_ids, attention_mask = _pad([ex["input_ids"] for ex in batch], self.question_tokenizer.pad_token_id)
         return {
             "input_ids": input_ids,
