@@ -79,6 +79,11 @@ class _LoadedKB:
     index: faiss.Index
     offset: int = 0  # global row of the index's id 0 (a shard's first row)
 
+    def __post_init__(self):
+        # The same memory-mapped rows without the embeddings, for recipes that re-encode the passages they
+        # retrieve: 8 x 5 stored 768-d vectors are 123 KB to gather and ship back through Ray (~3 ms a call).
+        self.texts = self.passages.remove_columns("embeddings").with_format(None)
+
 
 class RetrievalActor:
     """Serves top-k search over one KB version. A new version is loaded beside the live one (`stage`)
@@ -149,24 +154,31 @@ class RetrievalActor:
         return kb
 
     @staticmethod
-    def _lookup(kb: _LoadedKB, ids: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-        """Embeddings (queries, k, dim) and per-query docs ({column: k values}) of rows `ids` (queries, k), read
-        in one gather: a lookup per query costs ~0.25 ms of Arrow overhead each."""
-        rows = kb.passages[ids.ravel().tolist()]
-        embeds = np.asarray(rows.pop("embeddings"), dtype=np.float32).reshape(*ids.shape, -1)
+    def _lookup(kb: _LoadedKB, ids: np.ndarray, embeddings: bool = True) -> tuple[np.ndarray | None, list[dict]]:
+        """Embeddings (queries, k, dim), or None unless `embeddings`, and per-query docs ({column: k values}) of
+        rows `ids` (queries, k), read in one gather: a lookup per query costs ~0.25 ms of Arrow overhead each."""
+        rows = (kb.passages if embeddings else kb.texts)[ids.ravel().tolist()]
+        embeds = np.asarray(rows.pop("embeddings"), dtype=np.float32).reshape(*ids.shape, -1) if embeddings else None
         k = ids.shape[1]
         docs = [{col: values[i * k : (i + 1) * k] for col, values in rows.items()} for i in range(len(ids))]
         return embeds, docs
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, fallback: KBVersion | None = None):
-        """Top-`n_docs` passages of the live version; an actor Ray restarted (so empty) first loads `fallback`."""
+    def retrieve(
+        self,
+        question_hidden_states: np.ndarray,
+        n_docs: int,
+        fallback: KBVersion | None = None,
+        embeddings: bool = True,
+    ):
+        """Top-`n_docs` passages of the live version, with their stored embeddings if `embeddings`; an actor Ray
+        restarted (so empty) first loads `fallback`."""
         self.requests = next(self._requests)
         kb = self._serving(fallback)
         queries = np.ascontiguousarray(question_hidden_states, dtype=np.float32)
         _, ids = kb.index.search(queries, n_docs)
         # HNSW may return -1 when it finds fewer than n_docs neighbours: repeat the best hit instead.
         ids = np.where(ids < 0, ids[:, :1], ids)
-        embeds, docs = self._lookup(kb, ids)
+        embeds, docs = self._lookup(kb, ids, embeddings)
         return embeds, ids, docs, kb.info
 
 
@@ -186,7 +198,7 @@ class ShardAnswer:
 
     scores: np.ndarray  # (queries, k) inner products, as FAISS returns them
     ids: np.ndarray  # (queries, k) global rows
-    embeddings: np.ndarray  # (queries, k, dim)
+    embeddings: np.ndarray | None  # (queries, k, dim), None when not asked for
     docs: list[dict]  # per query: each column's k values
     kb: KBVersion
     adopted: bool  # from a version the shard loaded by itself (after a restart), not one `activate` made live
@@ -254,7 +266,12 @@ class ShardActor(RetrievalActor):
         raise TypeError("a shard answers `search`: its top-k is one part of the answer that ShardedRetriever merges")
 
     def search(
-        self, queries: np.ndarray, n_docs: int, want: KBVersion | None = None, fallback: KBVersion | None = None
+        self,
+        queries: np.ndarray,
+        n_docs: int,
+        want: KBVersion | None = None,
+        fallback: KBVersion | None = None,
+        embeddings: bool = True,
     ) -> ShardAnswer | None:
         """This shard's top-`n_docs` from its live version, or from `want` when asked: None if it no longer holds
         `want` (a later activation released it). A restarted (empty) actor loads `fallback` for a live version,
@@ -276,7 +293,7 @@ class ShardActor(RetrievalActor):
         found = local >= 0  # FAISS pads with -1 past the shard's size, and HNSW may find fewer
         ids = np.where(found, local + kb.offset, kb.offset)  # a miss names a real row; its -inf sorts it last
         scores = np.where(found, scores, -np.inf).astype(np.float32)
-        embeds, docs = self._lookup(kb, ids)
+        embeds, docs = self._lookup(kb, ids, embeddings)
         return ShardAnswer(scores, ids, embeds, docs, kb.info, adopted)
 
 
@@ -295,10 +312,11 @@ def start_shard_actors(
 
 
 class RagRayDistributedRetriever:
-    """Top-k search in the Ray retrieval actors, spread round-robin: `retrieve(q, n) -> (embeddings, ids,
-    docs)`, what rag_model.RagModel asks of any retriever. A call whose actor died is retried on the next
-    actor (or the same one once Ray has restarted it), so training never sees the death; `actor_restarts`
-    counts the actors that came back. `live_kb` is the newest version this rank has seen served or made live."""
+    """Top-k search in the Ray retrieval actors, spread round-robin: `retrieve(q, n, embeddings=True) ->
+    (embeddings or None, ids, docs)`, what rag_model.RagModel asks of any retriever. A call whose actor died is
+    retried on the next actor (or the same one once Ray has restarted it), so training never sees the death;
+    `actor_restarts` counts the actors that came back. `live_kb` is the newest version this rank has seen served
+    or made live."""
 
     def __init__(self, actor_handles: list, rank: int = 0):
         if not actor_handles:
@@ -316,14 +334,14 @@ class RagRayDistributedRetriever:
         versions = ray.get([a.ensure_live.remote(kb) for a in self.actors])
         return max(versions)
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
+    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, embeddings: bool = True):
         error = None
         for _ in range(MAX_RETRIEVAL_ATTEMPTS):
             i = self._next % len(self.actors)
             self._next += 1
             try:
                 embeds, ids, docs, kb = ray.get(self.actors[i].retrieve.remote(question_hidden_states, n_docs,
-                                                                              self.live_kb))  # fmt: skip
+                                                                              self.live_kb, embeddings))  # fmt: skip
             except RayActorError as err:  # died mid-call, or restarting: Ray brings it back, we move on
                 self._dead.add(i)
                 error = err
@@ -358,21 +376,23 @@ class RagRayDistributedRetriever:
         self.live_kb = kb
 
 
-def merge_shard_answers(answers: list[ShardAnswer], n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """(scores, embeddings, ids, docs) of the best `n_docs` over the shards' answers: by score, ties to the
-    lower global id, so that the result is what one exact index over all rows returns."""
+def merge_shard_answers(
+    answers: list[ShardAnswer], n_docs: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list]:
+    """(scores, embeddings or None, ids, docs) of the best `n_docs` over the shards' answers: by score, ties to
+    the lower global id, so that the result is what one exact index over all rows returns."""
     scores = np.concatenate([a.scores for a in answers], axis=1)
     ids = np.concatenate([a.ids for a in answers], axis=1)
     order = np.lexsort((ids, -scores), axis=1)[:, :n_docs]
     # Fewer hits than n_docs over all shards (HNSW misses): repeat the best one, as RetrievalActor does.
     order = np.where(np.isfinite(np.take_along_axis(scores, order, 1)), order, order[:, :1])
-    embeds = np.concatenate([a.embeddings for a in answers], axis=1)
+    embeds = None if answers[0].embeddings is None else np.concatenate([a.embeddings for a in answers], axis=1)
     docs = []
     for query, picks in enumerate(order):
         pooled = {col: [v for a in answers for v in a.docs[query][col]] for col in answers[0].docs[query]}
         docs.append({col: [values[j] for j in picks] for col, values in pooled.items()})
-    top = np.take_along_axis(scores, order, 1), np.take_along_axis(embeds, order[:, :, None], 1)
-    return *top, np.take_along_axis(ids, order, 1), docs
+    top_embeds = None if embeds is None else np.take_along_axis(embeds, order[:, :, None], 1)
+    return np.take_along_axis(scores, order, 1), top_embeds, np.take_along_axis(ids, order, 1), docs
 
 
 class ShardedRetriever(RagRayDistributedRetriever):
@@ -384,17 +404,21 @@ class ShardedRetriever(RagRayDistributedRetriever):
         super().__init__(shard_handles, rank)
         self._index_of = {handle._actor_id.hex(): i for i, handle in enumerate(self.actors)}
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int):
-        _, embeds, ids, docs, _ = self.search(question_hidden_states, n_docs)
+    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, embeddings: bool = True):
+        _, embeds, ids, docs, _ = self.search(question_hidden_states, n_docs, embeddings)
         return embeds, ids, docs
 
-    def search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list, KBVersion]:
-        """(scores, embeddings, ids, docs, version) of the top-`n_docs` over all shards, from one version."""
+    def search(
+        self, queries: np.ndarray, n_docs: int, embeddings: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list, KBVersion]:
+        """(scores, embeddings or None, ids, docs, version) of the top-`n_docs` over all shards, from one version."""
         error = None
         for _ in range(MAX_RETRIEVAL_ATTEMPTS):
             try:
-                answers = ray.get([s.search.remote(queries, n_docs, None, self.live_kb) for s in self.actors])
-                answers = self._one_version(queries, n_docs, answers)
+                answers = ray.get(
+                    [s.search.remote(queries, n_docs, None, self.live_kb, embeddings) for s in self.actors]
+                )
+                answers = self._one_version(queries, n_docs, answers, embeddings)
             except RayActorError as err:  # a shard died mid-call, or is restarting: Ray brings it back
                 if err.actor_id in self._index_of:
                     self._dead.add(self._index_of[err.actor_id])
@@ -412,7 +436,9 @@ class ShardedRetriever(RagRayDistributedRetriever):
             return *merge_shard_answers(answers, n_docs), kb
         raise RuntimeError(f"the retrieval shards gave no answer in {MAX_RETRIEVAL_ATTEMPTS} attempts") from error
 
-    def _one_version(self, queries: np.ndarray, n_docs: int, answers: list[ShardAnswer]) -> list[ShardAnswer] | None:
+    def _one_version(
+        self, queries: np.ndarray, n_docs: int, answers: list[ShardAnswer], embeddings: bool = True
+    ) -> list[ShardAnswer] | None:
         """`answers` all from one version: the shards that answered from another are asked for it. None when
         no version was found that every shard still holds."""
         # Activated versions first (a restarted shard's own pick may be stale), newest first: every shard holds
@@ -426,7 +452,7 @@ class ShardedRetriever(RagRayDistributedRetriever):
             if version in tried:
                 continue
             tried.add(version)
-            again = ray.get([self.actors[i].search.remote(queries, n_docs, kb) for i in odd])
+            again = ray.get([self.actors[i].search.remote(queries, n_docs, kb, None, embeddings) for i in odd])
             if all(a is not None for a in again):
                 return [again[odd.index(i)] if i in odd else a for i, a in enumerate(answers)]
         return None

@@ -106,9 +106,9 @@ class KBSearch:
     def __len__(self) -> int:
         return len(self.index.dataset)
 
-    def retrieve(self, question_hidden_states, n_docs: int):
-        ids, embeddings = self.index.get_top_docs(question_hidden_states, n_docs)
-        return embeddings, ids, self.index.get_doc_dicts(ids)
+    def retrieve(self, question_hidden_states, n_docs: int, embeddings: bool = True):
+        ids, stored = self.index.get_top_docs(question_hidden_states, n_docs)  # FAISS reconstructs them: cheap
+        return stored, ids, self.index.get_doc_dicts(ids)
 
 
 def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
@@ -154,7 +154,7 @@ def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list
     """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
     q = model.question_encoder(**_encode_questions(model, questions))[0]
     n = min(n, len(model.retriever))  # FAISS pads with id -1 beyond the KB's size
-    _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n)
+    _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n, embeddings=False)
     keep = [[j for j, i in enumerate(row) if i >= 0] for row in ids]
     return (
         [[int(ids[r][j]) for j in js] for r, js in enumerate(keep)],

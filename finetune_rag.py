@@ -228,7 +228,7 @@ class GenerativeQAModule(pl.LightningModule):
             inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
             inputs = inputs.to(self.device)
             q = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
-            _, ids, _ = self.retriever.retrieve(q.float().cpu().numpy(), max(ks))
+            _, ids, _ = self.retriever.retrieve(q.float().cpu().numpy(), max(ks), embeddings=False)
             retrieved.extend(ids.tolist())
         encoder.train(was_training)
         metrics = {**recall_at_k(retrieved, gold.passage_ids, ks), **mrr_at_k(retrieved, gold.passage_ids, ks)}

@@ -9,8 +9,9 @@ A generator answers the same calls whatever its family: `answer_logprobs(questio
 answer token's log-prob under each passage, aligned across passages), `loss(...)` (the RAG marginal of
 those, per answer token), `generate(questions, docs, doc_scores, ...)` and `save_pretrained`. The training
 objectives (training_modes.py), the training step and eval_rag.py are written against these calls and
-never ask which family they hold. A retriever is anything with `retrieve(q, n) -> (embeddings, ids, docs)`:
-the Ray actors in training, an in-process FAISS index in eval_rag.py and in tests.
+never ask which family they hold. A retriever is anything with `retrieve(q, n, embeddings=True) -> (embeddings,
+ids, docs)`, the stored embeddings being optional (None) when `embeddings` is False: the Ray actors in training,
+an in-process FAISS index in eval_rag.py and in tests.
 """
 
 from __future__ import annotations
@@ -361,9 +362,10 @@ class RagModel(torch.nn.Module):
         enc = enc.to(next(self.ctx_encoder.parameters()).device)
         return self.ctx_encoder(enc["input_ids"], attention_mask=enc["attention_mask"], return_dict=True).pooler_output
 
-    def search(self, q: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-        """The KB's top-n for each question vector: stored embeddings (B, n, d), rows (B, n) and passages."""
-        return self.retriever.retrieve(q.detach().float().cpu().numpy(), n)
+    def search(self, q: torch.Tensor, n: int, embeddings: bool = True) -> tuple[np.ndarray | None, np.ndarray, list]:
+        """The KB's top-n for each question vector: stored embeddings (B, n, d) (None may come back unless
+        `embeddings`), rows (B, n) and passages."""
+        return self.retriever.retrieve(q.detach().float().cpu().numpy(), n, embeddings=embeddings)
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_docs: int | None = None) -> Retrieved:
         """Top-n passages and their doc scores. With `rerank_top` L > n and a context encoder, L passages are
@@ -372,7 +374,7 @@ class RagModel(torch.nn.Module):
         q = self.encode_questions(input_ids, attention_mask)
         fresh = self.ctx_encoder is not None
         fetch = max(n, self.rerank_top) if fresh else n
-        stored, ids, docs = self.search(q, fetch)
+        stored, ids, docs = self.search(q, fetch, embeddings=not fresh)  # fresh: the passages are re-encoded
         if fetch > n:
             with torch.no_grad():
                 d = self.encode_passages(*_flat(docs)).view(len(q), fetch, -1)

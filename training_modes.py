@@ -69,7 +69,7 @@ def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | Non
     Hard negatives: the best-ranked retrieved passages that are no gold passage and hold no answer."""
     with torch.no_grad():
         q = model.encode_questions(batch["input_ids"], batch["attention_mask"])
-        _, ids, docs = model.search(q, max(pool, n_hard + 1))
+        _, ids, docs = model.search(q, max(pool, n_hard + 1), embeddings=False)
     positives, negatives = [], []
     for i, (row, found) in enumerate(zip(np.asarray(ids).tolist(), docs)):
         answer = [batch["target_text"][i]]

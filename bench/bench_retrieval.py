@@ -10,11 +10,15 @@ passages' text and embeddings), is timed --calls times each way after --warmup c
 - through Ray: `RagRayDistributedRetriever.retrieve` on one actor of `start_retrieval_actors` (what training
   calls: the request, the search in the actor, the answer pickled back).
 
+Each way twice: with the stored embeddings (`rag_original` scores with them) and without (`embeddings=False`:
+what every recipe with a context encoder in the graph asks, as it re-encodes the passages it retrieves).
+
 Both sides search with the same FAISS threads (--threads, default every core) and alternate in --blocks blocks of
 calls, so that other load on the machine falls on both. Reported per (size, index): p50 / p95 ms of each side,
 Ray p50 ÷ in-process p50 (the target is <= 1.5) and Ray p50 minus in-process p50 (what Ray adds to a call, in
-ms); and, whether both sides returned the same ids. Once per run, the round trip of a no-op actor method
-(`request_count`) on an empty actor: the floor any Ray call pays. Figures are printed, never asserted.
+ms), with embeddings and (`_texts`) without; and whether every side returned the same ids. Once per run, the
+round trip of a no-op actor method (`request_count`) on an empty actor: the floor any Ray call pays. Figures are
+printed, never asserted.
 
     python bench/bench_retrieval.py --sizes 1000 --dim 64 --calls 30       # ~20 s on 2 cores
     python bench/bench_retrieval.py --json retrieval.json   # 1k, 10k, 100k x 768: the 100k HNSW build takes minutes
@@ -79,20 +83,27 @@ def compare(kb: KBVersion, queries: np.ndarray, n_docs: int, calls: int, warmup:
     actor = start_retrieval_actors(1, namespace=f"bench-retrieval-{uuid.uuid4().hex[:8]}", threads=threads)
     remote = RagRayDistributedRetriever(actor)
     remote.init_retrieval(kb)
-    sides = {"local": lambda: local.retrieve(queries, n_docs), "ray": lambda: remote.retrieve(queries, n_docs)}
-    same_ids = bool(np.array_equal(sides["local"]()[1], sides["ray"]()[1]))
-    ms: dict[str, list[float]] = {"local": [], "ray": []}
+    sides = {
+        "local": lambda: local.retrieve(queries, n_docs),
+        "ray": lambda: remote.retrieve(queries, n_docs),
+        "local_texts": lambda: local.retrieve(queries, n_docs, embeddings=False),
+        "ray_texts": lambda: remote.retrieve(queries, n_docs, embeddings=False),
+    }
+    same_ids = len({sides[name]()[1].tobytes() for name in sides}) == 1
+    ms: dict[str, list[float]] = {name: [] for name in sides}
     for call in sides.values():
         timed(call, warmup)
-    for b in range(blocks):  # local first in even blocks, Ray first in odd ones
-        for name in ("local", "ray") if b % 2 == 0 else ("ray", "local"):
+    for b in range(blocks):  # in-process first in even blocks, Ray first in odd ones
+        order = list(sides) if b % 2 == 0 else list(reversed(sides))
+        for name in order:
             ms[name] += timed(sides[name], calls // blocks + (b < calls % blocks))
     ray.kill(actor[0])
     row = {"calls": calls, "same_ids": same_ids, "load_average": os.getloadavg()[0]}
     for name in ms:
         row[f"{name}_p50_ms"], row[f"{name}_p95_ms"] = pct(ms[name], 50), pct(ms[name], 95)
-    row["ratio_p50"] = row["ray_p50_ms"] / row["local_p50_ms"]
-    row["overhead_p50_ms"] = row["ray_p50_ms"] - row["local_p50_ms"]
+    for suffix in ("", "_texts"):
+        row[f"ratio{suffix}_p50"] = row[f"ray{suffix}_p50_ms"] / row[f"local{suffix}_p50_ms"]
+        row[f"overhead{suffix}_p50_ms"] = row[f"ray{suffix}_p50_ms"] - row[f"local{suffix}_p50_ms"]
     return row
 
 
@@ -157,7 +168,9 @@ def run(
 def row_line(r: dict) -> str:
     return (f"{r['size']:,} x {r['dim']} {r['index']}: in process p50/p95 {r['local_p50_ms']:.2f}/"
             f"{r['local_p95_ms']:.2f} ms, Ray {r['ray_p50_ms']:.2f}/{r['ray_p95_ms']:.2f} ms, ratio "
-            f"{r['ratio_p50']:.2f}, Ray adds {r['overhead_p50_ms']:.2f} ms; same ids {r['same_ids']} "
+            f"{r['ratio_p50']:.2f}, Ray adds {r['overhead_p50_ms']:.2f} ms; without embeddings in process "
+            f"{r['local_texts_p50_ms']:.2f}, Ray {r['ray_texts_p50_ms']:.2f} ms, ratio {r['ratio_texts_p50']:.2f}; "
+            f"same ids {r['same_ids']} "
             f"(build {r['build_s']:.1f}s, load average {r['load_average']:.1f})")  # fmt: skip
 
 
@@ -167,11 +180,13 @@ def markdown(result: dict) -> str:
     lines = [f"`retrieve`: {p['queries']} queries x {p['n_docs']} docs, {p['calls']} calls a side, "
              f"{p['threads']} FAISS threads", "",
              "| passages | index | in process p50 / p95 ms | Ray p50 / p95 ms | Ray ÷ in process, p50 "
-             "| Ray adds, p50 ms | same ids |", "|--:|---|--:|--:|--:|--:|---|"]  # fmt: skip
+             "| Ray adds, p50 ms | without embeddings: in process / Ray p50 ms | Ray ÷ in process, p50 | same ids |",
+             "|--:|---|--:|--:|--:|--:|--:|--:|---|"]  # fmt: skip
     for r in result["rows"]:
         lines.append(f"| {r['size']:,} x {r['dim']} | `{r['index']}` | {r['local_p50_ms']:.2f} / "
                      f"{r['local_p95_ms']:.2f} | {r['ray_p50_ms']:.2f} / {r['ray_p95_ms']:.2f} | {r['ratio_p50']:.2f} "
-                     f"| {r['overhead_p50_ms']:.2f} | {r['same_ids']} |")  # fmt: skip
+                     f"| {r['overhead_p50_ms']:.2f} | {r['local_texts_p50_ms']:.2f} / {r['ray_texts_p50_ms']:.2f} "
+                     f"| {r['ratio_texts_p50']:.2f} | {r['same_ids']} |")  # fmt: skip
     lines += ["", f"No-op actor call (the floor of any Ray call): p50 {noop['p50_ms']:.3f} ms, "
               f"p95 {noop['p95_ms']:.3f} ms."]  # fmt: skip
     return "\n".join(lines)

@@ -41,6 +41,8 @@ def test_main_writes_one_row_per_size_and_index(bench, ray_local, tmp_path, monk
         assert r["local_p95_ms"] >= r["local_p50_ms"] > 0 and r["ray_p95_ms"] >= r["ray_p50_ms"] > 0
         assert r["ratio_p50"] == pytest.approx(r["ray_p50_ms"] / r["local_p50_ms"])
         assert r["overhead_p50_ms"] == pytest.approx(r["ray_p50_ms"] - r["local_p50_ms"])
+        assert r["ratio_texts_p50"] == pytest.approx(r["ray_texts_p50_ms"] / r["local_texts_p50_ms"])
+        assert r["local_texts_p95_ms"] >= r["local_texts_p50_ms"] > 0
         assert r["calls"] == 20 and r["dim"] == 16
 
     table = bench.markdown(result)

@@ -294,13 +294,15 @@ def test_prefixed_tokenizer_round_trips_its_prefix(tok, tmp_path):
 
 
 class FakeRetriever:
-    """Every question gets passages 0..n-1 of KB, with random stored embeddings."""
+    """Every question gets passages 0..n-1 of KB, with random stored embeddings when asked for them."""
 
     KB = [("paris", "paris is the capital of france."), ("rome", "rome was founded by romulus and remus.")]
 
-    def retrieve(self, q: np.ndarray, n_docs: int):
+    def retrieve(self, q: np.ndarray, n_docs: int, embeddings: bool = True):
+        self.asked_for_embeddings = embeddings
         docs = [{"title": [t for t, _ in self.KB[:n_docs]], "text": [x for _, x in self.KB[:n_docs]]}] * len(q)
-        return np.random.default_rng(0).standard_normal((len(q), n_docs, q.shape[1])), None, docs
+        stored = np.random.default_rng(0).standard_normal((len(q), n_docs, q.shape[1])) if embeddings else None
+        return stored, None, docs
 
 
 def test_one_encoder_shared_by_both_sides_of_a_rag_model(tok):
@@ -310,6 +312,7 @@ def test_one_encoder_shared_by_both_sides_of_a_rag_model(tok):
     assert len(list(rag.parameters())) == len(list(enc.parameters()))  # counted once
     ids, mask = batch(tok)
     scores = rag.retrieve(ids, mask).doc_scores
+    assert rag.retriever.asked_for_embeddings is False  # the passages are re-encoded: stored vectors are not shipped
     with torch.no_grad():
         q = enc(ids, attention_mask=mask)[0]
         docs = ctx_tok(*map(list, zip(*FakeRetriever.KB)), padding=True, return_tensors="pt")

@@ -42,7 +42,7 @@ class FakeRetriever:
     def __init__(self):
         self.embeds = np.random.default_rng(0).standard_normal((len(KB), HIDDEN)).astype(np.float32)
 
-    def retrieve(self, q: np.ndarray, n_docs: int):
+    def retrieve(self, q: np.ndarray, n_docs: int, embeddings: bool = True):
         ids = np.array([[(i + k) % len(KB) for k in range(n_docs)] for i in range(len(q))])
         docs = [{"title": [KB[j][0] for j in row], "text": [KB[j][1] for j in row]} for row in ids]
         return self.embeds[ids], ids, docs

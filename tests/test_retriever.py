@@ -251,6 +251,12 @@ def test_rag_ray_retriever_end_to_end(kb_factory, actors):
         np.testing.assert_array_equal(ids, exact_topk(queries, emb2, 2))
         np.testing.assert_array_equal(embeds, emb2[ids])
         check_docs(docs, ids)
+    # What recipes that re-encode the passages ask: the same ids and docs, no stored embeddings.
+    embeds, ids, docs = retriever.retrieve(queries, 2, embeddings=False)
+    assert embeds is None
+    np.testing.assert_array_equal(ids, exact_topk(queries, emb2, 2))
+    check_docs(docs, ids)
+    assert all("embeddings" not in d for d in docs)
 
     # Another rank starts at another actor, so ranks interleave instead of all hitting actor 0 first.
     before = ray.get([a.request_count.remote() for a in handles])

@@ -76,6 +76,9 @@ def test_sharded_topk_equals_one_exact_index(versions, shards):
         assert check_answer(versions, retriever.search(q, k), q, k) == 1
     embeds, ids, docs = retriever.retrieve(q, 4)  # what RagModel calls
     assert ids.shape == (50, 4) and embeds.shape == (50, 4, DIM) and len(docs) == 50
+    no_embeds, same_ids, same_docs = retriever.retrieve(q, 4, embeddings=False)
+    assert no_embeds is None and same_docs == docs
+    np.testing.assert_array_equal(same_ids, ids)
     assert retriever.live_kb == kb and retriever.last_version == 1
     counts = ray.get([s.request_count.remote() for s in shards])
     assert min(counts) >= 5  # every query went to every shard

@@ -231,7 +231,7 @@ class RankedModel:
     def encode_questions(self, input_ids, attention_mask):
         return torch.zeros(len(input_ids), 2)
 
-    def search(self, q, n):
+    def search(self, q, n, embeddings=True):
         ids = [self.ranking[:n]] * len(q)
         docs = [{k: [self.passages[i][k] for i in row] for k in ("title", "text")} for row in ids]
         return None, ids, docs
@@ -263,7 +263,7 @@ def test_rerank_keeps_the_top_passages_by_fresh_embeddings(tiny_models):
                                                                        "pikachu", "egypt"])]  # fmt: skip
 
     class Stale:
-        def retrieve(self, q, n):
+        def retrieve(self, q, n, embeddings=True):
             ids = [list(range(n))] * len(q)
             docs = [{k: [passages[i][k] for i in row] for k in ("title", "text")} for row in ids]
             return torch.zeros(len(q), n, HIDDEN).numpy(), ids, docs
