@@ -92,7 +92,7 @@ WORDS_PER_PASSAGE = 100
 CHUNK = 50_000  # passages / embedding rows generated at a time
 MIB = 2**20
 STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
-BUILDER_RATIO_GUESS = 8.0  # builder peak / embeddings bytes before one was measured (7.4 at 100k passages)
+BUILDER_RATIO_GUESS = 5.0  # builder peak / embeddings bytes before one is measured (2.5-4.7 at 100k and 1M)
 
 
 # ---------------------------------------------------------------------- /proc
@@ -381,11 +381,12 @@ def run(
             # The builder's peak is the largest: skip a size where it would not fit (or take the machine down).
             ratios = [(x["builder"]["peak"] - x["builder"]["idle"]["VmRSS"]) / x["builder"]["embeddings_bytes"]
                       for r in rows for x in r.get("indexes", {}).values()]  # fmt: skip
-            need, free = max(ratios, default=BUILDER_RATIO_GUESS) * n * dim * 4, available_memory()
+            ratio = max(ratios, default=BUILDER_RATIO_GUESS)
+            need, free = ratio * n * dim * 4, available_memory()
             if need > 0.8 * free:
+                basis = f"measured {ratio:.1f}x" if ratios else f"guessed {ratio:.1f}x, no smaller size measured"
                 rows.append({"size": n, "dim": dim, "skipped": f"the builder would peak at ~{need / 2**30:.1f} GiB "
-                             f"(measured {max(ratios, default=BUILDER_RATIO_GUESS):.1f}x the embeddings), "
-                             f"{free / 2**30:.1f} GiB is available"})  # fmt: skip
+                             f"({basis} the embeddings), {free / 2**30:.1f} GiB is available"})  # fmt: skip
                 log(f"\n## {n:,} passages: skipped: {rows[-1]['skipped']}")
                 continue
             size_dir = work / f"kb-{n}"
