@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
@@ -78,10 +78,11 @@ class _LoadedKB:
     passages: Dataset
     index: faiss.Index
     offset: int = 0  # global row of the index's id 0 (a shard's first row)
+    # The same memory-mapped rows without the embeddings, for recipes that re-encode the passages they
+    # retrieve: 8 x 5 stored 768-d vectors are 123 KB to gather and ship back through Ray (~3 ms a call).
+    texts: Dataset = field(init=False)
 
     def __post_init__(self):
-        # The same memory-mapped rows without the embeddings, for recipes that re-encode the passages they
-        # retrieve: 8 x 5 stored 768-d vectors are 123 KB to gather and ship back through Ray (~3 ms a call).
         self.texts = self.passages.remove_columns("embeddings").with_format(None)
 
 
@@ -154,7 +155,7 @@ class RetrievalActor:
         return kb
 
     @staticmethod
-    def _lookup(kb: _LoadedKB, ids: np.ndarray, embeddings: bool = True) -> tuple[np.ndarray | None, list[dict]]:
+    def _lookup(kb: _LoadedKB, ids: np.ndarray, embeddings: bool) -> tuple[np.ndarray | None, list[dict]]:
         """Embeddings (queries, k, dim), or None unless `embeddings`, and per-query docs ({column: k values}) of
         rows `ids` (queries, k), read in one gather: a lookup per query costs ~0.25 ms of Arrow overhead each."""
         rows = (kb.passages if embeddings else kb.texts)[ids.ravel().tolist()]
@@ -437,7 +438,7 @@ class ShardedRetriever(RagRayDistributedRetriever):
         raise RuntimeError(f"the retrieval shards gave no answer in {MAX_RETRIEVAL_ATTEMPTS} attempts") from error
 
     def _one_version(
-        self, queries: np.ndarray, n_docs: int, answers: list[ShardAnswer], embeddings: bool = True
+        self, queries: np.ndarray, n_docs: int, answers: list[ShardAnswer], embeddings: bool
     ) -> list[ShardAnswer] | None:
         """`answers` all from one version: the shards that answered from another are asked for it. None when
         no version was found that every shard still holds."""
