@@ -11,6 +11,7 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets import config as datasets_config
 from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
@@ -281,6 +283,7 @@ class ShardEncoder:
             lengths.append(np.array([len(x) for x in chunk_ids], dtype=np.int64))
             flat = itertools.chain.from_iterable(chunk_ids)
             ids.append(np.fromiter(flat, dtype=np.int32, count=int(lengths[-1].sum())))
+        self.passages_path, self.start, self.end = passages_path, start, end
         self.token_ids = np.concatenate(ids)
         self.offsets = np.cumsum(np.concatenate(lengths))  # passage i: token_ids[offsets[i] : offsets[i + 1]]
         self.pad_token_id = tokenizer.pad_token_id
@@ -303,6 +306,12 @@ class ShardEncoder:
             )
         finally:
             torch.set_num_threads(before)
+
+    def encode_to(self, state_dict: dict, path: str, batch_size: int = 64, threads: int | None = None) -> int:
+        """Encode the shard and write its rows with the new embeddings to the part file `path` of a version being
+        built; returns the rows. The vectors go to disk from here, not through Ray's object store to the builder."""
+        embeddings = self.encode(state_dict, batch_size, threads)
+        return write_passages_part(self.passages_path, self.start, self.end, embeddings, path)
 
 
 def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
@@ -358,47 +367,45 @@ def add_index_args(parser) -> None:
                         help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF')  # fmt: skip
 
 
-def _factory_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """An index from `cfg.factory`, trained (IVF centroids, PQ codebooks) on a seeded sample when it needs it."""
-    try:
-        index = faiss.index_factory(embeddings.shape[1], cfg.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"--index_factory {cfg.factory!r}: not a FAISS factory string ({err})") from None
-    if not index.is_trained:
-        rows = np.random.default_rng(0).permutation(len(embeddings))[: cfg.train_size]
-        try:
-            index.train(embeddings[np.sort(rows)])
-        except RuntimeError as err:  # e.g. fewer training vectors than IVF centroids
-            raise ValueError(
-                f"--index_factory {cfg.factory!r}: training on {len(rows):,} vectors failed; a KB this size needs "
-                f"fewer IVF lists or PQ centroids, e.g. IVF{max(1, int(np.sqrt(len(embeddings))))},Flat ({err})"
-            ) from None
-    if hasattr(index, "hnsw"):
-        index.hnsw.efConstruction = cfg.ef_construction
-        index.hnsw.efSearch = cfg.ef_search
-    return index
-
-
-def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """Build an inner-product index over `embeddings` (row i gets FAISS id i)."""
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    dim = embeddings.shape[1]
+def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
+    """An empty inner-product index for `cfg`, trained (IVF centroids, PQ codebooks) when it needs it on
+    `sample(rows)`: the vectors of a seeded sorted sample of at most `cfg.train_size` of the `n_rows` rows."""
     if cfg.factory:
-        index = _factory_index(embeddings, cfg)
+        try:
+            index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            raise ValueError(f"--index_factory {cfg.factory!r}: not a FAISS factory string ({err})") from None
     elif cfg.index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif cfg.index_type == "hnsw":
         index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.ef_construction
-        index.hnsw.efSearch = cfg.ef_search
     else:
         raise ValueError(f"unknown index type {cfg.index_type!r}; choose flat or hnsw, or give --index_factory")
+    if not index.is_trained:
+        rows = np.sort(np.random.default_rng(0).permutation(n_rows)[: cfg.train_size])
+        try:
+            index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
+        except RuntimeError as err:  # e.g. fewer training vectors than IVF centroids
+            raise ValueError(
+                f"--index_factory {cfg.factory!r}: training on {len(rows):,} vectors failed; a KB this size needs "
+                f"fewer IVF lists or PQ centroids, e.g. IVF{max(1, int(np.sqrt(n_rows)))},Flat ({err})"
+            ) from None
+    if hasattr(index, "hnsw"):
+        index.hnsw.efConstruction = cfg.ef_construction
+        index.hnsw.efSearch = cfg.ef_search
     if cfg.search_params:  # written with the index (nprobe, efSearch), so every reader searches the same way
         try:
             faiss.ParameterSpace().set_index_parameters(index, cfg.search_params)
         except RuntimeError as err:
             kind = cfg.factory or cfg.index_type
             raise ValueError(f"--index_search_params {cfg.search_params!r} do not apply to {kind} ({err})") from None
+    return index
+
+
+def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """Build an inner-product index over `embeddings` (row i gets FAISS id i)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    index = new_faiss_index(embeddings.shape[1], len(embeddings), cfg, embeddings.__getitem__)
     index.add(embeddings)
     return index
 
@@ -407,9 +414,7 @@ def with_embeddings(passages: Dataset, embeddings: np.ndarray) -> Dataset:
     """Return `passages` (title, text) with an `embeddings` column, built in Arrow (no Python loop)."""
     if len(passages) != len(embeddings):
         raise ValueError(f"{len(passages)} passages but {len(embeddings)} embeddings")
-    flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
-    offsets = np.arange(0, flat.size + 1, embeddings.shape[1], dtype=np.int64)
-    column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    column = vectors_array(embeddings)
     passages = passages.select_columns(["title", "text"])
     if passages._indices is not None:  # a filtered/selected view: materialise rows in their order
         passages = passages.flatten_indices()
@@ -417,6 +422,13 @@ def with_embeddings(passages: Dataset, embeddings: np.ndarray) -> Dataset:
     # A random fingerprint: the default one hashes the whole in-memory table, which lifted the KB builder's peak
     # from 3.3x to 7.4x the embeddings' size (bench/bench_memory.py) and doubled its time.
     return Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
+
+
+def vectors_array(embeddings: np.ndarray) -> pa.LargeListArray:
+    """(rows, dim) float32 vectors as the Arrow column a KB stores them in, one list per row."""
+    flat = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1)
+    offsets = np.arange(0, flat.size + 1, max(1, embeddings.shape[1]), dtype=np.int64)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -522,6 +534,118 @@ def prune_versions(
     return [kb.version for kb in old]
 
 
+# ----------------------------------------------------------------------------- writing a version, streamed
+
+PART_BATCH_ROWS = 16_384  # rows per Arrow record batch of a part file: what the builder holds at a time
+
+
+def staging_dir(kb_root: str | os.PathLike, version: int) -> Path:
+    """A fresh temporary directory name for `version` while it is written (list_versions ignores it)."""
+    return _temporary_sibling(version_dir(kb_root, version))
+
+
+def part_path(staging: str | os.PathLike, part: int, n_parts: int) -> Path:
+    """The passages file of encoding shard `part` in a version being written (the name save_to_disk gives it)."""
+    return Path(staging) / "passages" / f"data-{part:05d}-of-{n_parts:05d}.arrow"
+
+
+def write_passages_part(
+    base_passages_path: str | os.PathLike, start: int, end: int, embeddings: np.ndarray, path: str | os.PathLike
+) -> int:
+    """Rows [start, end) of the base passages (title, text) with their new `embeddings`, written to the Arrow
+    stream `path` a record batch at a time, under a temporary name until complete; returns the rows written."""
+    if len(embeddings) != end - start:
+        raise ValueError(f"{end - start} passages but {len(embeddings)} embeddings")
+    base = load_from_disk(str(base_passages_path)).select_columns(["title", "text"])
+    rows = base.data.table.slice(start, end - start)  # memory-mapped: read a batch at a time
+    schema = rows.schema.remove_metadata().append(pa.field("embeddings", pa.large_list(pa.float32())))
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for a in range(0, end - start, PART_BATCH_ROWS):
+                chunk = rows.slice(a, PART_BATCH_ROWS)
+                columns = [*chunk.columns, pa.chunked_array([vectors_array(embeddings[a : a + len(chunk)])])]
+                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+        os.rename(tmp, path)
+    except OSError as err:  # a full or read-only disk: say where, and the errno
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"writing KB passages {path} failed: {err}", err.filename) from err
+    return end - start
+
+
+def _part_vectors(parts: list[Path]) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, vectors) of each record batch of the part files in order, read one batch at a time (not
+    memory-mapped, so that the builder's memory is one batch plus the index, whatever the KB's size)."""
+    row = 0
+    for path in parts:
+        with pa.OSFile(str(path)) as source:
+            for batch in pa.ipc.open_stream(source):
+                column = batch.column("embeddings")
+                yield row, column.flatten().to_numpy().reshape(len(batch), -1)
+                row += len(batch)
+
+
+def _sample_parts(parts: list[Path], rows: np.ndarray) -> np.ndarray:
+    """The vectors of sorted global `rows` of the part files, gathered in one pass over them."""
+    gathered = []
+    for first, vectors in _part_vectors(parts):
+        lo, hi = np.searchsorted(rows, [first, first + len(vectors)])
+        gathered.append(vectors[rows[lo:hi] - first])
+    return np.concatenate(gathered)
+
+
+def _declare_dataset(directory: Path, files: list[Path]) -> None:
+    """Make Arrow streams `files` inside `directory` one dataset for `load_from_disk`: the state and info files
+    that `Dataset.save_to_disk` writes beside its data files (a test reads the result back)."""
+    dataset = concatenate_datasets([Dataset.from_file(str(f)) for f in files])  # memory-mapped: headers only
+    state = {"_data_files": [{"filename": f.name} for f in files], "_fingerprint": generate_random_fingerprint(),
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}  # fmt: skip
+    (directory / datasets_config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+    dataset.info.write_to_directory(str(directory))
+
+
+def publish_kb_version(
+    kb_root: str,
+    version: int,
+    embedding_step: int,
+    cfg: IndexConfig,
+    similarity: str,
+    staging: str | os.PathLike,
+    *part_rows: int,
+) -> KBVersion:
+    """Index the part files that the encoding shards wrote under `staging` (`part_rows` rows each, in shard
+    order), declare them one passages dataset and publish `kb_root/vNNNN` atomically. The embeddings are read
+    a record batch at a time, never merged: the builder holds the index and one batch. Runs in a Ray actor."""
+    final, staging = version_dir(kb_root, version), Path(staging)
+    try:
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
+        parts = [part_path(staging, i, len(part_rows)) for i in range(len(part_rows))]
+        dim = next(_part_vectors(parts[:1]))[1].shape[1]
+        index = new_faiss_index(dim, sum(part_rows), cfg, lambda rows: _sample_parts(parts, rows))
+        for _, vectors in _part_vectors(parts):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        if index.ntotal != sum(part_rows):
+            raise ValueError(f"{staging}: the parts hold {index.ntotal} passages, the encoders wrote {sum(part_rows)}")
+        _declare_dataset(staging / "passages", parts)
+        write_kb_info(staging / "passages", similarity)
+        faiss.write_index(index, str(staging / "index.faiss"))
+        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
+        (staging / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+        os.rename(staging, final)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)  # our own half-written temporary directory
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):  # a full or read-only disk: where
+            raise OSError(err.errno, f"writing KB version {final} failed: {err}", err.filename) from err
+        if isinstance(err, RuntimeError):  # faiss's write errors carry no path
+            raise RuntimeError(f"writing KB version {final} failed: {err}") from err
+        raise
+    return kb
+
+
 def build_kb_version(
     base_passages_path: str,
     kb_root: str,
@@ -531,34 +655,25 @@ def build_kb_version(
     similarity: str,
     *shard_embeddings: np.ndarray,
 ) -> KBVersion:
-    """Merge encoded shards (in shard order), build the index and publish `kb_root/vNNNN` atomically.
-    Runs in a Ray actor, away from the training processes."""
-    embeddings = np.concatenate(shard_embeddings, axis=0)
-    dataset = with_embeddings(load_from_disk(base_passages_path), embeddings)
-    final = version_dir(kb_root, version)
-    if final.exists():
-        raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
-    tmp = _temporary_sibling(final)
+    """Write encoded shards (in shard order) as part files here, then `publish_kb_version` them: what a refresh
+    does across its encoding actors and builder, in one process."""
+    n_base, n_vectors = len(load_from_disk(base_passages_path)), sum(len(e) for e in shard_embeddings)
+    if n_base != n_vectors:
+        raise ValueError(f"{n_base} passages but {n_vectors} embeddings")
+    staging, start, rows = staging_dir(kb_root, version), 0, []
     try:
-        tmp.mkdir(parents=True)
-        dataset.save_to_disk(str(tmp / "passages"))
-        write_kb_info(tmp / "passages", similarity)
-        faiss.write_index(build_faiss_index(embeddings, cfg), str(tmp / "index.faiss"))
-        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
-        (tmp / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
-        os.rename(tmp, final)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written temporary directory
-        if isinstance(err, OSError):  # a full or read-only disk: say where, and the errno
-            raise OSError(err.errno, f"writing KB version {final} failed: {err}", err.filename) from err
-        if isinstance(err, RuntimeError):  # faiss's write errors carry no path
-            raise RuntimeError(f"writing KB version {final} failed: {err}") from err
+        for i, embeddings in enumerate(shard_embeddings):
+            part = part_path(staging, i, len(shard_embeddings))
+            rows.append(write_passages_part(base_passages_path, start, start + len(embeddings), embeddings, part))
+            start += len(embeddings)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    return kb
+    return publish_kb_version(kb_root, version, embedding_step, cfg, similarity, staging, *rows)
 
 
 class KBBuilder:
-    """Body of the Ray actor that runs `build_kb_version`; kept alive so that a refresh does not pay
+    """Body of the Ray actor that runs `publish_kb_version`; kept alive so that a refresh does not pay
     for starting a worker process and importing faiss/datasets each time."""
 
     def __init__(self, threads: int = 1):
@@ -568,10 +683,10 @@ class KBBuilder:
         self.threads = threads
         faiss.omp_set_num_threads(threads)
 
-    def build(self, *args, threads: int | None = None) -> KBVersion:
-        """`build_kb_version(*args)`, with `threads` FAISS threads for this call (when training waits for it)."""
+    def publish(self, *args, threads: int | None = None) -> KBVersion:
+        """`publish_kb_version(*args)`, with `threads` FAISS threads for this call (when training waits for it)."""
         faiss.omp_set_num_threads(threads or self.threads)
         try:
-            return build_kb_version(*args)
+            return publish_kb_version(*args)
         finally:
             faiss.omp_set_num_threads(self.threads)

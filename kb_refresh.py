@@ -13,9 +13,11 @@ Each state change is polled with `ray.wait(timeout=0)`: nothing here makes the c
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 
 import ray
 import torch
@@ -23,7 +25,17 @@ from datasets import load_from_disk
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError
 
-from kb_encode_utils import IndexConfig, KBBuilder, KBVersion, ShardEncoder, list_versions, prune_versions, shard_bounds
+from kb_encode_utils import (
+    IndexConfig,
+    KBBuilder,
+    KBVersion,
+    ShardEncoder,
+    list_versions,
+    part_path,
+    prune_versions,
+    shard_bounds,
+    staging_dir,
+)
 from rag_encoders import encoder_factory
 
 ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
@@ -65,6 +77,9 @@ class Refresher:
         self.skipped_triggers = self.failures = self.consecutive_failures = 0
         self.actor_restarts = 0  # encoding actors and builder that died and were restarted by Ray
         self._build_ref = None
+        self._staging: Path | None = None  # the directory the refresh in flight writes its version to
+        self._parts: list = []  # its encoding tasks (each returns the rows of the part file it wrote)
+        self._abandoned: list[tuple[Path, list]] = []  # a failed refresh's directory, removed once its encoders end
         self._pending: list = []
         self._new_kb: KBVersion | None = None
         self._trigger_step, self._trigger_time = 0, 0.0
@@ -108,18 +123,16 @@ class Refresher:
             rank_zero_info(f"KB refresh: trigger at step {step} skipped ({self.state.value})")
             return False
         snapshot = ray.put({k: v.detach().to("cpu", copy=True) for k, v in weights.items()})
-        shards = [e.encode.remote(snapshot, self.encode_batch_size, threads) for e in self.encoders]
+        # Each encoding actor writes its rows with their new vectors into the version's directory, and the builder
+        # indexes those files a batch at a time: no process ever holds every vector (bench/bench_memory.py).
+        self._staging, n = staging_dir(self.kb_root, self._next_version), len(self.encoders)
+        self._parts = [e.encode_to.remote(snapshot, str(part_path(self._staging, i, n)), self.encode_batch_size,
+                                          threads) for i, e in enumerate(self.encoders)]  # fmt: skip
         similarity = self.live_version.similarity
-        self._build_ref = self.builder.build.remote(
-            self.passages_path,
-            self.kb_root,
-            self._next_version,
-            step,
-            self.index_config,
-            similarity,
-            *shards,
+        self._build_ref = self.builder.publish.remote(
+            self.kb_root, self._next_version, step, self.index_config, similarity, str(self._staging), *self._parts,
             threads=threads,
-        )
+        )  # fmt: skip
         self._next_version += 1
         self._trigger_step, self._trigger_time = step, time.perf_counter()
         self.state = RefreshState.ENCODING
@@ -128,6 +141,7 @@ class Refresher:
 
     def poll(self, step: int) -> dict | None:
         """Advance the state machine without waiting; the refresh's record when its version just went live."""
+        self._remove_abandoned()
         try:
             if self.state is RefreshState.ENCODING:
                 if ray.wait([self._build_ref], timeout=0)[0]:
@@ -148,6 +162,7 @@ class Refresher:
         return None
 
     def _failed(self, err: Exception) -> None:
+        self._abandoned.append((self._staging, self._parts))
         self.failures += 1
         self.consecutive_failures += 1
         self.state = RefreshState.IDLE
@@ -163,6 +178,14 @@ class Refresher:
             ) from err
         rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{live}; retried at the next "
                        f"trigger: {cause}")  # fmt: skip
+
+    def _remove_abandoned(self, wait: bool = False) -> None:
+        """Remove failed refreshes' temporary directories (parts some encoders wrote for a version never published),
+        each once all its encoding tasks have ended: one still running would write its part again."""
+        for staging, parts in list(self._abandoned):
+            if wait or len(ray.wait(parts, num_returns=len(parts), timeout=0)[0]) == len(parts):
+                shutil.rmtree(staging, ignore_errors=True)  # this refresh's own `.tmp-` directory
+                self._abandoned.remove((staging, parts))
 
     def _finish_swap(self, step: int) -> dict:
         self.retriever.activate(self._new_kb)
@@ -194,6 +217,7 @@ class Refresher:
         for actor in [*self.encoders, self.builder] if self.builder is not None else []:
             ray.kill(actor)
         self.encoders, self.builder = [], None
+        self._remove_abandoned(wait=True)  # their encoders are gone: nothing writes there any more
 
     # --------------------------------------------------------------- actor restarts
 

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import DPRConfig, DPRContextEncoder
 
+import kb_encode_utils
 from kb_encode_utils import (
     READY_MARKER,
     IndexConfig,
@@ -19,15 +20,19 @@ from kb_encode_utils import (
     encode_token_ids,
     kb_similarity,
     list_versions,
+    part_path,
+    publish_kb_version,
     read_kb_csv,
     read_version,
     save_kb,
     shard_bounds,
     split_documents,
     split_text,
+    staging_dir,
     version_dir,
     with_embeddings,
     write_kb_info,
+    write_passages_part,
 )
 
 
@@ -372,3 +377,39 @@ def test_encode_token_ids_matches_single_passage_encoding():
     low = encode_token_ids(encoder, token_ids, pad_token_id=0, batch_size=3, progress=False, bf16=True)
     assert low.dtype == np.float32 and not np.array_equal(low, out)  # really computed in bfloat16 ...
     np.testing.assert_allclose(low, out, atol=0.05 * np.abs(out).max())  # ... and close to float32
+
+
+def test_a_version_is_streamed_from_part_files_into_one_dataset_and_index(tmp_path, base_passages, monkeypatch):
+    """The refresh's path: each encoding shard writes its rows with their vectors as a part file, and the builder
+    indexes the parts a record batch at a time (never all vectors at once) and declares them one dataset."""
+    monkeypatch.setattr(kb_encode_utils, "PART_BATCH_ROWS", 3)  # several batches per part, the last one short
+    emb = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
+    root, bounds = tmp_path / "kb", [(0, 4), (4, 9), (9, 10)]
+    staging = staging_dir(root, 2)
+    rows = [write_passages_part(base_passages, a, b, emb[a:b], part_path(staging, i, 3)) for i, (a, b) in
+            enumerate(bounds)]  # fmt: skip
+    batches = [len(v) for _, v in kb_encode_utils._part_vectors([part_path(staging, i, 3) for i in range(3)])]
+    assert rows == [4, 5, 1] and batches == [3, 1, 3, 2, 1]
+    cfg = IndexConfig(factory="IVF2,Flat", train_size=7, search_params="nprobe=2")  # trained on rows of all parts
+    kb = publish_kb_version(str(root), 2, 5, cfg, "dot", staging, *rows)
+
+    assert not staging.exists() and list_versions(root) == [kb]
+    stored = load_from_disk(kb.passages_path)
+    assert stored["title"] == [f"title {i}" for i in range(10)] and stored["text"][9] == "text of passage 9"
+    np.testing.assert_array_equal(stored_embeddings(stored), emb)
+    assert len(stored.cache_files) == 3  # the parts themselves, memory-mapped, not a merged copy
+    queries = np.random.default_rng(3).standard_normal((4, 8)).astype(np.float32)
+    streamed, merged = faiss.read_index(kb.index_path), build_faiss_index(emb, cfg)
+    np.testing.assert_array_equal(streamed.search(queries, 10)[1], merged.search(queries, 10)[1])
+    np.testing.assert_array_equal(streamed.search(queries, 10)[1], exact_topk(queries, emb, 10)[0])
+
+
+def test_publishing_parts_that_miss_rows_fails_and_leaves_nothing(tmp_path, base_passages):
+    emb = np.ones((10, 4), dtype=np.float32)
+    staging = staging_dir(tmp_path / "kb", 1)
+    rows = write_passages_part(base_passages, 0, 10, emb, part_path(staging, 0, 1))
+    with pytest.raises(ValueError, match="the parts hold 10 passages, the encoders wrote 11"):
+        publish_kb_version(str(tmp_path / "kb"), 1, 0, IndexConfig("flat"), "dot", staging, rows + 1)
+    assert not staging.exists() and list_versions(tmp_path / "kb") == []
+    with pytest.raises(ValueError, match="3 passages but 2 embeddings"):
+        write_passages_part(base_passages, 0, 3, emb[:2], part_path(staging, 0, 1))

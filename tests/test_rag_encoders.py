@@ -138,6 +138,12 @@ def test_shard_encoder_rebuilds_a_pooled_encoder(tok, tmp_path):
     )
     expected = encode_token_ids(enc, tokenize_passages(ctx_tok, titles, texts), tok.pad_token_id, progress=False)
     np.testing.assert_allclose(shard.encode(enc.state_dict()), expected, atol=1e-6)
+    # in a refresh it writes its rows with their vectors to the version's part file instead of returning them
+    tail = ShardEncoder(str(tmp_path / "kb"), 1, 3, ctx_tok, encoder_factory(enc), enc.config)
+    assert tail.encode_to(enc.state_dict(), str(tmp_path / "part.arrow")) == 2
+    part = Dataset.from_file(str(tmp_path / "part.arrow"))
+    assert part["title"] == titles[1:] and part["text"] == texts[1:]
+    np.testing.assert_allclose(np.array(part["embeddings"]), expected[1:], atol=1e-6)
 
 
 def test_save_and_from_pretrained_keep_pooling(tok, tmp_path):

@@ -113,6 +113,31 @@ def test_refreshes_that_keep_failing_stop_the_run_with_the_cause(ray_local, fine
     kill_actors(module)
 
 
+def test_a_failed_refresh_removes_the_parts_its_encoders_wrote(ray_local, finetune_argv, tmp_path, monkeypatch):
+    """Of two encoding actors one writes its part and the other cannot (a directory holds its file name): the
+    builder never runs, and the refresh's own temporary version directory is removed with what was written."""
+    module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end")))
+    staging = tmp_path / "kb" / "v0001.tmp-test"
+    monkeypatch.setattr(kb_refresh, "staging_dir", lambda root, version: staging)
+    (kb_refresh.part_path(staging, 1, 2)).mkdir(parents=True)  # the second part cannot be renamed into place
+    ctx = module.model.ctx_encoder
+    refresher = kb_refresh.Refresher(module.retriever, module.base_passages_path, str(tmp_path / "kb"), ctx,
+                                     module.model.ctx_tokenizer, IndexConfig("flat"), index_workers=2)  # fmt: skip
+    assert refresher.trigger(ctx.state_dict(), step=1)
+    deadline = time.monotonic() + 120
+    while refresher.failures == 0 and time.monotonic() < deadline:
+        refresher.poll(step=1)
+        time.sleep(0.05)
+    assert refresher.failures == 1 and refresher.state is RefreshState.IDLE
+    assert refresher.live_version.version == 0
+    while staging.exists() and time.monotonic() < deadline:  # removed once the other encoder has ended too
+        refresher.poll(step=2)
+        time.sleep(0.05)
+    assert not staging.exists(), "the failed refresh left its parts behind"
+    refresher.close()
+    kill_actors(module)
+
+
 def test_a_full_disk_is_reported_with_path_and_errno(tiny_kb, tmp_path):
     passages, _ = tiny_kb
     from datasets import load_from_disk
