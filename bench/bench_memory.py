@@ -2,12 +2,12 @@
 
 For each KB size in --sizes, a seeded synthetic KB: passages of 100 words drawn from the dummy KB's vocabulary
 (a title of 1-4 words each) and --dim float32 unit-length embeddings, generated in chunks. The KB versions are
-written the way a refresh writes them: a `KBBuilder` Ray actor runs `build_kb_version` on the embeddings handed
-to it as --builder_shards Ray objects (one per encoding actor), once per index in --factories. Then, each in a
-fresh Ray actor, one at a time:
+written the way a refresh writes them: --builder_shards part files of rows and vectors (what each encoding
+actor writes), then a `KBBuilder` Ray actor runs `publish_kb_version` over them, once per index in --factories.
+Then, each in a fresh Ray actor, one at a time:
 
-- **builder**: peak RSS of the `KBBuilder` actor while it merges the shards (np.concatenate), adds the
-  `embeddings` column (with_embeddings), saves the passages and builds and writes the index;
+- **builder**: peak RSS of the `KBBuilder` actor while it indexes the part files a record batch at a time
+  (training IVF/PQ on a sample of them first), declares them one dataset and writes the index;
 - **retrieval**: a `RetrievalActor` (start_retrieval_actors) after `init_retrieval` (`ensure_live`) of the
   version and --searches calls of 8 queries; and, for the first index, --index_shards `ShardActor`s
   (start_shard_actors with a Flat IndexConfig; each builds its own index over its rows, as `--index_shards`
@@ -15,7 +15,8 @@ fresh Ray actor, one at a time:
   (/proc/<pid>/smaps) against their size, and the actor's RSS growth against the passages' text size;
 - **encoding**: a `ShardEncoder` actor (the tiny random context encoder of test_run/make_tiny_models.py,
   loaded and handed over as kb_refresh.Refresher does) over the first --encode_rows passages of the first
-  size: the memory it holds after tokenising its shard at start-up, and its peak during one `encode` call;
+  size: the memory it holds after tokenising its shard at start-up, and its peak during one `encode_to` call
+  (encoding, then writing its part file);
 - **disk**: the size of the version's passages directory and of its index file.
 
 Memory is read from /proc/<pid>/status of each actor process (pid from the actor itself): VmHWM (peak RSS),
@@ -84,7 +85,16 @@ from distributed_ray_retriever import (  # noqa: E402
     start_retrieval_actors,
     start_shard_actors,
 )
-from kb_encode_utils import IndexConfig, KBBuilder, KBVersion, ShardEncoder, shard_bounds  # noqa: E402
+from kb_encode_utils import (  # noqa: E402
+    IndexConfig,
+    KBBuilder,
+    KBVersion,
+    ShardEncoder,
+    part_path,
+    shard_bounds,
+    staging_dir,
+    write_passages_part,
+)
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DEFAULT_FACTORIES = ("Flat", "IVF1024,PQ64np")
@@ -200,19 +210,22 @@ def unit_queries(n: int, dim: int, seed: int) -> np.ndarray:
 
 def measure_builder(base: Path, kb_root: Path, version: int, n: int, dim: int, shards: int, cfg: IndexConfig,
                     seed: int) -> tuple[KBVersion, dict]:  # fmt: skip
-    """Write version `version` in a fresh KBBuilder actor from `shards` Ray objects of embeddings, as a refresh."""
-    bounds = shard_bounds(n, shards)
-    refs = [ray.put(unit_embeddings(end - start, dim, seed + i)) for i, (start, end) in enumerate(bounds)]
+    """Publish version `version` in a fresh KBBuilder actor from `shards` part files, written here as the encoding
+    actors of a refresh write them (their memory is measured with the encoder), as a refresh does."""
+    staging = staging_dir(kb_root, version)
+    rows = []
+    for i, (start, end) in enumerate(shard_bounds(n, shards)):
+        vectors = unit_embeddings(end - start, dim, seed + i)
+        rows.append(write_passages_part(base, start, end, vectors, part_path(staging, i, shards)))
     builder = ray.remote(KBBuilder).options(num_cpus=0, max_restarts=0).remote()
     pid = actor_pid(builder)
     idle = memory(pid)
     reset_peak(pid)
     t0 = time.perf_counter()
-    kb = ray.get(builder.build.remote(str(base), str(kb_root), version, 0, cfg, "cosine", *refs))
+    kb = ray.get(builder.publish.remote(str(kb_root), version, 0, cfg, "cosine", str(staging), *rows))
     seconds = time.perf_counter() - t0
     after = memory(pid)
     ray.kill(builder)
-    del refs
     return kb, {"idle": idle, "peak": after["VmHWM"], "after_rss": after["VmRSS"], "seconds": seconds,
                 "embeddings_bytes": n * dim * 4}  # fmt: skip
 
@@ -271,12 +284,13 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
         self.token_ids, "size") else sum(map(len, self.token_ids))))  # fmt: skip
     reset_peak(pid)
     t0 = time.perf_counter()
-    out = ray.get(actor.encode.remote(encoder.state_dict(), 64, 1))
+    with tempfile.TemporaryDirectory() as scratch:  # as in a refresh, it writes its rows and vectors as a part
+        written = ray.get(actor.encode_to.remote(encoder.state_dict(), f"{scratch}/part.arrow", 64, 1))
     encode_s = time.perf_counter() - t0
     encoded = memory(pid)
     ray.kill(actor)
     return {"rows": rows, "idle_rows": idle_rows, "tokens": tokens, "idle": idle, "start_s": start_s,
-            "encode_s": encode_s, "tokenised": tokenised, "encoded": encoded, "output_dim": out.shape[1]}  # fmt: skip
+            "encode_s": encode_s, "tokenised": tokenised, "encoded": encoded, "written": written}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- run
@@ -435,7 +449,7 @@ def conclusion(result: dict) -> dict:
     enc = None
     if encoders:
         e = encoders[-1]
-        # its token ids, and the embeddings it returns (dim floats each; they wait in Ray's store for the builder)
+        # its token ids, and the vectors it encodes (dim floats each) until it has written them to its part file
         per = anon(e["tokenised"], e["idle"]) / (e["rows"] - e["idle_rows"]) + 4 * p["dim"]
         enc = out["encoder"] = {"per_passage": per, "fixed": e["idle"]["VmRSS"]}
     for factory in p["factories"]:
@@ -532,7 +546,7 @@ def markdown(result: dict) -> str:
                 f"a token; start-up {e['start_s']:.0f}s", per=per)  # fmt: skip
             peak = e["encoded"]["VmHWM"]
             add(e["rows"], "encoding actor: peak in encode", "–", peak, peak - e["idle"]["VmRSS"],
-                f"{e['encode_s']:.0f}s; output dim {e['output_dim']}")  # fmt: skip
+                f"{e['encode_s']:.0f}s; {e['written']:,} rows written")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -566,7 +580,7 @@ def main() -> None:
                    help="';'-separated faiss.index_factory strings, one KB version each")  # fmt: skip
     p.add_argument("--parts", default="builder,retrieval,encoder", help="what to measure (the builder always runs)")
     p.add_argument("--encode_rows", type=int, default=50_000, help="passages of the encoding actor's shard")
-    p.add_argument("--builder_shards", type=int, default=2, help="embedding shards handed to the builder")
+    p.add_argument("--builder_shards", type=int, default=2, help="part files (encoding actors) the builder indexes")
     p.add_argument("--index_shards", type=int, default=2, help="ShardActors over the first index's version (0: none)")
     p.add_argument("--searches", type=int, default=20, help="retrieve calls (8 queries, 5 docs) before reading")
     p.add_argument("--train_size", type=int, default=100_000, help="as --index_train_size: IVF/PQ training sample")

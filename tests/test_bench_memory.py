@@ -67,7 +67,7 @@ def test_report_and_conclusion_from_a_result(bench):
                                 "disk": {"passages_bytes": 370 * mib, "index_bytes": 293 * mib}}},
            "encoder": {"rows": 50_000, "idle_rows": 4096, "tokens": 5_000_000, "idle": idle, "start_s": 1.0,
                        "encode_s": 1.0, "tokenised": {**idle, "RssAnon": 320 * mib},
-                       "encoded": {**idle, "VmHWM": 450 * mib}, "output_dim": 32}}  # fmt: skip
+                       "encoded": {**idle, "VmHWM": 450 * mib}, "written": 50_000}}  # fmt: skip
     params = {"sizes": [n], "dim": dim, "factories": ["Flat"], "machine_gib": 24.0, "reserve_gib": 6.0}
     result = {"params": params, "rows": [row], "driver_peak": 0}
     result["conclusion"] = bench.conclusion(result)
