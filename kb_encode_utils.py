@@ -12,6 +12,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -259,6 +260,7 @@ class ShardEncoder:
     and re-encodes it with whatever context-encoder weights it is handed."""
 
     TOKENIZE_CHUNK = 4096  # passages tokenised at a time at start-up
+    ENCODE_WINDOW = 65_536  # passages sorted by length, encoded and written at a time by encode_to
 
     def __init__(
         self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config, threads: int = 1
@@ -289,8 +291,9 @@ class ShardEncoder:
         self.pad_token_id = tokenizer.pad_token_id
         self.encoder = build_encoder(encoder_config).to(self.device).eval()  # e.g. a class, or encoder_factory(...)
 
-    def encode(self, state_dict: dict, batch_size: int = 64, threads: int | None = None) -> np.ndarray:
-        """The shard's embeddings under `state_dict`; `threads` CPU threads for this call (when training waits)."""
+    @contextmanager
+    def _weights(self, state_dict: dict, threads: int | None) -> Iterator[None]:
+        """Load `state_dict`, with `threads` CPU threads until the block ends (when training waits for it)."""
         import torch
 
         self.encoder.load_state_dict(state_dict)
@@ -298,20 +301,34 @@ class ShardEncoder:
         if threads and self.device == "cpu":
             torch.set_num_threads(threads)
         try:
-            # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
-            # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
-            bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
-            return encode_token_ids(
-                self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, self.offsets, bf16
-            )
+            yield
         finally:
             torch.set_num_threads(before)
 
+    def _encode(self, offsets: np.ndarray, batch_size: int) -> np.ndarray:
+        import torch
+
+        # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
+        # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
+        bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        return encode_token_ids(
+            self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, offsets, bf16
+        )
+
+    def encode(self, state_dict: dict, batch_size: int = 64, threads: int | None = None) -> np.ndarray:
+        """The shard's embeddings under `state_dict`; `threads` CPU threads for this call."""
+        with self._weights(state_dict, threads):
+            return self._encode(self.offsets, batch_size)
+
     def encode_to(self, state_dict: dict, path: str, batch_size: int = 64, threads: int | None = None) -> int:
-        """Encode the shard and write its rows with the new embeddings to the part file `path` of a version being
-        built; returns the rows. The vectors go to disk from here, not through Ray's object store to the builder."""
-        embeddings = self.encode(state_dict, batch_size, threads)
-        return write_passages_part(self.passages_path, self.start, self.end, embeddings, path)
+        """Encode the shard `ENCODE_WINDOW` passages at a time, appending each window's rows and vectors to the
+        part file `path` of a version being built; returns the rows. The actor never holds the whole shard's
+        vectors, and they go to disk from here instead of through Ray's object store to the builder."""
+        n = len(self.offsets) - 1
+        with self._weights(state_dict, threads), part_writer(self.passages_path, self.start, self.end, path) as write:
+            for a in range(0, n, self.ENCODE_WINDOW):
+                write(self._encode(self.offsets[a : min(a + self.ENCODE_WINDOW, n) + 1], batch_size))
+        return n
 
 
 def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
@@ -549,29 +566,52 @@ def part_path(staging: str | os.PathLike, part: int, n_parts: int) -> Path:
     return Path(staging) / "passages" / f"data-{part:05d}-of-{n_parts:05d}.arrow"
 
 
-def write_passages_part(
-    base_passages_path: str | os.PathLike, start: int, end: int, embeddings: np.ndarray, path: str | os.PathLike
-) -> int:
-    """Rows [start, end) of the base passages (title, text) with their new `embeddings`, written to the Arrow
-    stream `path` a record batch at a time, under a temporary name until complete; returns the rows written."""
-    if len(embeddings) != end - start:
-        raise ValueError(f"{end - start} passages but {len(embeddings)} embeddings")
+@contextmanager
+def part_writer(
+    base_passages_path: str | os.PathLike, start: int, end: int, path: str | os.PathLike
+) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write rows [start, end) of the base passages (title, text) with their new vectors to the Arrow stream
+    `path`: yields `write(vectors)`, which appends the next rows a record batch at a time. The file keeps a
+    temporary name until every row is written."""
     base = load_from_disk(str(base_passages_path)).select_columns(["title", "text"])
     rows = base.data.table.slice(start, end - start)  # memory-mapped: read a batch at a time
     schema = rows.schema.remove_metadata().append(pa.field("embeddings", pa.large_list(pa.float32())))
     path = Path(path)
-    tmp = _temporary_sibling(path)
+    tmp, written = _temporary_sibling(path), 0
+
+    def write(vectors: np.ndarray) -> None:
+        nonlocal written
+        for a in range(0, len(vectors), PART_BATCH_ROWS):
+            batch = vectors[a : a + PART_BATCH_ROWS]
+            chunk = rows.slice(written, len(batch))
+            if len(chunk) < len(batch):
+                raise ValueError(f"{end - start} passages but more embeddings")
+            columns = [*chunk.columns, pa.chunked_array([vectors_array(batch)])]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            written += len(batch)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for a in range(0, end - start, PART_BATCH_ROWS):
-                chunk = rows.slice(a, PART_BATCH_ROWS)
-                columns = [*chunk.columns, pa.chunked_array([vectors_array(embeddings[a : a + len(chunk)])])]
-                writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            yield write
+        if written != end - start:
+            raise ValueError(f"{end - start} passages but {written} embeddings")
         os.rename(tmp, path)
     except OSError as err:  # a full or read-only disk: say where, and the errno
-        tmp.unlink(missing_ok=True)
         raise OSError(err.errno, f"writing KB passages {path} failed: {err}", err.filename) from err
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; what is left of a failed write
+
+
+def write_passages_part(
+    base_passages_path: str | os.PathLike, start: int, end: int, embeddings: np.ndarray, path: str | os.PathLike
+) -> int:
+    """Rows [start, end) of the base passages with their new `embeddings`, written to the part file `path`
+    (part_writer); returns the rows written."""
+    if len(embeddings) != end - start:
+        raise ValueError(f"{end - start} passages but {len(embeddings)} embeddings")
+    with part_writer(base_passages_path, start, end, path) as write:
+        write(embeddings)
     return end - start
 
 

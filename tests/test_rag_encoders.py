@@ -140,6 +140,7 @@ def test_shard_encoder_rebuilds_a_pooled_encoder(tok, tmp_path):
     np.testing.assert_allclose(shard.encode(enc.state_dict()), expected, atol=1e-6)
     # in a refresh it writes its rows with their vectors to the version's part file instead of returning them
     tail = ShardEncoder(str(tmp_path / "kb"), 1, 3, ctx_tok, encoder_factory(enc), enc.config)
+    tail.ENCODE_WINDOW = 1  # a window of passages at a time, each appended in order
     assert tail.encode_to(enc.state_dict(), str(tmp_path / "part.arrow")) == 2
     part = Dataset.from_file(str(tmp_path / "part.arrow"))
     assert part["title"] == titles[1:] and part["text"] == texts[1:]
