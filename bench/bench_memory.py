@@ -282,15 +282,22 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
     # the shard's token ids: a list of lists, or one flat array (a lambda travels to the actor by value)
     tokens = ray.get(actor.__ray_call__.remote(lambda self: int(np.size(self.token_ids)) if hasattr(
         self.token_ids, "size") else sum(map(len, self.token_ids))))  # fmt: skip
+    # Before: `encode` returns the whole shard's vectors (what a refresh handed the builder until 2026-12-01).
     reset_peak(pid)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:  # as in a refresh, it writes its rows and vectors as a part
+    ray.get(actor.encode.remote(encoder.state_dict(), 64, 1))
+    returned_s, returned = time.perf_counter() - t0, memory(pid)
+    # Now: `encode_to` encodes and writes a window of passages at a time to its part file, as in a refresh.
+    reset_peak(pid)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
         written = ray.get(actor.encode_to.remote(encoder.state_dict(), f"{scratch}/part.arrow", 64, 1))
     encode_s = time.perf_counter() - t0
     encoded = memory(pid)
     ray.kill(actor)
     return {"rows": rows, "idle_rows": idle_rows, "tokens": tokens, "idle": idle, "start_s": start_s,
-            "encode_s": encode_s, "tokenised": tokenised, "encoded": encoded, "written": written}  # fmt: skip
+            "encode_s": encode_s, "tokenised": tokenised, "encoded": encoded, "written": written,
+            "window": ShardEncoder.ENCODE_WINDOW, "returned_s": returned_s, "returned": returned}  # fmt: skip
 
 
 # ---------------------------------------------------------------------- run
@@ -354,7 +361,8 @@ def measure_size(n: int, work: Path, model_dir: Path | None, params: dict, log: 
         e = row["encoder"] = measure_encoder(first.passages_path, rows, model_dir)
         log(f"encoding actor over {rows:,} passages ({e['tokens'] / rows:.0f} tokens each): start-up "
             f"{e['start_s']:.1f}s, peak {e['tokenised']['VmHWM'] / MIB:,.0f} MiB, then holds "
-            f"{mib(anon(e['tokenised'], e['idle']))} MiB (anonymous) over idle; encode {e['encode_s']:.1f}s, "
+            f"{mib(anon(e['tokenised'], e['idle']))} MiB (anonymous) over idle; encode (returning the vectors) "
+            f"{e['returned_s']:.1f}s, peak {e['returned']['VmHWM'] / MIB:,.0f} MiB; encode_to {e['encode_s']:.1f}s, "
             f"peak {e['encoded']['VmHWM'] / MIB:,.0f} MiB")  # fmt: skip
     return row
 
@@ -449,9 +457,11 @@ def conclusion(result: dict) -> dict:
     enc = None
     if encoders:
         e = encoders[-1]
-        # its token ids, and the vectors it encodes (dim floats each) until it has written them to its part file
-        per = anon(e["tokenised"], e["idle"]) / (e["rows"] - e["idle_rows"]) + 4 * p["dim"]
-        enc = out["encoder"] = {"per_passage": per, "fixed": e["idle"]["VmRSS"]}
+        # its token ids a passage; a window of vectors and the model's activations (its peak in encode_to over what
+        # it holds) whatever the shard's size
+        per = anon(e["tokenised"], e["idle"]) / (e["rows"] - e["idle_rows"])
+        window = max(0, e["encoded"]["VmHWM"] - e["tokenised"]["VmRSS"])
+        enc = out["encoder"] = {"per_passage": per, "fixed": e["idle"]["VmRSS"] + window}
     for factory in p["factories"]:
         rows = [r for r in result["rows"] if "retrieval" in r.get("indexes", {}).get(factory, {})]
         if not rows:
@@ -544,9 +554,12 @@ def markdown(result: dict) -> str:
             add(e["rows"], "encoding actor: anon held after start-up", "–", e["tokenised"]["VmHWM"], held,
                 f"idle: over {e['idle_rows']:,} passages; {tokens:.0f} tokens a passage, {per / tokens:.1f} bytes "
                 f"a token; start-up {e['start_s']:.0f}s", per=per)  # fmt: skip
+            peak = e["returned"]["VmHWM"]
+            add(e["rows"], "encoding actor: peak in encode (before: returns the shard's vectors)", "–", peak,
+                peak - e["idle"]["VmRSS"], f"{e['returned_s']:.0f}s")  # fmt: skip
             peak = e["encoded"]["VmHWM"]
-            add(e["rows"], "encoding actor: peak in encode", "–", peak, peak - e["idle"]["VmRSS"],
-                f"{e['encode_s']:.0f}s; {e['written']:,} rows written")  # fmt: skip
+            add(e["rows"], "encoding actor: peak in encode_to (writes its part a window at a time)", "–", peak,
+                peak - e["idle"]["VmRSS"], f"{e['encode_s']:.0f}s; windows of {e['window']:,} passages")  # fmt: skip
     return "\n".join(lines)
 
 

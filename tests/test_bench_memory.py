@@ -67,7 +67,8 @@ def test_report_and_conclusion_from_a_result(bench):
                                 "disk": {"passages_bytes": 370 * mib, "index_bytes": 293 * mib}}},
            "encoder": {"rows": 50_000, "idle_rows": 4096, "tokens": 5_000_000, "idle": idle, "start_s": 1.0,
                        "encode_s": 1.0, "tokenised": {**idle, "RssAnon": 320 * mib},
-                       "encoded": {**idle, "VmHWM": 450 * mib}, "written": 50_000}}  # fmt: skip
+                       "encoded": {**idle, "VmHWM": 450 * mib}, "written": 50_000, "window": 65_536,
+                       "returned": {**idle, "VmHWM": 600 * mib}, "returned_s": 1.0}}  # fmt: skip
     params = {"sizes": [n], "dim": dim, "factories": ["Flat"], "machine_gib": 24.0, "reserve_gib": 6.0}
     result = {"params": params, "rows": [row], "driver_peak": 0}
     result["conclusion"] = bench.conclusion(result)
@@ -75,10 +76,13 @@ def test_report_and_conclusion_from_a_result(bench):
     assert flat["retrieval_per_passage"] == pytest.approx(300 * mib / n)
     assert flat["serving_max"] == int((18 * 2**30 - 400 * mib) / (300 * mib / n))
     assert flat["binding_phase"] == "build"  # 1000 MiB of builder beats a second 300 MiB retrieval copy
+    encoder = result["conclusion"]["encoder"]  # token ids a passage; its window of vectors is a fixed cost
+    assert encoder["per_passage"] == pytest.approx(20 * mib / (50_000 - 4096))
+    assert encoder["fixed"] == 450 * mib
     result["rows"].append({"size": 10**6, "dim": dim, "skipped": "the builder would peak at ~22 GiB"})
     table = bench.markdown(result)
     assert (
-        table.count("\n") == 1 + 6
+        table.count("\n") == 1 + 7
         and "passages mmapped, 20 of 370 MiB resident" in table
         and "skipped: the builder" in table
     )
