@@ -6,7 +6,7 @@ Measured side by side in one run, alternating `--repeats` times so other load on
    size and thread count: the limit no refresh can beat.
 2. **actor encode**: passages/s of `ShardEncoder.encode` in a Ray encoding actor (weights loaded, batches
    padded on the fly, embeddings returned through Ray's object store).
-3. **whole refresh**: passages/s of `Refresher.trigger` -> new version live (weight snapshot, encode, merge,
+3. **whole refresh**: passages/s of `Refresher.trigger` -> new version live (weight snapshot, encode and write parts,
    build the FAISS index, write the version, stage and activate it in the retrieval actor).
 Reported: each one's median over the repeats and the ratios 2/1 and 3/1 (issue 10's target: 3/1 >= 0.9).
 
@@ -177,7 +177,7 @@ def markdown(result: dict) -> str:
     rows = [
         ("bare forward pass (the limit)", m["bare_forward"], 1.0),
         ("encoding actor", m["actor_encode"], result["actor_encode_vs_bare"]),
-        ("whole refresh (encode, merge, index, publish, swap)", m["whole_refresh"], result["refresh_vs_bare"]),
+        ("whole refresh (encode and write parts, index, publish, swap)", m["whole_refresh"], result["refresh_vs_bare"]),
     ]
     repeats = len(result["passages_per_s"]["bare_forward"])
     head = (f"{result['passages']:,} passages, {Path(result['encoder']).name}, batch {result['batch_size']}, "

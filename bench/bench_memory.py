@@ -13,10 +13,11 @@ Then, each in a fresh Ray actor, one at a time:
   (start_shard_actors with a Flat IndexConfig; each builds its own index over its rows, as `--index_shards`
   does). Whether the passages are memory-mapped: the resident part of the mappings of the passages' Arrow files
   (/proc/<pid>/smaps) against their size, and the actor's RSS growth against the passages' text size;
-- **encoding**: a `ShardEncoder` actor (the tiny random context encoder of test_run/make_tiny_models.py,
-  loaded and handed over as kb_refresh.Refresher does) over the first --encode_rows passages of the first
-  size: the memory it holds after tokenising its shard at start-up, and its peak during one `encode_to` call
-  (encoding, then writing its part file);
+- **encoding**: a `ShardEncoder` actor (the tiny random context encoder of test_run/make_tiny_models.py with a
+  projection to --dim outputs, loaded and handed over as kb_refresh.Refresher does) over the first
+  --encode_rows passages of the first size: the memory it holds after tokenising its shard at start-up, its
+  peak in one `encode` call (returning the shard's vectors, as refreshes did before) and in one `encode_to`
+  call (encoding and writing its part file a window of passages at a time, as refreshes do);
 - **disk**: the size of the version's passages directory and of its index file.
 
 Memory is read from /proc/<pid>/status of each actor process (pid from the actor itself): VmHWM (peak RSS),
@@ -303,12 +304,19 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
 # ---------------------------------------------------------------------- run
 
 
-def tiny_context_encoder(work: Path) -> Path:
-    """The tiny random context encoder that tests/conftest.py builds (test_run/make_tiny_models.py)."""
+def tiny_context_encoder(work: Path, dim: int) -> Path:
+    """The tiny random context encoder that tests/conftest.py builds (test_run/make_tiny_models.py), with DPR's
+    projection to `dim` outputs: the vectors an actor holds are the KB's size, the encoding stays cheap."""
     spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return Path(module.build_tiny_models(work / "tiny-models")["context_encoder"])
+    tiny = Path(module.build_tiny_models(work / "tiny-models")["context_encoder"])
+    config = transformers.DPRConfig.from_pretrained(tiny)
+    config.projection_dim = dim
+    out = work / f"context-encoder-{dim}"
+    transformers.DPRContextEncoder(config).save_pretrained(out)
+    rag_encoders.load_tokenizer(tiny).save_pretrained(out)
+    return out
 
 
 def environment() -> dict:
@@ -396,7 +404,7 @@ def run(
     started_ray = not ray.is_initialized()
     init_ray(None, f"bench-memory-{uuid.uuid4().hex[:8]}")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-memory-"))
-    model_dir = tiny_context_encoder(work) if "encoder" in parts else None
+    model_dir = tiny_context_encoder(work, dim) if "encoder" in parts else None
     rows = []
     try:
         for n in sorted(sizes):
