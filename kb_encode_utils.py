@@ -628,12 +628,14 @@ def _part_vectors(parts: list[Path]) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def _sample_parts(parts: list[Path], rows: np.ndarray) -> np.ndarray:
-    """The vectors of sorted global `rows` of the part files, gathered in one pass over them."""
-    gathered = []
+    """The vectors of sorted global `rows` of the part files, gathered in one pass over them into one array."""
+    out = None
     for first, vectors in _part_vectors(parts):
         lo, hi = np.searchsorted(rows, [first, first + len(vectors)])
-        gathered.append(vectors[rows[lo:hi] - first])
-    return np.concatenate(gathered)
+        if out is None:
+            out = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
+        out[lo:hi] = vectors[rows[lo:hi] - first]
+    return out
 
 
 def _declare_dataset(directory: Path, files: list[Path]) -> None:
