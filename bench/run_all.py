@@ -110,7 +110,9 @@ def main() -> None:
              f"Machine: {env['machine']}, GPU: {env['gpu']}, load average at start {env['load_average_at_start']:.1f}. "
              + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + "."]  # fmt: skip
     for name, entry in report["benchmarks"].items():
-        took = "from an earlier run" if entry.get("earlier") else f"{entry['seconds']:.0f} s"
+        took = f"{entry['seconds']:.0f} s" if "seconds" in entry else "from an earlier run"
+        if measured := entry.get("result", {}).get("environment", {}).get("date"):
+            took += f", measured {measured}"
         lines += ["", f"## {name} ({took})", ""]
         lines.append(f"FAILED: see {name}.log" if "failed" in entry else render(name, entry["result"]))
     (out / "results.json").write_text(json.dumps(report, indent=1))
