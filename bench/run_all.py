@@ -79,7 +79,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(BENCH / "results"))
     p.add_argument("--quick", action="store_true", help="small sizes, to check that every benchmark runs")
-    p.add_argument("--only", default=",".join(BENCHES), help=f"comma-separated subset of {', '.join(BENCHES)}")
+    p.add_argument(
+        "--only",
+        default=",".join(BENCHES),
+        help=f"comma-separated subset of {', '.join(BENCHES)}; none: re-render stored results",
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
