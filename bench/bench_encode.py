@@ -9,6 +9,8 @@ Measured side by side in one run, alternating `--repeats` times so other load on
 3. **whole refresh**: passages/s of `Refresher.trigger` -> new version live (weight snapshot, encode and write parts,
    build the FAISS index, write the version, stage and activate it in the retrieval actor).
 Reported: each one's median over the repeats and the ratios 2/1 and 3/1 (issue 10's target: 3/1 >= 0.9).
+With `--profile`, one more pass of the actors' encoding loop (`encode_token_ids` over the compact token ids)
+under cProfile: the share of its time spent in the encoder's forward pass, and the Python around it a batch.
 
     HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled python bench/bench_encode.py --encoder pretrained/minilm
 
@@ -20,9 +22,12 @@ carries random embeddings (only the refreshes are timed). `--encoder` defaults t
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
 import json
+import math
 import os
+import pstats
 import statistics
 import sys
 import tempfile
@@ -44,6 +49,7 @@ from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, star
 from kb_encode_utils import (  # noqa: E402
     IndexConfig,
     KBVersion,
+    encode_token_ids,
     passage_embeddings,
     read_kb_csv,
     save_kb,
@@ -67,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the encoder (the actor's --index_cpus)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--index_factory", default="Flat")
+    p.add_argument("--profile", action="store_true", help="also profile the actors' encoding loop once")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
@@ -110,6 +117,29 @@ def bare_forward(encoder, tokenizer, passages: Dataset, batch_size: int, threads
             return len(token_ids) / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
+
+
+def profile_encode(encoder, tokenizer, passages: Dataset, batch_size: int, threads: int) -> dict:
+    """cProfile of the loop an encoding actor runs (`encode_token_ids` over one flat array of token ids): its
+    seconds, those inside the forward pass (`passage_embeddings`), and the rest (gathering, padding, copying
+    out) per batch. cProfile slows Python, not torch's kernels, so the rest is an upper bound."""
+    token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
+    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids in token_ids], out=offsets[1:])
+    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in token_ids])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(encode_token_ids, encoder, flat, tokenizer.pad_token_id, batch_size, progress=False,
+                         offsets=offsets)  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    stats = pstats.Stats(profiler)
+    forward = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.stats.items() if name == "passage_embeddings")
+    batches = math.ceil(len(token_ids) / batch_size)
+    return {"seconds": stats.total_tt, "forward_s": forward, "forward_share": forward / stats.total_tt,
+            "batches": batches, "rest_ms_per_batch": 1000 * (stats.total_tt - forward) / batches}  # fmt: skip
 
 
 def actor_encode(refresher: Refresher, weights, batch_size: int, threads: int) -> float:
@@ -158,6 +188,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in figures.items()), flush=True)
     refresher.close()
     median = {k: statistics.median(v) for k, v in figures.items()}
+    profile = profile_encode(encoder, tokenizer, passages, args.batch_size, args.threads) if args.profile else None
     return {
         "encoder": encoder_path,
         "passages": args.passages,
@@ -168,6 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         "median_passages_per_s": median,
         "actor_encode_vs_bare": median["actor_encode"] / median["bare_forward"],
         "refresh_vs_bare": median["whole_refresh"] / median["bare_forward"],
+        "profile": profile,
     }
 
 
@@ -184,6 +216,10 @@ def markdown(result: dict) -> str:
             f"{result['threads']} thread(s), {result['index_factory']} index; medians of {repeats} runs")  # fmt: skip
     lines = [head, "", "| stage | passages/s | ÷ bare forward |", "|---|---:|---:|"]
     lines += [f"| {name} | {rate:.1f} | {ratio:.2f} |" for name, rate, ratio in rows]
+    if prof := result.get("profile"):
+        lines += ["", f"Encoding loop under cProfile: {prof['seconds']:.1f} s, {100 * prof['forward_share']:.1f} % "
+                  f"in the forward pass; the rest {prof['rest_ms_per_batch']:.2f} ms a batch of {result['batch_size']} "
+                  f"({prof['batches']} batches)."]  # fmt: skip
     return "\n".join(lines)
 
 

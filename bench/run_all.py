@@ -27,7 +27,7 @@ sys.path.insert(0, str(BENCH))
 
 # name -> (the bench's arguments: full run, --quick run); each also gets --json
 BENCHES = {
-    "encode": (["--passages", "1000", "--repeats", "3"], ["--passages", "200", "--repeats", "1"]),
+    "encode": (["--passages", "1000", "--repeats", "3", "--profile"], ["--passages", "200", "--repeats", "1"]),
     "refresh": (["--splits", "2:1,1:1,2:2"], ["--steps", "30", "--repeats", "1", "--swaps", "2", "--kb_copies", "5"]),
     "index": (
         ["--sizes", "10000,100000,1000000", "--queries", "500", "--max_build_s", "300"],
