@@ -9,7 +9,7 @@ Measured side by side in one run, alternating `--repeats` times so other load on
 3. **whole refresh**: passages/s of `Refresher.trigger` -> new version live (weight snapshot, encode and write parts,
    build the FAISS index, write the version, stage and activate it in the retrieval actor).
 Reported: each one's median over the repeats and the ratios 2/1 and 3/1 (issue 10's target: 3/1 >= 0.9).
-With `--profile`, one more pass of the actors' encoding loop (`encode_token_ids` over the compact token ids)
+With `--profile`, one more pass of the actors' encoding loop (`ShardEncoder.encode`, in this process)
 under cProfile: the share of its time spent in the encoder's forward pass, and the Python around it a batch.
 
     HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled python bench/bench_encode.py --encoder pretrained/minilm
@@ -49,7 +49,7 @@ from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, star
 from kb_encode_utils import (  # noqa: E402
     IndexConfig,
     KBVersion,
-    encode_token_ids,
+    ShardEncoder,
     passage_embeddings,
     read_kb_csv,
     save_kb,
@@ -58,7 +58,7 @@ from kb_encode_utils import (  # noqa: E402
     with_embeddings,
 )
 from kb_refresh import Refresher  # noqa: E402
-from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
+from rag_encoders import encoder_factory, load_encoder, load_tokenizer  # noqa: E402
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 MINILM = REPO / "pretrained" / "minilm"
@@ -119,25 +119,18 @@ def bare_forward(encoder, tokenizer, passages: Dataset, batch_size: int, threads
         torch.set_num_threads(before)
 
 
-def profile_encode(encoder, tokenizer, passages: Dataset, batch_size: int, threads: int) -> dict:
-    """cProfile of the loop an encoding actor runs (`encode_token_ids` over one flat array of token ids): its
-    seconds, those inside the forward pass (`passage_embeddings`), and the rest (gathering, padding, copying
-    out) per batch. cProfile slows Python, not torch's kernels, so the rest is an upper bound."""
-    token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
-    offsets = np.zeros(len(token_ids) + 1, dtype=np.int64)
-    np.cumsum([len(ids) for ids in token_ids], out=offsets[1:])
-    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in token_ids])
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def profile_encode(encoder, tokenizer, passages_path: str, batch_size: int, threads: int) -> dict:
+    """cProfile of what an encoding actor runs per refresh (`ShardEncoder.encode` over the whole KB, here in this
+    process): its seconds, those inside the forward pass (`passage_embeddings`), and the rest (loading the weights,
+    gathering, padding, copying out) per batch. cProfile slows Python, not torch's kernels: the rest is an upper
+    bound."""
+    n = len(load_from_disk(passages_path))
+    shard = ShardEncoder(passages_path, 0, n, tokenizer, encoder_factory(encoder), encoder.config, threads)
     profiler = cProfile.Profile()
-    try:
-        profiler.runcall(encode_token_ids, encoder, flat, tokenizer.pad_token_id, batch_size, progress=False,
-                         offsets=offsets)  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
+    profiler.runcall(shard.encode, encoder.state_dict(), batch_size, threads)
     stats = pstats.Stats(profiler)
     forward = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.stats.items() if name == "passage_embeddings")
-    batches = math.ceil(len(token_ids) / batch_size)
+    batches = math.ceil(n / batch_size)
     return {"seconds": stats.total_tt, "forward_s": forward, "forward_share": forward / stats.total_tt,
             "batches": batches, "rest_ms_per_batch": 1000 * (stats.total_tt - forward) / batches}  # fmt: skip
 
@@ -188,7 +181,9 @@ def run(args: argparse.Namespace) -> dict:
         print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.1f}/s" for k, v in figures.items()), flush=True)
     refresher.close()
     median = {k: statistics.median(v) for k, v in figures.items()}
-    profile = profile_encode(encoder, tokenizer, passages, args.batch_size, args.threads) if args.profile else None
+    profile = None
+    if args.profile:
+        profile = profile_encode(encoder, tokenizer, kb.passages_path, args.batch_size, args.threads)
     return {
         "encoder": encoder_path,
         "passages": args.passages,

@@ -19,13 +19,14 @@ def bench():
     return module
 
 
-def test_the_profile_splits_the_encoding_loop_into_forward_passes_and_the_rest(bench, tiny_models):
+def test_the_profile_splits_the_encoding_loop_into_forward_passes_and_the_rest(bench, tiny_models, tmp_path):
     path = tiny_models["context_encoder"]
     encoder, tokenizer = load_encoder(path, side="context").eval(), load_tokenizer(path)
     passages = Dataset.from_dict(
         {"title": [f"t{i}" for i in range(10)], "text": ["some words here " * i for i in range(10)]}
     )
-    prof = bench.profile_encode(encoder, tokenizer, passages, batch_size=4, threads=1)
+    passages.save_to_disk(tmp_path / "passages")
+    prof = bench.profile_encode(encoder, tokenizer, str(tmp_path / "passages"), batch_size=4, threads=1)
     assert prof["batches"] == 3
     assert 0 < prof["forward_s"] < prof["seconds"]
     assert prof["forward_share"] == pytest.approx(prof["forward_s"] / prof["seconds"])
