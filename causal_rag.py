@@ -110,9 +110,11 @@ def tokenize_for_loss(prompts: list[str], answers: list[str], tokenizer, max_len
 
 
 def answer_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, n_docs: int, smoothing: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(y_t | x, z_k, y_<t) of the answer tokens, aligned across passages: (B, n, A), and the (B, A) mask.
+    logits: torch.Tensor, labels: torch.Tensor, n_docs: int, vocab: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """log p(y_t | x, z_k, y_<t) of the answer tokens, aligned across passages: (B, n, A), and the (B, A) mask;
+    with `vocab`, also every token's log p(v | x, z_k, y_<t) at the answer steps (B, n, A, V), which label
+    smoothing of the marginal needs.
 
     logits (B*n, T, V) and labels (B*n, T) cover the packed prompt + answer rows; prompts differ in
     length, so each row's answer tokens are gathered to the left of an (A,)-wide grid.
@@ -123,8 +125,6 @@ def answer_logprobs(
     # log_softmax at the answer positions only: the prompt's (much larger) share is never materialised
     logp = logits[is_answer].float().log_softmax(-1)
     token_lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    if smoothing:  # label smoothing: a share of each target's mass spread over the vocabulary
-        token_lp = (1 - smoothing) * token_lp + smoothing * logp.mean(-1)
     rows, _ = is_answer.nonzero(as_tuple=True)
     cols = (is_answer.cumsum(1) - 1)[is_answer]  # the index of each answer token within its answer
     width = int(cols.max()) + 1 if len(cols) else 0
@@ -133,23 +133,56 @@ def answer_logprobs(
     grid_lp, grid_tokens = grid_lp.view(-1, n_docs, width), grid_tokens.view(-1, n_docs, width)
     if (grid_tokens != grid_tokens[:, :1]).any():
         raise ValueError("the answer tokens differ between the passages of a question: they must be identical")
-    return grid_lp, grid_tokens[:, 0] != IGNORE
+    if not vocab:
+        return grid_lp, grid_tokens[:, 0] != IGNORE
+    grid_vocab = logp.new_zeros(len(labels), width, logp.shape[-1]).index_put((rows, cols), logp)
+    return grid_lp, grid_tokens[:, 0] != IGNORE, grid_vocab.view(-1, n_docs, width, logp.shape[-1])
 
 
-def marginal_nll(token_lp: torch.Tensor, mask: torch.Tensor, doc_scores: torch.Tensor, marginal: str) -> torch.Tensor:
+def marginal_nll(
+    token_lp: torch.Tensor,
+    mask: torch.Tensor,
+    doc_scores: torch.Tensor,
+    marginal: str,
+    smoothing: float = 0.0,
+    vocab_lp: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-question (B,) RAG NLL per answer token from the answer tokens' log-probs under each passage.
 
     token_lp (B, n, A): log p(y_t | x, z_k, y_<t); mask (B, A): real answer tokens; doc_scores (B, n).
       token:    -1/|y| sum_t log sum_k p(z_k|x) p(y_t|x,z_k,y_<t)
       sequence: -1/|y| log sum_k p(z_k|x) prod_t p(y_t|x,z_k,y_<t)
+    Label smoothing (`smoothing` eps, with `vocab_lp` (B, n, A, V) from answer_logprobs(vocab=True)) smooths
+    the marginal next-token distribution p(v | x, y_<t), as transformers' RAG does, not each passage's: a
+    passage under which the generator is confident is then not penalised inside the mixture.
     """
+    if marginal not in ("token", "sequence"):
+        raise ValueError(f"marginal {marginal!r}: use 'token' or 'sequence'")
     doc_lp = doc_scores.float().log_softmax(1)
     length = mask.sum(1).clamp(min=1)
     if marginal == "token":
-        return -((doc_lp[:, :, None] + token_lp).logsumexp(1) * mask).sum(1) / length
+        nll = -((doc_lp[:, :, None] + token_lp).logsumexp(1) * mask).sum(1)
+    else:
+        nll = -(doc_lp + (token_lp * mask[:, None]).sum(2)).logsumexp(1)
+    if not smoothing:
+        return nll / length
+    if vocab_lp is None:
+        raise ValueError("label smoothing of the marginal needs vocab_lp: answer_logprobs(..., vocab=True)")
+    # The mixture weights at step t: p(z_k|x) for RAG-token; for RAG-sequence the posterior given the answer so
+    # far, p(z_k | x, y_<t), under which sum_t log p(y_t | x, y_<t) is exactly the sequence marginal above.
+    weights = doc_lp[:, :, None].expand_as(token_lp)
     if marginal == "sequence":
-        return -(doc_lp + (token_lp * mask[:, None]).sum(2)).logsumexp(1) / length
-    raise ValueError(f"marginal {marginal!r}: use 'token' or 'sequence'")
+        before = (token_lp * mask[:, None]).cumsum(2) - token_lp * mask[:, None]
+        weights = (weights + before).log_softmax(1)
+    mixture = (weights[..., None] + vocab_lp).logsumexp(1)  # (B, A, V): log p(v | x, y_<t)
+    uniform_ce = -(mixture.mean(-1) * mask).sum(1)  # cross-entropy of the marginal against the uniform target
+    return ((1 - smoothing) * nll + smoothing * uniform_ce) / length
+
+
+def smoothed_token_lp(token_lp: torch.Tensor, vocab_lp: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Label-smoothed log-likelihood of each answer token under one passage alone (no mixture): the target's
+    log-prob with a share `smoothing` of the mean log-prob over the vocabulary."""
+    return (1 - smoothing) * token_lp + smoothing * vocab_lp.mean(-1)
 
 
 def rag_token_loss(logits: torch.Tensor, labels: torch.Tensor, doc_scores: torch.Tensor, n_docs: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
@@ -56,6 +57,8 @@ from utils_rag import (
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
+# Decoding of checkpoints that do not say how their run decoded (transformers RAG checkpoints): the reference's.
+DEFAULT_NUM_BEAMS, DEFAULT_MAX_LENGTH = 4, 50
 
 
 def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
@@ -108,6 +111,14 @@ class KBSearch:
 
     def retrieve(self, question_hidden_states, n_docs: int, embeddings: bool = True):
         ids, stored = self.index.get_top_docs(question_hidden_states, n_docs)  # FAISS reconstructs them: cheap
+        # FAISS gives id -1 (and a zero vector) for a neighbour it did not find (an HNSW miss, or a KB smaller
+        # than n_docs), which would read as the last passage: repeat the best hit, as the Ray actors do.
+        missed = ids < 0
+        if missed[:, 0].any():
+            raise ValueError(f"the index found no passage for question {int(np.flatnonzero(missed[:, 0])[0])}")
+        if missed.any():
+            ids = np.where(missed, ids[:, :1], ids)
+            stored = np.where(missed[..., None], np.asarray(stored)[:, :1], stored)
         return stored, ids, self.index.get_doc_dicts(ids)
 
 
@@ -121,10 +132,12 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
         model = RagModel(encoder, load_tokenizer(name), question_prefix=args.question_prefix or "")
     else:
         passages, index = kb_paths(checkpoint, args)
-        overrides = {"n_docs": args.n_docs}
+        overrides = {"n_docs": args.n_docs} if args.n_docs else {}  # default: the checkpoint's
         if args.model_type:
             overrides["marginal"] = args.model_type.removeprefix("rag_")
-        model = RagModel.from_pretrained(checkpoint, load_generator=args.eval_mode == "e2e", **overrides)
+        e2e = args.eval_mode == "e2e"  # the context encoder, if the run's doc scores came from it
+        model = RagModel.from_pretrained(checkpoint, load_generator=e2e, load_context_encoder=None if e2e else False,
+                                         **overrides)  # fmt: skip
         if args.similarity:  # overrides what the checkpoint's question encoder declares
             model.question_encoder = with_scoring(model.question_encoder, args.similarity, None)
     check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
@@ -132,27 +145,23 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def _encode_questions(model: RagModel, questions: list[str]) -> dict[str, torch.Tensor]:
-    """Tokenise questions for the question encoder, with the prefix training used."""
-    texts = [model.question_prefix + q for q in questions]
-    enc = model.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
 @torch.no_grad()
 def generate_answers(model: RagModel, questions: list[str], args: argparse.Namespace) -> list[str]:
     """One answer per question: RAG-token greedy over the marginal, RAG-sequence with --num_beams candidates
-    per passage (seq2seq generators) rescored over all passages; --max_length counts new tokens."""
-    enc = _encode_questions(model, questions)
-    answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, args.max_length, args.num_beams)
+    per passage (seq2seq generators) rescored over all passages; --max_length counts new tokens. Both default
+    to what the checkpoint's run decoded its test answers with."""
+    enc = model.tokenize_questions(questions)
+    saved = model.generation
+    max_length = args.max_length or saved.get("max_new_tokens", DEFAULT_MAX_LENGTH)
+    num_beams = args.num_beams or saved.get("num_beams", DEFAULT_NUM_BEAMS)
+    answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, max_length, num_beams)
     return [one_line(a) for a in answers]
 
 
 @torch.no_grad()
 def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
     """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
-    q = model.question_encoder(**_encode_questions(model, questions))[0]
+    q = model.encode_questions(**model.tokenize_questions(questions))
     n = min(n, len(model.retriever))  # FAISS pads with id -1 beyond the KB's size
     _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n, embeddings=False)
     keep = [[j for j, i in enumerate(row) if i >= 0] for row in ids]
@@ -344,13 +353,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics_path", default=None, help="default: the predictions path with .json")
     parser.add_argument("--passages_path", default=None, help="default: the checkpoint's KB version")
     parser.add_argument("--index_path", default=None, help="default: the checkpoint's KB version")
-    parser.add_argument("--n_docs", type=int, default=5, help="passages per question when generating (e2e)")
+    parser.add_argument("--n_docs", type=int, default=None,
+                        help="passages per question when generating (e2e); default: the checkpoint's")  # fmt: skip
     parser.add_argument("--k", type=int, default=1, help="k of the title precision@k")
     parser.add_argument("--ks", type=_ks, default=(1, 5, 10, 20), help="ks of recall@k and MRR@k, e.g. 1,5,20")
     parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--num_beams", type=int, default=4)
+    parser.add_argument("--num_beams", type=int, default=None,
+                        help=f"default: the checkpoint's (its --num_beams), else {DEFAULT_NUM_BEAMS}")  # fmt: skip
     parser.add_argument("--min_length", type=int, default=1, help="accepted for compatibility; unused")
-    parser.add_argument("--max_length", type=int, default=50)
+    parser.add_argument("--max_length", type=int, default=None, help="new tokens per answer; default: the "
+                        f"checkpoint's (--test_max_target_length of its run), else {DEFAULT_MAX_LENGTH}")  # fmt: skip
     parser.add_argument("--eval_all_checkpoints", action="store_true",
                         help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip
     parser.add_argument("--recalculate", action="store_true", help="predict again even if predictions exist")

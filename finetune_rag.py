@@ -55,6 +55,7 @@ from utils_rag import (
     Seq2SeqDataset,
     exact_match_score,
     f1_score,
+    metric_max_over_ground_truths,
     mrr_at_k,
     parse_metrics,
     read_gold,
@@ -64,7 +65,7 @@ from utils_rag import (
     sentence_bleu,
 )
 
-# Epoch-level metrics here are already summed across ranks (strategy.reduce) before they are logged.
+# Epoch-level metrics here are already gathered across ranks (all_gather_object) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 
 MARGINALS = ("rag_token", "rag_sequence")
@@ -72,7 +73,6 @@ SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosi
               "polynomial": "polynomial"}  # fmt: skip
 # Per-example scores summed over an epoch: EM, F1 and ROUGE-L in [0, 1], sentence BLEU in [0, 100].
 METRIC_FNS = {"em": exact_match_score, "f1": f1_score, "rouge_l": rouge_l_score, "bleu": sentence_bleu}
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "layernorm.weight", "log_temperature")
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
                "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
@@ -130,7 +130,7 @@ class GenerativeQAModule(pl.LightningModule):
             if (path := Path(hp.data_dir) / f"{split}.gold.jsonl").exists()
         }
         self.passages = load_from_disk(hp.passages_path) if self.objective.needs_positives else None
-        self._eval_sums: list[torch.Tensor] = []
+        self._eval_rows: list[tuple[int, list[float]]] = []  # (line, [metrics..., loss, seconds]) on this rank
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
 
@@ -162,26 +162,36 @@ class GenerativeQAModule(pl.LightningModule):
             self.log("retrieval_temperature", self.model.question_encoder.temperature_value, batch_size=n)
         return loss
 
+    def gold_answers(self, split: str, batch: dict) -> list[list[str]]:
+        """Every gold answer of each question of a batch: its .target line, and the others {split}.gold.jsonl
+        lists. EM/F1 take the best of them, as SQuAD and eval_rag.py do."""
+        listed = self.gold[split][1].answers if split in self.gold else None
+        return [list(dict.fromkeys([target, *(listed[int(i)] if listed else [])]))
+                for target, i in zip(batch["target_text"], batch["index"])]  # fmt: skip
+
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
-        questions, golds = batch["source_text"], batch["target_text"]
-        sums = dict.fromkeys(GENERATION_METRICS, 0.0)
-        loss, preds = 0.0, []
+        questions, n = batch["source_text"], len(batch["source_text"])
+        scores = {name: [0.0] * n for name in GENERATION_METRICS}
+        preds = []
         if self.model.generator is None:  # retriever_only: its own loss on held-out questions
-            loss = float(self.objective.loss(self.model, batch, self._mined(batch, split))[0]) * len(questions)
+            losses = [float(self.objective.loss(self.model, batch, self._mined(batch, split))[0])] * n
         else:
             preds = self.model.generate(batch["input_ids"], batch["attention_mask"], questions,
                                         self.target_lens[split], self.hparams.num_beams)  # fmt: skip
+            golds = self.gold_answers(split, batch)
             for name in self.hparams.metrics:
-                sums[name] = sum(METRIC_FNS[name](p, g) for p, g in zip(preds, golds))
-            # Summed here, divided by the number of questions at epoch end. The RAG NLL, whatever the recipe, so
-            # that modes compare; it is a forward pass as long as generating, so --no_test_loss skips it.
-            skip_loss = split == "test" and self.hparams.no_test_loss
-            losses = self.model(batch["input_ids"], batch["attention_mask"], questions, golds)[0]
-            loss = float("nan") if skip_loss else float(losses.sum())
-        seconds = time.perf_counter() - start
-        row = [*sums.values(), loss, seconds, len(questions)]
-        self._eval_sums.append(torch.tensor(row, dtype=torch.float64))
+                scores[name] = [metric_max_over_ground_truths(METRIC_FNS[name], p, g) for p, g in zip(preds, golds)]
+            # The plain RAG NLL (no label smoothing), whatever the recipe, so that modes compare; a forward pass as
+            # long as generating, so --no_test_loss skips it.
+            if split == "test" and self.hparams.no_test_loss:
+                losses = [float("nan")] * n
+            else:
+                losses = self.model(batch["input_ids"], batch["attention_mask"], questions, batch["target_text"])[0]
+                losses = losses.tolist()
+        seconds = (time.perf_counter() - start) / n
+        for i, row in enumerate(zip(*scores.values(), losses)):
+            self._eval_rows.append((int(batch["index"][i]), [*map(float, row), seconds]))
         if split == "test":  # one answer a line
             self._test_rows.extend((int(i), " ".join(p.split())) for i, p in zip(batch["index"], preds))
 
@@ -192,18 +202,23 @@ class GenerativeQAModule(pl.LightningModule):
         self._generative_step(batch, "test")
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        width = len(GENERATION_METRICS) + 3
-        local = torch.stack(self._eval_sums).sum(0) if self._eval_sums else torch.zeros(width, dtype=torch.float64)
-        self._eval_sums = []
-        # Sum counts over ranks before dividing, so uneven shards weigh each example once.
-        *sums, loss, seconds, n = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").tolist()
-        n = max(n, 1.0)
-        metrics = {f"{prefix}_gen_time": seconds / n}
+        # Every rank's per-question rows, each question once: DistributedSampler pads the ranks' shards to one
+        # length with repeated questions, which a plain sum over ranks would count twice.
+        shards = [self._eval_rows]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shards = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, self._eval_rows)
+        self._eval_rows = []
+        means = per_question_means(shards)
+        if means is None:
+            return
+        *means, loss, seconds = means
+        metrics = {f"{prefix}_gen_time": seconds}
         if self.model.generator is not None:
-            metrics |= {f"{prefix}_{name}": total / n for name, total in zip(GENERATION_METRICS, sums)
+            metrics |= {f"{prefix}_{name}": value for name, value in zip(GENERATION_METRICS, means)
                         if name in self.hparams.metrics}  # fmt: skip
         if loss == loss:  # not NaN: the loss was computed
-            metrics[f"{prefix}_loss"] = loss / n
+            metrics[f"{prefix}_loss"] = loss
         self.log_dict(metrics, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -218,16 +233,12 @@ class GenerativeQAModule(pl.LightningModule):
         if split not in self.gold:
             return {}
         questions, gold = self.gold[split]
-        encoder, tokenizer = self.model.question_encoder, self.model.question_tokenizer
+        encoder = self.model.question_encoder
         was_training = encoder.training
         encoder.eval()
         retrieved = []
         for start in range(0, len(questions), 32):
-            batch = [self.model.question_prefix + q for q in questions[start : start + 32]]
-            max_length = self.hparams.max_source_length
-            inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            inputs = inputs.to(self.device)
-            q = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+            q = self.model.encode_questions(**self.model.tokenize_questions(questions[start : start + 32]))
             _, ids, _ = self.retriever.retrieve(q.float().cpu().numpy(), max(ks), embeddings=False)
             retrieved.extend(ids.tolist())
         encoder.train(was_training)
@@ -249,17 +260,26 @@ class GenerativeQAModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation and data
 
+    def param_groups(self) -> list[dict]:
+        """What trains, by learning rate: the encoders at --retriever_learning_rate, the generator at
+        --learning_rate, tau at its own; no weight decay on biases and norms (every 1-D weight, as nanoGPT)."""
+        hp = self.hparams
+        rates = {"generator": hp.learning_rate, "retriever": hp.retriever_learning_rate or hp.learning_rate}
+        groups = {}
+        for name, p in self.named_parameters():  # a shared encoder's weights come once, as question_encoder
+            if not p.requires_grad:
+                continue
+            if name.endswith("log_temperature"):  # one scalar: at the encoders' rate it would hardly move in a run
+                lr, decay = hp.temperature_learning_rate, 0.0
+            else:
+                lr = rates["generator" if name.startswith("model.generator.") else "retriever"]
+                decay = hp.weight_decay if p.dim() >= 2 else 0.0
+            groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay})["params"].append(p)
+        return list(groups.values())
+
     def configure_optimizers(self):
         hp = self.hparams
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        is_tau = [n.endswith("log_temperature") for n, _ in params]
-        groups = [
-            {"params": [p for n, p in params if not n.endswith(NO_DECAY)], "weight_decay": hp.weight_decay},
-            {"params": [p for (n, p), t in zip(params, is_tau) if n.endswith(NO_DECAY) and not t], "weight_decay": 0.0},
-        ]
-        if any(is_tau):  # one scalar: at the encoders' learning rate it would hardly move in a run
-            tau = [p for (_, p), t in zip(params, is_tau) if t]
-            groups.append({"params": tau, "weight_decay": 0.0, "lr": hp.temperature_learning_rate})
+        groups = self.param_groups()
         if hp.adafactor:
             optimizer = Adafactor(groups, lr=hp.learning_rate, scale_parameter=False, relative_step=False)
         else:
@@ -331,12 +351,15 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
     """The RagModel the flags describe, with only the parts the recipe needs (no generator for
     retriever_only, no context encoder where passage embeddings never change)."""
     marginal = hp.model_type.removeprefix("rag_")
+    # Saved with the model, so that eval_rag.py retrieves and decodes exactly as --do_predict did.
+    settings = {"rerank_top": hp.rerank_top, "question_max_length": hp.max_source_length,
+                "generation": {"num_beams": hp.num_beams, "max_new_tokens": hp.test_max_target_length}}  # fmt: skip
     source = hp.init_from or hp.model_name_or_path
     if source:
         if hp.question_pooling or hp.shared_encoder:
             raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
                              "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
-        overrides = {"marginal": marginal, "rerank_top": hp.rerank_top}
+        overrides = {"marginal": marginal, **settings}
         overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
         overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
         model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
@@ -365,7 +388,7 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
         generator = load_generator(hp) if objective.needs_generator else None
         q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
         model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
-                         question_prefix=prefix, rerank_top=hp.rerank_top)  # fmt: skip
+                         question_prefix=prefix, **settings)  # fmt: skip
     if objective.uses_context_encoder and model.ctx_encoder is None:
         attach_context_encoder(model, hp)
     if not objective.uses_context_encoder:
@@ -440,6 +463,13 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
         return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env()))
     actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads)
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
+
+
+def per_question_means(shards: list[list[tuple[int, list[float]]]]) -> list[float] | None:
+    """Column means of every rank's (line, values) rows, each line once (DistributedSampler pads the ranks'
+    shards to one length with repeated lines); None without rows."""
+    rows = list(dict(row for shard in shards for row in shard).values())
+    return torch.tensor(rows, dtype=torch.float64).mean(0).tolist() if rows else None
 
 
 def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
@@ -617,8 +647,10 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--symmetric_infonce", action="store_true", help="InfoNCE in both directions (q->p and p->q)")
     g.add_argument("--retriever_loss", choices=["none", "pdist"], default="none",
                    help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)")  # fmt: skip
-    g.add_argument("--lm_temperature", type=float, default=1.0,
-                   help="tau_lm of lsr and pdist: softmax(answer log-likelihood per passage / tau_lm)")  # fmt: skip
+    g.add_argument("--lm_temperature", type=float, default=0.1,
+                   help="tau_lm of lsr and pdist: softmax(per-token mean answer log-likelihood per passage / "
+                   "tau_lm); Atlas uses 0.01 (at 1 a 0.5-nat gap gives a near-flat [0.62, 0.38]; at 0.1, "
+                   "[0.99, 0.01])")  # fmt: skip
     g.add_argument("--init_from", default=None,
                    help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
                    "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
@@ -650,6 +682,13 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=5e-5)
+    g.add_argument("--retriever_learning_rate", type=float, default=None,
+                   help="learning rate of the question and context encoders (Atlas: 1e-5 against the reader's 1e-4; "
+                   "tau keeps --temperature_learning_rate); default: --learning_rate")  # fmt: skip
+    g.add_argument("--retriever_dropout", choices=["on", "off"], default="on",
+                   help="off: the encoders that train run without dropout (eval mode; their gradients flow), so "
+                   "the FAISS query, the doc scores and the re-encoded passages carry no dropout noise (x 1/tau), "
+                   "as the stored vectors of rag_original do not")  # fmt: skip
     g.add_argument("--lr_scheduler", choices=sorted(SCHEDULERS), default="linear")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)

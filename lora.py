@@ -51,9 +51,10 @@ def has_lora(part: torch.nn.Module | None) -> bool:
 
 
 def train_only_lora(part: torch.nn.Module) -> None:
-    """requires_grad on the adapters only (a recipe's freeze() turns the whole part on)."""
+    """requires_grad on the adapters only (a recipe's freeze() turns the whole part on), and on a learned
+    retrieval temperature, which is no weight of the adapted model."""
     for name, param in part.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_("lora_" in name or name == "log_temperature")
 
 
 def merged(part: torch.nn.Module) -> torch.nn.Module:

@@ -42,6 +42,7 @@ from causal_rag import (
     marginal_nll,
     pack,
     pad_id,
+    smoothed_token_lp,
     tokenize_for_loss,
     truncate_left,
 )
@@ -69,20 +70,34 @@ class RagGenerator(torch.nn.Module):
         return build_prompts(questions, docs, self.tokenizer, self.template, len(docs[0]["title"]))
 
     def answer_logprobs(
-        self, questions: list[str], docs: list[dict], answers: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(y_t | x, z_k, y_<t) of each answer token under each passage (B, n, A), and the (B, A) mask."""
+        self, questions: list[str], docs: list[dict], answers: list[str], vocab: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """log p(y_t | x, z_k, y_<t) of each answer token under each passage (B, n, A), and the (B, A) mask; with
+        `vocab`, also the whole next-token distribution at each answer step (B, n, A, V). Never smoothed."""
         raise NotImplementedError
 
     def loss(
-        self, questions: list[str], docs: list[dict], doc_scores: torch.Tensor, answers: list[str], marginal: str
+        self,
+        questions: list[str],
+        docs: list[dict],
+        doc_scores: torch.Tensor,
+        answers: list[str],
+        marginal: str,
+        smoothing: float = 0.0,
     ) -> torch.Tensor:
-        """Each question's RAG NLL per answer token (B,): one reduction for every family."""
-        return marginal_nll(*self.answer_logprobs(questions, docs, answers), doc_scores, marginal)
+        """Each question's RAG NLL per answer token (B,): one reduction for every family. `smoothing` (training
+        only: pass self.label_smoothing) smooths the marginal distribution (causal_rag.marginal_nll)."""
+        token_lp, mask, *vocab = self.answer_logprobs(questions, docs, answers, vocab=bool(smoothing))
+        return marginal_nll(token_lp, mask, doc_scores, marginal, smoothing, *vocab)
 
-    def passage_loglik(self, questions: list[str], docs: list[dict], answers: list[str]) -> torch.Tensor:
-        """Mean log-prob per answer token under each passage alone (B, n): how much each passage helps."""
-        token_lp, mask = self.answer_logprobs(questions, docs, answers)
+    def passage_loglik(
+        self, questions: list[str], docs: list[dict], answers: list[str], smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Mean log-prob per answer token under each passage alone (B, n): how much each passage helps;
+        label-smoothed per passage with `smoothing` (each passage is its own prediction here, no mixture)."""
+        token_lp, mask, *vocab = self.answer_logprobs(questions, docs, answers, vocab=bool(smoothing))
+        if smoothing:
+            token_lp = smoothed_token_lp(token_lp, vocab[0], smoothing)
         return (token_lp * mask[:, None]).sum(2) / mask.sum(1, keepdim=True).clamp(min=1)
 
     def generate(
@@ -137,7 +152,7 @@ class Seq2SeqGenerator(RagGenerator):
         enc = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
 
-    def _logprobs(self, enc, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprobs(self, enc, labels: torch.Tensor, n: int, vocab: bool = False) -> tuple[torch.Tensor, ...]:
         labels = labels.to(self.device)
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
@@ -145,18 +160,17 @@ class Seq2SeqGenerator(RagGenerator):
         logp = out.logits.float().log_softmax(-1)
         is_answer = labels != IGNORE
         token_lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-        if self.label_smoothing:
-            token_lp = (1 - self.label_smoothing) * token_lp + self.label_smoothing * logp.mean(-1)
         width = labels.shape[1]
-        return (token_lp * is_answer).view(-1, n, width), is_answer.view(-1, n, width)[:, 0]
+        out = (token_lp * is_answer).view(-1, n, width), is_answer.view(-1, n, width)[:, 0]
+        return (*out, logp.view(-1, n, width, logp.shape[-1])) if vocab else out
 
-    def answer_logprobs(self, questions, docs, answers):
+    def answer_logprobs(self, questions, docs, answers, vocab=False):
         n = len(docs[0]["title"])
         repeated = [a for a in answers for _ in range(n)]
         labels = self.tokenizer(text_target=repeated, truncation=True, max_length=self.max_length, padding=True,
                                 return_tensors="pt")["input_ids"]  # fmt: skip
         labels[labels == self.tokenizer.pad_token_id] = IGNORE
-        return self._logprobs(self._encode(self.prompts(questions, docs)), labels, n)
+        return self._logprobs(self._encode(self.prompts(questions, docs)), labels, n, vocab)
 
     @torch.no_grad()
     def generate(self, questions, docs, doc_scores, max_new_tokens, marginal="token", num_beams=1):
@@ -221,10 +235,10 @@ class CausalGenerator(RagGenerator):
         super().__init__(model, tokenizer, template, max_length, label_smoothing)
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def answer_logprobs(self, questions, docs, answers):
+    def answer_logprobs(self, questions, docs, answers, vocab=False):
         batch = tokenize_for_loss(self.prompts(questions, docs), answers, self.tokenizer, self.max_length)
         logits, labels = self._logits({k: v.to(self.device) for k, v in batch.items()})
-        return answer_logprobs(logits, labels, len(docs[0]["title"]), self.label_smoothing)
+        return answer_logprobs(logits, labels, len(docs[0]["title"]), vocab)
 
     def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Generator logits of packed rows from the earliest answer's last prompt token on (`logits_to_keep`:
@@ -337,6 +351,8 @@ class RagModel(torch.nn.Module):
         ctx_tokenizer=None,
         question_prefix: str = "",
         rerank_top: int = 0,
+        question_max_length: int | None = None,
+        generation: dict | None = None,
     ):
         super().__init__()
         if marginal not in MARGINALS:
@@ -350,11 +366,21 @@ class RagModel(torch.nn.Module):
         self.n_docs, self.marginal = n_docs, marginal
         self.question_prefix = question_prefix  # callers put it before the questions they tokenise
         self.rerank_top = rerank_top
+        self.question_max_length = question_max_length  # the truncation of questions in training (None: 512)
+        self.generation = generation or {}  # how the run decoded its test answers: num_beams, max_new_tokens
 
     # ------------------------------------------------------------------ retrieval
 
     def encode_questions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.question_encoder(input_ids, attention_mask=attention_mask)[0]
+
+    def tokenize_questions(self, questions: list[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask of questions, with the prefix and truncation training used."""
+        texts = [self.question_prefix + q for q in questions]
+        enc = self.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                      max_length=self.question_max_length or 512)  # fmt: skip
+        device = next(self.question_encoder.parameters()).device
+        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
     def encode_passages(self, titles: list[str], texts: list[str]) -> torch.Tensor:
         """Fresh (len, d) embeddings of passages from the context encoder, in the autograd graph."""
@@ -420,6 +446,11 @@ class RagModel(torch.nn.Module):
             "n_docs": self.n_docs,
             "marginal": self.marginal,
             "question_prefix": self.question_prefix,
+            "question_max_length": self.question_max_length,
+            "rerank_top": self.rerank_top,
+            # fresh: doc scores from the context encoder's embeddings of the retrieved passages (saved beside)
+            "doc_scores": "fresh" if self.ctx_encoder is not None else "stored",
+            "generation": self.generation,
             "passage_prefix": getattr(self.ctx_tokenizer, "prefix", None),
             "question_encoder": q.settings() if isinstance(q, PooledEncoder) else {"similarity": "dot"},
             **(self.generator.settings() if self.generator is not None else {"generator_family": None}),
@@ -446,12 +477,13 @@ class RagModel(torch.nn.Module):
         path: str | Path,
         retriever=None,
         load_generator: bool = True,
-        load_context_encoder: bool = False,
+        load_context_encoder: bool | None = None,
         cache_dir: str | None = None,
         **overrides,
     ) -> RagModel:
         """What `save_pretrained` wrote, or a transformers RAG checkpoint (hub name or directory, e.g.
-        facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix) replace saved settings."""
+        facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix, ...) replace saved settings.
+        The context encoder is loaded when the saved model scored passages with it (None), or as told."""
         directory = Path(path)
         if not (directory / SETTINGS_FILE).is_file():
             return cls._from_transformers_rag(str(path), retriever, load_generator, cache_dir, **overrides)
@@ -465,10 +497,13 @@ class RagModel(torch.nn.Module):
                 str(directory / "generator"), s["template"], s["max_length"], s.get("label_smoothing", 0.0)
             )
         ctx = ctx_tok = None
+        if load_context_encoder is None:
+            load_context_encoder = s.get("doc_scores") == "fresh"
         if load_context_encoder and (directory / "context_encoder").is_dir():
             ctx = load_encoder(str(directory / "context_encoder"), side="context")
             ctx_tok = load_tokenizer(str(directory / "context_encoder"))
-        settings = {"n_docs": s["n_docs"], "marginal": s["marginal"], "question_prefix": s["question_prefix"]}
+        settings = {name: s[name] for name in ("n_docs", "marginal", "question_prefix", "question_max_length",
+                                               "rerank_top", "generation") if name in s}  # fmt: skip
         return cls(q, load_tokenizer(str(directory / "question_encoder")), generator, retriever,
                    ctx_encoder=ctx, ctx_tokenizer=ctx_tok, **(settings | overrides))  # fmt: skip
 

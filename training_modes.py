@@ -15,13 +15,14 @@ class here with its test.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from causal_rag import marginal_nll
 from rag_model import RagModel
 from utils_rag import has_answer
 
@@ -54,6 +55,33 @@ def infonce(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: tor
     return loss
 
 
+def passage_key(title: str, text: str) -> int:
+    """A passage's identity as an integer that every process computes alike (Python's str hash is salted per
+    process, so DDP ranks would not recognise each other's copies of a passage)."""
+    digest = hashlib.blake2b(f"{title}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # int64-safe
+
+
+def gather_candidates(p: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every DDP rank's candidate passages (P_all, d) and their owners, and the column where this rank's start:
+    in-batch negatives from the whole global batch, as DPR trains. The gather is autograd-aware, so each rank's
+    loss also trains the passages the other ranks encoded. Unchanged without torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return p, owner, 0
+    from torch.distributed.nn.functional import all_gather  # the differentiable gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=p.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(p)], device=p.device))
+    sizes = [int(size) for size in sizes]
+    width = max(sizes)  # all_gather needs one shape: pad, gather, then drop the padding rows
+    vectors = torch.cat(all_gather(F.pad(p, (0, 0, 0, width - len(p)))))
+    owners = [torch.zeros(width, dtype=torch.long, device=p.device) for _ in range(world)]
+    dist.all_gather(owners, F.pad(owner.to(p.device), (0, width - len(owner))))
+    keep = torch.cat([torch.arange(size, device=p.device) + r * width for r, size in enumerate(sizes)])
+    return vectors[keep], torch.cat(owners)[keep], sum(sizes[:rank])
+
+
 def distillation_kl(retriever_scores: torch.Tensor, lm_loglik: torch.Tensor, lm_temperature: float) -> torch.Tensor:
     """Mean over questions of KL(p_LM || p_R): p_R = softmax(doc scores) (already similarity / tau_r),
     p_LM = softmax(answer log-likelihood per passage / tau_lm) (REPLUG-LSR; Atlas's perplexity distillation).
@@ -62,10 +90,31 @@ def distillation_kl(retriever_scores: torch.Tensor, lm_loglik: torch.Tensor, lm_
     return F.kl_div(retriever_scores.float().log_softmax(1), target, log_target=True, reduction="batchmean")
 
 
+def entropy(scores: torch.Tensor) -> float:
+    """Mean entropy (nats) of softmax(scores) over the rows: log n is a flat distribution over n passages, 0 a
+    one-hot one. Logged for p(z|x) and for the LM teacher, so that a flat training signal shows."""
+    logp = scores.detach().float().log_softmax(-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def teacher_loglik(generator, questions: list[str], docs: list[dict], answers: list[str]) -> torch.Tensor:
+    """The LM's per-token mean log-likelihood of each answer under each passage alone (B, n), without gradient
+    and without dropout (eval mode, restored after), as Atlas scores its passages for perplexity distillation."""
+    modes = {module: module.training for module in generator.modules()}
+    generator.eval()
+    try:
+        with torch.no_grad():
+            return generator.passage_loglik(questions, docs, answers)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
 def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | None, n_hard: int,
          pool: int = 20) -> Positives:  # fmt: skip
-    """Positives and hard negatives from the live index. The positive is the first gold passage when gold ids
-    are known, else the best-ranked retrieved passage that holds the answer (distant supervision, as DPR).
+    """Positives and hard negatives from the live index (`pool` passages per question). The positive, as DPR
+    takes it: the best-ranked gold passage of the pool when gold ids are known (the lowest gold id when none of
+    them is in the pool), else the best-ranked passage that holds the answer (distant supervision).
     Hard negatives: the best-ranked retrieved passages that are no gold passage and hold no answer."""
     with torch.no_grad():
         q = model.encode_questions(batch["input_ids"], batch["attention_mask"])
@@ -76,7 +125,7 @@ def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | Non
         gold = set(gold_ids[i]) if gold_ids is not None else set()
         ranked = list(zip(row, found["title"], found["text"]))
         if gold:
-            pid = min(gold)
+            pid = next((pid for pid, _, _ in ranked if pid in gold), min(gold))
             positive = (passages[pid]["title"], passages[pid]["text"])
         else:
             positive = next(((t, x) for _, t, x in ranked if has_answer(x, answer)), None)
@@ -121,11 +170,13 @@ class Objective:
 
     def set_modes(self, model: RagModel) -> None:
         """Train mode for the parts that learn; eval mode (no dropout) for the frozen ones, which only judge or
-        retrieve. from_pretrained leaves modules in eval mode, and Lightning keeps the mode it finds."""
+        retrieve, and with --retriever_dropout off for the encoders too. from_pretrained leaves modules in eval
+        mode, and Lightning keeps the mode it finds."""
         model.train()
+        quiet = ("question_encoder", "ctx_encoder") if getattr(self.args, "retriever_dropout", "on") == "off" else ()
         for part in PARTS:
             module = getattr(model, part, None)
-            if module is not None and part not in self.trains:
+            if module is not None and (part not in self.trains or part in quiet):
                 module.eval()
 
     def loss(self, model: RagModel, batch: dict, mined: Positives | None) -> tuple[torch.Tensor, dict]:
@@ -151,14 +202,14 @@ class RagEnd2End(Objective):
     def loss(self, model, batch, mined=None):
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         questions, answers = batch["source_text"], batch["target_text"]
-        token_lp, mask = model.generator.answer_logprobs(questions, r.docs, answers)
-        losses = marginal_nll(token_lp, mask, r.doc_scores, model.marginal)
-        logs = {"nll": float(losses.mean().detach())}
-        loss = losses.mean()
-        if self.args.retriever_loss == "pdist":
-            loglik = (token_lp * mask[:, None]).sum(2) / mask.sum(1, keepdim=True).clamp(min=1)
+        loss = model.generator.loss(questions, r.docs, r.doc_scores, answers, model.marginal,
+                                    model.generator.label_smoothing).mean()  # fmt: skip
+        logs = {"nll": float(loss.detach()), "doc_entropy": entropy(r.doc_scores)}
+        if self.args.retriever_loss == "pdist":  # a second, dropout-free pass scores the passages
+            loglik = teacher_loglik(model.generator, questions, r.docs, answers)
             kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
             loss, logs["distill_kl"] = loss + kl, float(kl.detach())
+            logs["teacher_entropy"] = entropy(loglik / self.args.lm_temperature)
         return loss, logs
 
 
@@ -181,16 +232,22 @@ class RetrieverOnly(Objective):
 
     def loss(self, model, batch, mined):
         keep = [i for i, p in enumerate(mined.positive) if p is not None]
-        if not keep:  # no question of this batch has a positive: a zero that keeps the graph
-            zero = sum(p.sum() for p in model.question_encoder.parameters()) * 0.0
+        if not keep:  # no question of this batch has a positive: a zero that reaches every trained parameter
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # (DDP expects them all)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # The other ranks gather candidates, forward and backward (a collective): take part, with none.
+                none = torch.zeros(0, model.question_encoder.config.hidden_size, requires_grad=True,
+                                   device=batch["input_ids"].device)  # fmt: skip
+                zero = zero + gather_candidates(none, torch.zeros(0, dtype=torch.long))[0].sum() * 0.0
             return zero, {"infonce": 0.0, "with_positive": 0.0}
-        passages, owner = [mined.positive[i] for i in keep], [hash(mined.positive[i]) for i in keep]
+        passages = [mined.positive[i] for i in keep]
         for i in keep:
             passages += mined.negatives[i]
-            owner += [hash(p) for p in mined.negatives[i]]
+        owner = torch.tensor([passage_key(*p) for p in passages])
         q = model.encode_questions(batch["input_ids"][keep], batch["attention_mask"][keep])
-        p = model.encode_passages(*map(list, zip(*passages)))
-        loss = infonce(q, p, torch.tensor(owner), torch.arange(len(keep)), self.args.symmetric_infonce)
+        p, owner, offset = gather_candidates(model.encode_passages(*map(list, zip(*passages))), owner)
+        positive = torch.arange(len(keep), device=p.device) + offset
+        loss = infonce(q, p, owner, positive, self.args.symmetric_infonce)
         return loss, {"infonce": float(loss.detach()), "with_positive": len(keep) / len(mined.positive)}
 
 
@@ -210,7 +267,8 @@ class Dalm(RetrieverOnly):
         docs = [{"title": [mined.positive[i][0]], "text": [mined.positive[i][1]]} for i in keep]
         questions = [batch["source_text"][i] for i in keep]
         answers = [batch["target_text"][i] for i in keep]
-        nll = -model.generator.passage_loglik(questions, docs, answers)[:, 0].mean()
+        smoothing = model.generator.label_smoothing
+        nll = -model.generator.passage_loglik(questions, docs, answers, smoothing)[:, 0].mean()
         return contrastive + nll, {**logs, "nll": float(nll.detach())}
 
 
@@ -224,10 +282,10 @@ class Lsr(Objective):
 
     def loss(self, model, batch, mined=None):
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
-        with torch.no_grad():
-            loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        loglik = teacher_loglik(model.generator, batch["source_text"], r.docs, batch["target_text"])
         kl = distillation_kl(r.doc_scores, loglik, self.args.lm_temperature)
-        return kl, {"lsr_kl": float(kl.detach())}
+        logs = {"lsr_kl": float(kl.detach()), "doc_entropy": entropy(r.doc_scores)}
+        return kl, logs | {"teacher_entropy": entropy(loglik / self.args.lm_temperature)}
 
 
 class Ralt(Objective):
@@ -240,7 +298,8 @@ class Ralt(Objective):
     def loss(self, model, batch, mined=None):
         with torch.no_grad():
             r = model.retrieve(batch["input_ids"], batch["attention_mask"])
-        nll = -model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"]).mean()
+        smoothing = model.generator.label_smoothing
+        nll = -model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"], smoothing).mean()
         return nll, {"nll": float(nll.detach())}
 
 

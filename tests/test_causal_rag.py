@@ -24,6 +24,7 @@ from causal_rag import (
     IGNORE,
     build_prompts,
     encode_prompts,
+    marginal_nll,
     rag_sequence_loss,
     rag_token_loss,
     tokenize_for_loss,
@@ -373,3 +374,52 @@ def test_sequence_generation_keeps_the_most_likely_candidate(parts):
         doc_lp = doc_scores[b].log_softmax(0)
         best = max(candidates, key=lambda c: sequence_log_likelihood(generator, prompt_ids, doc_lp, c))
         assert answer == tok.decode(best, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------- label smoothing of the marginal, by hand
+
+
+def test_label_smoothing_smooths_the_mixture_not_each_passage():
+    """Two passages, each giving the one-token answer (token 0) p = 0.5, with equal doc scores: the marginal
+    is [0.5, 0.375, 0.125] whichever passage is confident about the rest, so p(z|x,y) stays 0.5 / 0.5.
+    Smoothing each passage inside the log-sum-exp instead would weigh them 0.30 / 0.70."""
+    eps = 0.1
+    probs = torch.tensor([[[[0.5, 0.5, 1e-12]], [[0.5, 0.25, 0.25]]]], dtype=torch.float64)  # (B=1, n=2, A=1, V=3)
+    vocab_lp = probs.log()
+    token_lp, mask = vocab_lp[..., 0], torch.ones(1, 1, dtype=torch.bool)
+    doc_scores = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    mixture = [0.5, 0.375, 0.125]
+    expected = -(1 - eps) * math.log(0.5) - eps * sum(math.log(p) for p in mixture) / 3
+    for marginal in ("token", "sequence"):  # one answer token: the two marginals coincide
+        loss = marginal_nll(token_lp, mask, doc_scores, marginal, eps, vocab_lp)
+        assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # The posterior the NLL term implies is exactly uniform: its gradient on the doc scores is zero.
+    nll = marginal_nll(token_lp, mask, doc_scores, "token")
+    (grad,) = torch.autograd.grad(nll, doc_scores)
+    assert grad.abs().max() < 1e-12
+    # What per-passage smoothing would have given: the confident passage loses most of the posterior.
+    per_passage = (1 - eps) * token_lp + eps * vocab_lp.mean(-1)
+    posterior = per_passage[0, :, 0].softmax(0).tolist()
+    assert posterior == pytest.approx([0.30, 0.70], abs=0.01)
+    with pytest.raises(ValueError, match="vocab_lp"):
+        marginal_nll(token_lp, mask, doc_scores, "token", eps)
+
+
+def test_sequence_smoothing_weighs_passages_by_the_answer_so_far():
+    """RAG-sequence's next-token distribution at step t mixes the passages by p(z | x, y_<t): after a first
+    token only passage 0 explains, the second step's smoothing is (almost) passage 0's alone."""
+    eps = 0.2
+    p0 = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]], dtype=torch.float64)  # passage 0: y = (0, 1) likely
+    p1 = torch.tensor([[1e-6, 0.5, 0.5 - 1e-6], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    vocab_lp = torch.stack([p0, p1])[None].log()  # (1, 2, 2, 3)
+    labels = torch.tensor([0, 1])
+    token_lp = vocab_lp.gather(-1, labels.view(1, 1, 2, 1).expand(1, 2, 2, 1)).squeeze(-1)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    doc_scores = torch.zeros(1, 2, dtype=torch.float64)
+    w1 = torch.tensor([0.5 * 0.9, 0.5 * 1e-6], dtype=torch.float64)
+    w1 = w1 / w1.sum()
+    steps = [0.5 * p0[0] + 0.5 * p1[0], w1[0] * p0[1] + w1[1] * p1[1]]
+    nll = -math.log(0.5 * 0.9 * 0.8 + 0.5 * 1e-6 * (1 / 3))
+    smooth = -sum(float(s.log().mean()) for s in steps)
+    expected = ((1 - eps) * nll + eps * smooth) / 2
+    assert float(marginal_nll(token_lp, mask, doc_scores, "sequence", eps, vocab_lp)) == pytest.approx(expected)

@@ -388,7 +388,7 @@ def test_seq2seq_checkpoint_keeps_question_and_passage_prefixes(ray_local, finet
     args = eval_rag.parse_args(["--model_name_or_path", str(ckpt), "--evaluation_set", "q", "--gold_data_path", "g"])
     model = eval_rag.load_model(str(ckpt), args)
     tokenizer = module.model.question_tokenizer
-    assert eval_rag._encode_questions(model, ["who?"])["input_ids"].tolist() == [tokenizer("query: who?")["input_ids"]]
+    assert model.tokenize_questions(["who?"])["input_ids"].tolist() == [tokenizer("query: who?")["input_ids"]]
     passages = load_tokenizer(ckpt / "context_encoder")
     assert passages.prefix == "passage: "
 
@@ -403,6 +403,13 @@ def test_flags_that_would_be_ignored_are_refused(extra, message, capsys):
         finetune_rag.parse_args(["--model_type", "rag_token", *extra])
     assert message in capsys.readouterr().err
     assert finetune_rag.parse_args(["--model_type", "rag_token", "--use_dummy_dataset", "true"]).use_dummy_dataset
+
+
+def test_ddp_padding_duplicates_count_once_in_validation_and_test_means():
+    # Rank 1's shard is padded with line 0 again: its scores count once, not twice.
+    shards = [[(0, [1.0, 0.5]), (2, [0.0, 1.5])], [(1, [0.0, 2.5]), (0, [1.0, 0.5])]]
+    assert finetune_rag.per_question_means(shards) == pytest.approx([1 / 3, 4.5 / 3])
+    assert finetune_rag.per_question_means([[], []]) is None
 
 
 def test_ddp_shards_of_test_answers_are_put_back_in_line_order():

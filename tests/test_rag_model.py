@@ -176,19 +176,67 @@ def test_answer_logprobs_and_losses_equal_direct_computation(bart):
     assert losses["token"] != pytest.approx(losses["sequence"])  # the two marginals differ
 
 
-def test_label_smoothing_mixes_in_the_mean_log_prob(bart):
+@torch.no_grad()
+def direct_distributions(model64, tok, prompt: str, answer: str) -> tuple[list[int], torch.Tensor]:
+    """The label tokens of `answer` and the (A, V) next-token log-probs at each of them, one prompt alone."""
+    labels = tok(text_target=answer, return_tensors="pt")["input_ids"]
+    decoder_input_ids = model64.prepare_decoder_input_ids_from_labels(labels=labels)
+    logp = model64(**encode_alone(tok, prompt), decoder_input_ids=decoder_input_ids).logits[0].log_softmax(-1)
+    return labels[0].tolist(), logp
+
+
+def smoothed_rag_nll(dists: list[torch.Tensor], labels: list[int], scores: list[float], marginal: str, eps: float):
+    """Label-smoothed RAG NLL per answer token, smoothing the marginal next-token distribution (transformers'
+    RAG): at step t the mixture sum_k w_k(t) p_k(v), w = p(z|x) (token) or p(z | x, y_<t) (sequence)."""
+    prior = torch.tensor(scores, dtype=torch.float64).softmax(0)
+    total = 0.0
+    for t, y in enumerate(labels):
+        if marginal == "token":
+            w = prior
+        else:
+            w = prior * torch.stack([d[:t, :].gather(1, torch.tensor(labels[:t])[:, None]).sum().exp() for d in dists])
+            w = w / w.sum()
+        mix = sum(w[k] * dists[k][t].exp() for k in range(len(dists)))
+        total += -(1 - eps) * math.log(mix[y]) - eps * float(mix.log().mean())
+    return total / len(labels)
+
+
+@pytest.mark.parametrize("marginal", ["token", "sequence"])
+def test_label_smoothing_smooths_the_marginal_not_each_passage(bart, marginal):
+    _, tok, model64 = bart
+    eps, docs = 0.1, passages(3)
+    generator = seq2seq(bart, eps)
+    with torch.no_grad():
+        smoothed = generator.loss(QUESTIONS, docs, DOC_SCORES, ANSWERS, marginal, eps).tolist()
+        plain = generator.loss(QUESTIONS, docs, DOC_SCORES, ANSWERS, marginal).tolist()
+        token_lp, mask = generator.answer_logprobs(QUESTIONS, docs, ANSWERS)
+    for b in range(2):
+        out = [direct_distributions(model64, tok, p, ANSWERS[b]) for p in prompts_of(b, docs)]
+        labels, dists = out[0][0], [d for _, d in out]
+        rows = [[float(d[t, y]) for t, y in enumerate(labels)] for d in dists]
+        assert smoothed[b] == pytest.approx(smoothed_rag_nll(dists, labels, DOC_SCORES[b].tolist(), marginal, eps),
+                                            abs=1e-4)  # fmt: skip
+        # Without smoothing (validation, test, teachers, decoding) the plain RAG NLL and log-probs, whatever the
+        # generator's own label_smoothing.
+        assert plain[b] == pytest.approx(rag_nll(rows, DOC_SCORES[b].tolist(), marginal), abs=1e-4)
+        for k in range(3):
+            assert token_lp[b, k, : len(labels)].tolist() == pytest.approx(rows[k], abs=1e-4)
+    assert smoothed != pytest.approx(plain)
+
+
+def test_passage_loglik_smooths_each_passage_alone(bart):
+    """ralt and dalm score each passage alone (no mixture): there, label smoothing is the usual per-passage one."""
     _, tok, model64 = bart
     eps, docs = 0.1, passages(2)
     with torch.no_grad():
-        smoothed, mask = seq2seq(bart, eps).answer_logprobs(QUESTIONS, docs, ANSWERS)
-        plain, _ = seq2seq(bart).answer_logprobs(QUESTIONS, docs, ANSWERS)
+        smoothed = seq2seq(bart).passage_loglik(QUESTIONS, docs, ANSWERS, eps)
+        plain = seq2seq(bart, eps).passage_loglik(QUESTIONS, docs, ANSWERS)
     for b in range(2):
-        length = int(mask[b].sum())
         for k, prompt in enumerate(prompts_of(b, docs)):
             expected = direct_logprobs(model64, tok, prompt, ANSWERS[b], smoothing=eps)
-            assert smoothed[b, k, :length].tolist() == pytest.approx(expected, abs=1e-4)
-            assert not smoothed[b, k, length:].any()
-    assert not torch.allclose(smoothed, plain)
+            assert float(smoothed[b, k]) == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+            unsmoothed = direct_logprobs(model64, tok, prompt, ANSWERS[b])
+            assert float(plain[b, k]) == pytest.approx(sum(unsmoothed) / len(unsmoothed), abs=1e-4)
 
 
 # ---------------------------------------------------------------- Seq2SeqGenerator: decoding
@@ -331,9 +379,13 @@ def test_save_and_load_round_trip(tiny_models, tmp_path, encoders, family):
     assert torch.allclose(loaded_loss, loss, atol=1e-6)
     assert loaded_answers == answers
 
-    bare = RagModel.from_pretrained(tmp_path / "rag", retriever=FakeRetriever(), load_generator=False)
-    assert bare.generator is None and bare.ctx_encoder is None  # the context encoder only when asked for
+    bare = RagModel.from_pretrained(tmp_path / "rag", retriever=FakeRetriever(), load_generator=False,
+                                    load_context_encoder=False)  # fmt: skip
+    assert bare.generator is None and bare.ctx_encoder is None
     assert bare.settings()["n_docs"] == 2 and is_rag_checkpoint(str(tmp_path / "rag"))
+    # By default, the context encoder comes back when the saved model's doc scores came from it.
+    assert model.settings()["doc_scores"] == "fresh"
+    assert RagModel.from_pretrained(tmp_path / "rag", load_generator=False).ctx_encoder is not None
 
 
 def test_round_trip_keeps_a_seq2seq_generator_without_template(tiny_models, tmp_path):

@@ -14,7 +14,7 @@ import eval_rag
 import finetune_rag
 from rag_encoders import load_encoder, load_tokenizer
 from rag_model import RagModel
-from training_modes import MODES, distillation_kl, infonce, mine
+from training_modes import MODES, Positives, distillation_kl, entropy, infonce, mine, teacher_loglik
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DUMMY_DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
@@ -196,7 +196,7 @@ def test_lsr_loss_is_the_kl_of_in_graph_scores_and_reaches_every_encoder_paramet
     with torch.no_grad():
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
-        expected = distillation_kl(r.doc_scores, loglik, 1.0)
+        expected = distillation_kl(r.doc_scores, loglik, module.hparams.lm_temperature)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     loss.backward()
     for name in ("question_encoder", "ctx_encoder"):
@@ -250,9 +250,13 @@ def test_hard_negatives_never_include_a_gold_passage_or_an_answer():
         negatives = {p[1] for p in mined.negatives[0]}
         assert not negatives & {texts[g] for g in gold}
         assert not any("snake" in t for t in negatives)
-        assert mined.positive[0] == (f"t{min(gold)}", texts[min(gold)])
+        best = next(i for i in ranking if i in gold)  # the best-ranked gold passage, as DPR takes it
+        assert mined.positive[0] == (f"t{best}", texts[best])
         expected = [texts[i] for i in ranking if i not in gold and "snake" not in texts[i]][:3]
         assert [p[1] for p in mined.negatives[0]] == expected  # the best-ranked ones
+    # No gold passage in the pool: the lowest gold id.
+    mined = mine(RankedModel(passages, [1, 3, 0, 2]), batch, passages, [[6, 5]], n_hard=2, pool=4)
+    assert mined.positive[0] == ("t5", "mount sinai")
     # Without gold ids: the best-ranked passage that holds the answer.
     mined = mine(RankedModel(passages, [1, 3, 0, 2]), batch, passages, None, n_hard=2, pool=4)
     assert mined.positive[0] == ("t3", "a large snake") and [p[1] for p in mined.negatives[0]] == texts[1:3]
@@ -360,3 +364,73 @@ def test_the_refresh_encodes_with_the_merged_lora_weights(make_module, gold_data
     enc = module.model.ctx_tokenizer(["moses"], ["the rod became a snake"], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**enc).pooler_output, ctx.eval()(**enc).pooler_output, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the training signal: teacher, dropout, rates
+
+
+def test_the_default_lm_teacher_is_sharp_where_tau_1_was_flat():
+    """A 0.5-nat gap in per-token mean log-likelihood: [0.62, 0.38] at tau_lm 1, decisive at the default."""
+    default = finetune_rag.parse_args(["--model_type", "rag_token"]).lm_temperature
+    loglik = torch.tensor([[-1.0, -1.5]])
+    flat = (loglik / 1.0).softmax(1)[0].tolist()
+    sharp = (loglik / default).softmax(1)[0].tolist()
+    assert flat == pytest.approx([0.622, 0.378], abs=1e-3)
+    assert sharp[0] > 0.99
+    assert entropy(loglik / default) < 0.1 < 0.6 < entropy(loglik)
+
+
+def test_pdist_teacher_is_scored_without_dropout_while_the_generator_trains(make_module):
+    module = make_module("rag_end2end", "--retriever_loss", "pdist")
+    model, batch = module.model, _batch(module)
+    assert model.generator.training  # set_modes: the generator learns, with dropout
+    with torch.no_grad():
+        r = model.retrieve(batch["input_ids"], batch["attention_mask"])
+        args = (batch["source_text"], r.docs, batch["target_text"])
+        noisy = [model.generator.passage_loglik(*args) for _ in range(2)]
+        assert not torch.allclose(*noisy)  # dropout is on in the generator: each pass differs
+        teacher = [teacher_loglik(model.generator, *args) for _ in range(2)]
+    assert torch.equal(*teacher)
+    assert model.generator.training and all(m.training for m in model.generator.modules())  # restored
+    loss, logs = module.objective.loss(model, batch, None)
+    assert all(0 <= logs[k] <= math.log(3) + 1e-6 for k in ("teacher_entropy", "doc_entropy"))
+
+
+def test_retriever_dropout_off_keeps_the_encoders_training_without_noise(make_module):
+    module = make_module("rag_end2end", "--retriever_dropout", "off")
+    model, batch = module.model, _batch(module)
+    assert not model.question_encoder.training and not model.ctx_encoder.training and model.generator.training
+    scores = [model.retrieve(batch["input_ids"], batch["attention_mask"]).doc_scores for _ in range(2)]
+    assert torch.equal(scores[0].detach(), scores[1].detach())
+    module.training_step(batch, 0).backward()
+    for part in (model.question_encoder, model.ctx_encoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    noisy = make_module("rag_end2end").model  # the default keeps dropout: two passes differ
+    noisy_scores = [noisy.retrieve(batch["input_ids"], batch["attention_mask"]).doc_scores for _ in range(2)]
+    assert not torch.allclose(noisy_scores[0], noisy_scores[1])
+
+
+def test_retriever_learning_rate_and_no_decay_on_every_norm_and_bias(make_module):
+    module = make_module("rag_end2end", "--retriever_learning_rate", "1e-5", "--learning_rate", "1e-3",
+                         "--weight_decay", "0.01")  # fmt: skip
+    groups = module.param_groups()
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, decay = lr_of[id(p)]
+        assert lr == (1e-3 if name.startswith("model.generator.") else 1e-5), name
+        assert decay == (0.01 if p.dim() >= 2 else 0.0), name
+    names = {n for n, p in module.named_parameters() if p.requires_grad and lr_of[id(p)][1] == 0.0}
+    assert any("layernorm_embedding" in n for n in names)  # BART's, which a list of names had missed
+
+
+def test_a_batch_without_positives_reaches_every_trained_parameter(make_module, gold_data):
+    module = make_module("dalm", data=gold_data)
+    batch = _batch(module)
+    empty = Positives([None] * len(batch["source_text"]), [[] for _ in batch["source_text"]])
+    loss, logs = module.objective.loss(module.model, batch, empty)
+    loss.backward()
+    assert logs["with_positive"] == 0.0
+    trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for _, p in trained)  # zeros, but present: DDP finds them all
