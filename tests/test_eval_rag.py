@@ -2,6 +2,7 @@
 against a knowledge base whose embeddings the test sets, every checkpoint with its own KB version."""
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -202,3 +203,51 @@ def test_zero_shot_retrieval_of_a_question_encoder_alone(tiny_models, tiny_kb, t
         assert metrics[key] == pytest.approx(expected[key]) and 0.0 <= metrics[key] <= 1.0
     with pytest.raises(ValueError, match=r"holds dot embeddings .* scores with cosine"):
         _evaluate(*common, "--similarity", "cosine", "--recalculate")
+
+
+def test_kb_search_repeats_the_best_hit_where_faiss_finds_none(tiny_kb):
+    """FAISS pads with id -1 (and a zero vector) past what it finds: never the last passage in disguise."""
+    passages, index = tiny_kb
+    search = eval_rag.KBSearch(str(passages), str(index), 32)
+    n = len(search)
+    q = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    stored, ids, docs = search.retrieve(q, n + 3)
+    assert (ids >= 0).all() and (ids[:, n:] == ids[:, :1]).all()
+    np.testing.assert_array_equal(np.asarray(stored)[:, n:], np.repeat(np.asarray(stored)[:, :1], 3, 1))
+    kb = load_from_disk(str(passages))
+    assert docs[0]["title"][n:] == [kb[int(ids[0, 0])]["title"]] * 3
+
+
+def test_eval_rag_reproduces_the_do_predict_that_wrote_the_checkpoint(ray_local, finetune_argv, tmp_path):
+    """One checkpoint, one answer set: eval_rag.py with no flag but the files gives the answers, EM/F1 (best
+    over every gold answer) and recall@k that --do_predict logged, with n_docs, re-ranking, question length,
+    beams and the context encoder's fresh doc scores all read from the checkpoint."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    targets = (data / "test.target").read_text().splitlines()
+    records = [{"answers": [t, f"other answer {i}"], "gold_passage_ids": [i, 20 + i]} for i, t in enumerate(targets)]
+    (data / "test.gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = finetune_argv("--do_train", "--do_predict", "--end2end", "--indexing_freq", "2", "--max_steps", "4",
+                         "--val_check_interval", "4", "--num_sanity_val_steps", "0", "--n_docs", "3",
+                         "--rerank_top", "5", "--max_source_length", "9", "--test_max_target_length", "6",
+                         "--num_beams", "2", model="rag_sequence")  # fmt: skip
+    argv[argv.index("--data_dir") + 1] = str(data)
+    module = finetune_rag.main(finetune_rag.parse_args(argv))
+    for actor in module.retriever.actors:
+        ray.kill(actor)
+    run = tmp_path / "out"
+    logged = module.trainer.callback_metrics
+    (checkpoint,) = run.glob("checkpoint*")  # the one validation's, which --do_predict tested
+    settings = json.loads((checkpoint / "rag_settings.json").read_text())
+    assert (settings["n_docs"], settings["rerank_top"], settings["question_max_length"]) == (3, 5, 9)
+    assert settings["generation"] == {"num_beams": 2, "max_new_tokens": 6} and settings["doc_scores"] == "fresh"
+
+    common = ["--model_name_or_path", checkpoint, "--evaluation_set", data / "test.source", "--gold_data_path",
+              data / "test.gold.jsonl", "--eval_batch_size", 3]  # fmt: skip
+    e2e = _evaluate(*common, "--predictions_path", tmp_path / "preds.txt")[str(checkpoint)]
+    assert (tmp_path / "preds.txt").read_text() == (run / "test_generations.txt").read_text()
+    assert e2e["em"] == pytest.approx(float(logged["test_em"])) and e2e["f1"] == pytest.approx(float(logged["test_f1"]))
+    retrieval = _evaluate(*common, "--eval_mode", "retrieval", "--predictions_path", tmp_path / "ids.txt")
+    for k in (1, 5, 10, 20):
+        assert retrieval[str(checkpoint)][f"recall@{k}"] == pytest.approx(float(logged[f"test_recall@{k}"]))
+    assert 0 < float(logged["test_recall@20"])

@@ -14,7 +14,16 @@ import eval_rag
 import finetune_rag
 from rag_encoders import load_encoder, load_tokenizer
 from rag_model import RagModel
-from training_modes import MODES, Positives, distillation_kl, entropy, infonce, mine, teacher_loglik
+from training_modes import (
+    MODES,
+    Positives,
+    distillation_kl,
+    entropy,
+    gather_candidates,
+    infonce,
+    mine,
+    teacher_loglik,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DUMMY_DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
@@ -434,3 +443,78 @@ def test_a_batch_without_positives_reaches_every_trained_parameter(make_module, 
     assert logs["with_positive"] == 0.0
     trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for _, p in trained)  # zeros, but present: DDP finds them all
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One DDP rank: 2 (rank 0) or 3 (rank 1) candidate passages, rank 1's last a copy of rank 0's first."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    p = torch.randn(2 + rank, 4, requires_grad=True)
+    owner = torch.tensor([10, 11] if rank == 0 else [20, 21, 10])
+    q = torch.randn(1, 4)
+    vectors, owners, offset = gather_candidates(p, owner)
+    loss = infonce(q, vectors, owners, torch.tensor([offset]))
+    loss.backward()
+    torch.save({"p": p.detach(), "q": q, "grad": p.grad, "owners": owners, "offset": offset, "loss": loss.detach(),
+                "vectors": vectors.detach()}, f"{out}/rank{rank}.pt")  # fmt: skip
+    dist.destroy_process_group()
+
+
+def test_infonce_negatives_are_gathered_across_ddp_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    every = torch.cat([r0["p"], r1["p"]])
+    for r in (r0, r1):
+        assert torch.equal(r["vectors"], every) and r["owners"].tolist() == [10, 11, 20, 21, 10]
+        # Each rank's loss is InfoNCE of its questions against all five passages, computed in one process.
+        expected = infonce(r["q"], every, r["owners"], torch.tensor([r["offset"]]))
+        assert float(r["loss"]) == pytest.approx(float(expected))
+    assert (r0["offset"], r1["offset"]) == (0, 2)
+    # Rank 1's passages reach rank 0's loss: their gradient (summed over ranks) is the sum of both losses'.
+    both = every.clone().requires_grad_(True)
+    total = sum(infonce(r["q"], both, r["owners"], torch.tensor([r["offset"]])) for r in (r0, r1))
+    total.backward()
+    assert torch.allclose(r0["grad"], both.grad[:2], atol=1e-6) and torch.allclose(r1["grad"], both.grad[2:], atol=1e-6)
+
+
+def test_a_learned_temperature_trains_beside_lora_adapters(make_module, gold_data):
+    module = make_module("rag_end2end", "--peft", "both", "--learn_temperature", "--retrieval_temperature", "0.5",
+                         data=gold_data)  # fmt: skip
+    encoder = module.model.question_encoder
+    assert encoder.log_temperature.requires_grad  # LoRA freezes every weight but its adapters: not tau
+    module.training_step(_batch(module), 0).backward()
+    assert encoder.log_temperature.grad is not None and encoder.log_temperature.grad.abs() > 0
+    assert any(p is encoder.log_temperature for g in module.param_groups() for p in g["params"])
+
+
+def test_validation_em_takes_the_best_of_every_gold_answer(make_module, tmp_path):
+    """val_em is 1 when each prediction is one of the question's gold answers, though not its .target line."""
+    import pytorch_lightning as pl
+
+    def validate(module) -> dict:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)  # fmt: skip
+        return trainer.validate(module, verbose=False)[0]
+
+    data = tmp_path / "data"
+    shutil.copytree(DUMMY_DATA, data)
+    module = make_module("rag_original", "--val_max_target_length", "4", data=data)
+    module.model.eval()
+    with torch.no_grad():
+        preds = [a for b in module.val_dataloader() for a in module.model.generate(b["input_ids"],
+                 b["attention_mask"], b["source_text"], 4)]  # fmt: skip
+    targets = (data / "val.target").read_text().splitlines()
+    assert not any(p.strip() == t for p, t in zip(preds, targets))
+    assert validate(module)["val_em"] == 0.0
+    rows = [json.dumps({"answers": [t, " ".join(p.split())], "gold_passage_ids": []}) for t, p in zip(targets, preds)]
+    (data / "val.gold.jsonl").write_text("\n".join(rows) + "\n")
+    assert validate(make_module("rag_original", "--val_max_target_length", "4", data=data))["val_em"] == 1.0
