@@ -7,9 +7,12 @@ passages needed to measure retrieval; the outputs are those of prepare_squad.py.
 Every article file (`S*/data/setN/aM.txt.clean`) becomes one knowledge-base document, titled by its
 ArticleTitle with underscores as spaces; files with identical text are kept once. Repeated questions (one
 line per answerer) are merged into one question with several answers; NULL or empty answers are dropped,
-and a question left without any is skipped and counted. Splits are by article title. Gold passages are
+and a question left without any is skipped and counted. Splits are by article title. Gold passages: of
 the passages of the question's article (every stored revision of it) that contain an answer as a run of
-SQuAD-normalised words; yes/no answers are kept as answers but are not searched for.
+SQuAD-normalised words, those that share the most content words with the question (ties kept). The dataset
+marks no answer span, and a name such as the article's subject occurs in dozens of its passages: without
+the overlap rule a question had up to 178 gold passages, and recall@k measured little. Yes/no answers are
+kept as answers but are not searched for.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 from pathlib import Path
 
 from prepare_squad import (
+    WORDS_PER_PASSAGE,
     Document,
     Question,
     TokenIndex,
@@ -34,6 +38,12 @@ from utils_rag import normalize_answer
 
 COLUMNS = ("ArticleTitle", "Question", "Answer", "ArticleFile")
 YES_NO = {"yes", "no"}
+# Words that say nothing about which passage answers (normalize_answer already drops a, an, the).
+STOP_WORDS = frozenset(
+    "of in on at to for from by with and or not is was were are be been being am did does do has have had what "
+    "which who whom whose when where why how that this these those it its as than there their they he she his her "
+    "you your we our can could would should will".split()
+)
 
 
 def _cp1252_fallback(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -133,6 +143,7 @@ def load_cmu_qa(input_dir: str | Path) -> tuple[list[Document], list[Question], 
 
     stats = dict.fromkeys(["skipped_empty_questions", "skipped_null_answers", "skipped_unanswerable"], 0)
     stats |= {"article_files": n_files, "qa_rows": len(rows), "yes_no_only_questions": 0}
+    stats["answer_spans_dropped_by_overlap"] = 0
     merged = merge_questions(rows, stats)
     indexes, questions = [article_index(doc.text) for doc in docs], []
     for (title, question), (qid, raw) in merged.items():
@@ -147,10 +158,30 @@ def load_cmu_qa(input_dir: str | Path) -> tuple[list[Document], list[Question], 
             q.spans.update(
                 (d, first, last) for a in searchable for first, last in indexes[d].find(a, whole_tokens=True)
             )
+        closest = closest_spans(q.spans, question, docs)
+        stats["answer_spans_dropped_by_overlap"] += len(q.spans) - len(closest)
+        q.spans = closest
         questions.append(q)
     stats["merged_questions"] = len(merged)
     stats["documents_without_questions"] = sum(d.title not in {q.title for q in questions} for d in docs)
     return docs, questions, stats
+
+
+def content_words(text: str) -> set[str]:
+    return set(normalize_answer(text).split()) - STOP_WORDS
+
+
+def closest_spans(spans: set[tuple[int, int, int]], question: str, docs: list[Document]) -> set[tuple[int, int, int]]:
+    """The answer spans in the passages that share the most content words with the question (ties kept): the
+    passages that answer it, not every passage where its answer happens to occur."""
+    words, n = content_words(question), WORDS_PER_PASSAGE
+
+    def overlap(d: int, p: int) -> int:  # passages are windows of n words (prepare_squad.split_text)
+        return len(words & content_words(" ".join(docs[d].text.split(" ")[p * n : (p + 1) * n])))
+
+    scored = {(d, a, b): max(overlap(d, p) for p in range(a // n, b // n + 1)) for d, a, b in spans}
+    best = max(scored.values(), default=0)
+    return {span for span, score in scored.items() if score == best}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

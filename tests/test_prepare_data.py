@@ -218,7 +218,10 @@ def cmu_dir(tmp_path_factory) -> Path:
         "kangaroo\n\n\n\nA kangaroo is a marsupial from the family Macropodidae. "
         + make_context(
             200,
-            {85: "They graze on grasses and shrubs at dusk."},  # words 98-100 of the file: passages 0 and 1
+            {
+                85: "They graze on grasses and shrubs at dusk.",  # words 98-100 of the file: passages 0 and 1
+                150: "Macropodidae fossils are rare.",
+            },  # the answer again, in a passage that shares no question word
         )[0]
     )
     coulomb = "Charles-Augustin_de_Coulomb\n\nCoulomb was born in Angoulême, France. " + make_context(120, {})[0]
@@ -261,7 +264,8 @@ def test_cmu_counts_merging_and_gold(cmu_dir, tmp_path):
     gold = {row["question"]: row for row in all_gold(out).values()}
     assert [kb_title for kb_title, _ in read_kb_csv(out / "kb.csv")] == ["Kangaroo", "Charles-Augustin de Coulomb"]
     assert gold["What family do kangaroos belong to?"]["answers"] == ["Macropodidae", "the family Macropodidae."]
-    assert gold["What family do kangaroos belong to?"]["gold_passage_ids"] == [0]
+    assert gold["What family do kangaroos belong to?"]["gold_passage_ids"] == [0]  # not 1: no question word there
+    assert stats["answer_spans_dropped_by_overlap"] == 1  # passage 1's Macropodidae
     assert gold["Are kangaroos marsupials?"] | {"gold_passage_ids": []} == gold["Are kangaroos marsupials?"]
     assert gold["Are kangaroos marsupials?"]["answers"] == ["yes"]
     assert gold["What do kangaroos eat?"]["gold_passage_ids"] == [0, 1]  # across the passage boundary
