@@ -261,8 +261,9 @@ class GenerativeQAModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation and data
 
     def param_groups(self) -> list[dict]:
-        """What trains, by learning rate: the encoders at --retriever_learning_rate, the generator at
-        --learning_rate, tau at its own; no weight decay on biases and norms (every 1-D weight, as nanoGPT)."""
+        """What trains, in named groups (LearningRateMonitor logs lr-AdamW/<name>): the encoders ("retriever") at
+        --retriever_learning_rate, the generator at --learning_rate, tau at its own; no weight decay on biases
+        and norms (every 1-D weight, as nanoGPT: the "*_no_decay" groups)."""
         hp = self.hparams
         rates = {"generator": hp.learning_rate, "retriever": hp.retriever_learning_rate or hp.learning_rate}
         groups = {}
@@ -270,11 +271,13 @@ class GenerativeQAModule(pl.LightningModule):
             if not p.requires_grad:
                 continue
             if name.endswith("log_temperature"):  # one scalar: at the encoders' rate it would hardly move in a run
-                lr, decay = hp.temperature_learning_rate, 0.0
+                group, lr, decay = "temperature", hp.temperature_learning_rate, 0.0
             else:
-                lr = rates["generator" if name.startswith("model.generator.") else "retriever"]
-                decay = hp.weight_decay if p.dim() >= 2 else 0.0
-            groups.setdefault((lr, decay), {"params": [], "lr": lr, "weight_decay": decay})["params"].append(p)
+                group = "generator" if name.startswith("model.generator.") else "retriever"
+                lr, decay = rates[group], hp.weight_decay if p.dim() >= 2 else 0.0
+                group += "" if p.dim() >= 2 else "_no_decay"
+            groups.setdefault(group, {"name": group, "params": [], "lr": lr, "weight_decay": decay})
+            groups[group]["params"].append(p)
         return list(groups.values())
 
     def configure_optimizers(self):

@@ -185,7 +185,8 @@ def test_logs_and_run_files(trained):
     for name in ("loss", "index_version", "index_staleness_steps", "reindex_seconds", "val_em", "val_f1"):
         assert name in columns, f"{name} not logged"
     assert max(float(r["index_version"]) for r in rows if r["index_version"]) >= 1
-    assert any(r.get("lr-AdamW/pg1") for r in rows), "learning rate not logged"
+    for group in ("generator", "retriever"):  # each part's learning rate (--retriever_learning_rate)
+        assert any(r.get(f"lr-AdamW/{group}") for r in rows), f"learning rate of the {group} not logged"
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
     # Retrieval metrics against the live index: at every validation and after every refresh.
     recall_steps = {r["step"] for r in rows if r.get("val_recall@5")}
