@@ -29,7 +29,7 @@ class KBRefreshCallback(pl.Callback):
         indexing_freq: int,
         index_config: IndexConfig,
         index_workers: int = 1,
-        index_gpus: int = 0,
+        index_gpus: float = 0,
         encode_batch_size: int = 64,
         keep_versions: int = 3,
         refresh_before_validation: bool = False,

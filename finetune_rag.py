@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 import uuid
@@ -716,8 +717,11 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use_dummy_dataset", type=str2bool, default=False,
                    help="true: the bundled dummy KB (the default paths); refused with other paths")  # fmt: skip
     g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
-    g.add_argument("--index_workers", type=int, default=None, help="encoding actors (default: max(1, index_gpus))")
-    g.add_argument("--index_gpus", type=int, default=0, help="GPUs for encoding actors; 0 encodes on CPU")
+    g.add_argument("--index_workers", type=int, default=None,
+                   help="encoding actors (default: max(1, ceil(index_gpus)))")  # fmt: skip
+    g.add_argument("--index_gpus", type=float, default=0,
+                   help="GPUs for the encoding actors, shared among them; 0 encodes on CPU. A fraction (e.g. 0.5) "
+                   "lets one actor share a GPU with training")  # fmt: skip
     g.add_argument("--index_cpus", type=int, default=1,
                    help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
                    "--refresh_before_validation, which training waits for, take every core)")  # fmt: skip
@@ -849,7 +853,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, name, os.path.abspath(getattr(args, name)))
     args.run_id = resolve_run_id(args.run_id)
     if args.index_workers is None:
-        args.index_workers = max(1, args.index_gpus)
+        args.index_workers = max(1, math.ceil(args.index_gpus))
     val = args.val_check_interval
     args.val_check_interval = int(val) if val > 1 else val
     return args

@@ -60,7 +60,7 @@ class Refresher:
         context_tokenizer,
         index_config: IndexConfig,
         index_workers: int = 1,
-        index_gpus: int = 0,
+        index_gpus: float = 0,
         index_cpus: int = 1,
         encode_batch_size: int = 64,
         keep_versions: int = 3,

@@ -99,24 +99,33 @@ def build_kb(work: Path, n: int, dim: int, cfg: IndexConfig) -> KBVersion:
     return KBVersion(0, str(passages), str(index))
 
 
-def bare_forward(encoder, tokenizer, passages: Dataset, batch_size: int, threads: int) -> float:
-    """Passages/s of the forward pass alone over pre-padded, length-sorted batches."""
+def bare_forward(
+    encoder, tokenizer, passages: Dataset, batch_size: int, threads: int, device: str = "cpu", bf16: bool = False
+) -> float:
+    """Passages/s of the forward pass alone over pre-padded, length-sorted batches already on `device` (bf16:
+    autocast, as the refresh encodes on GPUs); one batch first as a warm-up (CUDA kernels, allocator)."""
     token_ids = tokenize_passages(tokenizer, passages["title"], passages["text"])
     token_ids.sort(key=len)
     batches = [
-        tokenizer.pad({"input_ids": token_ids[i : i + batch_size]}, return_tensors="pt")
+        tokenizer.pad({"input_ids": token_ids[i : i + batch_size]}, return_tensors="pt").to(device)
         for i in range(0, len(token_ids), batch_size)
     ]
+    encoder = encoder.to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            passage_embeddings(encoder, batches[0]["input_ids"], batches[0]["attention_mask"])
+            sync()
             start = time.perf_counter()
             for b in batches:
                 passage_embeddings(encoder, b["input_ids"], b["attention_mask"])
+            sync()
             return len(token_ids) / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
+        encoder.to("cpu")
 
 
 def profile_encode(encoder, tokenizer, passages_path: str, batch_size: int, threads: int) -> dict:

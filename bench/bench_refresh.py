@@ -218,11 +218,12 @@ class RunResult:
         return {s for h in history for s in range(h["trigger_step"] + 1, h["swap_step"] + 1)}
 
 
-def train_run(name: str, argv: list[str], warmup: int) -> RunResult:
-    """One `finetune_rag.main()` call with a StepTimer attached; the retrieval actors are killed after."""
+def train_run(name: str, argv: list[str], warmup: int, *callbacks: pl.Callback) -> RunResult:
+    """One `finetune_rag.main()` call with a StepTimer (and `callbacks`) attached; the retrieval actors are
+    killed after."""
     timer = StepTimer()
     start = time.perf_counter()
-    with extra_callbacks(timer):
+    with extra_callbacks(timer, *callbacks):
         module = finetune_rag.main(finetune_rag.parse_args(argv))
     wall = time.perf_counter() - start
     for actor in module.retriever.actors:
