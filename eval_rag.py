@@ -29,13 +29,12 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
-from transformers.models.rag.retrieval_rag import CustomHFIndex
 
 from kb_encode_utils import check_kb_similarity
+from kb_search import checkpoint_kb
 from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_model import RagModel
 from utils_rag import (
@@ -73,10 +72,9 @@ def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
 
 def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
     """The KB to retrieve from: --passages_path/--index_path, else the version the checkpoint was saved with."""
-    saved = Path(checkpoint) / "kb_version.json"
-    if saved.exists():  # written by finetune_rag.py beside every checkpoint
-        kb = json.loads(saved.read_text())
-        passages, index = kb["passages_path"], kb["index_path"]
+    saved = checkpoint_kb(checkpoint)  # written by finetune_rag.py beside every checkpoint
+    if saved:
+        passages, index = saved
     else:
         config = AutoConfig.from_pretrained(checkpoint)  # a transformers RAG checkpoint names its KB
         passages, index = getattr(config, "passages_path", None), getattr(config, "index_path", None)
@@ -89,37 +87,6 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
                 f"{path} not found (the knowledge base for {checkpoint}); pass --passages_path and --index_path"
             )
     return passages, index
-
-
-class KBSearch:
-    """Top-k search of one KB version in this process (transformers' CustomHFIndex over our passages and FAISS
-    index): what rag_model.RagModel asks of a retriever, without Ray. finetune_rag.GenerativeQAModule takes
-    it too (a module without refreshes, e.g. in unit tests)."""
-
-    def __init__(self, passages: str, index: str, dim: int):
-        self.index = CustomHFIndex.load_from_disk(dim, passages, index)
-        self.index.init_index()  # reads the FAISS file
-        self.live_kb = None
-
-    def init_retrieval(self, kb) -> int:
-        """Serve `kb` (a kb_encode_utils.KBVersion of these same passages and index)."""
-        self.live_kb = kb
-        return kb.version
-
-    def __len__(self) -> int:
-        return len(self.index.dataset)
-
-    def retrieve(self, question_hidden_states, n_docs: int, embeddings: bool = True):
-        ids, stored = self.index.get_top_docs(question_hidden_states, n_docs)  # FAISS reconstructs them: cheap
-        # FAISS gives id -1 (and a zero vector) for a neighbour it did not find (an HNSW miss, or a KB smaller
-        # than n_docs), which would read as the last passage: repeat the best hit, as the Ray actors do.
-        missed = ids < 0
-        if missed[:, 0].any():
-            raise ValueError(f"the index found no passage for question {int(np.flatnonzero(missed[:, 0])[0])}")
-        if missed.any():
-            ids = np.where(missed, ids[:, :1], ids)
-            stored = np.where(missed[..., None], np.asarray(stored)[:, :1], stored)
-        return stored, ids, self.index.get_doc_dicts(ids)
 
 
 def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
@@ -137,11 +104,12 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
             overrides["marginal"] = args.model_type.removeprefix("rag_")
         e2e = args.eval_mode == "e2e"  # the context encoder, if the run's doc scores came from it
         model = RagModel.from_pretrained(checkpoint, load_generator=e2e, load_context_encoder=None if e2e else False,
-                                         **overrides)  # fmt: skip
+                                         kb=(passages, index), **overrides)  # fmt: skip
         if args.similarity:  # overrides what the checkpoint's question encoder declares
             model.question_encoder = with_scoring(model.question_encoder, args.similarity, None)
     check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
-    model.retriever = KBSearch(passages, index, model.question_encoder.config.hidden_size)
+    if model.retriever is None:
+        model.attach_kb((passages, index))
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 

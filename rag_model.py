@@ -46,6 +46,7 @@ from causal_rag import (
     tokenize_for_loss,
     truncate_left,
 )
+from kb_search import KBSearch, checkpoint_kb
 from lora import merged
 from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
 
@@ -437,6 +438,34 @@ class RagModel(torch.nn.Module):
         r = self.retrieve(input_ids, attention_mask)
         return self.generator.generate(questions, r.docs, r.doc_scores, max_new_tokens, self.marginal, num_beams)
 
+    @torch.no_grad()
+    def answer(
+        self,
+        questions: list[str],
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        n_docs: int | None = None,
+    ) -> list[dict]:
+        """Each question's answer (None without a generator: a retriever_only checkpoint) and the passages it drew
+        on, best first: KB row `id`, `title`, `text`, `score` (the doc score, similarity / tau) and `probability`
+        (p(z|x), their softmax). Decoding defaults to the run's (`generation`); call `.eval()` first."""
+        enc = self.tokenize_questions(questions)
+        r = self.retrieve(enc["input_ids"], enc["attention_mask"], n_docs)
+        answers = [None] * len(questions)
+        if self.generator is not None:
+            max_new_tokens = max_new_tokens or self.generation.get("max_new_tokens", 32)
+            num_beams = num_beams or self.generation.get("num_beams", 1)
+            answers = self.generator.generate(questions, r.docs, r.doc_scores, max_new_tokens, self.marginal, num_beams)
+        scores, probs = r.doc_scores.float().cpu(), r.doc_scores.float().softmax(1).cpu()
+        return [
+            {"question": q, "answer": a, "passages": [
+                {"id": int(r.ids[b][k]), "title": r.docs[b]["title"][k], "text": r.docs[b]["text"][k],
+                 "score": float(scores[b, k]), "probability": float(probs[b, k])}
+                for k in range(scores.shape[1])
+            ]}
+            for b, (q, a) in enumerate(zip(questions, answers))
+        ]  # fmt: skip
+
     # ------------------------------------------------------------------ saving and loading
 
     def settings(self) -> dict:
@@ -479,14 +508,21 @@ class RagModel(torch.nn.Module):
         load_generator: bool = True,
         load_context_encoder: bool | None = None,
         cache_dir: str | None = None,
+        kb: tuple[str, str] | None = None,
         **overrides,
     ) -> RagModel:
-        """What `save_pretrained` wrote, or a transformers RAG checkpoint (hub name or directory, e.g.
-        facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix, ...) replace saved settings.
-        The context encoder is loaded when the saved model scored passages with it (None), or as told."""
+        """What `save_pretrained` (or export_model.py) wrote, or a transformers RAG checkpoint (hub name or
+        directory, e.g. facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix, ...) replace
+        saved settings. The context encoder is loaded when the saved model scored passages with it (None), or as
+        told. Without a `retriever`, the model searches in this process the KB `kb` (passages, index) or else the
+        KB version the checkpoint names (its kb_version.json): the one its weights were trained against."""
         directory = Path(path)
         if not (directory / SETTINGS_FILE).is_file():
-            return cls._from_transformers_rag(str(path), retriever, load_generator, cache_dir, **overrides)
+            if directory.is_dir() and not (directory / "config.json").is_file():
+                raise FileNotFoundError(f"{path}: not a checkpoint (no {SETTINGS_FILE}, no config.json): give a "
+                                        "checkpoint<step> of finetune_rag.py or an export_model.py export")  # fmt: skip
+            model = cls._from_transformers_rag(str(path), retriever, load_generator, cache_dir, **overrides)
+            return model.attach_kb(kb) if retriever is None and kb else model
         s = json.loads((directory / SETTINGS_FILE).read_text())
         scoring = s["question_encoder"]
         q = load_encoder(str(directory / "question_encoder"), scoring.get("pooling"), side="question",
@@ -504,8 +540,15 @@ class RagModel(torch.nn.Module):
             ctx_tok = load_tokenizer(str(directory / "context_encoder"))
         settings = {name: s[name] for name in ("n_docs", "marginal", "question_prefix", "question_max_length",
                                                "rerank_top", "generation") if name in s}  # fmt: skip
-        return cls(q, load_tokenizer(str(directory / "question_encoder")), generator, retriever,
-                   ctx_encoder=ctx, ctx_tokenizer=ctx_tok, **(settings | overrides))  # fmt: skip
+        model = cls(q, load_tokenizer(str(directory / "question_encoder")), generator, retriever,
+                    ctx_encoder=ctx, ctx_tokenizer=ctx_tok, **(settings | overrides))  # fmt: skip
+        kb = kb or checkpoint_kb(directory)
+        return model.attach_kb(kb) if retriever is None and kb else model
+
+    def attach_kb(self, kb: tuple[str, str]) -> RagModel:
+        """Search the KB (passages, index) in this process (kb_search.KBSearch); returns the model."""
+        self.retriever = KBSearch(*kb, self.question_encoder.config.hidden_size)
+        return self
 
     @classmethod
     def _from_transformers_rag(cls, name: str, retriever, load_generator: bool, cache_dir: str | None, **overrides):

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, DPRQuestionEncoder
 
 import eval_rag
 import finetune_rag
+import kb_search
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
 from rag_model import RagModel
 from utils_rag import corpus_bleu, has_answer, mrr_at_k, recall_at_k
@@ -208,7 +209,7 @@ def test_zero_shot_retrieval_of_a_question_encoder_alone(tiny_models, tiny_kb, t
 def test_kb_search_repeats_the_best_hit_where_faiss_finds_none(tiny_kb):
     """FAISS pads with id -1 (and a zero vector) past what it finds: never the last passage in disguise."""
     passages, index = tiny_kb
-    search = eval_rag.KBSearch(str(passages), str(index), 32)
+    search = kb_search.KBSearch(str(passages), str(index), 32)
     n = len(search)
     q = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
     stored, ids, docs = search.retrieve(q, n + 3)

@@ -18,6 +18,7 @@ from transformers import DPRContextEncoder
 import eval_rag
 import finetune_rag
 import kb_refresh
+import kb_search
 from callbacks_rag import KBRefreshCallback
 from kb_encode_utils import IndexConfig, read_version
 from kb_refresh import RefreshState
@@ -212,7 +213,7 @@ def test_checkpoint_reloads_and_generates(trained):
     settings = json.loads((ckpt / "rag_settings.json").read_text())
     assert settings["generator_family"] == "seq2seq" and settings["n_docs"] == module.model.n_docs
     model = RagModel.from_pretrained(str(ckpt)).eval()
-    model.retriever = eval_rag.KBSearch(kb["passages_path"], kb["index_path"], 8)
+    model.retriever = kb_search.KBSearch(kb["passages_path"], kb["index_path"], 8)
     inputs = model.question_tokenizer(["what causes tuberculosis ?"], return_tensors="pt")
     answers = model.generate(inputs["input_ids"], inputs["attention_mask"], ["what causes tuberculosis ?"], 8)
     assert len(answers) == 1 and isinstance(answers[0], str)

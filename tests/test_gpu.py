@@ -30,10 +30,7 @@ def test_bf16_encoding_on_cuda_matches_float32(tiny_models):
 
 
 def test_rag_model_on_cuda_gives_the_cpu_loss_and_answers(tiny_models, tiny_kb):
-    import eval_rag
-
-    model = RagModel.from_pretrained(str(tiny_models["rag_token"])).eval()
-    model.retriever = eval_rag.KBSearch(str(tiny_kb[0]), str(tiny_kb[1]), model.question_encoder.config.hidden_size)
+    model = RagModel.from_pretrained(str(tiny_models["rag_token"]), kb=(str(tiny_kb[0]), str(tiny_kb[1]))).eval()
     questions, answers = ["who held the rod?", "where is sinai?"], ["aaron", "egypt"]
     out = {}
     for device in ("cpu", "cuda"):

@@ -12,6 +12,7 @@ import torch
 
 import eval_rag
 import finetune_rag
+import kb_search
 from rag_encoders import load_encoder, load_tokenizer
 from rag_model import RagModel
 from training_modes import (
@@ -66,7 +67,7 @@ def make_module(finetune_argv, tiny_models, tiny_kb):
         passages, index = tiny_kb
         torch.manual_seed(0)
         args = finetune_rag.parse_args(argv)
-        return finetune_rag.GenerativeQAModule(args, eval_rag.KBSearch(str(passages), str(index), HIDDEN))
+        return finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), HIDDEN))
 
     return make
 
