@@ -56,7 +56,7 @@ POOLING_FILE = "pooling.json"
 PREFIX_FILE = "text_prefix.json"  # the prefix a PrefixedTokenizer puts before texts, saved beside it
 # side -> the DPR class of that side and the attribute holding its DPREncoder (BERT + optional projection)
 DPR_SIDES = {"question": (DPRQuestionEncoder, "question_encoder"), "context": (DPRContextEncoder, "ctx_encoder")}
-ST_MODES = {"cls_token": "cls", "mean_tokens": "mean"}  # sentence-transformers' pooling_mode_* names
+ST_MODES = {"cls_token": "cls", "mean_tokens": "mean"}  # sentence-transformers' pooling_mode_* names (before 5)
 
 
 @dataclass
@@ -271,6 +271,8 @@ def read_pooling(name_or_path: str | os.PathLike, cache_dir: str | None = None) 
             path = _find(name_or_path, "config.json", cache_dir, subfolder=module.get("path", ""))
             flags = json.loads(Path(path).read_text()) if path else {}
             modes = [key[len("pooling_mode_") :] for key, on in flags.items() if key.startswith("pooling_mode_") and on]
+            named = flags.get("pooling_mode")  # sentence-transformers >= 5 writes {"pooling_mode": "mean"}
+            modes += [named] if isinstance(named, str) else list(named or [])
             if modes:  # an unsupported mode (max, lasttoken, ...) is kept, to fail with its name
                 settings["pooling"] = "+".join(ST_MODES.get(mode, mode) for mode in modes)
     return settings

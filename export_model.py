@@ -1,0 +1,177 @@
+"""Export a trained checkpoint to the libraries its users already run: sentence-transformers for the encoders
+(a vector store, LangChain), plain transformers for the generator (vLLM, TGI, `generate`), and the KB version
+that matches the weights.
+
+    python export_model.py --checkpoint OUT/checkpoint120 --output_dir DIR
+
+    DIR/question_encoder/   SentenceTransformer(DIR/question_encoder).encode(questions, prompt_name="query")
+    DIR/context_encoder/    SentenceTransformer(DIR/context_encoder).encode([(prefix + title, text), ...])
+    DIR/generator/          AutoModelForCausalLM / AutoModelForSeq2SeqLM.from_pretrained(DIR/generator)
+    DIR/kb/                 the checkpoint's KB version: passages (with embeddings) and index.faiss
+    DIR/rag_settings.json   with kb_version.json (relative paths): RagModel.from_pretrained(DIR), rag_answer.py
+    DIR/README.md           the model card: recipe, base models, data, steps, test metrics, how to use it
+
+The encoders keep the pooling they were trained with (a Pooling module), `Normalize` when they score by cosine,
+the question prefix as the prompt "query" and the passage prefix as "document", and the truncation length.
+A passage is encoded as the text pair (passage prefix + title, text), exactly as the KB was: give
+sentence-transformers that pair, not a joined string. Question vectors of the toolkit are divided by the
+retrieval temperature tau (in the card and rag_settings.json); sentence-transformers gives them undivided.
+LoRA adapters are merged already (checkpoints hold the merged weights). Needs sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, DPRContextEncoder, DPRQuestionEncoder
+
+from kb_search import KB_VERSION_FILE, checkpoint_kb
+from rag_encoders import PooledEncoder
+from rag_model import SETTINGS_FILE, RagModel
+
+RUN_FILES = ("run_info.json", "test_results.txt")  # beside the checkpoints, in the run's output dir
+
+
+def plain_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str, bool]:
+    """(a model sentence-transformers' Transformer module loads with AutoModel, its pooling, normalize). DPR's
+    BERT becomes a BertModel with a BERT config (AutoModel would read a DPR config as a DPRQuestionEncoder,
+    whose first output is no token embedding); its pooler output is the [CLS] vector: cls pooling."""
+    model, pooling, normalize = encoder, "cls", False
+    if isinstance(encoder, PooledEncoder):
+        model, pooling, normalize = encoder.model, encoder.pooling, encoder.normalize
+    for cls, attr in ((DPRQuestionEncoder, "question_encoder"), (DPRContextEncoder, "ctx_encoder")):
+        if isinstance(model, cls):
+            model = getattr(model, attr)
+    if hasattr(model, "bert_model"):  # a DPREncoder
+        if getattr(model, "projection_dim", 0):
+            raise ValueError("this DPR encoder projects its [CLS] vector (projection_dim > 0): not exportable as a "
+                             "Transformer + Pooling sentence-transformers model")  # fmt: skip
+        pooling = "cls" if pooling == "pooler" else pooling
+        keys = BertConfig().to_dict().keys()
+        config = BertConfig(**{k: v for k, v in model.bert_model.config.to_dict().items() if k in keys})
+        bert = BertModel(config, add_pooling_layer=False)
+        bert.load_state_dict(model.bert_model.state_dict())
+        model = bert
+    if pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling {pooling!r}: sentence-transformers' Pooling has cls and mean, not the "
+                         "model's own pooler; train with --question_pooling/--context_pooling cls or mean")  # fmt: skip
+    return model, pooling, normalize
+
+
+def write_sentence_transformer(encoder, tokenizer, directory: Path, prompts: dict, max_seq_length: int) -> None:
+    """`encoder` as a sentence-transformers model directory, saved by sentence-transformers itself."""
+    try:
+        from sentence_transformers import SentenceTransformer, models
+    except ImportError as e:
+        raise ImportError("export_model.py needs sentence-transformers: pip install sentence-transformers") from e
+    model, pooling, normalize = plain_encoder(encoder)
+    base = directory / "transformer.tmp"
+    model.save_pretrained(base)
+    getattr(tokenizer, "tokenizer", tokenizer).save_pretrained(base)  # a PrefixedTokenizer's own tokenizer
+    # The toolkit encodes (title, text) pairs without token type ids (segment 0 throughout, as the reference's
+    # use_own_knowledge_dataset.py did): a tokenizer that returns none makes sentence-transformers do the same.
+    AutoTokenizer.from_pretrained(base, model_input_names=["input_ids", "attention_mask"]).save_pretrained(base)
+    modules = [models.Transformer(str(base), max_seq_length=max_seq_length),
+               models.Pooling(model.config.hidden_size, pooling_mode=pooling)]  # fmt: skip
+    modules += [models.Normalize()] if normalize else []
+    st = SentenceTransformer(modules=modules, prompts={k: v for k, v in prompts.items() if v},
+                             similarity_fn_name="cosine" if normalize else "dot")  # fmt: skip
+    st.save(str(directory))
+    shutil.rmtree(base)
+
+
+def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict) -> str:
+    """DIR/README.md: what was trained, from what, on what, and how well; how to use each part."""
+    run = checkpoint.parent
+    info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+    hparams = next(run.glob("logs/version_*/hparams.yaml"), None)
+    tested = (run / "test_results.txt").read_text().strip() if (run / "test_results.txt").is_file() else "not tested"
+    q, prefix = settings["question_encoder"], settings.get("passage_prefix") or ""
+    lines = [
+        f"# RAG model exported from `{checkpoint}`", "",
+        f"- recipe: {info.get('training_mode', 'unknown')} (trained: {', '.join(info.get('trains', [])) or '?'}), "
+        f"step {checkpoint.name.removeprefix('checkpoint') or '?'}, {info.get('refreshes', 0)} KB refreshes",
+        f"- retrieval: {q.get('pooling', 'cls')} pooling, {q.get('similarity', 'dot')} similarity, doc scores = "
+        f"similarity / tau with tau = {q.get('temperature', 1.0)}; {settings['n_docs']} passages per question, "
+        f"RAG-{settings['marginal']} marginal",
+        f"- question prefix {settings['question_prefix']!r}, passage prefix {prefix!r}",
+        f"- generator: {settings.get('generator_family') or 'none'} (template {settings.get('template')!r})",
+        f"- KB: version {kb.get('version', 0)}, embeddings of step {kb.get('embedding_step', 0)}, in `kb/`",
+        f"- hyper-parameters: `{hparams}`" if hparams else "- hyper-parameters: not found beside the checkpoint",
+        "", "## Test metrics of the run", "", "```", tested, "```", "",
+        "## Use", "", "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "q = SentenceTransformer('question_encoder').encode(['your question'], prompt_name='query')",
+        f"p = SentenceTransformer('context_encoder').encode([({prefix!r} + title, text)])",
+        "# the toolkit's doc score is q @ p.T / tau; rank by q @ p.T", "",
+        "from rag_model import RagModel  # this toolkit: retrieval, generation and the KB together",
+        "RagModel.from_pretrained('.').eval().answer(['your question'])", "```", "",
+        "A passage is encoded as the text pair (passage prefix + title, text), as the KB in `kb/` was.",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """Write the export into a temporary directory beside `output_dir`, then rename it into place."""
+    checkpoint, out = Path(checkpoint), Path(output_dir)
+    if not (checkpoint / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py "
+                                f"(no {SETTINGS_FILE})")  # fmt: skip
+    if out.exists():
+        raise FileExistsError(f"--output_dir {out} exists: nothing is overwritten; name a new directory")
+    kb_paths = checkpoint_kb(checkpoint)
+    if kb_paths is None:
+        raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: the checkpoint names no KB version")
+    for path in kb_paths:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: the KB version of {checkpoint} is gone (pruned or moved)")
+    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths).eval()
+    settings = json.loads((checkpoint / SETTINGS_FILE).read_text())
+    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    q_length = settings.get("question_max_length") or 512
+    prompts = {"query": settings["question_prefix"], "document": settings.get("passage_prefix")}
+    write_sentence_transformer(model.question_encoder, model.question_tokenizer, tmp / "question_encoder", prompts,
+                               q_length)  # fmt: skip
+    if model.ctx_encoder is not None:
+        ctx_length = min(model.ctx_tokenizer.model_max_length, model.ctx_encoder.config.max_position_embeddings)
+        write_sentence_transformer(model.ctx_encoder, model.ctx_tokenizer, tmp / "context_encoder", prompts,
+                                   ctx_length)  # fmt: skip
+    for part in ("question_encoder", "context_encoder"):  # this toolkit's own files, read by RagModel
+        for name in ("pooling.json", "text_prefix.json"):
+            if (checkpoint / part / name).is_file() and (tmp / part).is_dir():
+                shutil.copy(checkpoint / part / name, tmp / part / name)
+    if model.generator is not None:
+        model.generator.save_pretrained(tmp / "generator")
+    (tmp / "kb").mkdir()
+    shutil.copytree(kb_paths[0], tmp / "kb" / "passages")
+    shutil.copy(kb_paths[1], tmp / "kb" / "index.faiss")
+    kb = json.loads((checkpoint / KB_VERSION_FILE).read_text())
+    (tmp / KB_VERSION_FILE).write_text(json.dumps(kb | {"passages_path": "kb/passages", "index_path": "kb/index.faiss"},
+                                                  indent=1))  # fmt: skip
+    if model.ctx_encoder is None:
+        settings["doc_scores"] = "stored"
+    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    (tmp / "README.md").write_text(model_card(checkpoint, model, settings, kb))
+    os.rename(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="OUT/checkpoint<step>, written by finetune_rag.py")
+    p.add_argument("--output_dir", required=True, help="a new directory (an existing one is refused)")
+    args = p.parse_args(argv)
+    out = export(args.checkpoint, args.output_dir)
+    print(f"exported {args.checkpoint} to {out} (model card: {out / 'README.md'})")
+    return out
+
+
+if __name__ == "__main__":
+    main()

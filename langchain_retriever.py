@@ -1,0 +1,45 @@
+"""A LangChain retriever over a trained checkpoint or an export (optional: needs `langchain-core`).
+
+    from langchain_retriever import CheckpointRetriever
+    retriever = CheckpointRetriever.from_path("OUT/checkpoint120", k=4)
+    docs = retriever.invoke("What is the incubation period?")   # Documents: page_content = the passage text,
+    docs[0].metadata                                             # {"id": KB row, "title": ..., "score": ...}
+
+It encodes the query with the trained question encoder (its prefix, pooling, similarity and tau) and searches
+the KB version the checkpoint names, in this process (no Ray); the score is the toolkit's doc score,
+similarity / tau. No generator is loaded. Nothing is unpickled: the KB loads as Arrow and a FAISS index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+
+from rag_model import RagModel
+
+
+class CheckpointRetriever(BaseRetriever):
+    """The trained retriever of a checkpoint (or export) as a LangChain `BaseRetriever`."""
+
+    model: Any  # a rag_model.RagModel with a retriever attached
+    k: int = 4
+
+    @classmethod
+    def from_path(cls, path: str, k: int = 4, kb: tuple[str, str] | None = None) -> CheckpointRetriever:
+        """The question encoder of `path` over its KB version (or `kb`: passages, index); no generator."""
+        model = RagModel.from_pretrained(path, load_generator=False, load_context_encoder=False, kb=kb).eval()
+        return cls(model=model, k=k)
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        with torch.no_grad():
+            q = self.model.encode_questions(**self.model.tokenize_questions([query]))
+            stored, ids, docs = self.model.search(q, self.k, embeddings=True)
+            scores = torch.einsum("d,nd->n", q[0].float().cpu(), torch.as_tensor(stored[0]).float())
+        return [
+            Document(page_content=text, id=str(int(i)), metadata={"id": int(i), "title": title, "score": float(s)})
+            for i, title, text, s in zip(ids[0], docs[0]["title"], docs[0]["text"], scores.tolist())
+        ]

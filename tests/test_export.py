@@ -1,0 +1,143 @@
+"""Using what the toolkit trains outside it, on tiny models: export_model.py's sentence-transformers encoders
+(the toolkit's own vectors back from sentence-transformers), the plain transformers generator and the KB;
+RagModel.from_pretrained(...).answer, rag_answer.py and the LangChain retriever on a checkpoint and its export;
+bad input refused with the path named and nothing overwritten."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForSeq2SeqLM
+
+import export_model
+import finetune_rag
+import kb_search
+import rag_answer
+import use_own_knowledge_dataset
+from rag_model import RagModel
+
+pytest.importorskip("sentence_transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
+DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
+QUESTIONS = ["Who turned the rod into a snake?", "Where did the river run red?"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_models, tmp_path_factory) -> Path:
+    """A rag_end2end checkpoint of mean-pooled, cosine-scored tiny encoders with e5-style prefixes, over a KB
+    that its own context encoder built (so the stored vectors are that encoder's)."""
+    work = tmp_path_factory.mktemp("export")
+    ctx = str(tiny_models["context_encoder"])
+    kb_args = use_own_knowledge_dataset.parse_args(
+        ["--csv_path", str(DUMMY_CSV), "--output_dir", str(work / "kb"), "--index_type", "flat",
+         "--dpr_ctx_encoder_model_name", ctx, "--pooling", "mean", "--similarity", "cosine",
+         "--passage_prefix", "passage: ", "--device", "cpu"]
+    )  # fmt: skip
+    passages, index = use_own_knowledge_dataset.main(kb_args)
+    args = finetune_rag.parse_args(
+        ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]), "--generator_name_or_path",
+         str(tiny_models["generator"]), "--context_encoder_name", ctx, "--model_type", "rag_token",
+         "--training_mode", "rag_end2end", "--question_pooling", "mean", "--context_pooling", "mean",
+         "--similarity", "cosine", "--question_prefix", "query: ", "--passage_prefix", "passage: ", "--n_docs", "3",
+         "--passages_path", str(passages), "--index_path", str(index), "--data_dir", str(DUMMY_DATA),
+         "--output_dir", str(work / "run"), "--max_source_length", "32", "--test_max_target_length", "5"]
+    )  # fmt: skip
+    module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
+    ckpt = work / "run" / "checkpoint0"
+    module.save_hf_checkpoint(ckpt)
+    (work / "run" / "run_info.json").write_text(json.dumps({"training_mode": "rag_end2end", "trains": ["all"]}))
+    (work / "run" / "test_results.txt").write_text("test_em: 0.25\n")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    return export_model.export(checkpoint, tmp_path_factory.mktemp("out") / "export")
+
+
+def test_sentence_transformers_give_the_toolkits_vectors(checkpoint, exported):
+    from sentence_transformers import SentenceTransformer
+
+    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True).eval()
+    tau = model.question_encoder.temperature_value
+    with torch.no_grad():
+        ours = model.encode_questions(**model.tokenize_questions(QUESTIONS)).numpy() * tau
+    st_q = SentenceTransformer(str(exported / "question_encoder"), device="cpu")
+    theirs = st_q.encode(QUESTIONS, prompt_name="query", convert_to_numpy=True)
+    np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+    kb = load_from_disk(str(exported / "kb" / "passages"))
+    st_p = SentenceTransformer(str(exported / "context_encoder"), device="cpu")
+    pairs = [("passage: " + title, text) for title, text in zip(kb["title"], kb["text"])]
+    vectors = st_p.encode(pairs, convert_to_numpy=True, batch_size=16)
+    stored = np.asarray(kb["embeddings"], dtype=np.float32)
+    cosine = (vectors * stored).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(stored, axis=1)
+    assert cosine.min() > 1 - 1e-4, "the context encoder does not reproduce the KB's stored vectors"
+    card = (exported / "README.md").read_text()
+    assert "rag_end2end" in card and "test_em: 0.25" in card and "('passage: ' + title, text)" in card
+
+
+def test_the_generator_is_a_plain_transformers_model(checkpoint, exported):
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(exported / "generator").state_dict()
+    ours = RagModel.from_pretrained(checkpoint).generator.model.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def test_checkpoint_and_export_answer_alike_in_python_and_from_the_command_line(checkpoint, exported, capsys):
+    results = {}
+    for path in (checkpoint, exported):
+        model = RagModel.from_pretrained(path).eval()
+        assert isinstance(model.retriever, kb_search.KBSearch) and model.n_docs == 3
+        results[path] = model.answer(QUESTIONS)
+    a, b = results[checkpoint], results[exported]
+    assert [r["answer"] for r in a] == [r["answer"] for r in b] and all(isinstance(r["answer"], str) for r in a)
+    for ra, rb in zip(a, b):
+        assert [p["id"] for p in ra["passages"]] == [p["id"] for p in rb["passages"]]
+        assert [p["score"] for p in ra["passages"]] == pytest.approx([p["score"] for p in rb["passages"]], abs=1e-4)
+        assert sum(p["probability"] for p in ra["passages"]) == pytest.approx(1.0)
+        kb = load_from_disk(str(exported / "kb" / "passages"))
+        assert all(kb[p["id"]]["title"] == p["title"] for p in ra["passages"])
+
+    rag_answer.main(["--model", str(exported), "--question", QUESTIONS[0], "--question", QUESTIONS[1], "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["answer"] for r in lines] == [r["answer"] for r in a]
+    assert [p["id"] for p in lines[0]["passages"]] == [p["id"] for p in a[0]["passages"]]
+
+
+def test_langchain_retriever_returns_the_models_passages(exported):
+    pytest.importorskip("langchain_core")
+    from langchain_retriever import CheckpointRetriever
+
+    retriever = CheckpointRetriever.from_path(str(exported), k=3)
+    docs = retriever.invoke(QUESTIONS[0])
+    expected = RagModel.from_pretrained(exported).eval().answer(QUESTIONS[:1])[0]["passages"]
+    assert [d.metadata["id"] for d in docs] == [p["id"] for p in expected]
+    assert [d.metadata["title"] for d in docs] == [p["title"] for p in expected]
+    assert [d.page_content for d in docs] == [p["text"] for p in expected]
+    assert [d.metadata["score"] for d in docs] == pytest.approx([p["score"] for p in expected], abs=1e-4)
+
+
+def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, tmp_path):
+    before = sorted(p.name for p in exported.iterdir())
+    with pytest.raises(FileExistsError, match=str(exported)):
+        export_model.export(checkpoint, exported)
+    assert sorted(p.name for p in exported.iterdir()) == before
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        export_model.export(tmp_path, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        RagModel.from_pretrained(tmp_path)
+    moved = tmp_path / "checkpoint0"
+    shutil.copytree(checkpoint, moved)
+    kb = json.loads((moved / "kb_version.json").read_text())
+    (moved / "kb_version.json").write_text(json.dumps(kb | {"passages_path": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="gone"):
+        export_model.export(moved, tmp_path / "y")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "gone")):
+        RagModel.from_pretrained(moved)
+    assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
