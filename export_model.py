@@ -9,6 +9,8 @@ that matches the weights.
     DIR/generator/          AutoModelForCausalLM / AutoModelForSeq2SeqLM.from_pretrained(DIR/generator)
     DIR/kb/                 the checkpoint's KB version: passages (with embeddings) and index.faiss
     DIR/rag_settings.json   with kb_version.json (relative paths): RagModel.from_pretrained(DIR), rag_answer.py
+    DIR/rag/                DPR + BART/T5 checkpoints only: a transformers RagTokenForGeneration (or
+                            RagSequenceForGeneration) directory whose retriever is DIR/kb (index_name "custom")
     DIR/README.md           the model card: recipe, base models, data, steps, test metrics, how to use it
 
 The encoders keep the pooling they were trained with (a Pooling module), `Normalize` when they score by cosine,
@@ -29,11 +31,21 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, DPRContextEncoder, DPRQuestionEncoder
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+    RagTokenizer,
+)
 
 from kb_search import KB_VERSION_FILE, checkpoint_kb
 from rag_encoders import PooledEncoder
-from rag_model import SETTINGS_FILE, RagModel
+from rag_model import RAG_TEMPLATE, SETTINGS_FILE, RagModel
 
 RUN_FILES = ("run_info.json", "test_results.txt")  # beside the checkpoints, in the run's output dir
 
@@ -86,7 +98,32 @@ def write_sentence_transformer(encoder, tokenizer, directory: Path, prompts: dic
     shutil.rmtree(base)
 
 
-def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict) -> str:
+def write_transformers_rag(model: RagModel, settings: dict, directory: Path, kb: tuple[Path, Path]) -> bool:
+    """transformers' own RAG directory, for what its classes hold: a DPR question encoder scoring by dot product
+    at tau 1 and a seq2seq generator. `from_pretrained` loads it with its retriever over `kb` (absolute paths:
+    transformers reads them as given). False (nothing written) for any other model."""
+    q = model.question_encoder
+    if not isinstance(q, DPRQuestionEncoder) or getattr(model.generator, "family", None) != "seq2seq":
+        return False
+    generator = model.generator
+    if generator.template != (getattr(generator.model.config, "prefix", None) or "") + RAG_TEMPLATE:
+        return False  # another prompt than transformers' RAG builds
+    rag_class = RagSequenceForGeneration if settings["marginal"] == "sequence" else RagTokenForGeneration
+    config = RagConfig.from_question_encoder_generator_configs(
+        q.config, generator.model.config, n_docs=settings["n_docs"], max_combined_length=generator.max_length,
+        index_name="custom", passages_path=str(kb[0]), index_path=str(kb[1]), use_dummy_dataset=False,
+        architectures=[rag_class.__name__],
+        # decoding reads these from the RAG config itself, as facebook/rag-token-base has them
+        **{k: getattr(generator.model.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                                 "decoder_start_token_id", "forced_eos_token_id")},
+    )  # fmt: skip
+    rag = rag_class(config=config, question_encoder=q, generator=generator.model)
+    rag.save_pretrained(directory)
+    RagTokenizer(model.question_tokenizer, generator.tokenizer).save_pretrained(directory)
+    return True
+
+
+def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict, wrote_rag: bool = False) -> str:
     """DIR/README.md: what was trained, from what, on what, and how well; how to use each part."""
     run = checkpoint.parent
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
@@ -114,6 +151,11 @@ def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict) -> s
         "RagModel.from_pretrained('.').eval().answer(['your question'])", "```", "",
         "A passage is encoded as the text pair (passage prefix + title, text), as the KB in `kb/` was.",
     ]  # fmt: skip
+    if wrote_rag:
+        lines += ["", "`rag/` is a transformers RAG model with its retriever over `kb/`:", "", "```python",
+                  "from transformers import RagRetriever, RagTokenForGeneration, RagTokenizer",
+                  "retriever = RagRetriever.from_pretrained('rag')  # index_name 'custom': kb/passages, kb/index.faiss",
+                  "model = RagTokenForGeneration.from_pretrained('rag', retriever=retriever)", "```"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -152,13 +194,15 @@ def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
     (tmp / "kb").mkdir()
     shutil.copytree(kb_paths[0], tmp / "kb" / "passages")
     shutil.copy(kb_paths[1], tmp / "kb" / "index.faiss")
+    final_kb = (out.absolute() / "kb" / "passages", out.absolute() / "kb" / "index.faiss")  # after the rename
+    wrote_rag = write_transformers_rag(model, settings, tmp / "rag", final_kb)
     kb = json.loads((checkpoint / KB_VERSION_FILE).read_text())
     (tmp / KB_VERSION_FILE).write_text(json.dumps(kb | {"passages_path": "kb/passages", "index_path": "kb/index.faiss"},
                                                   indent=1))  # fmt: skip
     if model.ctx_encoder is None:
         settings["doc_scores"] = "stored"
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    (tmp / "README.md").write_text(model_card(checkpoint, model, settings, kb))
+    (tmp / "README.md").write_text(model_card(checkpoint, model, settings, kb, wrote_rag))
     os.rename(tmp, out)
     return out
 

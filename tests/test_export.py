@@ -141,3 +141,50 @@ def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, t
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "gone")):
         RagModel.from_pretrained(moved)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
+
+
+@pytest.mark.parametrize("model_type", ["rag_token", "rag_sequence"])
+def test_dpr_bart_exports_a_transformers_rag_model_that_answers_as_the_toolkit(tiny_models, tiny_kb, tmp_path,
+                                                                               model_type):  # fmt: skip
+    """transformers' RagRetriever and Rag*ForGeneration load DIR/rag: the same passages, prompts (token ids) and
+    doc scores as the toolkit, and for RAG-token the same greedy answers."""
+    from transformers import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
+
+    passages, index = tiny_kb
+    args = finetune_rag.parse_args(
+        ["--model_name_or_path", str(tiny_models[model_type]), "--model_type", model_type, "--training_mode",
+         "rag_original", "--passages_path", str(passages), "--index_path", str(index), "--data_dir", str(DUMMY_DATA),
+         "--output_dir", str(tmp_path / "run"), "--n_docs", "3", "--test_max_target_length", "6"]
+    )  # fmt: skip
+    module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
+    torch.manual_seed(0)
+    with torch.no_grad():  # at its init scale the tiny generator emits only [CLS]: larger weights, real answers
+        for p in module.model.generator.model.parameters():
+            p.normal_(0, 0.3)
+    module.save_hf_checkpoint(tmp_path / "run" / "checkpoint0")
+    out = export_model.export(tmp_path / "run" / "checkpoint0", tmp_path / "export")
+    model = RagModel.from_pretrained(out).eval()
+    ours = model.answer(QUESTIONS)
+
+    rag_class = RagSequenceForGeneration if model_type == "rag_sequence" else RagTokenForGeneration
+    retriever = RagRetriever.from_pretrained(str(out / "rag"))
+    rag = rag_class.from_pretrained(str(out / "rag"), retriever=retriever).eval()
+    tokenizer = RagTokenizer.from_pretrained(str(out / "rag"))
+    enc = tokenizer.question_encoder(QUESTIONS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        q = rag.question_encoder(enc["input_ids"], attention_mask=enc["attention_mask"])[0]
+        found = retriever(enc["input_ids"].numpy(), q.numpy(), n_docs=3, return_tensors="pt")
+        doc_scores = torch.bmm(q[:, None], found["retrieved_doc_embeds"].float().transpose(1, 2))[:, 0]
+        r = model.retrieve(**model.tokenize_questions(QUESTIONS))
+    assert found["doc_ids"].tolist() == [[p["id"] for p in a["passages"]] for a in ours]
+    prompts = model.generator._encode(model.generator.prompts(QUESTIONS, r.docs))["input_ids"]
+    assert torch.equal(found["context_input_ids"], prompts)
+    torch.testing.assert_close(doc_scores, r.doc_scores, rtol=1e-5, atol=1e-5)
+    if model_type == "rag_token":
+        with torch.no_grad():
+            # max_length counts the decoder start, and forced_eos_token_id ends at it: room for our 6 and an EOS
+            generated = rag.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=1,
+                                     max_length=1 + 6 + 1, do_sample=False)  # fmt: skip
+        theirs = [a.strip() for a in tokenizer.generator.batch_decode(generated, skip_special_tokens=True)]
+        ours = model.answer(QUESTIONS, num_beams=1)
+        assert theirs == [a["answer"] for a in ours] and any(theirs)
