@@ -6,7 +6,8 @@ that matches the weights.
 
     DIR/question_encoder/   SentenceTransformer(DIR/question_encoder).encode(questions, prompt_name="query")
     DIR/context_encoder/    SentenceTransformer(DIR/context_encoder).encode([(prefix + title, text), ...])
-    DIR/generator/          AutoModelForCausalLM / AutoModelForSeq2SeqLM.from_pretrained(DIR/generator)
+    DIR/generator/          AutoModelForCausalLM / AutoModelForSeq2SeqLM.from_pretrained(DIR/generator); with
+                            --adapters the base model instead, and DIR/generator_adapter/ its LoRA adapter (peft)
     DIR/kb/                 the checkpoint's KB version: passages (with embeddings) and index.faiss
     DIR/rag_settings.json   with kb_version.json (relative paths): RagModel.from_pretrained(DIR), rag_answer.py
     DIR/rag/                DPR + BART/T5 checkpoints only: a transformers RagTokenForGeneration (or
@@ -18,7 +19,8 @@ the question prefix as the prompt "query" and the passage prefix as "document", 
 A passage is encoded as the text pair (passage prefix + title, text), exactly as the KB was: give
 sentence-transformers that pair, not a joined string. Question vectors of the toolkit are divided by the
 retrieval temperature tau (in the card and rag_settings.json); sentence-transformers gives them undivided.
-LoRA adapters are merged already (checkpoints hold the merged weights). Needs sentence-transformers.
+LoRA adapters are merged (checkpoints hold the merged weights); `--adapters` ships a LoRA generator as its
+base model and the adapter instead. Needs sentence-transformers.
 """
 
 from __future__ import annotations
@@ -159,7 +161,24 @@ def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict, wrot
     return "\n".join(lines) + "\n"
 
 
-def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
+def write_adapters(checkpoint: Path, model: RagModel, directory: Path) -> None:
+    """The generator's base model at generator/ and the run's LoRA adapter beside it at generator_adapter/:
+    `PeftModel.from_pretrained(AutoModelFor...LM.from_pretrained("generator"), "generator_adapter")`."""
+    adapter = checkpoint / "generator_adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapters: {adapter} not found: the run trained no LoRA generator "
+                                "(--peft generator|both), or predates saving adapters")  # fmt: skip
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base_name = config["base_model_name_or_path"]
+    base = model.generator.auto_class.from_pretrained(base_name)
+    base.save_pretrained(directory / "generator")
+    model.generator.tokenizer.save_pretrained(directory / "generator")
+    shutil.copytree(adapter, directory / "generator_adapter")
+    config |= {"base_model_name_or_path": "../generator", "trained_from": base_name}
+    (directory / "generator_adapter" / "adapter_config.json").write_text(json.dumps(config, indent=1))
+
+
+def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = False) -> Path:
     """Write the export into a temporary directory beside `output_dir`, then rename it into place."""
     checkpoint, out = Path(checkpoint), Path(output_dir)
     if not (checkpoint / SETTINGS_FILE).is_file():
@@ -189,7 +208,9 @@ def export(checkpoint: str | Path, output_dir: str | Path) -> Path:
         for name in ("pooling.json", "text_prefix.json"):
             if (checkpoint / part / name).is_file() and (tmp / part).is_dir():
                 shutil.copy(checkpoint / part / name, tmp / part / name)
-    if model.generator is not None:
+    if model.generator is not None and adapters:
+        write_adapters(checkpoint, model, tmp)
+    elif model.generator is not None:
         model.generator.save_pretrained(tmp / "generator")
     (tmp / "kb").mkdir()
     shutil.copytree(kb_paths[0], tmp / "kb" / "passages")
@@ -211,8 +232,10 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="OUT/checkpoint<step>, written by finetune_rag.py")
     p.add_argument("--output_dir", required=True, help="a new directory (an existing one is refused)")
+    p.add_argument("--adapters", action="store_true",
+                   help="a LoRA generator as its base model and the peft adapter, not merged")  # fmt: skip
     args = p.parse_args(argv)
-    out = export(args.checkpoint, args.output_dir)
+    out = export(args.checkpoint, args.output_dir, args.adapters)
     print(f"exported {args.checkpoint} to {out} (model card: {out / 'README.md'})")
     return out
 

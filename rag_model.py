@@ -47,7 +47,7 @@ from causal_rag import (
     truncate_left,
 )
 from kb_search import KBSearch, checkpoint_kb
-from lora import merged
+from lora import has_lora, merged
 from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
 
 SETTINGS_FILE = "rag_settings.json"
@@ -488,13 +488,16 @@ class RagModel(torch.nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """question_encoder/, generator/ and context_encoder/ (each with its tokenizer, LoRA adapters merged into
-        the weights) and rag_settings.json."""
+        the weights) and rag_settings.json; with a LoRA generator also generator_adapter/ (peft's adapter alone,
+        which export_model.py --adapters ships beside the base model)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         merged(self.question_encoder).save_pretrained(directory / "question_encoder")  # LoRA folded in
         self.question_tokenizer.save_pretrained(directory / "question_encoder")
         if self.generator is not None:
             merged(self.generator).save_pretrained(directory / "generator")
+            if has_lora(self.generator):
+                self.generator.model.save_pretrained(directory / "generator_adapter")  # the PeftModel: adapter only
         if self.ctx_encoder is not None:
             merged(self.ctx_encoder).save_pretrained(directory / "context_encoder")
             self.ctx_tokenizer.save_pretrained(directory / "context_encoder")

@@ -188,3 +188,40 @@ def test_dpr_bart_exports_a_transformers_rag_model_that_answers_as_the_toolkit(t
         theirs = [a.strip() for a in tokenizer.generator.batch_decode(generated, skip_special_tokens=True)]
         ours = model.answer(QUESTIONS, num_beams=1)
         assert theirs == [a["answer"] for a in ours] and any(theirs)
+
+
+def test_a_lora_generator_exports_as_its_base_and_the_adapter(tiny_models, tiny_kb, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    passages, index = tiny_kb
+    args = finetune_rag.parse_args(
+        ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]), "--generator_name_or_path",
+         str(tiny_models["causal_generator"]), "--generator_type", "causal", "--model_type", "rag_token",
+         "--training_mode", "rag_original", "--peft", "generator", "--passages_path", str(passages),
+         "--index_path", str(index), "--data_dir", str(DUMMY_DATA), "--output_dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
+    batch = next(iter(module._dataloader("train", 2, shuffle=False)))
+    module.training_step(batch, 0).backward()
+    with torch.no_grad():  # lora_B starts at zero: a step makes the adapter change the outputs
+        for p in module.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+    ckpt = tmp_path / "run" / "checkpoint1"
+    module.save_hf_checkpoint(ckpt)
+    merged_out = export_model.export(ckpt, tmp_path / "merged")
+    out = export_model.export(ckpt, tmp_path / "adapters", adapters=True)
+    tok = AutoTokenizer.from_pretrained(out / "generator")
+    ids = tok(["Context: a rod / a snake\\nQuestion: who?\\nAnswer:"], return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(out / "generator").eval()
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out / "generator_adapter").eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_out / "generator").eval()(ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, merged, atol=1e-4)  # the adapter is not a no-op
+    module.model.generator.model = module.model.generator.model.merge_and_unload()  # no adapter any more
+    module.save_hf_checkpoint(tmp_path / "run" / "checkpoint2")
+    with pytest.raises(FileNotFoundError, match="no LoRA generator"):
+        export_model.export(tmp_path / "run" / "checkpoint2", tmp_path / "z", adapters=True)
