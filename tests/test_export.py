@@ -225,3 +225,13 @@ def test_a_lora_generator_exports_as_its_base_and_the_adapter(tiny_models, tiny_
     module.save_hf_checkpoint(tmp_path / "run" / "checkpoint2")
     with pytest.raises(FileNotFoundError, match="no LoRA generator"):
         export_model.export(tmp_path / "run" / "checkpoint2", tmp_path / "z", adapters=True)
+
+
+def test_rag_answer_asks_at_a_prompt_until_an_empty_line(exported, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTIONS[0] + "\n\n"))
+    results = rag_answer.main(["--model", str(exported), "--show_passages", "2"])
+    out = capsys.readouterr().out
+    assert len(results) == 1 and f"Q: {QUESTIONS[0]}" in out
+    assert out.count("(score ") == 2 and f"[{results[0]['passages'][0]['id']}]" in out

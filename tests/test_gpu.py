@@ -41,6 +41,10 @@ def test_rag_model_on_cuda_gives_the_cpu_loss_and_answers(tiny_models, tiny_kb):
             out[device] = (loss, model.generate(enc["input_ids"], enc["attention_mask"], questions, 6))
     torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-3, atol=1e-3)
     assert out["cuda"][1] == out["cpu"][1]
+    answered = model.to("cuda").answer(questions)  # what rag_answer.py calls, on the GPU
+    assert [a["answer"] for a in answered] == model.to("cpu").generate(
+        **model.tokenize_questions(questions), questions=questions, max_new_tokens=32
+    )
 
 
 def test_end_to_end_on_cuda_in_bf16_with_a_refresh_that_shares_the_gpu(ray_local, finetune_argv):
