@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu", action="store_true", help="the dry run: every step on CPU, float32")
-    p.add_argument("--passages", type=int, default=None, help="KB size of the encode figures (GPU 20000, CPU 400)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps a training run (GPU 120, CPU 12)")
-    p.add_argument("--indexing_freq", type=int, default=None, help="refresh every K steps (GPU 20, CPU 4)")
+    p.add_argument("--passages", type=int, default=None, help="KB size of the encode figures (GPU 20000, CPU 300)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps a training run (GPU 120, CPU 10)")
+    p.add_argument("--indexing_freq", type=int, default=None, help="refresh every K steps (GPU 20, CPU 3)")
     p.add_argument("--repeats", type=int, default=None, help="alternations of each pair (GPU 3, CPU 1)")
     p.add_argument("--warmup", type=int, default=2, help="first step intervals left out")
     p.add_argument("--batch_size", type=int, default=64, help="encoding batch size")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = not args.cpu
     if gpu and not torch.cuda.is_available():
         p.error("no CUDA device: run with --cpu for the dry run")
-    defaults = {"passages": (20000, 400), "steps": (120, 12), "indexing_freq": (20, 4), "repeats": (3, 1)}
+    defaults = {"passages": (20000, 300), "steps": (120, 10), "indexing_freq": (20, 3), "repeats": (3, 1)}
     for name, (on_gpu, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
