@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import time
 import uuid
 import warnings
@@ -546,6 +547,61 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
     print(f"--overwrite_output_dir: the earlier run's files are in {dest}")
 
 
+LOCK_FILE = ".run.lock"
+
+
+def lock_output_dir(out: Path) -> Path | None:
+    """Take OUTPUT/.run.lock (pid, host, start time) for this run, so that a second run into the same directory
+    stops at once instead of interleaving checkpoints and KB versions with it. A lock whose process is gone (a
+    crashed run on this host) is taken over with a warning. DDP ranks > 0 run under rank 0's lock."""
+    if not is_first_process():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):  # being written by a run starting this instant
+                holder = {"pid": None, "host": "?", "started": "?"}
+            if holder.get("host") == me["host"] and holder.get("pid") and not pid_alive(holder["pid"]):
+                warnings.warn(f"{path}: the run that held it (pid {holder['pid']}, since {holder['started']}) is "
+                              "gone; taking it over", stacklevel=2)  # fmt: skip
+                path.unlink(missing_ok=True)
+                continue
+            raise RuntimeError(
+                f"--output_dir {out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                f"since {holder.get('started')}): wait for it to end or use another directory; if that run is "
+                f"gone, remove {path}"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise RuntimeError(f"{path}: could not take the lock")
+
+
+def release_lock(path: Path) -> None:
+    """Remove this run's lock (only if it is still this process's)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def newest_checkpoint(output_dir: Path) -> str:
     """`last.ckpt` if the run wrote one, else its newest checkpoint."""
     if (output_dir / "last.ckpt").is_file():
@@ -905,6 +961,16 @@ def build_loggers(args: argparse.Namespace) -> list:
 
 
 def main(args: argparse.Namespace) -> GenerativeQAModule:
+    """Train and/or test as the flags say, holding --output_dir's lock throughout."""
+    lock = lock_output_dir(Path(args.output_dir)) if args.do_train or args.do_predict else None
+    try:
+        return run(args)
+    finally:
+        if lock is not None:
+            release_lock(lock)
+
+
+def run(args: argparse.Namespace) -> GenerativeQAModule:
     pl.seed_everything(args.seed, workers=True)
     if args.trainer_threads:
         torch.set_num_threads(args.trainer_threads)

@@ -334,3 +334,27 @@ def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, t
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_second_run_in_the_same_output_dir_stops_at_once_and_a_crashed_runs_lock_is_taken_over(
+    finetune_argv, tmp_path
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live "first run"
+    try:
+        lock = out / finetune_rag.LOCK_FILE
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "12:00"}))
+        args = finetune_rag.parse_args(finetune_argv("--do_train", "--max_steps", "1"))
+        with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid}.*remove {lock}"):
+            finetune_rag.main(args)
+        assert [p.name for p in out.iterdir()] == [finetune_rag.LOCK_FILE]  # nothing else touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (a crash): the next run takes the lock over, with a warning, and gives it back.
+    with pytest.warns(UserWarning, match="is gone; taking it over"):
+        taken = finetune_rag.lock_output_dir(out)
+    assert json.loads(taken.read_text())["pid"] == os.getpid()
+    finetune_rag.release_lock(taken)
+    assert not taken.exists()
