@@ -46,7 +46,15 @@ from distributed_ray_retriever import (
     start_retrieval_actors,
     start_shard_actors,
 )
-from kb_encode_utils import IndexConfig, KBVersion, add_index_args, check_kb_similarity
+from kb_encode_utils import (
+    IndexConfig,
+    KBVersion,
+    add_index_args,
+    check_kb_similarity,
+    process_alive,
+    remove_orphaned_temporaries,
+    temporary_sibling,
+)
 from lora import PEFT_CHOICES, add_lora, train_only_lora
 from plot_run import plot_runs
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
@@ -346,7 +354,7 @@ class GenerativeQAModule(pl.LightningModule):
         rag_settings.json) and the KB version whose index matches these weights."""
         if directory.exists():
             return  # this step is already saved
-        tmp = directory.with_name(f"{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = temporary_sibling(directory)
         self.model.save_pretrained(tmp)
         (tmp / "kb_version.json").write_text(json.dumps(vars(self.kb), indent=1))
         os.rename(tmp, directory)
@@ -567,7 +575,7 @@ def lock_output_dir(out: Path) -> Path | None:
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):  # being written by a run starting this instant
                 holder = {"pid": None, "host": "?", "started": "?"}
-            if holder.get("host") == me["host"] and holder.get("pid") and not pid_alive(holder["pid"]):
+            if holder.get("host") == me["host"] and holder.get("pid") and not process_alive(holder["pid"]):
                 warnings.warn(f"{path}: the run that held it (pid {holder['pid']}, since {holder['started']}) is "
                               "gone; taking it over", stacklevel=2)  # fmt: skip
                 path.unlink(missing_ok=True)
@@ -590,16 +598,6 @@ def release_lock(path: Path) -> None:
             path.unlink()
     except (OSError, ValueError):
         pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def newest_checkpoint(output_dir: Path) -> str:
@@ -977,6 +975,10 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     check_data_dir(args)
     prepare_output_dir(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if is_first_process():  # under this run's lock: what an interrupted save of an earlier segment left
+        out = Path(args.output_dir)
+        for path in remove_orphaned_temporaries(out) + remove_orphaned_temporaries(out / "kb"):
+            print(f"removed {path}: left by an interrupted save")
     model = build_module(args)
     if not (args.do_train or args.do_predict):
         print(f"RAG model built with its retriever for --training_mode {args.training_mode}; nothing to train.")

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from causal_rag import encode_prompts, pad_id
-from kb_encode_utils import _temporary_sibling, read_kb_csv, split_documents
+from kb_encode_utils import read_kb_csv, split_documents, temporary_sibling
 from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from utils_rag import has_answer, normalize_answer
 
@@ -524,7 +524,7 @@ def split_files(splits: dict[str, list[Pair]]) -> dict[str, str]:
 def write_files(out: Path, files: dict[str, str], overwrite: bool) -> None:
     """Write every file under a temporary name, then rename them all into place (none replaced without overwrite)."""
     check_output_dir(out, overwrite)
-    tmp = {name: _temporary_sibling(out / name) for name in files}
+    tmp = {name: temporary_sibling(out / name) for name in files}
     try:
         for name, path in tmp.items():
             path.write_text(files[name], encoding="utf-8")
@@ -537,7 +537,7 @@ def write_files(out: Path, files: dict[str, str], overwrite: bool) -> None:
 
 def verify_kb_csv(out: Path, kb: KnowledgeBase) -> str:
     """kb.csv's text, checked (through a temporary file) to rebuild the KB's passage rows; before any generation."""
-    text, tmp = kb_csv_text(kb.documents), _temporary_sibling(out / "kb.csv")
+    text, tmp = kb_csv_text(kb.documents), temporary_sibling(out / "kb.csv")
     try:
         tmp.write_text(text, encoding="utf-8")
         check_kb_csv(tmp, kb, out / "kb.csv")

@@ -448,8 +448,36 @@ def vectors_array(embeddings: np.ndarray) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def _temporary_sibling(path: Path) -> Path:
+def temporary_sibling(path: Path) -> Path:
+    """Where `path` is written before its rename into place: NAME.tmp-PID-HEX (the PID tells a live writer)."""
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def remove_orphaned_temporaries(directory: str | Path) -> list[Path]:
+    """Remove the `temporary_sibling`s in `directory` whose writing process is gone: what an interrupted save left
+    (Ctrl-C, SIGKILL, a full disk). Nothing else, and no temporary that a live process still writes."""
+    removed = []
+    for path in sorted(Path(directory).glob("*.tmp-*")) if Path(directory).is_dir() else []:
+        match = _TEMPORARY.search(path.name)
+        if not match or process_alive(int(match[1])):
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(path)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host has this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_kb(
@@ -466,7 +494,7 @@ def save_kb(
         if path.exists():
             raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
     index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
-    tmp_passages, tmp_index = _temporary_sibling(passages_path), _temporary_sibling(index_path)
+    tmp_passages, tmp_index = temporary_sibling(passages_path), temporary_sibling(index_path)
     dataset.save_to_disk(str(tmp_passages))
     write_kb_info(tmp_passages, similarity)
     faiss.write_index(index, str(tmp_index))
@@ -558,7 +586,7 @@ PART_BATCH_ROWS = 16_384  # rows per Arrow record batch of a part file: what the
 
 def staging_dir(kb_root: str | os.PathLike, version: int) -> Path:
     """A fresh temporary directory name for `version` while it is written (list_versions ignores it)."""
-    return _temporary_sibling(version_dir(kb_root, version))
+    return temporary_sibling(version_dir(kb_root, version))
 
 
 def part_path(staging: str | os.PathLike, part: int, n_parts: int) -> Path:
@@ -577,7 +605,7 @@ def part_writer(
     rows = base.data.table.slice(start, end - start)  # memory-mapped: read a batch at a time
     schema = rows.schema.remove_metadata().append(pa.field("embeddings", pa.large_list(pa.float32())))
     path = Path(path)
-    tmp, written = _temporary_sibling(path), 0
+    tmp, written = temporary_sibling(path), 0
 
     def write(vectors: np.ndarray) -> None:
         nonlocal written

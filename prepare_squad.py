@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from kb_encode_utils import _temporary_sibling, read_kb_csv, split_documents, split_text
+from kb_encode_utils import read_kb_csv, split_documents, split_text, temporary_sibling
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
 SPLITS = ("train", "val", "test")
@@ -158,7 +158,7 @@ def write_outputs(docs: list[Document], questions: list[Question], args: argpars
     check_output_dir(out, args.overwrite)
     distractors = read_distractors(args.distractor_csv or [])
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {name: _temporary_sibling(out / name) for name in OUTPUT_FILES}
+    tmp = {name: temporary_sibling(out / name) for name in OUTPUT_FILES}
     try:
         stats = _write_files(docs, distractors, questions, args, extra_stats, tmp)
         for name, path in tmp.items():

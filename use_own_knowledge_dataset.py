@@ -26,6 +26,7 @@ from kb_encode_utils import (
     add_index_args,
     encode_token_ids,
     read_kb_csv,
+    remove_orphaned_temporaries,
     save_kb,
     split_documents,
     tokenize_passages,
@@ -65,6 +66,8 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
             warnings.warn(f"--{flag} has no effect here", stacklevel=1)
     out = Path(args.output_dir)
     passages_path, index_path = out / "my_knowledge_dataset", out / "my_knowledge_dataset_hnsw_index.faiss"
+    for path in remove_orphaned_temporaries(out):  # an earlier build's, interrupted (its process is gone)
+        print(f"removed {path}: left by an interrupted build")
     for path in (passages_path, index_path):
         if path.exists():  # checked before the (long) encoding, not after
             raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")

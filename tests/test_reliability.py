@@ -358,3 +358,29 @@ def test_a_second_run_in_the_same_output_dir_stops_at_once_and_a_crashed_runs_lo
     assert json.loads(taken.read_text())["pid"] == os.getpid()
     finetune_rag.release_lock(taken)
     assert not taken.exists()
+
+
+def test_leftovers_of_interrupted_saves_are_removed_and_nothing_else(tiny_models, tmp_path):
+    """What a killed save leaves (NAME.tmp-PID-HEX of a process that is gone) goes at the next start; a live
+    writer's temporary, complete versions and the user's files stay. use_own_knowledge_dataset.py does the same."""
+    from kb_encode_utils import remove_orphaned_temporaries
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    out = tmp_path / "out"
+    leftovers = [out / f"checkpoint20.tmp-{gone.pid}-0123abcd", out / "kb" / f"v0003.tmp-{gone.pid}-89abcdef"]
+    kept = [out / f"checkpoint30.tmp-{os.getpid()}-0123abcd", out / "kb" / "v0002", out / "notes.tmp-mine"]
+    for path in leftovers + kept:
+        (path / "part").mkdir(parents=True)
+    removed = remove_orphaned_temporaries(out) + remove_orphaned_temporaries(out / "kb")
+    assert sorted(removed) == sorted(leftovers) and not any(p.exists() for p in leftovers)
+    assert all(p.exists() for p in kept)
+
+    kb = tmp_path / "kb"
+    (kb / f"my_knowledge_dataset.tmp-{gone.pid}-fedcba98").mkdir(parents=True)
+    use_own_knowledge_dataset.main(use_own_knowledge_dataset.parse_args(
+        ["--csv_path", str(Path(__file__).parents[1] / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
+         "--output_dir", str(kb), "--index_type", "flat",
+         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
+    ))  # fmt: skip
+    assert sorted(p.name for p in kb.iterdir()) == ["my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"]
