@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one command for a lent GPU machine (about 6 minutes on one GPU; at most 8 by its timeouts),
+# The GPU check: one command for a lent GPU machine (a few minutes on one GPU; under 8 by its timeouts),
 # and its CPU dry run, which CI runs (tests/test_gpu_check.py) so the check works before any lease.
 #   bash bench/gpu_check.sh          # on the GPU machine, in the device tool's last call (OUT=$OUT there)
 #   bash bench/gpu_check.sh --cpu    # every step on CPU; the CUDA parts are skipped, and it says so
@@ -32,7 +32,7 @@ if [ "$MODE" = gpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_
 fi
 
 # 2. The GPU tests.
-timeout 240 $PY -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
+timeout 180 $PY -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
 TESTS_RC=$?
 [ $TESTS_RC -eq 5 ] && TESTS_RC=0  # none collected would be a bug, but pytest says 5 when all are deselected
 if [ "$MODE" = cpu ]; then echo "gpu_check: the GPU tests skipped (no CUDA)"; fi
@@ -40,7 +40,7 @@ if [ "$MODE" = cpu ]; then echo "gpu_check: the GPU tests skipped (no CUDA)"; fi
 # 3. The figures, side by side in one run.
 CPU_FLAG=""
 [ "$MODE" = cpu ] && CPU_FLAG="--cpu" && echo "gpu_check: CUDA parts skipped (no CUDA): float32, encoding actor on CPU"
-timeout 300 $PY bench/gpu_check.py --out "$OUT" $CPU_FLAG --tests_rc $TESTS_RC
+timeout 270 $PY bench/gpu_check.py --out "$OUT" $CPU_FLAG --tests_rc $TESTS_RC
 RC=$?
 echo "gpu_check: done (tests $TESTS_RC, measurements $RC); $OUT/gpu_check.json"
 exit $RC
