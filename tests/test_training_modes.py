@@ -519,3 +519,24 @@ def test_validation_em_takes_the_best_of_every_gold_answer(make_module, tmp_path
     rows = [json.dumps({"answers": [t, " ".join(p.split())], "gold_passage_ids": []}) for t, p in zip(targets, preds)]
     (data / "val.gold.jsonl").write_text("\n".join(rows) + "\n")
     assert validate(make_module("rag_original", "--val_max_target_length", "4", data=data))["val_em"] == 1.0
+
+
+def test_retriever_dropout_off_survives_lightnings_validation_loop(make_module):
+    """Lightning puts modules in eval mode for validation and back afterwards: the encoders must come back in eval
+    mode (no dropout), the generator in train mode."""
+    import pytorch_lightning as pl
+
+    module = make_module("rag_end2end", "--retriever_dropout", "off", "--max_steps", "2", "--val_check_interval", "1")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=1, limit_val_batches=1,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    seen = []
+
+    class Modes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            m = pl_module.model
+            seen.append((m.question_encoder.training, m.ctx_encoder.training, m.generator.training))
+
+    trainer.callbacks.append(Modes())
+    trainer.fit(module)
+    assert len(seen) == 2 and all(modes == (False, False, True) for modes in seen), seen
