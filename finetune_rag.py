@@ -214,12 +214,8 @@ class GenerativeQAModule(pl.LightningModule):
     def _eval_epoch_end(self, prefix: str) -> None:
         # Every rank's per-question rows, each question once: DistributedSampler pads the ranks' shards to one
         # length with repeated questions, which a plain sum over ranks would count twice.
-        shards = [self._eval_rows]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shards = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, self._eval_rows)
+        means = per_question_means(every_rank(self._eval_rows))
         self._eval_rows = []
-        means = per_question_means(shards)
         if means is None:
             return
         *means, loss, seconds = means
@@ -260,11 +256,7 @@ class GenerativeQAModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
-        shards = [self._test_rows]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            shards = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(shards, self._test_rows)
-        self.test_predictions = in_line_order(shards)
+        self.test_predictions = in_line_order(every_rank(self._test_rows))
         if self.trainer.is_global_zero:
             self.log_dict(self.retrieval_metrics("test"), rank_zero_only=True)
 
@@ -476,6 +468,15 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
         return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env()))
     actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads)
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
+
+
+def every_rank(rows: list) -> list[list]:
+    """Each rank's `rows` (all_gather_object), in rank order; [rows] without torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [rows]
+    shards = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(shards, rows)
+    return shards
 
 
 def per_question_means(shards: list[list[tuple[int, list[float]]]]) -> list[float] | None:

@@ -1,8 +1,8 @@
 """One KB version searched in this process, without Ray: what eval_rag.py, rag_answer.py, the LangChain
 retriever and RagModel.from_pretrained use (training retrieves through the Ray actors instead).
 
-    search = KBSearch.of_checkpoint("OUT/checkpoint1200")     # the KB version its weights were trained against
-    stored, ids, docs = search.retrieve(question_vectors, 5)  # (B, 5, d), (B, 5), [{"title": [...], "text": [...]}]
+    search = KBSearch(*checkpoint_kb("OUT/checkpoint1200"), dim)  # the KB version its weights were trained against
+    stored, ids, docs = search.retrieve(question_vectors, 5)      # (B, 5, d), (B, 5), [{"title": [...], ...}]
 """
 
 from __future__ import annotations
@@ -38,16 +38,6 @@ class KBSearch:
         self.index = CustomHFIndex.load_from_disk(dim, passages, index)
         self.index.init_index()  # reads the FAISS file
         self.live_kb = None
-        self.paths = (passages, index)
-
-    @classmethod
-    def of_checkpoint(cls, checkpoint: str | Path, dim: int) -> KBSearch:
-        """The KB version a checkpoint or export names; a clear error when it names none or it is gone."""
-        kb = checkpoint_kb(checkpoint)
-        if kb is None:
-            raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: not a checkpoint of finetune_rag.py "
-                                    "or an export of export_model.py; name the KB yourself")  # fmt: skip
-        return cls(*kb, dim)
 
     def init_retrieval(self, kb) -> int:
         """Serve `kb` (a kb_encode_utils.KBVersion of these same passages and index)."""

@@ -35,11 +35,9 @@ class CheckpointRetriever(BaseRetriever):
         return cls(model=model, k=k)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        with torch.no_grad():
-            q = self.model.encode_questions(**self.model.tokenize_questions([query]))
-            stored, ids, docs = self.model.search(q, self.k, embeddings=True)
-            scores = torch.einsum("d,nd->n", q[0].float().cpu(), torch.as_tensor(stored[0]).float())
+        with torch.no_grad():  # RagModel's own retrieval: the doc scores the model trained with
+            r = self.model.retrieve(**self.model.tokenize_questions([query]), n_docs=self.k)
         return [
             Document(page_content=text, id=str(int(i)), metadata={"id": int(i), "title": title, "score": float(s)})
-            for i, title, text, s in zip(ids[0], docs[0]["title"], docs[0]["text"], scores.tolist())
+            for i, title, text, s in zip(r.ids[0], r.docs[0]["title"], r.docs[0]["text"], r.doc_scores[0].tolist())
         ]
