@@ -125,7 +125,7 @@ def write_transformers_rag(model: RagModel, settings: dict, directory: Path, kb:
     return True
 
 
-def model_card(checkpoint: Path, model: RagModel, settings: dict, kb: dict, wrote_rag: bool = False) -> str:
+def model_card(checkpoint: Path, settings: dict, kb: dict, wrote_rag: bool = False) -> str:
     """DIR/README.md: what was trained, from what, on what, and how well; how to use each part."""
     run = checkpoint.parent
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
@@ -189,9 +189,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     kb_paths = checkpoint_kb(checkpoint)
     if kb_paths is None:
         raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: the checkpoint names no KB version")
-    for path in kb_paths:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path} not found: the KB version of {checkpoint} is gone (pruned or moved)")
+    # KBSearch refuses a KB version that is gone, naming it, before anything is written
     model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths).eval()
     settings = json.loads((checkpoint / SETTINGS_FILE).read_text())
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -223,7 +221,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     if model.ctx_encoder is None:
         settings["doc_scores"] = "stored"
     (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    (tmp / "README.md").write_text(model_card(checkpoint, model, settings, kb, wrote_rag))
+    (tmp / "README.md").write_text(model_card(checkpoint, settings, kb, wrote_rag))
     os.rename(tmp, out)
     return out
 
