@@ -1,5 +1,5 @@
 #!/bin/sh
-# The README's CPU table: CMU Wikipedia QA with three seeds and COVID-QA with one, each zero-shot,
+# The CPU table (docs/results/cpu-table-2026-11-30.md): CMU Wikipedia QA with three seeds and COVID-QA with one, each zero-shot,
 # RAG-original and RAG-end2end (experiments/qa_cpu.sh). The first seed of each set runs first, so an
 # interrupted run still holds one complete comparison per set; run it again to go on where it stopped.
 #   sh experiments/cpu_table.sh SHARED_DATA_DIR [OUT]

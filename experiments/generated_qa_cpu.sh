@@ -1,5 +1,5 @@
 #!/bin/sh
-# Questions generated from the KB instead of written by people (README: "Training on generated questions"):
+# Questions generated from the KB instead of written by people (docs/results/generated-questions-2026-11-30.md):
 #   sh experiments/generated_qa_cpu.sh /path/to/Question_Answer_Dataset_v1.2 OUT [SEEDS] [MAX_PASSAGES]
 # The setting of experiments/modes_cpu.sh (pass the same OUT to reuse its data, KB and retriever_only runs):
 # generate_qa.py writes a question, then its answer, for MAX_PASSAGES (default 300) seeded KB passages with the

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Every --training_mode on one CPU-sized setting, one table (README: "Training recipes compared"):
+# Every --training_mode on one CPU-sized setting, one table (docs/results/recipes-2026-11-30.md):
 #   sh experiments/modes_cpu.sh /path/to/Question_Answer_Dataset_v1.2 OUT [SEEDS] [MODES]
 # The setting of experiments/qa_cpu.sh, defined once in experiments/cpu_setting.sh (CMU Wikipedia QA,
 # questions whose answer is in their article, split by article, the whole set's articles as the KB): all-MiniLM-L6-v2 as question and context encoder (mean pooling,
