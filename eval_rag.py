@@ -33,26 +33,22 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
+from input_readers import Gold, infer_gold_mode, one_line, read_gold, read_lines
 from kb_encode_utils import check_kb_similarity
 from kb_search import checkpoint_kb
 from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_model import RagModel
-from utils_rag import (
-    Gold,
+from rag_metrics import (
     answer_recall_at_k,
     calculate_exact_match,
     calculate_f1,
     corpus_bleu,
-    infer_gold_mode,
     mrr_at_k,
-    one_line,
     parse_metrics,
     precision_at_k_titles,
-    read_gold,
-    read_lines,
     recall_at_k,
     rouge_l_score,
 )
+from rag_model import RagModel
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written

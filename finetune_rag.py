@@ -1,27 +1,24 @@
 """Fine-tune RAG end to end: question encoder, context encoder and generator learn together while
 Ray actors re-encode the knowledge base and rebuild its FAISS index in the background.
 
-    python finetune_rag.py --model_name_or_path facebook/rag-token-base --model_type rag_token \
-        --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
-        --data_dir DATA --output_dir OUT --do_train --training_mode rag_end2end --indexing_freq 500
+    python finetune_rag.py --training_mode rag_end2end --indexing_freq 500 --model_name_or_path \
+        facebook/rag-token-base --model_type rag_token --passages_path KB/my_knowledge_dataset \
+        --index_path KB/my_knowledge_dataset_hnsw_index.faiss --data_dir DATA --output_dir OUT --do_train
 
---training_mode picks the recipe (training_modes.py): rag_end2end, rag_original, retriever_only, dalm, lsr
-or ralt; --end2end is rag_end2end's old name.
+This file is the LightningModule (the step under a recipe, validation, test, optimizer, saves) and the run
+(Ray, callbacks, Trainer). The flags live in rag_options.py, the model's assembly in rag_assembly.py, the
+recipes in training_modes.py, the output directory's handling in run_dir.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import socket
 import time
-import uuid
 import warnings
 from pathlib import Path
 
-import faiss
 import pytorch_lightning as pl
 import ray
 import torch
@@ -29,7 +26,7 @@ from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, get_scheduler
+from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
 from callbacks_rag import (
@@ -46,47 +43,31 @@ from distributed_ray_retriever import (
     start_retrieval_actors,
     start_shard_actors,
 )
-from kb_encode_utils import (
-    IndexConfig,
-    KBVersion,
-    add_index_args,
-    check_kb_similarity,
-    process_alive,
-    remove_orphaned_temporaries,
-    temporary_sibling,
-)
-from lora import PEFT_CHOICES, add_lora, train_only_lora
+from input_readers import read_gold, read_lines
+from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling
 from plot_run import plot_runs
-from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_model import RAG_TEMPLATE, SETTINGS_FILE, CausalGenerator, RagModel, Seq2SeqGenerator
-from training_modes import MODES, make_objective, mine
-from utils_rag import (
+from qa_dataset import QuestionDataset
+from rag_assembly import assemble
+from rag_encoders import encoder_similarity
+from rag_metrics import (
     GENERATION_METRICS,
-    Seq2SeqDataset,
     exact_match_score,
     f1_score,
     metric_max_over_ground_truths,
     mrr_at_k,
-    parse_metrics,
-    read_gold,
-    read_lines,
     recall_at_k,
     rouge_l_score,
     sentence_bleu,
 )
+from rag_options import SCHEDULERS, check_data_dir, parse_args, trainer_kwargs
+from run_dir import is_first_process, lock_output_dir, prepare_output_dir, release_lock
+from training_modes import make_objective, mine
 
 # Epoch-level metrics here are already gathered across ranks (all_gather_object) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
 
-MARGINALS = ("rag_token", "rag_sequence")
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
-              "polynomial": "polynomial"}  # fmt: skip
-# Per-example scores summed over an epoch: EM, F1 and ROUGE-L in [0, 1], sentence BLEU in [0, 100].
+# Per-example scores averaged over an epoch: EM, F1 and ROUGE-L in [0, 1], sentence BLEU in [0, 100].
 METRIC_FNS = {"em": exact_match_score, "f1": f1_score, "rouge_l": rouge_l_score, "bleu": sentence_bleu}
-MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
-               "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
-RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
-DUMMY_KB = ("test_run/dummy-kb/my_knowledge_dataset", "test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
 
 
 def local_rank_from_env() -> int:
@@ -105,29 +86,13 @@ class GenerativeQAModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(hparams)
         hp = self.hparams
-        if hp.model_type not in MARGINALS:
-            raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
-        for path in (hp.passages_path, hp.index_path):
-            if not Path(path).exists():
-                raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
-        for flag in MODEL_FLAGS:
-            check_model_path(flag, getattr(hp, flag))
         self.objective = make_objective(hp)
         self.retriever = retriever
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
-        self.model = build_model(hp, self.objective, retriever)
-        # The similarity the question encoder scores with (declared by its checkpoint, or --similarity); the KB
-        # must hold embeddings made for it, checked before any work is done.
+        self.model = assemble(hp, self.objective, retriever)
         self.similarity = encoder_similarity(self.model.question_encoder)
-        q_name = hp.question_encoder_name_or_path or hp.model_name_or_path
-        check_kb_similarity(hp.passages_path, f"the question encoder {q_name}", self.similarity)
-        check_kb(hp.passages_path, hp.index_path, self.model.question_encoder.config.hidden_size, self.model.n_docs)
         retriever.init_retrieval(KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0,
                                            similarity=self.similarity))  # fmt: skip
-        self.objective.freeze(self.model)
-        if hp.peft != "none":
-            apply_lora(self.model, hp, self.objective.trains)
-        self.objective.set_modes(self.model)  # dropout on in the parts that learn, off in the frozen ones
 
         self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
                             "test": hp.test_max_target_length}  # fmt: skip
@@ -298,7 +263,7 @@ class GenerativeQAModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        dataset = Seq2SeqDataset(
+        dataset = QuestionDataset(
             self.model.question_tokenizer,
             self.hparams.data_dir,
             max_source_length=self.hparams.max_source_length,
@@ -352,112 +317,6 @@ class GenerativeQAModule(pl.LightningModule):
         os.rename(tmp, directory)
 
 
-def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
-    """The RagModel the flags describe, with only the parts the recipe needs (no generator for
-    retriever_only, no context encoder where passage embeddings never change)."""
-    marginal = hp.model_type.removeprefix("rag_")
-    # Saved with the model, so that eval_rag.py retrieves and decodes exactly as --do_predict did.
-    settings = {"rerank_top": hp.rerank_top, "question_max_length": hp.max_source_length,
-                "generation": {"num_beams": hp.num_beams, "max_new_tokens": hp.test_max_target_length}}  # fmt: skip
-    source = hp.init_from or hp.model_name_or_path
-    if source:
-        if hp.question_pooling or hp.shared_encoder:
-            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
-                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
-        overrides = {"marginal": marginal, **settings}
-        overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
-        overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
-        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
-                                         cache_dir=hp.cache_dir, **overrides)  # fmt: skip
-        # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
-        model.question_encoder = with_scoring(model.question_encoder, hp.similarity, hp.retrieval_temperature,
-                                              hp.learn_temperature)  # fmt: skip
-        if model.generator is not None:
-            if hp.prompt_template:
-                model.generator.template = hp.prompt_template
-            model.generator.label_smoothing = hp.label_smoothing
-        elif objective.needs_generator:  # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
-            if not hp.generator_name_or_path:
-                raise ValueError(f"{source} holds no generator: --training_mode {objective.name} needs "
-                                 "--generator_name_or_path")  # fmt: skip
-            model.generator = load_generator(hp)
-    else:
-        if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
-            raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
-                             f"path (--training_mode {objective.name} needs a generator: "
-                             f"{objective.needs_generator})")  # fmt: skip
-        q_name = hp.question_encoder_name_or_path
-        question_encoder = load_encoder(q_name, hp.question_pooling, hp.cache_dir, "question", hp.similarity,
-                                        hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
-        prefix = hp.question_prefix or getattr(question_encoder.config, "prefix", None) or ""
-        generator = load_generator(hp) if objective.needs_generator else None
-        q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
-        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
-                         question_prefix=prefix, **settings)  # fmt: skip
-    if objective.uses_context_encoder and model.ctx_encoder is None:
-        attach_context_encoder(model, hp)
-    if not objective.uses_context_encoder:
-        model.ctx_encoder = model.ctx_tokenizer = None
-    return model
-
-
-def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...]) -> None:
-    """LoRA adapters on the parts --peft names that the recipe trains; only the adapters then learn."""
-    names = {"generator": ["generator"], "retriever": ["question_encoder", "ctx_encoder"]}
-    chosen = [p for p in names.get(hp.peft, [*names["generator"], *names["retriever"]]) if p in trains]
-    targets = hp.lora_target_modules.split(",") if hp.lora_target_modules else None
-    q, ctx = model.question_encoder, model.ctx_encoder
-    shared = ctx is not None and getattr(ctx, "model", None) is not None and ctx.model is getattr(q, "model", None)
-    for name in chosen:
-        part = getattr(model, name)
-        if name == "ctx_encoder" and shared:  # --shared_encoder: the adapters are already in its transformer
-            ctx.model = q.model
-            continue
-        add_lora(part, hp.lora_r, hp.lora_alpha, hp.lora_dropout, targets)
-        train_only_lora(part)
-    if not chosen:
-        warnings.warn(f"--peft {hp.peft}: --training_mode {hp.training_mode} trains none of those parts", stacklevel=1)
-
-
-def load_generator(hp: argparse.Namespace):
-    """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
-    config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
-                                                   "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
-    if hp.generator_type == "causal":
-        return CausalGenerator.from_pretrained(hp.generator_name_or_path, hp.prompt_template, hp.max_combined_length,
-                                               hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
-    template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
-    generator = Seq2SeqGenerator.from_pretrained(hp.generator_name_or_path, template, hp.max_combined_length,
-                                                 hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
-    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
-    positions = getattr(generator.model.config, "max_position_embeddings", None)
-    generator.max_length = min(generator.max_length, positions or generator.max_length)
-    return generator
-
-
-def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:
-    """The context encoder the recipe re-encodes passages with (--shared_encoder: the question encoder's
-    transformer), checked to score like the question encoder."""
-    ctx_name = hp.context_encoder_name
-    if hp.shared_encoder:  # one transformer encodes questions and passages
-        context_encoder = context_side(model.question_encoder)
-    else:
-        context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
-    similarity = encoder_similarity(model.question_encoder)
-    if encoder_similarity(context_encoder) != similarity:
-        raise ValueError(
-            f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
-            f"the question encoder with {similarity}: pass --similarity dot or cosine"
-        )
-    q_dim = model.question_encoder.config.hidden_size
-    if context_encoder.config.hidden_size != q_dim:
-        raise ValueError(f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, the question "
-                         f"encoder {q_dim}: their dot product needs one size")  # fmt: skip
-    model.ctx_encoder = context_encoder
-    model.ctx_tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix,
-                                         hp.cache_dir)  # fmt: skip
-
-
 def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     """Start (or join) Ray and this run's retrieval actors, then build the module around them."""
     init_ray(args.ray_address, args.ray_namespace)
@@ -490,463 +349,6 @@ def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
     """Answers of every rank's (line, answer) rows in line order; a line that DistributedSampler gave two
     ranks (it pads shards to equal length) is kept once."""
     return [answer for _, answer in sorted(dict(row for shard in shards for row in shard).items())]
-
-
-def check_model_path(flag: str, name: str | None) -> None:
-    """Refuse a local model directory that does not exist, instead of letting the hub call it a bad repo id."""
-    if not name or Path(name).exists():
-        return
-    parent = Path(name).expanduser().parent
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
-        raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")
-
-
-def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:
-    """Refuse a KB that cannot serve this model before any work: no embeddings, another vector size, fewer
-    passages than --n_docs, or an index that does not match its passages."""
-    passages = load_from_disk(passages_path)
-    if "embeddings" not in passages.column_names:
-        raise ValueError(f"{passages_path}: no `embeddings` column (columns: {', '.join(passages.column_names)}); "
-                         "build the KB with use_own_knowledge_dataset.py")  # fmt: skip
-    kb_dim = len(passages[0]["embeddings"])
-    if kb_dim != dim:
-        raise ValueError(f"{passages_path}: embeddings of size {kb_dim}, the question encoder makes {dim}: "
-                         "re-encode the KB with the matching context encoder")  # fmt: skip
-    if n_docs > len(passages):
-        raise ValueError(f"--n_docs {n_docs} is more than the {len(passages)} passages of {passages_path}")
-    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    if index.d != kb_dim or index.ntotal != len(passages):
-        raise ValueError(f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
-                         f"of size {kb_dim} in {passages_path}: build them together")  # fmt: skip
-
-
-RUN_FILES = ("*.ckpt", "*.kb_version.json", "checkpoint*", "metrics.json", "test_results.txt",
-             "test_generations.txt", "logs", "kb")  # fmt: skip
-
-
-def check_data_dir(args: argparse.Namespace) -> None:
-    """Every split the run will read exists, before hours of training reach the test pass."""
-    splits = [*(["train", "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
-    names = [f"{split}.{ext}" for split in splits for ext in ("source", "target")]
-    missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--data_dir {args.data_dir} lacks {', '.join(missing)}")
-
-
-def prepare_output_dir(args: argparse.Namespace) -> None:
-    """Refuse to train into an earlier run's directory unless told to continue it (--resume) or start over
-    (--overwrite_output_dir: its files move to OUTPUT/previous_runs/, nothing is deleted)."""
-    out = Path(args.output_dir)
-    if args.resume and not args.resume_from_checkpoint:
-        args.resume_from_checkpoint = newest_checkpoint(out)
-    if not args.do_train or args.resume_from_checkpoint or not is_first_process():
-        return
-    earlier = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)}) if out.is_dir() else []
-    if not earlier:
-        return
-    if not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"--output_dir {out} holds an earlier run ({', '.join(earlier[:6])}): pass --resume to continue it, "
-            "--overwrite_output_dir to start over (its files move to OUTPUT/previous_runs/), or another directory"
-        )
-    dest = out / "previous_runs" / time.strftime("%Y%m%d-%H%M%S")
-    dest.mkdir(parents=True)
-    for name in earlier:
-        (out / name).rename(dest / name)
-    print(f"--overwrite_output_dir: the earlier run's files are in {dest}")
-
-
-LOCK_FILE = ".run.lock"
-
-
-def lock_output_dir(out: Path) -> Path | None:
-    """Take OUTPUT/.run.lock (pid, host, start time) for this run, so that a second run into the same directory
-    stops at once instead of interleaving checkpoints and KB versions with it. A lock whose process is gone (a
-    crashed run on this host) is taken over with a warning. DDP ranks > 0 run under rank 0's lock."""
-    if not is_first_process():
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):  # being written by a run starting this instant
-                holder = {"pid": None, "host": "?", "started": "?"}
-            if holder.get("host") == me["host"] and holder.get("pid") and not process_alive(holder["pid"]):
-                warnings.warn(f"{path}: the run that held it (pid {holder['pid']}, since {holder['started']}) is "
-                              "gone; taking it over", stacklevel=2)  # fmt: skip
-                path.unlink(missing_ok=True)
-                continue
-            raise RuntimeError(
-                f"--output_dir {out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                f"since {holder.get('started')}): wait for it to end or use another directory; if that run is "
-                f"gone, remove {path}"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return path
-    raise RuntimeError(f"{path}: could not take the lock")
-
-
-def release_lock(path: Path) -> None:
-    """Remove this run's lock (only if it is still this process's)."""
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def newest_checkpoint(output_dir: Path) -> str:
-    """`last.ckpt` if the run wrote one, else its newest checkpoint."""
-    if (output_dir / "last.ckpt").is_file():
-        return str(output_dir / "last.ckpt")
-    found = sorted(output_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint (*.ckpt) in {output_dir}")
-    return str(found[-1])
-
-
-def is_first_process() -> bool:
-    """Global rank 0 before the Trainer exists (Lightning's and torchrun's launchers set these variables)."""
-    return all(int(os.environ.get(name, 0)) == 0 for name in ("RANK", "NODE_RANK", "LOCAL_RANK"))
-
-
-def resolve_run_id(run_id: str | None) -> str:
-    """The id that names this run's Ray actors: the flag, else the one the first process of this run exported
-    (DDP ranks re-run this script), else the launcher's job id, else a new one."""
-    run_id = run_id or (None if is_first_process() else os.environ.get(RUN_ID_ENV))
-    run_id = run_id or os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    os.environ[RUN_ID_ENV] = run_id
-    return run_id
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in {"1", "true", "yes", "y"}:
-        return True
-    if value.lower() in {"0", "false", "no", "n"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
-
-
-def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model_name_or_path", default=None, help="RAG checkpoint: hub name or local directory")
-    g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
-                   "assemble a RAG model instead of loading one")  # fmt: skip
-    g.add_argument("--generator_name_or_path", default=None)
-    g.add_argument("--model_type", choices=MARGINALS, required=True)
-    g.add_argument(
-        "--generator_type",
-        choices=["seq2seq", "causal"],
-        default="seq2seq",
-        help="causal: any AutoModelForCausalLM, with RAG marginalisation over the retrieved passages",
-    )
-    g.add_argument("--prompt_template", default=None,
-                   help="causal prompt with {title} {text} {question}; default: the chat template if any")  # fmt: skip
-    g.add_argument("--config_name", default="", help="accepted for compatibility; the model's own config is used")
-    g.add_argument("--tokenizer_name", default=None, help="accepted for compatibility; each part's own tokenizer "
-                   "is used")  # fmt: skip
-    g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")
-    g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
-    g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
-    g.add_argument("--end2end", action="store_true", help="old name of --training_mode rag_end2end")
-    g.add_argument(
-        "--question_pooling",
-        choices=["cls", "mean", "pooler"],
-        default=None,
-        help="pool any AutoModel question encoder (a seq2seq RAG must then be assembled); default: DPR, or the "
-        "checkpoint's sentence-transformers setting",
-    )
-    g.add_argument("--context_pooling", choices=["cls", "mean", "pooler"], default=None, help="the same for passages")
-    g.add_argument("--question_prefix", default=None, help='text put before every question, e.g. "query: "')
-    g.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
-    g.add_argument("--shared_encoder", action="store_true", help="one encoder for questions and passages")
-    g.add_argument(
-        "--similarity",
-        choices=["dot", "cosine"],
-        default=None,
-        help="how questions and passages are scored (cosine: L2-normalised vectors); default: what the "
-        "encoder checkpoints declare (sentence-transformers' Normalize, pooling.json), else dot",
-    )
-    g.add_argument(
-        "--retrieval_temperature",
-        type=float,
-        default=None,
-        help="doc scores = similarity / tau before RAG's softmax over passages; default: the question "
-        "encoder checkpoint's, else 1 for dot and 0.05 for cosine",
-    )
-    g.add_argument("--learn_temperature", action="store_true", help="learn tau (as log tau) with the model")
-    g.add_argument("--temperature_learning_rate", type=float, default=1e-2,
-                   help="learning rate of the learned log tau")  # fmt: skip
-    g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
-    g.add_argument("--prefix", default=None)
-    g.add_argument("--max_combined_length", type=int, default=None, help="passage + question tokens for the generator")
-    for name in ("encoder_layerdrop", "decoder_layerdrop", "dropout", "attention_dropout"):
-        g.add_argument(f"--{name}", type=float, default=None, help="set in the generator config")
-    g.add_argument("--label_smoothing", type=float, default=0.0)
-
-    g = parser.add_argument_group("training recipe (training_modes.py)")
-    g.add_argument("--training_mode", choices=sorted(MODES), default=None,
-                   help="what trains and with which loss (README: training recipes); default rag_original, or "
-                   "rag_end2end with --end2end")  # fmt: skip
-    g.add_argument("--query_side_only", action="store_true",
-                   help="freeze the context encoder of any recipe: the KB never goes stale, no refresh")  # fmt: skip
-    g.add_argument("--hard_negatives", type=int, default=0,
-                   help="retriever_only/dalm: negatives per question mined from the live index (top-ranked "
-                   "passages that are not gold and hold no answer)")  # fmt: skip
-    g.add_argument("--symmetric_infonce", action="store_true", help="InfoNCE in both directions (q->p and p->q)")
-    g.add_argument("--retriever_loss", choices=["none", "pdist"], default="none",
-                   help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)")  # fmt: skip
-    g.add_argument("--lm_temperature", type=float, default=0.1,
-                   help="tau_lm of lsr and pdist: softmax(per-token mean answer log-likelihood per passage / "
-                   "tau_lm); Atlas uses 0.01 (at 1 a 0.5-nat gap gives a near-flat [0.62, 0.38]; at 0.1, "
-                   "[0.99, 0.01])")  # fmt: skip
-    g.add_argument("--init_from", default=None,
-                   help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
-                   "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
-                   "lacks come from the model flags")  # fmt: skip
-    g.add_argument("--peft", choices=PEFT_CHOICES, default="none",
-                   help="LoRA adapters (peft) instead of full fine-tuning for the generator, the encoders or both; "
-                   "checkpoints and KB refreshes use the merged weights")  # fmt: skip
-    g.add_argument("--lora_r", type=int, default=8)
-    g.add_argument("--lora_alpha", type=int, default=16)
-    g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--lora_target_modules", default=None,
-                   help="comma-separated module names (default: peft's per family, e.g. query,value for BERT "
-                   "encoders, q_proj,v_proj for Llama and BART)")  # fmt: skip
-    g.add_argument("--rerank_top", type=int, default=0,
-                   help="fetch L passages from the (stale) index, re-score them with the current context "
-                   "encoder, keep the top n_docs (Atlas); 0: off")  # fmt: skip
-
-    g = parser.add_argument_group("data")
-    g.add_argument("--data_dir", default="test_run/dummy-train-data",
-                   help="holds {train,val,test}.{source,target}")  # fmt: skip
-    g.add_argument("--output_dir", default="test_run/model_checkpoints")
-    g.add_argument("--max_source_length", type=int, default=128)
-    g.add_argument("--max_target_length", type=int, default=25)
-    g.add_argument("--val_max_target_length", type=int, default=25)
-    g.add_argument("--test_max_target_length", type=int, default=25)
-    for split in ("train", "val", "test"):
-        g.add_argument(f"--n_{split}", type=int, default=-1, help="-1: all examples")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
-
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--retriever_learning_rate", type=float, default=None,
-                   help="learning rate of the question and context encoders (Atlas: 1e-5 against the reader's 1e-4; "
-                   "tau keeps --temperature_learning_rate); default: --learning_rate")  # fmt: skip
-    g.add_argument("--retriever_dropout", choices=["on", "off"], default="on",
-                   help="off: the encoders that train run without dropout (eval mode; their gradients flow), so "
-                   "the FAISS query, the doc scores and the re-encoded passages carry no dropout noise (x 1/tau), "
-                   "as the stored vectors of rag_original do not")  # fmt: skip
-    g.add_argument("--lr_scheduler", choices=sorted(SCHEDULERS), default="linear")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--warmup_steps", type=int, default=0)
-    g.add_argument("--adafactor", action="store_true")
-    g.add_argument("--train_batch_size", type=int, default=32)
-    g.add_argument("--eval_batch_size", type=int, default=32)
-    g.add_argument("--num_beams", type=int, default=1, help="beam size for validation generation")
-    g.add_argument("--metrics", type=parse_metrics, default=("em", "f1"),
-                   help="validation and test metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)")  # fmt: skip
-    g.add_argument("--early_stopping_patience", type=int, default=-1, help="-1 disables; counts validations")
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--logger_name", choices=["default", "wandb", "wandb_shared"], default="default")
-
-
-def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("retrieval and index refresh")
-    g.add_argument("--index_name", default="custom", help="only `custom` (your own KB) is supported")
-    g.add_argument("--passages_path", default=DUMMY_KB[0])
-    g.add_argument("--index_path", default=DUMMY_KB[1])
-    g.add_argument("--distributed_retriever", choices=["ray", "pytorch"], default="ray")
-    g.add_argument("--use_dummy_dataset", type=str2bool, default=False,
-                   help="true: the bundled dummy KB (the default paths); refused with other paths")  # fmt: skip
-    g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
-    g.add_argument("--index_workers", type=int, default=None,
-                   help="encoding actors (default: max(1, ceil(index_gpus)))")  # fmt: skip
-    g.add_argument("--index_gpus", type=float, default=0,
-                   help="GPUs for the encoding actors, shared among them; 0 encodes on CPU. A fraction (e.g. 0.5) "
-                   "lets one actor share a GPU with training")  # fmt: skip
-    g.add_argument("--index_cpus", type=int, default=1,
-                   help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
-                   "--refresh_before_validation, which training waits for, take every core)")  # fmt: skip
-    add_index_args(g)
-    g.add_argument("--encode_batch_size", type=int, default=64)
-    g.add_argument("--refresh_before_validation", action="store_true",
-                   help="re-encode the KB with the current weights (training waits) before every validation, so "
-                   "validation, the checkpoint and the test pass use an index that is not stale")  # fmt: skip
-    g.add_argument("--max_refresh_failures", type=int, default=3,
-                   help="stop the run after this many KB refreshes in a row fail")  # fmt: skip
-    g.add_argument("--keep_kb_versions", type=int, default=3,
-                   help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all")  # fmt: skip
-    g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
-    g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")
-    g.add_argument("--gpu_order", default=None, help="accepted for compatibility; Ray places encoders")
-
-    g = parser.add_argument_group("ray")
-    g.add_argument("--ray_address", "--ray-address", default=None,
-                   help="join this Ray cluster (e.g. auto); default: start a local Ray on loopback")  # fmt: skip
-    g.add_argument("--ray_namespace", default="rag", help="prefix of this run's Ray namespace, RAY_NAMESPACE-RUN_ID")
-    g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
-                   "every node of a multi-node run the same one")  # fmt: skip
-    g.add_argument("--num_retrieval_workers", type=int, default=1)
-    g.add_argument("--retrieval_threads", type=int, default=None,
-                   help="FAISS threads of each retrieval actor (default: every core of its machine, divided among "
-                   "the --index_shards; training waits for every search)")  # fmt: skip
-    g.add_argument("--index_shards", type=int, default=1,
-                   help="S > 1: S retrieval actors each hold 1/S of the passages and build their own index over "
-                   "them (with the index flags) when a KB version loads; a query fans out to every shard and the "
-                   "results are merged exactly (top-k by score). Ray's scheduler places the actors, so with "
-                   "--ray_address the shards spread over the cluster's machines. One replica per shard: not with "
-                   "--num_retrieval_workers > 1")  # fmt: skip
-    g.add_argument("--distributed-port", dest="distributed_port", type=int, default=-1, help="unused")
-
-
-def add_trainer_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("trainer (passed to pytorch_lightning.Trainer)")
-    g.add_argument("--do_train", action="store_true")
-    g.add_argument("--do_predict", action="store_true", help="test the best checkpoint after training")
-    g.add_argument("--no_test_loss", action="store_true",
-                   help="skip test_loss (a forward pass as long as generating): EM/F1 and retrieval only")  # fmt: skip
-    g.add_argument("--validate_before_training", action="store_true", help="one validation of the untrained model")
-    g.add_argument("--trainer_threads", type=int, default=None,
-                   help="torch threads of each training process (default: torch's, every core); with --index_cpus "
-                   "a CPU budget that does not oversubscribe the cores")  # fmt: skip
-    g.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: gpu if --gpus > 0, else auto)")
-    g.add_argument("--devices", default=None, help="number of devices or a list (default: auto / --gpus)")
-    g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
-    g.add_argument("--num_nodes", type=int, default=1)
-    g.add_argument("--strategy", default="auto")
-    g.add_argument("--precision", default=None, help="e.g. 32, bf16-mixed, 16-mixed")
-    g.add_argument("--fp16", action="store_true", help="16-bit mixed precision on GPUs")
-    g.add_argument("--fp16_opt_level", default="O2", help="unused (apex)")
-    g.add_argument("--n_tpu_cores", dest="tpu_cores", type=int, default=None, help="unused")
-    g.add_argument("--num_train_epochs", "--max_epochs", dest="max_epochs", type=int, default=3)
-    g.add_argument("--max_steps", type=int, default=-1)
-    g.add_argument("--val_check_interval", type=float, default=1.0,
-                   help="fraction of an epoch (<=1) or a number of batches (>1)")  # fmt: skip
-    g.add_argument("--check_val_every_n_epoch", type=int, default=1)
-    g.add_argument("--limit_train_batches", type=float, default=1.0)
-    g.add_argument("--limit_val_batches", type=float, default=1.0)
-    g.add_argument("--num_sanity_val_steps", type=int, default=2)
-    g.add_argument("--log_every_n_steps", type=int, default=10)
-    g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", dest="accumulate_grad_batches",
-                   type=int, default=1)  # fmt: skip
-    g.add_argument("--max_grad_norm", "--gradient_clip_val", dest="gradient_clip_val", type=float, default=1.0)
-    g.add_argument("--profile", action="store_true", help="attach Lightning's simple profiler")
-    g.add_argument("--resume_from_checkpoint", default=None, help="a Lightning .ckpt to resume from")
-    g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last.ckpt")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/")  # fmt: skip
-    g.add_argument("--save_last_every_n_steps", type=int, default=50,
-                   help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end")  # fmt: skip
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_specific_args(parser)
-    add_retriever_specific_args(parser)
-    add_trainer_args(parser)
-    args = parser.parse_args(argv)
-    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores"):
-        if getattr(args, flag) is not None:
-            warnings.warn(f"--{flag} has no effect here (Ray places and ships the KB shards)", stacklevel=1)
-    if args.distributed_retriever != "ray":
-        warnings.warn("--distributed_retriever pytorch: retrieval always runs in Ray actors", stacklevel=1)
-    if args.index_name != "custom":
-        parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
-    if args.use_dummy_dataset and (args.passages_path, args.index_path) != DUMMY_KB:
-        parser.error("--use_dummy_dataset true selects the bundled dummy KB (test_run/dummy-kb); it conflicts with "
-                     f"--passages_path {args.passages_path} --index_path {args.index_path}")  # fmt: skip
-    if args.retrieval_temperature is not None and args.retrieval_temperature <= 0:
-        parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
-    if args.indexing_freq is not None and args.indexing_freq < 1:
-        parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
-    if args.end2end and args.training_mode not in (None, "rag_end2end"):
-        parser.error(
-            f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"
-        )
-    args.training_mode = args.training_mode or ("rag_end2end" if args.end2end else "rag_original")
-    args.end2end = args.training_mode == "rag_end2end"
-    refreshes = make_objective(args).refreshes
-    if args.indexing_freq and not refreshes:
-        warnings.warn(f"--indexing_freq: --training_mode {args.training_mode} keeps the context encoder frozen, so "
-                      "the KB is never refreshed", stacklevel=1)  # fmt: skip
-    if refreshes and not args.indexing_freq:
-        warnings.warn(f"--training_mode {args.training_mode} without --indexing_freq: the KB is never re-encoded "
-                      "while the context encoder learns", stacklevel=1)  # fmt: skip
-    if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
-        parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
-    if args.index_shards < 1:
-        parser.error(f"--index_shards must be >= 1, got {args.index_shards}")
-    if args.index_shards > 1 and args.num_retrieval_workers > 1:
-        parser.error(f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
-                     f"with --num_retrieval_workers {args.num_retrieval_workers}")  # fmt: skip
-    if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
-        parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
-    if args.init_from:
-        if args.model_name_or_path:
-            parser.error("--init_from and --model_name_or_path both name the model to start from: give one")
-        saved = Path(args.init_from) / "kb_version.json"
-        if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
-            parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
-                         f"(it needs {SETTINGS_FILE} and kb_version.json)")  # fmt: skip
-        kb = json.loads(saved.read_text())
-        args.passages_path, args.index_path = kb["passages_path"], kb["index_path"]
-    # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
-    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else [])):
-        setattr(args, name, os.path.abspath(getattr(args, name)))
-    args.run_id = resolve_run_id(args.run_id)
-    if args.index_workers is None:
-        args.index_workers = max(1, math.ceil(args.index_gpus))
-    val = args.val_check_interval
-    args.val_check_interval = int(val) if val > 1 else val
-    return args
-
-
-def trainer_kwargs(args: argparse.Namespace) -> dict:
-    """Translate the reference's flags (--gpus, --fp16, --profile) to Lightning 2 Trainer arguments."""
-    accelerator, devices = args.accelerator, args.devices
-    if args.gpus is not None:
-        accelerator = accelerator or ("gpu" if args.gpus > 0 else "cpu")
-        devices = devices or max(args.gpus, 1)
-    accelerator = accelerator or "auto"
-    if isinstance(devices, str):
-        devices = int(devices) if devices.isdigit() else devices
-    precision = args.precision
-    if args.fp16 and precision is None:
-        if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
-            precision = "16-mixed"
-        else:
-            warnings.warn("--fp16 ignored: 16-bit mixed precision needs a GPU", stacklevel=1)
-    return {
-        "accelerator": accelerator,
-        "devices": devices or "auto",
-        "num_nodes": args.num_nodes,
-        "strategy": args.strategy,
-        "precision": precision or "32-true",
-        "max_epochs": args.max_epochs,
-        "max_steps": args.max_steps,
-        "val_check_interval": args.val_check_interval,
-        "check_val_every_n_epoch": args.check_val_every_n_epoch,
-        "limit_train_batches": args.limit_train_batches,
-        "limit_val_batches": args.limit_val_batches,
-        "num_sanity_val_steps": args.num_sanity_val_steps,
-        "log_every_n_steps": args.log_every_n_steps,
-        "accumulate_grad_batches": args.accumulate_grad_batches,
-        "gradient_clip_val": args.gradient_clip_val,
-        "profiler": "simple" if args.profile else None,
-    }
 
 
 def build_loggers(args: argparse.Namespace) -> list:

@@ -61,9 +61,10 @@ import torch
 from tqdm.auto import tqdm
 
 from causal_rag import encode_prompts, pad_id
-from kb_encode_utils import read_kb_csv, split_documents, temporary_sibling
+from input_readers import read_kb_csv
+from kb_encode_utils import split_documents, temporary_sibling
 from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
-from utils_rag import has_answer, normalize_answer
+from rag_metrics import has_answer, normalize_answer
 
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "generation_settings.json"

@@ -3,14 +3,12 @@ save knowledge-base versions atomically (written under a temporary name, then re
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
 import re
 import shutil
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,8 +23,6 @@ from datasets import config as datasets_config
 from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
-
-from utils_rag import MAX_LINE_CHARS, InputError, encoding_error
 
 # torch is imported by the functions that encode: retrieval actors and index builders import this module and never
 # encode, and torch costs each of them ~2.7 s of start-up and ~185 MB of memory.
@@ -46,140 +42,6 @@ def split_text(text: str, n: int = 100, character: str = " ") -> list[str]:
     """Split `text` every `n` occurrences of `character` (100-word passages, as the reference)."""
     words = text.split(character)
     return [character.join(words[i : i + n]).strip() for i in range(0, len(words), n)]
-
-
-KB_FIELDS = ("title", "text")
-_UNQUOTED_FIELD = re.compile(r"[^\t\r\n]*")
-_NEWLINE = re.compile(r"\r\n?|\n")  # how a file opened with newline="" splits lines, hence csv's line_num
-
-
-def _field_name(column: int) -> str:
-    """`title` (column 1), `text` (column 2), else just the column."""
-    return f"field `{KB_FIELDS[column - 1]}` (column {column})" if column <= len(KB_FIELDS) else f"column {column}"
-
-
-def _closing_quote_end(raw: str, pos: int) -> int | None:
-    """End of the quoted field that opens at `raw[pos]` (doubled quotes are part of it), None when unclosed."""
-    pos += 1
-    while (pos := raw.find('"', pos)) >= 0:
-        if raw[pos + 1 : pos + 2] != '"':
-            return pos + 1
-        pos += 2
-    return None
-
-
-def _quote_fix(field: str) -> str:
-    """How to write a field that starts with a quote (`field`: as typed) so that it reads back as typed."""
-    example = field if len(field) <= 60 else '"hi" she said'
-    quoted = '"' + example.replace('"', '""') + '"'
-    return f"quote the whole field and double each quote inside it: write `{example}` as `{quoted}`"
-
-
-def _merged_lines_error(where: str, first: int, last: int, typed: str) -> InputError:
-    """A field that opens a quote which a later line closes: the lines between became one field."""
-    return InputError(
-        f'{where} starts with a quote (") that is not closed on that line, so lines {first}-{last} were read as one '
-        f"field (documents merged into one); if the quote is part of the text, {_quote_fix(typed)}"
-    )
-
-
-def _row_error(path: Path, start: int, raw: str, error: csv.Error) -> InputError:
-    """Explain a csv error in the row that starts on line `start` (`raw`: its lines read so far): the first field
-    that opens a quote it does not close cleanly, or one over MAX_LINE_CHARS."""
-    pos, column, line = 0, 1, start
-    while pos < len(raw):
-        typed = _UNQUOTED_FIELD.match(raw, pos).group()  # a quoted field as typed: up to the end of its line or a tab
-        quoted = raw[pos] == '"'
-        closed = _closing_quote_end(raw, pos) if quoted else pos + len(typed)
-        end = len(raw) if closed is None else closed
-        where, lines = f"{path}:{line}: {_field_name(column)}", len(_NEWLINE.findall(raw, pos, end))
-        if end - pos > MAX_LINE_CHARS:
-            stray = f'; it starts with a quote (") not closed on that line: {_quote_fix(typed)}'
-            return InputError(
-                f"{where} is over the limit of {MAX_LINE_CHARS:,} characters (utils_rag.MAX_LINE_CHARS)"
-                + (stray if quoted and lines else "; split it into several documents")
-            )
-        if closed is None:
-            return InputError(
-                f'{where} starts with a quote (") that is never closed, so every line after it would be read '
-                f"into that field; if the quote is part of the text, {_quote_fix(typed)}"
-            )
-        if quoted and lines:
-            return _merged_lines_error(where, line, line + lines, typed)
-        if quoted and end < len(raw) and raw[end] not in "\t\r\n":
-            return InputError(
-                f'{where} starts with a quote (") that closes before the field ends, so the quotes would be lost; '
-                f"{_quote_fix(typed)}"
-            )
-        line += lines
-        if raw[end : end + 1] != "\t":
-            break
-        pos, column = end + 1, column + 1
-    return InputError(f"{path}:{start}: malformed row ({error})")
-
-
-def _check_row(path: Path, row: list[str], start: int) -> tuple[str, str]:
-    """The (title, text) of a parsed row that starts on line `start`, or the error that names its line and field."""
-    line = start
-    for column, field in enumerate(row, start=1):
-        if "\t" in field and _NEWLINE.search(field):  # only a quote can put both in a field
-            typed = '"' + re.split(r"[\t\r\n]", field, maxsplit=1)[0]
-            last = line + len(_NEWLINE.findall(field))
-            raise _merged_lines_error(f"{path}:{line}: {_field_name(column)}", line, last, typed)
-        line += len(_NEWLINE.findall(field))
-    if not row or all(not field.strip() for field in row):
-        raise InputError(f"{path}:{start}: empty line; every line must be `title<TAB>text`")
-    if len(row) != 2:
-        raise InputError(f"{path}:{start}: expected 2 tab-separated fields (title, text), found {len(row)}")
-    title, text = row
-    if not text.strip():
-        raise InputError(f"{path}:{start}: field `text` (column 2) is empty")
-    if "\x00" in title or "\x00" in text:
-        raise encoding_error(path)
-    return title.strip(), text.strip()
-
-
-def read_kb_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
-    """Read a tab-separated UTF-8 `title<TAB>text` file (no header), failing on the first bad row with its line and
-    field; warns about duplicate documents, which would be retrieved side by side."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: knowledge-base CSV not found (expected `title<TAB>text` lines)")
-    docs, first_line, duplicates = [], {}, []
-    limit = csv.field_size_limit(MAX_LINE_CHARS)  # process-wide: restored below
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            # strict: a field that opens a quote and closes it before its end is an error, not silently unquoted
-            reader = csv.reader(f, delimiter="\t", strict=True)
-            while True:
-                start = reader.line_num + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as e:
-                    f.seek(0)
-                    raw = "".join(itertools.islice(f, start - 1, reader.line_num))
-                    raise _row_error(path, start, raw, e) from None
-                doc = _check_row(path, row, start)
-                if doc in first_line:
-                    duplicates.append((first_line[doc], start))
-                first_line.setdefault(doc, start)
-                docs.append(doc)
-    except UnicodeDecodeError:
-        raise encoding_error(path) from None
-    finally:
-        csv.field_size_limit(limit)
-    if not docs:
-        raise InputError(f"{path}: no documents found")
-    if duplicates:
-        first, again = duplicates[0]
-        warnings.warn(
-            f"{path}: {len(duplicates)} duplicate document(s) (same title and text), e.g. line {again} repeats line "
-            f"{first}; each copy becomes passages of its own, retrieved side by side",
-            stacklevel=2,
-        )
-    return docs
 
 
 def split_documents(docs: list[tuple[str, str]], n_words: int = 100) -> Dataset:

@@ -34,7 +34,7 @@ from prepare_squad import (
     dedupe_answers,
     write_outputs,
 )
-from utils_rag import normalize_answer
+from rag_metrics import normalize_answer
 
 COLUMNS = ("ArticleTitle", "Question", "Answer", "ArticleFile")
 YES_NO = {"yes", "no"}

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from kb_encode_utils import read_kb_csv, split_documents, split_text, temporary_sibling
+from input_readers import read_kb_csv
+from kb_encode_utils import split_documents, split_text, temporary_sibling
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
 SPLITS = ("train", "val", "test")

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
+from input_readers import read_lines
 from rag_model import RagModel
-from utils_rag import read_lines
 
 
 def load(args: argparse.Namespace) -> RagModel:

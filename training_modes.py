@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rag_metrics import has_answer
 from rag_model import RagModel
-from utils_rag import has_answer
 
 PARTS = ("question_encoder", "ctx_encoder", "generator")
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from input_readers import read_kb_csv
 from kb_encode_utils import (
     IndexConfig,
     add_index_args,
     encode_token_ids,
-    read_kb_csv,
     remove_orphaned_temporaries,
     save_kb,
     split_documents,

@@ -46,12 +46,12 @@ import torch  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
 
 from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors  # noqa: E402
+from input_readers import read_kb_csv  # noqa: E402
 from kb_encode_utils import (  # noqa: E402
     IndexConfig,
     KBVersion,
     ShardEncoder,
     passage_embeddings,
-    read_kb_csv,
     save_kb,
     split_documents,
     tokenize_passages,

@@ -62,7 +62,8 @@ import finetune_rag  # noqa: E402
 import use_own_knowledge_dataset  # noqa: E402
 from callbacks_rag import KBRefreshCallback  # noqa: E402
 from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors  # noqa: E402
-from kb_encode_utils import KBVersion, list_versions, read_kb_csv  # noqa: E402
+from input_readers import read_kb_csv  # noqa: E402
+from kb_encode_utils import KBVersion, list_versions  # noqa: E402
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"

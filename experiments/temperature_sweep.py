@@ -22,10 +22,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from causal_rag import marginal_nll  # noqa: E402
+from input_readers import read_lines  # noqa: E402
 from kb_search import KBSearch  # noqa: E402
 from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
 from rag_model import CausalGenerator, RagModel  # noqa: E402
-from utils_rag import read_lines  # noqa: E402
 
 
 @torch.no_grad()

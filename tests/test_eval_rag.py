@@ -18,8 +18,8 @@ import eval_rag
 import finetune_rag
 import kb_search
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
+from rag_metrics import corpus_bleu, has_answer, mrr_at_k, recall_at_k
 from rag_model import RagModel
-from utils_rag import corpus_bleu, has_answer, mrr_at_k, recall_at_k
 
 DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
 QUESTIONS, ANSWERS = DATA / "test.source", DATA / "test.target"

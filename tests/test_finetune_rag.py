@@ -20,11 +20,12 @@ import finetune_rag
 import kb_refresh
 import kb_search
 from callbacks_rag import KBRefreshCallback
+from input_readers import read_lines
 from kb_encode_utils import IndexConfig, read_version
 from kb_refresh import RefreshState
 from rag_encoders import PooledEncoder, load_tokenizer
+from rag_metrics import has_answer, rouge_l_score, sentence_bleu
 from rag_model import RagModel
-from utils_rag import has_answer, read_lines, rouge_l_score, sentence_bleu
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
 

@@ -12,8 +12,10 @@ import pytest
 from transformers import AutoTokenizer
 
 import generate_qa as gq
-from kb_encode_utils import read_kb_csv, split_documents
-from utils_rag import Seq2SeqDataset, has_answer, normalize_answer, read_lines
+from input_readers import read_kb_csv, read_lines
+from kb_encode_utils import split_documents
+from qa_dataset import QuestionDataset
+from rag_metrics import has_answer, normalize_answer
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
@@ -252,6 +254,7 @@ def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
     run_qa, tmp_path, monkeypatch, tiny_models, finetune_argv
 ):
     import finetune_rag
+    import rag_options
     import use_own_knowledge_dataset
 
     calls = []
@@ -291,9 +294,9 @@ def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
     assert built["title"] == passages["title"] and built["text"] == passages["text"]
 
     args = finetune_rag.parse_args(finetune_argv("--data_dir", str(out), "--do_train", "--do_predict"))
-    finetune_rag.check_data_dir(args)
+    rag_options.check_data_dir(args)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["question_encoder"])
-    dataset = Seq2SeqDataset(tokenizer, str(out), 64, "train")
+    dataset = QuestionDataset(tokenizer, str(out), 64, "train")
     assert len(dataset) == stats["questions"]["train"] and dataset[0]["input_ids"]
 
 

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 import finetune_rag
 import prepare_cmu_qa
 import prepare_squad
-from kb_encode_utils import read_kb_csv
-from utils_rag import MAX_LINE_CHARS, InputError, read_gold, read_lines
+import rag_assembly
+import rag_options
+from input_readers import MAX_LINE_CHARS, InputError, read_gold, read_kb_csv, read_lines
 
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -276,39 +277,39 @@ def test_property_any_bytes_read_or_raise_an_error_naming_the_file(tmp_path_fact
 def test_a_model_directory_that_does_not_exist_is_named(tmp_path):
     (tmp_path / "pretrained").mkdir()
     with pytest.raises(FileNotFoundError, match=r"--generator_name_or_path .*pretrained/smollm: no such directory"):
-        finetune_rag.check_model_path("generator_name_or_path", str(tmp_path / "pretrained" / "smollm"))
-    finetune_rag.check_model_path("model_name_or_path", "facebook/rag-token-base")  # a hub name stays one
+        rag_assembly.check_model_path("generator_name_or_path", str(tmp_path / "pretrained" / "smollm"))
+    rag_assembly.check_model_path("model_name_or_path", "facebook/rag-token-base")  # a hub name stays one
 
 
 def test_a_kb_that_cannot_serve_the_model_is_refused_naming_its_path(tiny_kb, tmp_path):
     passages, index = map(str, tiny_kb)
     kb = load_from_disk(passages)
     dim, n = len(kb[0]["embeddings"]), len(kb)
-    finetune_rag.check_kb(passages, index, dim, n_docs=n)  # the good case
+    rag_assembly.check_kb(passages, index, dim, n_docs=n)  # the good case
     with pytest.raises(
         ValueError, match=rf"{passages}: embeddings of size {dim}, the question encoder makes {2 * dim}"
     ):
-        finetune_rag.check_kb(passages, index, 2 * dim, n_docs=2)
+        rag_assembly.check_kb(passages, index, 2 * dim, n_docs=2)
     with pytest.raises(ValueError, match=rf"--n_docs {n + 1} is more than the {n} passages of {passages}"):
-        finetune_rag.check_kb(passages, index, dim, n_docs=n + 1)
+        rag_assembly.check_kb(passages, index, dim, n_docs=n + 1)
     no_embeddings = str(tmp_path / "plain")
     kb.remove_columns("embeddings").save_to_disk(no_embeddings)
     with pytest.raises(ValueError, match=rf"{no_embeddings}: no `embeddings` column"):
-        finetune_rag.check_kb(no_embeddings, index, dim, n_docs=2)
+        rag_assembly.check_kb(no_embeddings, index, dim, n_docs=2)
     other = faiss.IndexFlatIP(2 * dim)
     other.add(np.zeros((n, 2 * dim), np.float32))
     faiss.write_index(other, str(tmp_path / "other.faiss"))
     with pytest.raises(ValueError, match=rf"other.faiss: {n} vectors of size {2 * dim} for {n} passages of size {dim}"):
-        finetune_rag.check_kb(passages, str(tmp_path / "other.faiss"), dim, n_docs=2)
+        rag_assembly.check_kb(passages, str(tmp_path / "other.faiss"), dim, n_docs=2)
 
 
 def test_a_missing_test_split_is_found_before_training(tmp_path):
     for name in ("train.source", "train.target", "val.source", "val.target", "test.source"):
         (tmp_path / name).write_text("x\n")
     argv = ["--model_type", "rag_token", "--data_dir", str(tmp_path), "--do_train"]
-    finetune_rag.check_data_dir(finetune_rag.parse_args(argv))
+    rag_options.check_data_dir(finetune_rag.parse_args(argv))
     with pytest.raises(FileNotFoundError, match=rf"--data_dir {tmp_path} lacks test.target"):
-        finetune_rag.check_data_dir(finetune_rag.parse_args([*argv, "--do_predict"]))
+        rag_options.check_data_dir(finetune_rag.parse_args([*argv, "--do_predict"]))
 
 
 def test_indexing_freq_zero_is_refused(capsys):

@@ -10,6 +10,7 @@ from datasets import Dataset, load_from_disk
 from transformers import DPRConfig, DPRContextEncoder
 
 import kb_encode_utils
+from input_readers import read_kb_csv
 from kb_encode_utils import (
     READY_MARKER,
     IndexConfig,
@@ -22,7 +23,6 @@ from kb_encode_utils import (
     list_versions,
     part_path,
     publish_kb_version,
-    read_kb_csv,
     read_version,
     save_kb,
     shard_bounds,

@@ -8,8 +8,9 @@ import pytest
 
 import prepare_cmu_qa
 import prepare_squad
-from kb_encode_utils import read_kb_csv, split_documents
-from utils_rag import normalize_answer
+from input_readers import read_kb_csv
+from kb_encode_utils import split_documents
+from rag_metrics import normalize_answer
 
 SPLITS = ("train", "val", "test")
 FILLER = "rock layers were mapped by field teams across several long seasons while instruments logged data".split()

@@ -24,6 +24,7 @@ from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesyst
 import callbacks_rag
 import finetune_rag
 import kb_refresh
+import run_dir
 import use_own_knowledge_dataset
 from callbacks_rag import KBRefreshCallback
 from kb_encode_utils import IndexConfig, build_kb_version
@@ -191,20 +192,20 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
     (out / "notes.txt").write_text("the user's own")
     argv = ["--model_type", "rag_token", "--output_dir", str(out), "--do_train"]
     with pytest.raises(FileExistsError, match=r"holds an earlier run .*--resume.*--overwrite_output_dir"):
-        finetune_rag.prepare_output_dir(finetune_rag.parse_args(argv))
+        run_dir.prepare_output_dir(finetune_rag.parse_args(argv))
     assert (out / "0.5000-20.ckpt").read_text() == "earlier" and (out / "kb" / "v0003").is_dir()
-    finetune_rag.prepare_output_dir(finetune_rag.parse_args([*argv, "--overwrite_output_dir"]))
+    run_dir.prepare_output_dir(finetune_rag.parse_args([*argv, "--overwrite_output_dir"]))
     (moved,) = (out / "previous_runs").iterdir()
     assert (moved / "0.5000-20.ckpt").read_text() == "earlier" and (moved / "kb" / "v0003").is_dir()
     assert (out / "notes.txt").read_text() == "the user's own" and not (out / "kb").exists()
     # --resume continues from last.ckpt, the newest checkpoint otherwise
     (out / "0.7500-40.ckpt").write_text("newer")
     args = finetune_rag.parse_args([*argv, "--resume"])
-    finetune_rag.prepare_output_dir(args)
+    run_dir.prepare_output_dir(args)
     assert args.resume_from_checkpoint == str(out / "0.7500-40.ckpt")
     (out / "last.ckpt").write_text("last")
     args = finetune_rag.parse_args([*argv, "--resume"])
-    finetune_rag.prepare_output_dir(args)
+    run_dir.prepare_output_dir(args)
     assert args.resume_from_checkpoint == str(out / "last.ckpt")
 
 
@@ -253,7 +254,7 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     assert step >= 2 and kb_version >= 1 and state["optimizer_states"][0]["state"]
 
     with pytest.raises(FileExistsError):  # the killed run's directory is not silently reused
-        finetune_rag.prepare_output_dir(finetune_rag.parse_args(argv))
+        run_dir.prepare_output_dir(finetune_rag.parse_args(argv))
     seen = {}
 
     class Observe(pl.Callback):
@@ -343,20 +344,20 @@ def test_a_second_run_in_the_same_output_dir_stops_at_once_and_a_crashed_runs_lo
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live "first run"
     try:
-        lock = out / finetune_rag.LOCK_FILE
+        lock = out / run_dir.LOCK_FILE
         lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "12:00"}))
         args = finetune_rag.parse_args(finetune_argv("--do_train", "--max_steps", "1"))
         with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {holder.pid}.*remove {lock}"):
             finetune_rag.main(args)
-        assert [p.name for p in out.iterdir()] == [finetune_rag.LOCK_FILE]  # nothing else touched
+        assert [p.name for p in out.iterdir()] == [run_dir.LOCK_FILE]  # nothing else touched
     finally:
         holder.kill()
         holder.wait()
     # The holder is gone (a crash): the next run takes the lock over, with a warning, and gives it back.
     with pytest.warns(UserWarning, match="is gone; taking it over"):
-        taken = finetune_rag.lock_output_dir(out)
+        taken = run_dir.lock_output_dir(out)
     assert json.loads(taken.read_text())["pid"] == os.getpid()
-    finetune_rag.release_lock(taken)
+    run_dir.release_lock(taken)
     assert not taken.exists()
 
 

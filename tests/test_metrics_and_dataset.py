@@ -1,4 +1,4 @@
-"""Tests for utils_rag: SQuAD and long-answer metrics and the line-aligned Seq2SeqDataset."""
+"""Tests for rag_metrics (SQuAD and long-answer metrics) and qa_dataset (the line-aligned QuestionDataset)."""
 
 import argparse
 import copy
@@ -9,9 +9,9 @@ import torch
 from tiny_tokenizers import SPECIALS, wordpiece_tokenizer
 from transformers import BertTokenizerFast, RagTokenizer
 
-from utils_rag import (
+from qa_dataset import QuestionDataset
+from rag_metrics import (
     GENERATION_METRICS,
-    Seq2SeqDataset,
     calculate_exact_match,
     calculate_f1,
     corpus_bleu,
@@ -164,7 +164,7 @@ def test_parse_metrics_rejects_unknown_name_naming_it(capsys: pytest.CaptureFixt
 def test_dataset_reads_aligned_lines_and_tokenises(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     write_split(tmp_path, "who wrote hamlet\n  what is the capital of france \n", "william shakespeare\nparis\n")
     tok = rag_tokenizer.question_encoder
-    ds = Seq2SeqDataset(tok, str(tmp_path), max_source_length=32)
+    ds = QuestionDataset(tok, str(tmp_path), max_source_length=32)
     assert len(ds) == 2
     item = ds[1]
     assert set(item) == {"source_text", "target_text", "input_ids", "index"}
@@ -188,20 +188,20 @@ def test_dataset_prefix_truncation_and_n_obs(tmp_path: Path, rag_tokenizer: RagT
     # no trailing newline here: the last line still counts
     write_split(tmp_path, "who wrote hamlet\nhow tall is the eiffel tower\nwho wrote macbeth", "a\nb\nc", "val")
     tok = rag_tokenizer.question_encoder
-    ds = Seq2SeqDataset(tok, str(tmp_path), max_source_length=4, type_path="val", prefix="question: ")
+    ds = QuestionDataset(tok, str(tmp_path), max_source_length=4, type_path="val", prefix="question: ")
     assert len(ds) == 3
     tokens = tok.convert_ids_to_tokens(ds[0]["input_ids"])
     assert tokens == ["[CLS]", "question", ":", "[SEP]"]
     assert ds[0]["source_text"] == "who wrote hamlet"  # the prefix goes to the encoder only
     assert ds[2]["target_text"] == "c"
-    assert len(Seq2SeqDataset(tok, str(tmp_path), 8, "val", n_obs=2)) == 2
-    assert len(Seq2SeqDataset(tok, str(tmp_path), 8, "val", n_obs=-1)) == 3
+    assert len(QuestionDataset(tok, str(tmp_path), 8, "val", n_obs=2)) == 2
+    assert len(QuestionDataset(tok, str(tmp_path), 8, "val", n_obs=-1)) == 3
 
 
 def test_dataset_rejects_mismatched_line_counts(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     write_split(tmp_path, "q1\nq2\nq3\n", "a1\na2\n")
     with pytest.raises(ValueError) as err:
-        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
+        QuestionDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
     message = str(err.value)
     assert "train.source" in message and "train.target" in message
     assert "3" in message and "2" in message
@@ -213,13 +213,13 @@ def test_dataset_rejects_blank_line_naming_file_and_line(
 ) -> None:
     write_split(tmp_path, "q1\nq2\nq3\nq4\n", f"a1\na2\n{blank}\na4\n")
     with pytest.raises(ValueError, match=r"train\.target:3"):
-        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
+        QuestionDataset(rag_tokenizer.question_encoder, str(tmp_path), 16)
 
 
 def test_dataset_rejects_missing_file(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
     (tmp_path / "test.source").write_text("q1\n", encoding="utf-8")
     with pytest.raises(FileNotFoundError, match=r"test\.target"):
-        Seq2SeqDataset(rag_tokenizer.question_encoder, str(tmp_path), 16, type_path="test")
+        QuestionDataset(rag_tokenizer.question_encoder, str(tmp_path), 16, type_path="test")
 
 
 def test_dataset_rejects_question_tokenizer_without_pad_token(tmp_path: Path, pad4_tokenizer) -> None:
@@ -228,14 +228,14 @@ def test_dataset_rejects_question_tokenizer_without_pad_token(tmp_path: Path, pa
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None
     with pytest.raises(ValueError, match="pad token"):
-        Seq2SeqDataset(no_pad, str(tmp_path), 16)
+        QuestionDataset(no_pad, str(tmp_path), 16)
 
 
 def test_collate_pads_questions_with_the_question_tokenizers_pad_id(tmp_path: Path, pad4_tokenizer) -> None:
     q_pad = pad4_tokenizer.pad_token_id
     assert q_pad == 4
     write_split(tmp_path, "who wrote hamlet\nwhat is the capital of france\n", "william shakespeare\nparis\n")
-    ds = Seq2SeqDataset(pad4_tokenizer, str(tmp_path), 32)
+    ds = QuestionDataset(pad4_tokenizer, str(tmp_path), 32)
     items = [ds[0], ds[1]]
     batch = ds.collate_fn(items)
 

@@ -1,0 +1,70 @@
+"""The QA pairs a run trains and is tested on: line-aligned `{split}.source`/`.target` files, with the questions
+tokenised for the question encoder (every generator family tokenises its own prompts and answers: rag_model.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from input_readers import read_lines
+
+
+class QuestionDataset:
+    """Question/answer pairs from `{type_path}.source`/`.target`: the texts, and the questions tokenised for
+    the question encoder (generators tokenise their own prompts and answers: rag_model.py)."""
+
+    def __init__(
+        self,
+        question_tokenizer,
+        data_dir: str,
+        max_source_length: int,
+        type_path: str = "train",
+        n_obs: int | None = None,
+        prefix: str = "",
+    ) -> None:
+        source_path = Path(data_dir) / f"{type_path}.source"
+        target_path = Path(data_dir) / f"{type_path}.target"
+        sources, targets = read_lines(source_path), read_lines(target_path)
+        if len(sources) != len(targets):
+            raise ValueError(
+                f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; "
+                "they must be line-aligned"
+            )
+        if not sources:
+            raise ValueError(f"{source_path} and {target_path} contain no examples")
+        if n_obs is not None and n_obs < -1:
+            raise ValueError(f"n_obs must be None, -1 (all) or >= 0, got {n_obs}")
+        if question_tokenizer.pad_token_id is None:
+            raise ValueError("the question encoder tokenizer has no pad token, which collate_fn needs")
+        if n_obs is not None and n_obs != -1:
+            sources, targets = sources[:n_obs], targets[:n_obs]
+
+        self.question_tokenizer = question_tokenizer
+        self.sources = [line.strip() for line in sources]
+        self.targets = [line.strip() for line in targets]
+        self.max_source_length = max_source_length
+        self.prefix = prefix
+
+    def __len__(self) -> int:
+        """Number of examples kept (after n_obs)."""
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The raw texts and the question's unpadded `input_ids`."""
+        source, target = self.sources[index], self.targets[index]
+        enc = self.question_tokenizer(self.prefix + source, truncation=True, max_length=self.max_source_length)
+        return {"source_text": source, "target_text": target, "input_ids": enc["input_ids"], "index": index}
+
+    def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Pad the questions to the batch's longest (on the right: CLS pooling reads position 0)."""
+        import torch  # here, not at the top: this module is cheap to import without it
+
+        padded = self.question_tokenizer.pad({"input_ids": [ex["input_ids"] for ex in batch]}, padding_side="right",
+                                             return_tensors="pt")  # fmt: skip
+        return {
+            "input_ids": padded["input_ids"],
+            "attention_mask": padded["attention_mask"],
+            "source_text": [ex["source_text"] for ex in batch],
+            "target_text": [ex["target_text"] for ex in batch],
+            "index": torch.tensor([ex["index"] for ex in batch]),  # line numbers, to put DDP shards back in order
+        }

@@ -1,0 +1,175 @@
+"""The RagModel that finetune_rag.py's flags describe: loaded from a checkpoint or assembled from parts, with
+only the parts the recipe needs, LoRA where --peft says, and checked against its KB before any work."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import faiss
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+from kb_encode_utils import check_kb_similarity
+from lora import add_lora, train_only_lora
+from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+
+MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
+               "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
+
+
+def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
+    """The model of a run: its files checked first, then built (`build_model`), checked against the KB it will
+    retrieve from, frozen where the recipe does not train it, and given LoRA adapters with --peft."""
+    for path in (hp.passages_path, hp.index_path):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
+    for flag in MODEL_FLAGS:
+        check_model_path(flag, getattr(hp, flag))
+    model = build_model(hp, objective, retriever)
+    # The similarity the question encoder scores with (declared by its checkpoint, or --similarity); the KB
+    # must hold embeddings made for it, checked before any work is done.
+    q_name = hp.question_encoder_name_or_path or hp.model_name_or_path
+    check_kb_similarity(hp.passages_path, f"the question encoder {q_name}", encoder_similarity(model.question_encoder))
+    check_kb(hp.passages_path, hp.index_path, model.question_encoder.config.hidden_size, model.n_docs)
+    objective.freeze(model)
+    if hp.peft != "none":
+        apply_lora(model, hp, objective.trains)
+    objective.set_modes(model)  # dropout on in the parts that learn, off in the frozen ones
+    return model
+
+
+def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
+    """The RagModel the flags describe, with only the parts the recipe needs (no generator for
+    retriever_only, no context encoder where passage embeddings never change)."""
+    marginal = hp.model_type.removeprefix("rag_")
+    # Saved with the model, so that eval_rag.py retrieves and decodes exactly as --do_predict did.
+    settings = {"rerank_top": hp.rerank_top, "question_max_length": hp.max_source_length,
+                "generation": {"num_beams": hp.num_beams, "max_new_tokens": hp.test_max_target_length}}  # fmt: skip
+    source = hp.init_from or hp.model_name_or_path
+    if source:
+        if hp.question_pooling or hp.shared_encoder:
+            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
+                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
+        overrides = {"marginal": marginal, **settings}
+        overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
+        overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
+        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
+                                         cache_dir=hp.cache_dir, **overrides)  # fmt: skip
+        # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
+        model.question_encoder = with_scoring(model.question_encoder, hp.similarity, hp.retrieval_temperature,
+                                              hp.learn_temperature)  # fmt: skip
+        if model.generator is not None:
+            if hp.prompt_template:
+                model.generator.template = hp.prompt_template
+            model.generator.label_smoothing = hp.label_smoothing
+        elif objective.needs_generator:  # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
+            if not hp.generator_name_or_path:
+                raise ValueError(f"{source} holds no generator: --training_mode {objective.name} needs "
+                                 "--generator_name_or_path")  # fmt: skip
+            model.generator = load_generator(hp)
+    else:
+        if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
+            raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
+                             f"path (--training_mode {objective.name} needs a generator: "
+                             f"{objective.needs_generator})")  # fmt: skip
+        q_name = hp.question_encoder_name_or_path
+        question_encoder = load_encoder(q_name, hp.question_pooling, hp.cache_dir, "question", hp.similarity,
+                                        hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
+        prefix = hp.question_prefix or getattr(question_encoder.config, "prefix", None) or ""
+        generator = load_generator(hp) if objective.needs_generator else None
+        q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
+        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
+                         question_prefix=prefix, **settings)  # fmt: skip
+    if objective.uses_context_encoder and model.ctx_encoder is None:
+        attach_context_encoder(model, hp)
+    if not objective.uses_context_encoder:
+        model.ctx_encoder = model.ctx_tokenizer = None
+    return model
+
+
+def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...]) -> None:
+    """LoRA adapters on the parts --peft names that the recipe trains; only the adapters then learn."""
+    names = {"generator": ["generator"], "retriever": ["question_encoder", "ctx_encoder"]}
+    chosen = [p for p in names.get(hp.peft, [*names["generator"], *names["retriever"]]) if p in trains]
+    targets = hp.lora_target_modules.split(",") if hp.lora_target_modules else None
+    q, ctx = model.question_encoder, model.ctx_encoder
+    shared = ctx is not None and getattr(ctx, "model", None) is not None and ctx.model is getattr(q, "model", None)
+    for name in chosen:
+        part = getattr(model, name)
+        if name == "ctx_encoder" and shared:  # --shared_encoder: the adapters are already in its transformer
+            ctx.model = q.model
+            continue
+        add_lora(part, hp.lora_r, hp.lora_alpha, hp.lora_dropout, targets)
+        train_only_lora(part)
+    if not chosen:
+        warnings.warn(f"--peft {hp.peft}: --training_mode {hp.training_mode} trains none of those parts", stacklevel=1)
+
+
+def load_generator(hp: argparse.Namespace):
+    """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
+    config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
+                                                   "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
+    if hp.generator_type == "causal":
+        return CausalGenerator.from_pretrained(hp.generator_name_or_path, hp.prompt_template, hp.max_combined_length,
+                                               hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
+    template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
+    generator = Seq2SeqGenerator.from_pretrained(hp.generator_name_or_path, template, hp.max_combined_length,
+                                                 hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
+    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
+    positions = getattr(generator.model.config, "max_position_embeddings", None)
+    generator.max_length = min(generator.max_length, positions or generator.max_length)
+    return generator
+
+
+def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:
+    """The context encoder the recipe re-encodes passages with (--shared_encoder: the question encoder's
+    transformer), checked to score like the question encoder."""
+    ctx_name = hp.context_encoder_name
+    if hp.shared_encoder:  # one transformer encodes questions and passages
+        context_encoder = context_side(model.question_encoder)
+    else:
+        context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
+    similarity = encoder_similarity(model.question_encoder)
+    if encoder_similarity(context_encoder) != similarity:
+        raise ValueError(
+            f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
+            f"the question encoder with {similarity}: pass --similarity dot or cosine"
+        )
+    q_dim = model.question_encoder.config.hidden_size
+    if context_encoder.config.hidden_size != q_dim:
+        raise ValueError(f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, the question "
+                         f"encoder {q_dim}: their dot product needs one size")  # fmt: skip
+    model.ctx_encoder = context_encoder
+    model.ctx_tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix,
+                                         hp.cache_dir)  # fmt: skip
+
+
+def check_model_path(flag: str, name: str | None) -> None:
+    """Refuse a local model directory that does not exist, instead of letting the hub call it a bad repo id."""
+    if not name or Path(name).exists():
+        return
+    parent = Path(name).expanduser().parent
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
+        raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")
+
+
+def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:
+    """Refuse a KB that cannot serve this model before any work: no embeddings, another vector size, fewer
+    passages than --n_docs, or an index that does not match its passages."""
+    passages = load_from_disk(passages_path)
+    if "embeddings" not in passages.column_names:
+        raise ValueError(f"{passages_path}: no `embeddings` column (columns: {', '.join(passages.column_names)}); "
+                         "build the KB with use_own_knowledge_dataset.py")  # fmt: skip
+    kb_dim = len(passages[0]["embeddings"])
+    if kb_dim != dim:
+        raise ValueError(f"{passages_path}: embeddings of size {kb_dim}, the question encoder makes {dim}: "
+                         "re-encode the KB with the matching context encoder")  # fmt: skip
+    if n_docs > len(passages):
+        raise ValueError(f"--n_docs {n_docs} is more than the {len(passages)} passages of {passages_path}")
+    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    if index.d != kb_dim or index.ntotal != len(passages):
+        raise ValueError(f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
+                         f"of size {kb_dim} in {passages_path}: build them together")  # fmt: skip
