@@ -258,7 +258,7 @@ def get_early_stopping_callback(metric: str, patience: int) -> EarlyStopping:
     )
 
 
-class Seq2SeqLoggingCallback(pl.Callback):
+class RunFilesCallback(pl.Callback):
     """Parameter counts at start, metrics.json after each validation, test results and generations."""
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -166,7 +166,7 @@ class RetrievalActor:
 
     def retrieve(
         self,
-        question_hidden_states: np.ndarray,
+        query_vectors: np.ndarray,
         n_docs: int,
         fallback: KBVersion | None = None,
         embeddings: bool = True,
@@ -175,7 +175,7 @@ class RetrievalActor:
         restarted (so empty) first loads `fallback`."""
         self.requests = next(self._requests)
         kb = self._serving(fallback)
-        queries = np.ascontiguousarray(question_hidden_states, dtype=np.float32)
+        queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
         _, ids = kb.index.search(queries, n_docs)
         # HNSW may return -1 when it finds fewer than n_docs neighbours: repeat the best hit instead.
         ids = np.where(ids < 0, ids[:, :1], ids)
@@ -335,13 +335,15 @@ class RagRayDistributedRetriever:
         versions = ray.get([a.ensure_live.remote(kb) for a in self.actors])
         return max(versions)
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, embeddings: bool = True):
+    def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
+        """Top-`n_docs` passages for each query vector (the pooled question vector, already divided by tau: its
+        inner product with a stored passage vector is the doc score), from one KB version."""
         error = None
         for _ in range(MAX_RETRIEVAL_ATTEMPTS):
             i = self._next % len(self.actors)
             self._next += 1
             try:
-                embeds, ids, docs, kb = ray.get(self.actors[i].retrieve.remote(question_hidden_states, n_docs,
+                embeds, ids, docs, kb = ray.get(self.actors[i].retrieve.remote(query_vectors, n_docs,
                                                                               self.live_kb, embeddings))  # fmt: skip
             except RayActorError as err:  # died mid-call, or restarting: Ray brings it back, we move on
                 self._dead.add(i)
@@ -405,8 +407,8 @@ class ShardedRetriever(RagRayDistributedRetriever):
         super().__init__(shard_handles, rank)
         self._index_of = {handle._actor_id.hex(): i for i, handle in enumerate(self.actors)}
 
-    def retrieve(self, question_hidden_states: np.ndarray, n_docs: int, embeddings: bool = True):
-        _, embeds, ids, docs, _ = self.search(question_hidden_states, n_docs, embeddings)
+    def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
+        _, embeds, ids, docs, _ = self.search(query_vectors, n_docs, embeddings)
         return embeds, ids, docs
 
     def search(

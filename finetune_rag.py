@@ -31,7 +31,7 @@ from transformers.optimization import Adafactor
 
 from callbacks_rag import (
     KBRefreshCallback,
-    Seq2SeqLoggingCallback,
+    RunFilesCallback,
     get_checkpoint_callback,
     get_early_stopping_callback,
     get_last_checkpoint_callback,
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     callbacks = [
         get_checkpoint_callback(args.output_dir, metric),
         get_last_checkpoint_callback(args.output_dir, args.save_last_every_n_steps),
-        Seq2SeqLoggingCallback(),
+        RunFilesCallback(),
         LearningRateMonitor(logging_interval="step"),
     ]
     if args.early_stopping_patience >= 0:

@@ -47,8 +47,8 @@ class KBSearch:
     def __len__(self) -> int:
         return len(self.index.dataset)
 
-    def retrieve(self, question_hidden_states, n_docs: int, embeddings: bool = True):
-        ids, stored = self.index.get_top_docs(question_hidden_states, n_docs)  # FAISS reconstructs them: cheap
+    def retrieve(self, query_vectors, n_docs: int, embeddings: bool = True):
+        ids, stored = self.index.get_top_docs(query_vectors, n_docs)  # FAISS reconstructs them: cheap
         # FAISS gives id -1 (and a zero vector) for a neighbour it did not find (an HNSW miss, or a KB smaller
         # than n_docs), which would read as the last passage: repeat the best hit, as the Ray actors do.
         missed = ids < 0

@@ -39,16 +39,21 @@ from causal_rag import (
     answer_logprobs,
     build_prompts,
     encode_prompts,
-    marginal_nll,
     pack,
     pad_id,
-    smoothed_token_lp,
     tokenize_for_loss,
     truncate_left,
 )
 from kb_search import KBSearch, checkpoint_kb
 from lora import has_lora, merged
 from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
+from rag_marginals import (
+    distinct_candidates,
+    marginal_next_token_lp,
+    marginal_nll,
+    sequence_loglik,
+    smoothed_token_lp,
+)
 
 SETTINGS_FILE = "rag_settings.json"
 RAG_TEMPLATE = "{title} / {text} // {question}"  # transformers' RAG prompt: title_sep " / ", doc_sep " // "
@@ -87,11 +92,11 @@ class RagGenerator(torch.nn.Module):
         smoothing: float = 0.0,
     ) -> torch.Tensor:
         """Each question's RAG NLL per answer token (B,): one reduction for every family. `smoothing` (training
-        only: pass self.label_smoothing) smooths the marginal distribution (causal_rag.marginal_nll)."""
+        only: pass self.label_smoothing) smooths the marginal distribution (rag_marginals.marginal_nll)."""
         token_lp, mask, *vocab = self.answer_logprobs(questions, docs, answers, vocab=bool(smoothing))
         return marginal_nll(token_lp, mask, doc_scores, marginal, smoothing, *vocab)
 
-    def passage_loglik(
+    def passage_mean_loglik(
         self, questions: list[str], docs: list[dict], answers: list[str], smoothing: float = 0.0
     ) -> torch.Tensor:
         """Mean log-prob per answer token under each passage alone (B, n): how much each passage helps;
@@ -204,7 +209,7 @@ class Seq2SeqGenerator(RagGenerator):
                              decoder_input_ids=decoder_input_ids, past_key_values=past, use_cache=True)  # fmt: skip
             past = out.past_key_values
             logp = out.logits[:, -1].float().log_softmax(-1)
-            token = (doc_lp[:, :, None] + logp.view(len(doc_lp), n, -1)).logsumexp(1).argmax(-1)
+            token = marginal_next_token_lp(doc_lp, logp).argmax(-1)
             steps.append(token)
             done |= torch.isin(token, torch.tensor(sorted(self.eos_ids), device=self.device, dtype=token.dtype))
             if done.all():
@@ -214,14 +219,13 @@ class Seq2SeqGenerator(RagGenerator):
 
     def _rescore(self, enc, candidates: list[list[int]], doc_lp: torch.Tensor, n: int) -> list[list[int]]:
         best = []
-        for b in range(len(doc_lp)):
-            group = list(dict.fromkeys(map(tuple, candidates[b * n : (b + 1) * n])))
+        for b, group in enumerate(distinct_candidates(candidates, n)):
             rows = [list(c) for c in group for _ in range(n)]
             width = max(len(r) for r in rows) or 1
             labels = torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
             sub = {k: v[b * n : (b + 1) * n].repeat(len(group), 1) for k, v in enc.items()}
             token_lp, mask = self._logprobs(sub, labels, n)
-            score = (doc_lp[b] + token_lp.sum(2)).logsumexp(1)  # log p(y|x) of each candidate
+            score = sequence_loglik(doc_lp[b].expand(len(group), n), token_lp, mask)  # log p(y|x) of each candidate
             best.append(list(group[int(score.argmax())]))
         return best
 
@@ -289,7 +293,7 @@ class CausalGenerator(RagGenerator):
             logp = out.logits[:, -1].float().log_softmax(-1)
             if doc_lp is not None:
                 n = doc_lp.shape[1]
-                logp = (doc_lp[:, :, None] + logp.view(-1, n, logp.shape[-1])).logsumexp(1).repeat_interleave(n, 0)
+                logp = marginal_next_token_lp(doc_lp, logp).repeat_interleave(n, 0)
             token = logp.argmax(-1)
             steps.append(token)
             done |= token == eos
@@ -305,7 +309,7 @@ class CausalGenerator(RagGenerator):
     ) -> list[list[int]]:
         """For each question, its distinct candidates' RAG-sequence log-likelihood under all n passages; the best."""
         n = doc_lp.shape[1]
-        groups = [list(dict.fromkeys(map(tuple, candidates[b * n : (b + 1) * n]))) for b in range(len(doc_lp))]
+        groups = distinct_candidates(candidates, n)
         owners = [b for b, group in enumerate(groups) for _ in group]  # the question of each (question, candidate)
         flat = [list(c) for group in groups for c in group]
         rows_prompt = [prompt_ids[b * n + k] for b in owners for k in range(n)]
@@ -314,7 +318,7 @@ class CausalGenerator(RagGenerator):
         batch = pack(rows_prompt, rows_answer, pad_id(tok), self.max_length, tok.bos_token_id)
         logits, labels = self._logits({k: v.to(self.device) for k, v in batch.items()})
         token_lp, mask = answer_logprobs(logits, labels, n)
-        score = (doc_lp[owners] + (token_lp * mask[:, None]).sum(2)).logsumexp(1)  # log p(y|x), not per token
+        score = sequence_loglik(doc_lp[owners], token_lp, mask)  # log p(y|x), not per token
         best, start = [], 0
         for group in groups:
             best.append(flat[start + int(score[start : start + len(group)].argmax())])

@@ -104,7 +104,7 @@ def teacher_loglik(generator, questions: list[str], docs: list[dict], answers: l
     generator.eval()
     try:
         with torch.no_grad():
-            return generator.passage_loglik(questions, docs, answers)
+            return generator.passage_mean_loglik(questions, docs, answers)
     finally:
         for module, training in modes.items():
             module.train(training)
@@ -140,7 +140,7 @@ class Objective:
     name = ""
     trains: tuple[str, ...] = ()
     needs_generator = True
-    needs_context_encoder = False  # loaded (maybe frozen) even when it does not train
+    always_encodes_passages = False  # the loss encodes passages in the graph even with the context encoder frozen
     needs_positives = False
 
     def __init__(self, args):
@@ -154,7 +154,8 @@ class Objective:
 
     @property
     def uses_context_encoder(self) -> bool:
-        return self.needs_context_encoder or self.refreshes
+        """The context encoder is loaded: it trains (and the KB refreshes), or the loss encodes passages with it."""
+        return self.always_encodes_passages or self.refreshes
 
     def freeze(self, model: RagModel) -> None:
         """requires_grad only on the parts this recipe trains (a shared encoder trains if either side does)."""
@@ -227,7 +228,7 @@ class RetrieverOnly(Objective):
     name = "retriever_only"
     trains = ("question_encoder", "ctx_encoder")
     needs_generator = False
-    needs_context_encoder = True
+    always_encodes_passages = True
     needs_positives = True
 
     def loss(self, model, batch, mined):
@@ -268,7 +269,7 @@ class Dalm(RetrieverOnly):
         questions = [batch["source_text"][i] for i in keep]
         answers = [batch["target_text"][i] for i in keep]
         smoothing = model.generator.label_smoothing
-        nll = -model.generator.passage_loglik(questions, docs, answers, smoothing)[:, 0].mean()
+        nll = -model.generator.passage_mean_loglik(questions, docs, answers, smoothing)[:, 0].mean()
         return contrastive + nll, {**logs, "nll": float(nll.detach())}
 
 
@@ -278,7 +279,7 @@ class Lsr(Objective):
 
     name = "lsr"
     trains = ("question_encoder", "ctx_encoder")
-    needs_context_encoder = True
+    always_encodes_passages = True
 
     def loss(self, model, batch, mined=None):
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
@@ -299,7 +300,7 @@ class Ralt(Objective):
         with torch.no_grad():
             r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         smoothing = model.generator.label_smoothing
-        nll = -model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"], smoothing).mean()
+        nll = -model.generator.passage_mean_loglik(batch["source_text"], r.docs, batch["target_text"], smoothing).mean()
         return nll, {"nll": float(nll.detach())}
 
 

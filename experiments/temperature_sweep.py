@@ -21,10 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from causal_rag import marginal_nll  # noqa: E402
 from input_readers import read_lines  # noqa: E402
 from kb_search import KBSearch  # noqa: E402
 from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
+from rag_marginals import marginal_nll  # noqa: E402
 from rag_model import CausalGenerator, RagModel  # noqa: E402
 
 

@@ -24,12 +24,12 @@ from causal_rag import (
     IGNORE,
     build_prompts,
     encode_prompts,
-    marginal_nll,
     rag_sequence_loss,
     rag_token_loss,
     tokenize_for_loss,
     truncate_left,
 )
+from rag_marginals import marginal_nll
 from rag_model import CausalGenerator, RagModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")

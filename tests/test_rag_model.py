@@ -229,8 +229,8 @@ def test_passage_loglik_smooths_each_passage_alone(bart):
     _, tok, model64 = bart
     eps, docs = 0.1, passages(2)
     with torch.no_grad():
-        smoothed = seq2seq(bart).passage_loglik(QUESTIONS, docs, ANSWERS, eps)
-        plain = seq2seq(bart, eps).passage_loglik(QUESTIONS, docs, ANSWERS)
+        smoothed = seq2seq(bart).passage_mean_loglik(QUESTIONS, docs, ANSWERS, eps)
+        plain = seq2seq(bart, eps).passage_mean_loglik(QUESTIONS, docs, ANSWERS)
     for b in range(2):
         for k, prompt in enumerate(prompts_of(b, docs)):
             expected = direct_logprobs(model64, tok, prompt, ANSWERS[b], smoothing=eps)

@@ -103,7 +103,7 @@ def test_loss_falls_over_a_few_steps(make_module, gold_data, mode):
     module = make_module(mode, data=gold_data, causal=mode == "dalm")
     module.model.eval()  # no dropout: one batch, one loss
     if mode == "lsr":  # a random generator likes every passage alike (to 1e-5): judge them by length instead
-        module.model.generator.passage_loglik = lambda q, docs, a: torch.tensor(
+        module.model.generator.passage_mean_loglik = lambda q, docs, a: torch.tensor(
             [[len(t) / 100 for t in d["text"]] for d in docs]
         )
     batch = _batch(module)
@@ -205,7 +205,7 @@ def test_lsr_loss_is_the_kl_of_in_graph_scores_and_reaches_every_encoder_paramet
     loss, _ = module.objective.loss(model, batch, None)
     with torch.no_grad():
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
-        loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        loglik = model.generator.passage_mean_loglik(batch["source_text"], r.docs, batch["target_text"])
         expected = distillation_kl(r.doc_scores, loglik, module.hparams.lm_temperature)
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     loss.backward()
@@ -223,7 +223,7 @@ def test_pdist_adds_the_distillation_to_the_marginal_nll(make_module):
         loss, logs = module.objective.loss(model, batch, None)
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         nll = model.generator.loss(batch["source_text"], r.docs, r.doc_scores, batch["target_text"], model.marginal)
-        loglik = model.generator.passage_loglik(batch["source_text"], r.docs, batch["target_text"])
+        loglik = model.generator.passage_mean_loglik(batch["source_text"], r.docs, batch["target_text"])
         kl = distillation_kl(r.doc_scores, loglik, 2.0)
     assert float(loss) == pytest.approx(float(nll.mean() + kl), rel=1e-5)
     assert logs["distill_kl"] == pytest.approx(float(kl), rel=1e-5) and float(kl) > 0
@@ -397,7 +397,7 @@ def test_pdist_teacher_is_scored_without_dropout_while_the_generator_trains(make
     with torch.no_grad():
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         args = (batch["source_text"], r.docs, batch["target_text"])
-        noisy = [model.generator.passage_loglik(*args) for _ in range(2)]
+        noisy = [model.generator.passage_mean_loglik(*args) for _ in range(2)]
         assert not torch.allclose(*noisy)  # dropout is on in the generator: each pass differs
         teacher = [teacher_loglik(model.generator, *args) for _ in range(2)]
     assert torch.equal(*teacher)
