@@ -5,6 +5,7 @@ the RAG model calls, which spreads searches over them. With `--index_shards S` e
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -16,7 +17,7 @@ import numpy as np
 import ray
 from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, quiet_actor, shard_bounds
 
@@ -25,6 +26,11 @@ RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray 
 # 0.5 s apart ride that out, or go round the other actors.
 MAX_RETRIEVAL_ATTEMPTS = 40
 RETRY_PAUSE_S = 0.5
+# A search takes milliseconds, but an actor Ray restarted first loads the live KB inside the call (minutes for a
+# large one): an actor that gives no answer for this long is stuck (stopped, swapping, deadlocked) and restarted.
+RETRIEVAL_TIMEOUT_S = 300.0
+RELOAD_TIMEOUT_S = 1800.0  # the first call to an actor being restarted, which loads the KB before it answers
+log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, namespace: str = "rag") -> None:
@@ -319,10 +325,12 @@ class RagRayDistributedRetriever:
     `actor_restarts` counts the actors that came back. `live_kb` is the newest version this rank has seen served
     or made live."""
 
-    def __init__(self, actor_handles: list, rank: int = 0):
+    def __init__(self, actor_handles: list, rank: int = 0, timeout_s: float = RETRIEVAL_TIMEOUT_S):
         if not actor_handles:
             raise ValueError("RagRayDistributedRetriever needs at least one retrieval actor")
         self.actors = list(actor_handles)
+        self.timeout_s = timeout_s
+        self.timeouts = 0  # calls that got no answer in timeout_s (their actor was restarted)
         self._next = rank  # ranks start at different actors so their requests interleave
         self.live_kb: KBVersion | None = None
         self.last_version: int | None = None
@@ -342,9 +350,13 @@ class RagRayDistributedRetriever:
         for _ in range(MAX_RETRIEVAL_ATTEMPTS):
             i = self._next % len(self.actors)
             self._next += 1
+            ref = self.actors[i].retrieve.remote(query_vectors, n_docs, self.live_kb, embeddings)
             try:
-                embeds, ids, docs, kb = ray.get(self.actors[i].retrieve.remote(query_vectors, n_docs,
-                                                                              self.live_kb, embeddings))  # fmt: skip
+                embeds, ids, docs, kb = ray.get(ref, timeout=self._timeout([i]))
+            except GetTimeoutError as err:
+                self._restart_stuck([i])
+                error = err
+                continue
             except RayActorError as err:  # died mid-call, or restarting: Ray brings it back, we move on
                 self._dead.add(i)
                 error = err
@@ -358,6 +370,20 @@ class RagRayDistributedRetriever:
             self.last_version = kb.version
             return embeds, ids, docs
         raise RuntimeError(f"no retrieval actor answered in {MAX_RETRIEVAL_ATTEMPTS} attempts") from error
+
+    def _timeout(self, actors) -> float:
+        """How long a call to these actors may take: longer while one is being restarted (it loads the KB first)."""
+        return max(self.timeout_s, RELOAD_TIMEOUT_S) if self._dead.intersection(actors) else self.timeout_s
+
+    def _restart_stuck(self, stuck: list[int]) -> None:
+        """Kill the actors that gave no answer in timeout_s; Ray restarts them (max_restarts=-1) and the next
+        call goes to another actor, or to the restarted one, which first loads the live version."""
+        self.timeouts += len(stuck)
+        for i in stuck:
+            log.warning("retrieval actor %d gave no answer in %.0f s: restarting it, retrying the call elsewhere", i,
+                        self.timeout_s)  # fmt: skip
+            ray.kill(self.actors[i], no_restart=False)
+            self._dead.add(i)
 
     def stage(self, kb: KBVersion) -> list:
         """Start loading `kb` in every actor; returns the object refs to poll (an actor that dies meanwhile
@@ -403,8 +429,8 @@ class ShardedRetriever(RagRayDistributedRetriever):
     answers are merged by score. An answer never mixes KB versions: while an activation travels over the
     shards they may answer from two versions, and the odd ones are asked again for one version all hold."""
 
-    def __init__(self, shard_handles: list, rank: int = 0):
-        super().__init__(shard_handles, rank)
+    def __init__(self, shard_handles: list, rank: int = 0, timeout_s: float = RETRIEVAL_TIMEOUT_S):
+        super().__init__(shard_handles, rank, timeout_s)
         self._index_of = {handle._actor_id.hex(): i for i, handle in enumerate(self.actors)}
 
     def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
@@ -417,11 +443,15 @@ class ShardedRetriever(RagRayDistributedRetriever):
         """(scores, embeddings or None, ids, docs, version) of the top-`n_docs` over all shards, from one version."""
         error = None
         for _ in range(MAX_RETRIEVAL_ATTEMPTS):
+            refs = [s.search.remote(queries, n_docs, None, self.live_kb, embeddings) for s in self.actors]
             try:
-                answers = ray.get(
-                    [s.search.remote(queries, n_docs, None, self.live_kb, embeddings) for s in self.actors]
-                )
+                answers = ray.get(refs, timeout=self._timeout(range(len(refs))))
                 answers = self._one_version(queries, n_docs, answers, embeddings)
+            except GetTimeoutError as err:
+                _, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self._restart_stuck([refs.index(r) for r in pending])
+                error = err
+                continue
             except RayActorError as err:  # a shard died mid-call, or is restarting: Ray brings it back
                 if err.actor_id in self._index_of:
                     self._dead.add(self._index_of[err.actor_id])

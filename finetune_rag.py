@@ -324,9 +324,9 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     namespace = f"{args.ray_namespace}-{args.run_id}"
     if args.index_shards > 1:
         shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads)
-        return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env()))
+        return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env(), args.retrieval_timeout))
     actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads)
-    return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env()))
+    return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env(), args.retrieval_timeout))
 
 
 def every_rank(rows: list) -> list[list]:

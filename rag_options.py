@@ -216,6 +216,9 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
                    "every node of a multi-node run the same one")  # fmt: skip
     g.add_argument("--num_retrieval_workers", type=int, default=1)
+    g.add_argument("--retrieval_timeout", type=float, default=300.0,
+                   help="seconds a retrieval call may take (a restarted actor first loads the live KB inside the "
+                   "call); an actor that gives no answer in time is restarted, the call retried elsewhere")  # fmt: skip
     g.add_argument("--retrieval_threads", type=int, default=None,
                    help="FAISS threads of each retrieval actor (default: every core of its machine, divided among "
                    "the --index_shards; training waits for every search)")  # fmt: skip
@@ -303,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "while the context encoder learns", stacklevel=1)  # fmt: skip
     if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
+    if args.retrieval_timeout <= 0:
+        parser.error(f"--retrieval_timeout must be positive, got {args.retrieval_timeout}")
     if args.index_shards < 1:
         parser.error(f"--index_shards must be >= 1, got {args.index_shards}")
     if args.index_shards > 1 and args.num_retrieval_workers > 1:

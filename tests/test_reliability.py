@@ -3,7 +3,9 @@ builder killed mid-run, two runs on one Ray cluster, a reused output directory, 
 an unreachable Ray address, a cluster joined by address, and full or read-only disks."""
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -66,6 +68,32 @@ def test_training_survives_a_killed_retrieval_actor(ray_local, finetune_argv):
         assert module.retriever.last_version == module.kb.version == 0
     assert actor_pid(victim) != killed, "the dead actor was not restarted"
     assert module.retriever.actor_restarts >= 1
+    kill_actors(module)
+
+
+def test_a_stopped_retrieval_actor_is_restarted_after_the_timeout(ray_local, finetune_argv, caplog):
+    """SIGSTOP freezes a retrieval actor without killing it (what a swapping or stopped process looks like): its
+    call gets no answer in --retrieval_timeout, the actor is restarted, the other actor answers, with a log line."""
+    argv = finetune_argv("--num_retrieval_workers", "2", "--retrieval_timeout", "3")
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
+    retriever = module.retriever
+    victim = retriever.actors[retriever._next % 2]  # the next call goes to it
+    stopped = actor_pid(victim)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with caplog.at_level(logging.WARNING, logger="distributed_ray_retriever"):
+            start = time.monotonic()
+            retriever.retrieve(_queries(module), 2)
+            elapsed = time.monotonic() - start
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+    assert 3 <= elapsed < 60 and retriever.timeouts == 1
+    assert "gave no answer in 3 s" in caplog.text
+    for _ in range(4):  # both actors answer again, the restarted one from the live version
+        retriever.retrieve(_queries(module), 2)
+        assert retriever.last_version == module.kb.version == 0
+    assert actor_pid(victim) != stopped, "the stopped actor was not restarted"
     kill_actors(module)
 
 

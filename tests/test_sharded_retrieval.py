@@ -2,13 +2,19 @@
 exact index over all passages, no answer mixes two KB versions while versions are swapped under it, and a
 killed shard comes back."""
 
+import contextlib
+import logging
+import os
+import signal
 import threading
+import time
 import uuid
 
 import numpy as np
 import pytest
 import ray
 from datasets import Dataset, load_from_disk
+from faults import actor_pid
 
 import finetune_rag
 from callbacks_rag import KBRefreshCallback
@@ -172,6 +178,31 @@ def test_a_killed_shard_is_restarted_and_queries_go_on(versions, shards):
         assert check_answer(versions, stale.search(q, 5), q, 5) == new.version
     assert stale.actor_restarts >= 1
     assert [v.version for v in ray.get([s.live_version.remote() for s in shards])] == [new.version] * N_SHARDS
+
+
+def test_a_stopped_shard_is_restarted_after_the_timeout(versions, shards, caplog):
+    """SIGSTOP freezes a shard without killing it: the fan-out gets no answer in the timeout, the stopped shard
+    (only it) is restarted, and the query is answered exactly, with a log line."""
+    kb = versions.make(30)
+    admin = ShardedRetriever(shards)
+    ray.get(admin.stage(kb))
+    admin.activate(kb)
+    retriever = ShardedRetriever(shards, timeout_s=3)
+    retriever.live_kb = kb
+    pids = [actor_pid(s) for s in shards]
+    os.kill(pids[2], signal.SIGSTOP)
+    q = queries(60, 4)
+    try:
+        with caplog.at_level(logging.WARNING, logger="distributed_ray_retriever"):
+            start = time.monotonic()
+            assert check_answer(versions, retriever.search(q, 5), q, 5) == kb.version
+            elapsed = time.monotonic() - start
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[2], signal.SIGCONT)
+    assert 3 <= elapsed < 60 and retriever.timeouts == 1
+    assert "retrieval actor 2 gave no answer in 3 s" in caplog.text
+    assert [actor_pid(s) for s in shards][:2] == pids[:2] and actor_pid(shards[2]) != pids[2]
 
 
 def test_training_with_index_shards_refreshes_every_shard(ray_local, finetune_argv):
