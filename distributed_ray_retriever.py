@@ -65,7 +65,8 @@ def shutdown_ray() -> None:
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail within seconds when nothing listens at a `host:port` Ray address (ray.init would retry for minutes)."""
+    """Fail within seconds when no Ray head node answers at a `host:port` address: nothing listens there, or
+    something that is not Ray's GCS does (ray.init would retry for minutes, or loop on the host's own address)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto", or a form Ray resolves itself
@@ -76,6 +77,21 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             f"--ray_address {address}: nothing answers there ({err}). Start the head node with "
             f"`ray start --head --port {port}` on {host}, or leave --ray_address out to start a local Ray."
         ) from None
+    if address.startswith("ray://"):
+        return  # a Ray Client server speaks its own protocol
+    import grpc  # Ray's own dependency; the GCS answers GetClusterId to every client that joins
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            raise ConnectionError(
+                f"--ray_address {address}: something listens there, but not a Ray head node's GCS ({err.code().name}"
+                f"). Give the head's GCS address (`ray start --head` prints it; port 6379 by default)."
+            ) from None
 
 
 @dataclass

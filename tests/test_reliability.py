@@ -4,6 +4,7 @@ an unreachable Ray address, a cluster joined by address, and full or read-only d
 
 import argparse
 import contextlib
+import http.server
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -320,6 +322,23 @@ def test_an_unreachable_ray_address_fails_fast(finetune_argv):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and time.monotonic() - start < 30
     assert address in done.stderr and "ray start --head" in done.stderr
+
+
+def test_a_ray_address_that_is_not_ray_fails_fast(finetune_argv):
+    """A service that is not Ray's GCS (here an HTTP server) passes a plain reachability check; the run must still
+    stop at once, naming the address, instead of looping in ray.init."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
+    try:
+        start = time.monotonic()
+        done = subprocess.run(_finetune_command(finetune_argv("--ray_address", address)), cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        server.shutdown()
+    assert done.returncode != 0 and time.monotonic() - start < 30
+    assert address in done.stderr and "not a Ray head node's GCS" in done.stderr
 
 
 def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, tiny_kb, tmp_path):
