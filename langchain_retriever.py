@@ -6,8 +6,9 @@
     docs[0].metadata                                             # {"id": KB row, "title": ..., "score": ...}
 
 It encodes the query with the trained question encoder (its prefix, pooling, similarity and tau) and searches
-the KB version the checkpoint names, in this process (no Ray); the score is the toolkit's doc score,
-similarity / tau. No generator is loaded. Nothing is unpickled: the KB loads as Arrow and a FAISS index.
+the KB version the checkpoint names, in this process (no Ray); the score is similarity / tau against the
+KB's stored passage vector (what FAISS ranks by; recipes that re-encode passages score them afresh in
+training). No generator is loaded. Nothing is unpickled: the KB loads as Arrow and a FAISS index.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class CheckpointRetriever(BaseRetriever):
         return cls(model=model, k=k)
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        with torch.no_grad():  # RagModel's own retrieval: the doc scores the model trained with
+        with torch.no_grad():  # RagModel's own retrieval, over the stored vectors
             r = self.model.retrieve(**self.model.tokenize_questions([query]), n_docs=self.k)
         return [
             Document(page_content=text, id=str(int(i)), metadata={"id": int(i), "title": title, "score": float(s)})
