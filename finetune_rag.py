@@ -271,6 +271,8 @@ class GenerativeQAModule(pl.LightningModule):
             n_obs=self.n_obs[split],
             prefix=self.model.question_prefix,
         )
+        if split == "train" and self.model.generator is not None:  # labels cut as the reference cut them
+            dataset.cut_targets(self.model.generator.tokenizer, self.hparams.max_target_length)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
                           num_workers=self.hparams.num_workers)  # fmt: skip
 

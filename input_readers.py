@@ -90,6 +90,9 @@ def read_lines(path: str | Path) -> list[str]:
         raise encoding_error(path) from None
     if "\x00" in text:
         raise encoding_error(path)
+    if "\r" in text and "\n" not in text.rstrip("\r"):  # old Mac line ends: the file would read as one example
+        raise InputError(f"{path}: lines end in a bare carriage return (\\r), so the file reads as one line; "
+                         f"convert it: tr '\\r' '\\n' < {path} > fixed && mv fixed {path}")  # fmt: skip
     lines = [line.removesuffix("\r") for line in text.split("\n")]  # \r\n line ends too
     if lines[-1] == "":  # the final newline (or an empty file) does not start another line
         lines.pop()

@@ -3,6 +3,7 @@ tokenised for the question encoder (every generator family tokenises its own pro
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,21 @@ class QuestionDataset:
         self.question_tokenizer = question_tokenizer
         self.sources = [line.strip() for line in sources]
         self.targets = [line.strip() for line in targets]
+        self.source_path, self.target_path = source_path, target_path
         self.max_source_length = max_source_length
         self.prefix = prefix
+        texts = [prefix + s for s in self.sources]
+        lengths = [len(ids) for ids in question_tokenizer(texts)["input_ids"]]
+        warn_cut(source_path, "questions", lengths, max_source_length, "--max_source_length")
+        self.question_ids = question_tokenizer(texts, truncation=True, max_length=max_source_length)["input_ids"]
+
+    def cut_targets(self, tokenizer, max_tokens: int, flag: str = "--max_target_length") -> None:
+        """Cut the answers longer than `max_tokens` tokens of the generator's `tokenizer` to that many (as the
+        reference cut its training labels), with a warning that counts them and names the first."""
+        ids = tokenizer(self.targets, add_special_tokens=False)["input_ids"]
+        long = warn_cut(self.target_path, "answers", [len(i) for i in ids], max_tokens, flag)
+        for i in long:
+            self.targets[i] = tokenizer.decode(ids[i][:max_tokens], skip_special_tokens=True).strip()
 
     def __len__(self) -> int:
         """Number of examples kept (after n_obs)."""
@@ -51,9 +65,13 @@ class QuestionDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """The raw texts and the question's unpadded `input_ids`."""
-        source, target = self.sources[index], self.targets[index]
-        enc = self.question_tokenizer(self.prefix + source, truncation=True, max_length=self.max_source_length)
-        return {"source_text": source, "target_text": target, "input_ids": enc["input_ids"], "index": index}
+        ids = self.question_ids[index]
+        return {
+            "source_text": self.sources[index],
+            "target_text": self.targets[index],
+            "input_ids": ids,
+            "index": index,
+        }
 
     def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Pad the questions to the batch's longest (on the right: CLS pooling reads position 0)."""
@@ -68,3 +86,13 @@ class QuestionDataset:
             "target_text": [ex["target_text"] for ex in batch],
             "index": torch.tensor([ex["index"] for ex in batch]),  # line numbers, to put DDP shards back in order
         }
+
+
+def warn_cut(path: Path, what: str, lengths: list[int], limit: int, flag: str) -> list[int]:
+    """The examples longer than `limit` tokens, after a warning that counts them and names the first line."""
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        first = f"line {long[0] + 1}, {lengths[long[0]]} tokens"
+        warnings.warn(f"{path}: {len(long)} of {len(lengths)} {what} are longer than {flag} {limit} tokens and are "
+                      f"cut to it (the first: {first})", stacklevel=3)  # fmt: skip
+    return long

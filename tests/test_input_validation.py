@@ -316,3 +316,13 @@ def test_indexing_freq_zero_is_refused(capsys):
     with pytest.raises(SystemExit):
         finetune_rag.parse_args(["--model_type", "rag_token", "--end2end", "--indexing_freq", "0"])
     assert "--indexing_freq must be >= 1" in capsys.readouterr().err
+
+
+def test_a_qa_file_with_bare_carriage_returns_is_refused(tmp_path):
+    """Old Mac line ends (\r alone) would read the whole file as one example."""
+    path = tmp_path / "train.source"
+    path.write_bytes(b"who wrote hamlet\rwhat is the capital of france\r")
+    with pytest.raises(InputError, match=r"train\.source: lines end in a bare carriage return .*tr '\\r' '\\n'"):
+        read_lines(path)
+    path.write_bytes(b"who wrote hamlet\r\nwhat is the capital of france\r\n")  # Windows line ends are fine
+    assert read_lines(path) == ["who wrote hamlet", "what is the capital of france"]

@@ -252,3 +252,25 @@ def test_collate_pads_questions_with_the_question_tokenizers_pad_id(tmp_path: Pa
     assert batch["source_text"] == ["who wrote hamlet", "what is the capital of france"]
     assert batch["target_text"] == ["william shakespeare", "paris"]
     assert batch["index"].tolist() == [0, 1]
+
+
+def test_long_questions_are_cut_with_a_warning_naming_the_first(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    long = " ".join(["hamlet"] * 50)
+    write_split(tmp_path, f"who wrote hamlet\n{long}\n{long}\n", "a\nb\nc\n")
+    tok = rag_tokenizer.question_encoder
+    with pytest.warns(UserWarning, match=r"train\.source: 2 of 3 questions are longer than --max_source_length 8 "
+                      r"tokens and are cut to it \(the first: line 2, 52 tokens\)"):  # fmt: skip
+        ds = QuestionDataset(tok, str(tmp_path), max_source_length=8)
+    assert [len(ds[i]["input_ids"]) for i in range(3)] == [5, 8, 8]
+    assert ds[1]["source_text"] == long  # the text is kept whole; only the encoder's tokens are cut
+
+
+def test_long_training_answers_are_cut_to_max_target_length(tmp_path: Path, rag_tokenizer: RagTokenizer) -> None:
+    write_split(tmp_path, "who wrote hamlet\nwho wrote macbeth\n", "william shakespeare\n" + SENTENCES[1] * 4 + "\n")
+    ds = QuestionDataset(rag_tokenizer.question_encoder, str(tmp_path), max_source_length=16)
+    generator_tok = rag_tokenizer.generator
+    with pytest.warns(UserWarning, match=r"train\.target: 1 of 2 answers are longer than --max_target_length 5"):
+        ds.cut_targets(generator_tok, 5)
+    assert ds.targets[0] == "william shakespeare"
+    cut = generator_tok(ds.targets[1], add_special_tokens=False)["input_ids"]
+    assert cut == generator_tok(SENTENCES[1] * 4, add_special_tokens=False)["input_ids"][:5]
