@@ -33,7 +33,7 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
-from input_readers import Gold, infer_gold_mode, one_line, read_gold, read_lines
+from input_readers import Gold, InputError, check_model_path, infer_gold_mode, one_line, read_gold, read_lines
 from kb_encode_utils import check_kb_similarity
 from kb_search import checkpoint_kb
 from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
@@ -239,6 +239,11 @@ def evaluate_checkpoint(
     gold = read_gold(args.gold_data_path, args.gold_data_mode or infer_gold_mode(args.gold_data_path))
     if len(gold.answers) != len(questions):
         raise ValueError(f"{args.gold_data_path} has {len(gold.answers)} lines, {args.evaluation_set} {len(questions)}")
+    if not any(gold.answers) and not any(gold.passage_ids) and not any(gold.titles):
+        raise InputError(f"{args.gold_data_path}: no gold answers, passage ids or titles on any line: nothing to "
+                         "score against")  # fmt: skip
+    if args.eval_mode == "e2e" and not any(gold.answers):
+        raise InputError(f"{args.gold_data_path}: no gold answers on any line, which --eval_mode e2e scores")
     if args.eval_mode == "e2e":
         predictions = e2e_predictions(checkpoint, args, questions, predictions_path)
         metrics = score_e2e(predictions, gold, args.gold_data_path, args.metrics)
@@ -258,6 +263,8 @@ def evaluate_checkpoint(
 def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Evaluate the model, or every checkpoint in step order; return {checkpoint: metrics}."""
     model = args.model_name_or_path or args.question_encoder_name_or_path
+    for flag in ("model_name_or_path", "question_encoder_name_or_path"):
+        check_model_path(flag, getattr(args, flag))
     checkpoints = checkpoint_dirs(model, args.eval_all_checkpoints)
     predictions_path = Path(args.predictions_path)
     metrics_path = Path(args.metrics_path) if args.metrics_path else predictions_path.with_suffix(".json")

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from causal_rag import encode_prompts, pad_id
-from input_readers import read_kb_csv
+from input_readers import check_model_path, read_kb_csv
 from kb_encode_utils import split_documents, temporary_sibling
 from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from rag_metrics import has_answer, normalize_answer
@@ -593,6 +593,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--roundtrip_k needs --question_encoder_name_or_path")
     if args.roundtrip_k is None and (args.question_encoder_name_or_path or args.context_encoder_name_or_path):
         warnings.warn("an encoder is given without --roundtrip_k: the round-trip filter is off", stacklevel=1)
+    for flag in ("generator_name_or_path", "question_encoder_name_or_path", "context_encoder_name_or_path"):
+        try:
+            check_model_path(flag, getattr(args, flag))
+        except FileNotFoundError as err:
+            p.error(str(err))
     return args
 
 

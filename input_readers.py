@@ -308,3 +308,12 @@ def read_kb_csv(csv_path: str | os.PathLike) -> list[tuple[str, str]]:
             stacklevel=2,
         )
     return docs
+
+
+def check_model_path(flag: str, name: str | None) -> None:
+    """Refuse a local model directory that does not exist, instead of letting the hub call it a bad repo id."""
+    if not name or Path(name).exists():
+        return
+    parent = Path(name).expanduser().parent
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
+        raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")

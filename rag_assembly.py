@@ -11,6 +11,7 @@ import faiss
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
+from input_readers import check_model_path
 from kb_encode_utils import check_kb_similarity
 from lora import add_lora, train_only_lora
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
@@ -145,15 +146,6 @@ def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:
     model.ctx_encoder = context_encoder
     model.ctx_tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix,
                                          hp.cache_dir)  # fmt: skip
-
-
-def check_model_path(flag: str, name: str | None) -> None:
-    """Refuse a local model directory that does not exist, instead of letting the hub call it a bad repo id."""
-    if not name or Path(name).exists():
-        return
-    parent = Path(name).expanduser().parent
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
-        raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")
 
 
 def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:

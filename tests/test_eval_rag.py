@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, DPRQuestionEncoder
 import eval_rag
 import finetune_rag
 import kb_search
+from input_readers import InputError
 from kb_encode_utils import IndexConfig, save_kb, with_embeddings
 from rag_metrics import corpus_bleu, has_answer, mrr_at_k, recall_at_k
 from rag_model import RagModel
@@ -204,6 +205,24 @@ def test_zero_shot_retrieval_of_a_question_encoder_alone(tiny_models, tiny_kb, t
         assert metrics[key] == pytest.approx(expected[key]) and 0.0 <= metrics[key] <= 1.0
     with pytest.raises(ValueError, match=r"holds dot embeddings .* scores with cosine"):
         _evaluate(*common, "--similarity", "cosine", "--recalculate")
+
+
+def test_eval_rag_refuses_gold_without_answers_and_a_missing_model_directory(tiny_models, tiny_kb, tmp_path):
+    """Before any model loads: a gold file with nothing to score against (it used to exit 0 with empty metrics),
+    and a model directory that does not exist (it used to meet the hub's "Repo id" error)."""
+    passages, index = tiny_kb
+    n = len(QUESTIONS.read_text().splitlines())
+    empty = tmp_path / "test.gold.jsonl"
+    empty.write_text('{"answers": [], "gold_passage_ids": []}\n' * n)
+    common = ["--eval_mode", "retrieval", "--passages_path", passages, "--index_path", index, "--evaluation_set",
+              QUESTIONS, "--predictions_path", tmp_path / "p.txt"]  # fmt: skip
+    encoder = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"])]
+    with pytest.raises(InputError, match=r"test\.gold\.jsonl: no gold answers, passage ids or titles on any line"):
+        _evaluate(*common, *encoder, "--gold_data_path", empty)
+    missing = tmp_path / "runs" / "checkpoint40"
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path .*checkpoint40: no such directory"):
+        _evaluate(*common, "--model_name_or_path", missing, "--gold_data_path", ANSWERS, "--gold_data_mode", "ans")
 
 
 def test_kb_search_repeats_the_best_hit_where_faiss_finds_none(tiny_kb):

@@ -19,7 +19,7 @@ import prepare_cmu_qa
 import prepare_squad
 import rag_assembly
 import rag_options
-from input_readers import MAX_LINE_CHARS, InputError, read_gold, read_kb_csv, read_lines
+from input_readers import MAX_LINE_CHARS, InputError, check_model_path, read_gold, read_kb_csv, read_lines
 
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -277,8 +277,8 @@ def test_property_any_bytes_read_or_raise_an_error_naming_the_file(tmp_path_fact
 def test_a_model_directory_that_does_not_exist_is_named(tmp_path):
     (tmp_path / "pretrained").mkdir()
     with pytest.raises(FileNotFoundError, match=r"--generator_name_or_path .*pretrained/smollm: no such directory"):
-        rag_assembly.check_model_path("generator_name_or_path", str(tmp_path / "pretrained" / "smollm"))
-    rag_assembly.check_model_path("model_name_or_path", "facebook/rag-token-base")  # a hub name stays one
+        check_model_path("generator_name_or_path", str(tmp_path / "pretrained" / "smollm"))
+    check_model_path("model_name_or_path", "facebook/rag-token-base")  # a hub name stays one
 
 
 def test_a_kb_that_cannot_serve_the_model_is_refused_naming_its_path(tiny_kb, tmp_path):
