@@ -33,7 +33,17 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
-from input_readers import Gold, InputError, check_model_path, infer_gold_mode, one_line, read_gold, read_lines
+from input_readers import (
+    Gold,
+    InputError,
+    add_debug_arg,
+    check_model_path,
+    infer_gold_mode,
+    one_line,
+    read_gold,
+    read_lines,
+    run_main,
+)
 from kb_encode_utils import check_kb_similarity
 from kb_search import checkpoint_kb
 from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
@@ -338,6 +348,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip
     parser.add_argument("--recalculate", action="store_true", help="predict again even if predictions exist")
     parser.add_argument("--print_predictions", action="store_true")
+    add_debug_arg(parser)
     args = parser.parse_args(argv)
     if (args.passages_path is None) != (args.index_path is None):
         parser.error("--passages_path and --index_path go together (an index only fits its own passages)")
@@ -361,4 +372,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main(parse_args())
+    run_main(main, parse_args())

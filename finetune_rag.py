@@ -43,7 +43,7 @@ from distributed_ray_retriever import (
     start_retrieval_actors,
     start_shard_actors,
 )
-from input_readers import read_gold, read_lines
+from input_readers import read_gold, read_lines, refusing, run_main
 from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling
 from plot_run import plot_runs
 from qa_dataset import QuestionDataset
@@ -365,7 +365,8 @@ def build_loggers(args: argparse.Namespace) -> list:
 
 def main(args: argparse.Namespace) -> GenerativeQAModule:
     """Train and/or test as the flags say, holding --output_dir's lock throughout."""
-    lock = lock_output_dir(Path(args.output_dir)) if args.do_train or args.do_predict else None
+    with refusing():
+        lock = lock_output_dir(Path(args.output_dir)) if args.do_train or args.do_predict else None
     try:
         return run(args)
     finally:
@@ -377,14 +378,15 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     pl.seed_everything(args.seed, workers=True)
     if args.trainer_threads:
         torch.set_num_threads(args.trainer_threads)
-    check_data_dir(args)
-    prepare_output_dir(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    if is_first_process():  # under this run's lock: what an interrupted save of an earlier segment left
-        out = Path(args.output_dir)
-        for path in remove_orphaned_temporaries(out) + remove_orphaned_temporaries(out / "kb"):
-            print(f"removed {path}: left by an interrupted save")
-    model = build_module(args)
+    with refusing():  # bad flags, files or set-up: one line, before any work
+        check_data_dir(args)
+        prepare_output_dir(args)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if is_first_process():  # under this run's lock: what an interrupted save of an earlier segment left
+            out = Path(args.output_dir)
+            for path in remove_orphaned_temporaries(out) + remove_orphaned_temporaries(out / "kb"):
+                print(f"removed {path}: left by an interrupted save")
+        model = build_module(args)
     if not (args.do_train or args.do_predict):
         print(f"RAG model built with its retriever for --training_mode {args.training_mode}; nothing to train.")
         return model
@@ -436,6 +438,6 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args(), marked_only=True)
     if ray.is_initialized():
         ray.shutdown()

@@ -61,7 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from causal_rag import encode_prompts, pad_id
-from input_readers import check_model_path, read_kb_csv
+from input_readers import add_debug_arg, check_model_path, read_kb_csv, run_main
 from kb_encode_utils import split_documents, temporary_sibling
 from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from rag_metrics import has_answer, normalize_answer
@@ -580,6 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_batches", type=int, default=None,
                    help="generate at most N batches in this run, then stop (rerun to continue)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     fractions = (args.val_fraction, args.test_fraction)
     if not (all(0 <= f < 1 for f in fractions) and sum(fractions) < 1):
@@ -691,4 +692,4 @@ def main(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

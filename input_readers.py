@@ -3,6 +3,7 @@ line-aligned QA files, gold data (answers and gold passages), and the knowledge-
 
 from __future__ import annotations
 
+import argparse
 import ast
 import codecs
 import csv
@@ -10,9 +11,13 @@ import itertools
 import json
 import os
 import re
+import sys
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MAX_LINE_CHARS = 1_000_000  # a longer question, answer or KB field is a wrong file or a missing newline
 
@@ -317,3 +322,36 @@ def check_model_path(flag: str, name: str | None) -> None:
     parent = Path(name).expanduser().parent
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent != Path(".") and parent.is_dir()):
         raise FileNotFoundError(f"--{flag} {name}: no such directory (a hub model is named org/name)")
+
+
+# ---------------------------------------------------------------------- refusals
+
+REFUSALS = (ValueError, OSError, RuntimeError)  # what the checks above and the scripts' own checks raise
+
+
+def add_debug_arg(parser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a refusal, not one line")
+
+
+@contextmanager
+def refusing() -> Iterator[None]:
+    """Errors raised inside are refusals (bad input or set-up, met before any work), which `run_main` reports in
+    one line; errors outside keep their traceback (a crash mid-training is not a refusal)."""
+    try:
+        yield
+    except REFUSALS as err:
+        err.refusal = True
+        raise
+
+
+def run_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace, marked_only: bool = False) -> Any:
+    """A script's `main(args)`, whose refusal ends the script with one line, `script.py: error: ...`, and exit
+    status 2, as argparse's own errors do; `--debug` shows the traceback. A refusal is an error raised inside
+    `refusing()`, or with `marked_only` False any ValueError, OSError or RuntimeError."""
+    try:
+        return main(args)
+    except REFUSALS as err:
+        if getattr(args, "debug", False) or (marked_only and not getattr(err, "refusal", False)):
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {err} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

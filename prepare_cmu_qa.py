@@ -22,6 +22,7 @@ import codecs
 import json
 from pathlib import Path
 
+from input_readers import run_main
 from prepare_squad import (
     WORDS_PER_PASSAGE,
     Document,
@@ -200,4 +201,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

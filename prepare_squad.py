@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from input_readers import read_kb_csv
+from input_readers import add_debug_arg, read_kb_csv, run_main
 from kb_encode_utils import split_documents, split_text, temporary_sibling
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
@@ -293,6 +293,7 @@ def load_squad(path: str | Path) -> tuple[list[Document], list[Question], dict]:
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Output, split and distractor flags shared by the prepare_* scripts."""
+    add_debug_arg(parser)
     parser.add_argument("--output_dir", required=True, help="where kb.csv, the splits and stats.json go")
     parser.add_argument("--val_fraction", type=float, default=0.1, help="fraction of articles for val")
     parser.add_argument("--test_fraction", type=float, default=0.1, help="fraction of articles for test")
@@ -329,4 +330,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

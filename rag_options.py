@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from input_readers import add_debug_arg
 from kb_encode_utils import add_index_args
 from lora import PEFT_CHOICES
 from rag_metrics import parse_metrics
@@ -267,6 +268,7 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last.ckpt")
     g.add_argument("--overwrite_output_dir", action="store_true",
                    help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/")  # fmt: skip
+    add_debug_arg(g)
     g.add_argument("--save_last_every_n_steps", type=int, default=50,
                    help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end")  # fmt: skip
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from input_readers import read_kb_csv
+from input_readers import add_debug_arg, read_kb_csv, run_main
 from kb_encode_utils import (
     IndexConfig,
     add_index_args,
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question", default=None, help="unused (kept for the reference's scripts)")
     p.add_argument("--num_proc", type=int, default=None, help="unused (kept for the reference's scripts)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_arg(p)
     return p.parse_args(argv)
 
 
@@ -90,4 +91,4 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(main, parse_args())

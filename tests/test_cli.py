@@ -99,3 +99,23 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
     assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same]
     assert (a.train_batch_size * a.accumulate_grad_batches * a.gpus, a.learning_rate) == (64, 3e-5)
     assert (a.lr_scheduler, a.max_epochs, a.warmup_steps, a.label_smoothing) == ("polynomial", 10, 500, 0.1)
+
+
+def test_a_refusal_is_one_line_and_debug_shows_the_traceback(finetune_argv, tmp_path):
+    """Bad input met before any work ends the run with `finetune_rag.py: error: ...` and exit status 2, as argparse's
+    own errors do; --debug shows where it was raised. eval_rag.py refuses the same way."""
+    argv = finetune_argv("--do_train", "--data_dir", str(tmp_path / "no-data"))
+    command = [sys.executable, str(REPO / "finetune_rag.py")]
+    plain = subprocess.run([*command, *argv], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    last = plain.stderr.strip().splitlines()[-1]
+    assert last.startswith("finetune_rag.py: error: --data_dir ") and "no-data lacks train.source" in last
+    debug = subprocess.run([*command, *argv, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "check_data_dir" in debug.stderr
+
+    evaluation = [sys.executable, str(REPO / "eval_rag.py"), "--model_name_or_path", str(tmp_path / "runs" / "x"),
+                  "--evaluation_set", str(tmp_path / "q.txt"), "--gold_data_path", str(tmp_path / "g.txt")]  # fmt: skip
+    (tmp_path / "runs").mkdir()
+    refused = subprocess.run(evaluation, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("eval_rag.py: error: --model_name_or_path ")
