@@ -78,6 +78,13 @@ class KBRefreshCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self.refresher.wait_for_actors()
+        if getattr(pl_module, "reencode_on_start", False):  # the resumed weights' KB version is gone: make it anew
+            if trainer.is_global_zero:
+                self._last_trigger_step = trainer.global_step
+                self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
+                self._wait(trainer, pl_module, 24 * 3600)
+            pl_module.reencode_on_start = False
+            trainer.strategy.barrier("kb_reencoded")  # no rank trains on the old version after this
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -169,7 +176,8 @@ class RagCheckpoint(ModelCheckpoint):
             os.replace(tmp, filepath)
             kb = getattr(trainer.lightning_module, "kb", None)
             if kb is not None:
-                _write_atomically(kb_pin_path(filepath), json.dumps(vars(kb), indent=1))
+                pin = kb.stored(Path(filepath).parent)
+                _write_atomically(kb_pin_path(filepath), json.dumps(pin, indent=1))
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -196,8 +204,10 @@ class LastCheckpoint(RagCheckpoint):
     exception (Ctrl-C, a refresh that keeps failing), so a run resumes from where it stopped."""
 
     def __init__(self, dirpath: str, every_n_steps: int):
+        # No version counter: a resumed (or copied) run replaces its last.ckpt (atomically) instead of writing a
+        # last-v1.ckpt beside it that the next --resume would not pick.
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps,
-                         save_on_exception=True, export=False)  # fmt: skip
+                         save_on_exception=True, export=False, enable_version_counter=False)  # fmt: skip
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._should_save_on_exception(trainer):

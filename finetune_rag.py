@@ -108,6 +108,8 @@ class GenerativeQAModule(pl.LightningModule):
         self._eval_rows: list[tuple[int, list[float]]] = []  # (line, [metrics..., loss, seconds]) on this rank
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
+        self.reencode_on_start = False  # a resumed checkpoint's KB version was lost (--reencode_lost_kb)
+        self.earlier_train_seconds, self._fit_started = 0.0, None  # training time of the segments before a resume
 
     @property
     def kb(self) -> KBVersion:
@@ -287,20 +289,38 @@ class GenerativeQAModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ saving
 
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds in trainer.fit, over every segment of a resumed run (a killed one's up to its last save)."""
+        now = time.perf_counter() - self._fit_started if self._fit_started is not None else 0.0
+        return self.earlier_train_seconds + now
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["kb_version"] = vars(self.kb)
+        checkpoint["kb_version"] = self.kb.stored(self.hparams.output_dir)
+        checkpoint["train_seconds"] = self.train_seconds
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Test or resume against the KB version whose embeddings match the restored weights."""
+        if self._fit_started is None:  # resuming (not testing after fit): the earlier segments' training time
+            self.earlier_train_seconds = checkpoint.get("train_seconds", 0.0)
         saved = checkpoint.get("kb_version")
         if not saved:
             return
-        kb = KBVersion(**saved)
+        kb = KBVersion.restored(saved, self.hparams.output_dir)  # this run directory's, wherever it now is
         # Every rank loads the same checkpoint and so takes the same branches here (each rank's own live
         # version may differ: it is the newest that rank has seen served), and meets the barrier below.
         if not Path(kb.index_path).exists():
-            warnings.warn(f"{kb.index_path} (KB v{kb.version} of this checkpoint) is gone; "
-                          f"keeping v{self.kb.version}", stacklevel=1)  # fmt: skip
+            if not self.hparams.reencode_lost_kb:  # training on another version's vectors would go unnoticed
+                raise FileNotFoundError(
+                    f"{kb.index_path}: KB v{kb.version}, which this checkpoint's weights were trained against, is gone"
+                    ": restore it, or pass --reencode_lost_kb to re-encode the KB with the restored weights first"
+                )
+            warnings.warn(f"--reencode_lost_kb: {kb.index_path} (KB v{kb.version}) is gone; serving v{self.kb.version}"
+                          " until the KB is re-encoded with the restored weights", stacklevel=1)  # fmt: skip
+            self.reencode_on_start = True  # KBRefreshCallback.on_train_start
             return
         if self.global_rank == 0 and kb.version != self.kb.version:  # the actors are shared: one rank swaps them
             ray.get(self.retriever.stage(kb))
@@ -315,7 +335,8 @@ class GenerativeQAModule(pl.LightningModule):
             return  # this step is already saved
         tmp = temporary_sibling(directory)
         self.model.save_pretrained(tmp)
-        (tmp / "kb_version.json").write_text(json.dumps(vars(self.kb), indent=1))
+        kb = self.kb.stored(directory, run_dir=self.hparams.output_dir)  # ../kb/vNNNN: moves with the run
+        (tmp / "kb_version.json").write_text(json.dumps(kb, indent=1))
         os.rename(tmp, directory)
 
 
@@ -419,12 +440,11 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     trainer = pl.Trainer(
         **trainer_kwargs(args), callbacks=callbacks, logger=build_loggers(args), default_root_dir=args.output_dir
     )
-    start = time.perf_counter()
     if args.do_train:
         if args.validate_before_training:  # the untrained score, logged at step 0 beside the later ones
             trainer.validate(model)
         trainer.fit(model, ckpt_path=args.resume_from_checkpoint)
-    train_seconds = time.perf_counter() - start
+    train_seconds = model.train_seconds  # every segment of a resumed run
     if args.do_predict:
         best = callbacks[0].best_model_path if args.do_train else ""
         trainer.test(model, ckpt_path=best or None)

@@ -409,6 +409,24 @@ class KBVersion:
     embedding_step: int = 0  # optimizer step whose context-encoder weights made the embeddings
     similarity: str = "dot"  # how the embeddings are scored: dot or cosine (unit-length vectors)
 
+    def stored(self, base: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict:
+        """This version as a run saves it: paths inside `run_dir` (default `base`) relative to `base`, so that a
+        moved or copied run directory resumes on its own KB versions; other paths (the user's version 0)
+        absolute."""
+        inside = Path(os.path.abspath(run_dir or base))
+        fields = asdict(self)
+        for key in ("passages_path", "index_path"):
+            path = Path(os.path.abspath(fields[key]))
+            if path == inside or inside in path.parents:
+                fields[key] = os.path.relpath(path, os.path.abspath(base))
+        return fields
+
+    @classmethod
+    def restored(cls, saved: dict, base: str | os.PathLike) -> KBVersion:
+        """The version `stored` wrote, its relative paths taken from `base` (absolute ones kept)."""
+        paths = {key: os.path.normpath(os.path.join(base, saved[key])) for key in ("passages_path", "index_path")}
+        return cls(**(saved | paths))
+
 
 def version_dir(kb_root: str | os.PathLike, version: int) -> Path:
     return Path(kb_root) / f"v{version:04d}"

@@ -4,7 +4,6 @@ accepted with a warning), the checks made on them before any work, and their tra
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import warnings
@@ -14,6 +13,7 @@ import torch
 
 from input_readers import add_debug_arg
 from kb_encode_utils import add_index_args
+from kb_search import checkpoint_kb
 from lora import PEFT_CHOICES
 from rag_metrics import parse_metrics
 from rag_model import SETTINGS_FILE
@@ -202,6 +202,9 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refresh_before_validation", action="store_true",
                    help="re-encode the KB with the current weights (training waits) before every validation, so "
                    "validation, the checkpoint and the test pass use an index that is not stale")  # fmt: skip
+    g.add_argument("--reencode_lost_kb", action="store_true",
+                   help="resume even when the checkpoint's KB version is gone, re-encoding the KB with the restored "
+                   "weights before training goes on (without it, such a resume stops)")  # fmt: skip
     g.add_argument("--max_refresh_failures", type=int, default=3,
                    help="stop the run after this many KB refreshes in a row fail")  # fmt: skip
     g.add_argument("--keep_kb_versions", type=int, default=3,
@@ -324,8 +327,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
             parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
                          f"(it needs {SETTINGS_FILE} and kb_version.json)")  # fmt: skip
-        kb = json.loads(saved.read_text())
-        args.passages_path, args.index_path = kb["passages_path"], kb["index_path"]
+        args.passages_path, args.index_path = checkpoint_kb(args.init_from)  # relative to it, when inside its run
     # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
     for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else [])):
         setattr(args, name, os.path.abspath(getattr(args, name)))

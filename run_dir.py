@@ -16,7 +16,7 @@ from kb_encode_utils import process_alive
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
 RUN_FILES = ("*.ckpt", "*.kb_version.json", "checkpoint*", "metrics.json", "test_results.txt",
-             "test_generations.txt", "logs", "kb")  # fmt: skip
+             "test_generations.txt", "logs", "kb", "plots", "run_info.json")  # fmt: skip
 
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
@@ -88,10 +88,10 @@ def release_lock(path: Path) -> None:
 
 
 def newest_checkpoint(output_dir: Path) -> str:
-    """`last.ckpt` if the run wrote one, else its newest checkpoint."""
-    if (output_dir / "last.ckpt").is_file():
-        return str(output_dir / "last.ckpt")
-    found = sorted(output_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The newest `last*.ckpt` (Lightning named a copy's `last-v1.ckpt` before last.ckpt was replaced in place),
+    else the newest checkpoint."""
+    found = sorted(output_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    found = found or sorted(output_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"--resume: no checkpoint (*.ckpt) in {output_dir}")
     return str(found[-1])

@@ -220,6 +220,8 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
     (out / "kb").mkdir()
     (out / "kb" / "v0003").mkdir()
     (out / "notes.txt").write_text("the user's own")
+    (out / "plots").mkdir()
+    (out / "run_info.json").write_text("{}")
     argv = ["--model_type", "rag_token", "--output_dir", str(out), "--do_train"]
     with pytest.raises(FileExistsError, match=r"holds an earlier run .*--resume.*--overwrite_output_dir"):
         run_dir.prepare_output_dir(finetune_rag.parse_args(argv))
@@ -228,6 +230,7 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
     (moved,) = (out / "previous_runs").iterdir()
     assert (moved / "0.5000-20.ckpt").read_text() == "earlier" and (moved / "kb" / "v0003").is_dir()
     assert (out / "notes.txt").read_text() == "the user's own" and not (out / "kb").exists()
+    assert (moved / "plots").is_dir() and (moved / "run_info.json").is_file() and not (out / "plots").exists()
     # --resume continues from last.ckpt, the newest checkpoint otherwise
     (out / "0.7500-40.ckpt").write_text("newer")
     args = finetune_rag.parse_args([*argv, "--resume"])
@@ -257,6 +260,46 @@ def test_pruning_spares_other_runs_versions_and_pinned_ones(tmp_path):
 
 def _finetune_command(argv: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "finetune_rag.py"), *argv]
+
+
+def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resume(ray_local, finetune_argv, tmp_path):
+    """Paths inside a run are stored relative to it: a run directory moved elsewhere resumes from its own last.ckpt
+    on its own KB version (with absolute paths that version was gone), replacing last.ckpt in place. A KB version
+    deleted under a checkpoint stops the resume, unless --reencode_lost_kb re-encodes the KB first."""
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "1", "--save_last_every_n_steps", "2",
+                         "--max_steps", "4", "--num_sanity_val_steps", "0", "--check_val_every_n_epoch", "1000",
+                         "--keep_kb_versions", "0")  # fmt: skip
+    first = finetune_rag.main(finetune_rag.parse_args(argv))
+    kill_actors(first)
+    pin = json.loads((out / "last.kb_version.json").read_text())
+    assert pin["version"] >= 1 and pin["passages_path"].startswith("kb/v")  # relative to the run directory
+    first_seconds = json.loads((out / "run_info.json").read_text())["train_seconds"]
+    shutil.move(out, moved)
+
+    def resume(steps: int, *extra: str):
+        again = [str(moved) if a == str(out) else a for a in argv] + ["--resume", "--max_steps", str(steps), *extra]
+        return finetune_rag.main(finetune_rag.parse_args(again))
+
+    second = resume(6)
+    assert second.trainer.global_step == 6 and Path(second.kb.passages_path).is_relative_to(moved)
+    assert not list(moved.glob("last-v*.ckpt")), "the resumed run wrote a second last checkpoint"
+    assert json.loads((moved / "run_info.json").read_text())["train_seconds"] > first_seconds  # both segments
+    kill_actors(second)
+
+    lost = json.loads((moved / "last.kb_version.json").read_text())["version"]
+    shutil.rmtree(moved / "kb" / f"v{lost:04d}")
+    with pytest.raises(FileNotFoundError, match=rf"KB v{lost}, which this checkpoint's .* --reencode_lost_kb"):
+        resume(8)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # the hyperparameters Lightning saves
+        state = torch.load(moved / "last.ckpt", map_location="cpu", weights_only=True)
+    (restored,) = [len(s["history"]) for s in state["callbacks"].values() if "history" in s]
+    with pytest.warns(UserWarning, match=rf"--reencode_lost_kb: .*v{lost:04d}.* is gone"):
+        third = resume(8, "--reencode_lost_kb")
+    refresh = next(c for c in third.trainer.callbacks if isinstance(c, KBRefreshCallback))
+    first_new = refresh.history[restored]  # this segment's first refresh: before its first step
+    assert third.trainer.global_step == 8 and first_new["trigger_step"] == first_new["swap_step"] == 6
+    kill_actors(third)
 
 
 def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_path, monkeypatch):
