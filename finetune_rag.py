@@ -26,6 +26,7 @@ from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
@@ -65,6 +66,7 @@ from training_modes import make_objective, mine
 
 # Epoch-level metrics here are already gathered across ranks (all_gather_object) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
+warnings.filterwarnings("ignore", ".*'set_vital' is deprecated.*")  # torchdata's StatefulDataLoader, every epoch
 
 # Per-example scores averaged over an epoch: EM, F1 and ROUGE-L in [0, 1], sentence BLEU in [0, 100].
 METRIC_FNS = {"em": exact_match_score, "f1": f1_score, "rouge_l": rouge_l_score, "bleu": sentence_bleu}
@@ -275,8 +277,11 @@ class GenerativeQAModule(pl.LightningModule):
         )
         if split == "train" and self.model.generator is not None:  # labels cut as the reference cut them
             dataset.cut_targets(self.model.generator.tokenizer, self.hparams.max_target_length)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
-                          num_workers=self.hparams.num_workers)  # fmt: skip
+        # Stateful: the checkpoint holds the epoch's order and position, so a run resumed mid-epoch sees each
+        # example of that epoch once (Lightning saves and restores the loader's state_dict).
+        loader = StatefulDataLoader if split == "train" else DataLoader
+        return loader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
+                      num_workers=self.hparams.num_workers)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train", self.hparams.train_batch_size, shuffle=True)
@@ -291,6 +296,16 @@ class GenerativeQAModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.perf_counter()
+
+    def on_train_start(self) -> None:
+        # Lightning #20550: estimated_stepping_batches (configure_optimizers) built the training loader before a
+        # resumed checkpoint was restored, so the loader's saved position was never loaded and the epoch would
+        # start over. Load it now and iterate anew, as Lightning's own resume path does (its fix, PR #21765).
+        loop = self.trainer.fit_loop
+        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
+            loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
+            loop._combined_loader_states_to_load = []
+            iter(loop._data_fetcher)
 
     @property
     def train_seconds(self) -> float:

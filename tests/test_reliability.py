@@ -302,6 +302,26 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
     kill_actors(third)
 
 
+def test_a_run_resumed_mid_epoch_sees_each_example_of_that_epoch_once(ray_local, finetune_argv, monkeypatch):
+    """The training loader's order and position are in the checkpoint: stopped after 3 of an epoch's 20 batches
+    and resumed, the run trains on each of the 40 examples once in that epoch (it used to start the epoch over)."""
+    seen = []
+    real_step = finetune_rag.GenerativeQAModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.extend(batch["index"].tolist())
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(finetune_rag.GenerativeQAModule, "training_step", recording_step)
+    argv = finetune_argv("--do_train", "--num_sanity_val_steps", "0", "--check_val_every_n_epoch", "1000")
+    kill_actors(
+        finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "3", "--save_last_every_n_steps", "3"]))
+    )
+    assert len(seen) == 6
+    kill_actors(finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "20", "--resume"])))
+    assert sorted(seen) == list(range(40)), "an example was seen twice, or not at all, in the resumed epoch"
+
+
 def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_path, monkeypatch):
     """The trainer process is killed (SIGKILL) after it wrote a last.ckpt with a refreshed KB version; --resume
     then restores step, optimizer, scheduler and that KB version."""
