@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from kb_encode_utils import IndexConfig
+from kb_encode_utils import IndexConfig, remove_unreachable_versions
 from kb_refresh import Refresher
 from lora import merged
 
@@ -74,6 +74,9 @@ class KBRefreshCallback(pl.Callback):
         self._last_trigger_step = self._restored["last_trigger_step"]
         self.refresher.history = self._restored["history"]
         rank_zero_info(f"KB refresh: resumed on v{pl_module.kb.version}")
+        keep = pinned_kb_versions(pl_module.hparams.output_dir) | {r["version"] for r in self.refresher.history}
+        for version in remove_unreachable_versions(self.kb_root, pl_module.kb.version, keep):
+            rank_zero_info(f"KB refresh: removed v{version:04d}, which the stopped run built but no checkpoint reaches")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

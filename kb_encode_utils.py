@@ -459,6 +459,17 @@ def prune_versions(
     return [kb.version for kb in old]
 
 
+def remove_unreachable_versions(kb_root: str | os.PathLike, live: int, keep: set[int]) -> list[int]:
+    """Delete the complete versions newer than `live` that are not in `keep` (those checkpoints name, and those the
+    run's restored history made live): built but never made live before the run stopped, or live only after its
+    last checkpoint, so a resumed run can never reach them (and pruning, which spares what it did not see go
+    live, would keep them for ever)."""
+    stale = [v.version for v in list_versions(kb_root) if v.version > live and v.version not in keep]
+    for version in stale:
+        shutil.rmtree(version_dir(kb_root, version))
+    return stale
+
+
 # ----------------------------------------------------------------------------- writing a version, streamed
 
 PART_BATCH_ROWS = 16_384  # rows per Arrow record batch of a part file: what the builder holds at a time

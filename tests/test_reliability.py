@@ -23,6 +23,7 @@ import pytest
 import pytorch_lightning as pl
 import ray
 import torch
+from datasets import load_from_disk
 from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesystem
 
 import callbacks_rag
@@ -287,6 +288,10 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
     assert json.loads((moved / "run_info.json").read_text())["train_seconds"] > first_seconds  # both segments
     kill_actors(second)
 
+    # A version built but never made live (the run stopped between build and swap) is removed on resume.
+    passages = load_from_disk(second.hparams.passages_path)
+    build_kb_version(second.hparams.passages_path, str(moved / "kb"), 99, 6, IndexConfig("flat"), second.similarity,
+                     np.array(passages["embeddings"], dtype=np.float32))  # fmt: skip
     lost = json.loads((moved / "last.kb_version.json").read_text())["version"]
     shutil.rmtree(moved / "kb" / f"v{lost:04d}")
     with pytest.raises(FileNotFoundError, match=rf"KB v{lost}, which this checkpoint's .* --reencode_lost_kb"):
@@ -299,6 +304,7 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
     refresh = next(c for c in third.trainer.callbacks if isinstance(c, KBRefreshCallback))
     first_new = refresh.history[restored]  # this segment's first refresh: before its first step
     assert third.trainer.global_step == 8 and first_new["trigger_step"] == first_new["swap_step"] == 6
+    assert not (moved / "kb" / "v0099").exists(), "the never-live version was left behind"
     kill_actors(third)
 
 
