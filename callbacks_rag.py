@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from kb_encode_utils import IndexConfig, remove_unreachable_versions
+from kb_encode_utils import IndexConfig, remove_unreachable_versions, writing
 from kb_refresh import Refresher
 from lora import merged
 
@@ -174,7 +174,8 @@ class RagCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part; rank 0 writes
+        with writing("checkpoint", filepath, tmp):  # a full disk names the file
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part; rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, filepath)
             kb = getattr(trainer.lightning_module, "kb", None)

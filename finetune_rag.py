@@ -45,7 +45,7 @@ from distributed_ray_retriever import (
     start_shard_actors,
 )
 from input_readers import read_gold, read_lines, refusing, run_main
-from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling
+from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling, writing
 from plot_run import plot_runs
 from qa_dataset import QuestionDataset
 from rag_assembly import assemble
@@ -349,10 +349,11 @@ class GenerativeQAModule(pl.LightningModule):
         if directory.exists():
             return  # this step is already saved
         tmp = temporary_sibling(directory)
-        self.model.save_pretrained(tmp)
-        kb = self.kb.stored(directory, run_dir=self.hparams.output_dir)  # ../kb/vNNNN: moves with the run
-        (tmp / "kb_version.json").write_text(json.dumps(kb, indent=1))
-        os.rename(tmp, directory)
+        with writing("checkpoint", directory, tmp):  # a full disk names the directory
+            self.model.save_pretrained(tmp)
+            kb = self.kb.stored(directory, run_dir=self.hparams.output_dir)  # ../kb/vNNNN: moves with the run
+            (tmp / "kb_version.json").write_text(json.dumps(kb, indent=1))
+            os.rename(tmp, directory)
 
 
 def build_module(args: argparse.Namespace) -> GenerativeQAModule:

@@ -342,6 +342,22 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def writing(what: str, path: str | os.PathLike, *temporaries: str | os.PathLike) -> Iterator[None]:
+    """Name `path` in the errors of writing it (a full or read-only disk gives an errno and no path; faiss's and
+    torch's write errors neither), after removing the `temporaries` the write left (our own `.tmp` names)."""
+    try:
+        yield
+    except BaseException as err:
+        for tmp in map(Path, temporaries):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):
+            raise OSError(err.errno, f"writing {what} {path} failed: {err}", err.filename) from err
+        if isinstance(err, RuntimeError):
+            raise RuntimeError(f"writing {what} {path} failed: {err}") from err
+        raise
+
+
 def save_kb(
     dataset: Dataset,
     passages_path: str | os.PathLike,
@@ -357,11 +373,12 @@ def save_kb(
             raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
     index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
     tmp_passages, tmp_index = temporary_sibling(passages_path), temporary_sibling(index_path)
-    dataset.save_to_disk(str(tmp_passages))
-    write_kb_info(tmp_passages, similarity)
-    faiss.write_index(index, str(tmp_index))
-    os.rename(tmp_passages, passages_path)
-    os.rename(tmp_index, index_path)
+    with writing("KB", passages_path, tmp_passages, tmp_index):
+        dataset.save_to_disk(str(tmp_passages))
+        write_kb_info(tmp_passages, similarity)
+        faiss.write_index(index, str(tmp_index))
+        os.rename(tmp_passages, passages_path)
+        os.rename(tmp_index, index_path)
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -581,7 +598,7 @@ def publish_kb_version(
     order), declare them one passages dataset and publish `kb_root/vNNNN` atomically. The embeddings are read
     a record batch at a time, never merged: the builder holds the index and one batch. Runs in a Ray actor."""
     final, staging = version_dir(kb_root, version), Path(staging)
-    try:
+    with writing("KB version", final, staging):
         if final.exists():
             raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
         parts = [part_path(staging, i, len(part_rows)) for i in range(len(part_rows))]
@@ -597,13 +614,6 @@ def publish_kb_version(
         kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
         (staging / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
         os.rename(staging, final)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)  # our own half-written temporary directory
-        if isinstance(err, OSError) and not isinstance(err, FileExistsError):  # a full or read-only disk: where
-            raise OSError(err.errno, f"writing KB version {final} failed: {err}", err.filename) from err
-        if isinstance(err, RuntimeError):  # faiss's write errors carry no path
-            raise RuntimeError(f"writing KB version {final} failed: {err}") from err
-        raise
     return kb
 
 

@@ -182,6 +182,20 @@ def test_a_full_disk_is_reported_with_path_and_errno(tiny_kb, tmp_path):
         assert not list(full.iterdir()), "a half-written version was left behind"
 
 
+def test_a_full_disk_while_checkpointing_names_the_checkpoint(ray_local, finetune_argv, tmp_path):
+    """torch's write error names no file ("PytorchStreamWriter failed writing file data/0"): the run's error names
+    the checkpoint it was writing, and no temporary file is left behind."""
+    with small_filesystem(tmp_path / "full", size="1m") as full:
+        argv = finetune_argv("--do_train", "--max_steps", "2", "--num_sanity_val_steps", "0",
+                             "--save_last_every_n_steps", "1", "--check_val_every_n_epoch", "1000")  # fmt: skip
+        out = full / "out"
+        argv[argv.index("--output_dir") + 1] = str(out)
+        with pytest.raises((OSError, RuntimeError)) as caught:
+            finetune_rag.main(finetune_rag.parse_args(argv))
+        assert f"writing checkpoint {out / 'last.ckpt'} failed" in str(caught.value)
+        assert not list(out.glob("*.tmp*")), "a half-written checkpoint was left behind"
+
+
 # ---------------------------------------------------------------- isolation and output directories
 
 
