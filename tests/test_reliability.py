@@ -228,6 +228,16 @@ def test_two_runs_on_one_cluster_retrieve_from_their_own_kb(ray_local, finetune_
     kill_actors(second)
 
 
+def test_resume_takes_the_newest_last_checkpoint_whatever_lightning_named_it(tmp_path):
+    for age, name in ((30, "0.5000-20.ckpt"), (20, "last.ckpt"), (10, "last-v1.ckpt")):  # a copy's resume wrote -v1
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (time.time() - age, time.time() - age))
+    assert Path(run_dir.newest_checkpoint(tmp_path)).name == "last-v1.ckpt"
+    (tmp_path / "last-v1.ckpt").unlink()
+    (tmp_path / "last.ckpt").unlink()
+    assert Path(run_dir.newest_checkpoint(tmp_path)).name == "0.5000-20.ckpt"  # no last*: the newest .ckpt
+
+
 def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -386,6 +396,54 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     refresh = next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))
     assert refresh.history and refresh.history[0]["version"] >= 1  # the killed run's refresh history came back
     kill_actors(module)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Every descendant process of `pid` (from /proc), with its command line."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                with contextlib.suppress(OSError):
+                    found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    frontier.append(child)
+    return found
+
+
+def test_a_killed_raylet_ends_the_run_and_leaves_no_actor(finetune_argv, tmp_path):
+    """What an OOM killer may pick: Ray ends the trainer at once (from C++, so only the periodic last.ckpt is
+    there to resume from), and none of the run's retrieval, encoding or builder actors outlives it."""
+    out = tmp_path / "out"
+    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--save_last_every_n_steps", "2",
+                         "--max_epochs", "100", "--check_val_every_n_epoch", "1000",
+                         "--num_sanity_val_steps", "0")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}  # its own local Ray
+    proc = subprocess.Popen(_finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "kb" / "v0001").is_dir():
+        time.sleep(0.5)
+    family = _children(proc.pid)
+    raylets = [pid for pid, cmd in family.items() if "/raylet" in cmd.split(" ")[0]]
+    actors = [pid for pid, cmd in family.items() if cmd.startswith("ray::")]
+    assert len(raylets) == 1 and actors, f"no raylet or actors under the trainer: {family}"
+    os.kill(raylets[0], signal.SIGKILL)
+    try:
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in actors):
+        time.sleep(0.5)
+    left = [family[pid] for pid in actors if Path(f"/proc/{pid}").exists()]
+    assert not left, f"actors outlived the run: {left}"
+    assert (out / "last.ckpt").is_file(), "no periodic last.ckpt to resume from"
 
 
 # ---------------------------------------------------------------- cluster mode
