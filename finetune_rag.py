@@ -301,11 +301,12 @@ class GenerativeQAModule(pl.LightningModule):
         # Lightning #20550: estimated_stepping_batches (configure_optimizers) built the training loader before a
         # resumed checkpoint was restored, so the loader's saved position was never loaded and the epoch would
         # start over. Load it now and iterate anew, as Lightning's own resume path does (its fix, PR #21765).
+        # Only mid-epoch: a checkpoint taken at an epoch's end starts the next epoch afresh, as without the bug.
         loop = self.trainer.fit_loop
-        if loop._combined_loader_states_to_load and loop._combined_loader is not None:
+        if loop._combined_loader_states_to_load and loop._combined_loader is not None and loop.restarted_mid_epoch:
             loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
-            loop._combined_loader_states_to_load = []
             iter(loop._data_fetcher)
+        loop._combined_loader_states_to_load = []
 
     @property
     def train_seconds(self) -> float:

@@ -8,6 +8,7 @@ retriever and RagModel.from_pretrained use (training retrieves through the Ray a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ def checkpoint_kb(checkpoint: str | Path) -> tuple[str, str] | None:
     if not saved.is_file():
         return None
     kb = json.loads(saved.read_text())
-    return tuple(str(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))  # absolute stay so
+    return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))  # absolute stay so
 
 
 class KBSearch:

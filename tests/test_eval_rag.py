@@ -41,7 +41,7 @@ def _controlled_kb(checkpoint: Path, out: Path) -> tuple[Path, Path]:
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     direction = q.mean(0) / np.linalg.norm(q.mean(0))
     assert (q @ direction > 0.1).all(), "the test questions do not share a direction"
-    passages = load_from_disk(json.loads((checkpoint / "kb_version.json").read_text())["passages_path"])
+    passages = load_from_disk(kb_search.checkpoint_kb(checkpoint)[0])
     scale = -(1 + np.arange(len(passages)) / 100)  # below zero, decreasing with the id
     scale[[A, B, C]] = [10, 5, 2]
     kb = (out / "passages", out / "index.faiss")
@@ -129,7 +129,7 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
                         "--ks", "1,40")  # fmt: skip
     assert list(results) == [str(c) for c in checkpoints]
     named = [json.loads((c / "kb_version.json").read_text()) for c in checkpoints]
-    assert used == [(kb["passages_path"], kb["index_path"]) for kb in named]
+    assert used == [kb_search.checkpoint_kb(c) for c in checkpoints]
     assert named[0]["version"] < named[-1]["version"]
     summary = json.loads((tmp_path / "all" / "preds.json").read_text())
     assert list(summary) == [c.name for c in checkpoints]

@@ -23,6 +23,7 @@ from callbacks_rag import KBRefreshCallback
 from input_readers import read_lines
 from kb_encode_utils import IndexConfig, read_version
 from kb_refresh import RefreshState
+from kb_search import checkpoint_kb
 from rag_encoders import PooledEncoder, load_tokenizer
 from rag_metrics import has_answer, rouge_l_score, sentence_bleu
 from rag_model import RagModel
@@ -209,12 +210,12 @@ def test_checkpoint_reloads_and_generates(trained):
     checkpoints = sorted(out.glob("checkpoint*"))
     assert checkpoints, "no exported checkpoint"
     ckpt = checkpoints[-1]
-    kb = json.loads((ckpt / "kb_version.json").read_text())
-    assert Path(kb["passages_path"]).exists() and Path(kb["index_path"]).exists()
+    kb = json.loads((ckpt / "kb_version.json").read_text())  # inside the run: relative, so it moves with it
+    assert kb["passages_path"].startswith("../kb/v") and all(map(Path.exists, map(Path, checkpoint_kb(ckpt))))
     settings = json.loads((ckpt / "rag_settings.json").read_text())
     assert settings["generator_family"] == "seq2seq" and settings["n_docs"] == module.model.n_docs
     model = RagModel.from_pretrained(str(ckpt)).eval()
-    model.retriever = kb_search.KBSearch(kb["passages_path"], kb["index_path"], 8)
+    model.retriever = kb_search.KBSearch(*checkpoint_kb(ckpt), 8)
     inputs = model.question_tokenizer(["what causes tuberculosis ?"], return_tensors="pt")
     answers = model.generate(inputs["input_ids"], inputs["attention_mask"], ["what causes tuberculosis ?"], 8)
     assert len(answers) == 1 and isinstance(answers[0], str)
