@@ -23,8 +23,8 @@ def checkpoint_kb(checkpoint: str | Path) -> tuple[str, str] | None:
     saved = Path(checkpoint) / KB_VERSION_FILE
     if not saved.is_file():
         return None
-    kb = json.loads(saved.read_text())
-    return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))  # absolute stay so
+    kb = json.loads(saved.read_text())  # absolute paths stay as they are
+    return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))
 
 
 class KBSearch:
