@@ -326,3 +326,15 @@ def test_a_qa_file_with_bare_carriage_returns_is_refused(tmp_path):
         read_lines(path)
     path.write_bytes(b"who wrote hamlet\r\nwhat is the capital of france\r\n")  # Windows line ends are fine
     assert read_lines(path) == ["who wrote hamlet", "what is the capital of france"]
+
+
+def test_generate_qa_names_a_missing_model_directory(tmp_path, capsys):
+    """Not the hub's "Repo id must be in the form 'repo_name'" error: the flag and the path."""
+    import generate_qa
+
+    (tmp_path / "models").mkdir()
+    missing = tmp_path / "models" / "smollm"
+    with pytest.raises(SystemExit):
+        generate_qa.parse_args(["--csv_path", "kb.csv", "--output_dir", str(tmp_path / "qa"),
+                                "--generator_name_or_path", str(missing)])  # fmt: skip
+    assert f"--generator_name_or_path {missing}: no such directory" in capsys.readouterr().err
