@@ -58,12 +58,11 @@ from rag_metrics import (
     recall_at_k,
     rouge_l_score,
 )
-from rag_model import RagModel
+from rag_model import FALLBACK_GENERATION, RagModel
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
-# Decoding of checkpoints that do not say how their run decoded (transformers RAG checkpoints): the reference's.
-DEFAULT_NUM_BEAMS, DEFAULT_MAX_LENGTH = 4, 50
+DEFAULT_NUM_BEAMS, DEFAULT_MAX_LENGTH = FALLBACK_GENERATION["num_beams"], FALLBACK_GENERATION["max_new_tokens"]
 
 
 def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:

@@ -329,6 +329,10 @@ class CausalGenerator(RagGenerator):
 GENERATORS = {cls.family: cls for cls in (Seq2SeqGenerator, CausalGenerator)}
 
 
+# Decoding of a checkpoint that saved none (a transformers RAG checkpoint): the reference eval_rag.py's defaults.
+FALLBACK_GENERATION = {"num_beams": 4, "max_new_tokens": 50}
+
+
 @dataclass
 class Retrieved:
     """One batch's retrieval: question vectors (in the graph), doc scores (B, n), passages and their KB rows."""
@@ -457,8 +461,10 @@ class RagModel(torch.nn.Module):
         r = self.retrieve(enc["input_ids"], enc["attention_mask"], n_docs)
         answers = [None] * len(questions)
         if self.generator is not None:
-            max_new_tokens = max_new_tokens or self.generation.get("max_new_tokens", 32)
-            num_beams = num_beams or self.generation.get("num_beams", 1)
+            max_new_tokens = max_new_tokens or self.generation.get(
+                "max_new_tokens", FALLBACK_GENERATION["max_new_tokens"]
+            )
+            num_beams = num_beams or self.generation.get("num_beams", FALLBACK_GENERATION["num_beams"])
             answers = self.generator.generate(questions, r.docs, r.doc_scores, max_new_tokens, self.marginal, num_beams)
         scores, probs = r.doc_scores.float().cpu(), r.doc_scores.float().softmax(1).cpu()
         return [
