@@ -83,9 +83,7 @@ class KBRefreshCallback(pl.Callback):
             self.refresher.wait_for_actors()
         if getattr(pl_module, "reencode_on_start", False):  # the resumed weights' KB version is gone: make it anew
             if trainer.is_global_zero:
-                self._last_trigger_step = trainer.global_step
-                self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
-                self._wait(trainer, pl_module, 24 * 3600)
+                self._refresh_now(trainer, pl_module)
             pl_module.reencode_on_start = False
             trainer.strategy.barrier("kb_reencoded")  # no rank trains on the old version after this
 
@@ -103,6 +101,13 @@ class KBRefreshCallback(pl.Callback):
                                rank_zero_only=True)  # fmt: skip
         pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
+
+    def _refresh_now(self, trainer, pl_module) -> None:
+        """Re-encode the KB with the current weights and wait until it is live (rank 0)."""
+        self._last_trigger_step = trainer.global_step
+        # Training waits, so the encoders may take every core of this machine.
+        self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
+        self._wait(trainer, pl_module, 24 * 3600)
 
     def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
         weights = merged(pl_module.model.ctx_encoder).state_dict()  # the actors encode without peft
@@ -139,10 +144,7 @@ class KBRefreshCallback(pl.Callback):
         if trainer.is_global_zero:
             self._wait(trainer, pl_module, 24 * 3600)
             if pl_module.kb.embedding_step < trainer.global_step:
-                self._last_trigger_step = trainer.global_step
-                # Training waits, so the encoders may take every core of this machine.
-                self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
-                self._wait(trainer, pl_module, 24 * 3600)
+                self._refresh_now(trainer, pl_module)
         trainer.strategy.barrier("kb_refreshed_for_validation")  # no rank validates against the old index
 
     def state_dict(self) -> dict:

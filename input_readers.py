@@ -1,5 +1,6 @@
 """Readers of the user's input files, each refusing bad input with the file, line and field before any work:
-line-aligned QA files, gold data (answers and gold passages), and the knowledge-base CSV."""
+line-aligned QA files, gold data (answers and gold passages), the knowledge-base CSV and model paths; and how the
+scripts report such a refusal (one line, the traceback with --debug)."""
 
 from __future__ import annotations
 

@@ -44,12 +44,14 @@ class QuestionDataset:
         self.sources = [line.strip() for line in sources]
         self.targets = [line.strip() for line in targets]
         self.source_path, self.target_path = source_path, target_path
-        self.max_source_length = max_source_length
-        self.prefix = prefix
         texts = [prefix + s for s in self.sources]
-        lengths = [len(ids) for ids in question_tokenizer(texts)["input_ids"]]
-        warn_cut(source_path, "questions", lengths, max_source_length, "--max_source_length")
-        self.question_ids = question_tokenizer(texts, truncation=True, max_length=max_source_length)["input_ids"]
+        self.question_ids = question_tokenizer(texts)["input_ids"]
+        long = warn_cut(source_path, "questions", list(map(len, self.question_ids)), max_source_length,
+                        "--max_source_length")  # fmt: skip
+        if long:  # only these are tokenised again, cut (the tokenizer keeps the closing special tokens)
+            cut = question_tokenizer([texts[i] for i in long], truncation=True, max_length=max_source_length)
+            for i, ids in zip(long, cut["input_ids"]):
+                self.question_ids[i] = ids
 
     def cut_targets(self, tokenizer, max_tokens: int, flag: str = "--max_target_length") -> None:
         """Cut the answers longer than `max_tokens` tokens of the generator's `tokenizer` to that many (as the

@@ -16,6 +16,7 @@ from kb_encode_utils import check_kb_similarity
 from lora import add_lora, train_only_lora
 from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+from rag_options import MARGINALS
 
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
                "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
@@ -24,6 +25,8 @@ MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator
 def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
     """The model of a run: its files checked first, then built (`build_model`), checked against the KB it will
     retrieve from, frozen where the recipe does not train it, and given LoRA adapters with --peft."""
+    if hp.model_type not in MARGINALS:
+        raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
     for path in (hp.passages_path, hp.index_path):
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: build the KB first with use_own_knowledge_dataset.py")
