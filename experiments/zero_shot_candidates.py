@@ -43,7 +43,7 @@ def pubmedqa(path: str) -> tuple[list[str], list[str], list[str], list[list[int]
 
 
 def wikiqa(path: str) -> tuple[list[str], list[str], list[str], list[list[int]]]:
-    """(titles, texts, questions, gold passage ids) of one WikiQA split, questions without a correct sentence left out."""
+    """(titles, texts, questions, gold passage ids) of a WikiQA split; questions with no correct sentence left out."""
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     passage_id: dict[str, int] = {}
