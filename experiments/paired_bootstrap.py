@@ -1,0 +1,61 @@
+"""Is an EM/F1 gap between two recipes larger than the test set's own noise? A paired bootstrap over test questions
+of the per-question gap, averaged over the seeds both rows ran (the seed spread does not see this noise: every seed
+answers the same questions).
+
+    python experiments/paired_bootstrap.py RESULTS_DIR rag_end2end rag_original --gold DATA/test.gold.jsonl
+
+RESULTS_DIR holds ROW-seedN/test_generations.txt (one answer a line, in test order), as domain_shift_cpu.sh writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from input_readers import read_gold, read_lines  # noqa: E402
+from rag_metrics import exact_match_score, f1_score, metric_max_over_ground_truths  # noqa: E402
+
+
+def per_question(path: Path, answers: list[list[str]], metric) -> np.ndarray:
+    """The metric of each generated answer against its best gold answer."""
+    predictions = read_lines(path)
+    if len(predictions) > len(answers):
+        raise ValueError(f"{path}: {len(predictions)} answers for {len(answers)} gold questions")
+    return np.array([metric_max_over_ground_truths(metric, p, g) for p, g in zip(predictions, answers)], float)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results_dir", type=Path)
+    parser.add_argument("row_a")
+    parser.add_argument("row_b")
+    parser.add_argument("--gold", required=True, help="the test split's gold answers (.gold.jsonl)")
+    parser.add_argument("--samples", type=int, default=10_000)
+    args = parser.parse_args()
+
+    answers = read_gold(args.gold, "jsonl").answers
+    seeds = sorted(
+        run.name.rsplit("-seed", 1)[1]
+        for run in args.results_dir.glob(f"{args.row_a}-seed*")
+        if (args.results_dir / f"{args.row_b}-seed{run.name.rsplit('-seed', 1)[1]}").is_dir()
+    )
+    rng = np.random.default_rng(0)
+    for name, metric in (("EM", exact_match_score), ("F1", f1_score)):
+        gaps = [
+            per_question(args.results_dir / f"{args.row_a}-seed{s}" / "test_generations.txt", answers, metric)
+            - per_question(args.results_dir / f"{args.row_b}-seed{s}" / "test_generations.txt", answers, metric)
+            for s in seeds
+        ]
+        gap = 100 * np.mean(gaps, axis=0)  # per question, over seeds
+        means = [gap[rng.integers(0, len(gap), len(gap))].mean() for _ in range(args.samples)]
+        low, high = np.percentile(means, [2.5, 97.5])
+        print(f"{args.row_a} - {args.row_b}, {name}, seeds {' '.join(seeds)}, {len(gap)} questions: "
+              f"{gap.mean():+.2f} (95% interval {low:+.2f} to {high:+.2f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
