@@ -20,12 +20,17 @@ from input_readers import read_gold, read_lines  # noqa: E402
 from rag_metrics import exact_match_score, f1_score, metric_max_over_ground_truths  # noqa: E402
 
 
-def per_question(path: Path, answers: list[list[str]], metric) -> np.ndarray:
+def per_question(predictions: list[str], answers: list[list[str]], metric) -> np.ndarray:
     """The metric of each generated answer against its best gold answer."""
-    predictions = read_lines(path)
-    if len(predictions) > len(answers):
-        raise ValueError(f"{path}: {len(predictions)} answers for {len(answers)} gold questions")
     return np.array([metric_max_over_ground_truths(metric, p, g) for p, g in zip(predictions, answers)], float)
+
+
+def read_generations(path: Path, n_gold: int) -> list[str]:
+    """A run's test answers, one a line in test order."""
+    predictions = read_lines(path)
+    if len(predictions) > n_gold:
+        raise ValueError(f"{path}: {len(predictions)} answers for {n_gold} gold questions")
+    return predictions
 
 
 def main() -> None:
@@ -38,16 +43,18 @@ def main() -> None:
     args = parser.parse_args()
 
     answers = read_gold(args.gold, "jsonl").answers
-    seeds = sorted(
-        run.name.rsplit("-seed", 1)[1]
-        for run in args.results_dir.glob(f"{args.row_a}-seed*")
-        if (args.results_dir / f"{args.row_b}-seed{run.name.rsplit('-seed', 1)[1]}").is_dir()
-    )
+    seeds_a = {run.name.rsplit("-seed", 1)[1] for run in args.results_dir.glob(f"{args.row_a}-seed*")}
+    seeds = sorted(s for s in seeds_a if (args.results_dir / f"{args.row_b}-seed{s}").is_dir())
+    generations = {  # (row, seed) -> answers, read once for both metrics
+        (row, s): read_generations(args.results_dir / f"{row}-seed{s}" / "test_generations.txt", len(answers))
+        for row in (args.row_a, args.row_b)
+        for s in seeds
+    }
     rng = np.random.default_rng(0)
     for name, metric in (("EM", exact_match_score), ("F1", f1_score)):
         gaps = [
-            per_question(args.results_dir / f"{args.row_a}-seed{s}" / "test_generations.txt", answers, metric)
-            - per_question(args.results_dir / f"{args.row_b}-seed{s}" / "test_generations.txt", answers, metric)
+            per_question(generations[args.row_a, s], answers, metric)
+            - per_question(generations[args.row_b, s], answers, metric)
             for s in seeds
         ]
         gap = 100 * np.mean(gaps, axis=0)  # per question, over seeds

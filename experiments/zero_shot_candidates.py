@@ -75,11 +75,8 @@ def main() -> None:
     q_encoder = load_encoder(args.encoder, side="question").eval()
     passages = encode_token_ids(ctx_encoder, tokenize_passages(tokenizer, titles, texts), tokenizer.pad_token_id)
     batch = tokenizer(questions, truncation=True, max_length=args.max_source_length, padding=True, return_tensors="pt")
-    with torch.inference_mode():
+    with torch.inference_mode():  # both encoders score as declared: MiniLM's vectors come out unit-length (cosine)
         queries = q_encoder(**batch).pooler_output.numpy()
-    if q_encoder.similarity == "cosine":  # scores as the encoder declares (MiniLM: cosine)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        passages /= np.linalg.norm(passages, axis=1, keepdims=True)
     top = np.argsort(-(queries @ passages.T), axis=1)[:, : max(KS)].tolist()
     scores = {**recall_at_k(top, gold, KS), **mrr_at_k(top, gold, (5,))}
     print(json.dumps({"dataset": args.dataset, "passages": len(texts), "questions": len(questions), **scores}))
