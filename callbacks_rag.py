@@ -3,6 +3,7 @@ the run's files (metrics.json, test_results.txt, test_generations.txt)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -214,10 +215,40 @@ class LastCheckpoint(RagCheckpoint):
         # last-v1.ckpt beside it that the next --resume would not pick.
         super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps,
                          save_on_exception=True, export=False, enable_version_counter=False)  # fmt: skip
+        self._loader_at_step_end: list[dict] | None = None  # the training loader's position after the last step
+        self._stepped = False  # a step finished in this run segment
+        self._saving_inside_step = False
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._loader_at_step_end = None  # the last epoch's final position is not this epoch's
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        loader = trainer.fit_loop._combined_loader
+        self._loader_at_step_end = copy.deepcopy(loader._state_dicts()) if loader is not None else None
+        self._stepped = True
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._should_save_on_exception(trainer):
+        if not self._should_save_on_exception(trainer):
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # Stopped inside a step: the loader has already yielded this batch (and prefetched the next), so its
+        # position now would skip the batch on resume, end the epoch a step short and skip the epoch-end
+        # validation. Save the position after the last finished step instead. No step finished in this run
+        # segment: nothing was learned since the checkpoint it started from, so keep that one. (Stopped in an
+        # epoch's first step, the batch is still lost: a rare case that saving keeps the earlier steps of.)
+        inside_step = progress.ready > progress.processed
+        if inside_step and not self._stepped:
+            return
+        self._saving_inside_step = inside_step and self._loader_at_step_end is not None
+        try:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._saving_inside_step = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._saving_inside_step:
+            checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = self._loader_at_step_end
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:

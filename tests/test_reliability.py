@@ -573,3 +573,38 @@ def test_leftovers_of_interrupted_saves_are_removed_and_nothing_else(tiny_models
          "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
     ))  # fmt: skip
     assert sorted(p.name for p in kb.iterdir()) == ["my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"]
+
+
+def test_a_run_stopped_inside_a_step_resumes_on_that_step(ray_local, finetune_argv, monkeypatch):
+    """Training stopped by an exception inside a step (Ctrl-C, SIGTERM) leaves a last.ckpt whose loader position
+    is that of the last finished step: resumed, the run trains on the interrupted batch, sees each of the epoch's
+    40 examples once, makes all 20 steps, and still validates at the epoch's end (it used to lose the batch,
+    end the epoch one step short and skip the validation, and so test an unvalidated model)."""
+    seen, validations, calls = [], [], {"n": 0}
+    real_step, real_end = (
+        finetune_rag.GenerativeQAModule.training_step,
+        finetune_rag.GenerativeQAModule.on_validation_epoch_end,
+    )
+
+    def stopping_step(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("stopped inside step 5")
+        seen.extend(batch["index"].tolist())
+        return real_step(self, batch, batch_idx)
+
+    def recording_end(self):
+        validations.append(self.trainer.global_step)
+        return real_end(self)
+
+    monkeypatch.setattr(finetune_rag.GenerativeQAModule, "training_step", stopping_step)
+    monkeypatch.setattr(finetune_rag.GenerativeQAModule, "on_validation_epoch_end", recording_end)
+    argv = finetune_argv("--do_train", "--num_sanity_val_steps", "0", "--num_train_epochs", "1")
+    with pytest.raises(RuntimeError, match="stopped inside step 5"):
+        finetune_rag.main(finetune_rag.parse_args([*argv, "--save_last_every_n_steps", "3"]))
+    assert len(seen) == 8  # four steps finished
+    module = finetune_rag.main(finetune_rag.parse_args([*argv, "--resume"]))
+    kill_actors(module)
+    assert sorted(seen) == list(range(40)), "the interrupted batch was lost, or a batch was seen twice"
+    assert module.trainer.global_step == 20 and validations == [20], "the resumed epoch ended without validating"
+
