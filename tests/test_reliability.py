@@ -607,4 +607,3 @@ def test_a_run_stopped_inside_a_step_resumes_on_that_step(ray_local, finetune_ar
     kill_actors(module)
     assert sorted(seen) == list(range(40)), "the interrupted batch was lost, or a batch was seen twice"
     assert module.trainer.global_step == 20 and validations == [20], "the resumed epoch ended without validating"
-
