@@ -2,6 +2,9 @@
 
 import argparse
 import copy
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +109,23 @@ def test_corpus_metrics_reject_length_mismatch() -> None:
 
 
 # --- long-answer metrics -------------------------------------------------------------------------------
+
+
+def test_first_answer_em_scores_kept_generations_both_ways(tmp_path: Path) -> None:
+    """experiments/first_answer_em.py: the old metric (first gold answer) and today's (best answer) on one run."""
+    gold = [{"answers": ["Paris", "the city of Paris"]}, {"answers": ["in 1990", "1989"]}, {"answers": ["blue"]}]
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
+    run = tmp_path / "seed1"
+    run.mkdir()
+    (run / "test_generations.txt").write_text("the city of Paris\n1990\nred\n")
+    script = Path(__file__).resolve().parent.parent / "experiments" / "first_answer_em.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "gold.jsonl"), str(run)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    # EM: the first answers match none; the best answers match question 1 only ("1990" is not "in 1990").
+    # F1 first: 1/2 ("Paris" within "city of paris") + 2/3 ("1990" within "in 1990"); F1 best: 1 + 2/3.
+    row = [line for line in out.splitlines() if line.startswith("| seed1 |")][0].split("|")[2:6]
+    assert [float(x) for x in row] == pytest.approx([0.0, 100 / 3, 100 * (1 / 2 + 2 / 3) / 3, 100 * (1 + 2 / 3) / 3],
+                                                    abs=0.01)  # fmt: skip
 
 
 def test_rouge_l_identical_and_disjoint() -> None:
