@@ -11,11 +11,11 @@ line in the order of the gold file.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from input_readers import read_gold  # noqa: E402
 from rag_metrics import calculate_exact_match, calculate_f1  # noqa: E402
 
 
@@ -24,8 +24,7 @@ def main() -> None:
     parser.add_argument("gold", type=Path, help="the test split's gold file (jsonl with `answers`)")
     parser.add_argument("runs", type=Path, nargs="+", help="run directories with test_generations.txt")
     args = parser.parse_args()
-    with args.gold.open(encoding="utf-8") as f:
-        answers = [json.loads(line)["answers"] for line in f if line.strip()]
+    answers = read_gold(str(args.gold), "jsonl").answers
     first = [a[:1] for a in answers]
     print(f"{args.gold}: {len(answers)} questions, {sum(len(a) > 1 for a in answers)} with several answers")
     print("| run | EM first answer | EM best answer | F1 first answer | F1 best answer |")
