@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from causal_rag import encode_prompts, pad_id
 from input_readers import add_debug_arg, check_model_path, read_kb_csv, run_main
 from kb_encode_utils import split_documents, temporary_sibling
+from precision import native_bf16
 from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from rag_metrics import has_answer, normalize_answer
 
@@ -215,7 +216,7 @@ def load_generator(name_or_path: str, device: str, dtype: str = "auto") -> torch
     from transformers import AutoModelForCausalLM
 
     if dtype == "auto":
-        dtype = "bfloat16" if str(device).startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if str(device).startswith("cuda") and native_bf16() else "float32"
     model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False, dtype=getattr(torch, dtype))
     return model.to(device).eval()
 
@@ -576,7 +577,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "question encoder itself)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="generator weights (auto: bfloat16 on a GPU that has it, else float32)")  # fmt: skip
+                   help="generator weights (auto: bfloat16 on a GPU with native bf16, else float32)")  # fmt: skip
     p.add_argument("--max_batches", type=int, default=None,
                    help="generate at most N batches in this run, then stop (rerun to continue)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run")

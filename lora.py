@@ -2,7 +2,7 @@
 
 A part's transformer is wrapped in a `peft.PeftModel` where it sits (PooledEncoder.model, DPR's inner
 DPREncoder, RagGenerator.model), so the RagModel calls it as before; only the low-rank matrices train.
-Checkpoints and the KB refresh use `merged(part)`: a copy with the adapters folded into the weights,
+Checkpoints and the KB refresh use `merged(part)`: a CPU copy with the adapters folded into the weights,
 which loads and encodes as a plain model (eval_rag.py and the Ray encoding actors need no peft).
 """
 
@@ -58,10 +58,20 @@ def train_only_lora(part: torch.nn.Module) -> None:
 
 
 def merged(part: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the part with every adapter folded into its weights: a plain model again."""
+    """A copy of the part on the CPU with every adapter folded into its weights: a plain model again, for the
+    checkpoint export and the KB refresh. The part itself is not changed and is not copied on its own device:
+    each parameter and buffer is copied to the CPU one at a time, and peft merges there (a deep copy on the GPU
+    needed a second GPU-resident generator at every export: out of memory with a 7-8B one)."""
     if not has_lora(part):
         return part
-    part = copy.deepcopy(part)
+    # deepcopy takes what `memo` already holds for an object: the CPU copies, which also keeps tied weights tied.
+    memo = {}
+    for tensor in [*part.parameters(), *part.buffers()]:
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = (
+            torch.nn.Parameter(cpu, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else cpu
+        )
+    part = copy.deepcopy(part, memo)
     holder, attr = _inner(part)
     setattr(holder, attr, getattr(holder, attr).merge_and_unload())
     return part

@@ -46,6 +46,8 @@ from transformers import (
 from transformers.models.dpr.modeling_dpr import DPREncoder
 from transformers.utils import ModelOutput, cached_file
 
+from precision import LOAD_DTYPE
+
 POOLINGS = ("cls", "mean", "pooler")
 SIMILARITIES = ("dot", "cosine")
 # tau per similarity: 1 leaves dot products as DPR was trained; 0.05 is the scale (20) of the
@@ -281,13 +283,15 @@ def read_pooling(name_or_path: str | os.PathLike, cache_dir: str | None = None) 
 def _load_model(
     name_or_path: str | os.PathLike, config: PretrainedConfig, cache_dir: str | None, side: str | None
 ) -> PreTrainedModel:
-    """The model a PooledEncoder wraps: the AutoModel, or for a DPR checkpoint the DPREncoder of its side
-    (DPRQuestionEncoder and DPRContextEncoder return no last hidden state, their DPREncoder does)."""
+    """The model a PooledEncoder wraps, in float32 (precision.py): the AutoModel, or for a DPR checkpoint the
+    DPREncoder of its side (DPRQuestionEncoder and DPRContextEncoder return no last hidden state, their DPREncoder
+    does)."""
     if config.model_type != "dpr":
-        return AutoModel.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, trust_remote_code=False)
+        return AutoModel.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, trust_remote_code=False,
+                                         dtype=LOAD_DTYPE)  # fmt: skip
     arch = (config.architectures or [None])[0]
     if arch == "DPREncoder":  # saved by PooledEncoder.save_pretrained
-        return DPREncoder.from_pretrained(name_or_path, config=config, cache_dir=cache_dir)
+        return DPREncoder.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE)
     arch_side = {cls.__name__: s for s, (cls, _) in DPR_SIDES.items()}.get(arch)
     side = side or arch_side
     if side not in DPR_SIDES:
@@ -295,7 +299,7 @@ def _load_model(
     if arch_side not in (None, side):
         raise ValueError(f"{name_or_path} holds a {arch}, not a {side} encoder")
     dpr_cls, attr = DPR_SIDES[side]
-    return getattr(dpr_cls.from_pretrained(name_or_path, config=config, cache_dir=cache_dir), attr)
+    return getattr(dpr_cls.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE), attr)
 
 
 def load_encoder(
@@ -309,7 +313,8 @@ def load_encoder(
 ) -> torch.nn.Module:
     """A question or context encoder from any checkpoint. DPR checkpoints load as DPRQuestionEncoder /
     DPRContextEncoder, unchanged, unless asked for cls/mean pooling, cosine similarity or a temperature;
-    anything else as a PooledEncoder. Remote code is never run."""
+    anything else as a PooledEncoder. Weights load in float32 whatever dtype the checkpoint declares (precision.py);
+    remote code is never run."""
     if side not in DPR_SIDES:
         raise ValueError(f"side {side!r}: use 'question' or 'context'")
     config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=False)
@@ -319,7 +324,9 @@ def load_encoder(
         sim, tau, learn = _scoring(saved, side, similarity, temperature, learn_temperature)
         plain = sim == "dot" and tau in (None, 1.0) and not learn
         if pooling == "pooler" and plain and (config.architectures or [None])[0] != "DPREncoder":
-            return DPR_SIDES[side][0].from_pretrained(name_or_path, config=config, cache_dir=cache_dir)
+            return DPR_SIDES[side][0].from_pretrained(
+                name_or_path, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE
+            )
     return PooledEncoder.from_pretrained(
         name_or_path, pooling, similarity, cache_dir, side, temperature, learn_temperature
     )

@@ -46,6 +46,7 @@ from causal_rag import (
 )
 from kb_search import KBSearch, checkpoint_kb
 from lora import has_lora, merged
+from precision import LOAD_DTYPE, float32_scores
 from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
 from rag_marginals import (
     distinct_candidates,
@@ -131,9 +132,9 @@ class RagGenerator(torch.nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, template: str | None = None, max_length: int | None = None,
                         label_smoothing: float = 0.0, cache_dir: str | None = None, **config):  # fmt: skip
-        """The model at `path` (hub name or directory) and its tokenizer; `config` overrides config values
-        (e.g. dropout)."""
-        model = cls.auto_class.from_pretrained(path, cache_dir=cache_dir, **config)
+        """The model at `path` (hub name or directory) in float32 whatever dtype it was saved in (precision.py),
+        and its tokenizer; `config` overrides config values (e.g. dropout)."""
+        model = cls.auto_class.from_pretrained(path, cache_dir=cache_dir, dtype=LOAD_DTYPE, **config)
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=cache_dir)
         return cls(model, tokenizer, template, max_length or cls.default_max_length, label_smoothing)
 
@@ -413,14 +414,14 @@ class RagModel(torch.nn.Module):
         if fetch > n:
             with torch.no_grad():
                 d = self.encode_passages(*_flat(docs)).view(len(q), fetch, -1)
-                keep = torch.einsum("bd,bnd->bn", q.float(), d.float()).topk(n, dim=1).indices.cpu().numpy()
+                keep = float32_scores("bd,bnd->bn", q, d).topk(n, dim=1).indices.cpu().numpy()
             ids = np.take_along_axis(np.asarray(ids), keep, 1)
             docs = [{key: [doc[key][k] for k in row] for key in ("title", "text")} for doc, row in zip(docs, keep)]
         if fresh:
             d = self.encode_passages(*_flat(docs)).view(len(q), n, -1)
         else:
             d = torch.tensor(np.asarray(stored), device=q.device)  # a copy: Ray hands read-only arrays
-        return Retrieved(q, torch.einsum("bd,bnd->bn", q.float(), d.float()), docs, np.asarray(ids))
+        return Retrieved(q, float32_scores("bd,bnd->bn", q, d), docs, np.asarray(ids))
 
     # ------------------------------------------------------------------ the RAG loss and generation
 
@@ -566,9 +567,13 @@ class RagModel(torch.nn.Module):
     @classmethod
     def _from_transformers_rag(cls, name: str, retriever, load_generator: bool, cache_dir: str | None, **overrides):
         """transformers' RAG checkpoints (RagToken/RagSequenceForGeneration): its DPR question encoder and its
-        BART generator, prompted as transformers' RAG prompts them."""
+        BART generator (float32, precision.py), prompted as transformers' RAG prompts them."""
         config = RagConfig.from_pretrained(name, cache_dir=cache_dir)
-        rag = RagTokenForGeneration.from_pretrained(name, cache_dir=cache_dir)  # both classes hold the same weights
+        # float32 parts: RagConfig declares no sub_configs, so transformers builds each part in the dtype its own
+        # config declares, whatever `dtype=` says
+        config.question_encoder.dtype = config.generator.dtype = LOAD_DTYPE
+        # both classes hold the same weights
+        rag = RagTokenForGeneration.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE)
         tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
         generator = None
         if load_generator:

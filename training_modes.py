@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from precision import float32_scores
 from rag_metrics import has_answer
 from rag_model import RagModel
 
@@ -41,17 +42,19 @@ def infonce(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: tor
             symmetric: bool = False) -> torch.Tensor:  # fmt: skip
     """Contrastive loss of B questions (B, d) against P candidate passages (P, d), scores q.p (the question
     vectors carry 1/tau). positive[i]: the column of question i's positive; owner[j]: the passage id of
-    column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative.
-    symmetric adds the passage -> question direction over the positives' columns."""
-    scores = q.float() @ p.float().T  # (B, P)
+    column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative (both on
+    the vectors' device). symmetric adds the passage -> question direction over the positives' columns. Scores are
+    float32 even under autocast (precision.float32_scores)."""
+    scores = float32_scores("bd,pd->bp", q, p)  # (B, P)
+    rows = torch.arange(len(q), device=scores.device)
     same = owner[None, :] == owner[positive][:, None]  # the same passage as question i's positive
-    same[torch.arange(len(q)), positive] = False
+    same[rows, positive] = False
     loss = F.cross_entropy(scores.masked_fill(same, float("-inf")), positive)
     if symmetric:
         by_passage = scores[:, positive].T  # (B, B): positive of i against every question
         dup = owner[positive][None, :] == owner[positive][:, None]
         dup.fill_diagonal_(False)
-        loss = (loss + F.cross_entropy(by_passage.masked_fill(dup, float("-inf")), torch.arange(len(q)))) / 2
+        loss = (loss + F.cross_entropy(by_passage.masked_fill(dup, float("-inf")), rows)) / 2
     return loss
 
 
@@ -239,13 +242,14 @@ class RetrieverOnly(Objective):
                 # The other ranks gather candidates, forward and backward (a collective): take part, with none.
                 none = torch.zeros(0, model.question_encoder.config.hidden_size, requires_grad=True,
                                    device=batch["input_ids"].device)  # fmt: skip
-                zero = zero + gather_candidates(none, torch.zeros(0, dtype=torch.long))[0].sum() * 0.0
+                owners = torch.zeros(0, dtype=torch.long, device=none.device)
+                zero = zero + gather_candidates(none, owners)[0].sum() * 0.0
             return zero, {"infonce": 0.0, "with_positive": 0.0}
         passages = [mined.positive[i] for i in keep]
         for i in keep:
             passages += mined.negatives[i]
-        owner = torch.tensor([passage_key(*p) for p in passages])
         q = model.encode_questions(batch["input_ids"][keep], batch["attention_mask"][keep])
+        owner = torch.tensor([passage_key(*p) for p in passages], device=q.device)
         p, owner, offset = gather_candidates(model.encode_passages(*map(list, zip(*passages))), owner)
         positive = torch.arange(len(keep), device=p.device) + offset
         loss = infonce(q, p, owner, positive, self.args.symmetric_infonce)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from device_probe import HostTensorProbe
 
 import eval_rag
 import finetune_rag
@@ -96,6 +97,33 @@ def test_gradients_reach_exactly_the_parts_the_mode_trains(make_module, gold_dat
             assert not any(p.requires_grad or p.grad is not None for p in params), f"{mode}: {name} should be frozen"
     assert (module.model.generator is None) == (mode == "retriever_only")
     assert module.objective.refreshes == ("ctx_encoder" in TRAINS[mode])
+
+
+# Each recipe, and the variants that take other code paths: both InfoNCE directions, the LM teacher and Atlas's
+# re-ranking, RAG-sequence with label smoothing of the marginal, decoder-only generators.
+DEVICE_CASES = [
+    *((mode, (), mode == "dalm") for mode in sorted(MODES)),
+    ("retriever_only", ("--symmetric_infonce",), False),
+    ("rag_end2end", ("--retriever_loss", "pdist", "--rerank_top", "5"), True),
+    ("rag_end2end", ("--model_type", "rag_sequence", "--label_smoothing", "0.1"), False),
+    ("rag_original", ("--model_type", "rag_sequence", "--label_smoothing", "0.1"), True),
+]
+
+
+@pytest.mark.parametrize(("mode", "extra", "causal"), DEVICE_CASES)
+def test_every_tensor_a_recipe_makes_follows_the_device_of_its_inputs(make_module, gold_data, mode, extra, causal):
+    """A tensor made without `device=` is on the CPU of a GPU run, and CUDA refuses an op that mixes it with the
+    GPU's tensors (retriever_only and dalm crashed at their first CUDA step). HostTensorProbe shows that on the
+    CPU: the model and the batch stand for GPU tensors, what a factory makes without a device for CPU ones."""
+    module = make_module(mode, *extra, data=gold_data, causal=causal)
+    batch = _batch(module)  # made before the probe: as Lightning moved it, "on the GPU"
+    with HostTensorProbe() as probe:
+        module.training_step(batch, 0).backward()
+        if module.model.generator is not None:  # validation and test decode
+            with torch.no_grad():
+                module.model.generate(batch["input_ids"], batch["attention_mask"], batch["source_text"], 4)
+    assert probe.host_made > 0  # the probe saw the tokenizers' CPU tensors
+    assert probe.mixed == [], f"{mode} {extra}: ops that mix CPU and GPU tensors on a GPU run: {probe.mixed}"
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
