@@ -4,12 +4,14 @@
    in) against a bare bf16 forward pass of the same encoder over the same passages, in this process.
 2. train: the tiny models end to end (rag_end2end, bf16-mixed on CUDA) without a refresh and with one every
    `--indexing_freq` steps whose encoding actor shares the GPU (`--index_gpus 0.5`), alternated `--repeats`
-   times: step time median and p95 of each, their ratios, generator tokens/s, peak GPU memory.
+   times: step time median and p95 of each, their ratios, generator tokens/s, peak GPU memory: the trainer's
+   own (its CUDA allocator) and the whole device's (every process's, so the encoding actor's too).
 
     python bench/gpu_check.py --out OUT            # on a GPU (what gpu_check.sh runs)
     python bench/gpu_check.py --out OUT --cpu      # the CPU dry run: the same steps, float32, no GPU actor
 
-Writes OUT/gpu_check.json (with the versions, the device, and what was skipped and why).
+Writes OUT/gpu_check.json (with the versions, the device, and what was skipped and why) after each part, so that
+a run stopped by gpu_check.sh's timeout still leaves the parts it finished.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import platform
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,6 +75,52 @@ class TokensAndMemory(pl.Callback):
             self.peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class DeviceMemory:
+    """GPU memory in use on the whole device while a block runs, sampled every `interval` s from a thread:
+    cudaMemGetInfo (torch.cuda.mem_get_info) counts every process's memory, so the Ray encoding actor's (another
+    process, which the trainer's allocator peak leaves out) and each process's CUDA context too. `before_mib` is
+    the use when the block starts (after this process's cached blocks are released), `peak_mib` the highest
+    sample; a peak shorter than `interval` can be missed. Records nothing without CUDA."""
+
+    def __init__(self, enabled: bool, interval: float = 0.02) -> None:
+        self.enabled, self.interval = enabled, interval
+        self.before_mib: float | None = None
+        self.peak_mib: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def used_mib() -> float:
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_mib = max(self.peak_mib, self.used_mib())
+
+    def __enter__(self) -> DeviceMemory:
+        if self.enabled:
+            torch.cuda.empty_cache()
+            self.before_mib = self.peak_mib = self.used_mib()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = max(self.peak_mib, self.used_mib())
+
+
+def device_memory(blocks: list[DeviceMemory]) -> dict:
+    """The highest device-wide use over `blocks` and the use before the block that reached it (None on CPU)."""
+    top = max(blocks, key=lambda b: b.peak_mib or 0.0)
+    return {"device_memory_peak_mib": top.peak_mib, "device_memory_before_mib": top.before_mib,
+            "device_memory_of": f"cudaMemGetInfo: every process on the GPU, sampled every {top.interval * 1e3:g} ms"
+            if top.enabled else "not measured (no CUDA)"}  # fmt: skip
+
+
 def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": transformers.__version__, "lightning": pl.__version__, "ray": ray.__version__,
@@ -91,17 +140,19 @@ def encode(work: Path, models: dict, args: argparse.Namespace, gpu: bool) -> dic
     refresher.wait_for_actors()
     weights = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     passages = datasets.load_from_disk(kb.passages_path).select_columns(["title", "text"])
-    device, bare, refresh = "cuda" if gpu else "cpu", [], []
+    device, bare, refresh, memory = "cuda" if gpu else "cpu", [], [], []
     for repeat in range(args.repeats):
         bare.append(bare_forward(encoder, tokenizer, passages, args.batch_size, torch.get_num_threads(), device, gpu))
-        refresh.append(whole_refresh(refresher, weights, repeat + 1, None))
+        with DeviceMemory(gpu) as sampled:  # the refresh encodes in the actor: another process
+            refresh.append(whole_refresh(refresher, weights, repeat + 1, None))
+        memory.append(sampled)
     refresher.close()
     for actor in retriever.actors:
         ray.kill(actor)
     b, r = bench_refresh.pct(bare, 50), bench_refresh.pct(refresh, 50)
     return {"passages": args.passages, "batch_size": args.batch_size, "bf16": gpu, "encoding_actor_gpus": 0.5 * gpu,
             "bare_forward_passages_per_s": b, "refresh_passages_per_s": r, "refresh_vs_bare": r / b,
-            "bare_runs": bare, "refresh_runs": refresh}  # fmt: skip
+            "bare_runs": bare, "refresh_runs": refresh, **device_memory(memory)}  # fmt: skip
 
 
 def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.Namespace, gpu: bool) -> dict:
@@ -123,12 +174,14 @@ def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.
     # An untimed first run pays what only a process's first training pays (CUDA context and kernels, lazy imports).
     bench_refresh.train_run("warm-up", argv("warm-up", steps=4), 0)
     runs = {"no_refresh": [], "refresh": []}
-    counters = []
+    counters, memory = [], []
     for repeat in range(args.repeats):
         runs["no_refresh"].append(bench_refresh.train_run(f"plain-{repeat}", argv(f"plain-{repeat}"), args.warmup))
         counters.append(TokensAndMemory())
-        runs["refresh"].append(bench_refresh.train_run(f"refresh-{repeat}", argv(f"refresh-{repeat}", *refresh_flags),
-                                                       args.warmup, counters[-1]))  # fmt: skip
+        with DeviceMemory(gpu) as sampled:  # the trainer, its retrieval actor and the encoding actor on the GPU
+            runs["refresh"].append(bench_refresh.train_run(f"refresh-{repeat}", argv(f"refresh-{repeat}",
+                                                           *refresh_flags), args.warmup, counters[-1]))  # fmt: skip
+        memory.append(sampled)
     plain = [ms for run in runs["no_refresh"] for _, ms in run.steps]
     busy = [ms for run in runs["refresh"] for _, ms in run.steps]
     pct = bench_refresh.pct
@@ -141,6 +194,7 @@ def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.
         "step_ratio_median": pct(busy, 50) / pct(plain, 50), "step_ratio_p95": pct(busy, 95) / pct(plain, 95),
         "tokens_per_s": sum(c.tokens for c in counters) / sum(c.seconds for c in counters),
         "peak_memory_mib": max(c.peak_mib for c in counters), "peak_memory_of": "cuda allocator" if gpu else "cpu rss",
+        **device_memory(memory),
         "refreshes": len(last.refresh.history) if last.refresh else 0,
         "kb_version_served": last.module.kb.version,
         "final_loss": float(last.module.trainer.callback_metrics.get("loss", float("nan"))),
@@ -177,16 +231,23 @@ def main(argv: list[str] | None = None) -> dict:
                                          "64 MiB call (../shared/reference/gpu-device.md)")  # fmt: skip
     if args.tests_rc is not None:
         result["gpu_tests"] = {"returncode": args.tests_rc}
+    if not gpu:
+        result["skipped"]["device_memory"] = "no CUDA: the device-wide memory is not measured"
     start = time.perf_counter()
+
+    def save() -> None:  # after each part: a run stopped by the timeout keeps what it finished
+        result["seconds"] = time.perf_counter() - start
+        (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+
     models, passages, index = bench_refresh.build_inputs(work, 4, "flat")
     init_ray(None, f"gpu-check-{time.time_ns()}")
     result["encode"] = encode(work, models, args, gpu)
     print(f"encode: {json.dumps(result['encode'])}", flush=True)
+    save()
     result["train"] = train(work, models, passages, index, args, gpu)
     print(f"train: {json.dumps(result['train'])}", flush=True)
     result["refresh"] = {k: result["train"][k] for k in ("step_ratio_median", "step_ratio_p95")}
-    result["seconds"] = time.perf_counter() - start
-    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+    save()
     ray.shutdown()
     return result
 
