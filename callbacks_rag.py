@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -15,7 +16,7 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from kb_encode_utils import IndexConfig, remove_unreachable_versions, writing
-from kb_refresh import Refresher
+from kb_refresh import DDP_TIMEOUT_S, Refresher, rank_zero_wait_s
 from lora import merged
 
 
@@ -36,6 +37,7 @@ class KBRefreshCallback(pl.Callback):
         refresh_before_validation: bool = False,
         max_failures: int = 3,
         index_cpus: int = 1,
+        wait_timeout: float = rank_zero_wait_s(DDP_TIMEOUT_S),
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -47,7 +49,10 @@ class KBRefreshCallback(pl.Callback):
             "max_failures": max_failures,
             "encode_batch_size": encode_batch_size,
             "keep_versions": keep_versions,
+            "wait_timeout": wait_timeout,
         }
+        # The longest rank 0 waits for a refresh (or the actors' start) while the other ranks sit in a barrier.
+        self.wait_timeout = wait_timeout
         self.refresh_before_validation = refresh_before_validation
         self.refresher: Refresher | None = None
         self._last_trigger_step = 0
@@ -103,12 +108,14 @@ class KBRefreshCallback(pl.Callback):
         pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
 
-    def _refresh_now(self, trainer, pl_module) -> None:
-        """Re-encode the KB with the current weights and wait until it is live (rank 0)."""
+    def _refresh_now(self, trainer, pl_module, timeout: float | None = None) -> None:
+        """Re-encode the KB with the current weights and wait until it is live (rank 0), at most `timeout` s
+        (wait_timeout): a TimeoutError naming the actors it still waits for, before the other ranks' barrier times
+        out."""
         self._last_trigger_step = trainer.global_step
         # Training waits, so the encoders may take every core of this machine.
         self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
-        self._wait(trainer, pl_module, 24 * 3600)
+        self._wait(trainer, pl_module, self.wait_timeout if timeout is None else timeout, must_finish=True)
 
     def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
         weights = merged(pl_module.model.ctx_encoder).state_dict()  # the actors encode without peft
@@ -122,9 +129,9 @@ class KBRefreshCallback(pl.Callback):
         for lg in trainer.loggers if metrics else []:
             lg.log_metrics(metrics, step=trainer.global_step)
 
-    def _wait(self, trainer, pl_module, timeout: float) -> None:
+    def _wait(self, trainer, pl_module, timeout: float, must_finish: bool = False) -> None:
         before = len(self.refresher.history)
-        self.refresher.wait_until_idle(trainer.global_step, timeout)
+        self.refresher.wait_until_idle(trainer.global_step, timeout, must_finish)
         if len(self.refresher.history) > before:
             self._log_retrieval(trainer, pl_module)
 
@@ -143,9 +150,11 @@ class KBRefreshCallback(pl.Callback):
         if not self.refresh_before_validation or trainer.sanity_checking or trainer.state.fn != "fit":
             return
         if trainer.is_global_zero:
-            self._wait(trainer, pl_module, 24 * 3600)
+            # One bound for both waits: the other ranks wait in the barrier below for all of it.
+            deadline = time.monotonic() + self.wait_timeout
+            self._wait(trainer, pl_module, self.wait_timeout, must_finish=True)
             if pl_module.kb.embedding_step < trainer.global_step:
-                self._refresh_now(trainer, pl_module)
+                self._refresh_now(trainer, pl_module, max(0.0, deadline - time.monotonic()))
         trainer.strategy.barrier("kb_refreshed_for_validation")  # no rank validates against the old index
 
     def state_dict(self) -> dict:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import faiss
 import numpy as np
@@ -19,6 +22,7 @@ from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from faiss_devices import faiss_actor_gpus, to_gpu
 from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, quiet_actor, shard_bounds
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
@@ -33,8 +37,96 @@ RELOAD_TIMEOUT_S = 1800.0  # the first call to an actor being restarted, which l
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, namespace: str = "rag") -> None:
-    """Join `address` (a running cluster) or start a local Ray that listens on loopback only."""
+@dataclass(frozen=True)
+class GpuPlan:
+    """Which of this machine's visible GPUs train and which encode the KB, as positions among them (torch's
+    `cuda:i`, the i-th entry of CUDA_VISIBLE_DEVICES). Built by `plan_gpus`, the one placement rule."""
+
+    train: tuple[int, ...]  # Lightning's devices
+    encode: tuple[int, ...]  # what a local Ray may hand to encoding actors; shares `train` only for a fraction
+    per_actor: float  # num_gpus of each encoding actor; 0: they encode on CPU
+
+    def ray_gpus(self, visible_ids: Sequence[str]) -> list[str]:
+        """The encoding GPUs as CUDA_VISIBLE_DEVICES names them (`visible_ids`: visible_gpu_ids()), for init_ray."""
+        return [visible_ids[i] for i in self.encode]
+
+
+def visible_gpu_ids() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (SLURM exports physical ids, e.g. "4,5,6"), in
+    torch's order: `cuda:i` is entry i."""
+    import torch  # not at module level: retrieval actors import this module and never need torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",")[:count] if listed else [str(i) for i in range(count)]
+
+
+def plan_gpus(
+    visible: int | None, train: Sequence[int], index_gpus: float, index_workers: int, train_flags: str = ""
+) -> GpuPlan:
+    """Split `visible` GPUs between training (`train`, Lightning's device positions) and the `index_workers`
+    encoding actors that share `index_gpus`. A whole --index_gpus takes the first GPUs training does not use, so
+    no encoder lands beside a training rank; a fraction below 1 shares the last training GPU (rank 0's stays
+    whole where there are several: it also drives the refresh and scores retrieval). `visible` None: the encoding
+    GPUs are a joined Ray cluster's, not this machine's; only the shares are checked. Impossible settings raise
+    ValueError, one line naming the flags (`train_flags`: those that chose `train`, e.g. "--gpus 2") and counts."""
+    train = tuple(train)
+    if index_gpus < 0 or index_workers < 1:
+        raise ValueError(f"--index_gpus must be >= 0 and --index_workers >= 1, got {index_gpus:g} and {index_workers}")
+    per_actor = index_gpus / index_workers
+    if per_actor > 1:  # Ray also refuses a share above 1 that is not whole (1.5), when the actor is created
+        raise ValueError(
+            f"--index_gpus {index_gpus:g} --index_workers {index_workers} asks {per_actor:g} GPUs of each encoding "
+            f"actor, which encodes on one GPU: give --index_workers {math.ceil(index_gpus)} or more"
+        )
+    if index_gpus > 1 and index_gpus != int(index_gpus):
+        raise ValueError(f"--index_gpus {index_gpus:g}: give a whole number of GPUs (kept apart from training) or a "
+                         "fraction below 1 (a share of a training GPU)")  # fmt: skip
+    if index_gpus == 0 or visible is None:
+        return GpuPlan(train, (), per_actor)
+    asked = f"{train_flags or f'{len(train)} training GPU(s)'} --index_gpus {index_gpus:g}"
+    if index_gpus < 1:
+        if visible < 1:
+            raise ValueError(f"{asked}: a share of a GPU, but no GPU is visible here{_visible_note()}; give "
+                             "--index_gpus 0 to encode on CPU")  # fmt: skip
+        return GpuPlan(train, train[-1:] or (0,), per_actor)
+    free = [d for d in range(visible) if d not in train]
+    if len(free) < index_gpus:
+        raise ValueError(
+            f"{asked} need {len(train) + int(index_gpus)} GPUs, {visible} visible{_visible_note()}: lower "
+            "--index_gpus, or give a fraction (--index_gpus 0.5) to share a training GPU, or 0 to encode on CPU"
+        )
+    return GpuPlan(train, tuple(free[: int(index_gpus)]), per_actor)
+
+
+def _visible_note() -> str:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (CUDA_VISIBLE_DEVICES={listed})" if listed is not None else ""
+
+
+@contextmanager
+def _visible_to_ray(gpus: Sequence[str] | None):
+    """CUDA_VISIBLE_DEVICES set to `gpus` while the block starts a local Ray, then restored: the raylet and every
+    worker it starts inherit the environment of that moment, and Ray numbers and hands out only those GPUs."""
+    if gpus is None:
+        yield {}
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    try:
+        yield {"num_gpus": len(gpus)}
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[str] | None = None) -> None:
+    """Join `address` (a running cluster) or start a local Ray that listens on loopback only. A local Ray gets
+    exactly the GPUs `gpus` (CUDA_VISIBLE_DEVICES ids: GpuPlan.ray_gpus) to hand to actors, none if empty: left to
+    itself it takes every GPU it sees and hands them out from the first, which is training rank 0's. None: Ray's
+    own count (a joined cluster's GPUs are whatever its nodes were started with)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get(RAY_ADDRESS_ENV)
@@ -52,7 +144,8 @@ def init_ray(address: str | None = None, namespace: str = "rag") -> None:
     # encoding actors then get almost no CPU and a refresh never finishes. Equal priority, unless the
     # user's environment says otherwise.
     os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
-    ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1")
+    with _visible_to_ray(gpus) as resources:
+        ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", **resources)
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
@@ -103,16 +196,32 @@ class _LoadedKB:
     # The same memory-mapped rows without the embeddings, for recipes that re-encode the passages they
     # retrieve: 8 x 5 stored 768-d vectors are 123 KB to gather and ship back through Ray (~3 ms a call).
     texts: Dataset = field(init=False)
+    on_gpu: bool = False  # `index` is a GPU copy (faiss_devices.to_gpu)
+    # A GPU index is not thread-safe, and an actor answers two calls at once: GPU searches take turns.
+    _gpu_turn: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self):
         self.texts = self.passages.remove_columns("embeddings").with_format(None)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top `k` of each query (float32, contiguous) in this version's index."""
+        if not self.on_gpu:
+            return self.index.search(queries, k)
+        with self._gpu_turn:
+            return self.index.search(queries, k)
+
+    @classmethod
+    def placed(cls, info: KBVersion, passages: Dataset, index: faiss.Index, mode: str, offset: int = 0) -> _LoadedKB:
+        """The loaded version with its index on this actor's GPUs as `mode` says (the CPU index where it stays)."""
+        searched = to_gpu(index, mode)
+        return cls(info, passages, searched, offset, on_gpu=searched is not index)
 
 
 class RetrievalActor:
     """Serves top-k search over one KB version. A new version is loaded beside the live one (`stage`)
     and made live by one assignment (`activate`), so each search sees exactly one version."""
 
-    def __init__(self, ef_search: int = 128, threads: int | None = None):
+    def __init__(self, ef_search: int = 128, threads: int | None = None, faiss_gpu: str = "auto"):
         quiet_actor()
         # Ray sets OMP_NUM_THREADS=1 in an actor with num_cpus=0, so FAISS would search on one core while the
         # trainer, which waits for the answer, leaves the others idle (100k x 768 Flat, 8 queries: 207 -> 120 ms).
@@ -120,6 +229,8 @@ class RetrievalActor:
         # index build) sets it.
         self.threads = threads or os.cpu_count() or 1
         self.ef_search = ef_search
+        # faiss_devices mode: the index goes on the GPUs Ray gave this actor (none: it stays on CPU, as before)
+        self.faiss_gpu = faiss_gpu
         self._live: _LoadedKB | None = None
         self._staged: dict[int, _LoadedKB] = {}
         self._lock = threading.Lock()  # guards staging; searches never take it
@@ -134,7 +245,7 @@ class RetrievalActor:
             index.hnsw.efSearch = self.ef_search
         if index.ntotal != len(passages):
             raise ValueError(f"{kb.index_path} holds {index.ntotal} vectors for {len(passages)} passages")
-        return _LoadedKB(kb, passages, index)
+        return _LoadedKB.placed(kb, passages, index, self.faiss_gpu)
 
     def stage(self, kb: KBVersion) -> int:
         loaded = self._load(kb)
@@ -198,21 +309,34 @@ class RetrievalActor:
         self.requests = next(self._requests)
         kb = self._serving(fallback)
         queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
-        _, ids = kb.index.search(queries, n_docs)
+        _, ids = kb.search(queries, n_docs)
         # HNSW may return -1 when it finds fewer than n_docs neighbours: repeat the best hit instead.
         ids = np.where(ids < 0, ids[:, :1], ids)
         embeds, docs = self._lookup(kb, ids, embeddings)
         return embeds, ids, docs, kb.info
 
 
-def start_retrieval_actors(n: int, ef_search: int = 128, namespace: str = "rag", threads: int | None = None) -> list:
+def start_retrieval_actors(
+    n: int,
+    ef_search: int = 128,
+    namespace: str = "rag",
+    threads: int | None = None,
+    faiss_gpu: str = "auto",
+    index_gpus: float = 0,
+) -> list:
     """Create (or, from other ranks, attach to) the actors `retrieval_worker_<i>` of Ray namespace `namespace`.
-    Ray restarts one that dies (a fresh, empty process); the retriever reloads it on its next call."""
+    Ray restarts one that dies (a fresh, empty process); the retriever reloads it on its next call. With
+    `faiss_gpu` (--faiss_gpu) on and index GPUs (--index_gpus), each asks Ray for its share of a GPU and searches
+    its index there (faiss_devices.faiss_actor_gpus: the builder of refreshes counts as one more)."""
+    gpus, faiss_gpu = faiss_actor_gpus(faiss_gpu, index_gpus, n + 1)
     # Two threads: a search can run while a new version is staged; num_cpus=0 because they mostly wait.
     options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace,
-               "max_restarts": -1}  # fmt: skip
+               "max_restarts": -1, **({"num_gpus": gpus} if gpus else {})}  # fmt: skip
     remote_cls = ray.remote(RetrievalActor)
-    return [remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search, threads) for i in range(n)]
+    return [
+        remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search, threads, faiss_gpu)
+        for i in range(n)
+    ]
 
 
 @dataclass
@@ -235,7 +359,9 @@ class ShardActor(RetrievalActor):
 
     def __init__(self, shard: int, n_shards: int, index_config: IndexConfig, threads: int | None = None):
         # A query reaches every shard at once: shards that share a machine share its cores.
-        super().__init__(index_config.ef_search, threads or max(1, (os.cpu_count() or 1) // n_shards))
+        super().__init__(
+            index_config.ef_search, threads or max(1, (os.cpu_count() or 1) // n_shards), index_config.faiss_gpu
+        )
         self.shard, self.n_shards, self.index_config = shard, n_shards, index_config
         self._previous: _LoadedKB | None = None
         self._adopted = False  # the live version was loaded by ensure_live or search, not made live by activate
@@ -249,7 +375,9 @@ class ShardActor(RetrievalActor):
         start, end = bounds[self.shard]
         embeddings = passages.with_format("numpy", columns=["embeddings"])[start:end]["embeddings"]
         faiss.omp_set_num_threads(self.threads)
-        return _LoadedKB(kb, passages, build_faiss_index(embeddings, self.index_config), offset=start)
+        # IVF/PQ training on this actor's GPUs when it has some (index_config.faiss_gpu), then search there
+        index = build_faiss_index(embeddings, self.index_config)
+        return _LoadedKB.placed(kb, passages, index, self.faiss_gpu, offset=start)
 
     def _find(self, version: int) -> _LoadedKB | None:
         """The loaded `version` if this shard holds it (live, staged or the previous live); call with the lock held."""
@@ -312,7 +440,7 @@ class ShardActor(RetrievalActor):
             if kb is None:
                 return None
         adopted = self._adopted and kb is self._live
-        scores, local = kb.index.search(np.ascontiguousarray(queries, dtype=np.float32), n_docs)
+        scores, local = kb.search(np.ascontiguousarray(queries, dtype=np.float32), n_docs)
         found = local >= 0  # FAISS pads with -1 past the shard's size, and HNSW may find fewer
         ids = np.where(found, local + kb.offset, kb.offset)  # a miss names a real row; its -inf sorts it last
         scores = np.where(found, scores, -np.inf).astype(np.float32)
@@ -321,12 +449,15 @@ class ShardActor(RetrievalActor):
 
 
 def start_shard_actors(
-    n_shards: int, index_config: IndexConfig, namespace: str = "rag", threads: int | None = None
+    n_shards: int, index_config: IndexConfig, namespace: str = "rag", threads: int | None = None, index_gpus: float = 0
 ) -> list:
     """Create (or attach to) the actors `retrieval_shard_<i>` of Ray namespace `namespace`, spread over the
-    cluster's machines by Ray's scheduler. Ray restarts one that dies (empty); the retriever reloads it."""
+    cluster's machines by Ray's scheduler. Ray restarts one that dies (empty); the retriever reloads it. With
+    `index_config.faiss_gpu` on and index GPUs, each asks Ray for its share of a GPU, as start_retrieval_actors."""
+    gpus, faiss_gpu = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, n_shards + 1)
+    index_config = replace(index_config, faiss_gpu=faiss_gpu)
     options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace,
-               "max_restarts": -1, "scheduling_strategy": "SPREAD"}  # fmt: skip
+               "max_restarts": -1, "scheduling_strategy": "SPREAD", **({"num_gpus": gpus} if gpus else {})}  # fmt: skip
     remote_cls = ray.remote(ShardActor)
     return [
         remote_cls.options(name=f"retrieval_shard_{i}", **options).remote(i, n_shards, index_config, threads)

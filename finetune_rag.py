@@ -43,9 +43,11 @@ from distributed_ray_retriever import (
     init_ray,
     start_retrieval_actors,
     start_shard_actors,
+    visible_gpu_ids,
 )
 from input_readers import read_gold, read_lines, refusing, run_main
 from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling, writing
+from kb_refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
 from plot_run import plot_runs
 from qa_dataset import QuestionDataset
 from rag_assembly import assemble
@@ -60,7 +62,7 @@ from rag_metrics import (
     rouge_l_score,
     sentence_bleu,
 )
-from rag_options import SCHEDULERS, check_data_dir, parse_args, trainer_kwargs
+from rag_options import SCHEDULERS, check_data_dir, gpu_plan, parse_args, trainer_kwargs
 from run_dir import is_first_process, lock_output_dir, prepare_output_dir, release_lock
 from training_modes import make_objective, mine
 
@@ -339,7 +341,10 @@ class GenerativeQAModule(pl.LightningModule):
             self.reencode_on_start = True  # KBRefreshCallback.on_train_start
             return
         if self.global_rank == 0 and kb.version != self.kb.version:  # the actors are shared: one rank swaps them
-            ray.get(self.retriever.stage(kb))
+            staged = self.retriever.stage(kb)  # bounded: the other ranks wait in the barrier below
+            names = [f"retrieval actor {i}" for i in range(len(staged))]
+            wait_for(staged, names, rank_zero_wait_s(self.hparams.ddp_timeout), f"load KB v{kb.version}")
+            ray.get(staged)
             self.retriever.activate(kb)
         self.retriever.live_kb = kb
         self.trainer.strategy.barrier("kb_swapped")  # no rank retrieves from the old version after this
@@ -358,14 +363,19 @@ class GenerativeQAModule(pl.LightningModule):
 
 
 def build_module(args: argparse.Namespace) -> GenerativeQAModule:
-    """Start (or join) Ray and this run's retrieval actors, then build the module around them."""
-    init_ray(args.ray_address, args.ray_namespace)
+    """Start (or join) Ray and this run's retrieval actors, then build the module around them. A local Ray gets the
+    GPUs the plan sets aside for the encoding actors (rag_options.gpu_plan), and no other: training's stay its own."""
+    init_ray(args.ray_address, args.ray_namespace, gpu_plan(args).ray_gpus(visible_gpu_ids()))
+    if args.index_gpus:  # a joined cluster may lack them: refused now rather than pending for ever at the first refresh
+        check_placeable("--index_gpus: the encoding actors", encoder_options(args.index_gpus, args.index_workers))
     # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
     namespace = f"{args.ray_namespace}-{args.run_id}"
     if args.index_shards > 1:
-        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads)
+        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads,
+                                    args.index_gpus)  # fmt: skip
         return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env(), args.retrieval_timeout))
-    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads)
+    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads,
+                                    args.faiss_gpu, args.index_gpus)  # fmt: skip
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env(), args.retrieval_timeout))
 
 
@@ -452,6 +462,7 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
                 args.refresh_before_validation,
                 args.max_refresh_failures,
                 index_cpus=args.index_cpus,
+                wait_timeout=rank_zero_wait_s(args.ddp_timeout),
             )
         )
     trainer = pl.Trainer(

@@ -37,7 +37,7 @@ else
 fi
 # Train. Ray starts locally on loopback; add --ray_address auto to join a `ray start` cluster.
 # With --index_gpus N, N GPUs that training does not use encode the KB (CUDA_VISIBLE_DEVICES must show
-# them to Ray); with --index_gpus 0 the encoders run on CPU.
+# them to this process; docs/gpus.md); with --index_gpus 0 the encoders run on CPU.
 python finetune_rag.py \
     --data_dir "$DATA_DIR" \
     --output_dir "$OUTPUT_DIR" \

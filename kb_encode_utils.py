@@ -24,6 +24,8 @@ from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
+from faiss_devices import train_index
+
 # torch is imported by the functions that encode: retrieval actors and index builders import this module and never
 # encode, and torch costs each of them ~2.7 s of start-up and ~185 MB of memory.
 if TYPE_CHECKING:
@@ -125,14 +127,32 @@ class ShardEncoder:
     ENCODE_WINDOW = 65_536  # passages sorted by length, encoded and written at a time by encode_to
 
     def __init__(
-        self, passages_path: str, start: int, end: int, tokenizer, build_encoder, encoder_config, threads: int = 1
+        self,
+        passages_path: str,
+        start: int,
+        end: int,
+        tokenizer,
+        build_encoder,
+        encoder_config,
+        threads: int = 1,
+        device: str = "cpu",
     ):
         import torch
 
         quiet_actor()
-        on_gpu = torch.cuda.is_available() and bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
-        self.device = "cuda" if on_gpu else "cpu"
-        if not on_gpu:
+        # Where to encode is the driver's word (kb_refresh.Refresher): "cuda" for an actor Ray gave a GPU share (Ray
+        # makes that GPU its only visible one), "cpu" for one that asked for none. CUDA_VISIBLE_DEVICES is no guide:
+        # Ray 2.60 leaves an exported one (SLURM's) in place for actors without GPUs (ray-project/ray#62492).
+        self.device = device
+        if device != "cpu" and not torch.cuda.is_available():
+            import ray
+
+            raise RuntimeError(
+                f"this encoding actor holds GPU {ray.get_gpu_ids()} (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES')}), but torch finds no CUDA device here (torch "
+                f"{torch.__version__}): install a CUDA build of torch where the encoding actors run, or --index_gpus 0"
+            )
+        if device == "cpu":
             # An explicit budget (--index_cpus): the trainer shares these cores, and both slow down badly when
             # their threads together outnumber the cores.
             torch.set_num_threads(threads)
@@ -166,13 +186,18 @@ class ShardEncoder:
             yield
         finally:
             torch.set_num_threads(before)
+            if self.device != "cpu":
+                # Hand the refresh's activations back to the GPU: PyTorch's allocator keeps freed blocks cached for
+                # this process, and a training process sharing the GPU (--index_gpus 0.5) would go short of them
+                # until the next refresh. The weights stay (the next refresh loads into them).
+                torch.cuda.empty_cache()
 
     def _encode(self, offsets: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
 
         # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
         # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
-        bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = self.device != "cpu" and torch.cuda.is_bf16_supported()
         return encode_token_ids(
             self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, offsets, bf16
         )
@@ -222,12 +247,14 @@ class IndexConfig:
     factory: str | None = None
     train_size: int = 100_000  # IVF/PQ indexes are trained on a random sample of at most this many vectors
     search_params: str | None = None  # faiss.ParameterSpace string stored in the index, e.g. "nprobe=32"
+    faiss_gpu: str = "auto"  # faiss_devices mode: IVF/PQ training (and shard actors' search) on GPUs when here
 
     @classmethod
     def from_args(cls, args) -> IndexConfig:
-        """The index settings of a CLI that called `add_index_args`."""
+        """The index settings of a CLI that called `add_index_args` (and finetune_rag.py's --faiss_gpu)."""
         return cls(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search,
-                   args.index_factory, args.index_train_size, args.index_search_params)  # fmt: skip
+                   args.index_factory, args.index_train_size, args.index_search_params,
+                   getattr(args, "faiss_gpu", "auto"))  # fmt: skip
 
 
 def add_index_args(parser) -> None:
@@ -248,7 +275,9 @@ def add_index_args(parser) -> None:
 
 def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
     """An empty inner-product index for `cfg`, trained (IVF centroids, PQ codebooks) when it needs it on
-    `sample(rows)`: the vectors of a seeded sorted sample of at most `cfg.train_size` of the `n_rows` rows."""
+    `sample(rows)`: the vectors of a seeded sorted sample of at most `cfg.train_size` of the `n_rows` rows. The
+    training's k-means runs on this process's GPUs when `cfg.faiss_gpu` and faiss_devices allow; the index is a CPU
+    index either way."""
     if cfg.factory:
         try:
             index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
@@ -263,7 +292,7 @@ def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[n
     if not index.is_trained:
         rows = np.sort(np.random.default_rng(0).permutation(n_rows)[: cfg.train_size])
         try:
-            index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
+            train_index(index, np.ascontiguousarray(sample(rows), dtype=np.float32), cfg.faiss_gpu)
         except RuntimeError as err:  # e.g. fewer training vectors than IVF centroids
             raise ValueError(
                 f"--index_factory {cfg.factory!r}: training on {len(rows):,} vectors failed; a KB this size needs "

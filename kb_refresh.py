@@ -25,6 +25,7 @@ from datasets import load_from_disk
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError
 
+from faiss_devices import faiss_actor_gpus
 from kb_encode_utils import (
     IndexConfig,
     KBBuilder,
@@ -39,6 +40,74 @@ from kb_encode_utils import (
 from rag_encoders import encoder_factory
 
 ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
+# Rank 0 waits for these actors (their start, a refresh that training waits for) while the other DDP ranks sit in
+# a collective: each wait is bounded below --ddp_timeout, and says every PROGRESS_S what it is waiting for.
+DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
+PROGRESS_S = 60.0
+
+
+def rank_zero_wait_s(ddp_timeout: float) -> float:
+    """How long rank 0 may wait for the Ray actors while the other ranks sit in a collective that times out after
+    `ddp_timeout` s: a tenth (at most 5 minutes) less, so that rank 0's error naming the pending actor comes first,
+    rather than the collective's timeout on every rank, which names none."""
+    return ddp_timeout - min(300.0, ddp_timeout / 10)
+
+
+def encoder_options(index_gpus: float, index_workers: int) -> dict:
+    """Ray options of each encoding actor: `index_gpus` shared evenly among `index_workers` of them (none: CPU).
+    Ray restarts a dead one (a fresh process, same constructor arguments) and runs the task it was doing again there;
+    a task that fails ACTOR_TASK_RETRIES more times fails the refresh."""
+    options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
+    return {**options, "num_gpus": index_gpus / index_workers} if index_gpus else options
+
+
+def demand(options: dict) -> str:
+    """What an actor with Ray `options` asks of the cluster, for messages: "GPU 0.5", "no GPU"."""
+    asked = {"GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+    return ", ".join(f"{name} {amount:g}" for name, amount in asked.items() if amount) or "no GPU"
+
+
+def check_placeable(what: str, options: dict) -> None:
+    """Refuse at once actors that no node of the Ray cluster can ever hold: Ray would keep them pending, silently,
+    for ever (a ValueError naming `what` and the demand)."""
+    asked = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 1), **options.get("resources", {})}
+    asked = {name: amount for name, amount in asked.items() if amount}
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if not any(all(node.get(name, 0) >= amount for name, amount in asked.items()) for node in nodes):
+        largest = {name: max(node.get(name, 0) for node in nodes) for name in asked}
+        raise ValueError(
+            f"{what} ask {demand(options)} each, which no node of the Ray cluster has (the most on one node: "
+            f"{', '.join(f'{name} {amount:g}' for name, amount in largest.items())})"
+        )
+
+
+def _free() -> str:
+    """The Ray cluster's free resources (GPU and custom ones), for messages."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    names = [n for n in total if n not in ("CPU", "memory", "object_store_memory") and not n.startswith("node:")]
+    return ", ".join(f"{n} {free.get(n, 0):g} of {total[n]:g}" for n in sorted(names)) or "no GPU in the cluster"
+
+
+def wait_for(refs: list, names: list[str], timeout_s: float, doing: str, progress_s: float | None = None) -> None:
+    """Wait until every one of `refs` (the calls of the actors `names`, each named with its demand) is done, at most
+    `timeout_s`, with a progress line every `progress_s` (PROGRESS_S) naming those still pending; then a
+    TimeoutError naming them, what they were to do (`doing`) and the cluster's free resources. An actor Ray cannot
+    place (its GPUs are taken) or that hangs so stops the run with its name, instead of holding it silently."""
+    progress_s = progress_s or PROGRESS_S
+    start, pending = time.monotonic(), list(refs)
+    while pending:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            still = [name for ref, name in zip(refs, names) if ref in pending]
+            raise TimeoutError(
+                f"{', '.join(still)} did not {doing} in {timeout_s:.0f} s (free in the Ray cluster: {_free()}); "
+                "if they only need longer, raise --ddp_timeout"
+            )
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(progress_s, left))
+        if pending:
+            still = [name for ref, name in zip(refs, names) if ref in pending]
+            rank_zero_info(f"waiting {time.monotonic() - start:.0f} s (at most {timeout_s:.0f}) for {', '.join(still)}"
+                           f" to {doing}; free in the Ray cluster: {_free()}")  # fmt: skip
 
 
 class RefreshState(str, Enum):
@@ -66,12 +135,14 @@ class Refresher:
         keep_versions: int = 3,
         max_failures: int = 3,
         pinned: Callable[[], set[int]] = set,
+        wait_timeout: float = rank_zero_wait_s(DDP_TIMEOUT_S),
     ):
         self.retriever = retriever
         self.passages_path, self.kb_root = passages_path, kb_root
         self.index_config = index_config
         self.encode_batch_size, self.keep_versions, self.max_failures = encode_batch_size, keep_versions, max_failures
         self.pinned = pinned  # versions that checkpoints use: never pruned
+        self.wait_timeout = wait_timeout  # the longest the caller waits for these actors (wait_for_actors, ...)
         self.state = RefreshState.IDLE
         self.history: list[dict] = []  # one dict per completed refresh
         self.skipped_triggers = self.failures = self.consecutive_failures = 0
@@ -86,21 +157,26 @@ class Refresher:
         self._next_version = max([self.live_version.version] + [v.version for v in list_versions(kb_root)]) + 1
         self.n_rows = len(load_from_disk(passages_path))
 
-        # Ray restarts a dead encoder or builder (a fresh process, same constructor arguments) and runs the
-        # task it was doing again there; a task that fails ACTOR_TASK_RETRIES more times fails the refresh.
-        options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
-        if index_gpus > ray.cluster_resources().get("GPU", 0):
-            rank_zero_warn(f"--index_gpus {index_gpus}: the Ray cluster has fewer GPUs; encoding on CPU")
-            index_gpus = 0
-        if index_gpus:
-            options["num_gpus"] = index_gpus / index_workers
+        options = encoder_options(index_gpus, index_workers)
+        check_placeable("--index_gpus: the encoding actors", options)
+        # Each actor is told where to encode: on the GPU Ray gives it (Ray makes it the actor's only visible one, so
+        # `cuda` is that GPU), or on CPU when it asked for none, whatever CUDA_VISIBLE_DEVICES it inherited (Ray
+        # 2.60 leaves a SLURM-exported one in place for such actors, ray-project/ray#62492).
+        device = "cuda" if options.get("num_gpus") else "cpu"
         remote_cls = ray.remote(ShardEncoder).options(**options)
         make = encoder_factory(context_encoder)
         self.encoders = [
-            remote_cls.remote(passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus)
+            remote_cls.remote(
+                passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus, device
+            )
             for start, end in shard_bounds(self.n_rows, index_workers)
         ]
-        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": 0}).remote(index_cpus)
+        # The builder trains IVF/PQ indexes on its GPU share when FAISS goes on GPU (--faiss_gpu), else none, as before.
+        builder_gpus, _ = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, len(retriever.actors) + 1)
+        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": builder_gpus}).remote(index_cpus)
+        # Each actor by name and demand, for the bounded waits' messages (wait_for): the encoders, then the builder.
+        self.actor_names = [f"encoding actor {i} ({demand(options)})" for i in range(len(self.encoders))]
+        self.actor_names.append(f"the index builder ({demand({'num_gpus': builder_gpus})})")
         self._pids: list[int | None] = []
         rank_zero_info(f"KB refresh: {len(self.encoders)} encoding actor(s) over {self.n_rows} passages")
 
@@ -110,8 +186,29 @@ class Refresher:
 
     def wait_for_actors(self) -> None:
         """Actors start (imports, tokenising their shard) in the background; waiting once keeps that start-up
-        out of the first refresh's timings, and records their process ids."""
+        out of the first refresh's timings, and records their process ids. At most `wait_timeout`: an actor Ray
+        cannot place, or one that failed to start, stops the run here with its name."""
+        actors = [*self.encoders, self.builder]
+        refs = [a.__ray_call__.remote(_process_id) for a in actors]
+        wait_for(refs, self.actor_names, self.wait_timeout, "start")
+        for name, ref in zip(self.actor_names, refs):
+            try:
+                ray.get(ref)
+            except RayActorError as err:  # its constructor raised: Ray does not restart it
+                raise RuntimeError(f"KB refresh: {name} failed to start: {err}") from None
         self._pids = self._actor_pids()
+
+    def pending_actors(self) -> list[str]:
+        """The actors the refresh in flight still waits for: encoding actors, else the builder, else retrieval
+        actors loading the new version."""
+        if self.state is RefreshState.ENCODING:
+            _, left = ray.wait(self._parts, num_returns=len(self._parts), timeout=0)
+            encoding = [name for ref, name in zip(self._parts, self.actor_names) if ref in left]
+            return encoding or self.actor_names[-1:]
+        if self.state is RefreshState.SWAPPING:
+            _, left = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+            return [f"retrieval actor {i}" for i, ref in enumerate(self._pending) if ref in left]
+        return []
 
     # --------------------------------------------------------------- the state machine
 
@@ -204,14 +301,26 @@ class Refresher:
         )
         return record
 
-    def wait_until_idle(self, step: int, timeout: float = 300.0) -> None:
-        """Let an in-flight refresh finish and swap in, so no work is orphaned."""
-        deadline = time.monotonic() + timeout
-        while self.state is not RefreshState.IDLE and time.monotonic() < deadline:
+    def wait_until_idle(self, step: int, timeout: float = 300.0, must_finish: bool = False) -> None:
+        """Let an in-flight refresh finish and swap in, so no work is orphaned, saying every PROGRESS_S what it
+        waits for. Still running after `timeout`: abandoned with a warning, or, if `must_finish` (training waits
+        for that version), a TimeoutError naming the actors it waits for."""
+        start = said = time.monotonic()
+        while self.state is not RefreshState.IDLE and time.monotonic() - start < timeout:
             self.poll(step)
             time.sleep(0.05)
-        if self.state is not RefreshState.IDLE:
-            rank_zero_warn(f"KB refresh still {self.state.value} after {timeout:.0f}s; abandoned")
+            if self.state is not RefreshState.IDLE and time.monotonic() - said >= PROGRESS_S:
+                said = time.monotonic()
+                rank_zero_info(f"KB refresh: {self.state.value} for {said - start:.0f} s (at most {timeout:.0f}), "
+                               f"waiting for {', '.join(self.pending_actors())}")  # fmt: skip
+        if self.state is RefreshState.IDLE:
+            return
+        pending = ", ".join(self.pending_actors())
+        stuck = f"KB refresh still {self.state.value} after {timeout:.0f} s, waiting for {pending}"
+        if must_finish:
+            raise TimeoutError(f"{stuck} (free in the Ray cluster: {_free()}); if it only needs longer, raise "
+                               "--ddp_timeout")  # fmt: skip
+        rank_zero_warn(f"{stuck}; abandoned")
 
     def close(self) -> None:
         for actor in [*self.encoders, self.builder] if self.builder is not None else []:

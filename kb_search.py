@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
+from faiss_devices import to_gpu
+
 KB_VERSION_FILE = "kb_version.json"  # beside every checkpoint<step> and in every export
 
 
@@ -30,14 +32,17 @@ def checkpoint_kb(checkpoint: str | Path) -> tuple[str, str] | None:
 class KBSearch:
     """Top-k search of one KB version (transformers' CustomHFIndex over our passages and FAISS index): what
     rag_model.RagModel asks of a retriever. finetune_rag.GenerativeQAModule takes it too (a module without
-    refreshes, e.g. in unit tests)."""
+    refreshes, e.g. in unit tests). `faiss_gpu` (faiss_devices): the index is searched on this process's GPUs when
+    it has some and faiss has GPU support (auto), else on CPU as it was read."""
 
-    def __init__(self, passages: str, index: str, dim: int):
+    def __init__(self, passages: str, index: str, dim: int, faiss_gpu: str = "auto"):
         for path in (passages, index):
             if not Path(path).exists():
                 raise FileNotFoundError(f"{path} not found: the knowledge base is gone (moved or pruned?)")
         self.index = CustomHFIndex.load_from_disk(dim, passages, index)
         self.index.init_index()  # reads the FAISS file
+        stored = self.index.dataset.get_index("embeddings")  # datasets' FaissIndex, which search_batch asks
+        stored.faiss_index = to_gpu(stored.faiss_index, faiss_gpu)
         self.live_kb = None
 
     def init_retrieval(self, kb) -> int:

@@ -4,17 +4,25 @@ accepted with a warning), the checks made on them before any work, and their tra
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string_input
+from pytorch_lightning.strategies import StrategyRegistry
 
+from distributed_ray_retriever import GpuPlan, plan_gpus
+from faiss_devices import FAISS_GPU_MODES, forced_gpu_refusal
 from input_readers import add_debug_arg
 from kb_encode_utils import add_index_args
+from kb_refresh import DDP_TIMEOUT_S
 from kb_search import checkpoint_kb
 from lora import PEFT_CHOICES
+from precision import native_bf16
 from rag_metrics import parse_metrics
 from rag_model import SETTINGS_FILE
 from run_dir import resolve_run_id
@@ -198,6 +206,12 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
                    help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
                    "--refresh_before_validation, which training waits for, take every core)")  # fmt: skip
     add_index_args(g)
+    g.add_argument("--faiss_gpu", choices=FAISS_GPU_MODES, default="auto",
+                   help="FAISS search and IVF/PQ training on the index GPUs (--index_gpus; the retrieval actors and "
+                   "the index builder then ask Ray for a share beside the encoders). auto: when faiss has GPU "
+                   "support (faiss-gpu) and a share is left, else CPU; replicate: a copy of the index on each GPU; "
+                   "shard: 1/n of it on each; off: CPU. HNSW stays on CPU (faiss has no GPU HNSW). "
+                   "docs/large-kbs.md")  # fmt: skip
     g.add_argument("--encode_batch_size", type=int, default=64)
     g.add_argument("--refresh_before_validation", action="store_true",
                    help="re-encode the KB with the current weights (training waits) before every validation, so "
@@ -250,6 +264,11 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
     g.add_argument("--num_nodes", type=int, default=1)
     g.add_argument("--strategy", default="auto")
+    g.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S,
+                   help="seconds a DDP rank waits in a collective (Lightning's DDPStrategy(timeout)): the other ranks "
+                   "wait there while rank 0 waits for the Ray actors (their start, --refresh_before_validation, "
+                   "--reencode_lost_kb), which give up a tenth earlier naming the actor; raise it for KBs of millions "
+                   "of passages (docs/gpus.md)")  # fmt: skip
     g.add_argument("--precision", default=None, help="e.g. 32, bf16-mixed, 16-mixed")
     g.add_argument("--fp16", action="store_true", help="16-bit mixed precision on GPUs")
     g.add_argument("--fp16_opt_level", default="O2", help="unused (apex)")
@@ -315,6 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retrieval_timeout must be positive, got {args.retrieval_timeout}")
     if args.index_shards < 1:
         parser.error(f"--index_shards must be >= 1, got {args.index_shards}")
+    if refusal := forced_gpu_refusal(args.faiss_gpu, args.index_gpus):
+        parser.error(refusal)
     if args.index_shards > 1 and args.num_retrieval_workers > 1:
         parser.error(f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
                      f"with --num_retrieval_workers {args.num_retrieval_workers}")  # fmt: skip
@@ -334,31 +355,88 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.run_id = resolve_run_id(args.run_id)
     if args.index_workers is None:
         args.index_workers = max(1, math.ceil(args.index_gpus))
+    if args.ddp_timeout <= 0:
+        parser.error(f"--ddp_timeout must be positive, got {args.ddp_timeout:g}")
+    try:
+        gpu_plan(args)  # refuses GPUs that are not there, or shares Ray cannot place, before any work
+    except ValueError as err:
+        parser.error(str(err))
     val = args.val_check_interval
     args.val_check_interval = int(val) if val > 1 else val
     return args
 
 
-def trainer_kwargs(args: argparse.Namespace) -> dict:
-    """Translate the reference's flags (--gpus, --fp16, --profile) to Lightning 2 Trainer arguments."""
+def lightning_devices(args: argparse.Namespace) -> tuple[str, int | str]:
+    """(accelerator, devices) for Lightning's Trainer, from --accelerator, --devices and the reference's --gpus."""
     accelerator, devices = args.accelerator, args.devices
     if args.gpus is not None:
         accelerator = accelerator or ("gpu" if args.gpus > 0 else "cpu")
         devices = devices or max(args.gpus, 1)
-    accelerator = accelerator or "auto"
     if isinstance(devices, str):
         devices = int(devices) if devices.isdigit() else devices
+    return accelerator or "auto", devices or "auto"
+
+
+def training_gpus(accelerator: str, devices: int | str, visible: int) -> tuple[int, ...]:
+    """Positions (cuda:i) of the GPUs Lightning trains on with these Trainer arguments, of `visible` GPUs: N means
+    the first N, "auto" or -1 all, "1,3" those; () when it trains on CPU."""
+    if accelerator not in ("gpu", "cuda", "auto") or (accelerator == "auto" and visible == 0):
+        return ()
+    wanted = -1 if devices == "auto" else _normalize_parse_gpu_string_input(devices)  # Lightning's own parsing
+    if wanted == -1:
+        return tuple(range(visible))
+    return tuple(range(wanted)) if isinstance(wanted, int) else tuple(wanted)
+
+
+def gpu_plan(args: argparse.Namespace) -> GpuPlan:
+    """Which of this machine's GPUs train and which the encoding actors get (distributed_ray_retriever.plan_gpus);
+    ValueError, one line naming the flags, when they do not fit. With --ray_address the encoding actors' GPUs are
+    the cluster's: only the shares are checked here, the GPUs when Ray is joined (kb_refresh.check_placeable)."""
+    accelerator, devices = lightning_devices(args)
+    visible = torch.cuda.device_count()
+    train = training_gpus(accelerator, devices, visible)
+    if args.gpus is not None:
+        flags = f"--gpus {args.gpus}"
+    else:
+        flags = f"--devices {args.devices}" if args.devices is not None else f"--accelerator {accelerator}"
+    return plan_gpus(None if args.ray_address else visible, train, args.index_gpus, args.index_workers, flags)
+
+
+def ddp_strategy(args: argparse.Namespace, accelerator: str, devices: int | str) -> object:
+    """--strategy for Lightning, as an instance with --ddp_timeout as its collectives' timeout when it is a DDP (or
+    other process-group) strategy: "auto" over several processes is Lightning's "ddp", built here so that it takes
+    the timeout. Lightning's default (torch's, 30 minutes) is shorter than rank 0's longest wait for the Ray actors."""
+    name = args.strategy
+    gpus = training_gpus(accelerator, devices, torch.cuda.device_count())
+    processes = len(gpus) if gpus else devices if isinstance(devices, int) else 1
+    if name == "auto" and processes * args.num_nodes > 1:
+        name = "ddp"  # Lightning's choice for several processes launched from a script
+    if name not in StrategyRegistry:
+        return name  # "auto" on one process, or a name Lightning resolves (and refuses) itself
+    entry = StrategyRegistry[name]  # the class and the settings the name stands for (e.g. find_unused_parameters)
+    if "timeout" not in inspect.signature(entry["strategy"]).parameters:
+        return name
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=args.ddp_timeout))
+
+
+def trainer_kwargs(args: argparse.Namespace) -> dict:
+    """Translate the reference's flags (--gpus, --fp16, --profile) to Lightning 2 Trainer arguments."""
+    accelerator, devices = lightning_devices(args)
     precision = args.precision
     if args.fp16 and precision is None:
         if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
             precision = "16-mixed"
         else:
             warnings.warn("--fp16 ignored: 16-bit mixed precision needs a GPU", stacklevel=1)
+    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if str(precision).startswith("bf16") and on_gpu and not native_bf16():
+        warnings.warn(f"--precision {precision}: this GPU has no native bf16 (compute capability below 8.0) and would "
+                      "emulate it, at a fraction of fp16's speed: use --precision 16-mixed", stacklevel=1)  # fmt: skip
     return {
         "accelerator": accelerator,
         "devices": devices or "auto",
         "num_nodes": args.num_nodes,
-        "strategy": args.strategy,
+        "strategy": ddp_strategy(args, accelerator, devices),
         "precision": precision or "32-true",
         "max_epochs": args.max_epochs,
         "max_steps": args.max_steps,

@@ -27,6 +27,13 @@ parameters ("nprobe=16", "efSearch=64"). `{nlist}` (about 4 sqrt(n), a power of 
 sub-quantizers: about dim/8, a divisor of dim) are substituted per size. The default PQ entries end in `np`:
 without it index_factory's IVF,PQ runs polysemous training, about 3 CPU-seconds per sub-quantizer on this
 machine, for a search mode the toolkit never turns on.
+
+GPU rows (--gpu_factories, run when this faiss has GPU support and sees a GPU; otherwise skipped with the reason
+printed): the same index trained on CPU and with its k-means on the GPU (faiss_devices.train_index, what the KB
+builder does under --faiss_gpu), then searched on CPU and as a GPU copy (faiss_devices.to_gpu, what the retrieval
+actors search): training seconds, batch 1 and batch p50/p99 and recall@10, CPU and GPU side by side in one table.
+
+    python bench/bench_index.py --sizes 100000,1000000 --factories Flat --gpu_factories "Flat;IVF{nlist},Flat@nprobe=16"
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -51,7 +59,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kb_encode_utils import IndexConfig, build_faiss_index  # noqa: E402
+import faiss_devices  # noqa: E402
+from kb_encode_utils import IndexConfig, build_faiss_index, new_faiss_index  # noqa: E402
 
 K = 10  # recall@K against the exact top-K
 PILOT = 20_000  # vectors of the pilot build that sizes the estimate when no smaller size was built
@@ -82,6 +91,10 @@ DEFAULT_FACTORIES = {
         "min_size": 1_000_000,  # its HNSW coarse quantizer pays off with many lists only
     },
 }
+
+
+# The GPU rows: what the retrieval actors and the KB builder put on GPUs under --faiss_gpu (HNSW has no GPU version).
+DEFAULT_GPU_FACTORIES = parse_factories("Flat;IVF{nlist},Flat@nprobe=16;IVF{nlist},PQ{m}np@nprobe=32")
 
 
 def ivf_lists(n: int) -> int:
@@ -210,14 +223,11 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def measure(
-    kb: np.ndarray, xq: np.ndarray, truth: np.ndarray, cfg: IndexConfig, single: int, batches: int, batch_size: int
+def search_figures(
+    index: faiss.Index, xq: np.ndarray, truth: np.ndarray, single: int, batches: int, batch_size: int
 ) -> dict:
-    """Build `cfg` over kb with the toolkit's build_faiss_index, time its searches and score its recall."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    index = build_faiss_index(kb, cfg)
-    build_s, build_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
-    nbytes = serialized_bytes(index)
+    """recall@K of `index` (a CPU or GPU index) over all queries, and p50/p99 ms of `single` queries one at a time
+    and of `batches` batches of `batch_size`."""
     _, found = index.search(xq, K)  # also warms up
     recall = float((found[:, :, None] == truth[:, None, :]).any(axis=2).mean())
     one = []
@@ -231,13 +241,7 @@ def measure(
         t0 = time.perf_counter()
         index.search(block, K)
         many.append(1e3 * (time.perf_counter() - t0))
-    del index
     return {
-        "status": "ok",
-        "build_s": build_s,
-        "build_cpu_s": build_cpu_s,  # / build_s: the cores the build got
-        "vectors_per_s": len(kb) / build_s,
-        "bytes": nbytes,
         "batch1_p50_ms": pct(one, 50),
         "batch1_p99_ms": pct(one, 99),
         "batch_size": batch_size,
@@ -245,6 +249,58 @@ def measure(
         "batch_p99_ms": pct(many, 99),
         f"recall_at_{K}": recall,
     }
+
+
+def measure(
+    kb: np.ndarray, xq: np.ndarray, truth: np.ndarray, cfg: IndexConfig, single: int, batches: int, batch_size: int
+) -> dict:
+    """Build `cfg` over kb with the toolkit's build_faiss_index, time its searches and score its recall."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    index = build_faiss_index(kb, replace(cfg, faiss_gpu="off"))  # the CPU rows; GPUs: gpu_versus_cpu
+    build_s, build_cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+    nbytes = serialized_bytes(index)
+    searched = search_figures(index, xq, truth, single, batches, batch_size)
+    del index
+    return {
+        "status": "ok",
+        "build_s": build_s,
+        "build_cpu_s": build_cpu_s,  # / build_s: the cores the build got
+        "vectors_per_s": len(kb) / build_s,
+        "bytes": nbytes,
+        **searched,
+    }
+
+
+def gpu_versus_cpu(kb: np.ndarray, xq: np.ndarray, truth: np.ndarray, label: str, spec: dict, args: dict) -> dict:
+    """One GPU row: the index of `spec` trained with faiss_devices.train_index on CPU (--faiss_gpu off) and on the
+    GPUs (args["gpu_mode"]), each then filled on CPU and searched where it was trained (the GPU side as a to_gpu
+    copy): training seconds, search latencies and recall@K of both, from the same data in the same run."""
+    n, dim = kb.shape
+    cfg = index_config(spec, n, dim, args["train_size"])
+    row = {"size": n, "dim": dim, "index": label, "factory": cfg.factory or f"--index_type {cfg.index_type}",
+           "search_params": cfg.search_params, "gpu_mode": args["gpu_mode"]}  # fmt: skip
+    warnings: list[str] = []
+    try:
+        for side, mode in (("cpu", "off"), ("gpu", args["gpu_mode"])):
+            with faiss_stderr(warnings):
+                t0 = time.perf_counter()
+                index = new_faiss_index(dim, n, replace(cfg, faiss_gpu=mode), kb.__getitem__)
+                train_s = time.perf_counter() - t0
+                index.add(kb)
+                searched = faiss_devices.to_gpu(index, mode)
+                if side == "gpu" and searched is index:
+                    why = "HNSW has no GPU version in faiss" if faiss_devices.is_hnsw(index) else "faiss kept it on CPU"
+                    row.update(status="skipped", note=f"stays on CPU: {why}")
+                    break
+                row[side] = {"train_s": train_s, **search_figures(searched, xq, truth, args["single"], args["batches"],
+                                                                  args["batch_size"])}  # fmt: skip
+            del searched, index
+        else:
+            row["status"] = "ok"
+    except ValueError as err:  # e.g. too few vectors to train this many lists
+        row.update(status="failed", note=str(err))
+    row["faiss_stderr"] = warnings
+    return row
 
 
 def environment() -> dict:
@@ -267,6 +323,7 @@ def environment() -> dict:
         "numpy": np.__version__,
         "faiss": faiss.__version__,
         "faiss_compile_options": faiss.get_compile_options().strip(),
+        "faiss_gpus": faiss_devices.visible_gpus(),  # 0 with faiss-cpu
     }
 
 
@@ -324,15 +381,26 @@ def run(
     batch_size: int = 32,
     max_build_s: float = 900.0,
     train_size: int = 100_000,
+    gpu_factories: dict | None = None,
+    gpu_mode: str = "replicate",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Measure every index of `factories` (default DEFAULT_FACTORIES) at every KB size; a JSON-serialisable dict."""
+    """Measure every index of `factories` (default DEFAULT_FACTORIES) at every KB size, and every index of
+    `gpu_factories` (default none) on CPU and GPU side by side when this faiss has GPUs (else the reason why not is
+    printed and recorded); a JSON-serialisable dict."""
     factories = DEFAULT_FACTORIES if factories is None else factories
+    gpu_factories = gpu_factories or {}
     args = {"sizes": sorted(sizes), "dim": dim, "queries": queries, "seed": seed, "k": K, "single": single,
             "batches": batches, "batch_size": batch_size, "max_build_s": max_build_s,
-            "train_size": train_size}  # fmt: skip
+            "train_size": train_size, "gpu_mode": gpu_mode}  # fmt: skip
     env = environment()
     log(header(env))
+    gpu = {"factories": gpu_factories, "rows": []} if gpu_factories else None
+    if gpu and not env["faiss_gpus"]:
+        has = faiss_devices.faiss_has_gpu()
+        gpu.update(status="skipped", reason=f"{faiss_devices.faiss_build()} " + ("sees no GPU" if has else (
+            f"has no GPU support (replace faiss-cpu with {faiss_devices.GPU_WHEEL}: docs/large-kbs.md)")))  # fmt: skip
+        log(f"GPU rows skipped: {gpu['reason']}")
     reference: dict[str, tuple[int, IndexConfig, float]] = {}
     rows, data = [], []
     for n in sorted(sizes):
@@ -348,8 +416,15 @@ def run(
             if n >= spec.get("min_size", 0):
                 rows.append(bench_index(kb, xq, truth, label, spec, reference, args))
                 log(row_line(rows[-1]))
+        for label, spec in gpu_factories.items() if gpu and "status" not in gpu else ():
+            if n >= spec.get("min_size", 0):
+                gpu["rows"].append(gpu_versus_cpu(kb, xq, truth, label, spec, args))
+                log(gpu_row_line(gpu["rows"][-1]))
         del kb, xq, truth
-    return {"bench": "index", "environment": env, "params": args, "factories": factories, "data": data, "rows": rows}
+    if gpu and "status" not in gpu:
+        gpu["status"] = "ok"
+    result = {"bench": "index", "environment": env, "params": args, "factories": factories, "data": data, "rows": rows}
+    return result | ({"gpu": gpu} if gpu else {})
 
 
 # ---------------------------------------------------------------------- report
@@ -363,7 +438,7 @@ def header(env: dict) -> str:
         f"usable cpus={env['usable_cpus']}, RAM {env['ram_gib']:.1f} GiB, faiss threads={env['faiss_threads']}, "
         f"load average {env['load_average']:.1f}",
         f"versions: python {env['python']}, numpy {env['numpy']}, faiss {env['faiss']} "
-        f"({env['faiss_compile_options']})",
+        f"({env['faiss_compile_options']}), GPUs faiss sees: {env['faiss_gpus']}",
     ]
     if env["load_average"] > env["usable_cpus"] - 0.5:
         lines.append(
@@ -385,8 +460,44 @@ def row_line(row: dict) -> str:
     return "\n".join([line, *(f"    faiss: {w}" for w in row.get("faiss_stderr", []))])
 
 
+def gpu_row_line(row: dict) -> str:
+    """The progress line of one GPU row: CPU and GPU figures side by side (or why there are none)."""
+    if row["status"] != "ok":
+        return f"{row['index']} CPU vs GPU: {row['status']}: {row['note']}"
+    cpu, gpu = row["cpu"], row["gpu"]
+    return (f"{row['index']} CPU vs GPU ({row['gpu_mode']}): train {cpu['train_s']:.2f}/{gpu['train_s']:.2f}s, batch 1 "
+            f"p50/p99 {cpu['batch1_p50_ms']:.2f}/{cpu['batch1_p99_ms']:.2f} vs {gpu['batch1_p50_ms']:.2f}/"
+            f"{gpu['batch1_p99_ms']:.2f} ms, batch {cpu['batch_size']} p50/p99 {cpu['batch_p50_ms']:.1f}/"
+            f"{cpu['batch_p99_ms']:.1f} vs {gpu['batch_p50_ms']:.1f}/{gpu['batch_p99_ms']:.1f} ms, recall@{K} "
+            f"{cpu[f'recall_at_{K}']:.3f} vs {gpu[f'recall_at_{K}']:.3f}")  # fmt: skip
+
+
+def gpu_markdown(gpu: dict, batch_size: int) -> str:
+    """The GPU rows as one Markdown table, CPU and GPU side by side; one line when they were skipped."""
+    if gpu.get("status") == "skipped":
+        return f"GPU rows skipped: {gpu['reason']}"
+    lines = [
+        f"| KB size | index | train s CPU / GPU | batch 1 p50 / p99 ms CPU | GPU | batch {batch_size} p50 / p99 ms CPU "
+        f"| GPU | recall@{K} CPU / GPU | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in gpu["rows"]:
+        size = f"{r['size']:,} x {r['dim']}"
+        name = f"`{r['factory']}`" + (f" {r['search_params']}" if r["search_params"] else "")
+        if r["status"] != "ok":
+            lines.append(f"| {size} | {name} | – | – | – | – | – | – | {r['status']}: {r['note']} |")
+            continue
+        c, g = r["cpu"], r["gpu"]
+        cells = [f"{c['train_s']:,.2f} / {g['train_s']:,.2f}",
+                 *(f"{side[f'{batch}_p50_ms']:.2f} / {side[f'{batch}_p99_ms']:.2f}"
+                   for batch in ("batch1", "batch") for side in (c, g)),
+                 f"{c[f'recall_at_{K}']:.3f} / {g[f'recall_at_{K}']:.3f}", r["gpu_mode"]]  # fmt: skip
+        lines.append(f"| {size} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
-    """One Markdown table of `run()`'s result: a row per (KB size, index)."""
+    """One Markdown table of `run()`'s result: a row per (KB size, index); then the GPU rows, if asked for."""
     bs = result["params"]["batch_size"]
     lines = [
         f"| KB size | index | build s | vectors/s | MiB | batch 1 p50 / p99 ms | batch {bs} p50 / p99 ms "
@@ -406,6 +517,8 @@ def markdown(result: dict) -> str:
             f"| {r['batch1_p50_ms']:.2f} / {r['batch1_p99_ms']:.2f} "
             f"| {r['batch_p50_ms']:.1f} / {r['batch_p99_ms']:.1f} | {r[f'recall_at_{K}']:.3f} | {note} |"
         )
+    if "gpu" in result:
+        lines += ["", gpu_markdown(result["gpu"], bs)]
     return "\n".join(lines)
 
 
@@ -425,6 +538,14 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_build_s", type=float, default=900.0, help="skip an index whose estimated build is longer")
     p.add_argument("--train_size", type=int, default=100_000, help="as --index_train_size: IVF/PQ training sample")
+    p.add_argument(
+        "--gpu_factories",
+        default=";".join(DEFAULT_GPU_FACTORIES),
+        help="';'-separated indexes measured on CPU and GPU side by side (skipped, with the reason, without a GPU "
+        'faiss); "" for none. Default: %(default)s',
+    )
+    p.add_argument("--gpu_mode", choices=["replicate", "shard"], default="replicate",
+                   help="how the GPU rows spread an index over several GPUs (--faiss_gpu)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: faiss's own)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
@@ -433,7 +554,8 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     factories = parse_factories(args.factories) if args.factories else None
     result = run(sizes, args.dim, factories, args.queries, args.seed, single=args.single, batches=args.batches,
-                 batch_size=args.batch_size, max_build_s=args.max_build_s, train_size=args.train_size)  # fmt: skip
+                 batch_size=args.batch_size, max_build_s=args.max_build_s, train_size=args.train_size,
+                 gpu_factories=parse_factories(args.gpu_factories), gpu_mode=args.gpu_mode)  # fmt: skip
     print("\n" + markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -18,7 +18,10 @@ if [ ! -e $KB/my_knowledge_dataset ]; then
 fi
 
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -gt 0 ]; then DEVICE_FLAGS="--gpus 1 --index_gpus $((GPUS - 1))"; else DEVICE_FLAGS="--accelerator cpu --devices 1"; fi
+# Training on GPU 0, the encoding actors on the others (docs/gpus.md); with one GPU they share half of it.
+if [ "$GPUS" -gt 1 ]; then DEVICE_FLAGS="--gpus 1 --index_gpus $((GPUS - 1))"
+elif [ "$GPUS" -eq 1 ]; then DEVICE_FLAGS="--gpus 1 --index_gpus 0.5"
+else DEVICE_FLAGS="--accelerator cpu --devices 1"; fi
 
 python finetune_rag.py \
     --model_name_or_path $MODELS/rag_token \

@@ -69,3 +69,25 @@ def test_skips_a_build_estimated_too_long(bench):
     result = bench.run([300, 1000], 8, factories, queries=10, single=2, batches=1, max_build_s=1e-6, log=print)
     assert [r["status"] for r in result["rows"]] == ["ok", "skipped"]
     assert "skipped: estimated build" in bench.markdown(result)
+
+
+def test_gpu_rows_side_by_side_or_skipped_with_the_reason(bench):
+    factories = bench.parse_factories("Flat")
+    gpu_factories = bench.parse_factories("Flat;IVF{nlist},Flat@nprobe=4;hnsw")
+    lines = []
+    result = bench.run([800], 8, factories, queries=20, single=3, batches=2, max_build_s=1e9,
+                       gpu_factories=gpu_factories, log=lines.append)  # fmt: skip
+    json.dumps(result)
+    gpu, table = result["gpu"], bench.markdown(result)
+    assert len(result["rows"]) == 1 and result["environment"]["faiss_gpus"] == bench.faiss_devices.visible_gpus()
+    if not result["environment"]["faiss_gpus"]:  # faiss-cpu: one printed line says why, and no figures
+        assert gpu["status"] == "skipped" and gpu["rows"] == []
+        assert "has no GPU support" in gpu["reason"] or "sees no GPU" in gpu["reason"]
+        assert f"GPU rows skipped: {gpu['reason']}" in lines and table.endswith(f"GPU rows skipped: {gpu['reason']}")
+        return
+    rows = {r["factory"]: r for r in gpu["rows"]}
+    assert rows["--index_type hnsw"]["status"] == "skipped"  # faiss has no GPU HNSW
+    for factory in ("Flat", "IVF128,Flat"):
+        assert rows[factory]["status"] == "ok" and set(rows[factory]) >= {"cpu", "gpu"}
+    assert rows["Flat"]["gpu"]["recall_at_10"] == rows["Flat"]["cpu"]["recall_at_10"] == 1.0
+    assert "train s CPU / GPU" in table

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +41,8 @@ def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_p
 
 
 def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
-    """The flags of the reference test_run/test_finetune.sh, with tiny local models and --gpus 0."""
+    """The flags of the reference test_run/test_finetune.sh, with tiny local models and --gpus 0 --index_gpus 0 (no
+    GPU here: the reference's --index_gpus 2 is refused in one line, tests/test_gpu_placement.py)."""
     passages, index = tiny_kb
     out = tmp_path / "out"
     argv = [
@@ -53,7 +56,7 @@ def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
         "--learning_rate", "3e-05", "--num_train_epochs", "10", "--warmup_steps", "500",
         "--gradient_accumulation_steps", "1", "--distributed_retriever", "ray", "--num_retrieval_workers", "4",
         "--index_name", "custom", "--context_encoder_name", str(tiny_models["context_encoder"]),
-        "--index_gpus", "2", "--gpu_order", "[2,3,4,5,6,7,8,9,0,1]", "--indexing_freq", "5",
+        "--index_gpus", "0", "--gpu_order", "[2,3,4,5,6,7,8,9,0,1]", "--indexing_freq", "5",
         "--csv_path", str(REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
         "--passages_path", str(passages), "--index_path", str(index), "--shard_dir", str(tmp_path / "shards"),
         "--ray_namespace", "test-reference-flags",
@@ -71,7 +74,9 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
     record.mkdir(parents=True)
     bin_dir.mkdir()
     shim = bin_dir / "python"
-    shim.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD/$(ls "$RECORD" | wc -l)"\n')
+    # `python -c ...` (test_finetune.sh counting torch's GPUs) prints $FAKE_GPUS; every other call is recorded.
+    shim.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi\n'
+                    'printf "%s\\n" "$@" > "$RECORD/$(ls "$RECORD" | wc -l)"\n')  # fmt: skip
     shim.chmod(0o755)
     environ = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), **env}
     subprocess.run(["sh", str(REPO / script)], env=environ, check=True, timeout=60)
@@ -79,11 +84,15 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
     return {argv[0]: argv[1:] for argv in calls}
 
 
-def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
+def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatch):
+    import torch
+
     import finetune_rag
     import prepare_squad
+    import rag_options
     import use_own_knowledge_dataset
 
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the machine the recipe is for (its GPUs are checked)
     e2e = _launch_script_calls("finetune_rag_ray_end2end.sh", tmp_path / "e2e")
     original = _launch_script_calls("finetune_rag_ray_original.sh", tmp_path / "original")
     assert list(e2e) == list(original) == ["prepare_squad.py", "use_own_knowledge_dataset.py", "finetune_rag.py"]
@@ -91,6 +100,7 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
     use_own_knowledge_dataset.parse_args(e2e["use_own_knowledge_dataset.py"])
     a, b = finetune_rag.parse_args(e2e["finetune_rag.py"]), finetune_rag.parse_args(original["finetune_rag.py"])
     assert (a.end2end, a.indexing_freq, a.index_gpus) == (True, 500, 1)
+    assert (rag_options.gpu_plan(a).train, rag_options.gpu_plan(a).encode) == ((0, 1), (2,))  # docs/gpus.md
     assert (b.end2end, b.indexing_freq, b.index_gpus) == (False, None, 0)
     assert Path(a.output_dir).name == "rag-end2end" and Path(b.output_dir).name == "rag-original"
     # Otherwise the same recipe (anchors: effective batch 64 on 2 GPUs, lr 3e-5 polynomial, 10 epochs).
@@ -99,6 +109,23 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path):
     assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same]
     assert (a.train_batch_size * a.accumulate_grad_batches * a.gpus, a.learning_rate) == (64, 3e-5)
     assert (a.lr_scheduler, a.max_epochs, a.warmup_steps, a.label_smoothing) == ("polynomial", 10, 500, 0.1)
+
+
+@pytest.mark.parametrize(
+    ("gpus", "train", "encode"), [(3, (0,), (1, 2)), (2, (0,), (1,)), (1, (0,), (0,)), (0, (), ())]
+)
+def test_test_finetune_sh_trains_and_encodes_on_gpus_of_their_own(gpus, train, encode, tmp_path, monkeypatch):
+    """test_run/test_finetune.sh on 0 to 3 GPUs: training on GPU 0, the encoding actors on the others, or sharing
+    the only one; on CPU without GPUs."""
+    import torch
+
+    import finetune_rag
+    import rag_options
+
+    calls = _launch_script_calls("test_run/test_finetune.sh", tmp_path, FAKE_GPUS=str(gpus), OUT=str(tmp_path / "o"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # the machine the script counted
+    plan = rag_options.gpu_plan(finetune_rag.parse_args(calls["finetune_rag.py"]))
+    assert (plan.train, plan.encode) == (train, encode)
 
 
 def test_a_refusal_is_one_line_and_debug_shows_the_traceback(finetune_argv, tmp_path):

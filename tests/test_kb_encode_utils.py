@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import DPRConfig, DPRContextEncoder
 
+import faiss_devices
 import kb_encode_utils
 from input_readers import read_kb_csv
 from kb_encode_utils import (
@@ -216,6 +217,84 @@ def test_factory_errors_say_what_to_change(cfg, message):
     emb = np.random.default_rng(6).standard_normal((200, 8)).astype(np.float32)
     with pytest.raises(ValueError, match=message):
         build_faiss_index(emb, cfg)
+
+
+# ----------------------------------------------------------------------------- FAISS on GPUs, with a CPU faiss
+# (tests/test_faiss_gpu.py compares GPU and CPU where a GPU faiss runs)
+
+cpu_faiss_only = pytest.mark.skipif(faiss_devices.visible_gpus() > 0, reason="FAISS has GPUs here: test_faiss_gpu.py")
+
+
+@cpu_faiss_only
+@pytest.mark.parametrize("cfg", [IndexConfig(index_type="flat"), IndexConfig(factory="IVF8,Flat", train_size=500,
+                                 search_params="nprobe=4"), IndexConfig(index_type="hnsw", hnsw_m=8)])  # fmt: skip
+def test_without_gpus_the_index_stays_the_cpu_index(cfg):
+    emb = np.random.default_rng(7).standard_normal((600, 16)).astype(np.float32)
+    index = build_faiss_index(emb, cfg)
+    before = index.search(emb[:5], 4)
+    for mode in ("auto", "off"):
+        assert faiss_devices.to_gpu(index, mode) is index  # the very object: no copy, no wrapper
+    np.testing.assert_array_equal(index.search(emb[:5], 4)[1], before[1])
+
+
+@cpu_faiss_only
+def test_forcing_gpus_without_them_names_the_flag():
+    index = build_faiss_index(np.eye(4, dtype=np.float32), IndexConfig(index_type="flat"))
+    with pytest.raises(ValueError, match="--faiss_gpu shard: .*no GPU"):
+        faiss_devices.to_gpu(index, "shard")
+    # IVF training takes the same road (train_index): refused before any k-means
+    emb = np.random.default_rng(8).standard_normal((300, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match="--faiss_gpu replicate: .*no GPU"):
+        build_faiss_index(emb, IndexConfig(factory="IVF4,Flat", faiss_gpu="replicate"))
+    with pytest.raises(ValueError, match="--faiss_gpu 'gpu': choose one of auto, off, replicate, shard"):
+        faiss_devices.to_gpu(index, "gpu")
+
+
+@pytest.mark.skipif(faiss_devices.faiss_has_gpu(), reason="this faiss has GPU support")
+@pytest.mark.parametrize("mode", ["replicate", "shard"])
+def test_finetune_refuses_a_forced_gpu_mode_on_faiss_cpu_in_one_line(mode, capsys):
+    import rag_options
+
+    with pytest.raises(SystemExit) as stop:
+        rag_options.parse_args(["--model_type", "rag_token", "--faiss_gpu", mode, "--index_gpus", "1"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: --faiss_gpu {mode}: faiss {faiss.__version__}, a CPU-only build has no GPU support" in last
+    assert rag_options.parse_args(["--model_type", "rag_token"]).faiss_gpu == "auto"  # the default runs anywhere
+
+
+@cpu_faiss_only
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ4np", "OPQ4,IVF16_HNSW8,PQ4np"])
+def test_ivf_training_on_cpu_gives_the_index_it_always_did(factory):
+    """new_faiss_index now trains through faiss_devices.train_index: without GPUs, byte for byte what faiss's own
+    train() on the same seeded sample gives."""
+    emb = np.random.default_rng(9).standard_normal((1500, 16)).astype(np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # k-means sums in one order, so that two trainings can be compared byte for byte
+    try:
+        built = build_faiss_index(emb, IndexConfig(factory=factory, train_size=800))
+        plain = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+        plain.train(emb[np.sort(np.random.default_rng(0).permutation(1500)[:800])])
+        plain.add(emb)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert np.array_equal(faiss.serialize_index(built), faiss.serialize_index(plain))
+
+
+@pytest.mark.parametrize(
+    ("index_gpus", "actors", "cluster", "share"),
+    [(0.5, 2, 1, 0.25), (0.5, 3, 1, 0.1666), (1, 2, 1, 0.0), (0.75, 1, 1, 0.25), (2, 2, 4, 1.0), (4, 3, 8, 1.0),
+     (4, 1, 8, 4.0), (0, 2, 4, 0.0), (2, 2, 1, 0.0)],
+)  # fmt: skip
+def test_faiss_actors_share_what_the_encoders_leave(index_gpus, actors, cluster, share):
+    assert faiss_devices.gpu_share(index_gpus, actors, cluster) == share
+
+
+@pytest.mark.skipif(faiss_devices.faiss_has_gpu(), reason="this faiss has GPU support")
+def test_faiss_actors_ask_ray_for_no_gpu_with_faiss_cpu():
+    assert faiss_devices.faiss_actor_gpus("auto", 0.5, 2) == (0.0, "off")  # placed exactly as before
+    with pytest.raises(ValueError, match="--faiss_gpu shard: .*no GPU support"):
+        faiss_devices.faiss_actor_gpus("shard", 0.5, 2)
 
 
 # ----------------------------------------------------------------------------- save_kb
