@@ -193,11 +193,11 @@ class ShardEncoder:
                 torch.cuda.empty_cache()
 
     def _encode(self, offsets: np.ndarray, batch_size: int) -> np.ndarray:
-        import torch
+        from precision import native_bf16  # torch, which this module imports only where it encodes
 
         # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
         # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
-        bf16 = self.device != "cpu" and torch.cuda.is_bf16_supported()
+        bf16 = self.device != "cpu" and native_bf16()  # not emulated (pre-Ampere): that would be slower
         return encode_token_ids(
             self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, offsets, bf16
         )
