@@ -29,25 +29,22 @@ import math
 import os
 import pstats
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset, load_from_disk  # noqa: E402
+import numpy as np
+import ray
+import torch
+from datasets import Dataset, load_from_disk
 
-from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors  # noqa: E402
-from input_readers import read_kb_csv  # noqa: E402
-from kb_encode_utils import (  # noqa: E402
+from rag_end2end.data.readers import read_kb_csv
+from rag_end2end.kb.encode import (
     IndexConfig,
     KBVersion,
     ShardEncoder,
@@ -57,8 +54,9 @@ from kb_encode_utils import (  # noqa: E402
     tokenize_passages,
     with_embeddings,
 )
-from kb_refresh import Refresher  # noqa: E402
-from rag_encoders import encoder_factory, load_encoder, load_tokenizer  # noqa: E402
+from rag_end2end.kb.refresh import Refresher
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
+from rag_end2end.model.encoders import encoder_factory, load_encoder, load_tokenizer
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 MINILM = REPO / "pretrained" / "minilm"

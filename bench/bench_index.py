@@ -57,10 +57,9 @@ import faiss
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import faiss_devices  # noqa: E402
-from kb_encode_utils import IndexConfig, build_faiss_index, new_faiss_index  # noqa: E402
+from rag_end2end.kb import faiss_devices
+from rag_end2end.kb.encode import IndexConfig, build_faiss_index, new_faiss_index
 
 K = 10  # recall@K against the exact top-K
 PILOT = 20_000  # vectors of the pilot build that sizes the estimate when no smaller size was built

@@ -51,7 +51,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
 import uuid
@@ -66,27 +65,17 @@ os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # also in the Ray actors that save KB versions
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-sys.path.insert(0, str(REPO))
 
-import datasets  # noqa: E402
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from datasets.table import InMemoryTable  # noqa: E402
+import datasets
+import faiss
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+import transformers
+from datasets.table import InMemoryTable
 
-import rag_encoders  # noqa: E402
-from distributed_ray_retriever import (  # noqa: E402
-    RagRayDistributedRetriever,
-    ShardedRetriever,
-    init_ray,
-    shutdown_ray,
-    start_retrieval_actors,
-    start_shard_actors,
-)
-from kb_encode_utils import (  # noqa: E402
+from rag_end2end.kb.encode import (
     IndexConfig,
     KBBuilder,
     KBVersion,
@@ -96,6 +85,15 @@ from kb_encode_utils import (  # noqa: E402
     staging_dir,
     write_passages_part,
 )
+from rag_end2end.kb.retriever import (
+    RagRayDistributedRetriever,
+    ShardedRetriever,
+    init_ray,
+    shutdown_ray,
+    start_retrieval_actors,
+    start_shard_actors,
+)
+from rag_end2end.model import encoders as rag_encoders
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DEFAULT_FACTORIES = ("Flat", "IVF1024,PQ64np")

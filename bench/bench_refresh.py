@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -48,22 +47,21 @@ os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # also in the Ray actors that save KB versions
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-sys.path.insert(0, str(REPO))
 
-import datasets  # noqa: E402
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import datasets
+import faiss
+import numpy as np
+import pytorch_lightning as pl
+import ray
+import torch
+import transformers
 
-import finetune_rag  # noqa: E402
-import use_own_knowledge_dataset  # noqa: E402
-from callbacks_rag import KBRefreshCallback  # noqa: E402
-from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors  # noqa: E402
-from input_readers import read_kb_csv  # noqa: E402
-from kb_encode_utils import KBVersion, list_versions  # noqa: E402
+from rag_end2end.data.readers import read_kb_csv
+from rag_end2end.kb import build as use_own_knowledge_dataset
+from rag_end2end.kb.encode import KBVersion, list_versions
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
+from rag_end2end.training import finetune as finetune_rag
+from rag_end2end.training.callbacks import KBRefreshCallback
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"

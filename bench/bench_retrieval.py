@@ -30,26 +30,24 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_memory  # noqa: E402  (sets Ray's environment and puts the repository on the path first)
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
+import bench_memory  # (sets Ray's environment and puts the repository on the path first)
+import numpy as np
+import ray
 
-from distributed_ray_retriever import (  # noqa: E402
+from rag_end2end.kb.encode import IndexConfig, KBVersion, build_kb_version
+from rag_end2end.kb.retriever import (
     RagRayDistributedRetriever,
     RetrievalActor,
     init_ray,
     shutdown_ray,
     start_retrieval_actors,
 )
-from kb_encode_utils import IndexConfig, KBVersion, build_kb_version  # noqa: E402
 
 
 def timed(call: Callable[[], object], n: int) -> list[float]:

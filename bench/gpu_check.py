@@ -20,28 +20,26 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
 
-import bench_refresh  # noqa: E402  (sets the environment Ray and transformers need, before importing them)
-import datasets  # noqa: E402
-import faiss  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from bench_encode import bare_forward, build_kb, whole_refresh  # noqa: E402
+import bench_refresh  # (sets the environment Ray and transformers need, before importing them)
+import datasets
+import faiss
+import pytorch_lightning as pl
+import ray
+import torch
+import transformers
+from bench_encode import bare_forward, build_kb, whole_refresh
 
-from distributed_ray_retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors  # noqa: E402
-from kb_encode_utils import IndexConfig  # noqa: E402
-from kb_refresh import Refresher  # noqa: E402
-from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
+from rag_end2end.kb.encode import IndexConfig
+from rag_end2end.kb.refresh import Refresher
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
 

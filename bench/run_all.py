@@ -23,7 +23,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
 # name -> (the bench's arguments: full run, --quick run); each also gets --json
 BENCHES = {

@@ -11,12 +11,10 @@ line in the order of the gold file.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from input_readers import read_gold  # noqa: E402
-from rag_metrics import calculate_exact_match, calculate_f1  # noqa: E402
+from rag_end2end.data.readers import read_gold
+from rag_end2end.evaluation.metrics import calculate_exact_match, calculate_f1
 
 
 def main() -> None:

@@ -10,14 +10,12 @@ RESULTS_DIR holds ROW-seedN/test_generations.txt (one answer a line, in test ord
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from input_readers import read_gold, read_lines  # noqa: E402
-from rag_metrics import exact_match_score, f1_score, metric_max_over_ground_truths  # noqa: E402
+from rag_end2end.data.readers import read_gold, read_lines
+from rag_end2end.evaluation.metrics import exact_match_score, f1_score, metric_max_over_ground_truths
 
 
 def per_question(predictions: list[str], answers: list[list[str]], metric) -> np.ndarray:

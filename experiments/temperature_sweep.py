@@ -14,18 +14,16 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from input_readers import read_lines  # noqa: E402
-from kb_search import KBSearch  # noqa: E402
-from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
-from rag_marginals import marginal_nll  # noqa: E402
-from rag_model import CausalGenerator, RagModel  # noqa: E402
+from rag_end2end.data.readers import read_lines
+from rag_end2end.kb.search import KBSearch
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
+from rag_end2end.model.marginals import marginal_nll
+from rag_end2end.model.rag import CausalGenerator, RagModel
 
 
 @torch.no_grad()

@@ -16,17 +16,15 @@ import argparse
 import csv
 import gzip
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kb_encode_utils import encode_token_ids, tokenize_passages  # noqa: E402
-from rag_encoders import load_encoder, load_tokenizer  # noqa: E402
-from rag_metrics import mrr_at_k, recall_at_k  # noqa: E402
+from rag_end2end.evaluation.metrics import mrr_at_k, recall_at_k
+from rag_end2end.kb.encode import encode_token_ids, tokenize_passages
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
 KS = (1, 5, 20)
 

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from input_readers import read_lines
-from rag_model import RagModel
+from rag_end2end.data.readers import read_lines
+from rag_end2end.model.rag import RagModel
 
 
 def load(args: argparse.Namespace) -> RagModel:
@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main()
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()

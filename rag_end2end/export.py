@@ -45,9 +45,9 @@ from transformers import (
     RagTokenizer,
 )
 
-from kb_search import KB_VERSION_FILE, checkpoint_kb
-from rag_encoders import PooledEncoder
-from rag_model import RAG_TEMPLATE, SETTINGS_FILE, RagModel
+from rag_end2end.kb.search import KB_VERSION_FILE, checkpoint_kb
+from rag_end2end.model.encoders import PooledEncoder
+from rag_end2end.model.rag import RAG_TEMPLATE, SETTINGS_FILE, RagModel
 
 RUN_FILES = ("run_info.json", "test_results.txt")  # beside the checkpoints, in the run's output dir
 
@@ -238,5 +238,10 @@ def main(argv: list[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

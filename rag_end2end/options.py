@@ -15,18 +15,18 @@ import torch
 from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 from pytorch_lightning.strategies import StrategyRegistry
 
-from distributed_ray_retriever import GpuPlan, plan_gpus
-from faiss_devices import FAISS_GPU_MODES, forced_gpu_refusal
-from input_readers import add_debug_arg
-from kb_encode_utils import add_index_args
-from kb_refresh import DDP_TIMEOUT_S
-from kb_search import checkpoint_kb
-from lora import PEFT_CHOICES
-from precision import native_bf16
-from rag_metrics import parse_metrics
-from rag_model import SETTINGS_FILE
-from run_dir import resolve_run_id
-from training_modes import MODES, make_objective
+from rag_end2end.data.readers import add_debug_arg
+from rag_end2end.evaluation.metrics import parse_metrics
+from rag_end2end.kb.encode import add_index_args
+from rag_end2end.kb.faiss_devices import FAISS_GPU_MODES, forced_gpu_refusal
+from rag_end2end.kb.refresh import DDP_TIMEOUT_S
+from rag_end2end.kb.retriever import GpuPlan, plan_gpus
+from rag_end2end.kb.search import checkpoint_kb
+from rag_end2end.model.lora import PEFT_CHOICES
+from rag_end2end.model.rag import SETTINGS_FILE
+from rag_end2end.precision import native_bf16
+from rag_end2end.recipes import MODES, make_objective
+from rag_end2end.training.run_dir import resolve_run_id
 
 USAGE = """Fine-tune RAG end to end: question encoder, context encoder and generator learn together while
 Ray actors re-encode the knowledge base and rebuild its FAISS index in the background.

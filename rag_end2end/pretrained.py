@@ -253,5 +253,10 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     return {name: out / name for name in builds}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from precision import float32_scores
-from rag_metrics import has_answer
-from rag_model import RagModel
+from rag_end2end.evaluation.metrics import has_answer
+from rag_end2end.model.rag import RagModel
+from rag_end2end.precision import float32_scores
 
 PARTS = ("question_encoder", "ctx_encoder", "generator")
 

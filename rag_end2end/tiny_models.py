@@ -194,5 +194,10 @@ def main() -> None:
     print(f"tiny models in {args.output_dir} ({time.perf_counter() - start:.1f} s): " + ", ".join(dirs))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

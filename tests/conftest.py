@@ -11,9 +11,9 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-import distributed_ray_retriever  # noqa: E402
+from rag_end2end.kb import retriever as distributed_ray_retriever
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
@@ -49,7 +49,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     """Version 0 of the dummy KB, encoded by the tiny context encoder, with an exact (flat) index."""
-    import use_own_knowledge_dataset
+    from rag_end2end.kb import build as use_own_knowledge_dataset
 
     out = tmp_path_factory.mktemp("kb")
     args = use_own_knowledge_dataset.parse_args(

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from rag_encoders import load_encoder, load_tokenizer
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

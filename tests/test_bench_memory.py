@@ -11,7 +11,7 @@ from datasets import Dataset, load_from_disk
 from tiny_tokenizers import wordpiece_tokenizer
 from transformers import DPRConfig, DPRContextEncoder
 
-from kb_encode_utils import ShardEncoder, encode_token_ids, tokenize_passages
+from rag_end2end.kb.encode import ShardEncoder, encode_token_ids, tokenize_passages
 
 REPO = Path(__file__).resolve().parents[1]
 

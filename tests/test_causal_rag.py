@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from causal_rag import (
+from rag_end2end.model.causal import (
     IGNORE,
     build_prompts,
     encode_prompts,
@@ -29,8 +29,8 @@ from causal_rag import (
     tokenize_for_loss,
     truncate_left,
 )
-from rag_marginals import marginal_nll
-from rag_model import CausalGenerator, RagModel
+from rag_end2end.model.marginals import marginal_nll
+from rag_end2end.model.rag import CausalGenerator, RagModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

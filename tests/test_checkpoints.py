@@ -6,7 +6,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from callbacks_rag import checkpoint_step, get_checkpoint_callback
+from rag_end2end.training.callbacks import checkpoint_step, get_checkpoint_callback
 
 
 class Improving(pl.LightningModule):

@@ -87,10 +87,10 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
 def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatch):
     import torch
 
-    import finetune_rag
-    import prepare_squad
-    import rag_options
-    import use_own_knowledge_dataset
+    from rag_end2end import options as rag_options
+    from rag_end2end.data import squad as prepare_squad
+    from rag_end2end.kb import build as use_own_knowledge_dataset
+    from rag_end2end.training import finetune as finetune_rag
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the machine the recipe is for (its GPUs are checked)
     e2e = _launch_script_calls("finetune_rag_ray_end2end.sh", tmp_path / "e2e")
@@ -119,8 +119,8 @@ def test_test_finetune_sh_trains_and_encodes_on_gpus_of_their_own(gpus, train, e
     the only one; on CPU without GPUs."""
     import torch
 
-    import finetune_rag
-    import rag_options
+    from rag_end2end import options as rag_options
+    from rag_end2end.training import finetune as finetune_rag
 
     calls = _launch_script_calls("test_run/test_finetune.sh", tmp_path, FAKE_GPUS=str(gpus), OUT=str(tmp_path / "o"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # the machine the script counted

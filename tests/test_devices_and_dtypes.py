@@ -25,14 +25,14 @@ from transformers import (
     RagTokenForGeneration,
 )
 
-import finetune_rag
-import kb_search
-import precision
-from lora import _inner, add_lora, has_lora, merged
-from rag_encoders import PooledEncoder, load_encoder
-from rag_model import CausalGenerator, RagModel, Seq2SeqGenerator
-from rag_options import trainer_kwargs
-from training_modes import infonce
+from rag_end2end import precision
+from rag_end2end.kb import search as kb_search
+from rag_end2end.model.encoders import PooledEncoder, load_encoder
+from rag_end2end.model.lora import _inner, add_lora, has_lora, merged
+from rag_end2end.model.rag import CausalGenerator, RagModel, Seq2SeqGenerator
+from rag_end2end.options import trainer_kwargs
+from rag_end2end.recipes import infonce
+from rag_end2end.training import finetune as finetune_rag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HIDDEN = 32  # test_run/make_tiny_models.py

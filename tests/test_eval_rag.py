@@ -14,13 +14,13 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoTokenizer, DPRQuestionEncoder
 
-import eval_rag
-import finetune_rag
-import kb_search
-from input_readers import InputError
-from kb_encode_utils import IndexConfig, save_kb, with_embeddings
-from rag_metrics import corpus_bleu, has_answer, mrr_at_k, recall_at_k
-from rag_model import RagModel
+from rag_end2end.data.readers import InputError
+from rag_end2end.evaluation import evaluate as eval_rag
+from rag_end2end.evaluation.metrics import corpus_bleu, has_answer, mrr_at_k, recall_at_k
+from rag_end2end.kb import search as kb_search
+from rag_end2end.kb.encode import IndexConfig, save_kb, with_embeddings
+from rag_end2end.model.rag import RagModel
+from rag_end2end.training import finetune as finetune_rag
 
 DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
 QUESTIONS, ANSWERS = DATA / "test.source", DATA / "test.target"

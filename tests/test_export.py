@@ -13,12 +13,12 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForSeq2SeqLM
 
-import export_model
-import finetune_rag
-import kb_search
-import rag_answer
-import use_own_knowledge_dataset
-from rag_model import RagModel
+from rag_end2end import answer as rag_answer
+from rag_end2end import export as export_model
+from rag_end2end.kb import build as use_own_knowledge_dataset
+from rag_end2end.kb import search as kb_search
+from rag_end2end.model.rag import RagModel
+from rag_end2end.training import finetune as finetune_rag
 
 pytest.importorskip("sentence_transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,7 +112,7 @@ def test_checkpoint_and_export_answer_alike_in_python_and_from_the_command_line(
 
 def test_langchain_retriever_returns_the_models_passages(exported):
     pytest.importorskip("langchain_core")
-    from langchain_retriever import CheckpointRetriever
+    from rag_end2end.integrations.langchain import CheckpointRetriever
 
     retriever = CheckpointRetriever.from_path(str(exported), k=3)
     docs = retriever.invoke(QUESTIONS[0])

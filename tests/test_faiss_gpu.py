@@ -7,9 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
-import faiss_devices
-from distributed_ray_retriever import RetrievalActor
-from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, save_kb, split_documents, with_embeddings
+from rag_end2end.kb import faiss_devices
+from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, save_kb, split_documents, with_embeddings
+from rag_end2end.kb.retriever import RetrievalActor
 
 pytestmark = [
     pytest.mark.gpu,

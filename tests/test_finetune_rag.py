@@ -15,18 +15,18 @@ from faults import gated_encoder_factory
 from faults import kill_actors as _kill_actors
 from transformers import DPRContextEncoder
 
-import eval_rag
-import finetune_rag
-import kb_refresh
-import kb_search
-from callbacks_rag import KBRefreshCallback
-from input_readers import read_lines
-from kb_encode_utils import IndexConfig, read_version
-from kb_refresh import RefreshState
-from kb_search import checkpoint_kb
-from rag_encoders import PooledEncoder, load_tokenizer
-from rag_metrics import has_answer, rouge_l_score, sentence_bleu
-from rag_model import RagModel
+from rag_end2end.data.readers import read_lines
+from rag_end2end.evaluation import evaluate as eval_rag
+from rag_end2end.evaluation.metrics import has_answer, rouge_l_score, sentence_bleu
+from rag_end2end.kb import refresh as kb_refresh
+from rag_end2end.kb import search as kb_search
+from rag_end2end.kb.encode import IndexConfig, read_version
+from rag_end2end.kb.refresh import RefreshState
+from rag_end2end.kb.search import checkpoint_kb
+from rag_end2end.model.encoders import PooledEncoder, load_tokenizer
+from rag_end2end.model.rag import RagModel
+from rag_end2end.training import finetune as finetune_rag
+from rag_end2end.training.callbacks import KBRefreshCallback
 
 DUMMY_DATA = Path(__file__).parents[1] / "test_run" / "dummy-train-data"
 

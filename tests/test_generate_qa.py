@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-import generate_qa as gq
-from input_readers import read_kb_csv, read_lines
-from kb_encode_utils import split_documents
-from qa_dataset import QuestionDataset
-from rag_metrics import has_answer, normalize_answer
+from rag_end2end.data import generate_qa as gq
+from rag_end2end.data.qa_dataset import QuestionDataset
+from rag_end2end.data.readers import read_kb_csv, read_lines
+from rag_end2end.evaluation.metrics import has_answer, normalize_answer
+from rag_end2end.kb.encode import split_documents
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
@@ -253,9 +253,9 @@ def test_tiny_random_model_runs_and_nothing_passes_the_filters(run_qa, tmp_path,
 def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
     run_qa, tmp_path, monkeypatch, tiny_models, finetune_argv
 ):
-    import finetune_rag
-    import rag_options
-    import use_own_knowledge_dataset
+    from rag_end2end import options as rag_options
+    from rag_end2end.kb import build as use_own_knowledge_dataset
+    from rag_end2end.training import finetune as finetune_rag
 
     calls = []
     monkeypatch.setattr(gq, "generate_texts", make_fake_generate(calls))

@@ -22,11 +22,11 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import finetune_rag
-from kb_encode_utils import encode_token_ids, tokenize_passages
-from rag_encoders import load_encoder, load_tokenizer
-from rag_model import FALLBACK_GENERATION, RagModel
-from training_modes import MODES
+from rag_end2end.kb.encode import encode_token_ids, tokenize_passages
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
+from rag_end2end.model.rag import FALLBACK_GENERATION, RagModel
+from rag_end2end.recipes import MODES
+from rag_end2end.training import finetune as finetune_rag
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICE = "cuda"  # the device these tests are about (every test here is skipped without one)

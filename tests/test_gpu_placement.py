@@ -23,18 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # the child process: the repository's modules, as pytest's pythonpath gives them
     sys.path.insert(0, str(REPO))
 
-import pytest  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from faults import gated_encoder_factory, kill_actors  # noqa: E402
-from pytorch_lightning.strategies import DDPStrategy  # noqa: E402
+import pytest
+import pytorch_lightning as pl
+import ray
+import torch
+from faults import gated_encoder_factory, kill_actors
+from pytorch_lightning.strategies import DDPStrategy
 
-import finetune_rag  # noqa: E402
-import kb_refresh  # noqa: E402
-import rag_options  # noqa: E402
-from distributed_ray_retriever import plan_gpus, visible_gpu_ids  # noqa: E402
-from kb_encode_utils import IndexConfig  # noqa: E402
+from rag_end2end import options as rag_options
+from rag_end2end.kb import refresh as kb_refresh
+from rag_end2end.kb.encode import IndexConfig
+from rag_end2end.kb.retriever import plan_gpus, visible_gpu_ids
+from rag_end2end.training import finetune as finetune_rag
 
 SLURM_GPUS = "4,5,6"  # what SLURM exports for a job given physical GPUs 4, 5 and 6
 RESULT = "RESULT "  # the line of the child's stdout that carries what it found

@@ -14,12 +14,12 @@ from datasets import load_from_disk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import finetune_rag
-import prepare_cmu_qa
-import prepare_squad
-import rag_assembly
-import rag_options
-from input_readers import MAX_LINE_CHARS, InputError, check_model_path, read_gold, read_kb_csv, read_lines
+from rag_end2end import options as rag_options
+from rag_end2end.data import cmu_qa as prepare_cmu_qa
+from rag_end2end.data import squad as prepare_squad
+from rag_end2end.data.readers import MAX_LINE_CHARS, InputError, check_model_path, read_gold, read_kb_csv, read_lines
+from rag_end2end.model import assembly as rag_assembly
+from rag_end2end.training import finetune as finetune_rag
 
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -330,7 +330,7 @@ def test_a_qa_file_with_bare_carriage_returns_is_refused(tmp_path):
 
 def test_generate_qa_names_a_missing_model_directory(tmp_path, capsys):
     """Not the hub's "Repo id must be in the form 'repo_name'" error: the flag and the path."""
-    import generate_qa
+    from rag_end2end.data import generate_qa
 
     (tmp_path / "models").mkdir()
     missing = tmp_path / "models" / "smollm"

@@ -19,8 +19,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-import install_pretrained_models as ipm
-from rag_encoders import load_encoder
+from rag_end2end import pretrained as ipm
+from rag_end2end.model.encoders import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = ["What is the capital of France?", "Paris is the capital and largest city of France.",

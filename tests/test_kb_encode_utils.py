@@ -9,10 +9,10 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import DPRConfig, DPRContextEncoder
 
-import faiss_devices
-import kb_encode_utils
-from input_readers import read_kb_csv
-from kb_encode_utils import (
+from rag_end2end.data.readers import read_kb_csv
+from rag_end2end.kb import encode as kb_encode_utils
+from rag_end2end.kb import faiss_devices
+from rag_end2end.kb.encode import (
     READY_MARKER,
     IndexConfig,
     KBVersion,
@@ -253,7 +253,7 @@ def test_forcing_gpus_without_them_names_the_flag():
 @pytest.mark.skipif(faiss_devices.faiss_has_gpu(), reason="this faiss has GPU support")
 @pytest.mark.parametrize("mode", ["replicate", "shard"])
 def test_finetune_refuses_a_forced_gpu_mode_on_faiss_cpu_in_one_line(mode, capsys):
-    import rag_options
+    from rag_end2end import options as rag_options
 
     with pytest.raises(SystemExit) as stop:
         rag_options.parse_args(["--model_type", "rag_token", "--faiss_gpu", mode, "--index_gpus", "1"])

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import make_results_table
+from rag_end2end.evaluation import results_table as make_results_table
 
 
 def write_run(directory: Path, text: str) -> Path:

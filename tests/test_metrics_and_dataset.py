@@ -12,8 +12,8 @@ import torch
 from tiny_tokenizers import SPECIALS, wordpiece_tokenizer
 from transformers import BertTokenizerFast, RagTokenizer
 
-from qa_dataset import QuestionDataset
-from rag_metrics import (
+from rag_end2end.data.qa_dataset import QuestionDataset
+from rag_end2end.evaluation.metrics import (
     GENERATION_METRICS,
     calculate_exact_match,
     calculate_f1,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import plot_run
+from rag_end2end.training import plots as plot_run
 
 
 def write_metrics(run: Path, version: int, rows: list[dict]) -> Path:

@@ -14,8 +14,8 @@ from datasets import Dataset
 from tiny_tokenizers import wordpiece_tokenizer
 from transformers import BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
-from kb_encode_utils import ShardEncoder, encode_token_ids, tokenize_passages
-from rag_encoders import (
+from rag_end2end.kb.encode import ShardEncoder, encode_token_ids, tokenize_passages
+from rag_end2end.model.encoders import (
     DEFAULT_TEMPERATURE,
     PooledEncoder,
     PrefixedTokenizer,
@@ -27,7 +27,7 @@ from rag_encoders import (
     with_prefix,
     with_scoring,
 )
-from rag_model import RagModel
+from rag_end2end.model.rag import RagModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

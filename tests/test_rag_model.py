@@ -18,8 +18,8 @@ from transformers import (
     RagConfig,
 )
 
-from rag_encoders import PooledEncoder, load_encoder, with_prefix
-from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator, is_rag_checkpoint
+from rag_end2end.model.encoders import PooledEncoder, load_encoder, with_prefix
+from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator, is_rag_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

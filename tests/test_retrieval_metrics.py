@@ -2,7 +2,7 @@
 
 import pytest
 
-from rag_metrics import answer_recall_at_k, has_answer, mrr_at_k, precision_at_k_titles, recall_at_k
+from rag_end2end.evaluation.metrics import answer_recall_at_k, has_answer, mrr_at_k, precision_at_k_titles, recall_at_k
 
 # First gold id at rank 1, at rank 3 (one of two gold ids), nowhere; the last question has no gold ids.
 RETRIEVED = [[3, 7, 1], [5, 6, 9], [2, 4, 8], [1, 2, 3]]

@@ -15,8 +15,8 @@ import pytest
 import ray
 from datasets import Dataset
 
-from distributed_ray_retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
-from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, build_kb_version
+from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, build_kb_version
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
 
 DIM = 8
 N_PASSAGES = 40

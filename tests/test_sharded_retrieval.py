@@ -16,10 +16,10 @@ import ray
 from datasets import Dataset, load_from_disk
 from faults import actor_pid
 
-import finetune_rag
-from callbacks_rag import KBRefreshCallback
-from distributed_ray_retriever import ShardedRetriever, start_shard_actors
-from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, build_kb_version, shard_bounds
+from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, build_kb_version, shard_bounds
+from rag_end2end.kb.retriever import ShardedRetriever, start_shard_actors
+from rag_end2end.training import finetune as finetune_rag
+from rag_end2end.training.callbacks import KBRefreshCallback
 
 N_PASSAGES, DIM, N_SHARDS = 200, 16, 3
 FLAT = IndexConfig(index_type="flat")

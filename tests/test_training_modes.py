@@ -11,12 +11,11 @@ import pytest
 import torch
 from device_probe import HostTensorProbe
 
-import eval_rag
-import finetune_rag
-import kb_search
-from rag_encoders import load_encoder, load_tokenizer
-from rag_model import RagModel
-from training_modes import (
+from rag_end2end.evaluation import evaluate as eval_rag
+from rag_end2end.kb import search as kb_search
+from rag_end2end.model.encoders import load_encoder, load_tokenizer
+from rag_end2end.model.rag import RagModel
+from rag_end2end.recipes import (
     MODES,
     Positives,
     distillation_kl,
@@ -26,6 +25,7 @@ from training_modes import (
     mine,
     teacher_loglik,
 )
+from rag_end2end.training import finetune as finetune_rag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DUMMY_DATA = Path(__file__).resolve().parents[1] / "test_run" / "dummy-train-data"
@@ -387,7 +387,7 @@ def test_lora_trains_only_adapters_and_reloads_identically(make_module, gold_dat
 
 
 def test_the_refresh_encodes_with_the_merged_lora_weights(make_module, gold_data):
-    from lora import merged
+    from rag_end2end.model.lora import merged
 
     module = make_module("retriever_only", "--peft", "retriever", data=gold_data)
     ctx = module.model.ctx_encoder

@@ -22,8 +22,8 @@ import codecs
 import json
 from pathlib import Path
 
-from input_readers import run_main
-from prepare_squad import (
+from rag_end2end.data.readers import run_main
+from rag_end2end.data.squad import (
     WORDS_PER_PASSAGE,
     Document,
     Question,
@@ -35,7 +35,7 @@ from prepare_squad import (
     dedupe_answers,
     write_outputs,
 )
-from rag_metrics import normalize_answer
+from rag_end2end.evaluation.metrics import normalize_answer
 
 COLUMNS = ("ArticleTitle", "Question", "Answer", "ArticleFile")
 YES_NO = {"yes", "no"}
@@ -200,5 +200,10 @@ def main(args: argparse.Namespace) -> dict:
     return stats
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     run_main(main, parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -60,12 +60,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from causal_rag import encode_prompts, pad_id
-from input_readers import add_debug_arg, check_model_path, read_kb_csv, run_main
-from kb_encode_utils import split_documents, temporary_sibling
-from precision import native_bf16
-from prepare_squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
-from rag_metrics import has_answer, normalize_answer
+from rag_end2end.data.readers import add_debug_arg, check_model_path, read_kb_csv, run_main
+from rag_end2end.data.squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
+from rag_end2end.evaluation.metrics import has_answer, normalize_answer
+from rag_end2end.kb.encode import split_documents, temporary_sibling
+from rag_end2end.model.causal import encode_prompts, pad_id
+from rag_end2end.precision import native_bf16
 
 GENERATIONS_FILE = "generations.jsonl"
 SETTINGS_FILE = "generation_settings.json"
@@ -432,8 +432,8 @@ def encode_questions(encoder: torch.nn.Module, tokenizer, questions: list[str], 
 def passage_vectors(kb: KnowledgeBase, args: argparse.Namespace, question_encoder, question_tokenizer) -> np.ndarray:
     """Every KB passage's vector: by --context_encoder_name_or_path, else the --passages_path KB's own embeddings,
     else by the question encoder itself (one encoder for both sides)."""
-    from kb_encode_utils import check_kb_similarity, encode_token_ids, tokenize_passages
-    from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer
+    from rag_end2end.kb.encode import check_kb_similarity, encode_token_ids, tokenize_passages
+    from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer
 
     similarity = encoder_similarity(question_encoder)
     if args.context_encoder_name_or_path is None and kb.passages_path is not None:
@@ -459,7 +459,7 @@ def passage_vectors(kb: KnowledgeBase, args: argparse.Namespace, question_encode
 
 def roundtrip_filter(pairs: list[Pair], kb: KnowledgeBase, args: argparse.Namespace) -> tuple[list[Pair], int]:
     """The pairs whose passage the question encoder ranks in the top --roundtrip_k, and how many were dropped."""
-    from rag_encoders import load_encoder, load_tokenizer
+    from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
     if not pairs:
         return pairs, 0
@@ -692,5 +692,10 @@ def main(args: argparse.Namespace) -> dict | None:
     return stats
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     run_main(main, parse_args())
+
+
+if __name__ == "__main__":
+    cli()

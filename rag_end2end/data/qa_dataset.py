@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from input_readers import read_lines
+from rag_end2end.data.readers import read_lines
 
 
 class QuestionDataset:

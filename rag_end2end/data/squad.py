@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from input_readers import add_debug_arg, read_kb_csv, run_main
-from kb_encode_utils import split_documents, split_text, temporary_sibling
+from rag_end2end.data.readers import add_debug_arg, read_kb_csv, run_main
+from rag_end2end.kb.encode import split_documents, split_text, temporary_sibling
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
 SPLITS = ("train", "val", "test")
@@ -329,5 +329,10 @@ def main(args: argparse.Namespace) -> dict:
     return stats
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     run_main(main, parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -33,7 +33,7 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoConfig
 
-from input_readers import (
+from rag_end2end.data.readers import (
     Gold,
     InputError,
     add_debug_arg,
@@ -44,10 +44,7 @@ from input_readers import (
     read_lines,
     run_main,
 )
-from kb_encode_utils import check_kb_similarity
-from kb_search import checkpoint_kb
-from rag_encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_metrics import (
+from rag_end2end.evaluation.metrics import (
     answer_recall_at_k,
     calculate_exact_match,
     calculate_f1,
@@ -58,7 +55,10 @@ from rag_metrics import (
     recall_at_k,
     rouge_l_score,
 )
-from rag_model import FALLBACK_GENERATION, RagModel
+from rag_end2end.kb.encode import check_kb_similarity
+from rag_end2end.kb.search import checkpoint_kb
+from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_end2end.model.rag import FALLBACK_GENERATION, RagModel
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
@@ -369,6 +369,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_main(main, parse_args())
+
+
+if __name__ == "__main__":
+    cli()

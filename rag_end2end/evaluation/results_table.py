@@ -92,5 +92,10 @@ def main(args: argparse.Namespace) -> str:
     return table
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main(parse_args())
+
+
+if __name__ == "__main__":
+    cli()

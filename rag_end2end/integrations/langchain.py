@@ -20,7 +20,7 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
-from rag_model import RagModel
+from rag_end2end.model.rag import RagModel
 
 
 class CheckpointRetriever(BaseRetriever):

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from input_readers import add_debug_arg, read_kb_csv, run_main
-from kb_encode_utils import (
+from rag_end2end.data.readers import add_debug_arg, read_kb_csv, run_main
+from rag_end2end.kb.encode import (
     IndexConfig,
     add_index_args,
     encode_token_ids,
@@ -32,7 +32,7 @@ from kb_encode_utils import (
     tokenize_passages,
     with_embeddings,
 )
-from rag_encoders import encoder_similarity, load_encoder, with_prefix
+from rag_end2end.model.encoders import encoder_similarity, load_encoder, with_prefix
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,5 +90,10 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
     return passages_path, index_path
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     run_main(main, parse_args())
+
+
+if __name__ == "__main__":
+    cli()

@@ -24,7 +24,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
-from faiss_devices import train_index
+from rag_end2end.kb.faiss_devices import train_index
 
 # torch is imported by the functions that encode: retrieval actors and index builders import this module and never
 # encode, and torch costs each of them ~2.7 s of start-up and ~185 MB of memory.
@@ -193,7 +193,7 @@ class ShardEncoder:
                 torch.cuda.empty_cache()
 
     def _encode(self, offsets: np.ndarray, batch_size: int) -> np.ndarray:
-        from precision import native_bf16  # torch, which this module imports only where it encodes
+        from rag_end2end.precision import native_bf16  # torch, which this module imports only where it encodes
 
         # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
         # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).

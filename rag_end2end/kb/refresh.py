@@ -25,8 +25,7 @@ from datasets import load_from_disk
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError
 
-from faiss_devices import faiss_actor_gpus
-from kb_encode_utils import (
+from rag_end2end.kb.encode import (
     IndexConfig,
     KBBuilder,
     KBVersion,
@@ -37,7 +36,8 @@ from kb_encode_utils import (
     shard_bounds,
     staging_dir,
 )
-from rag_encoders import encoder_factory
+from rag_end2end.kb.faiss_devices import faiss_actor_gpus
+from rag_end2end.model.encoders import encoder_factory
 
 ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
 # Rank 0 waits for these actors (their start, a refresh that training waits for) while the other DDP ranks sit in

@@ -22,8 +22,8 @@ from datasets import Dataset, load_from_disk
 from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from faiss_devices import faiss_actor_gpus, to_gpu
-from kb_encode_utils import IndexConfig, KBVersion, build_faiss_index, quiet_actor, shard_bounds
+from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, quiet_actor, shard_bounds
+from rag_end2end.kb.faiss_devices import faiss_actor_gpus, to_gpu
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 # A dead actor comes back within seconds (a new process that imports faiss and loads the KB): 40 tries

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from transformers.models.rag.retrieval_rag import CustomHFIndex
 
-from faiss_devices import to_gpu
+from rag_end2end.kb.faiss_devices import to_gpu
 
 KB_VERSION_FILE = "kb_version.json"  # beside every checkpoint<step> and in every export
 

@@ -11,12 +11,12 @@ import faiss
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from input_readers import check_model_path
-from kb_encode_utils import check_kb_similarity
-from lora import add_lora, train_only_lora
-from rag_encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_model import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
-from rag_options import MARGINALS
+from rag_end2end.data.readers import check_model_path
+from rag_end2end.kb.encode import check_kb_similarity
+from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_end2end.model.lora import add_lora, train_only_lora
+from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+from rag_end2end.options import MARGINALS
 
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
                "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip

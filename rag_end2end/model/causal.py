@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from rag_marginals import marginal_nll
+from rag_end2end.model.marginals import marginal_nll
 
 DEFAULT_TEMPLATE = "Context: {title} / {text}\nQuestion: {question}\nAnswer:"
 IGNORE = -100  # label of the tokens the loss skips (prompt and padding), as in torch's cross_entropy

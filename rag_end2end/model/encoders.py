@@ -46,7 +46,7 @@ from transformers import (
 from transformers.models.dpr.modeling_dpr import DPREncoder
 from transformers.utils import ModelOutput, cached_file
 
-from precision import LOAD_DTYPE
+from rag_end2end.precision import LOAD_DTYPE
 
 POOLINGS = ("cls", "mean", "pooler")
 SIMILARITIES = ("dot", "cosine")

@@ -33,7 +33,8 @@ from transformers import (
     RagTokenizer,
 )
 
-from causal_rag import (
+from rag_end2end.kb.search import KBSearch, checkpoint_kb
+from rag_end2end.model.causal import (
     DEFAULT_TEMPLATE,
     IGNORE,
     answer_logprobs,
@@ -44,17 +45,16 @@ from causal_rag import (
     tokenize_for_loss,
     truncate_left,
 )
-from kb_search import KBSearch, checkpoint_kb
-from lora import has_lora, merged
-from precision import LOAD_DTYPE, float32_scores
-from rag_encoders import PooledEncoder, load_encoder, load_tokenizer
-from rag_marginals import (
+from rag_end2end.model.encoders import PooledEncoder, load_encoder, load_tokenizer
+from rag_end2end.model.lora import has_lora, merged
+from rag_end2end.model.marginals import (
     distinct_candidates,
     marginal_next_token_lp,
     marginal_nll,
     sequence_loglik,
     smoothed_token_lp,
 )
+from rag_end2end.precision import LOAD_DTYPE, float32_scores
 
 SETTINGS_FILE = "rag_settings.json"
 RAG_TEMPLATE = "{title} / {text} // {question}"  # transformers' RAG prompt: title_sep " / ", doc_sep " // "

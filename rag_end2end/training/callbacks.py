@@ -15,9 +15,9 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from kb_encode_utils import IndexConfig, remove_unreachable_versions, writing
-from kb_refresh import DDP_TIMEOUT_S, Refresher, rank_zero_wait_s
-from lora import merged
+from rag_end2end.kb.encode import IndexConfig, remove_unreachable_versions, writing
+from rag_end2end.kb.refresh import DDP_TIMEOUT_S, Refresher, rank_zero_wait_s
+from rag_end2end.model.lora import merged
 
 
 class KBRefreshCallback(pl.Callback):

@@ -30,29 +30,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from callbacks_rag import (
-    KBRefreshCallback,
-    RunFilesCallback,
-    get_checkpoint_callback,
-    get_early_stopping_callback,
-    get_last_checkpoint_callback,
-)
-from distributed_ray_retriever import (
-    RagRayDistributedRetriever,
-    ShardedRetriever,
-    init_ray,
-    start_retrieval_actors,
-    start_shard_actors,
-    visible_gpu_ids,
-)
-from input_readers import read_gold, read_lines, refusing, run_main
-from kb_encode_utils import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling, writing
-from kb_refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
-from plot_run import plot_runs
-from qa_dataset import QuestionDataset
-from rag_assembly import assemble
-from rag_encoders import encoder_similarity
-from rag_metrics import (
+from rag_end2end.data.qa_dataset import QuestionDataset
+from rag_end2end.data.readers import read_gold, read_lines, refusing, run_main
+from rag_end2end.evaluation.metrics import (
     GENERATION_METRICS,
     exact_match_score,
     f1_score,
@@ -62,9 +42,29 @@ from rag_metrics import (
     rouge_l_score,
     sentence_bleu,
 )
-from rag_options import SCHEDULERS, check_data_dir, gpu_plan, parse_args, trainer_kwargs
-from run_dir import is_first_process, lock_output_dir, prepare_output_dir, release_lock
-from training_modes import make_objective, mine
+from rag_end2end.kb.encode import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling, writing
+from rag_end2end.kb.refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
+from rag_end2end.kb.retriever import (
+    RagRayDistributedRetriever,
+    ShardedRetriever,
+    init_ray,
+    start_retrieval_actors,
+    start_shard_actors,
+    visible_gpu_ids,
+)
+from rag_end2end.model.assembly import assemble
+from rag_end2end.model.encoders import encoder_similarity
+from rag_end2end.options import SCHEDULERS, check_data_dir, gpu_plan, parse_args, trainer_kwargs
+from rag_end2end.recipes import make_objective, mine
+from rag_end2end.training.callbacks import (
+    KBRefreshCallback,
+    RunFilesCallback,
+    get_checkpoint_callback,
+    get_early_stopping_callback,
+    get_last_checkpoint_callback,
+)
+from rag_end2end.training.plots import plot_runs
+from rag_end2end.training.run_dir import is_first_process, lock_output_dir, prepare_output_dir, release_lock
 
 # Epoch-level metrics here are already gathered across ranks (all_gather_object) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
@@ -485,7 +485,12 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     return model
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     run_main(main, parse_args(), marked_only=True)
     if ray.is_initialized():
         ray.shutdown()
+
+
+if __name__ == "__main__":
+    cli()

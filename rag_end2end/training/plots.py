@@ -192,5 +192,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

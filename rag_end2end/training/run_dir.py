@@ -12,7 +12,7 @@ import uuid
 import warnings
 from pathlib import Path
 
-from kb_encode_utils import process_alive
+from rag_end2end.kb.encode import process_alive
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
 RUN_FILES = ("*.ckpt", "*.kb_version.json", "checkpoint*", "metrics.json", "test_results.txt",
