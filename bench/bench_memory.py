@@ -44,8 +44,9 @@ turns on; the index in memory is the same). Figures are printed, never asserted.
 
 from __future__ import annotations
 
+from bench_env import REPO
+
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -57,15 +58,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# As tests/conftest.py: before ray/transformers are imported. PYTHONPATH lets Ray workers import the repo.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_COLOR_PREFIX"] = "0"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # also in the Ray actors that save KB versions
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-
 import datasets
 import faiss
 import numpy as np
@@ -75,6 +67,7 @@ import torch
 import transformers
 from datasets.table import InMemoryTable
 
+from rag_end2end import tiny_models
 from rag_end2end.kb.encode import (
     IndexConfig,
     KBBuilder,
@@ -304,12 +297,9 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
 
 
 def tiny_context_encoder(work: Path, dim: int) -> Path:
-    """The tiny random context encoder that tests/conftest.py builds (test_run/make_tiny_models.py), with DPR's
+    """The tiny random context encoder that tests/conftest.py builds (rag_end2end.tiny_models), with DPR's
     projection to `dim` outputs: the vectors an actor holds are the KB's size, the encoding stays cheap."""
-    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tiny = Path(module.build_tiny_models(work / "tiny-models")["context_encoder"])
+    tiny = Path(tiny_models.build_tiny_models(work / "tiny-models")["context_encoder"])
     config = transformers.DPRConfig.from_pretrained(tiny)
     config.projection_dim = dim
     out = work / f"context-encoder-{dim}"

@@ -20,10 +20,11 @@ Lightning's DDP launcher would re-run this script in every rank. Linux only (rea
 
 from __future__ import annotations
 
+from bench_env import REPO
+
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -39,15 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-REPO = Path(__file__).resolve().parents[1]
-# As tests/conftest.py: before ray/transformers are imported. PYTHONPATH lets Ray workers import the repo.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ["RAY_COLOR_PREFIX"] = "0"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # also in the Ray actors that save KB versions
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-
 import datasets
 import faiss
 import numpy as np
@@ -56,6 +48,7 @@ import ray
 import torch
 import transformers
 
+from rag_end2end import tiny_models
 from rag_end2end.data.readers import read_kb_csv
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb.encode import KBVersion, list_versions
@@ -98,10 +91,7 @@ def build_inputs(work: Path, kb_copies: int, index_type: str) -> tuple[dict[str,
     """Tiny models (as tests/conftest.py builds them) and a KB of `kb_copies` copies of the dummy CSV.
 
     Each copy gets its own titles, so the copies are distinct passages that all have to be re-encoded."""
-    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
-    make_tiny_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_tiny_models)
-    models = make_tiny_models.build_tiny_models(work / "tiny-models")
+    models = tiny_models.build_tiny_models(work / "tiny-models")
     kb_dir = work / f"kb-{kb_copies}x-{index_type}"
     passages, index = kb_dir / "my_knowledge_dataset", kb_dir / "my_knowledge_dataset_hnsw_index.faiss"
     if not index.exists():

@@ -16,6 +16,8 @@ a run stopped by gpu_check.sh's timeout still leaves the parts it finished.
 
 from __future__ import annotations
 
+from bench_env import REPO  # first: the environment Ray and transformers need, before they are imported
+
 import argparse
 import json
 import platform
@@ -25,9 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-import bench_refresh  # (sets the environment Ray and transformers need, before importing them)
+import bench_refresh
 import datasets
 import faiss
 import pytorch_lightning as pl

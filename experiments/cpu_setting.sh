@@ -17,10 +17,10 @@ TEST_FRACTION=${TEST_FRACTION:-0.2}
 START=$(date +%s)
 stamp() { echo "== $(($(date +%s) - START)) s: $*"; }
 
-python install_pretrained_models.py --output_dir $PRE
+python tools/install_pretrained_models.py --output_dir $PRE
 
 prepare_cmu() {  # OUT/data from the CMU QA set: questions whose answer is in their article, split by article
-    [ -e "$OUT/data/stats.json" ] || python prepare_cmu_qa.py --input_dir "$INPUT" --output_dir "$OUT/data" \
+    [ -e "$OUT/data/stats.json" ] || python data_prep/prepare_cmu_qa.py --input_dir "$INPUT" --output_dir "$OUT/data" \
         --require_gold_passage --test_fraction "$TEST_FRACTION" --seed 42
 }
 

@@ -29,7 +29,7 @@ E2E_FLAGS=${E2E_FLAGS:-"--retriever_dropout off"} E2E_NAME=${E2E_NAME:-rag_end2e
 PREDICT=${PREDICT-"--do_predict"}
 . experiments/cpu_setting.sh
 HARD_NEGATIVES=${HARD_NEGATIVES:-3}
-[ -e "$OUT/data/stats.json" ] || python prepare_squad.py --input "$INPUT" --output_dir "$OUT/data" \
+[ -e "$OUT/data/stats.json" ] || python data_prep/prepare_squad.py --input "$INPUT" --output_dir "$OUT/data" \
     --require_gold_passage --test_fraction "$TEST_FRACTION" --seed 42
 build_kb
 stamp "data and KB v0 ready"
@@ -72,5 +72,5 @@ for ROW in $ROWS; do
         [ -e "$OUT/$ROW-seed$SEED/test_results.txt" ] && RUNS="$RUNS $OUT/$ROW-seed$SEED" NAMES="$NAMES $ROW"
     done
 done
-[ -z "$RUNS" ] || python make_results_table.py $RUNS --names $NAMES --output "$OUT/table.md"
+[ -z "$RUNS" ] || python tools/make_results_table.py $RUNS --names $NAMES --output "$OUT/table.md"
 echo "domain_shift_cpu.sh: done in $(($(date +%s) - START)) s; table in $OUT/table.md"

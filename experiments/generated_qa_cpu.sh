@@ -2,7 +2,7 @@
 # Questions generated from the KB instead of written by people (docs/results/generated-questions-2026-11-30.md):
 #   sh experiments/generated_qa_cpu.sh /path/to/Question_Answer_Dataset_v1.2 OUT [SEEDS] [MAX_PASSAGES]
 # The setting of experiments/modes_cpu.sh (pass the same OUT to reuse its data, KB and retriever_only runs):
-# generate_qa.py writes a question, then its answer, for MAX_PASSAGES (default 300) seeded KB passages with the
+# data_prep/generate_qa.py writes a question, then its answer, for MAX_PASSAGES (default 300) seeded KB passages with the
 # packaged SmolLM2-135M-Instruct; retriever_only trains on the generated train split (validation on the generated
 # val split: no real question is seen before the test), and is tested on the REAL test questions, beside the
 # zero-shot retriever and retriever_only trained on the real training questions (same steps, seeds and flags).
@@ -24,7 +24,7 @@ build_kb
 stamp "data and KB v0 ready"
 
 GEN="$OUT/generated"
-GENERATE="generate_qa.py --passages_path $OUT/kb/my_knowledge_dataset --generator_name_or_path \
+GENERATE="data_prep/generate_qa.py --passages_path $OUT/kb/my_knowledge_dataset --generator_name_or_path \
     $PRE/smollm2-135m-instruct --output_dir $GEN --max_passages $MAX_PASSAGES --max_new_tokens 40 --seed 42"
 if [ ! -e "$OUT/generated-extractive-stats.json" ]; then
     python $GENERATE
@@ -58,5 +58,5 @@ for SEED in $SEEDS; do
     stamp "seed $SEED trained and tested"
     RUNS="$RUNS $OUT/retriever_only-seed$SEED $RUN" NAMES="$NAMES real-questions generated-questions"
 done
-python make_results_table.py $RUNS --names $NAMES --output "$OUT/generated-table.md"
+python tools/make_results_table.py $RUNS --names $NAMES --output "$OUT/generated-table.md"
 echo "generated_qa_cpu.sh: done in $(($(date +%s) - START)) s; table in $OUT/generated-table.md"

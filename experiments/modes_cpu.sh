@@ -37,5 +37,5 @@ for SEED in $SEEDS; do
         RUNS="$RUNS $RUN" NAMES="$NAMES $MODE"
     done
 done
-python make_results_table.py $RUNS --names $NAMES --output "$OUT/table.md"
+python tools/make_results_table.py $RUNS --names $NAMES --output "$OUT/table.md"
 echo "modes_cpu.sh: done in $(($(date +%s) - START)) s; table in $OUT/table.md"

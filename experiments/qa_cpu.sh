@@ -18,8 +18,8 @@ OUT=${3:?usage: sh experiments/qa_cpu.sh cmu|covid INPUT OUT [SEEDS]}
 SEEDS=${4:-1}
 . experiments/cpu_setting.sh
 case $SET in
-    cmu) PREPARE="prepare_cmu_qa.py --input_dir $INPUT" ;;
-    covid) PREPARE="prepare_squad.py --input $INPUT" ;;
+    cmu) PREPARE="data_prep/prepare_cmu_qa.py --input_dir $INPUT" ;;
+    covid) PREPARE="data_prep/prepare_squad.py --input $INPUT" ;;
     *) echo "unknown set $SET: cmu or covid" >&2; exit 2 ;;
 esac
 [ -e "$OUT/data/stats.json" ] || python $PREPARE --output_dir "$OUT/data" --require_gold_passage \
@@ -53,7 +53,7 @@ done
 
 ORIGINAL=$(for s in $SEEDS; do printf '%s ' "$OUT/rag-original-seed$s"; done)
 END2END=$(for s in $SEEDS; do printf '%s ' "$OUT/rag-end2end-seed$s"; done)
-python make_results_table.py "$OUT/zero-shot" $ORIGINAL $END2END \
+python tools/make_results_table.py "$OUT/zero-shot" $ORIGINAL $END2END \
     --names zero-shot $(for s in $SEEDS; do printf 'RAG-original '; done) \
     $(for s in $SEEDS; do printf 'RAG-end2end '; done) --output "$OUT/table.md"
 echo "qa_cpu.sh: done in $(($(date +%s) - START)) s; table in $OUT/table.md"

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
     seconds = ensure_packages(args.skip_install)
     if seconds:  # transformers looks for gguf/accelerate once, at import: go on in a fresh interpreter
         print(f"packages installed in {seconds:.1f} s", flush=True)
-        os.execv(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:]), "--skip_install"])
+        os.execv(sys.executable, [sys.executable, "-m", __spec__.name, *(argv or sys.argv[1:]), "--skip_install"])
     transformers.utils.logging.disable_progress_bar()
     minilm, gguf = minilm_source(), smollm_gguf()
     out = args.output_dir

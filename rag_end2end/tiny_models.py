@@ -29,11 +29,11 @@ from transformers import (
     RagTokenizer,
 )
 
-HERE = Path(__file__).resolve().parent
+TEST_RUN = Path(__file__).resolve().parents[1] / "test_run"  # the dummy data of a checkout: the default corpus
 DEFAULT_CORPUS = [
-    HERE / "dummy-kb" / "my_knowledge_dataset.csv",
+    TEST_RUN / "dummy-kb" / "my_knowledge_dataset.csv",
     *(
-        HERE / "dummy-train-data" / f"{split}.{side}"
+        TEST_RUN / "dummy-train-data" / f"{split}.{side}"
         for split in ("train", "val", "test")
         for side in ("source", "target")
     ),

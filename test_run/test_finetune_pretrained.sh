@@ -16,7 +16,7 @@ OUT=${OUT:-test_run/model_checkpoints/pretrained-$(date +%Y%m%d-%H%M%S)}
 EPOCHS=${EPOCHS:-1}
 START=$(date +%s)
 
-python install_pretrained_models.py --output_dir $PRE
+python tools/install_pretrained_models.py --output_dir $PRE
 if [ ! -e $KB/my_knowledge_dataset ]; then
     python use_own_knowledge_dataset.py --csv_path test_run/dummy-kb/my_knowledge_dataset.csv --output_dir $KB \
         --dpr_ctx_encoder_model_name $PRE/minilm --pooling mean --index_type flat --device cpu

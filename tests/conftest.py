@@ -1,19 +1,16 @@
 """Shared fixtures: tiny random models, a tiny KB built from the dummy CSV, and one local Ray."""
 
-import importlib.util
 import os
 import uuid
 from pathlib import Path
+
+import pytest
 
 # Before ray/transformers are imported: no hub, no Ray token file, no colour codes in actor output.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest
-
-from rag_end2end.kb import retriever as distributed_ray_retriever
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
@@ -33,6 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def ray_local():
+    from rag_end2end.kb import retriever as distributed_ray_retriever
+
     distributed_ray_retriever.init_ray(None, "rag-tests")
     yield
     distributed_ray_retriever.shutdown_ray()
@@ -40,10 +39,9 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "test_run" / "make_tiny_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+    from rag_end2end import tiny_models as make_tiny_models
+
+    return make_tiny_models.build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
 
 
 @pytest.fixture(scope="session")

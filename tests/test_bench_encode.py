@@ -1,6 +1,5 @@
 """bench/bench_encode.py's profile of the actors' encoding loop and its report (no Ray)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,10 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_encode", REPO / "bench" / "bench_encode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench_encode
+
+    return bench_encode
 
 
 def test_the_profile_splits_the_encoding_loop_into_forward_passes_and_the_rest(bench, tiny_models, tmp_path):

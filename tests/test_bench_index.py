@@ -1,6 +1,5 @@
 """bench/bench_index.py on tiny KBs: its figures are well-formed, not what they are (timings are never asserted)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,10 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_index", REPO / "bench" / "bench_index.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench_index
+
+    return bench_index
 
 
 @pytest.fixture(autouse=True)

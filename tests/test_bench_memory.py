@@ -1,6 +1,5 @@
 """bench/bench_memory.py's helpers and report (no Ray), and the encoding actor's compact token ids it measures."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -18,10 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", REPO / "bench" / "bench_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench_memory
+
+    return bench_memory
 
 
 def test_memory_readings_of_this_process(bench, tmp_path):

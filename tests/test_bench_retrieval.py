@@ -1,7 +1,6 @@
 """bench/bench_retrieval.py on a tiny KB: its figures are well-formed, not what they are (timings are never
 asserted), and the Ray path answers what the in-process one does."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_retrieval", REPO / "bench" / "bench_retrieval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench_retrieval
+
+    return bench_retrieval
 
 
 def test_main_writes_one_row_per_size_and_index(bench, ray_local, tmp_path, monkeypatch, capsys):

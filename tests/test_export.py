@@ -1,6 +1,6 @@
-"""Using what the toolkit trains outside it, on tiny models: export_model.py's sentence-transformers encoders
+"""Using what the toolkit trains outside it, on tiny models: tools/export_model.py's sentence-transformers encoders
 (the toolkit's own vectors back from sentence-transformers), the plain transformers generator and the KB;
-RagModel.from_pretrained(...).answer, rag_answer.py and the LangChain retriever on a checkpoint and its export;
+RagModel.from_pretrained(...).answer, tools/rag_answer.py and the LangChain retriever on a checkpoint and its export;
 bad input refused with the path named and nothing overwritten."""
 
 import json

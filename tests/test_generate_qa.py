@@ -1,4 +1,4 @@
-"""generate_qa.py: parsing replies, each filter, the split by document, resuming after an interruption, the round-trip
+"""data_prep/generate_qa.py: parsing replies, each filter, the split by document, resuming after an interruption, the round-trip
 filter, and end-to-end runs (the tiny random Llama for real, and fixed well-formed replies) whose output the
 trainer and use_own_knowledge_dataset.py accept."""
 

@@ -160,7 +160,7 @@ def test_rag_model_on_cuda_gives_the_cpu_loss_and_answers(tiny_models, tiny_kb, 
     # Greedy (or 2-beam) tokens flip between devices only at a near-tie of two logits (< 1e-5 apart): rare enough.
     assert out[DEVICE][2] == out["cpu"][2]
 
-    # answer() (what rag_answer.py calls) on the GPU decodes as generate() does with the same settings: this
+    # answer() (what tools/rag_answer.py calls) on the GPU decodes as generate() does with the same settings: this
     # checkpoint saved none, so FALLBACK_GENERATION's (4 beams, 50 new tokens).
     assert model.generation == {}
     model.to(DEVICE)

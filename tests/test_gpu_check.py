@@ -18,13 +18,11 @@ import time
 import zipfile
 from pathlib import Path
 
+import gpu_carry
 import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gpu_carry", REPO / "bench" / "gpu_carry.py")
-gpu_carry = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_carry)
 
 
 def make_wheel(folder: Path, name: str, value: int, blob_bytes: int, requires: tuple[str, ...] = ()) -> Path:

@@ -1,4 +1,4 @@
-"""Which GPUs train and which encode the KB: the placement rule (distributed_ray_retriever.plan_gpus) and its
+"""Which GPUs train and which encode the KB: the placement rule (rag_end2end.kb.retriever.plan_gpus) and its
 one-line refusals, a local Ray given only the encoding GPUs, the encoding actor told its device, bounded waits for
 actors Ray cannot place or that never finish, and the DDP timeout that covers them. docs/gpus.md.
 
@@ -19,10 +19,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":  # the child process: the repository's modules, as pytest's pythonpath gives them
-    sys.path.insert(0, str(REPO))
-
 import pytest
 import pytorch_lightning as pl
 import ray
@@ -35,6 +31,8 @@ from rag_end2end.kb import refresh as kb_refresh
 from rag_end2end.kb.encode import IndexConfig
 from rag_end2end.kb.retriever import plan_gpus, visible_gpu_ids
 from rag_end2end.training import finetune as finetune_rag
+
+REPO = Path(__file__).resolve().parents[1]
 
 SLURM_GPUS = "4,5,6"  # what SLURM exports for a job given physical GPUs 4, 5 and 6
 RESULT = "RESULT "  # the line of the child's stdout that carries what it found

@@ -1,4 +1,4 @@
-"""make_results_table.py: test_results.txt files of several runs -> one Markdown table."""
+"""tools/make_results_table.py: test_results.txt files of several runs -> one Markdown table."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""plot_run.py: CSVLogger metrics of finetune_rag.py runs -> PNG plots, refreshes marked, runs overlaid."""
+"""tools/plot_run.py: CSVLogger metrics of finetune_rag.py runs -> PNG plots, refreshes marked, runs overlaid."""
 
 import csv
 import struct

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -35,6 +36,7 @@ RETRY_PAUSE_S = 0.5
 RETRIEVAL_TIMEOUT_S = 300.0
 RELOAD_TIMEOUT_S = 1800.0  # the first call to an actor being restarted, which loads the KB before it answers
 log = logging.getLogger(__name__)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,8 @@ def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
         check_reachable(address)
-        # The cluster's workers import this toolkit's modules from the same path (a shared or identical checkout).
-        here = os.path.dirname(os.path.abspath(__file__))
-        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": {"PYTHONPATH": here}})
+        # The cluster's workers import this toolkit from the same path (a shared or identical checkout or install).
+        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
         return
     # Keep every Ray listener on 127.0.0.1: `_node_ip_address` alone does not. Ray reads this variable
     # when it is imported, so set it for the processes ray.init starts and patch the imported constant.
