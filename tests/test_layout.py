@@ -13,7 +13,7 @@ PACKAGE = REPO / "rag_end2end"
 LAYERS = [
     ["options"],
     ["data.readers", "evaluation.metrics", "evaluation.results_table", "training.plots", "pretrained", "tiny_models",
-     "model.marginals", "model.lora", "model.encoders"],
+     "model.marginals", "model.lora", "model.encoders", "precision", "kb.faiss_devices"],
     ["kb.encode", "model.causal", "data.qa_dataset"],
     ["kb.search", "kb.retriever", "kb.build", "kb.refresh", "data.squad", "training.run_dir"],
     ["model.rag", "data.cmu_qa", "data.generate_qa"],
