@@ -12,3 +12,5 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["RAY_COLOR_PREFIX"] = "0"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# Ray's workers and DDP's children import the package from this checkout, installed or not.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 echo "# gpu_check ($MODE), $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled HF_DATASETS_DISABLE_PROGRESS_BARS=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package of this checkout: the GPU machine does not install it
 
 # 1. The wheels the GPU machine lacks, carried in one or more calls (not in the dry run: the venv has them, and
 # the planned wheels are for the GPU machine's Python).
@@ -39,7 +40,7 @@ if [ "$MODE" = gpu ] && [ -n "$CARRIED" ]; then
 fi
 $PY bench/gpu_carry.py check || { echo "gpu_check: carried packages conflict (bench/gpu_carry.py PACKAGES)"; exit 2; }
 # Everything the tests and the figures import, before any of them runs: one clear failure instead of many.
-IMPORTS="ray, faiss, datasets, torchdata, finetune_rag, rag_model, kb_encode_utils, kb_refresh, eval_rag, rag_answer"
+IMPORTS="ray, faiss, datasets, torchdata, rag_end2end.training.finetune, rag_end2end.evaluation.evaluate, rag_end2end.answer"
 $PY -c "import $IMPORTS" || { echo "gpu_check: an import failed (bench/gpu_carry.py PACKAGES)"; exit 2; }
 if [ "$MODE" = gpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_check: no CUDA device here; run with --cpu for the dry run"; exit 2

@@ -140,9 +140,11 @@ def _imports(path: Path) -> dict[str, bool]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names = [node.module]
+            if node.module.split(".")[0] == PACKAGE:  # `from rag_end2end.kb import refresh` names a module too
+                names += [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
-            top = name.split(".")[0]
-            found[top] = found.get(top, False) or not in_function
+            key = name if name.split(".")[0] == PACKAGE else name.split(".")[0]  # the package's by module
+            found[key] = found.get(key, False) or not in_function
         for child in ast.iter_child_nodes(node):
             visit(child, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
 
@@ -182,14 +184,17 @@ def _machine_distributions(by_dist: dict[str, set[str]]) -> set[str]:
 
 GPU_MARK = r"pytest\.mark\.gpu\b"  # how gpu_check.sh finds the GPU test files (grep -E)
 # Imported only inside functions that the check never calls.
-LAZY = {"rouge_score": "rag_metrics.py, --metrics rouge_l", "sacrebleu": "rag_metrics.py, --metrics bleu"}
+LAZY = {"rouge_score": "evaluation/metrics.py, --metrics rouge_l", "sacrebleu": "evaluation/metrics.py, --metrics bleu"}
+PACKAGE = "rag_end2end"  # the toolkit's own modules: the GPU machine runs them from the carried tree
 
 
 def test_every_module_the_check_imports_is_on_the_gpu_machine_or_carried():
     """The modules reachable from the check's entry points (the files marked gpu, conftest.py, gpu_check.py) import
     only the standard library, the repository's modules, what the GPU machine has (with what its packages need)
     and what gpu_carry.py carries: a new third-party import (as torchdata was) fails here, not on a lent GPU."""
-    local = {p.stem: p for folder in (REPO, REPO / "bench", REPO / "tests") for p in folder.glob("*.py")}
+    local = {p.stem: p for folder in (REPO / "bench", REPO / "tests") for p in folder.glob("*.py")}
+    local |= {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+              for p in (REPO / PACKAGE).rglob("*.py")}  # fmt: skip
     gpu_tests = [p for p in REPO.glob("tests/test_*.py") if re.search(GPU_MARK, p.read_text(encoding="utf-8"))]
     todo = [*gpu_tests, REPO / "tests" / "conftest.py", REPO / "bench" / "gpu_check.py"]
     seen, third_party = set(), {}
@@ -201,9 +206,11 @@ def test_every_module_the_check_imports_is_on_the_gpu_machine_or_carried():
         for top, at_import in _imports(path).items():
             if top in local:
                 todo.append(local[top])
+            elif top.split(".")[0] == PACKAGE:
+                continue  # a name inside one of the package's modules, not a module
             elif top not in sys.stdlib_module_names:
                 third_party.setdefault(top, []).append((path.relative_to(REPO).as_posix(), at_import))
-    assert {"test_gpu.py", "finetune_rag.py", "rag_model.py", "kb_encode_utils.py"} <= {p.name for p in seen}
+    assert {"test_gpu.py", "finetune.py", "rag.py", "encode.py"} <= {p.name for p in seen}
     by_dist = _imports_by_distribution()
     # The carried packages alone: they install with --no-deps.
     available = {top for dist in _machine_distributions(by_dist) | gpu_carry.carried_names() for top in by_dist[dist]}
@@ -234,11 +241,9 @@ def test_device_memory_catches_another_processs_peak_inside_the_block(monkeypatc
     """The device-wide figure: cudaMemGetInfo's use (every process on the GPU, the Ray encoding actor's too),
     sampled while the block runs, so a peak that is gone when it ends still counts. Without a GPU here, the
     driver's answer is played by a function (what an actor in another process would allocate and free)."""
+    import gpu_check
     import torch
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
     total, used = 80 * 2**30, [100 * 2**20]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - used[0], total))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
