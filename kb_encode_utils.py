@@ -10,7 +10,6 @@ from rag_end2end.kb.encode import (
     KBBuilder,
     KBVersion,
     ShardEncoder,
-    add_index_args,
     build_faiss_index,
     build_kb_version,
     check_kb_similarity,
@@ -42,6 +41,7 @@ from rag_end2end.kb.encode import (
     write_passages_part,
     writing,
 )
+from rag_end2end.options import add_index_args
 
 __all__ = [
     "split_text",

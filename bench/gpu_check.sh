@@ -40,7 +40,7 @@ if [ "$MODE" = gpu ] && [ -n "$CARRIED" ]; then
 fi
 $PY bench/gpu_carry.py check || { echo "gpu_check: carried packages conflict (bench/gpu_carry.py PACKAGES)"; exit 2; }
 # Everything the tests and the figures import, before any of them runs: one clear failure instead of many.
-IMPORTS="ray, faiss, datasets, torchdata, rag_end2end.training.finetune, rag_end2end.evaluation.evaluate, rag_end2end.answer"
+IMPORTS="ray, faiss, datasets, torchdata, rag_end2end.training.finetune, rag_end2end.evaluation.evaluate, rag_end2end.deploy.answer"
 $PY -c "import $IMPORTS" || { echo "gpu_check: an import failed (bench/gpu_carry.py PACKAGES)"; exit 2; }
 if [ "$MODE" = gpu ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_check: no CUDA device here; run with --cpu for the dry run"; exit 2

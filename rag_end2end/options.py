@@ -1,32 +1,13 @@
 """The command line of finetune_rag.py: every flag (the reference's names kept, with the ones Ray makes moot
-accepted with a warning), the checks made on them before any work, and their translation to Lightning's Trainer."""
+accepted with a warning) and the names each choice may take.
+
+A leaf: it imports nothing of the project, so that any module can read its choices here (a recipe's name, a
+LoRA target, a metric) without importing the command line's checks. The checks that need the model, the KB or
+the machine, and the translation to Lightning's Trainer, are in training/arguments.py."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import math
-import os
-import warnings
-from datetime import timedelta
-from pathlib import Path
-
-import torch
-from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string_input
-from pytorch_lightning.strategies import StrategyRegistry
-
-from rag_end2end.data.readers import add_debug_arg
-from rag_end2end.evaluation.metrics import parse_metrics
-from rag_end2end.kb.encode import add_index_args
-from rag_end2end.kb.faiss_devices import FAISS_GPU_MODES, forced_gpu_refusal
-from rag_end2end.kb.refresh import DDP_TIMEOUT_S
-from rag_end2end.kb.retriever import GpuPlan, plan_gpus
-from rag_end2end.kb.search import checkpoint_kb
-from rag_end2end.model.lora import PEFT_CHOICES
-from rag_end2end.model.rag import SETTINGS_FILE
-from rag_end2end.precision import native_bf16
-from rag_end2end.recipes import MODES, make_objective
-from rag_end2end.training.run_dir import resolve_run_id
 
 USAGE = """Fine-tune RAG end to end: question encoder, context encoder and generator learn together while
 Ray actors re-encode the knowledge base and rebuild its FAISS index in the background.
@@ -35,23 +16,19 @@ Ray actors re-encode the knowledge base and rebuild its FAISS index in the backg
         --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \\
         --data_dir DATA --output_dir OUT --do_train --training_mode rag_end2end --indexing_freq 500
 
---training_mode picks the recipe (training_modes.py): rag_end2end, rag_original, retriever_only, dalm, lsr
+--training_mode picks the recipe (rag_end2end/recipes.py): rag_end2end, rag_original, retriever_only, dalm, lsr
 or ralt; --end2end is rag_end2end's old name.
 """
 
-MARGINALS = ("rag_token", "rag_sequence")
+MODEL_TYPES = ("rag_token", "rag_sequence")  # the generator's marginal: RAG-token or RAG-sequence
+RECIPES = ("rag_end2end", "rag_original", "retriever_only", "dalm", "lsr", "ralt")  # recipes.MODES, in this order
 SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
               "polynomial": "polynomial"}  # fmt: skip
+PEFT_CHOICES = ("none", "generator", "retriever", "both")
+FAISS_GPU_MODES = ("auto", "off", "replicate", "shard")
+DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
+GENERATION_METRICS = ("em", "f1", "rouge_l", "bleu")
 DUMMY_KB = ("test_run/dummy-kb/my_knowledge_dataset", "test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
-
-
-def check_data_dir(args: argparse.Namespace) -> None:
-    """Every split the run will read exists, before hours of training reach the test pass."""
-    splits = [*(["train", "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
-    names = [f"{split}.{ext}" for split in splits for ext in ("source", "target")]
-    missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--data_dir {args.data_dir} lacks {', '.join(missing)}")
 
 
 def str2bool(value: str) -> bool:
@@ -62,13 +39,45 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
+def parse_metrics(value: str) -> tuple[str, ...]:
+    """The `--metrics` names (comma-separated) in GENERATION_METRICS order; em and f1 are always computed."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = sorted(names - set(GENERATION_METRICS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric(s) {', '.join(map(repr, unknown))} in --metrics {value!r}; "
+            f"choose from {', '.join(GENERATION_METRICS)}"
+        )
+    return tuple(name for name in GENERATION_METRICS if name in names or name in ("em", "f1"))
+
+
+def add_index_args(parser) -> None:
+    """The index flags of every script that builds one (use_own_knowledge_dataset.py, finetune_rag.py's refresh)."""
+    parser.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
+    parser.add_argument("--hnsw_m", "--m", type=int, default=32,
+                        help="HNSW links per node (the reference: 128, slower and no better)")  # fmt: skip
+    parser.add_argument("--hnsw_ef_construction", type=int, default=200)
+    parser.add_argument("--hnsw_ef_search", type=int, default=128)
+    parser.add_argument("--index_factory", default=None,
+                        help='any faiss.index_factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ64" (replaces '
+                        "--index_type; bench/README.md compares them)")  # fmt: skip
+    parser.add_argument("--index_train_size", type=int, default=100_000,
+                        help="IVF/PQ indexes are trained on a random sample of this many passages at most")  # fmt: skip
+    parser.add_argument("--index_search_params", default=None,
+                        help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF')  # fmt: skip
+
+
+def add_debug_arg(parser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a refusal, not one line")
+
+
 def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None, help="RAG checkpoint: hub name or local directory")
     g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
                    "assemble a RAG model instead of loading one")  # fmt: skip
     g.add_argument("--generator_name_or_path", default=None)
-    g.add_argument("--model_type", choices=MARGINALS, required=True)
+    g.add_argument("--model_type", choices=MODEL_TYPES, required=True)
     g.add_argument(
         "--generator_type",
         choices=["seq2seq", "causal"],
@@ -120,7 +129,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label_smoothing", type=float, default=0.0)
 
     g = parser.add_argument_group("training recipe (training_modes.py)")
-    g.add_argument("--training_mode", choices=sorted(MODES), default=None,
+    g.add_argument("--training_mode", choices=sorted(RECIPES), default=None,
                    help="what trains and with which loss (docs/recipes.md); default rag_original, or "
                    "rag_end2end with --end2end")  # fmt: skip
     g.add_argument("--query_side_only", action="store_true",
@@ -295,158 +304,10 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
                    help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end")  # fmt: skip
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of finetune_rag.py."""
     parser = argparse.ArgumentParser(description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_specific_args(parser)
     add_retriever_specific_args(parser)
     add_trainer_args(parser)
-    args = parser.parse_args(argv)
-    for flag in ("gpu_order", "shard_dir", "csv_path", "tpu_cores"):
-        if getattr(args, flag) is not None:
-            warnings.warn(f"--{flag} has no effect here (Ray places and ships the KB shards)", stacklevel=1)
-    if args.distributed_retriever != "ray":
-        warnings.warn("--distributed_retriever pytorch: retrieval always runs in Ray actors", stacklevel=1)
-    if args.index_name != "custom":
-        parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
-    if args.use_dummy_dataset and (args.passages_path, args.index_path) != DUMMY_KB:
-        parser.error("--use_dummy_dataset true selects the bundled dummy KB (test_run/dummy-kb); it conflicts with "
-                     f"--passages_path {args.passages_path} --index_path {args.index_path}")  # fmt: skip
-    if args.retrieval_temperature is not None and args.retrieval_temperature <= 0:
-        parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
-    if args.indexing_freq is not None and args.indexing_freq < 1:
-        parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
-    if args.end2end and args.training_mode not in (None, "rag_end2end"):
-        parser.error(
-            f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"
-        )
-    args.training_mode = args.training_mode or ("rag_end2end" if args.end2end else "rag_original")
-    args.end2end = args.training_mode == "rag_end2end"
-    refreshes = make_objective(args).refreshes
-    if args.indexing_freq and not refreshes:
-        warnings.warn(f"--indexing_freq: --training_mode {args.training_mode} keeps the context encoder frozen, so "
-                      "the KB is never refreshed", stacklevel=1)  # fmt: skip
-    if refreshes and not args.indexing_freq:
-        warnings.warn(f"--training_mode {args.training_mode} without --indexing_freq: the KB is never re-encoded "
-                      "while the context encoder learns", stacklevel=1)  # fmt: skip
-    if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
-        parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
-    if args.retrieval_timeout <= 0:
-        parser.error(f"--retrieval_timeout must be positive, got {args.retrieval_timeout}")
-    if args.index_shards < 1:
-        parser.error(f"--index_shards must be >= 1, got {args.index_shards}")
-    if refusal := forced_gpu_refusal(args.faiss_gpu, args.index_gpus):
-        parser.error(refusal)
-    if args.index_shards > 1 and args.num_retrieval_workers > 1:
-        parser.error(f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
-                     f"with --num_retrieval_workers {args.num_retrieval_workers}")  # fmt: skip
-    if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
-        parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
-    if args.init_from:
-        if args.model_name_or_path:
-            parser.error("--init_from and --model_name_or_path both name the model to start from: give one")
-        saved = Path(args.init_from) / "kb_version.json"
-        if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
-            parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
-                         f"(it needs {SETTINGS_FILE} and kb_version.json)")  # fmt: skip
-        args.passages_path, args.index_path = checkpoint_kb(args.init_from)  # relative to it, when inside its run
-    # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
-    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else [])):
-        setattr(args, name, os.path.abspath(getattr(args, name)))
-    args.run_id = resolve_run_id(args.run_id)
-    if args.index_workers is None:
-        args.index_workers = max(1, math.ceil(args.index_gpus))
-    if args.ddp_timeout <= 0:
-        parser.error(f"--ddp_timeout must be positive, got {args.ddp_timeout:g}")
-    try:
-        gpu_plan(args)  # refuses GPUs that are not there, or shares Ray cannot place, before any work
-    except ValueError as err:
-        parser.error(str(err))
-    val = args.val_check_interval
-    args.val_check_interval = int(val) if val > 1 else val
-    return args
-
-
-def lightning_devices(args: argparse.Namespace) -> tuple[str, int | str]:
-    """(accelerator, devices) for Lightning's Trainer, from --accelerator, --devices and the reference's --gpus."""
-    accelerator, devices = args.accelerator, args.devices
-    if args.gpus is not None:
-        accelerator = accelerator or ("gpu" if args.gpus > 0 else "cpu")
-        devices = devices or max(args.gpus, 1)
-    if isinstance(devices, str):
-        devices = int(devices) if devices.isdigit() else devices
-    return accelerator or "auto", devices or "auto"
-
-
-def training_gpus(accelerator: str, devices: int | str, visible: int) -> tuple[int, ...]:
-    """Positions (cuda:i) of the GPUs Lightning trains on with these Trainer arguments, of `visible` GPUs: N means
-    the first N, "auto" or -1 all, "1,3" those; () when it trains on CPU."""
-    if accelerator not in ("gpu", "cuda", "auto") or (accelerator == "auto" and visible == 0):
-        return ()
-    wanted = -1 if devices == "auto" else _normalize_parse_gpu_string_input(devices)  # Lightning's own parsing
-    if wanted == -1:
-        return tuple(range(visible))
-    return tuple(range(wanted)) if isinstance(wanted, int) else tuple(wanted)
-
-
-def gpu_plan(args: argparse.Namespace) -> GpuPlan:
-    """Which of this machine's GPUs train and which the encoding actors get (distributed_ray_retriever.plan_gpus);
-    ValueError, one line naming the flags, when they do not fit. With --ray_address the encoding actors' GPUs are
-    the cluster's: only the shares are checked here, the GPUs when Ray is joined (kb_refresh.check_placeable)."""
-    accelerator, devices = lightning_devices(args)
-    visible = torch.cuda.device_count()
-    train = training_gpus(accelerator, devices, visible)
-    if args.gpus is not None:
-        flags = f"--gpus {args.gpus}"
-    else:
-        flags = f"--devices {args.devices}" if args.devices is not None else f"--accelerator {accelerator}"
-    return plan_gpus(None if args.ray_address else visible, train, args.index_gpus, args.index_workers, flags)
-
-
-def ddp_strategy(args: argparse.Namespace, accelerator: str, devices: int | str) -> object:
-    """--strategy for Lightning, as an instance with --ddp_timeout as its collectives' timeout when it is a DDP (or
-    other process-group) strategy: "auto" over several processes is Lightning's "ddp", built here so that it takes
-    the timeout. Lightning's default (torch's, 30 minutes) is shorter than rank 0's longest wait for the Ray actors."""
-    name = args.strategy
-    gpus = training_gpus(accelerator, devices, torch.cuda.device_count())
-    processes = len(gpus) if gpus else devices if isinstance(devices, int) else 1
-    if name == "auto" and processes * args.num_nodes > 1:
-        name = "ddp"  # Lightning's choice for several processes launched from a script
-    if name not in StrategyRegistry:
-        return name  # "auto" on one process, or a name Lightning resolves (and refuses) itself
-    entry = StrategyRegistry[name]  # the class and the settings the name stands for (e.g. find_unused_parameters)
-    if "timeout" not in inspect.signature(entry["strategy"]).parameters:
-        return name
-    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=args.ddp_timeout))
-
-
-def trainer_kwargs(args: argparse.Namespace) -> dict:
-    """Translate the reference's flags (--gpus, --fp16, --profile) to Lightning 2 Trainer arguments."""
-    accelerator, devices = lightning_devices(args)
-    precision = args.precision
-    if args.fp16 and precision is None:
-        if accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available()):
-            precision = "16-mixed"
-        else:
-            warnings.warn("--fp16 ignored: 16-bit mixed precision needs a GPU", stacklevel=1)
-    on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    if str(precision).startswith("bf16") and on_gpu and not native_bf16():
-        warnings.warn(f"--precision {precision}: this GPU has no native bf16 (compute capability below 8.0) and would "
-                      "emulate it, at a fraction of fp16's speed: use --precision 16-mixed", stacklevel=1)  # fmt: skip
-    return {
-        "accelerator": accelerator,
-        "devices": devices or "auto",
-        "num_nodes": args.num_nodes,
-        "strategy": ddp_strategy(args, accelerator, devices),
-        "precision": precision or "32-true",
-        "max_epochs": args.max_epochs,
-        "max_steps": args.max_steps,
-        "val_check_interval": args.val_check_interval,
-        "check_val_every_n_epoch": args.check_val_every_n_epoch,
-        "limit_train_batches": args.limit_train_batches,
-        "limit_val_batches": args.limit_val_batches,
-        "num_sanity_val_steps": args.num_sanity_val_steps,
-        "log_every_n_steps": args.log_every_n_steps,
-        "accumulate_grad_batches": args.accumulate_grad_batches,
-        "gradient_clip_val": args.gradient_clip_val,
-        "profiler": "simple" if args.profile else None,
-    }
+    return parser

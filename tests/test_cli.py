@@ -87,9 +87,9 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
 def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatch):
     import torch
 
-    from rag_end2end import options as rag_options
     from rag_end2end.data import squad as prepare_squad
     from rag_end2end.kb import build as use_own_knowledge_dataset
+    from rag_end2end.training import arguments
     from rag_end2end.training import finetune as finetune_rag
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # the machine the recipe is for (its GPUs are checked)
@@ -101,7 +101,7 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatc
     use_own_knowledge_dataset.parse_args(e2e["use_own_knowledge_dataset.py"])
     a, b = finetune_rag.parse_args(e2e["finetune_rag.py"]), finetune_rag.parse_args(original["finetune_rag.py"])
     assert (a.end2end, a.indexing_freq, a.index_gpus) == (True, 500, 1)
-    assert (rag_options.gpu_plan(a).train, rag_options.gpu_plan(a).encode) == ((0, 1), (2,))  # docs/gpus.md
+    assert (arguments.gpu_plan(a).train, arguments.gpu_plan(a).encode) == ((0, 1), (2,))  # docs/gpus.md
     assert (b.end2end, b.indexing_freq, b.index_gpus) == (False, None, 0)
     assert Path(a.output_dir).name == "rag-end2end" and Path(b.output_dir).name == "rag-original"
     # Otherwise the same recipe (anchors: effective batch 64 on 2 GPUs, lr 3e-5 polynomial, 10 epochs).
@@ -120,12 +120,12 @@ def test_test_finetune_sh_trains_and_encodes_on_gpus_of_their_own(gpus, train, e
     the only one; on CPU without GPUs."""
     import torch
 
-    from rag_end2end import options as rag_options
+    from rag_end2end.training import arguments
     from rag_end2end.training import finetune as finetune_rag
 
     calls = _launch_script_calls("test_run/test_finetune.sh", tmp_path, FAKE_GPUS=str(gpus), OUT=str(tmp_path / "o"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # the machine the script counted
-    plan = rag_options.gpu_plan(finetune_rag.parse_args(calls["finetune_rag.py"]))
+    plan = arguments.gpu_plan(finetune_rag.parse_args(calls["finetune_rag.py"]))
     assert (plan.train, plan.encode) == (train, encode)
 
 

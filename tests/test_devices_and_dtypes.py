@@ -30,9 +30,9 @@ from rag_end2end.kb import search as kb_search
 from rag_end2end.model.encoders import PooledEncoder, load_encoder
 from rag_end2end.model.lora import _inner, add_lora, has_lora, merged
 from rag_end2end.model.rag import CausalGenerator, RagModel, Seq2SeqGenerator
-from rag_end2end.options import trainer_kwargs
 from rag_end2end.recipes import infonce
 from rag_end2end.training import finetune as finetune_rag
+from rag_end2end.training.arguments import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HIDDEN = 32  # test_run/make_tiny_models.py

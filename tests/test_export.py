@@ -13,8 +13,8 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoModelForSeq2SeqLM
 
-from rag_end2end import answer as rag_answer
-from rag_end2end import export as export_model
+from rag_end2end.deploy import answer as rag_answer
+from rag_end2end.deploy import export as export_model
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb import search as kb_search
 from rag_end2end.model.rag import RagModel
@@ -112,7 +112,7 @@ def test_checkpoint_and_export_answer_alike_in_python_and_from_the_command_line(
 
 def test_langchain_retriever_returns_the_models_passages(exported):
     pytest.importorskip("langchain_core")
-    from rag_end2end.integrations.langchain import CheckpointRetriever
+    from rag_end2end.deploy.langchain import CheckpointRetriever
 
     retriever = CheckpointRetriever.from_path(str(exported), k=3)
     docs = retriever.invoke(QUESTIONS[0])

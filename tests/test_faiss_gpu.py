@@ -99,6 +99,7 @@ def test_retrieval_actor_searches_its_index_on_the_gpu(tmp_path):
 
 def test_bench_gpu_rows_measure_both_sides():
     import bench_index as bench
+
     gpu_factories = bench.parse_factories("Flat;IVF{nlist},Flat@nprobe=16")
     result = bench.run([5000], 32, bench.parse_factories("Flat"), queries=50, single=10, batches=3,
                        gpu_factories=gpu_factories, log=print)  # fmt: skip

@@ -253,8 +253,8 @@ def test_tiny_random_model_runs_and_nothing_passes_the_filters(run_qa, tmp_path,
 def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
     run_qa, tmp_path, monkeypatch, tiny_models, finetune_argv
 ):
-    from rag_end2end import options as rag_options
     from rag_end2end.kb import build as use_own_knowledge_dataset
+    from rag_end2end.training import arguments
     from rag_end2end.training import finetune as finetune_rag
 
     calls = []
@@ -294,7 +294,7 @@ def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
     assert built["title"] == passages["title"] and built["text"] == passages["text"]
 
     args = finetune_rag.parse_args(finetune_argv("--data_dir", str(out), "--do_train", "--do_predict"))
-    rag_options.check_data_dir(args)
+    arguments.check_data_dir(args)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["question_encoder"])
     dataset = QuestionDataset(tokenizer, str(out), 64, "train")
     assert len(dataset) == stats["questions"]["train"] and dataset[0]["input_ids"]

@@ -26,10 +26,10 @@ import torch
 from faults import gated_encoder_factory, kill_actors
 from pytorch_lightning.strategies import DDPStrategy
 
-from rag_end2end import options as rag_options
 from rag_end2end.kb import refresh as kb_refresh
 from rag_end2end.kb.encode import IndexConfig
 from rag_end2end.kb.retriever import plan_gpus, visible_gpu_ids
+from rag_end2end.training import arguments
 from rag_end2end.training import finetune as finetune_rag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,15 +89,15 @@ def test_impossible_placements_are_refused_naming_flags_and_counts(
 def test_the_reference_recipe_on_three_slurm_gpus_trains_on_two_and_encodes_on_the_third(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a machine with three GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", SLURM_GPUS)
-    args = rag_options.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "1", "--end2end",
+    args = arguments.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "1", "--end2end",
                                    "--indexing_freq", "500"])  # fmt: skip
-    plan = rag_options.gpu_plan(args)
+    plan = arguments.gpu_plan(args)
     assert (plan.train, plan.encode, plan.ray_gpus(visible_gpu_ids())) == ((0, 1), (2,), ["6"])
-    devices = rag_options.parse_args(["--model_type", "rag_token", "--accelerator", "gpu", "--devices", "1,2",
+    devices = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "gpu", "--devices", "1,2",
                                       "--index_gpus", "1"])  # fmt: skip
-    assert rag_options.gpu_plan(devices).ray_gpus(visible_gpu_ids()) == ["4"]
-    shared = rag_options.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "0.5"])
-    assert rag_options.gpu_plan(shared).ray_gpus(visible_gpu_ids()) == ["5"]
+    assert arguments.gpu_plan(devices).ray_gpus(visible_gpu_ids()) == ["4"]
+    shared = arguments.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "0.5"])
+    assert arguments.gpu_plan(shared).ray_gpus(visible_gpu_ids()) == ["5"]
 
 
 @pytest.mark.parametrize(
@@ -115,7 +115,7 @@ def test_finetune_refuses_gpus_that_are_not_there_in_one_line(flags, line, monke
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     with pytest.raises(SystemExit) as stop:
-        rag_options.parse_args(["--model_type", "rag_token", *flags])
+        arguments.parse_args(["--model_type", "rag_token", *flags])
     assert stop.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's `PROG: error: ...`
     assert last.split(": error: ", 1)[1].startswith(line)
@@ -126,19 +126,19 @@ def test_finetune_refuses_gpus_that_are_not_there_in_one_line(flags, line, monke
 
 def test_the_ddp_strategy_gets_the_timeout_that_covers_rank_zeros_waits():
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    args = rag_options.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
+    args = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
                                    "--ddp_timeout", "5400"])  # fmt: skip
-    trainer = pl.Trainer(**rag_options.trainer_kwargs(args), **quiet)
+    trainer = pl.Trainer(**arguments.trainer_kwargs(args), **quiet)
     # What DDPStrategy.setup_distributed hands init_process_group (pytorch_lightning/strategies/ddp.py).
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._timeout == timedelta(seconds=5400)
     assert kb_refresh.rank_zero_wait_s(5400) == 5100 < 5400  # 5 minutes first: rank 0 names the actor
-    named = rag_options.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
+    named = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
                                     "--strategy", "ddp_find_unused_parameters_true"])  # fmt: skip
-    strategy = pl.Trainer(**rag_options.trainer_kwargs(named), **quiet).strategy
+    strategy = pl.Trainer(**arguments.trainer_kwargs(named), **quiet).strategy
     assert strategy._timeout == timedelta(seconds=kb_refresh.DDP_TIMEOUT_S)  # the default: 2 h, not torch's 30 min
     assert strategy._ddp_kwargs == {"find_unused_parameters": True}  # what the name stands for is kept
-    single = rag_options.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "1"])
-    assert rag_options.trainer_kwargs(single)["strategy"] == "auto"  # one process: no process group
+    single = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "1"])
+    assert arguments.trainer_kwargs(single)["strategy"] == "auto"  # one process: no process group
 
 
 # ---------------------------------------------------------------- bounded waits, in the tests' Ray (no GPU)

@@ -14,11 +14,11 @@ from datasets import load_from_disk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rag_end2end import options as rag_options
 from rag_end2end.data import cmu_qa as prepare_cmu_qa
 from rag_end2end.data import squad as prepare_squad
 from rag_end2end.data.readers import MAX_LINE_CHARS, InputError, check_model_path, read_gold, read_kb_csv, read_lines
 from rag_end2end.model import assembly as rag_assembly
+from rag_end2end.training import arguments
 from rag_end2end.training import finetune as finetune_rag
 
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -307,9 +307,9 @@ def test_a_missing_test_split_is_found_before_training(tmp_path):
     for name in ("train.source", "train.target", "val.source", "val.target", "test.source"):
         (tmp_path / name).write_text("x\n")
     argv = ["--model_type", "rag_token", "--data_dir", str(tmp_path), "--do_train"]
-    rag_options.check_data_dir(finetune_rag.parse_args(argv))
+    arguments.check_data_dir(finetune_rag.parse_args(argv))
     with pytest.raises(FileNotFoundError, match=rf"--data_dir {tmp_path} lacks test.target"):
-        rag_options.check_data_dir(finetune_rag.parse_args([*argv, "--do_predict"]))
+        arguments.check_data_dir(finetune_rag.parse_args([*argv, "--do_predict"]))
 
 
 def test_indexing_freq_zero_is_refused(capsys):

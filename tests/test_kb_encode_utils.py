@@ -253,14 +253,14 @@ def test_forcing_gpus_without_them_names_the_flag():
 @pytest.mark.skipif(faiss_devices.faiss_has_gpu(), reason="this faiss has GPU support")
 @pytest.mark.parametrize("mode", ["replicate", "shard"])
 def test_finetune_refuses_a_forced_gpu_mode_on_faiss_cpu_in_one_line(mode, capsys):
-    from rag_end2end import options as rag_options
+    from rag_end2end.training import arguments
 
     with pytest.raises(SystemExit) as stop:
-        rag_options.parse_args(["--model_type", "rag_token", "--faiss_gpu", mode, "--index_gpus", "1"])
+        arguments.parse_args(["--model_type", "rag_token", "--faiss_gpu", mode, "--index_gpus", "1"])
     assert stop.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"error: --faiss_gpu {mode}: faiss {faiss.__version__}, a CPU-only build has no GPU support" in last
-    assert rag_options.parse_args(["--model_type", "rag_token"]).faiss_gpu == "auto"  # the default runs anywhere
+    assert arguments.parse_args(["--model_type", "rag_token"]).faiss_gpu == "auto"  # the default runs anywhere
 
 
 @cpu_faiss_only

@@ -14,7 +14,6 @@ from transformers import BertTokenizerFast, RagTokenizer
 
 from rag_end2end.data.qa_dataset import QuestionDataset
 from rag_end2end.evaluation.metrics import (
-    GENERATION_METRICS,
     calculate_exact_match,
     calculate_f1,
     corpus_bleu,
@@ -22,10 +21,10 @@ from rag_end2end.evaluation.metrics import (
     f1_score,
     metric_max_over_ground_truths,
     normalize_answer,
-    parse_metrics,
     rouge_l_score,
     sentence_bleu,
 )
+from rag_end2end.options import GENERATION_METRICS, parse_metrics
 
 SENTENCES = [
     "who wrote hamlet",

@@ -1,6 +1,6 @@
-"""Command line of rag_end2end.export: `python tools/export_model.py --help`."""
+"""Command line of rag_end2end.deploy.export: `python tools/export_model.py --help`."""
 
-from rag_end2end.export import cli
+from rag_end2end.deploy.export import cli
 
 if __name__ == "__main__":
     cli()

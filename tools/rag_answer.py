@@ -1,6 +1,6 @@
-"""Command line of rag_end2end.answer: `python tools/rag_answer.py --help`."""
+"""Command line of rag_end2end.deploy.answer: `python tools/rag_answer.py --help`."""
 
-from rag_end2end.answer import cli
+from rag_end2end.deploy.answer import cli
 
 if __name__ == "__main__":
     cli()

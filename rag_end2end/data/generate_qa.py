@@ -60,11 +60,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rag_end2end.data.readers import add_debug_arg, check_model_path, read_kb_csv, run_main
+from rag_end2end.data.readers import check_model_path, read_kb_csv, run_main
 from rag_end2end.data.squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from rag_end2end.evaluation.metrics import has_answer, normalize_answer
 from rag_end2end.kb.encode import split_documents, temporary_sibling
 from rag_end2end.model.causal import encode_prompts, pad_id
+from rag_end2end.options import add_debug_arg
 from rag_end2end.precision import native_bf16
 
 GENERATIONS_FILE = "generations.jsonl"

@@ -330,10 +330,6 @@ def check_model_path(flag: str, name: str | None) -> None:
 REFUSALS = (ValueError, OSError, RuntimeError)  # what the checks above and the scripts' own checks raise
 
 
-def add_debug_arg(parser) -> None:
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a refusal, not one line")
-
-
 @contextmanager
 def refusing() -> Iterator[None]:
     """Errors raised inside are refusals (bad input or set-up, met before any work), which `run_main` reports in

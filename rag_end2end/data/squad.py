@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
-from rag_end2end.data.readers import add_debug_arg, read_kb_csv, run_main
+from rag_end2end.data.readers import read_kb_csv, run_main
 from rag_end2end.kb.encode import split_documents, split_text, temporary_sibling
+from rag_end2end.options import add_debug_arg
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
 SPLITS = ("train", "val", "test")

@@ -36,7 +36,6 @@ from transformers import AutoConfig
 from rag_end2end.data.readers import (
     Gold,
     InputError,
-    add_debug_arg,
     check_model_path,
     infer_gold_mode,
     one_line,
@@ -50,7 +49,6 @@ from rag_end2end.evaluation.metrics import (
     calculate_f1,
     corpus_bleu,
     mrr_at_k,
-    parse_metrics,
     precision_at_k_titles,
     recall_at_k,
     rouge_l_score,
@@ -59,6 +57,7 @@ from rag_end2end.kb.encode import check_kb_similarity
 from rag_end2end.kb.search import checkpoint_kb
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_end2end.model.rag import FALLBACK_GENERATION, RagModel
+from rag_end2end.options import add_debug_arg, parse_metrics
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written

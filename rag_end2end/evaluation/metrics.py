@@ -3,7 +3,6 @@ MRR@k and precision@k of gold passages."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import re
 import string
@@ -74,9 +73,6 @@ def calculate_f1(predictions: list[str], references: list[str] | list[list[str]]
     return _mean_metric(f1_score, predictions, references)
 
 
-GENERATION_METRICS = ("em", "f1", "rouge_l", "bleu")
-
-
 @functools.cache
 def _rouge_l_scorer() -> Any:
     """The ROUGE-L scorer, built on first use (importing rouge_score pulls in nltk, which is slow)."""
@@ -108,18 +104,6 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> float:
 def sentence_bleu(prediction: str, reference: str) -> float:
     """BLEU in [0, 100] of one sentence (effective order), so per-example sums can be averaged across batches."""
     return _bleu(True).sentence_score(prediction, [reference]).score
-
-
-def parse_metrics(value: str) -> tuple[str, ...]:
-    """The `--metrics` names (comma-separated) in GENERATION_METRICS order; em and f1 are always computed."""
-    names = {name.strip() for name in value.split(",") if name.strip()}
-    unknown = sorted(names - set(GENERATION_METRICS))
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown metric(s) {', '.join(map(repr, unknown))} in --metrics {value!r}; "
-            f"choose from {', '.join(GENERATION_METRICS)}"
-        )
-    return tuple(name for name in GENERATION_METRICS if name in names or name in ("em", "f1"))
 
 
 def _first_hit(items: list, is_hit: Callable[[Any], bool]) -> int | None:

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from rag_end2end.data.readers import add_debug_arg, read_kb_csv, run_main
+from rag_end2end.data.readers import read_kb_csv, run_main
 from rag_end2end.kb.encode import (
     IndexConfig,
-    add_index_args,
     encode_token_ids,
     remove_orphaned_temporaries,
     save_kb,
@@ -33,6 +32,7 @@ from rag_end2end.kb.encode import (
     with_embeddings,
 )
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, with_prefix
+from rag_end2end.options import add_debug_arg, add_index_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

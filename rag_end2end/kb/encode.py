@@ -257,22 +257,6 @@ class IndexConfig:
                    getattr(args, "faiss_gpu", "auto"))  # fmt: skip
 
 
-def add_index_args(parser) -> None:
-    """The index flags of every script that builds one (use_own_knowledge_dataset.py, finetune_rag.py's refresh)."""
-    parser.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
-    parser.add_argument("--hnsw_m", "--m", type=int, default=32,
-                        help="HNSW links per node (the reference: 128, slower and no better)")  # fmt: skip
-    parser.add_argument("--hnsw_ef_construction", type=int, default=200)
-    parser.add_argument("--hnsw_ef_search", type=int, default=128)
-    parser.add_argument("--index_factory", default=None,
-                        help='any faiss.index_factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ64" (replaces '
-                        "--index_type; bench/README.md compares them)")  # fmt: skip
-    parser.add_argument("--index_train_size", type=int, default=100_000,
-                        help="IVF/PQ indexes are trained on a random sample of this many passages at most")  # fmt: skip
-    parser.add_argument("--index_search_params", default=None,
-                        help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF')  # fmt: skip
-
-
 def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
     """An empty inner-product index for `cfg`, trained (IVF centroids, PQ codebooks) when it needs it on
     `sample(rows)`: the vectors of a seeded sorted sample of at most `cfg.train_size` of the `n_rows` rows. The

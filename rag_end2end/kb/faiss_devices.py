@@ -25,7 +25,8 @@ import sys
 import faiss
 import numpy as np
 
-FAISS_GPU_MODES = ("auto", "off", "replicate", "shard")
+from rag_end2end.options import FAISS_GPU_MODES
+
 FORCED_MODES = ("replicate", "shard")  # the user asked for GPUs: refuse or fail rather than fall back to CPU
 GPU_WHEEL = "faiss-gpu"  # the PyPI package (CUDA 12) that replaces faiss-cpu at the same version
 log = logging.getLogger(__name__)

@@ -38,11 +38,11 @@ from rag_end2end.kb.encode import (
 )
 from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.model.encoders import encoder_factory
+from rag_end2end.options import DDP_TIMEOUT_S
 
 ACTOR_TASK_RETRIES = 2  # how often Ray re-runs an encoding or build task whose actor died
 # Rank 0 waits for these actors (their start, a refresh that training waits for) while the other DDP ranks sit in
 # a collective: each wait is bounded below --ddp_timeout, and says every PROGRESS_S what it is waiting for.
-DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
 PROGRESS_S = 60.0
 
 

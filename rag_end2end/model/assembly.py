@@ -16,7 +16,7 @@ from rag_end2end.kb.encode import check_kb_similarity
 from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
 from rag_end2end.model.lora import add_lora, train_only_lora
 from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
-from rag_end2end.options import MARGINALS
+from rag_end2end.options import MODEL_TYPES
 
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
                "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
@@ -25,7 +25,7 @@ MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator
 def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
     """The model of a run: its files checked first, then built (`build_model`), checked against the KB it will
     retrieve from, frozen where the recipe does not train it, and given LoRA adapters with --peft."""
-    if hp.model_type not in MARGINALS:
+    if hp.model_type not in MODEL_TYPES:
         raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
     for path in (hp.passages_path, hp.index_path):
         if not Path(path).exists():

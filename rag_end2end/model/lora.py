@@ -14,7 +14,6 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-PEFT_CHOICES = ("none", "generator", "retriever", "both")
 INNER = ("model", "question_encoder", "ctx_encoder")  # where PooledEncoder, DPR*Encoder and RagGenerator keep it
 
 

@@ -16,8 +16,9 @@ from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
 from rag_end2end.kb.encode import IndexConfig, remove_unreachable_versions, writing
-from rag_end2end.kb.refresh import DDP_TIMEOUT_S, Refresher, rank_zero_wait_s
+from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
 from rag_end2end.model.lora import merged
+from rag_end2end.options import DDP_TIMEOUT_S
 
 
 class KBRefreshCallback(pl.Callback):

@@ -33,7 +33,6 @@ from transformers.optimization import Adafactor
 from rag_end2end.data.qa_dataset import QuestionDataset
 from rag_end2end.data.readers import read_gold, read_lines, refusing, run_main
 from rag_end2end.evaluation.metrics import (
-    GENERATION_METRICS,
     exact_match_score,
     f1_score,
     metric_max_over_ground_truths,
@@ -54,8 +53,9 @@ from rag_end2end.kb.retriever import (
 )
 from rag_end2end.model.assembly import assemble
 from rag_end2end.model.encoders import encoder_similarity
-from rag_end2end.options import SCHEDULERS, check_data_dir, gpu_plan, parse_args, trainer_kwargs
+from rag_end2end.options import GENERATION_METRICS, SCHEDULERS
 from rag_end2end.recipes import make_objective, mine
+from rag_end2end.training.arguments import check_data_dir, gpu_plan, parse_args, trainer_kwargs
 from rag_end2end.training.callbacks import (
     KBRefreshCallback,
     RunFilesCallback,

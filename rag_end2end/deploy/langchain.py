@@ -1,6 +1,6 @@
 """A LangChain retriever over a trained checkpoint or an export (optional: needs `langchain-core`).
 
-    from rag_end2end.integrations.langchain import CheckpointRetriever
+    from rag_end2end.deploy.langchain import CheckpointRetriever
     retriever = CheckpointRetriever.from_path("OUT/checkpoint120", k=4)
     docs = retriever.invoke("What is the incubation period?")   # Documents: page_content = the passage text,
     docs[0].metadata                                             # {"id": KB row, "title": ..., "score": ...}

@@ -1,0 +1,211 @@
+"""The toolkit from Python: a knowledge base from in-memory passages, training with any recipe from in-memory
+question/answer pairs, evaluation, answers and exports, in a few calls.
+
+    import rag_end2end as rag
+
+    kb = rag.build_kb([("Aaron", "Aaron held the rod ..."), ...], "work/kb", context_encoder="models/ctx")
+    run = rag.train("work/run", kb=kb, train=pairs[:80], val=pairs[80:90], test=pairs[90:],
+                    recipe="rag_end2end", model_name_or_path="models/rag_token", model_type="rag_token",
+                    context_encoder_name="models/ctx", indexing_freq=5, max_steps=20)
+    run.losses          # [(step, training loss), ...]
+    run.metrics         # the last validation's metrics and, with `test`, the test's
+    rag.evaluate(run.checkpoint, questions, answers)      # {"em": ..., "f1": ...}
+    rag.load(run.checkpoint).answer(["who held the rod?"])
+    rag.export(run.checkpoint, "work/export")
+
+Each call runs what the command line runs (finetune_rag.py, use_own_knowledge_dataset.py, eval_rag.py,
+export_model.py) with the same checks: `train`'s keyword arguments are finetune_rag.py's flags without the
+dashes (`docs/flags.md`), so a setting means the same thing in both. In-memory data is written into the run's
+own folders first (`OUT/data/`, `KB/kb.csv`), where a user can read what was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rag_end2end.deploy.export import export
+from rag_end2end.evaluation import evaluate as evaluation
+from rag_end2end.kb import build
+from rag_end2end.model.rag import RagModel
+from rag_end2end.options import build_parser
+from rag_end2end.training import finetune
+from rag_end2end.training.arguments import parse_args
+from rag_end2end.training.callbacks import checkpoint_step, export_dir
+
+__all__ = ["KB", "TrainResult", "answer", "build_kb", "evaluate", "export", "load", "train"]
+PASSAGES, INDEX = "my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"  # the reference's file names
+
+
+@dataclass(frozen=True)
+class KB:
+    """A knowledge base on disk: the passages (a `datasets` directory with embeddings) and its FAISS index."""
+
+    passages_path: Path
+    index_path: Path
+
+    @classmethod
+    def at(cls, directory: str | Path) -> KB:
+        """The KB that use_own_knowledge_dataset.py (or `build_kb`) wrote into `directory`."""
+        kb = cls(Path(directory) / PASSAGES, Path(directory) / INDEX)
+        if not (kb.passages_path.is_dir() and kb.index_path.is_file()):
+            raise FileNotFoundError(f"{directory}: no {PASSAGES}/ and {INDEX} (build one with build_kb)")
+        return kb
+
+
+@dataclass
+class TrainResult:
+    """What a training run left: its directory, the checkpoint it kept (`checkpoint<step>/`, the best by its
+    monitored metric), the training loss at each logged step, and its last validation and test metrics."""
+
+    output_dir: Path
+    checkpoint: Path | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_kb(
+    passages: Iterable[tuple[str, str]] | str | Path, output_dir: str | Path, context_encoder: str, **flags
+) -> KB:
+    """Encode documents into a new KB in `output_dir`: `passages` are (title, text) pairs, or the path of a KB
+    file in the toolkit's format (title<TAB>text). Documents are split into 100-word passages. `flags` are
+    use_own_knowledge_dataset.py's (`index_type="flat"`, `batch_size=32`, `device="cpu"`, ...)."""
+    out = Path(output_dir)
+    if isinstance(passages, (str, Path)):
+        csv_path = Path(passages)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / "kb.csv"
+        if csv_path.exists():
+            raise FileExistsError(f"{csv_path} already exists; choose another output_dir")
+        rows = [(str(title), str(text)) for title, text in passages]
+        with csv_path.open(
+            "w", encoding="utf-8", newline=""
+        ) as f:  # quoted where a field needs it, as the reader expects
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(rows)
+    argv = ["--csv_path", str(csv_path), "--output_dir", str(out), "--dpr_ctx_encoder_model_name", context_encoder]
+    build.main(build.parse_args(argv + _flags(build.parse_args([]), flags, "build_kb")))
+    return KB.at(out)
+
+
+def train(
+    output_dir: str | Path,
+    *,
+    kb: KB | str | Path,
+    train: Sequence[tuple[str, str]],
+    val: Sequence[tuple[str, str]],
+    test: Sequence[tuple[str, str]] | None = None,
+    recipe: str = "rag_end2end",
+    **flags,
+) -> TrainResult:
+    """Train a RAG system with `recipe` (`--training_mode`) on (question, answer) pairs and return what it left.
+    `flags` are finetune_rag.py's: the model (`model_name_or_path` + `model_type`, or `question_encoder_name_or_path`
+    + `generator_name_or_path`), `context_encoder_name`, `indexing_freq`, `max_steps`, `learning_rate`, ... With
+    `test`, the kept checkpoint is also tested and `metrics` holds the test's figures (`test_em`, ...)."""
+    out = Path(output_dir)
+    kb = kb if isinstance(kb, KB) else KB.at(kb)
+    data = out / "data"
+    argv = ["--output_dir", str(out), "--data_dir", str(data), "--training_mode", recipe,
+            "--passages_path", str(kb.passages_path), "--index_path", str(kb.index_path),
+            "--do_train", *(["--do_predict"] if test is not None else [])]  # fmt: skip
+    argv += _flags(build_parser().parse_args(["--model_type", "rag_token"]), flags, "train")
+    splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    lines = {split: [(_one_line(q, f"{split} question"), _one_line(a, f"{split} answer")) for q, a in pairs]
+             for split, pairs in splits.items()}  # fmt: skip
+    if empty := [split for split, pairs in lines.items() if not pairs]:
+        raise ValueError(f"{', '.join(empty)}: no (question, answer) pairs")
+    args = parse_args(argv)  # every flag checked before anything is written
+    for split, pairs in lines.items():
+        _write_pairs(data, split, pairs)
+    module = finetune.main(args)
+    return TrainResult(out, _kept_checkpoint(module), _losses(out), _metrics(out))
+
+
+def evaluate(checkpoint: str | Path, questions: Sequence[str], answers: Sequence[str | Sequence[str]], **flags):
+    """EM and F1 (best over each question's answers; `flags`: eval_rag.py's, e.g. `metrics="em,f1,rouge_l"`) of a
+    checkpoint on in-memory questions; the predictions land beside the checkpoint (`eval/`)."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    work = Path(checkpoint) / "eval"
+    work.mkdir(exist_ok=True)
+    gold = [{"question": q, "answers": [a] if isinstance(a, str) else list(a)} for q, a in zip(questions, answers)]
+    (work / "questions.txt").write_text("".join(_one_line(q, "question") + "\n" for q in questions), encoding="utf-8")
+    (work / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold), encoding="utf-8")
+    argv = ["--model_name_or_path", str(checkpoint), "--evaluation_set", str(work / "questions.txt"),
+            "--gold_data_path", str(work / "gold.jsonl"), "--gold_data_mode", "jsonl",
+            "--predictions_path", str(work / "predictions.txt")]  # fmt: skip
+    argv += _flags(evaluation.parse_args(argv), flags, "evaluate")
+    return next(iter(evaluation.main(evaluation.parse_args(argv)).values()))
+
+
+def load(checkpoint: str | Path) -> RagModel:
+    """The model a checkpoint or an export holds, with the KB version its weights match, ready to answer."""
+    return RagModel.from_pretrained(str(checkpoint)).eval()
+
+
+def answer(checkpoint: str | Path, questions: Sequence[str], **decoding) -> list[dict]:
+    """Each question's answer and the passages it drew on (`RagModel.answer`)."""
+    return load(checkpoint).answer(list(questions), **decoding)
+
+
+def _flags(parsed: argparse.Namespace, flags: dict, caller: str) -> list[str]:
+    """Keyword arguments as command-line flags of the parser that produced `parsed`: True/False for switches."""
+    argv = []
+    for name, value in flags.items():
+        if not hasattr(parsed, name):
+            raise TypeError(f"{caller}() got {name}=: not a flag of the command line it runs (docs/flags.md)")
+        if value is True or value is False:
+            argv += [f"--{name}"] if value else []
+        elif value is not None:
+            argv += [f"--{name}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return argv
+
+
+def _one_line(text: str, what: str) -> str:
+    if "\n" in text or "\r" in text or not text.strip():
+        raise ValueError(f"a {what} must be one non-empty line: {text!r}")
+    return text
+
+
+def _write_pairs(data: Path, split: str, pairs: Sequence[tuple[str, str]]) -> None:
+    """OUT/data/{split}.source and .target, one pair a line, written under a temporary name and renamed."""
+    data.mkdir(parents=True, exist_ok=True)
+    for side, index in (("source", 0), ("target", 1)):
+        path = data / f"{split}.{side}"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(p[index] + "\n" for p in pairs), encoding="utf-8")
+        tmp.replace(path)
+
+
+def _kept_checkpoint(module) -> Path | None:
+    best = module.trainer.checkpoint_callback.best_model_path if module.trainer.checkpoint_callback else ""
+    step = checkpoint_step(best) if best else None
+    return export_dir(best, step) if step is not None else None
+
+
+def _losses(out: Path) -> list[tuple[int, float]]:
+    """The training loss of each logged step, from the CSV log (every segment of a resumed run)."""
+    losses = {}
+    for path in sorted(out.glob("logs/version_*/metrics.csv")):
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("loss"):
+                    losses[int(row["step"])] = float(row["loss"])
+    return sorted(losses.items())
+
+
+def _metrics(out: Path) -> dict[str, float]:
+    metrics = {}
+    history = out / "metrics.json"
+    if history.exists():
+        metrics |= {k: v for k, v in json.loads(history.read_text())[-1].items() if k != "step"}
+    results = out / "test_results.txt"
+    if results.exists():
+        for line in results.read_text().splitlines():
+            key, _, value = line.partition(": ")
+            metrics[key] = float(value)
+    return metrics

@@ -1,0 +1,61 @@
+"""The Python API (`import rag_end2end as rag`): examples/python_api.py run as a user runs it, and the API's own
+refusals, which come before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rag_end2end as rag
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_builds_trains_evaluates_answers_and_exports(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "examples" / "python_api.py"), str(tmp_path)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("trained:", "kept", "evaluated:"))]
+    assert len(lines) == 3, done.stdout[-3000:]
+    # What the example's calls left on disk: a KB of the dummy documents, a run with its checkpoint, an export.
+    assert len(list((tmp_path / "kb" / "my_knowledge_dataset").glob("*.arrow"))) >= 1
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint*"))
+    assert checkpoints and (checkpoints[0] / "rag_settings.json").is_file()
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["step"] for row in history] == [5, 10]  # val_check_interval=5, max_steps=10
+    assert (tmp_path / "run" / "test_results.txt").is_file()
+    assert (tmp_path / "export" / "README.md").is_file()
+    # The run trained on the pairs the example passed in memory, written where the user can read them.
+    train_source = (tmp_path / "run" / "data" / "train.source").read_text().splitlines()
+    assert train_source == (REPO / "test_run" / "dummy-train-data" / "train.source").read_text().splitlines()
+    metrics = json.loads((tmp_path / "run" / "checkpoint5" / "eval" / "predictions.json").read_text())
+    assert metrics["n"] == len((REPO / "test_run" / "dummy-train-data" / "test.source").read_text().splitlines())
+
+
+def test_train_refuses_a_keyword_that_is_no_flag_before_any_work(tmp_path):
+    kb_dir = tmp_path / "kb"
+    (kb_dir / "my_knowledge_dataset").mkdir(parents=True)
+    (kb_dir / "my_knowledge_dataset_hnsw_index.faiss").write_bytes(b"")
+    with pytest.raises(TypeError, match="learning_rte="):
+        rag.train(tmp_path / "run", kb=kb_dir, train=[("q", "a")], val=[("q", "a")], learning_rte=1e-3)
+    assert not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "pairs, message", [([("two\nlines", "a")], "one non-empty line"), ([], "no \\(question, answer\\) pairs")]
+)
+def test_train_refuses_pairs_it_cannot_write_as_lines(tmp_path, pairs, message):
+    kb_dir = tmp_path / "kb"
+    (kb_dir / "my_knowledge_dataset").mkdir(parents=True)
+    (kb_dir / "my_knowledge_dataset_hnsw_index.faiss").write_bytes(b"")
+    with pytest.raises(ValueError, match=message):
+        rag.train(tmp_path / "run", kb=kb_dir, train=pairs, val=[("q", "a")], model_type="rag_token")
+
+
+def test_a_kb_folder_without_a_kb_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        rag.KB.at(tmp_path)
