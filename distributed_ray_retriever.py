@@ -1,26 +1,27 @@
-"""The reference's module name, kept for its users' imports; the code is in `rag_end2end.kb.retriever`."""
+"""The reference's module name, kept for its users' imports; the code is in `rag_end2end.kb.ray_start` (Ray
+start-up, the GPU plan), `rag_end2end.kb.actors` (the retrieval actors) and `rag_end2end.kb.retriever` (the
+retrievers). `ShardAnswer` is `rag_end2end.kb.search.Hits`, what every retrieval actor now answers."""
 
+from rag_end2end.kb.actors import RetrievalActor, ShardActor, start_retrieval_actors, start_shard_actors
+from rag_end2end.kb.ray_start import (
+    RAY_ADDRESS_ENV,
+    GpuPlan,
+    check_reachable,
+    init_ray,
+    plan_gpus,
+    shutdown_ray,
+    visible_gpu_ids,
+)
 from rag_end2end.kb.retriever import (
     MAX_RETRIEVAL_ATTEMPTS,
-    RAY_ADDRESS_ENV,
     RELOAD_TIMEOUT_S,
     RETRIEVAL_TIMEOUT_S,
     RETRY_PAUSE_S,
-    GpuPlan,
     RagRayDistributedRetriever,
-    RetrievalActor,
-    ShardActor,
-    ShardAnswer,
     ShardedRetriever,
-    check_reachable,
-    init_ray,
     merge_shard_answers,
-    plan_gpus,
-    shutdown_ray,
-    start_retrieval_actors,
-    start_shard_actors,
-    visible_gpu_ids,
 )
+from rag_end2end.kb.search import Hits as ShardAnswer
 
 __all__ = [
     "GpuPlan",

@@ -1,45 +1,40 @@
-"""The reference's module name, kept for its users' imports; the code is in `rag_end2end.kb.encode`."""
+"""The reference's module name, kept for its users' imports; the code is in `rag_end2end.kb`'s modules, each named
+for its job (passages, encoding, index, parts, similarity, versions, ray_start), and `rag_end2end.files`."""
 
-from rag_end2end.kb.encode import (
-    KB_INFO_FILE,
+from rag_end2end.files import process_alive, remove_orphaned_temporaries, temporary_sibling, writing
+from rag_end2end.kb.encoding import ShardEncoder, encode_token_ids, passage_embeddings
+from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index
+from rag_end2end.kb.parts import (
     PART_BATCH_ROWS,
-    READY_MARKER,
-    UNIT_NORM_TOLERANCE,
-    VERSION_DIR_RE,
-    IndexConfig,
-    KBBuilder,
-    KBVersion,
-    ShardEncoder,
-    build_faiss_index,
-    build_kb_version,
-    check_kb_similarity,
-    encode_token_ids,
-    kb_similarity,
-    list_versions,
-    new_faiss_index,
     part_path,
     part_writer,
-    passage_embeddings,
-    process_alive,
+    vectors_array,
+    with_embeddings,
+    write_passages_part,
+)
+from rag_end2end.kb.passages import shard_bounds, split_documents, split_text, tokenize_passages
+from rag_end2end.kb.ray_start import quiet_actor
+from rag_end2end.kb.similarity import (
+    KB_INFO_FILE,
+    UNIT_NORM_TOLERANCE,
+    check_kb_similarity,
+    kb_similarity,
+    write_kb_info,
+)
+from rag_end2end.kb.versions import (
+    READY_MARKER,
+    VERSION_DIR_RE,
+    KBBuilder,
+    KBVersion,
+    build_kb_version,
+    list_versions,
     prune_versions,
     publish_kb_version,
-    quiet_actor,
     read_version,
-    remove_orphaned_temporaries,
     remove_unreachable_versions,
     save_kb,
-    shard_bounds,
-    split_documents,
-    split_text,
     staging_dir,
-    temporary_sibling,
-    tokenize_passages,
-    vectors_array,
     version_dir,
-    with_embeddings,
-    write_kb_info,
-    write_passages_part,
-    writing,
 )
 from rag_end2end.options import add_index_args
 

@@ -41,18 +41,15 @@ from datasets import Dataset, load_from_disk
 
 from rag_end2end import tiny_models
 from rag_end2end.data.readers import read_kb_csv
-from rag_end2end.kb.encode import (
-    IndexConfig,
-    KBVersion,
-    ShardEncoder,
-    passage_embeddings,
-    save_kb,
-    split_documents,
-    tokenize_passages,
-    with_embeddings,
-)
+from rag_end2end.kb.actors import start_retrieval_actors
+from rag_end2end.kb.encoding import ShardEncoder, passage_embeddings
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.parts import with_embeddings
+from rag_end2end.kb.passages import split_documents, tokenize_passages
+from rag_end2end.kb.ray_start import init_ray
 from rag_end2end.kb.refresh import Refresher
-from rag_end2end.kb.retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
+from rag_end2end.kb.retriever import RagRayDistributedRetriever
+from rag_end2end.kb.versions import KBVersion, save_kb
 from rag_end2end.model.encoders import encoder_factory, load_encoder, load_tokenizer
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"

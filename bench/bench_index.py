@@ -57,7 +57,7 @@ import faiss
 import numpy as np
 
 from rag_end2end.kb import faiss_devices
-from rag_end2end.kb.encode import IndexConfig, build_faiss_index, new_faiss_index
+from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -68,24 +68,14 @@ import transformers
 from datasets.table import InMemoryTable
 
 from rag_end2end import tiny_models
-from rag_end2end.kb.encode import (
-    IndexConfig,
-    KBBuilder,
-    KBVersion,
-    ShardEncoder,
-    part_path,
-    shard_bounds,
-    staging_dir,
-    write_passages_part,
-)
-from rag_end2end.kb.retriever import (
-    RagRayDistributedRetriever,
-    ShardedRetriever,
-    init_ray,
-    shutdown_ray,
-    start_retrieval_actors,
-    start_shard_actors,
-)
+from rag_end2end.kb.actors import start_retrieval_actors, start_shard_actors
+from rag_end2end.kb.encoding import ShardEncoder
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.parts import part_path, write_passages_part
+from rag_end2end.kb.passages import shard_bounds
+from rag_end2end.kb.ray_start import init_ray, shutdown_ray
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, ShardedRetriever
+from rag_end2end.kb.versions import KBBuilder, KBVersion, staging_dir
 from rag_end2end.model import encoders as rag_encoders
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"

@@ -51,8 +51,9 @@ import transformers
 from rag_end2end import tiny_models
 from rag_end2end.data.readers import read_kb_csv
 from rag_end2end.kb import build as use_own_knowledge_dataset
-from rag_end2end.kb.encode import KBVersion, list_versions
-from rag_end2end.kb.retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
+from rag_end2end.kb.actors import RetrievalActor, start_retrieval_actors
+from rag_end2end.kb.retriever import RagRayDistributedRetriever
+from rag_end2end.kb.versions import KBVersion, list_versions
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training.callbacks import KBRefreshCallback
 

@@ -40,14 +40,11 @@ import bench_memory  # (sets Ray's environment and puts the repository on the pa
 import numpy as np
 import ray
 
-from rag_end2end.kb.encode import IndexConfig, KBVersion, build_kb_version
-from rag_end2end.kb.retriever import (
-    RagRayDistributedRetriever,
-    RetrievalActor,
-    init_ray,
-    shutdown_ray,
-    start_retrieval_actors,
-)
+from rag_end2end.kb.actors import RetrievalActor, start_retrieval_actors
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.ray_start import init_ray, shutdown_ray
+from rag_end2end.kb.retriever import RagRayDistributedRetriever
+from rag_end2end.kb.versions import KBVersion, build_kb_version
 
 
 def timed(call: Callable[[], object], n: int) -> list[float]:
@@ -82,12 +79,12 @@ def compare(kb: KBVersion, queries: np.ndarray, n_docs: int, calls: int, warmup:
     remote = RagRayDistributedRetriever(actor)
     remote.init_retrieval(kb)
     sides = {
-        "local": lambda: local.retrieve(queries, n_docs),
-        "ray": lambda: remote.retrieve(queries, n_docs),
-        "local_texts": lambda: local.retrieve(queries, n_docs, embeddings=False),
-        "ray_texts": lambda: remote.retrieve(queries, n_docs, embeddings=False),
+        "local": lambda: local.retrieve(queries, n_docs).ids,  # the actor's Hits
+        "ray": lambda: remote.retrieve(queries, n_docs)[1],  # the retriever's (embeddings, ids, docs)
+        "local_texts": lambda: local.retrieve(queries, n_docs, embeddings=False).ids,
+        "ray_texts": lambda: remote.retrieve(queries, n_docs, embeddings=False)[1],
     }
-    same_ids = len({sides[name]()[1].tobytes() for name in sides}) == 1
+    same_ids = len({sides[name]().tobytes() for name in sides}) == 1
     ms: dict[str, list[float]] = {name: [] for name in sides}
     for call in sides.values():
         timed(call, warmup)

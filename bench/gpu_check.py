@@ -36,9 +36,11 @@ import torch
 import transformers
 from bench_encode import bare_forward, build_kb, whole_refresh
 
-from rag_end2end.kb.encode import IndexConfig
+from rag_end2end.kb.actors import start_retrieval_actors
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.ray_start import init_ray
 from rag_end2end.kb.refresh import Refresher
-from rag_end2end.kb.retriever import RagRayDistributedRetriever, init_ray, start_retrieval_actors
+from rag_end2end.kb.retriever import RagRayDistributedRetriever
 from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from rag_end2end.evaluation.metrics import mrr_at_k, recall_at_k
-from rag_end2end.kb.encode import encode_token_ids, tokenize_passages
+from rag_end2end.kb.encoding import encode_token_ids
+from rag_end2end.kb.passages import tokenize_passages
 from rag_end2end.model.encoders import load_encoder, load_tokenizer
 
 KS = (1, 5, 20)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rag_end2end.deploy.export import export
 from rag_end2end.evaluation import evaluate as evaluation
+from rag_end2end.files import atomic_write_text
 from rag_end2end.kb import build
 from rag_end2end.model.rag import RagModel
 from rag_end2end.options import build_parser
@@ -175,10 +176,7 @@ def _write_pairs(data: Path, split: str, pairs: Sequence[tuple[str, str]]) -> No
     """OUT/data/{split}.source and .target, one pair a line, written under a temporary name and renamed."""
     data.mkdir(parents=True, exist_ok=True)
     for side, index in (("source", 0), ("target", 1)):
-        path = data / f"{split}.{side}"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(p[index] + "\n" for p in pairs), encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(data / f"{split}.{side}", "".join(p[index] + "\n" for p in pairs))
 
 
 def _kept_checkpoint(module) -> Path | None:

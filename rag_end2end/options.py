@@ -172,6 +172,20 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     for split in ("train", "val", "test"):
         g.add_argument(f"--n_{split}", type=int, default=-1, help="-1: all examples")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument("--reconstruction_dir", default=None,
+                   help="statement reconstruction (Siriwardhana et al. 2023): train.source/.target/.gold.jsonl of "
+                   "data_prep/make_reconstruction_data.py, whose marked statements train beside the QA pairs: the "
+                   "retriever fetches passages for a statement, the generator writes it back from them "
+                   "(docs/recipes.md)")  # fmt: skip
+    g.add_argument("--reconstruction_ratio", type=float, default=None,
+                   help="with --reconstruction_dir: the share R of training batches that are statement batches, "
+                   "0 < R <= 1 (a batch is all QA pairs or all statements, in a seeded order); 1: the documents only, "
+                   "no QA training pairs needed (--data_dir's val split still validates)")  # fmt: skip
+    g.add_argument("--mask_probability", type=float, default=1.0,
+                   help="with --reconstruction_dir: how often a statement is cut out of its own passage wherever the "
+                   "generator or the in-graph context encoder reads that passage (drawn per statement and step), so "
+                   "that it is reconstructed, not copied; ORQA's Inverse Cloze Task left it in 10%% of the time "
+                   "(0.9)")  # fmt: skip
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=5e-5)

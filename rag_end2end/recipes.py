@@ -11,18 +11,27 @@
 
 `--query_side_only` freezes the context encoder of any mode (no refresh needed). A new recipe is one small
 class here with its test.
+
+Statement batches (--reconstruction_dir) go through the same losses: the marked statement is the question, the
+statement the answer; `masked_retrieval` and `mask_positives` cut each statement out of its own passage wherever
+the recipe reads that passage, and `for_generator` leaves the generator only the marker of the question.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rag_end2end.data.mixing import Mask
+from rag_end2end.data.qa_dataset import RECONSTRUCTION
+from rag_end2end.data.reconstruction import RECONSTRUCTION_MARKER, mask_passage
 from rag_end2end.evaluation.metrics import has_answer
 from rag_end2end.model.rag import RagModel
 from rag_end2end.precision import float32_scores
@@ -32,10 +41,12 @@ PARTS = ("question_encoder", "ctx_encoder", "generator")
 
 @dataclass
 class Positives:
-    """Per question of a batch: the positive passage (title, text) or None, and its hard negatives."""
+    """Per question of a batch: the positive passage (title, text) or None, and its hard negatives; the positive's
+    KB row where it is known."""
 
     positive: list[tuple[str, str] | None]
     negatives: list[list[tuple[str, str]]]
+    positive_ids: list[int | None] = field(default_factory=list)
 
 
 def infonce(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: torch.Tensor,
@@ -122,7 +133,7 @@ def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | Non
     with torch.no_grad():
         q = model.encode_questions(batch["input_ids"], batch["attention_mask"])
         _, ids, docs = model.search(q, max(pool, n_hard + 1), embeddings=False)
-    positives, negatives = [], []
+    positives, negatives, positive_ids = [], [], []
     for i, (row, found) in enumerate(zip(np.asarray(ids).tolist(), docs)):
         answer = [batch["target_text"][i]]
         gold = set(gold_ids[i]) if gold_ids is not None else set()
@@ -131,10 +142,79 @@ def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | Non
             pid = next((pid for pid, _, _ in ranked if pid in gold), min(gold))
             positive = (passages[pid]["title"], passages[pid]["text"])
         else:
-            positive = next(((t, x) for _, t, x in ranked if has_answer(x, answer)), None)
+            pid, positive = next(((p, (t, x)) for p, t, x in ranked if has_answer(x, answer)), (None, None))
         positives.append(positive)
+        positive_ids.append(pid)
         negatives.append([(t, x) for pid, t, x in ranked if pid not in gold and not has_answer(x, answer)][:n_hard])
-    return Positives(positives, negatives)
+    return Positives(positives, negatives, positive_ids)
+
+
+# ---------------------------------------------------------------- statement batches: what the model may read
+
+
+def mask_docs(docs: list[dict], ids, masks: list[Mask | None]) -> list[dict]:
+    """Retrieved passages (per question: {"title": [...], "text": [...], ...} and their KB rows `ids`) with each
+    question's mask applied: its sentence cut out of the passage whose row is the mask's. New dicts; the others
+    are passed through as they are."""
+    out = []
+    for row, doc, mask in zip(np.asarray(ids).tolist(), docs, masks):
+        if mask is None or mask.passage_id not in row:
+            out.append(doc)
+            continue
+        texts = [mask_passage(text, mask.sentence) if pid == mask.passage_id else text
+                 for pid, text in zip(row, doc["text"])]  # fmt: skip
+        out.append({**doc, "text": texts})
+    return out
+
+
+class MaskingRetriever:
+    """A model's retriever whose answers (the passages of every search the step makes: those the generator reads,
+    those the context encoder re-encodes in the graph, reranking's and mining's) have each question's mask applied.
+    The index and the stored KB are never touched; nor the stored embeddings that recipes without a context encoder
+    score passages with (those of the KB version being served)."""
+
+    def __init__(self, retriever, masks: list[Mask | None]):
+        self.retriever, self.masks = retriever, masks
+
+    def retrieve(self, query_vectors, n_docs: int, embeddings: bool = True):
+        stored, ids, docs = self.retriever.retrieve(query_vectors, n_docs, embeddings=embeddings)
+        return stored, ids, mask_docs(docs, ids, self.masks)
+
+
+@contextmanager
+def masked_retrieval(model: RagModel, masks: list[Mask | None] | None) -> Iterator[None]:
+    """Within: `model` retrieves through a MaskingRetriever for the questions of one batch (`masks`, in batch order;
+    nothing changes when every one is None)."""
+    if not masks or all(m is None for m in masks):
+        yield
+        return
+    retriever = model.retriever
+    model.retriever = MaskingRetriever(retriever, masks)
+    try:
+        yield
+    finally:
+        model.retriever = retriever
+
+
+def mask_positives(mined: Positives, masks: list[Mask | None]) -> Positives:
+    """The positives with each question's mask applied where the positive is the mask's passage (its KB row): the
+    Inverse Cloze Task's positive, the passage with the statement removed. Hard negatives came through the
+    MaskingRetriever already."""
+    positive = [
+        (p[0], mask_passage(p[1], m.sentence)) if p is not None and m is not None and pid == m.passage_id else p
+        for p, pid, m in zip(mined.positive, mined.positive_ids or [None] * len(masks), masks)
+    ]
+    return Positives(positive, mined.negatives, mined.positive_ids)
+
+
+def for_generator(batch: dict) -> dict:
+    """The batch as the generator reads it: a statement batch's questions are the marker alone, which tells a statement
+    from a question, without the statement (the generator would copy the answer from its own prompt, and the
+    marginal would give the retriever no gradient). The question encoder still reads the whole query (input_ids).
+    QA batches are passed through."""
+    if batch.get("kind") != RECONSTRUCTION:
+        return batch
+    return {**batch, "source_text": [RECONSTRUCTION_MARKER.strip()] * len(batch["source_text"])}
 
 
 class Objective:
@@ -189,11 +269,8 @@ class Objective:
 
 
 def _keep_unused_pooler_frozen(module: torch.nn.Module) -> None:
-    # PooledEncoder freezes a pooler it does not use (DDP would take its missing gradient for an error).
-    if getattr(module, "pooling", "pooler") != "pooler":
-        for name, param in module.model.named_parameters():
-            if name.startswith("pooler"):
-                param.requires_grad_(False)
+    if hasattr(module, "freeze_unused_pooler"):  # a PooledEncoder (model.encoders): the rule lives there
+        module.freeze_unused_pooler()
 
 
 class RagEnd2End(Objective):

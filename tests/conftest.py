@@ -30,11 +30,11 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    from rag_end2end.kb import retriever as distributed_ray_retriever
+    from rag_end2end.kb.ray_start import init_ray, shutdown_ray
 
-    distributed_ray_retriever.init_ray(None, "rag-tests")
+    init_ray(None, "rag-tests")
     yield
-    distributed_ray_retriever.shutdown_ray()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

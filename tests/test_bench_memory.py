@@ -10,7 +10,8 @@ from datasets import Dataset, load_from_disk
 from tiny_tokenizers import wordpiece_tokenizer
 from transformers import DPRConfig, DPRContextEncoder
 
-from rag_end2end.kb.encode import ShardEncoder, encode_token_ids, tokenize_passages
+from rag_end2end.kb.encoding import ShardEncoder, encode_token_ids
+from rag_end2end.kb.passages import tokenize_passages
 
 REPO = Path(__file__).resolve().parents[1]
 

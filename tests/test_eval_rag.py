@@ -18,7 +18,9 @@ from rag_end2end.data.readers import InputError
 from rag_end2end.evaluation import evaluate as eval_rag
 from rag_end2end.evaluation.metrics import corpus_bleu, has_answer, mrr_at_k, recall_at_k
 from rag_end2end.kb import search as kb_search
-from rag_end2end.kb.encode import IndexConfig, save_kb, with_embeddings
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.parts import with_embeddings
+from rag_end2end.kb.versions import checkpoint_kb, save_kb
 from rag_end2end.model.rag import RagModel
 from rag_end2end.training import finetune as finetune_rag
 
@@ -41,7 +43,7 @@ def _controlled_kb(checkpoint: Path, out: Path) -> tuple[Path, Path]:
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     direction = q.mean(0) / np.linalg.norm(q.mean(0))
     assert (q @ direction > 0.1).all(), "the test questions do not share a direction"
-    passages = load_from_disk(kb_search.checkpoint_kb(checkpoint)[0])
+    passages = load_from_disk(checkpoint_kb(checkpoint)[0])
     scale = -(1 + np.arange(len(passages)) / 100)  # below zero, decreasing with the id
     scale[[A, B, C]] = [10, 5, 2]
     kb = (out / "passages", out / "index.faiss")
@@ -129,7 +131,7 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
                         "--ks", "1,40")  # fmt: skip
     assert list(results) == [str(c) for c in checkpoints]
     named = [json.loads((c / "kb_version.json").read_text()) for c in checkpoints]
-    assert used == [kb_search.checkpoint_kb(c) for c in checkpoints]
+    assert used == [checkpoint_kb(c) for c in checkpoints]
     assert named[0]["version"] < named[-1]["version"]
     summary = json.loads((tmp_path / "all" / "preds.json").read_text())
     assert list(summary) == [c.name for c in checkpoints]

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from rag_end2end.kb import faiss_devices
-from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, save_kb, split_documents, with_embeddings
-from rag_end2end.kb.retriever import RetrievalActor
+from rag_end2end.kb.actors import RetrievalActor
+from rag_end2end.kb.index import IndexConfig, build_faiss_index
+from rag_end2end.kb.parts import with_embeddings
+from rag_end2end.kb.passages import split_documents
+from rag_end2end.kb.versions import KBVersion, save_kb
 
 pytestmark = [
     pytest.mark.gpu,
@@ -89,8 +92,8 @@ def test_retrieval_actor_searches_its_index_on_the_gpu(tmp_path):
         actor = RetrievalActor(faiss_gpu=mode)
         actor.ensure_live(kb)
         assert actor._live.on_gpu == (mode == "auto")
-        embeds, ids, docs, _ = actor.retrieve(queries, 5, embeddings=True)
-        answers[mode] = (ids, embeds)
+        hits = actor.retrieve(queries, 5, embeddings=True)
+        answers[mode] = (hits.ids, hits.embeddings)
     assert (answers["auto"][0] == answers["off"][0]).mean() > 0.99
     # the stored vectors of the passages found, read from the passages (the same rows: the same vectors)
     same = answers["auto"][0] == answers["off"][0]

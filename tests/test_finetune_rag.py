@@ -20,9 +20,9 @@ from rag_end2end.evaluation import evaluate as eval_rag
 from rag_end2end.evaluation.metrics import has_answer, rouge_l_score, sentence_bleu
 from rag_end2end.kb import refresh as kb_refresh
 from rag_end2end.kb import search as kb_search
-from rag_end2end.kb.encode import IndexConfig, read_version
+from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import RefreshState
-from rag_end2end.kb.search import checkpoint_kb
+from rag_end2end.kb.versions import checkpoint_kb, read_version
 from rag_end2end.model.encoders import PooledEncoder, load_tokenizer
 from rag_end2end.model.rag import RagModel
 from rag_end2end.training import finetune as finetune_rag

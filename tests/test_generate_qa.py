@@ -15,7 +15,7 @@ from rag_end2end.data import generate_qa as gq
 from rag_end2end.data.qa_dataset import QuestionDataset
 from rag_end2end.data.readers import read_kb_csv, read_lines
 from rag_end2end.evaluation.metrics import has_answer, normalize_answer
-from rag_end2end.kb.encode import split_documents
+from rag_end2end.kb.passages import split_documents
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"

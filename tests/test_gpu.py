@@ -22,9 +22,11 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rag_end2end.kb.encode import encode_token_ids, tokenize_passages
+from rag_end2end.kb.encoding import encode_token_ids
+from rag_end2end.kb.passages import tokenize_passages
 from rag_end2end.model.encoders import load_encoder, load_tokenizer
-from rag_end2end.model.rag import FALLBACK_GENERATION, RagModel
+from rag_end2end.model.rag import RagModel
+from rag_end2end.model.settings import FALLBACK_GENERATION, Generation
 from rag_end2end.recipes import MODES
 from rag_end2end.training import finetune as finetune_rag
 
@@ -162,7 +164,7 @@ def test_rag_model_on_cuda_gives_the_cpu_loss_and_answers(tiny_models, tiny_kb, 
 
     # answer() (what tools/rag_answer.py calls) on the GPU decodes as generate() does with the same settings: this
     # checkpoint saved none, so FALLBACK_GENERATION's (4 beams, 50 new tokens).
-    assert model.generation == {}
+    assert model.generation == Generation()
     model.to(DEVICE)
     answered = model.answer(questions)
     enc = model.tokenize_questions(questions)

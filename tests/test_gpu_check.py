@@ -210,7 +210,7 @@ def test_every_module_the_check_imports_is_on_the_gpu_machine_or_carried():
                 continue  # a name inside one of the package's modules, not a module
             elif top not in sys.stdlib_module_names:
                 third_party.setdefault(top, []).append((path.relative_to(REPO).as_posix(), at_import))
-    assert {"test_gpu.py", "finetune.py", "rag.py", "encode.py"} <= {p.name for p in seen}
+    assert {"test_gpu.py", "finetune.py", "rag.py", "encoding.py"} <= {p.name for p in seen}
     by_dist = _imports_by_distribution()
     # The carried packages alone: they install with --no-deps.
     available = {top for dist in _machine_distributions(by_dist) | gpu_carry.carried_names() for top in by_dist[dist]}

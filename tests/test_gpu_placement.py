@@ -1,4 +1,4 @@
-"""Which GPUs train and which encode the KB: the placement rule (rag_end2end.kb.retriever.plan_gpus) and its
+"""Which GPUs train and which encode the KB: the placement rule (rag_end2end.kb.ray_start.plan_gpus) and its
 one-line refusals, a local Ray given only the encoding GPUs, the encoding actor told its device, bounded waits for
 actors Ray cannot place or that never finish, and the DDP timeout that covers them. docs/gpus.md.
 
@@ -27,8 +27,8 @@ from faults import gated_encoder_factory, kill_actors
 from pytorch_lightning.strategies import DDPStrategy
 
 from rag_end2end.kb import refresh as kb_refresh
-from rag_end2end.kb.encode import IndexConfig
-from rag_end2end.kb.retriever import plan_gpus, visible_gpu_ids
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.ray_start import plan_gpus, visible_gpu_ids
 from rag_end2end.training import arguments
 from rag_end2end.training import finetune as finetune_rag
 

@@ -10,30 +10,23 @@ from datasets import Dataset, load_from_disk
 from transformers import DPRConfig, DPRContextEncoder
 
 from rag_end2end.data.readers import read_kb_csv
-from rag_end2end.kb import encode as kb_encode_utils
 from rag_end2end.kb import faiss_devices
-from rag_end2end.kb.encode import (
+from rag_end2end.kb import parts as kb_parts
+from rag_end2end.kb.encoding import encode_token_ids
+from rag_end2end.kb.index import IndexConfig, build_faiss_index
+from rag_end2end.kb.parts import part_path, with_embeddings, write_passages_part
+from rag_end2end.kb.passages import shard_bounds, split_documents, split_text
+from rag_end2end.kb.similarity import check_kb_similarity, kb_similarity, write_kb_info
+from rag_end2end.kb.versions import (
     READY_MARKER,
-    IndexConfig,
     KBVersion,
-    build_faiss_index,
     build_kb_version,
-    check_kb_similarity,
-    encode_token_ids,
-    kb_similarity,
     list_versions,
-    part_path,
     publish_kb_version,
     read_version,
     save_kb,
-    shard_bounds,
-    split_documents,
-    split_text,
     staging_dir,
     version_dir,
-    with_embeddings,
-    write_kb_info,
-    write_passages_part,
 )
 
 
@@ -461,13 +454,13 @@ def test_encode_token_ids_matches_single_passage_encoding():
 def test_a_version_is_streamed_from_part_files_into_one_dataset_and_index(tmp_path, base_passages, monkeypatch):
     """The refresh's path: each encoding shard writes its rows with their vectors as a part file, and the builder
     indexes the parts a record batch at a time (never all vectors at once) and declares them one dataset."""
-    monkeypatch.setattr(kb_encode_utils, "PART_BATCH_ROWS", 3)  # several batches per part, the last one short
+    monkeypatch.setattr(kb_parts, "PART_BATCH_ROWS", 3)  # several batches per part, the last one short
     emb = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
     root, bounds = tmp_path / "kb", [(0, 4), (4, 9), (9, 10)]
     staging = staging_dir(root, 2)
     rows = [write_passages_part(base_passages, a, b, emb[a:b], part_path(staging, i, 3)) for i, (a, b) in
             enumerate(bounds)]  # fmt: skip
-    batches = [len(v) for _, v in kb_encode_utils._part_vectors([part_path(staging, i, 3) for i in range(3)])]
+    batches = [len(v) for _, v in kb_parts.part_vectors([part_path(staging, i, 3) for i in range(3)])]
     assert rows == [4, 5, 1] and batches == [3, 1, 3, 2, 1]
     cfg = IndexConfig(factory="IVF2,Flat", train_size=7, search_params="nprobe=2")  # trained on rows of all parts
     kb = publish_kb_version(str(root), 2, 5, cfg, "dot", staging, *rows)

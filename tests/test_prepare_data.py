@@ -10,7 +10,7 @@ from rag_end2end.data import cmu_qa as prepare_cmu_qa
 from rag_end2end.data import squad as prepare_squad
 from rag_end2end.data.readers import read_kb_csv
 from rag_end2end.evaluation.metrics import normalize_answer
-from rag_end2end.kb.encode import split_documents
+from rag_end2end.kb.passages import split_documents
 
 SPLITS = ("train", "val", "test")
 FILLER = "rock layers were mapped by field teams across several long seasons while instruments logged data".split()

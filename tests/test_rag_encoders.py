@@ -14,9 +14,9 @@ from datasets import Dataset
 from tiny_tokenizers import wordpiece_tokenizer
 from transformers import BertConfig, BertModel, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
-from rag_end2end.kb.encode import ShardEncoder, encode_token_ids, tokenize_passages
+from rag_end2end.kb.encoding import ShardEncoder, encode_token_ids
+from rag_end2end.kb.passages import tokenize_passages
 from rag_end2end.model.encoders import (
-    DEFAULT_TEMPERATURE,
     PooledEncoder,
     PrefixedTokenizer,
     context_side,
@@ -28,6 +28,7 @@ from rag_end2end.model.encoders import (
     with_scoring,
 )
 from rag_end2end.model.rag import RagModel
+from rag_end2end.model.settings import DEFAULT_TEMPERATURE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -349,3 +350,20 @@ def test_minilm_mean_pooling_ranks_the_matching_passage_first():
         q, p = (enc(**tokenizer(texts, padding=True, return_tensors="pt"))[0] for texts in (questions, passages))
     cosine = F.cosine_similarity(q[:, None], p[None], dim=-1)
     assert (cosine.argmax(1) == torch.arange(3)).all(), cosine
+
+
+@pytest.mark.parametrize("pooling, pooler_trains", [("mean", False), ("cls", False), ("pooler", True)])
+def test_a_recipe_unfreezing_an_encoder_keeps_an_unused_pooler_frozen(pooling, pooler_trains):
+    """One rule (PooledEncoder.freeze_unused_pooler), at construction and after a recipe's requires_grad_(True)."""
+    from rag_end2end.recipes import _keep_unused_pooler_frozen
+
+    enc = PooledEncoder(bert(), pooling)
+    for frozen_by in ("construction", "recipe"):
+        if frozen_by == "recipe":
+            enc.requires_grad_(True)  # what Objective.freeze does to the parts a recipe trains
+            _keep_unused_pooler_frozen(enc)
+        grads = {name: p.requires_grad for name, p in enc.model.named_parameters()}
+        pooler = [trains for name, trains in grads.items() if name.startswith("pooler")]
+        assert pooler and all(trains == pooler_trains for trains in pooler), frozen_by
+        if frozen_by == "recipe":
+            assert all(trains for name, trains in grads.items() if not name.startswith("pooler"))

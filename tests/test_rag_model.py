@@ -382,9 +382,9 @@ def test_save_and_load_round_trip(tiny_models, tmp_path, encoders, family):
     bare = RagModel.from_pretrained(tmp_path / "rag", retriever=FakeRetriever(), load_generator=False,
                                     load_context_encoder=False)  # fmt: skip
     assert bare.generator is None and bare.ctx_encoder is None
-    assert bare.settings()["n_docs"] == 2 and is_rag_checkpoint(str(tmp_path / "rag"))
+    assert bare.settings().n_docs == 2 and is_rag_checkpoint(str(tmp_path / "rag"))
     # By default, the context encoder comes back when the saved model's doc scores came from it.
-    assert model.settings()["doc_scores"] == "fresh"
+    assert model.settings().doc_scores == "fresh"
     assert RagModel.from_pretrained(tmp_path / "rag", load_generator=False).ctx_encoder is not None
 
 

@@ -28,8 +28,9 @@ from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesyst
 
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb import refresh as kb_refresh
-from rag_end2end.kb.encode import IndexConfig, build_kb_version
+from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import RefreshState
+from rag_end2end.kb.versions import build_kb_version
 from rag_end2end.training import callbacks as callbacks_rag
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training import run_dir
@@ -268,7 +269,7 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
 
 
 def test_pruning_spares_other_runs_versions_and_pinned_ones(tmp_path):
-    from rag_end2end.kb.encode import KBVersion, prune_versions, version_dir
+    from rag_end2end.kb.versions import KBVersion, prune_versions, version_dir
 
     for v in range(1, 7):
         path = version_dir(tmp_path, v)
@@ -552,7 +553,7 @@ def test_a_second_run_in_the_same_output_dir_stops_at_once_and_a_crashed_runs_lo
 def test_leftovers_of_interrupted_saves_are_removed_and_nothing_else(tiny_models, tmp_path):
     """What a killed save leaves (NAME.tmp-PID-HEX of a process that is gone) goes at the next start; a live
     writer's temporary, complete versions and the user's files stay. use_own_knowledge_dataset.py does the same."""
-    from rag_end2end.kb.encode import remove_orphaned_temporaries
+    from rag_end2end.files import remove_orphaned_temporaries
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

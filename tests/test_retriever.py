@@ -15,8 +15,12 @@ import pytest
 import ray
 from datasets import Dataset
 
-from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, build_kb_version
-from rag_end2end.kb.retriever import RagRayDistributedRetriever, RetrievalActor, start_retrieval_actors
+from rag_end2end.kb.actors import RetrievalActor, start_retrieval_actors
+from rag_end2end.kb.index import IndexConfig, build_faiss_index, fill_misses
+from rag_end2end.kb.parts import with_embeddings
+from rag_end2end.kb.retriever import RagRayDistributedRetriever
+from rag_end2end.kb.search import Hits, KBSearch
+from rag_end2end.kb.versions import KBVersion, build_kb_version
 
 DIM = 8
 N_PASSAGES = 40
@@ -82,14 +86,13 @@ def check_docs(docs: list, ids: np.ndarray) -> None:
     assert [d["text"] for d in docs] == [[TEXTS[j] for j in row] for row in ids]
 
 
-def check_result(result, queries: np.ndarray, k: int, embeddings_by_version: dict) -> int:
+def check_result(hits: Hits, queries: np.ndarray, k: int, embeddings_by_version: dict) -> int:
     """Asserts that one retrieve() answer comes entirely from the version it names; returns that version."""
-    embeds, ids, docs, kb = result
-    version = kb.version
+    version = hits.kb.version
     emb = embeddings_by_version[version]
-    np.testing.assert_array_equal(ids, exact_topk(queries, emb, k))
-    np.testing.assert_array_equal(embeds, emb[ids])
-    check_docs(docs, ids)
+    np.testing.assert_array_equal(hits.ids, exact_topk(queries, emb, k))
+    np.testing.assert_array_equal(hits.embeddings, emb[hits.ids])
+    check_docs(hits.docs, hits.ids)
     return version
 
 
@@ -106,11 +109,11 @@ def test_retrieval_returns_exact_topk_with_embeddings_and_docs(kb_factory, actor
 
     serve([actor], kb)
     queries = np.random.default_rng(1).standard_normal((4, DIM)).astype(np.float32)
-    embeds, ids, docs, served = ray.get(actor.retrieve.remote(queries, 3))
-    assert served == kb
-    assert ids.shape == (4, 3) and embeds.shape == (4, 3, DIM) and embeds.dtype == np.float32
-    assert len(docs) == 4 and set(docs[0]) == {"title", "text"}
-    check_result((embeds, ids, docs, served), queries, 3, {1: emb})
+    hits = ray.get(actor.retrieve.remote(queries, 3))
+    assert isinstance(hits, Hits) and hits.kb == kb
+    assert hits.ids.shape == (4, 3) and hits.embeddings.shape == (4, 3, DIM) and hits.embeddings.dtype == np.float32
+    assert len(hits.docs) == 4 and set(hits.docs[0]) == {"title", "text"}
+    check_result(hits, queries, 3, {1: emb})
     assert ray.get(actor.live_version.remote()) == kb
     assert ray.get(actor.request_count.remote()) == 2  # the failed call counts too
 
@@ -167,7 +170,7 @@ def test_swaps_are_atomic_under_concurrent_retrieval(kb_factory, actors):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not errors:
             with lock:
-                if any(r[3].version == version for r in results[seen:]):
+                if any(r.kb.version == version for r in results[seen:]):
                     return
             time.sleep(0.01)
         raise AssertionError(f"no answer from version {version}; errors: {errors}")
@@ -212,6 +215,62 @@ def test_stage_rejects_index_that_does_not_match_passages(kb_factory, actors, tm
     with pytest.raises(ray.exceptions.RayTaskError):
         ray.get(actor.activate.remote(2))  # nothing was staged
     assert ray.get(actor.live_version.remote()) == good
+
+
+def ivf_kb_with_an_empty_list(tmp_path) -> tuple[KBVersion, np.ndarray, dict[str, np.ndarray]]:
+    """A KB whose IVF index (nprobe 1) has three lists: rows 0-2 near centroid (10, 0, ...), the others near
+    (-10, 0, ...), and none near (0, 10, ...). Queries: `few` probes the 3-row list, `none` the empty one."""
+    centroids = np.zeros((3, DIM), np.float32)
+    centroids[0, 0], centroids[1, 0], centroids[2, 1] = 10, -10, 10
+    emb = np.random.default_rng(5).normal(0, 0.1, (N_PASSAGES, DIM)).astype(np.float32)
+    emb[:3, 0] += 10
+    emb[3:, 0] -= 10
+    quantizer = faiss.IndexFlatL2(DIM)
+    quantizer.add(centroids)
+    index = faiss.IndexIVFFlat(quantizer, DIM, 3, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True  # the lists are the centroids above, not k-means'
+    index.add(emb)
+    index.nprobe = 1
+    faiss.write_index(index, str(tmp_path / "ivf.faiss"))
+    passages = Dataset.from_dict({"title": TITLES, "text": TEXTS})
+    with_embeddings(passages, emb).save_to_disk(str(tmp_path / "passages"))
+    kb = KBVersion(1, str(tmp_path / "passages"), str(tmp_path / "ivf.faiss"))
+    return kb, emb, {"few": centroids[:1], "none": centroids[2:]}
+
+
+def test_a_neighbour_faiss_misses_is_the_best_hit_everywhere_and_no_hit_at_all_is_an_error(tmp_path, actors):
+    """One rule for FAISS's id -1 (kb.index.fill_misses), in the Ray actors and the in-process search alike: the
+    question's best hit is repeated, never the last passage read through id -1; a question the index finds nothing
+    for is refused by name instead of being answered with the last passage."""
+    kb, emb, queries = ivf_kb_with_an_empty_list(tmp_path)
+    found = exact_topk(queries["few"], emb[:3], 3)[0]  # the probed list holds rows 0-2 only
+    want = np.concatenate([found, found[:1], found[:1]])[None]
+    (actor,) = actors(1)
+    serve([actor], kb)
+    hits = ray.get(actor.retrieve.remote(queries["few"], 5))
+    np.testing.assert_array_equal(hits.ids, want)
+    np.testing.assert_array_equal(hits.embeddings, emb[want])
+    check_docs(hits.docs, hits.ids)
+    search = KBSearch(kb.passages_path, kb.index_path, DIM)
+    stored, ids, docs = search.retrieve(queries["few"], 5)
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(stored, emb[want])
+    assert docs == hits.docs
+    assert search.retrieve(queries["few"], 5, embeddings=False)[0] is None
+
+    with pytest.raises(ValueError, match="the index found no passage for question 0"):
+        ray.get(actor.retrieve.remote(queries["none"], 2))
+    with pytest.raises(ValueError, match="the index found no passage for question 1"):
+        search.retrieve(np.concatenate([queries["few"], queries["none"]]), 2)
+
+
+def test_fill_misses_repeats_the_best_hit_of_each_question():
+    ids = np.array([[7, 3, -1, -1], [2, -1, -1, -1], [5, 6, 8, 9]])
+    np.testing.assert_array_equal(fill_misses(ids), [[7, 3, 7, 7], [2, 2, 2, 2], [5, 6, 8, 9]])
+    scores = np.array([[0.9, -np.inf], [0.5, 0.4]])  # a miss marked otherwise (a shard's -inf score)
+    np.testing.assert_array_equal(fill_misses(scores, ~np.isfinite(scores)), [[0.9, 0.9], [0.5, 0.4]])
+    with pytest.raises(ValueError, match="no passage for question 1"):
+        fill_misses(np.array([[1, 2], [-1, -1]]))
 
 
 # ----------------------------------------------------------------------------- RagRayDistributedRetriever

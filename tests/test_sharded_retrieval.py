@@ -16,8 +16,12 @@ import ray
 from datasets import Dataset, load_from_disk
 from faults import actor_pid
 
-from rag_end2end.kb.encode import IndexConfig, KBVersion, build_faiss_index, build_kb_version, shard_bounds
-from rag_end2end.kb.retriever import ShardedRetriever, start_shard_actors
+from rag_end2end.kb.actors import start_shard_actors
+from rag_end2end.kb.index import IndexConfig, build_faiss_index
+from rag_end2end.kb.passages import shard_bounds
+from rag_end2end.kb.retriever import ShardedRetriever, merge_shard_answers
+from rag_end2end.kb.search import Hits
+from rag_end2end.kb.versions import KBVersion, build_kb_version
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training.callbacks import KBRefreshCallback
 
@@ -61,15 +65,15 @@ def queries(seed: int, n: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
 
 
-def check_answer(versions: Versions, answer, q: np.ndarray, k: int) -> int:
+def check_answer(versions: Versions, answer: Hits, q: np.ndarray, k: int) -> int:
     """One search() answer is exact over the version it names, and every passage comes from that version."""
-    scores, embeds, ids, docs, kb = answer
+    kb = answer.kb
     emb = versions.embeddings[kb.version]
     want_scores, want_ids = build_faiss_index(emb, FLAT).search(q, k)  # unsharded exact search, in this process
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(embeds, emb[ids])
-    assert [d["text"] for d in docs] == [[f"v{kb.version} passage {i}" for i in row] for row in ids]
+    np.testing.assert_array_equal(answer.ids, want_ids)
+    np.testing.assert_allclose(answer.scores, want_scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(answer.embeddings, emb[answer.ids])
+    assert [d["text"] for d in answer.docs] == [[f"v{kb.version} passage {i}" for i in row] for row in answer.ids]
     return kb.version
 
 
@@ -88,8 +92,25 @@ def test_sharded_topk_equals_one_exact_index(versions, shards):
     assert retriever.live_kb == kb and retriever.last_version == 1
     counts = ray.get([s.request_count.remote() for s in shards])
     assert min(counts) >= 5  # every query went to every shard
-    with pytest.raises(ray.exceptions.RayTaskError, match="ShardedRetriever"):
+    with pytest.raises(NotImplementedError, match="ShardedRetriever merges"):  # a shard's top-k is not an answer
         ray.get(shards[0].retrieve.remote(q, 2))
+
+
+def test_the_merge_fills_what_no_shard_found_with_the_best_hit():
+    """Shards mark a miss with a -inf score (it names one of their rows): the merge ranks misses last and fills
+    those left in the top k as one index's search does (kb.index.fill_misses); no hit at all is an error."""
+    kb = KBVersion(1, "passages", "index")
+
+    def part(scores: list[float], ids: list[int]) -> Hits:
+        docs = [{"title": [f"t{i}" for i in ids]}]
+        return Hits(np.array([ids]), None, docs, kb, np.array([scores], dtype=np.float32))
+
+    merged = merge_shard_answers([part([0.5, -np.inf], [0, 0]), part([0.9, -np.inf], [10, 10])], 3)
+    np.testing.assert_array_equal(merged.ids, [[10, 0, 10]])
+    np.testing.assert_array_equal(merged.scores, np.array([[0.9, 0.5, 0.9]], dtype=np.float32))
+    assert merged.docs == [{"title": ["t10", "t0", "t10"]}] and merged.kb == kb and merged.embeddings is None
+    with pytest.raises(ValueError, match="no passage for question 0"):
+        merge_shard_answers([part([-np.inf], [0]), part([-np.inf], [10])], 2)
 
 
 def test_ties_go_to_the_lower_global_id(versions, shards):
@@ -104,8 +125,9 @@ def test_ties_go_to_the_lower_global_id(versions, shards):
     retriever = ShardedRetriever(shards)
     retriever.activate(kb)
     q = rng.integers(-2, 3, (40, DIM)).astype(np.float32)
-    scores, _, ids, _, served = retriever.search(q, 12)
-    assert served == kb
+    answer = retriever.search(q, 12)
+    scores, ids = answer.scores, answer.ids
+    assert answer.kb == kb
     exact = q.astype(np.int64) @ emb.astype(np.int64).T
     order = np.lexsort((np.broadcast_to(np.arange(N_PASSAGES), exact.shape), -exact), axis=1)[:, :12]
     np.testing.assert_array_equal(ids, order)

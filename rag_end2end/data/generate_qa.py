@@ -63,7 +63,8 @@ from tqdm.auto import tqdm
 from rag_end2end.data.readers import check_model_path, read_kb_csv, run_main
 from rag_end2end.data.squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
 from rag_end2end.evaluation.metrics import has_answer, normalize_answer
-from rag_end2end.kb.encode import split_documents, temporary_sibling
+from rag_end2end.files import atomic_writes, temporary_sibling
+from rag_end2end.kb.passages import split_documents
 from rag_end2end.model.causal import encode_prompts, pad_id
 from rag_end2end.options import add_debug_arg
 from rag_end2end.precision import native_bf16
@@ -433,7 +434,9 @@ def encode_questions(encoder: torch.nn.Module, tokenizer, questions: list[str], 
 def passage_vectors(kb: KnowledgeBase, args: argparse.Namespace, question_encoder, question_tokenizer) -> np.ndarray:
     """Every KB passage's vector: by --context_encoder_name_or_path, else the --passages_path KB's own embeddings,
     else by the question encoder itself (one encoder for both sides)."""
-    from rag_end2end.kb.encode import check_kb_similarity, encode_token_ids, tokenize_passages
+    from rag_end2end.kb.encoding import encode_token_ids
+    from rag_end2end.kb.passages import tokenize_passages
+    from rag_end2end.kb.similarity import check_kb_similarity
     from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer
 
     similarity = encoder_similarity(question_encoder)
@@ -527,15 +530,9 @@ def split_files(splits: dict[str, list[Pair]]) -> dict[str, str]:
 def write_files(out: Path, files: dict[str, str], overwrite: bool) -> None:
     """Write every file under a temporary name, then rename them all into place (none replaced without overwrite)."""
     check_output_dir(out, overwrite)
-    tmp = {name: temporary_sibling(out / name) for name in files}
-    try:
-        for name, path in tmp.items():
-            path.write_text(files[name], encoding="utf-8")
-        for name, path in tmp.items():
-            os.replace(path, out / name)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)  # our own temporary files, left only when writing failed
+    with atomic_writes([out / name for name in files], "the generated data") as tmp:
+        for text, path in zip(files.values(), tmp):
+            path.write_text(text, encoding="utf-8")
 
 
 def verify_kb_csv(out: Path, kb: KnowledgeBase) -> str:

@@ -9,10 +9,17 @@ from typing import Any
 
 from rag_end2end.data.readers import read_lines
 
+# The kinds of example (and of batch: a training batch holds one kind); the training log names each kind's loss
+# train_loss_{kind}.
+QA, RECONSTRUCTION = "qa", "recon"
+
 
 class QuestionDataset:
     """Question/answer pairs from `{type_path}.source`/`.target`: the texts, and the questions tokenised for
-    the question encoder (generators tokenise their own prompts and answers: rag_model.py)."""
+    the question encoder (generators tokenise their own prompts and answers: rag_model.py). `kind` says what the
+    pairs are (QA, or RECONSTRUCTION: marked statements and the statements), and `masks` (one per line, before
+    n_obs: data.mixing.Mask or None) what may be cut out of a statement's own passage: a statement's item and batch
+    carry both (`kind`, `mask`/`masks`); a QA pair's carry neither (its kind is QA)."""
 
     def __init__(
         self,
@@ -22,6 +29,8 @@ class QuestionDataset:
         type_path: str = "train",
         n_obs: int | None = None,
         prefix: str = "",
+        kind: str = QA,
+        masks: list | None = None,
     ) -> None:
         source_path = Path(data_dir) / f"{type_path}.source"
         target_path = Path(data_dir) / f"{type_path}.target"
@@ -37,13 +46,17 @@ class QuestionDataset:
             raise ValueError(f"n_obs must be None, -1 (all) or >= 0, got {n_obs}")
         if question_tokenizer.pad_token_id is None:
             raise ValueError("the question encoder tokenizer has no pad token, which collate_fn needs")
+        if masks is not None and len(masks) != len(sources):
+            raise ValueError(f"{len(masks)} masks for the {len(sources)} lines of {source_path}")
         if n_obs is not None and n_obs != -1:
             sources, targets = sources[:n_obs], targets[:n_obs]
+            masks = masks[:n_obs] if masks is not None else None
 
         self.question_tokenizer = question_tokenizer
         self.sources = [line.strip() for line in sources]
         self.targets = [line.strip() for line in targets]
         self.source_path, self.target_path = source_path, target_path
+        self.kind, self.masks = kind, masks
         texts = [prefix + s for s in self.sources]
         self.question_ids = question_tokenizer(texts)["input_ids"]
         long = warn_cut(source_path, "questions", list(map(len, self.question_ids)), max_source_length,
@@ -66,19 +79,27 @@ class QuestionDataset:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """The raw texts and the question's unpadded `input_ids`."""
+        """The raw texts, the question's unpadded `input_ids` and its line; a statement's kind and mask (or None)."""
         ids = self.question_ids[index]
-        return {
+        item = {
             "source_text": self.sources[index],
             "target_text": self.targets[index],
             "input_ids": ids,
             "index": index,
         }
+        if self.kind != QA:
+            item |= {"kind": self.kind, "mask": self.masks[index] if self.masks is not None else None}
+        return item
 
     def collate_fn(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Pad the questions to the batch's longest (on the right: CLS pooling reads position 0)."""
+        """Pad the questions to the batch's longest (on the right: CLS pooling reads position 0). A batch is of one
+        kind; a statement batch says so (`kind`) and carries each statement's mask (`masks`)."""
         import torch  # here, not at the top: this module is cheap to import without it
 
+        kinds = {ex.get("kind", QA) for ex in batch}
+        if len(kinds) != 1:
+            raise ValueError(f"a batch of {len(batch)} examples of the kinds {sorted(kinds)}: a batch holds one kind")
+        kind = kinds.pop()
         padded = self.question_tokenizer.pad({"input_ids": [ex["input_ids"] for ex in batch]}, padding_side="right",
                                              return_tensors="pt")  # fmt: skip
         return {
@@ -87,6 +108,7 @@ class QuestionDataset:
             "source_text": [ex["source_text"] for ex in batch],
             "target_text": [ex["target_text"] for ex in batch],
             "index": torch.tensor([ex["index"] for ex in batch]),  # line numbers, to put DDP shards back in order
+            **({"kind": kind, "masks": [ex["mask"] for ex in batch]} if kind != QA else {}),
         }
 
 

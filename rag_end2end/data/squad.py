@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import random
 import warnings
 from bisect import bisect_right
@@ -34,7 +33,8 @@ from itertools import accumulate
 from pathlib import Path
 
 from rag_end2end.data.readers import read_kb_csv, run_main
-from rag_end2end.kb.encode import split_documents, split_text, temporary_sibling
+from rag_end2end.files import atomic_writes
+from rag_end2end.kb.passages import split_documents, split_text
 from rag_end2end.options import add_debug_arg
 
 WORDS_PER_PASSAGE = 100  # split_text's default, which use_own_knowledge_dataset.py uses
@@ -160,14 +160,8 @@ def write_outputs(docs: list[Document], questions: list[Question], args: argpars
     check_output_dir(out, args.overwrite)
     distractors = read_distractors(args.distractor_csv or [])
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {name: temporary_sibling(out / name) for name in OUTPUT_FILES}
-    try:
-        stats = _write_files(docs, distractors, questions, args, extra_stats, tmp)
-        for name, path in tmp.items():
-            os.replace(path, out / name)
-    finally:
-        for path in tmp.values():
-            path.unlink(missing_ok=True)  # our own temporary files, left only when writing failed
+    with atomic_writes([out / name for name in OUTPUT_FILES], "the prepared data") as tmp:
+        stats = _write_files(docs, distractors, questions, args, extra_stats, dict(zip(OUTPUT_FILES, tmp)))
     return stats
 
 

@@ -45,9 +45,10 @@ from transformers import (
     RagTokenizer,
 )
 
-from rag_end2end.kb.search import KB_VERSION_FILE, checkpoint_kb
+from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.encoders import PooledEncoder
-from rag_end2end.model.rag import RAG_TEMPLATE, SETTINGS_FILE, RagModel
+from rag_end2end.model.rag import RAG_TEMPLATE, RagModel
+from rag_end2end.model.settings import QUESTION_MAX_LENGTH, SETTINGS_FILE, RagSettings
 
 RUN_FILES = ("run_info.json", "test_results.txt")  # beside the checkpoints, in the run's output dir
 
@@ -100,7 +101,7 @@ def write_sentence_transformer(encoder, tokenizer, directory: Path, prompts: dic
     shutil.rmtree(base)
 
 
-def write_transformers_rag(model: RagModel, settings: dict, directory: Path, kb: tuple[Path, Path]) -> bool:
+def write_transformers_rag(model: RagModel, settings: RagSettings, directory: Path, kb: tuple[Path, Path]) -> bool:
     """transformers' own RAG directory, for what its classes hold: a DPR question encoder scoring by dot product
     at tau 1 and a seq2seq generator. `from_pretrained` loads it with its retriever over `kb` (absolute paths:
     transformers reads them as given). False (nothing written) for any other model."""
@@ -110,9 +111,9 @@ def write_transformers_rag(model: RagModel, settings: dict, directory: Path, kb:
     generator = model.generator
     if generator.template != (getattr(generator.model.config, "prefix", None) or "") + RAG_TEMPLATE:
         return False  # another prompt than transformers' RAG builds
-    rag_class = RagSequenceForGeneration if settings["marginal"] == "sequence" else RagTokenForGeneration
+    rag_class = RagSequenceForGeneration if settings.marginal == "sequence" else RagTokenForGeneration
     config = RagConfig.from_question_encoder_generator_configs(
-        q.config, generator.model.config, n_docs=settings["n_docs"], max_combined_length=generator.max_length,
+        q.config, generator.model.config, n_docs=settings.n_docs, max_combined_length=generator.max_length,
         index_name="custom", passages_path=str(kb[0]), index_path=str(kb[1]), use_dummy_dataset=False,
         architectures=[rag_class.__name__],
         # decoding reads these from the RAG config itself, as facebook/rag-token-base has them
@@ -125,22 +126,23 @@ def write_transformers_rag(model: RagModel, settings: dict, directory: Path, kb:
     return True
 
 
-def model_card(checkpoint: Path, settings: dict, kb: dict, wrote_rag: bool = False) -> str:
+def model_card(checkpoint: Path, settings: RagSettings, kb: dict, wrote_rag: bool = False) -> str:
     """DIR/README.md: what was trained, from what, on what, and how well; how to use each part."""
     run = checkpoint.parent
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
     hparams = next(run.glob("logs/version_*/hparams.yaml"), None)
     tested = (run / "test_results.txt").read_text().strip() if (run / "test_results.txt").is_file() else "not tested"
-    q, prefix = settings["question_encoder"], settings.get("passage_prefix") or ""
+    q, prefix = settings.question_encoder, settings.passage_prefix or ""
+    tau = q.temperature if q.temperature is not None else 1.0
     lines = [
         f"# RAG model exported from `{checkpoint}`", "",
         f"- recipe: {info.get('training_mode', 'unknown')} (trained: {', '.join(info.get('trains', [])) or '?'}), "
         f"step {checkpoint.name.removeprefix('checkpoint') or '?'}, {info.get('refreshes', 0)} KB refreshes",
-        f"- retrieval: {q.get('pooling', 'cls')} pooling, {q.get('similarity', 'dot')} similarity, doc scores = "
-        f"similarity / tau with tau = {q.get('temperature', 1.0)}; {settings['n_docs']} passages per question, "
-        f"RAG-{settings['marginal']} marginal",
-        f"- question prefix {settings['question_prefix']!r}, passage prefix {prefix!r}",
-        f"- generator: {settings.get('generator_family') or 'none'} (template {settings.get('template')!r})",
+        f"- retrieval: {q.pooling or 'cls'} pooling, {q.similarity or 'dot'} similarity, doc scores = "
+        f"similarity / tau with tau = {tau}; {settings.n_docs} passages per question, "
+        f"RAG-{settings.marginal} marginal",
+        f"- question prefix {settings.question_prefix!r}, passage prefix {prefix!r}",
+        f"- generator: {settings.generator_family or 'none'} (template {settings.template!r})",
         f"- KB: version {kb.get('version', 0)}, embeddings of step {kb.get('embedding_step', 0)}, in `kb/`",
         f"- hyper-parameters: `{hparams}`" if hparams else "- hyper-parameters: not found beside the checkpoint",
         "", "## Test metrics of the run", "", "```", tested, "```", "",
@@ -189,13 +191,13 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     kb_paths = checkpoint_kb(checkpoint)
     if kb_paths is None:
         raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: the checkpoint names no KB version")
+    settings = RagSettings.from_json(checkpoint / SETTINGS_FILE)
     # KBSearch refuses a KB version that is gone, naming it, before anything is written
-    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths).eval()
-    settings = json.loads((checkpoint / SETTINGS_FILE).read_text())
+    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths, settings=settings).eval()
     tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
-    q_length = settings.get("question_max_length") or 512
-    prompts = {"query": settings["question_prefix"], "document": settings.get("passage_prefix")}
+    q_length = settings.question_max_length or QUESTION_MAX_LENGTH
+    prompts = {"query": settings.question_prefix, "document": settings.passage_prefix}
     write_sentence_transformer(model.question_encoder, model.question_tokenizer, tmp / "question_encoder", prompts,
                                q_length)  # fmt: skip
     if model.ctx_encoder is not None:
@@ -218,9 +220,9 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     kb = json.loads((checkpoint / KB_VERSION_FILE).read_text())
     (tmp / KB_VERSION_FILE).write_text(json.dumps(kb | {"passages_path": "kb/passages", "index_path": "kb/index.faiss"},
                                                   indent=1))  # fmt: skip
-    if model.ctx_encoder is None:
-        settings["doc_scores"] = "stored"
-    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    if model.ctx_encoder is None:  # the checkpoint holds none: the export scores with the KB's stored vectors
+        settings = settings.replace(doc_scores="stored")
+    settings.to_json(tmp / SETTINGS_FILE)
     (tmp / "README.md").write_text(model_card(checkpoint, settings, kb, wrote_rag))
     os.rename(tmp, out)
     return out

@@ -53,15 +53,16 @@ from rag_end2end.evaluation.metrics import (
     recall_at_k,
     rouge_l_score,
 )
-from rag_end2end.kb.encode import check_kb_similarity
-from rag_end2end.kb.search import checkpoint_kb
-from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer, with_scoring
-from rag_end2end.model.rag import FALLBACK_GENERATION, RagModel
+from rag_end2end.kb.similarity import check_kb_similarity
+from rag_end2end.kb.versions import checkpoint_kb
+from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer
+from rag_end2end.model.rag import RagModel, checkpoint_settings
+from rag_end2end.model.settings import Generation
 from rag_end2end.options import add_debug_arg, parse_metrics
 
 logger = logging.getLogger("eval_rag")
 CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
-DEFAULT_NUM_BEAMS, DEFAULT_MAX_LENGTH = FALLBACK_GENERATION["num_beams"], FALLBACK_GENERATION["max_new_tokens"]
+FALLBACK = Generation().decoding()  # the decoding of a checkpoint that saved none
 
 
 def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
@@ -103,14 +104,15 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
         model = RagModel(encoder, load_tokenizer(name), question_prefix=args.question_prefix or "")
     else:
         passages, index = kb_paths(checkpoint, args)
-        overrides = {"n_docs": args.n_docs} if args.n_docs else {}  # default: the checkpoint's
-        if args.model_type:
-            overrides["marginal"] = args.model_type.removeprefix("rag_")
+        saved = checkpoint_settings(checkpoint)  # each default: the checkpoint's
+        settings = saved.replace(
+            n_docs=args.n_docs or saved.n_docs,
+            marginal=args.model_type.removeprefix("rag_") if args.model_type else saved.marginal,
+            question_encoder=saved.question_encoder.rescored(args.similarity, None),  # --similarity: its default tau
+        )
         e2e = args.eval_mode == "e2e"  # the context encoder, if the run's doc scores came from it
         model = RagModel.from_pretrained(checkpoint, load_generator=e2e, load_context_encoder=None if e2e else False,
-                                         kb=(passages, index), **overrides)  # fmt: skip
-        if args.similarity:  # overrides what the checkpoint's question encoder declares
-            model.question_encoder = with_scoring(model.question_encoder, args.similarity, None)
+                                         kb=(passages, index), settings=settings)  # fmt: skip
     check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
     if model.retriever is None:
         model.attach_kb((passages, index))
@@ -123,10 +125,8 @@ def generate_answers(model: RagModel, questions: list[str], args: argparse.Names
     per passage (seq2seq generators) rescored over all passages; --max_length counts new tokens. Both default
     to what the checkpoint's run decoded its test answers with."""
     enc = model.tokenize_questions(questions)
-    saved = model.generation
-    max_length = args.max_length or saved.get("max_new_tokens", DEFAULT_MAX_LENGTH)
-    num_beams = args.num_beams or saved.get("num_beams", DEFAULT_NUM_BEAMS)
-    answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, max_length, num_beams)
+    g = model.generation.decoding(args.max_length, args.num_beams)
+    answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, g.max_new_tokens, g.num_beams)
     return [one_line(a) for a in answers]
 
 
@@ -134,13 +134,13 @@ def generate_answers(model: RagModel, questions: list[str], args: argparse.Names
 def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
     """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
     q = model.encode_questions(**model.tokenize_questions(questions))
-    n = min(n, len(model.retriever))  # FAISS pads with id -1 beyond the KB's size
+    # At most every passage: past the KB's size the retriever repeats the best hit (kb.index.fill_misses).
+    n = min(n, len(model.retriever))
     _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n, embeddings=False)
-    keep = [[j for j, i in enumerate(row) if i >= 0] for row in ids]
     return (
-        [[int(ids[r][j]) for j in js] for r, js in enumerate(keep)],
-        [[one_line(str(d["title"][j])) for j in js] for d, js in zip(docs, keep)],
-        [[d["text"][j] for j in js] for d, js in zip(docs, keep)],
+        [[int(i) for i in row] for row in ids],
+        [[one_line(str(title)) for title in d["title"]] for d in docs],
+        [list(d["text"]) for d in docs],
     )
 
 
@@ -338,10 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ks", type=_ks, default=(1, 5, 10, 20), help="ks of recall@k and MRR@k, e.g. 1,5,20")
     parser.add_argument("--eval_batch_size", type=int, default=8)
     parser.add_argument("--num_beams", type=int, default=None,
-                        help=f"default: the checkpoint's (its --num_beams), else {DEFAULT_NUM_BEAMS}")  # fmt: skip
+                        help=f"default: the checkpoint's (its --num_beams), else {FALLBACK.num_beams}")  # fmt: skip
     parser.add_argument("--min_length", type=int, default=1, help="accepted for compatibility; unused")
-    parser.add_argument("--max_length", type=int, default=None, help="new tokens per answer; default: the "
-                        f"checkpoint's (--test_max_target_length of its run), else {DEFAULT_MAX_LENGTH}")  # fmt: skip
+    parser.add_argument("--max_length", type=int, default=None, help="new tokens per answer; default: the check"
+                        f"point's (--test_max_target_length of its run), else {FALLBACK.max_new_tokens}")  # fmt: skip
     parser.add_argument("--eval_all_checkpoints", action="store_true",
                         help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip
     parser.add_argument("--recalculate", action="store_true", help="predict again even if predictions exist")

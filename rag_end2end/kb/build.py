@@ -22,15 +22,12 @@ import torch
 from transformers import AutoTokenizer
 
 from rag_end2end.data.readers import read_kb_csv, run_main
-from rag_end2end.kb.encode import (
-    IndexConfig,
-    encode_token_ids,
-    remove_orphaned_temporaries,
-    save_kb,
-    split_documents,
-    tokenize_passages,
-    with_embeddings,
-)
+from rag_end2end.files import remove_orphaned_temporaries
+from rag_end2end.kb.encoding import encode_token_ids
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.parts import with_embeddings
+from rag_end2end.kb.passages import split_documents, tokenize_passages
+from rag_end2end.kb.versions import save_kb
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, with_prefix
 from rag_end2end.options import add_debug_arg, add_index_args
 

@@ -5,7 +5,7 @@ this process: in a Ray actor, the ones Ray gave it); `to_gpu` moves an index the
 runs the k-means of IVF/PQ training there. With the pinned faiss-cpu, no GPU, or `--faiss_gpu off`, both return the
 CPU index untouched, so CPU-only set-ups behave exactly as before:
 
-    index = to_gpu(faiss.read_index(path), "auto")  # a GPU index (replicas or shards over several GPUs), or `index`
+    index = to_gpu(read_index(path), "auto")        # a GPU index (replicas or shards over several GPUs), or `index`
     train_index(index, sample, "auto")              # IVF lists and PQ codebooks trained on the GPUs; `index` stays
                                                     # a CPU index: what a KB version stores is the same kind of file
 

@@ -25,18 +25,12 @@ from datasets import load_from_disk
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from ray.exceptions import RayActorError
 
-from rag_end2end.kb.encode import (
-    IndexConfig,
-    KBBuilder,
-    KBVersion,
-    ShardEncoder,
-    list_versions,
-    part_path,
-    prune_versions,
-    shard_bounds,
-    staging_dir,
-)
+from rag_end2end.kb.encoding import ShardEncoder
 from rag_end2end.kb.faiss_devices import faiss_actor_gpus
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.parts import part_path
+from rag_end2end.kb.passages import shard_bounds
+from rag_end2end.kb.versions import KBBuilder, KBVersion, list_versions, prune_versions, staging_dir
 from rag_end2end.model.encoders import encoder_factory
 from rag_end2end.options import DDP_TIMEOUT_S
 

@@ -7,15 +7,17 @@ import argparse
 import warnings
 from pathlib import Path
 
-import faiss
+import torch
 from datasets import load_from_disk
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from rag_end2end.data.readers import check_model_path
-from rag_end2end.kb.encode import check_kb_similarity
-from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer, with_scoring
+from rag_end2end.kb.index import read_index
+from rag_end2end.kb.similarity import check_kb_similarity
+from rag_end2end.model.encoders import context_side, encoder_similarity, load_encoder, load_tokenizer
 from rag_end2end.model.lora import add_lora, train_only_lora
-from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator
+from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator, checkpoint_settings
+from rag_end2end.model.settings import Generation, RagSettings
 from rag_end2end.options import MODEL_TYPES
 
 MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
@@ -46,34 +48,30 @@ def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
 
 
 def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
-    """The RagModel the flags describe, with only the parts the recipe needs (no generator for
-    retriever_only, no context encoder where passage embeddings never change)."""
-    marginal = hp.model_type.removeprefix("rag_")
-    # Saved with the model, so that eval_rag.py retrieves and decodes exactly as --do_predict did.
-    settings = {"rerank_top": hp.rerank_top, "question_max_length": hp.max_source_length,
-                "generation": {"num_beams": hp.num_beams, "max_new_tokens": hp.test_max_target_length}}  # fmt: skip
+    """The RagModel the flags describe, with only the parts the recipe needs (no generator for retriever_only, no
+    context encoder where passage embeddings never change): built from a checkpoint's settings as the flags change
+    them (`run_settings`), or from the parts the flags name."""
     source = hp.init_from or hp.model_name_or_path
     if source:
         if hp.question_pooling or hp.shared_encoder:
             raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
                              "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
-        overrides = {"marginal": marginal, **settings}
-        overrides |= {"n_docs": hp.n_docs} if hp.n_docs else {}
-        overrides |= {"question_prefix": hp.question_prefix} if hp.question_prefix is not None else {}
-        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
-                                         cache_dir=hp.cache_dir, **overrides)  # fmt: skip
-        # A RAG checkpoint's DPR question encoder scores with dot products at tau 1, unless told otherwise.
-        model.question_encoder = with_scoring(model.question_encoder, hp.similarity, hp.retrieval_temperature,
-                                              hp.learn_temperature)  # fmt: skip
-        if model.generator is not None:
-            if hp.prompt_template:
-                model.generator.template = hp.prompt_template
-            model.generator.label_smoothing = hp.label_smoothing
-        elif objective.needs_generator:  # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
+        saved = checkpoint_settings(source, hp.cache_dir)
+        generator = ctx = None
+        if objective.needs_generator and saved.generator_family is None:
+            # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
             if not hp.generator_name_or_path:
                 raise ValueError(f"{source} holds no generator: --training_mode {objective.name} needs "
                                  "--generator_name_or_path")  # fmt: skip
-            model.generator = load_generator(hp)
+            generator = load_generator(hp)
+        if objective.uses_context_encoder and saved.doc_scores != "fresh":  # the checkpoint holds none
+            ctx = load_context_encoder(hp)
+        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
+                                         cache_dir=hp.cache_dir, settings=run_settings(saved, hp),
+                                         generator=generator, context_encoder=ctx)  # fmt: skip
+        if objective.uses_context_encoder and model.ctx_encoder is None:
+            raise FileNotFoundError(f"{source}: its doc scores came from a context encoder (doc_scores fresh), but it "
+                                    "holds no context_encoder/")  # fmt: skip
     else:
         if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
             raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
@@ -84,14 +82,39 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
                                         hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
         prefix = hp.question_prefix or getattr(question_encoder.config, "prefix", None) or ""
         generator = load_generator(hp) if objective.needs_generator else None
+        ctx = load_context_encoder(hp, question_encoder) if objective.uses_context_encoder else None
+        ctx_encoder, ctx_tokenizer = ctx or (None, None)
         q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
-        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5, marginal,
-                         question_prefix=prefix, **settings)  # fmt: skip
-    if objective.uses_context_encoder and model.ctx_encoder is None:
-        attach_context_encoder(model, hp)
-    if not objective.uses_context_encoder:
-        model.ctx_encoder = model.ctx_tokenizer = None
+        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5,
+                         hp.model_type.removeprefix("rag_"), ctx_encoder=ctx_encoder, ctx_tokenizer=ctx_tokenizer,
+                         question_prefix=prefix, rerank_top=hp.rerank_top, question_max_length=hp.max_source_length,
+                         generation=run_generation(hp))  # fmt: skip
+    if ctx is not None:  # one the flags named
+        check_context_encoder(model, hp.context_encoder_name)
     return model
+
+
+def run_generation(hp: argparse.Namespace) -> Generation:
+    """How --do_predict decodes (saved with the model, so that eval_rag.py decodes exactly as it did)."""
+    return Generation(num_beams=hp.num_beams, max_new_tokens=hp.test_max_target_length)
+
+
+def run_settings(saved: RagSettings, hp: argparse.Namespace) -> RagSettings:
+    """A checkpoint's settings as this run's flags change them: the marginal (--model_type), re-ranking, question
+    length and test decoding always; passages per question, the question prefix and the prompt template where
+    given; the question encoder's scoring as --similarity, --retrieval_temperature and --learn_temperature say (a
+    RAG checkpoint's DPR encoder scores with dot products at tau 1 unless told otherwise); --label_smoothing."""
+    return saved.replace(
+        marginal=hp.model_type.removeprefix("rag_"),
+        rerank_top=hp.rerank_top,
+        question_max_length=hp.max_source_length,
+        generation=run_generation(hp),
+        n_docs=hp.n_docs or saved.n_docs,
+        question_prefix=saved.question_prefix if hp.question_prefix is None else hp.question_prefix,
+        template=hp.prompt_template or saved.template,
+        question_encoder=saved.question_encoder.rescored(hp.similarity, hp.retrieval_temperature, hp.learn_temperature),
+        label_smoothing=hp.label_smoothing,
+    )
 
 
 def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...]) -> None:
@@ -116,39 +139,42 @@ def load_generator(hp: argparse.Namespace):
     """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
     config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
                                                    "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
+    name = hp.generator_name_or_path
     if hp.generator_type == "causal":
-        return CausalGenerator.from_pretrained(hp.generator_name_or_path, hp.prompt_template, hp.max_combined_length,
-                                               hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
+        return CausalGenerator.from_pretrained(name, hp.prompt_template, hp.max_combined_length, hp.label_smoothing,
+                                               hp.cache_dir, **config)  # fmt: skip
     template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
-    generator = Seq2SeqGenerator.from_pretrained(hp.generator_name_or_path, template, hp.max_combined_length,
-                                                 hp.label_smoothing, hp.cache_dir, **config)  # fmt: skip
     # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
-    positions = getattr(generator.model.config, "max_position_embeddings", None)
-    generator.max_length = min(generator.max_length, positions or generator.max_length)
-    return generator
+    length = hp.max_combined_length or Seq2SeqGenerator.default_max_length
+    positions = getattr(AutoConfig.from_pretrained(name, cache_dir=hp.cache_dir), "max_position_embeddings", None)
+    return Seq2SeqGenerator.from_pretrained(name, template, min(length, positions or length), hp.label_smoothing,
+                                            hp.cache_dir, **config)  # fmt: skip
 
 
-def attach_context_encoder(model: RagModel, hp: argparse.Namespace) -> None:
-    """The context encoder the recipe re-encodes passages with (--shared_encoder: the question encoder's
-    transformer), checked to score like the question encoder."""
+def load_context_encoder(hp: argparse.Namespace, question_encoder: torch.nn.Module | None = None) -> tuple:
+    """(context encoder, tokenizer) the recipe re-encodes passages with: --context_encoder_name with
+    --context_pooling and --passage_prefix, or with --shared_encoder the question encoder's transformer."""
     ctx_name = hp.context_encoder_name
     if hp.shared_encoder:  # one transformer encodes questions and passages
-        context_encoder = context_side(model.question_encoder)
+        context_encoder = context_side(question_encoder)
     else:
         context_encoder = load_encoder(ctx_name, hp.context_pooling, hp.cache_dir, "context", hp.similarity)
+    tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix, hp.cache_dir)
+    return context_encoder, tokenizer
+
+
+def check_context_encoder(model: RagModel, ctx_name: str) -> None:
+    """A context encoder must score like the question encoder, in vectors of its size."""
     similarity = encoder_similarity(model.question_encoder)
-    if encoder_similarity(context_encoder) != similarity:
+    if encoder_similarity(model.ctx_encoder) != similarity:
         raise ValueError(
-            f"the context encoder {ctx_name} scores with {encoder_similarity(context_encoder)} similarity, "
+            f"the context encoder {ctx_name} scores with {encoder_similarity(model.ctx_encoder)} similarity, "
             f"the question encoder with {similarity}: pass --similarity dot or cosine"
         )
     q_dim = model.question_encoder.config.hidden_size
-    if context_encoder.config.hidden_size != q_dim:
-        raise ValueError(f"context encoder {ctx_name} has size {context_encoder.config.hidden_size}, the question "
+    if model.ctx_encoder.config.hidden_size != q_dim:
+        raise ValueError(f"context encoder {ctx_name} has size {model.ctx_encoder.config.hidden_size}, the question "
                          f"encoder {q_dim}: their dot product needs one size")  # fmt: skip
-    model.ctx_encoder = context_encoder
-    model.ctx_tokenizer = load_tokenizer(hp.context_encoder_tokenizer_name or ctx_name, hp.passage_prefix,
-                                         hp.cache_dir)  # fmt: skip
 
 
 def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:
@@ -164,7 +190,7 @@ def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None
                          "re-encode the KB with the matching context encoder")  # fmt: skip
     if n_docs > len(passages):
         raise ValueError(f"--n_docs {n_docs} is more than the {len(passages)} passages of {passages_path}")
-    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    index = read_index(index_path, mmap=True)
     if index.d != kb_dim or index.ntotal != len(passages):
         raise ValueError(f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
                          f"of size {kb_dim} in {passages_path}: build them together")  # fmt: skip

@@ -46,13 +46,11 @@ from transformers import (
 from transformers.models.dpr.modeling_dpr import DPREncoder
 from transformers.utils import ModelOutput, cached_file
 
+from rag_end2end.model.settings import DEFAULT_TEMPERATURE, Scoring
 from rag_end2end.precision import LOAD_DTYPE
 
 POOLINGS = ("cls", "mean", "pooler")
-SIMILARITIES = ("dot", "cosine")
-# tau per similarity: 1 leaves dot products as DPR was trained; 0.05 is the scale (20) of the
-# MultipleNegativesRankingLoss that all-MiniLM-L6-v2 and most sentence-transformers were trained with.
-DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05}
+SIMILARITIES = ("dot", "cosine")  # DEFAULT_TEMPERATURE (tau per similarity): model.settings
 MIN_TEMPERATURE = 0.01  # a learned tau is clamped here (CLIP's bound), so scores stay finite
 POOLING_FILE = "pooling.json"
 PREFIX_FILE = "text_prefix.json"  # the prefix a PrefixedTokenizer puts before texts, saved beside it
@@ -105,9 +103,13 @@ class PooledEncoder(torch.nn.Module):
             self.log_temperature = torch.nn.Parameter(torch.tensor(float(temperature)).log())
         else:
             self.fixed_temperature = temperature
-        if pooling != "pooler":
-            # An unused pooler gets no gradient, which DDP (find_unused_parameters=False) takes for an error.
-            for name, param in model.named_parameters():
+        self.freeze_unused_pooler()
+
+    def freeze_unused_pooler(self) -> None:
+        """Freeze the model's pooler unless it pools with it: an unused pooler gets no gradient, which DDP
+        (find_unused_parameters=False) takes for an error. Again after `requires_grad_(True)` (recipes.freeze)."""
+        if self.pooling != "pooler":
+            for name, param in self.model.named_parameters():
                 if name.startswith("pooler"):
                     param.requires_grad_(False)
 
@@ -233,6 +235,12 @@ def encoder_similarity(encoder: torch.nn.Module) -> str:
     return encoder.similarity if isinstance(encoder, PooledEncoder) else "dot"
 
 
+def encoder_scoring(encoder: torch.nn.Module) -> Scoring:
+    """How a question encoder scores (rag_settings.json's `question_encoder`): a PooledEncoder's pooling.json
+    settings; a DPR encoder's dot products (at tau 1)."""
+    return Scoring(**encoder.settings()) if isinstance(encoder, PooledEncoder) else Scoring(similarity="dot")
+
+
 def _scoring(
     saved: dict, side: str, similarity: str | None, temperature: float | None, learn: bool | None
 ) -> tuple[str, float | None, bool]:
@@ -335,21 +343,21 @@ def load_encoder(
 def with_scoring(
     encoder: torch.nn.Module, similarity: str | None, temperature: float | None, learn_temperature: bool = False
 ) -> torch.nn.Module:
-    """A loaded question encoder (e.g. the DPR one inside a RAG checkpoint) scoring with `similarity` and tau;
-    the encoder itself when nothing changes. A DPR encoder is wrapped as a PooledEncoder over its DPREncoder."""
-    current = encoder_similarity(encoder)
-    similarity = similarity or current
-    tau = DEFAULT_TEMPERATURE[similarity] if temperature is None else temperature
-    if not isinstance(encoder, PooledEncoder):
-        if similarity == "dot" and tau == 1.0 and not learn_temperature:
-            return encoder
-        inner = getattr(encoder, DPR_SIDES["question"][1], None)
-        if inner is None:
-            raise ValueError(f"cannot set the similarity of a {type(encoder).__name__}")
-        return PooledEncoder(inner, "pooler", similarity == "cosine", tau, learn_temperature)
-    if similarity == encoder.similarity and temperature is None and not learn_temperature:
+    """A loaded question encoder (e.g. the DPR one inside a RAG checkpoint) scoring with `similarity` and tau, as
+    `Scoring.rescored` rules; the encoder itself when nothing changes. A DPR encoder is wrapped as a PooledEncoder
+    over its DPREncoder, unless the result is its own dot products at tau 1."""
+    pooled = isinstance(encoder, PooledEncoder)
+    declared = encoder_scoring(encoder)
+    target = declared.rescored(similarity, temperature, learn_temperature)
+    plain_dpr = (
+        not pooled and target.similarity == "dot" and target.temperature in (None, 1.0) and not target.learn_temperature
+    )
+    if target == declared or plain_dpr:
         return encoder
-    return PooledEncoder(encoder.model, encoder.pooling, similarity == "cosine", tau, learn_temperature)
+    inner = encoder.model if pooled else getattr(encoder, DPR_SIDES["question"][1], None)
+    if inner is None:
+        raise ValueError(f"cannot set the similarity of a {type(encoder).__name__}")
+    return PooledEncoder(inner, target.pooling, target.normalize, target.temperature, target.learn_temperature)
 
 
 def context_side(question_encoder: torch.nn.Module) -> torch.nn.Module:

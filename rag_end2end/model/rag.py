@@ -17,7 +17,6 @@ an in-process FAISS index in eval_rag.py and in tests.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,8 @@ from transformers import (
     RagTokenizer,
 )
 
-from rag_end2end.kb.search import KBSearch, checkpoint_kb
+from rag_end2end.kb.search import KBSearch
+from rag_end2end.kb.versions import checkpoint_kb
 from rag_end2end.model.causal import (
     DEFAULT_TEMPLATE,
     IGNORE,
@@ -45,7 +45,7 @@ from rag_end2end.model.causal import (
     tokenize_for_loss,
     truncate_left,
 )
-from rag_end2end.model.encoders import PooledEncoder, load_encoder, load_tokenizer
+from rag_end2end.model.encoders import encoder_scoring, load_encoder, load_tokenizer, with_scoring
 from rag_end2end.model.lora import has_lora, merged
 from rag_end2end.model.marginals import (
     distinct_candidates,
@@ -54,11 +54,18 @@ from rag_end2end.model.marginals import (
     sequence_loglik,
     smoothed_token_lp,
 )
+from rag_end2end.model.settings import (
+    FALLBACK_GENERATION,  # noqa: F401  (re-exported: the decoding of a checkpoint that saved none)
+    MARGINALS,
+    QUESTION_MAX_LENGTH,
+    SETTINGS_FILE,
+    Generation,
+    RagSettings,
+    Scoring,
+)
 from rag_end2end.precision import LOAD_DTYPE, float32_scores
 
-SETTINGS_FILE = "rag_settings.json"
 RAG_TEMPLATE = "{title} / {text} // {question}"  # transformers' RAG prompt: title_sep " / ", doc_sep " // "
-MARGINALS = ("token", "sequence")
 
 
 class RagGenerator(torch.nn.Module):
@@ -121,9 +128,6 @@ class RagGenerator(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def settings(self) -> dict:
-        return {"generator_family": self.family, "template": self.template, "max_length": self.max_length}
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(directory)
@@ -330,10 +334,6 @@ class CausalGenerator(RagGenerator):
 GENERATORS = {cls.family: cls for cls in (Seq2SeqGenerator, CausalGenerator)}
 
 
-# Decoding of a checkpoint that saved none (a transformers RAG checkpoint): the reference eval_rag.py's defaults.
-FALLBACK_GENERATION = {"num_beams": 4, "max_new_tokens": 50}
-
-
 @dataclass
 class Retrieved:
     """One batch's retrieval: question vectors (in the graph), doc scores (B, n), passages and their KB rows."""
@@ -362,7 +362,7 @@ class RagModel(torch.nn.Module):
         question_prefix: str = "",
         rerank_top: int = 0,
         question_max_length: int | None = None,
-        generation: dict | None = None,
+        generation: Generation | None = None,
     ):
         super().__init__()
         if marginal not in MARGINALS:
@@ -376,8 +376,8 @@ class RagModel(torch.nn.Module):
         self.n_docs, self.marginal = n_docs, marginal
         self.question_prefix = question_prefix  # callers put it before the questions they tokenise
         self.rerank_top = rerank_top
-        self.question_max_length = question_max_length  # the truncation of questions in training (None: 512)
-        self.generation = generation or {}  # how the run decoded its test answers: num_beams, max_new_tokens
+        self.question_max_length = question_max_length  # the truncation of questions in training (None: default)
+        self.generation = generation or Generation()  # how the run decoded its test answers
 
     # ------------------------------------------------------------------ retrieval
 
@@ -388,7 +388,7 @@ class RagModel(torch.nn.Module):
         """input_ids and attention_mask of questions, with the prefix and truncation training used."""
         texts = [self.question_prefix + q for q in questions]
         enc = self.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                      max_length=self.question_max_length or 512)  # fmt: skip
+                                      max_length=self.question_max_length or QUESTION_MAX_LENGTH)  # fmt: skip
         device = next(self.question_encoder.parameters()).device
         return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
@@ -462,11 +462,9 @@ class RagModel(torch.nn.Module):
         r = self.retrieve(enc["input_ids"], enc["attention_mask"], n_docs)
         answers = [None] * len(questions)
         if self.generator is not None:
-            max_new_tokens = max_new_tokens or self.generation.get(
-                "max_new_tokens", FALLBACK_GENERATION["max_new_tokens"]
-            )
-            num_beams = num_beams or self.generation.get("num_beams", FALLBACK_GENERATION["num_beams"])
-            answers = self.generator.generate(questions, r.docs, r.doc_scores, max_new_tokens, self.marginal, num_beams)
+            g = self.generation.decoding(max_new_tokens, num_beams)
+            answers = self.generator.generate(questions, r.docs, r.doc_scores, g.max_new_tokens, self.marginal,
+                                              g.num_beams)  # fmt: skip
         scores, probs = r.doc_scores.float().cpu(), r.doc_scores.float().softmax(1).cpu()
         return [
             {"question": q, "answer": a, "passages": [
@@ -479,23 +477,26 @@ class RagModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ saving and loading
 
-    def settings(self) -> dict:
-        """rag_settings.json: everything but weights that reproduces this model's retrieval and prompts."""
-        q = self.question_encoder
-        return {
-            "n_docs": self.n_docs,
-            "marginal": self.marginal,
-            "question_prefix": self.question_prefix,
-            "question_max_length": self.question_max_length,
-            "rerank_top": self.rerank_top,
+    def settings(self) -> RagSettings:
+        """What rag_settings.json holds for this model as it stands: everything but weights that reproduces its
+        retrieval, prompts and decoding, each part's own settings read from the part (a learned tau's value now)."""
+        g = self.generator
+        return RagSettings(
+            n_docs=self.n_docs,
+            marginal=self.marginal,
+            question_prefix=self.question_prefix,
+            question_max_length=self.question_max_length,
+            rerank_top=self.rerank_top,
             # fresh: doc scores from the context encoder's embeddings of the retrieved passages (saved beside)
-            "doc_scores": "fresh" if self.ctx_encoder is not None else "stored",
-            "generation": self.generation,
-            "passage_prefix": getattr(self.ctx_tokenizer, "prefix", None),
-            "question_encoder": q.settings() if isinstance(q, PooledEncoder) else {"similarity": "dot"},
-            **(self.generator.settings() if self.generator is not None else {"generator_family": None}),
-            "label_smoothing": getattr(self.generator, "label_smoothing", 0.0),
-        }
+            doc_scores="fresh" if self.ctx_encoder is not None else "stored",
+            generation=self.generation,
+            passage_prefix=getattr(self.ctx_tokenizer, "prefix", None),
+            question_encoder=encoder_scoring(self.question_encoder),
+            generator_family=g.family if g is not None else None,
+            template=g.template if g is not None else None,
+            max_length=g.max_length if g is not None else None,
+            label_smoothing=g.label_smoothing if g is not None else 0.0,
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """question_encoder/, generator/ and context_encoder/ (each with its tokenizer, LoRA adapters merged into
@@ -512,7 +513,7 @@ class RagModel(torch.nn.Module):
         if self.ctx_encoder is not None:
             merged(self.ctx_encoder).save_pretrained(directory / "context_encoder")
             self.ctx_tokenizer.save_pretrained(directory / "context_encoder")
-        (directory / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=1))
+        self.settings().to_json(directory / SETTINGS_FILE)
 
     @classmethod
     def from_pretrained(
@@ -523,40 +524,40 @@ class RagModel(torch.nn.Module):
         load_context_encoder: bool | None = None,
         cache_dir: str | None = None,
         kb: tuple[str, str] | None = None,
+        settings: RagSettings | None = None,
+        generator: RagGenerator | None = None,
+        context_encoder: tuple[torch.nn.Module, object] | None = None,
         **overrides,
     ) -> RagModel:
         """What `save_pretrained` (or export_model.py) wrote, or a transformers RAG checkpoint (hub name or
-        directory, e.g. facebook/rag-token-base). `overrides` (n_docs, marginal, question_prefix, ...) replace
-        saved settings. The context encoder is loaded when the saved model scored passages with it (None), or as
-        told. Without a `retriever`, the model searches in this process the KB `kb` (passages, index) or else the
-        KB version the checkpoint names (its kb_version.json): the one its weights were trained against."""
+        directory, e.g. facebook/rag-token-base), built from settings: `settings` (e.g. `checkpoint_settings(path)`
+        as a run's flags change it), else the checkpoint's own, with `overrides` (RagSettings fields: n_docs,
+        marginal, ...) replaced. The question encoder loads with the settings' scoring, the generator with their
+        template, length and smoothing. The context encoder loads when the settings' doc scores came from it
+        (None), or as told. `generator` and `context_encoder` (encoder, tokenizer) are parts to use instead of the
+        checkpoint's (assembly's, where the checkpoint holds none). Without a `retriever`, the model searches in
+        this process the KB `kb` (passages, index) or else the KB version the checkpoint names (its
+        kb_version.json): the one its weights were trained against."""
         directory = Path(path)
-        if not (directory / SETTINGS_FILE).is_file():
-            if directory.is_dir() and not (directory / "config.json").is_file():
-                raise FileNotFoundError(f"{path}: not a checkpoint (no {SETTINGS_FILE}, no config.json): give a "
-                                        "checkpoint<step> of finetune_rag.py or an export_model.py export")  # fmt: skip
-            model = cls._from_transformers_rag(str(path), retriever, load_generator, cache_dir, **overrides)
-            return model.attach_kb(kb) if retriever is None and kb else model
-        s = json.loads((directory / SETTINGS_FILE).read_text())
-        scoring = s["question_encoder"]
-        q = load_encoder(str(directory / "question_encoder"), scoring.get("pooling"), side="question",
-                         similarity=scoring.get("similarity"), temperature=scoring.get("temperature"))  # fmt: skip
-        generator = None
-        if load_generator and s["generator_family"]:
-            generator = GENERATORS[s["generator_family"]].from_pretrained(
-                str(directory / "generator"), s["template"], s["max_length"], s.get("label_smoothing", 0.0)
-            )
-        ctx = ctx_tok = None
-        if load_context_encoder is None:
-            load_context_encoder = s.get("doc_scores") == "fresh"
-        if load_context_encoder and (directory / "context_encoder").is_dir():
-            ctx = load_encoder(str(directory / "context_encoder"), side="context")
-            ctx_tok = load_tokenizer(str(directory / "context_encoder"))
-        settings = {name: s[name] for name in ("n_docs", "marginal", "question_prefix", "question_max_length",
-                                               "rerank_top", "generation") if name in s}  # fmt: skip
-        model = cls(q, load_tokenizer(str(directory / "question_encoder")), generator, retriever,
-                    ctx_encoder=ctx, ctx_tokenizer=ctx_tok, **(settings | overrides))  # fmt: skip
-        kb = kb or checkpoint_kb(directory)
+        ours = (directory / SETTINGS_FILE).is_file()
+        if not ours and directory.is_dir() and not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no {SETTINGS_FILE}, no config.json): give a "
+                                    "checkpoint<step> of finetune_rag.py or an export_model.py export")  # fmt: skip
+        settings = (settings or checkpoint_settings(path, cache_dir)).replace(**overrides)
+        load_generator = load_generator and generator is None
+        if ours:
+            if load_context_encoder is None:
+                load_context_encoder = settings.doc_scores == "fresh"
+            load_context_encoder = load_context_encoder and context_encoder is None
+            q, q_tok, loaded, ctx = _load_parts(directory, settings, load_generator, load_context_encoder)
+        else:
+            (q, q_tok, loaded), ctx = _transformers_rag_parts(str(path), settings, load_generator, cache_dir), None
+        ctx_encoder, ctx_tokenizer = context_encoder or ctx or (None, None)
+        model = cls(q, q_tok, generator or loaded, retriever, n_docs=settings.n_docs, marginal=settings.marginal,
+                    ctx_encoder=ctx_encoder, ctx_tokenizer=ctx_tokenizer, question_prefix=settings.question_prefix,
+                    rerank_top=settings.rerank_top, question_max_length=settings.question_max_length,
+                    generation=settings.generation)  # fmt: skip
+        kb = kb or (checkpoint_kb(directory) if ours else None)
         return model.attach_kb(kb) if retriever is None and kb else model
 
     def attach_kb(self, kb: tuple[str, str]) -> RagModel:
@@ -564,26 +565,67 @@ class RagModel(torch.nn.Module):
         self.retriever = KBSearch(*kb, self.question_encoder.config.hidden_size)
         return self
 
-    @classmethod
-    def _from_transformers_rag(cls, name: str, retriever, load_generator: bool, cache_dir: str | None, **overrides):
-        """transformers' RAG checkpoints (RagToken/RagSequenceForGeneration): its DPR question encoder and its
-        BART generator (float32, precision.py), prompted as transformers' RAG prompts them."""
-        config = RagConfig.from_pretrained(name, cache_dir=cache_dir)
-        # float32 parts: RagConfig declares no sub_configs, so transformers builds each part in the dtype its own
-        # config declares, whatever `dtype=` says
-        config.question_encoder.dtype = config.generator.dtype = LOAD_DTYPE
-        # both classes hold the same weights
-        rag = RagTokenForGeneration.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE)
-        tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
-        generator = None
-        if load_generator:
-            template = (getattr(config.generator, "prefix", None) or "") + RAG_TEMPLATE
-            generator = Seq2SeqGenerator(rag.rag.generator, tokenizer.generator, template, config.max_combined_length)
-        marginal = "sequence" if "RagSequenceForGeneration" in (config.architectures or []) else "token"
-        settings = {"n_docs": config.n_docs, "marginal": marginal,
-                    "question_prefix": getattr(config.question_encoder, "prefix", None) or ""}  # fmt: skip
-        return cls(rag.rag.question_encoder, tokenizer.question_encoder, generator, retriever,
-                   **(settings | overrides))  # fmt: skip
+
+def checkpoint_settings(path: str | Path, cache_dir: str | None = None) -> RagSettings:
+    """The settings a checkpoint was saved with: its rag_settings.json, or for a transformers RAG checkpoint
+    (RagToken/RagSequenceForGeneration) those its config implies: its DPR question encoder scoring by dot products
+    at tau 1, its BART/T5 generator prompted as transformers' RAG prompts it."""
+    file = Path(path) / SETTINGS_FILE
+    if file.is_file():
+        return RagSettings.from_json(file)
+    config = RagConfig.from_pretrained(str(path), cache_dir=cache_dir)
+    return RagSettings(
+        n_docs=config.n_docs,
+        marginal="sequence" if "RagSequenceForGeneration" in (config.architectures or []) else "token",
+        question_prefix=getattr(config.question_encoder, "prefix", None) or "",
+        question_encoder=Scoring(similarity="dot"),
+        generator_family=Seq2SeqGenerator.family,
+        template=(getattr(config.generator, "prefix", None) or "") + RAG_TEMPLATE,
+        max_length=config.max_combined_length,
+    )
+
+
+def _load_parts(directory: Path, settings: RagSettings, load_generator: bool, load_context_encoder: bool) -> tuple:
+    """(question encoder, its tokenizer, generator or None, (context encoder, tokenizer) or None) of a directory
+    that save_pretrained wrote, each built as `settings` say."""
+    scoring = settings.question_encoder
+    q = load_encoder(str(directory / "question_encoder"), scoring.pooling, side="question",
+                     similarity=scoring.similarity, temperature=scoring.temperature,
+                     learn_temperature=scoring.learn_temperature)  # fmt: skip
+    generator = None
+    if load_generator and settings.generator_family:
+        if settings.generator_family not in GENERATORS:
+            raise ValueError(f"{directory / SETTINGS_FILE}: generator_family {settings.generator_family!r}: use one "
+                             f"of {', '.join(GENERATORS)}")  # fmt: skip
+        generator = GENERATORS[settings.generator_family].from_pretrained(
+            str(directory / "generator"), settings.template, settings.max_length, settings.label_smoothing
+        )
+    ctx = None
+    if load_context_encoder and (directory / "context_encoder").is_dir():
+        ctx = (load_encoder(str(directory / "context_encoder"), side="context"),
+               load_tokenizer(str(directory / "context_encoder"), settings.passage_prefix))  # fmt: skip
+    return q, load_tokenizer(str(directory / "question_encoder")), generator, ctx
+
+
+def _transformers_rag_parts(name: str, settings: RagSettings, load_generator: bool, cache_dir: str | None) -> tuple:
+    """(question encoder, its tokenizer, generator or None) of a transformers RAG checkpoint: its DPR question
+    encoder (scoring as `settings` say) and its BART/T5 generator, in float32 (precision.py)."""
+    config = RagConfig.from_pretrained(name, cache_dir=cache_dir)
+    # float32 parts: RagConfig declares no sub_configs, so transformers builds each part in the dtype its own
+    # config declares, whatever `dtype=` says
+    config.question_encoder.dtype = config.generator.dtype = LOAD_DTYPE
+    # both classes hold the same weights
+    rag = RagTokenForGeneration.from_pretrained(name, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE)
+    tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
+    generator = None
+    if load_generator:
+        generator = Seq2SeqGenerator(rag.rag.generator, tokenizer.generator, settings.template,
+                                     settings.max_length or Seq2SeqGenerator.default_max_length,
+                                     settings.label_smoothing)  # fmt: skip
+    s = settings.question_encoder
+    # the DPR encoder as it is, unless the settings scale or normalise it (then wrapped as a PooledEncoder)
+    q = with_scoring(rag.rag.question_encoder, s.similarity, s.temperature, bool(s.learn_temperature))
+    return q, tokenizer.question_encoder, generator
 
 
 def is_rag_checkpoint(path: str) -> bool:
@@ -600,4 +642,4 @@ def _flat(docs: list[dict]) -> tuple[list[str], list[str]]:
     return [t for d in docs for t in d["title"]], [t for d in docs for t in d["text"]]
 
 
-__all__ = ["DEFAULT_TEMPLATE", "RAG_TEMPLATE", "CausalGenerator", "RagModel", "Seq2SeqGenerator"]
+__all__ = ["DEFAULT_TEMPLATE", "RAG_TEMPLATE", "CausalGenerator", "RagModel", "Seq2SeqGenerator", "checkpoint_settings"]

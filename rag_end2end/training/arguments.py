@@ -13,12 +13,15 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from datasets import load_from_disk
 from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 from pytorch_lightning.strategies import StrategyRegistry
 
+from rag_end2end.data.mixing import check_masks_in_kb, read_reconstruction
+from rag_end2end.data.readers import REFUSALS
 from rag_end2end.kb.faiss_devices import forced_gpu_refusal
-from rag_end2end.kb.retriever import GpuPlan, plan_gpus
-from rag_end2end.kb.search import checkpoint_kb
+from rag_end2end.kb.ray_start import GpuPlan, plan_gpus
+from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.rag import SETTINGS_FILE
 from rag_end2end.options import DUMMY_KB, build_parser
 from rag_end2end.precision import native_bf16
@@ -73,14 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from:
         if args.model_name_or_path:
             parser.error("--init_from and --model_name_or_path both name the model to start from: give one")
-        saved = Path(args.init_from) / "kb_version.json"
+        saved = Path(args.init_from) / KB_VERSION_FILE
         if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
             parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
-                         f"(it needs {SETTINGS_FILE} and kb_version.json)")  # fmt: skip
+                         f"(it needs {SETTINGS_FILE} and {KB_VERSION_FILE})")  # fmt: skip
         args.passages_path, args.index_path = checkpoint_kb(args.init_from)  # relative to it, when inside its run
     # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
-    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else [])):
+    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else []),
+                 *(["reconstruction_dir"] if args.reconstruction_dir else [])):  # fmt: skip
         setattr(args, name, os.path.abspath(getattr(args, name)))
+    if refusal := reconstruction_refusal(args):
+        parser.error(refusal)
     args.run_id = resolve_run_id(args.run_id)
     if args.index_workers is None:
         args.index_workers = max(1, math.ceil(args.index_gpus))
@@ -95,9 +101,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def reconstruction_refusal(args: argparse.Namespace) -> str | None:
+    """Why the statement-reconstruction flags cannot work (one line), or None: --reconstruction_ratio in (0, 1] and
+    given with --reconstruction_dir only, --mask_probability in [0, 1], the directory's training files there and
+    line-aligned, each mask's sentence in its passage of the KB (when the KB is there to read)."""
+    ratio, directory = args.reconstruction_ratio, args.reconstruction_dir
+    if not 0 <= args.mask_probability <= 1:
+        return f"--mask_probability must be in [0, 1], got {args.mask_probability:g}"
+    if directory is None:
+        if ratio is not None:
+            return "--reconstruction_ratio needs --reconstruction_dir (the statements to mix in)"
+        if args.mask_probability != 1:
+            warnings.warn("--mask_probability has no effect without --reconstruction_dir", stacklevel=2)
+        return None
+    if ratio is None:
+        return (
+            f"--reconstruction_dir {directory}: give --reconstruction_ratio, the share of training batches that "
+            "are statements (0 < R <= 1; 1: the documents only)"
+        )
+    if not 0 < ratio <= 1:
+        return (
+            f"--reconstruction_ratio must be in (0, 1] (the share of training batches that are statements), got "
+            f"{ratio:g}"
+        )
+    if ratio < 1 and Path(args.data_dir) == Path(directory):
+        return (
+            f"--data_dir is the --reconstruction_dir {directory}: its train split is statements, not QA pairs to mix "
+            "them with; train on them alone with --reconstruction_ratio 1"
+        )
+    try:
+        gold = read_reconstruction(directory)
+        if Path(args.passages_path).is_dir():  # else the KB's own check names it, later
+            check_masks_in_kb(gold.masks, load_from_disk(args.passages_path), Path(directory) / "train.gold.jsonl",
+                              f"--passages_path {args.passages_path}")  # fmt: skip
+    except REFUSALS as err:
+        return str(err)
+    return None
+
+
 def check_data_dir(args: argparse.Namespace) -> None:
-    """Every split the run will read exists, before hours of training reach the test pass."""
-    splits = [*(["train", "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
+    """Every split the run will read exists, before hours of training reach the test pass (no QA training pairs when
+    statements are all a run trains on: --reconstruction_ratio 1)."""
+    documents_only = args.reconstruction_dir is not None and args.reconstruction_ratio == 1
+    train = [] if documents_only else ["train"]
+    splits = [*([*train, "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
     names = [f"{split}.{ext}" for split in splits for ext in ("source", "target")]
     missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
     if missing:

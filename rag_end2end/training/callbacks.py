@@ -15,8 +15,10 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from rag_end2end.kb.encode import IndexConfig, remove_unreachable_versions, writing
+from rag_end2end.files import atomic_write, atomic_write_text
+from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
+from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
 from rag_end2end.model.lora import merged
 from rag_end2end.options import DDP_TIMEOUT_S
 
@@ -170,7 +172,7 @@ class KBRefreshCallback(pl.Callback):
 def pinned_kb_versions(output_dir: str | os.PathLike) -> set[int]:
     """KB versions that the checkpoints in `output_dir` were saved with: pruning never deletes them."""
     out = Path(output_dir)
-    files = [*out.glob("*/kb_version.json"), *out.glob("*.kb_version.json")]
+    files = [*out.glob(f"*/{KB_VERSION_FILE}"), *out.glob(f"*.{KB_VERSION_FILE}")]
     return {json.loads(p.read_text())["version"] for p in files}
 
 
@@ -186,15 +188,16 @@ class RagCheckpoint(ModelCheckpoint):
         self._written: dict[str, Path] = {}  # .ckpt path -> the export this callback wrote beside it
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Every rank takes part in the save and rank 0 writes and renames, so the temporary name is the same on
+        # every rank (not a per-process temporary_sibling). A full disk names the file.
         tmp = f"{filepath}.tmp"
-        with writing("checkpoint", filepath, tmp):  # a full disk names the file
-            trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank takes part; rank 0 writes
+        with atomic_write(filepath, "checkpoint", temporary=tmp, rename=trainer.is_global_zero):
+            trainer.save_checkpoint(tmp, self.save_weights_only)
         if trainer.is_global_zero:
-            os.replace(tmp, filepath)
             kb = getattr(trainer.lightning_module, "kb", None)
             if kb is not None:
                 pin = kb.stored(Path(filepath).parent)
-                _write_atomically(kb_pin_path(filepath), json.dumps(pin, indent=1))
+                atomic_write_text(kb_pin_path(filepath), json.dumps(pin, indent=1), "KB pin")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
@@ -212,7 +215,7 @@ class RagCheckpoint(ModelCheckpoint):
         export = self._written.pop(filepath, None)
         kept = {checkpoint_step(p) for p in [*self.best_k_models, self.last_model_path] if p}
         # Only an export this callback wrote in this run (it holds kb_version.json) that no kept checkpoint shares.
-        if export is not None and checkpoint_step(filepath) not in kept and (export / "kb_version.json").is_file():
+        if export is not None and checkpoint_step(filepath) not in kept and (export / KB_VERSION_FILE).is_file():
             shutil.rmtree(export)
 
 
@@ -265,15 +268,9 @@ class LastCheckpoint(RagCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def kb_pin_path(filepath: str) -> Path:
     """`<name>.kb_version.json` beside `<name>.ckpt`."""
-    return Path(filepath).with_suffix(".kb_version.json")
+    return Path(filepath).with_suffix(f".{KB_VERSION_FILE}")
 
 
 def checkpoint_step(filepath: str) -> int | None:

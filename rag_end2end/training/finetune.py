@@ -25,12 +25,13 @@ import torch
 from datasets import load_from_disk
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from rag_end2end.data.qa_dataset import QuestionDataset
+from rag_end2end.data.mixing import MixedBatchSampler, MixedDataset, draw_masks, read_reconstruction
+from rag_end2end.data.qa_dataset import QA, RECONSTRUCTION, QuestionDataset
 from rag_end2end.data.readers import read_gold, read_lines, refusing, run_main
 from rag_end2end.evaluation.metrics import (
     exact_match_score,
@@ -41,20 +42,17 @@ from rag_end2end.evaluation.metrics import (
     rouge_l_score,
     sentence_bleu,
 )
-from rag_end2end.kb.encode import IndexConfig, KBVersion, remove_orphaned_temporaries, temporary_sibling, writing
+from rag_end2end.files import remove_orphaned_temporaries, temporary_sibling, writing
+from rag_end2end.kb.actors import start_retrieval_actors, start_shard_actors
+from rag_end2end.kb.index import IndexConfig
+from rag_end2end.kb.ray_start import init_ray, visible_gpu_ids
 from rag_end2end.kb.refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
-from rag_end2end.kb.retriever import (
-    RagRayDistributedRetriever,
-    ShardedRetriever,
-    init_ray,
-    start_retrieval_actors,
-    start_shard_actors,
-    visible_gpu_ids,
-)
+from rag_end2end.kb.retriever import RagRayDistributedRetriever, ShardedRetriever
+from rag_end2end.kb.versions import KB_VERSION_FILE, KBVersion
 from rag_end2end.model.assembly import assemble
 from rag_end2end.model.encoders import encoder_similarity
 from rag_end2end.options import GENERATION_METRICS, SCHEDULERS
-from rag_end2end.recipes import make_objective, mine
+from rag_end2end.recipes import for_generator, make_objective, mask_positives, masked_retrieval, mine
 from rag_end2end.training.arguments import check_data_dir, gpu_plan, parse_args, trainer_kwargs
 from rag_end2end.training.callbacks import (
     KBRefreshCallback,
@@ -109,6 +107,8 @@ class GenerativeQAModule(pl.LightningModule):
             if (path := Path(hp.data_dir) / f"{split}.gold.jsonl").exists()
         }
         self.passages = load_from_disk(hp.passages_path) if self.objective.needs_positives else None
+        # Statement reconstruction: the training statements' gold passages and masks (checked by parse_args).
+        self.reconstruction = read_reconstruction(hp.reconstruction_dir) if hp.reconstruction_dir else None
         self._eval_rows: list[tuple[int, list[float]]] = []  # (line, [metrics..., loss, seconds]) on this rank
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
@@ -126,22 +126,53 @@ class GenerativeQAModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def _mined(self, batch: dict, split: str):
-        """Positives and hard negatives for the contrastive recipes; None for the others."""
+    def _mined(self, batch: dict, split: str, masks: list | None = None):
+        """Positives and hard negatives for the contrastive recipes (with `masks` applied to the positives: a training
+        statement's positive is its own passage without it, the Inverse Cloze Task); None for the others."""
         if not self.objective.needs_positives:
             return None
-        gold = self.gold[split][1].passage_ids if split in self.gold else None
+        if split == "train" and batch.get("kind") == RECONSTRUCTION:
+            gold = self.reconstruction.passage_ids
+        else:
+            gold = self.gold[split][1].passage_ids if split in self.gold else None
         gold = [gold[int(i)] for i in batch["index"]] if gold is not None else None
-        return mine(self.model, batch, self.passages, gold, self.hparams.hard_negatives)
+        mined = mine(self.model, batch, self.passages, gold, self.hparams.hard_negatives)
+        return mask_positives(mined, masks) if masks else mined
+
+    def _masks(self, batch: dict) -> list | None:
+        """This step's masks of a statement batch (each kept with --mask_probability); None for QA pairs."""
+        if batch.get("kind") != RECONSTRUCTION:
+            return None
+        hp = self.hparams
+        return draw_masks(batch["masks"], batch["index"].tolist(), hp.mask_probability, hp.seed, self.global_step)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, logs = self.objective.loss(self.model, batch, self._mined(batch, "train"))
+        masks = self._masks(batch)
+        # A statement batch: each statement cut out of its own passage in everything this step retrieves or mines,
+        # and the generator's question the marker alone; training batches only (validation and test read as ever).
+        with masked_retrieval(self.model, masks):
+            batch = for_generator(batch)
+            loss, logs = self.objective.loss(self.model, batch, self._mined(batch, "train", masks))
         n = len(batch["source_text"])
         self.log("loss", loss, prog_bar=True, batch_size=n)
+        if self.hparams.reconstruction_dir:
+            self._log_kind_loss(batch.get("kind", QA), loss, n)
         self.log_dict({f"train_{k}": v for k, v in logs.items()}, batch_size=n)
         if self.hparams.learn_temperature:
             self.log("retrieval_temperature", self.model.question_encoder.temperature_value, batch_size=n)
         return loss
+
+    def _log_kind_loss(self, kind: str, loss: torch.Tensor, n: int) -> None:
+        """train_loss_qa or train_loss_recon beside `loss`, at the steps of that kind's batches only. Lightning keeps
+        each step value it was given and logs it again at every later logging step until it is given a new one,
+        which would show a QA loss of steps ago at a statement batch's step: the other kind's is dropped (its
+        entry in Lightning's step results, an internal that the mixed run of tests/test_reconstruction_training.py
+        pins)."""
+        self.log(f"train_loss_{kind}", loss, batch_size=n)
+        results = self._trainer._results if self._trainer is not None else None
+        for other in (QA, RECONSTRUCTION):
+            if other != kind and results is not None and (key := f"training_step.train_loss_{other}") in results:
+                results[key].reset()
 
     def gold_answers(self, split: str, batch: dict) -> list[list[str]]:
         """Every gold answer of each question of a batch: its .target line, and the others {split}.gold.jsonl
@@ -152,6 +183,7 @@ class GenerativeQAModule(pl.LightningModule):
 
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
+        batch = for_generator(batch)  # held-out statements (--data_dir the --reconstruction_dir): not in the prompt
         questions, n = batch["source_text"], len(batch["source_text"])
         scores = {name: [0.0] * n for name in GENERATION_METRICS}
         preds = []
@@ -268,22 +300,50 @@ class GenerativeQAModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _dataset(self, directory: str, split: str, kind: str = QA, masks: list | None = None) -> QuestionDataset:
         dataset = QuestionDataset(
             self.model.question_tokenizer,
-            self.hparams.data_dir,
+            directory,
             max_source_length=self.hparams.max_source_length,
             type_path=split,
-            n_obs=self.n_obs[split],
+            n_obs=self.n_obs[split] if kind == QA else None,
             prefix=self.model.question_prefix,
+            kind=kind,
+            masks=masks,
         )
         if split == "train" and self.model.generator is not None:  # labels cut as the reference cut them
             dataset.cut_targets(self.model.generator.tokenizer, self.hparams.max_target_length)
+        return dataset
+
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        if split == "train" and hp.reconstruction_dir:
+            return self._mixed_dataloader(batch_size)
+        # Held-out statements (--data_dir is the --reconstruction_dir) are validated as statements: for_generator.
+        statements = bool(hp.reconstruction_dir) and Path(hp.data_dir) == Path(hp.reconstruction_dir)
+        dataset = self._dataset(hp.data_dir, split, RECONSTRUCTION if statements else QA)
         # Stateful: the checkpoint holds the epoch's order and position, so a run resumed mid-epoch sees each
         # example of that epoch once (Lightning saves and restores the loader's state_dict).
         loader = StatefulDataLoader if split == "train" else DataLoader
         return loader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
-                      num_workers=self.hparams.num_workers)  # fmt: skip
+                      num_workers=hp.num_workers)  # fmt: skip
+
+    def _mixed_dataloader(self, batch_size: int) -> StatefulDataLoader:
+        """QA pairs and statements in batches of one kind, statements the share --reconstruction_ratio of them
+        (data.mixing). The DistributedSampler only carries seed and epoch here (and, under DDP, Lightning's own
+        carries the rank); the batch sampler's order follows from them, so a mid-epoch resume skips ahead in it."""
+        hp = self.hparams
+        qa = self._dataset(hp.data_dir, "train") if hp.reconstruction_ratio < 1 else None
+        statements = self._dataset(hp.reconstruction_dir, "train", RECONSTRUCTION, self.reconstruction.masks)
+        dataset = MixedDataset(qa, statements)
+        carrier = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False, seed=hp.seed)
+        batches = MixedBatchSampler(carrier, batch_size, n_qa=dataset.n_qa, n_statements=len(statements),
+                                    ratio=hp.reconstruction_ratio)  # fmt: skip
+        if hp.reconstruction_ratio < 1 and not batches.counts()[1]:
+            warnings.warn(f"--reconstruction_ratio {hp.reconstruction_ratio}: no statement batch among the "
+                          f"{len(batches)} of an epoch", stacklevel=1)  # fmt: skip
+        return StatefulDataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate_fn,
+                                  num_workers=hp.num_workers)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train", self.hparams.train_batch_size, shuffle=True)
@@ -358,7 +418,7 @@ class GenerativeQAModule(pl.LightningModule):
         with writing("checkpoint", directory, tmp):  # a full disk names the directory
             self.model.save_pretrained(tmp)
             kb = self.kb.stored(directory, run_dir=self.hparams.output_dir)  # ../kb/vNNNN: moves with the run
-            (tmp / "kb_version.json").write_text(json.dumps(kb, indent=1))
+            (tmp / KB_VERSION_FILE).write_text(json.dumps(kb, indent=1))
             os.rename(tmp, directory)
 
 

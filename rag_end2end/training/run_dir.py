@@ -12,10 +12,11 @@ import uuid
 import warnings
 from pathlib import Path
 
-from rag_end2end.kb.encode import process_alive
+from rag_end2end.files import process_alive
+from rag_end2end.kb.versions import KB_VERSION_FILE
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
-RUN_FILES = ("*.ckpt", "*.kb_version.json", "checkpoint*", "metrics.json", "test_results.txt",
+RUN_FILES = ("*.ckpt", f"*.{KB_VERSION_FILE}", "checkpoint*", "metrics.json", "test_results.txt",
              "test_generations.txt", "logs", "kb", "plots", "run_info.json")  # fmt: skip
 
 

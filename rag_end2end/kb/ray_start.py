@@ -1,0 +1,179 @@
+"""Ray start-up: a local Ray that listens on loopback only and gets exactly the GPUs the placement plan gives the
+encoding actors (or a running cluster joined by address, checked to answer first), its shutdown, and what every
+actor of this package does when it starts (`quiet_actor`). The placement plan (`plan_gpus`) is the one rule for
+which GPUs train and which encode."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray._private import ray_constants
+
+RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """Which of this machine's visible GPUs train and which encode the KB, as positions among them (torch's
+    `cuda:i`, the i-th entry of CUDA_VISIBLE_DEVICES). Built by `plan_gpus`, the one placement rule."""
+
+    train: tuple[int, ...]  # Lightning's devices
+    encode: tuple[int, ...]  # what a local Ray may hand to encoding actors; shares `train` only for a fraction
+    per_actor: float  # num_gpus of each encoding actor; 0: they encode on CPU
+
+    def ray_gpus(self, visible_ids: Sequence[str]) -> list[str]:
+        """The encoding GPUs as CUDA_VISIBLE_DEVICES names them (`visible_ids`: visible_gpu_ids()), for init_ray."""
+        return [visible_ids[i] for i in self.encode]
+
+
+def visible_gpu_ids() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES names them (SLURM exports physical ids, e.g. "4,5,6"), in
+    torch's order: `cuda:i` is entry i."""
+    import torch  # not at module level: retrieval actors import this module and never need torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",")[:count] if listed else [str(i) for i in range(count)]
+
+
+def plan_gpus(
+    visible: int | None, train: Sequence[int], index_gpus: float, index_workers: int, train_flags: str = ""
+) -> GpuPlan:
+    """Split `visible` GPUs between training (`train`, Lightning's device positions) and the `index_workers`
+    encoding actors that share `index_gpus`. A whole --index_gpus takes the first GPUs training does not use, so
+    no encoder lands beside a training rank; a fraction below 1 shares the last training GPU (rank 0's stays
+    whole where there are several: it also drives the refresh and scores retrieval). `visible` None: the encoding
+    GPUs are a joined Ray cluster's, not this machine's; only the shares are checked. Impossible settings raise
+    ValueError, one line naming the flags (`train_flags`: those that chose `train`, e.g. "--gpus 2") and counts."""
+    train = tuple(train)
+    if index_gpus < 0 or index_workers < 1:
+        raise ValueError(f"--index_gpus must be >= 0 and --index_workers >= 1, got {index_gpus:g} and {index_workers}")
+    per_actor = index_gpus / index_workers
+    if per_actor > 1:  # Ray also refuses a share above 1 that is not whole (1.5), when the actor is created
+        raise ValueError(
+            f"--index_gpus {index_gpus:g} --index_workers {index_workers} asks {per_actor:g} GPUs of each encoding "
+            f"actor, which encodes on one GPU: give --index_workers {math.ceil(index_gpus)} or more"
+        )
+    if index_gpus > 1 and index_gpus != int(index_gpus):
+        raise ValueError(f"--index_gpus {index_gpus:g}: give a whole number of GPUs (kept apart from training) or a "
+                         "fraction below 1 (a share of a training GPU)")  # fmt: skip
+    if index_gpus == 0 or visible is None:
+        return GpuPlan(train, (), per_actor)
+    asked = f"{train_flags or f'{len(train)} training GPU(s)'} --index_gpus {index_gpus:g}"
+    if index_gpus < 1:
+        if visible < 1:
+            raise ValueError(f"{asked}: a share of a GPU, but no GPU is visible here{_visible_note()}; give "
+                             "--index_gpus 0 to encode on CPU")  # fmt: skip
+        return GpuPlan(train, train[-1:] or (0,), per_actor)
+    free = [d for d in range(visible) if d not in train]
+    if len(free) < index_gpus:
+        raise ValueError(
+            f"{asked} need {len(train) + int(index_gpus)} GPUs, {visible} visible{_visible_note()}: lower "
+            "--index_gpus, or give a fraction (--index_gpus 0.5) to share a training GPU, or 0 to encode on CPU"
+        )
+    return GpuPlan(train, tuple(free[: int(index_gpus)]), per_actor)
+
+
+def _visible_note() -> str:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (CUDA_VISIBLE_DEVICES={listed})" if listed is not None else ""
+
+
+@contextmanager
+def _visible_to_ray(gpus: Sequence[str] | None):
+    """CUDA_VISIBLE_DEVICES set to `gpus` while the block starts a local Ray, then restored: the raylet and every
+    worker it starts inherit the environment of that moment, and Ray numbers and hands out only those GPUs."""
+    if gpus is None:
+        yield {}
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    try:
+        yield {"num_gpus": len(gpus)}
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
+def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[str] | None = None) -> None:
+    """Join `address` (a running cluster) or start a local Ray that listens on loopback only. A local Ray gets
+    exactly the GPUs `gpus` (CUDA_VISIBLE_DEVICES ids: GpuPlan.ray_gpus) to hand to actors, none if empty: left to
+    itself it takes every GPU it sees and hands them out from the first, which is training rank 0's. None: Ray's
+    own count (a joined cluster's GPUs are whatever its nodes were started with)."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get(RAY_ADDRESS_ENV)
+    if address:
+        check_reachable(address)
+        # The cluster's workers import this toolkit from the same path (a shared or identical checkout or install).
+        ray.init(address=address, namespace=namespace, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
+        return
+    # Keep every Ray listener on 127.0.0.1: `_node_ip_address` alone does not. Ray reads this variable
+    # when it is imported, so set it for the processes ray.init starts and patch the imported constant.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray starts its workers at niceness 15: behind a training process that keeps every core busy, the
+    # encoding actors then get almost no CPU and a refresh never finishes. Equal priority, unless the
+    # user's environment says otherwise.
+    os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
+    with _visible_to_ray(gpus) as resources:
+        ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", **resources)
+    os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()`, and forget the address init_ray left for DDP children when it started this Ray: a later
+    init_ray in this process would otherwise try to join the Ray that just stopped."""
+    if ray.is_initialized() and os.environ.get(RAY_ADDRESS_ENV) == ray.get_runtime_context().gcs_address:
+        del os.environ[RAY_ADDRESS_ENV]
+    ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds when no Ray head node answers at a `host:port` address: nothing listens there, or
+    something that is not Ray's GCS does (ray.init would retry for minutes, or loop on the host's own address)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"--ray_address {address}: nothing answers there ({err}). Start the head node with "
+            f"`ray start --head --port {port}` on {host}, or leave --ray_address out to start a local Ray."
+        ) from None
+    if address.startswith("ray://"):
+        return  # a Ray Client server speaks its own protocol
+    import grpc  # Ray's own dependency; the GCS answers GetClusterId to every client that joins
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
+            )
+        except grpc.RpcError as err:
+            raise ConnectionError(
+                f"--ray_address {address}: something listens there, but not a Ray head node's GCS ({err.code().name}"
+                f"). Give the head's GCS address (`ray start --head` prints it; port 6379 by default)."
+            ) from None
+
+
+def quiet_actor() -> None:
+    """In a Ray actor: no progress bars or info chatter from datasets and transformers, which Ray would
+    copy to the user's console on every refresh (errors still reach the trainer as exceptions)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()

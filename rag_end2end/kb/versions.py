@@ -1,0 +1,213 @@
+"""The knowledge-base version store: a run's versions live in OUTPUT/kb/vNNNN (passages with embeddings, their
+index, READY.json written last, so a directory without it is incomplete), each published whole by one rename; a
+checkpoint names the version its weights were trained against in kb_version.json. Also the user's version 0
+(`save_kb`), and the builder that indexes what a refresh's encoding actors wrote (`publish_kb_version`, run in the
+`KBBuilder` Ray actor)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from datasets import Dataset, load_from_disk
+
+from rag_end2end.files import atomic_write, atomic_writes, temporary_sibling
+from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index
+from rag_end2end.kb.parts import declare_dataset, part_path, part_vectors, sample_parts, write_passages_part
+from rag_end2end.kb.ray_start import quiet_actor
+from rag_end2end.kb.similarity import write_kb_info
+
+READY_MARKER = "READY.json"  # written last: a version directory without it is incomplete
+VERSION_DIR_RE = re.compile(r"^v(\d{4,})$")
+# The KB version a checkpoint's weights were trained against: inside every checkpoint<step>/ and export, and as
+# `<name>.kb_version.json` beside each `<name>.ckpt`.
+KB_VERSION_FILE = "kb_version.json"
+
+
+@dataclass
+class KBVersion:
+    """One knowledge-base version: passages with embeddings plus the index over them."""
+
+    version: int
+    passages_path: str
+    index_path: str
+    embedding_step: int = 0  # optimizer step whose context-encoder weights made the embeddings
+    similarity: str = "dot"  # how the embeddings are scored: dot or cosine (unit-length vectors)
+
+    def stored(self, base: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict:
+        """This version as a run saves it: paths inside `run_dir` (default `base`) relative to `base`, so that a
+        moved or copied run directory resumes on its own KB versions; other paths (the user's version 0)
+        absolute."""
+        inside = Path(os.path.abspath(run_dir or base))
+        fields = asdict(self)
+        for key in ("passages_path", "index_path"):
+            path = Path(os.path.abspath(fields[key]))
+            if path == inside or inside in path.parents:
+                fields[key] = os.path.relpath(path, os.path.abspath(base))
+        return fields
+
+    @classmethod
+    def restored(cls, saved: dict, base: str | os.PathLike) -> KBVersion:
+        """The version `stored` wrote, its relative paths taken from `base` (absolute ones kept)."""
+        paths = {key: os.path.normpath(os.path.join(base, saved[key])) for key in ("passages_path", "index_path")}
+        return cls(**(saved | paths))
+
+
+def version_dir(kb_root: str | os.PathLike, version: int) -> Path:
+    return Path(kb_root) / f"v{version:04d}"
+
+
+def read_version(path: str | os.PathLike) -> KBVersion | None:
+    """The version stored in `path`, or None when it is incomplete (no marker)."""
+    marker = Path(path) / READY_MARKER
+    return KBVersion(**json.loads(marker.read_text())) if marker.is_file() else None
+
+
+def list_versions(kb_root: str | os.PathLike) -> list[KBVersion]:
+    """Complete versions under `kb_root`, oldest first; partial `.tmp-*` directories are ignored."""
+    root = Path(kb_root)
+    found = [read_version(p) for p in root.iterdir() if VERSION_DIR_RE.match(p.name)] if root.is_dir() else []
+    return sorted((v for v in found if v is not None), key=lambda v: v.version)
+
+
+def prune_versions(
+    kb_root: str | os.PathLike, keep: int, protect: set[int] = frozenset(), only: set[int] | None = None
+) -> list[int]:
+    """Delete all but the newest `keep` complete versions under `kb_root`, sparing `protect` (versions that
+    saved checkpoints name) and, when `only` is given, every version not in it (another run's)."""
+    if keep < 1:
+        return []
+    old = [v for v in list_versions(kb_root)[:-keep] if v.version not in protect]
+    old = [v for v in old if only is None or v.version in only]
+    for kb in old:
+        shutil.rmtree(version_dir(kb_root, kb.version))  # a complete vNNNN that this toolkit wrote
+    return [kb.version for kb in old]
+
+
+def remove_unreachable_versions(kb_root: str | os.PathLike, live: int, keep: set[int]) -> list[int]:
+    """Delete the complete versions newer than `live` that are not in `keep` (those checkpoints name, and those the
+    run's restored history made live): built but never made live before the run stopped, or live only after its
+    last checkpoint, so a resumed run can never reach them (and pruning, which spares what it did not see go
+    live, would keep them for ever)."""
+    stale = [v.version for v in list_versions(kb_root) if v.version > live and v.version not in keep]
+    for version in stale:
+        shutil.rmtree(version_dir(kb_root, version))
+    return stale
+
+
+def staging_dir(kb_root: str | os.PathLike, version: int) -> Path:
+    """A fresh temporary directory name for `version` while it is written (list_versions ignores it)."""
+    return temporary_sibling(version_dir(kb_root, version))
+
+
+def checkpoint_kb(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
+    """The (passages, index) paths a checkpoint or export names in its kb_version.json (relative paths are
+    relative to it), or None when it names none."""
+    saved = Path(checkpoint) / KB_VERSION_FILE
+    if not saved.is_file():
+        return None
+    kb = json.loads(saved.read_text())  # absolute paths stay as they are
+    return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))
+
+
+def save_kb(
+    dataset: Dataset,
+    passages_path: str | os.PathLike,
+    index_path: str | os.PathLike,
+    cfg: IndexConfig,
+    similarity: str = "dot",
+):
+    """Write the passages dataset (declaring its `similarity`) and its index to user-chosen paths, each under a
+    temporary name first. Refuses to replace existing files: a user's KB is never overwritten."""
+    passages_path, index_path = Path(passages_path), Path(index_path)
+    for path in (passages_path, index_path):
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
+    index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
+    with atomic_writes([passages_path, index_path], "KB", replace=False) as (tmp_passages, tmp_index):
+        dataset.save_to_disk(str(tmp_passages))
+        write_kb_info(tmp_passages, similarity)
+        faiss.write_index(index, str(tmp_index))
+
+
+def publish_kb_version(
+    kb_root: str,
+    version: int,
+    embedding_step: int,
+    cfg: IndexConfig,
+    similarity: str,
+    staging: str | os.PathLike,
+    *part_rows: int,
+) -> KBVersion:
+    """Index the part files that the encoding shards wrote under `staging` (`part_rows` rows each, in shard
+    order), declare them one passages dataset and publish `kb_root/vNNNN` atomically. The embeddings are read
+    a record batch at a time, never merged: the builder holds the index and one batch. Runs in a Ray actor."""
+    final, staging = version_dir(kb_root, version), Path(staging)
+    with atomic_write(final, "KB version", replace=False, temporary=staging):
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
+        parts = [part_path(staging, i, len(part_rows)) for i in range(len(part_rows))]
+        dim = next(part_vectors(parts[:1]))[1].shape[1]
+        index = new_faiss_index(dim, sum(part_rows), cfg, lambda rows: sample_parts(parts, rows))
+        for _, vectors in part_vectors(parts):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        if index.ntotal != sum(part_rows):
+            raise ValueError(f"{staging}: the parts hold {index.ntotal} passages, the encoders wrote {sum(part_rows)}")
+        declare_dataset(staging / "passages", parts)
+        write_kb_info(staging / "passages", similarity)
+        faiss.write_index(index, str(staging / "index.faiss"))
+        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
+        (staging / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+    return kb
+
+
+def build_kb_version(
+    base_passages_path: str,
+    kb_root: str,
+    version: int,
+    embedding_step: int,
+    cfg: IndexConfig,
+    similarity: str,
+    *shard_embeddings: np.ndarray,
+) -> KBVersion:
+    """Write encoded shards (in shard order) as part files here, then `publish_kb_version` them: what a refresh
+    does across its encoding actors and builder, in one process."""
+    n_base, n_vectors = len(load_from_disk(base_passages_path)), sum(len(e) for e in shard_embeddings)
+    if n_base != n_vectors:
+        raise ValueError(f"{n_base} passages but {n_vectors} embeddings")
+    staging, start, rows = staging_dir(kb_root, version), 0, []
+    try:
+        for i, embeddings in enumerate(shard_embeddings):
+            part = part_path(staging, i, len(shard_embeddings))
+            rows.append(write_passages_part(base_passages_path, start, start + len(embeddings), embeddings, part))
+            start += len(embeddings)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish_kb_version(kb_root, version, embedding_step, cfg, similarity, staging, *rows)
+
+
+class KBBuilder:
+    """Body of the Ray actor that runs `publish_kb_version`; kept alive so that a refresh does not pay
+    for starting a worker process and importing faiss/datasets each time."""
+
+    def __init__(self, threads: int = 1):
+        quiet_actor()
+        # Ray starts actors with OMP_NUM_THREADS=1 (num_cpus=0); the build (HNSW inserts, IVF/PQ training) gets
+        # the encoders' budget, --index_cpus, instead.
+        self.threads = threads
+        faiss.omp_set_num_threads(threads)
+
+    def publish(self, *args, threads: int | None = None) -> KBVersion:
+        """`publish_kb_version(*args)`, with `threads` FAISS threads for this call (when training waits for it)."""
+        faiss.omp_set_num_threads(threads or self.threads)
+        try:
+            return publish_kb_version(*args)
+        finally:
+            faiss.omp_set_num_threads(self.threads)
