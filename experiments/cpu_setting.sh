@@ -15,6 +15,9 @@ N_DOCS=${N_DOCS:-2}
 LR=${LR:-5e-5}
 TEST_FRACTION=${TEST_FRACTION:-0.2}
 START=$(date +%s)
+# This checkout's package, also for the scripts in tools/ and data_prep/ and for Ray's workers, whatever an
+# editable install elsewhere points at (a long run from a `git worktree` at a fixed commit).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 stamp() { echo "== $(($(date +%s) - START)) s: $*"; }
 
 python tools/install_pretrained_models.py --output_dir $PRE

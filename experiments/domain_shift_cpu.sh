@@ -4,6 +4,12 @@
 #   sh experiments/domain_shift_cpu.sh /path/to/200423_covidQA.json OUT [SEEDS] [ROWS]
 # ROWS (default all): zero_shot rag_original rag_end2end retriever_only ralt dalm; ralt starts from the
 # same seed's retriever_only checkpoint (RA-DIT's order: retriever first, then the generator over it).
+# Documents-alone rows (issue 31; statements from data_prep/make_reconstruction_data.py on the KB, seed 42):
+#   recon_e2e   rag_end2end on statements only (--reconstruction_ratio 1), no human question; 120 steps
+#   ict         retriever_only on the same statements (the Inverse Cloze Task); 120 steps
+#   qa_recon    rag_end2end on the 480 human questions mixed with statements, half the batches each: 240
+#               steps, so the questions are seen as often as in the rag_end2end row
+# They validate and test on the human val/test questions, like every row.
 # The setting is experiments/cpu_setting.sh's (MiniLM as its authors use it: mean pooling, cosine, tau 0.05;
 # SmolLM2-135M-Instruct as a causal RAG-token generator over N_DOCS passages), with these sizes:
 #   N_TRAIN 480 questions, batch 4, 1 epoch: 120 optimizer steps (modes_cpu.sh: 30)
@@ -34,6 +40,10 @@ HARD_NEGATIVES=${HARD_NEGATIVES:-3}
 build_kb
 stamp "data and KB v0 ready"
 REFRESH="--indexing_freq $INDEXING_FREQ --refresh_before_validation"
+[ -e "$OUT/recon/stats.json" ] || python data_prep/make_reconstruction_data.py --csv_path "$OUT/data/kb.csv" \
+    --output_dir "$OUT/recon" --seed 42
+RECON="--reconstruction_dir $OUT/recon"
+STEPS=$((N_TRAIN / BATCH))  # the rag_end2end row's optimizer steps (1 epoch of the human questions)
 
 for ROW in $ROWS; do
     if [ "$ROW" = zero_shot ]; then  # nothing in it depends on the seed: once
@@ -46,6 +56,7 @@ for ROW in $ROWS; do
         NAME=$ROW
         [ "$ROW" = rag_end2end ] && NAME=$E2E_NAME
         RUN="$OUT/$NAME-seed$SEED"
+        ROW_MODE=$ROW
         case $ROW in
             rag_original) EXTRA="" ;;
             rag_end2end) EXTRA="$REFRESH $E2E_FLAGS" ;;
@@ -55,12 +66,20 @@ for ROW in $ROWS; do
                 INIT=$(ls -d "$OUT/retriever_only-seed$SEED"/checkpoint* 2>/dev/null | sort -V | tail -n 1)
                 [ -n "$INIT" ] || { echo "ralt seed $SEED: run retriever_only first" >&2; exit 2; }
                 EXTRA="--init_from $INIT" ;;  # its encoders and KB version; the generator from the flags
+            recon_e2e) ROW_MODE=rag_end2end
+                EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 1 --max_steps $STEPS --val_check_interval $STEPS" ;;
+            ict) ROW_MODE=retriever_only
+                EXTRA="$REFRESH --hard_negatives $HARD_NEGATIVES $RECON --reconstruction_ratio 1 --max_steps $STEPS --val_check_interval $STEPS" ;;
+            qa_recon) ROW_MODE=rag_end2end
+                EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5" ;;
             *) echo "unknown row $ROW" >&2; exit 2 ;;
         esac
         DONE="$RUN/test_results.txt"
         [ -n "$PREDICT" ] || DONE="$RUN/run_info.json"
+        RESUME=""  # a run a session's end stopped goes on from its last.ckpt
+        [ -e "$RUN/last.ckpt" ] && RESUME="--resume"
         [ -e "$DONE" ] || python finetune_rag.py "$@" --output_dir "$RUN" $TRAIN --seed "$SEED" \
-            $PREDICT --training_mode "$ROW" $EXTRA
+            $PREDICT --training_mode "$ROW_MODE" $EXTRA $RESUME
         stamp "$NAME seed $SEED done"
     done
 done
