@@ -58,8 +58,9 @@ MINILM = REPO / "pretrained" / "minilm"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", default=None,
-                   help="a context encoder, or `tiny` (default: pretrained/minilm if installed)")  # fmt: skip
+    p.add_argument(
+        "--encoder", default=None, help="a context encoder, or `tiny` (default: pretrained/minilm if installed)"
+    )
     p.add_argument("--passages", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=64, help="--encode_batch_size of the refresh")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the encoder (the actor's --index_cpus)")
@@ -129,8 +130,13 @@ def profile_encode(encoder, tokenizer, passages_path: str, batch_size: int, thre
     stats = pstats.Stats(profiler)
     forward = sum(ct for (_, _, name), (_, _, _, ct, _) in stats.stats.items() if name == "passage_embeddings")
     batches = math.ceil(n / batch_size)
-    return {"seconds": stats.total_tt, "forward_s": forward, "forward_share": forward / stats.total_tt,
-            "batches": batches, "rest_ms_per_batch": 1000 * (stats.total_tt - forward) / batches}  # fmt: skip
+    return {
+        "seconds": stats.total_tt,
+        "forward_s": forward,
+        "forward_share": forward / stats.total_tt,
+        "batches": batches,
+        "rest_ms_per_batch": 1000 * (stats.total_tt - forward) / batches,
+    }
 
 
 def actor_encode(refresher: Refresher, weights, batch_size: int, threads: int) -> float:
@@ -166,8 +172,16 @@ def run(args: argparse.Namespace) -> dict:
     actors = start_retrieval_actors(1, namespace=f"bench-encode-{os.getpid()}")
     retriever = RagRayDistributedRetriever(actors)
     retriever.init_retrieval(kb)
-    refresher = Refresher(retriever, kb.passages_path, str(work / "versions"), encoder, tokenizer, cfg,
-                          encode_batch_size=args.batch_size, keep_versions=2)  # fmt: skip
+    refresher = Refresher(
+        retriever,
+        kb.passages_path,
+        str(work / "versions"),
+        encoder,
+        tokenizer,
+        cfg,
+        encode_batch_size=args.batch_size,
+        keep_versions=2,
+    )
     refresher.wait_for_actors()
     weights = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     passages = load_from_disk(kb.passages_path).select_columns(["title", "text"])
@@ -205,14 +219,19 @@ def markdown(result: dict) -> str:
         ("whole refresh (encode and write parts, index, publish, swap)", m["whole_refresh"], result["refresh_vs_bare"]),
     ]
     repeats = len(result["passages_per_s"]["bare_forward"])
-    head = (f"{result['passages']:,} passages, {Path(result['encoder']).name}, batch {result['batch_size']}, "
-            f"{result['threads']} thread(s), {result['index_factory']} index; medians of {repeats} runs")  # fmt: skip
+    head = (
+        f"{result['passages']:,} passages, {Path(result['encoder']).name}, batch {result['batch_size']}, "
+        f"{result['threads']} thread(s), {result['index_factory']} index; medians of {repeats} runs"
+    )
     lines = [head, "", "| stage | passages/s | ÷ bare forward |", "|---|---:|---:|"]
     lines += [f"| {name} | {rate:.1f} | {ratio:.2f} |" for name, rate, ratio in rows]
     if prof := result.get("profile"):
-        lines += ["", f"Encoding loop under cProfile: {prof['seconds']:.1f} s, {100 * prof['forward_share']:.1f} % "
-                  f"in the forward pass; the rest {prof['rest_ms_per_batch']:.2f} ms a batch of {result['batch_size']} "
-                  f"({prof['batches']} batches)."]  # fmt: skip
+        lines += [
+            "",
+            f"Encoding loop under cProfile: {prof['seconds']:.1f} s, {100 * prof['forward_share']:.1f} % "
+            f"in the forward pass; the rest {prof['rest_ms_per_batch']:.2f} ms a batch of {result['batch_size']} "
+            f"({prof['batches']} batches).",
+        ]
     return "\n".join(lines)
 
 

@@ -276,8 +276,14 @@ def gpu_versus_cpu(kb: np.ndarray, xq: np.ndarray, truth: np.ndarray, label: str
     copy): training seconds, search latencies and recall@K of both, from the same data in the same run."""
     n, dim = kb.shape
     cfg = index_config(spec, n, dim, args["train_size"])
-    row = {"size": n, "dim": dim, "index": label, "factory": cfg.factory or f"--index_type {cfg.index_type}",
-           "search_params": cfg.search_params, "gpu_mode": args["gpu_mode"]}  # fmt: skip
+    row = {
+        "size": n,
+        "dim": dim,
+        "index": label,
+        "factory": cfg.factory or f"--index_type {cfg.index_type}",
+        "search_params": cfg.search_params,
+        "gpu_mode": args["gpu_mode"],
+    }
     warnings: list[str] = []
     try:
         for side, mode in (("cpu", "off"), ("gpu", args["gpu_mode"])):
@@ -291,8 +297,10 @@ def gpu_versus_cpu(kb: np.ndarray, xq: np.ndarray, truth: np.ndarray, label: str
                     why = "HNSW has no GPU version in faiss" if faiss_devices.is_hnsw(index) else "faiss kept it on CPU"
                     row.update(status="skipped", note=f"stays on CPU: {why}")
                     break
-                row[side] = {"train_s": train_s, **search_figures(searched, xq, truth, args["single"], args["batches"],
-                                                                  args["batch_size"])}  # fmt: skip
+                row[side] = {
+                    "train_s": train_s,
+                    **search_figures(searched, xq, truth, args["single"], args["batches"], args["batch_size"]),
+                }
             del searched, index
         else:
             row["status"] = "ok"
@@ -306,8 +314,14 @@ def environment() -> dict:
     """The machine, versions and faiss threads the figures were taken with."""
     cpu_model = ""
     if Path("/proc/cpuinfo").is_file():
-        cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                          if line.startswith("model name")), "")  # fmt: skip
+        cpu_model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": platform.machine(),
@@ -389,16 +403,33 @@ def run(
     printed and recorded); a JSON-serialisable dict."""
     factories = DEFAULT_FACTORIES if factories is None else factories
     gpu_factories = gpu_factories or {}
-    args = {"sizes": sorted(sizes), "dim": dim, "queries": queries, "seed": seed, "k": K, "single": single,
-            "batches": batches, "batch_size": batch_size, "max_build_s": max_build_s,
-            "train_size": train_size, "gpu_mode": gpu_mode}  # fmt: skip
+    args = {
+        "sizes": sorted(sizes),
+        "dim": dim,
+        "queries": queries,
+        "seed": seed,
+        "k": K,
+        "single": single,
+        "batches": batches,
+        "batch_size": batch_size,
+        "max_build_s": max_build_s,
+        "train_size": train_size,
+        "gpu_mode": gpu_mode,
+    }
     env = environment()
     log(header(env))
     gpu = {"factories": gpu_factories, "rows": []} if gpu_factories else None
     if gpu and not env["faiss_gpus"]:
         has = faiss_devices.faiss_has_gpu()
-        gpu.update(status="skipped", reason=f"{faiss_devices.faiss_build()} " + ("sees no GPU" if has else (
-            f"has no GPU support (replace faiss-cpu with {faiss_devices.GPU_WHEEL}: docs/large-kbs.md)")))  # fmt: skip
+        gpu.update(
+            status="skipped",
+            reason=f"{faiss_devices.faiss_build()} "
+            + (
+                "sees no GPU"
+                if has
+                else (f"has no GPU support (replace faiss-cpu with {faiss_devices.GPU_WHEEL}: docs/large-kbs.md)")
+            ),
+        )
         log(f"GPU rows skipped: {gpu['reason']}")
     reference: dict[str, tuple[int, IndexConfig, float]] = {}
     rows, data = [], []
@@ -409,8 +440,10 @@ def run(
         _, truth = faiss.knn(xq, kb, K, faiss.METRIC_INNER_PRODUCT)
         t2 = time.perf_counter()
         data.append({"size": n, "generate_s": t1 - t0, "exact_search_s": t2 - t1, "load_average": os.getloadavg()[0]})
-        log(f"\n## {n:,} x {dim}: data {t1 - t0:.1f}s, exact top-{K} of {queries} queries {t2 - t1:.1f}s, "
-            f"load average {data[-1]['load_average']:.1f}")  # fmt: skip
+        log(
+            f"\n## {n:,} x {dim}: data {t1 - t0:.1f}s, exact top-{K} of {queries} queries {t2 - t1:.1f}s, "
+            f"load average {data[-1]['load_average']:.1f}"
+        )
         for label, spec in factories.items():
             if n >= spec.get("min_size", 0):
                 rows.append(bench_index(kb, xq, truth, label, spec, reference, args))
@@ -452,10 +485,12 @@ def row_line(row: dict) -> str:
     if row["status"] != "ok":
         line = f"{row['index']}: {row['status']}: {row['note']}"
     else:
-        line = (f"{row['index']}: build {row['build_s']:.1f}s ({row['vectors_per_s']:,.0f} vectors/s), "
-                f"{row['bytes'] / 2**20:,.1f} MiB, batch 1 p50/p99 {row['batch1_p50_ms']:.2f}/"
-                f"{row['batch1_p99_ms']:.2f} ms, batch {row['batch_size']} p50/p99 {row['batch_p50_ms']:.1f}/"
-                f"{row['batch_p99_ms']:.1f} ms, recall@{K} {row[f'recall_at_{K}']:.3f}")  # fmt: skip
+        line = (
+            f"{row['index']}: build {row['build_s']:.1f}s ({row['vectors_per_s']:,.0f} vectors/s), "
+            f"{row['bytes'] / 2**20:,.1f} MiB, batch 1 p50/p99 {row['batch1_p50_ms']:.2f}/"
+            f"{row['batch1_p99_ms']:.2f} ms, batch {row['batch_size']} p50/p99 {row['batch_p50_ms']:.1f}/"
+            f"{row['batch_p99_ms']:.1f} ms, recall@{K} {row[f'recall_at_{K}']:.3f}"
+        )
     return "\n".join([line, *(f"    faiss: {w}" for w in row.get("faiss_stderr", []))])
 
 
@@ -464,11 +499,13 @@ def gpu_row_line(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['index']} CPU vs GPU: {row['status']}: {row['note']}"
     cpu, gpu = row["cpu"], row["gpu"]
-    return (f"{row['index']} CPU vs GPU ({row['gpu_mode']}): train {cpu['train_s']:.2f}/{gpu['train_s']:.2f}s, batch 1 "
-            f"p50/p99 {cpu['batch1_p50_ms']:.2f}/{cpu['batch1_p99_ms']:.2f} vs {gpu['batch1_p50_ms']:.2f}/"
-            f"{gpu['batch1_p99_ms']:.2f} ms, batch {cpu['batch_size']} p50/p99 {cpu['batch_p50_ms']:.1f}/"
-            f"{cpu['batch_p99_ms']:.1f} vs {gpu['batch_p50_ms']:.1f}/{gpu['batch_p99_ms']:.1f} ms, recall@{K} "
-            f"{cpu[f'recall_at_{K}']:.3f} vs {gpu[f'recall_at_{K}']:.3f}")  # fmt: skip
+    return (
+        f"{row['index']} CPU vs GPU ({row['gpu_mode']}): train {cpu['train_s']:.2f}/{gpu['train_s']:.2f}s, batch 1 "
+        f"p50/p99 {cpu['batch1_p50_ms']:.2f}/{cpu['batch1_p99_ms']:.2f} vs {gpu['batch1_p50_ms']:.2f}/"
+        f"{gpu['batch1_p99_ms']:.2f} ms, batch {cpu['batch_size']} p50/p99 {cpu['batch_p50_ms']:.1f}/"
+        f"{cpu['batch_p99_ms']:.1f} vs {gpu['batch_p50_ms']:.1f}/{gpu['batch_p99_ms']:.1f} ms, recall@{K} "
+        f"{cpu[f'recall_at_{K}']:.3f} vs {gpu[f'recall_at_{K}']:.3f}"
+    )
 
 
 def gpu_markdown(gpu: dict, batch_size: int) -> str:
@@ -487,10 +524,16 @@ def gpu_markdown(gpu: dict, batch_size: int) -> str:
             lines.append(f"| {size} | {name} | – | – | – | – | – | – | {r['status']}: {r['note']} |")
             continue
         c, g = r["cpu"], r["gpu"]
-        cells = [f"{c['train_s']:,.2f} / {g['train_s']:,.2f}",
-                 *(f"{side[f'{batch}_p50_ms']:.2f} / {side[f'{batch}_p99_ms']:.2f}"
-                   for batch in ("batch1", "batch") for side in (c, g)),
-                 f"{c[f'recall_at_{K}']:.3f} / {g[f'recall_at_{K}']:.3f}", r["gpu_mode"]]  # fmt: skip
+        cells = [
+            f"{c['train_s']:,.2f} / {g['train_s']:,.2f}",
+            *(
+                f"{side[f'{batch}_p50_ms']:.2f} / {side[f'{batch}_p99_ms']:.2f}"
+                for batch in ("batch1", "batch")
+                for side in (c, g)
+            ),
+            f"{c[f'recall_at_{K}']:.3f} / {g[f'recall_at_{K}']:.3f}",
+            r["gpu_mode"],
+        ]
         lines.append(f"| {size} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -543,8 +586,12 @@ def main() -> None:
         help="';'-separated indexes measured on CPU and GPU side by side (skipped, with the reason, without a GPU "
         'faiss); "" for none. Default: %(default)s',
     )
-    p.add_argument("--gpu_mode", choices=["replicate", "shard"], default="replicate",
-                   help="how the GPU rows spread an index over several GPUs (--faiss_gpu)")  # fmt: skip
+    p.add_argument(
+        "--gpu_mode",
+        choices=["replicate", "shard"],
+        default="replicate",
+        help="how the GPU rows spread an index over several GPUs (--faiss_gpu)",
+    )
     p.add_argument("--threads", type=int, default=None, help="faiss OpenMP threads (default: faiss's own)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
@@ -552,9 +599,20 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     factories = parse_factories(args.factories) if args.factories else None
-    result = run(sizes, args.dim, factories, args.queries, args.seed, single=args.single, batches=args.batches,
-                 batch_size=args.batch_size, max_build_s=args.max_build_s, train_size=args.train_size,
-                 gpu_factories=parse_factories(args.gpu_factories), gpu_mode=args.gpu_mode)  # fmt: skip
+    result = run(
+        sizes,
+        args.dim,
+        factories,
+        args.queries,
+        args.seed,
+        single=args.single,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        max_build_s=args.max_build_s,
+        train_size=args.train_size,
+        gpu_factories=parse_factories(args.gpu_factories),
+        gpu_mode=args.gpu_mode,
+    )
     print("\n" + markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -190,8 +190,9 @@ def unit_queries(n: int, dim: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------- the measured processes
 
 
-def measure_builder(base: Path, kb_root: Path, version: int, n: int, dim: int, shards: int, cfg: IndexConfig,
-                    seed: int) -> tuple[KBVersion, dict]:  # fmt: skip
+def measure_builder(
+    base: Path, kb_root: Path, version: int, n: int, dim: int, shards: int, cfg: IndexConfig, seed: int
+) -> tuple[KBVersion, dict]:
     """Publish version `version` in a fresh KBBuilder actor from `shards` part files, written here as the encoding
     actors of a refresh write them (their memory is measured with the encoder), as a refresh does."""
     staging = staging_dir(kb_root, version)
@@ -208,8 +209,13 @@ def measure_builder(base: Path, kb_root: Path, version: int, n: int, dim: int, s
     seconds = time.perf_counter() - t0
     after = memory(pid)
     ray.kill(builder)
-    return kb, {"idle": idle, "peak": after["VmHWM"], "after_rss": after["VmRSS"], "seconds": seconds,
-                "embeddings_bytes": n * dim * 4}  # fmt: skip
+    return kb, {
+        "idle": idle,
+        "peak": after["VmHWM"],
+        "after_rss": after["VmRSS"],
+        "seconds": seconds,
+        "embeddings_bytes": n * dim * 4,
+    }
 
 
 def measure_serving(actors: list, retriever, kb: KBVersion, dim: int, searches: int, seed: int) -> dict:
@@ -262,8 +268,13 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
     start_s = time.perf_counter() - t0
     tokenised = memory(pid)
     # the shard's token ids: a list of lists, or one flat array (a lambda travels to the actor by value)
-    tokens = ray.get(actor.__ray_call__.remote(lambda self: int(np.size(self.token_ids)) if hasattr(
-        self.token_ids, "size") else sum(map(len, self.token_ids))))  # fmt: skip
+    tokens = ray.get(
+        actor.__ray_call__.remote(
+            lambda self: (
+                int(np.size(self.token_ids)) if hasattr(self.token_ids, "size") else sum(map(len, self.token_ids))
+            )
+        )
+    )
     # Now: `encode_to` encodes and writes a window of passages at a time to its part file, as in a refresh. First:
     # the object-store pages of a returned shard stay mapped in the actor and would count in any later peak.
     reset_peak(pid)
@@ -278,9 +289,20 @@ def measure_encoder(passages_path: str, rows: int, model_dir: Path) -> dict:
     ray.get(actor.encode.remote(encoder.state_dict(), 64, 1))
     returned_s, returned = time.perf_counter() - t0, memory(pid)
     ray.kill(actor)
-    return {"rows": rows, "idle_rows": idle_rows, "tokens": tokens, "idle": idle, "start_s": start_s,
-            "encode_s": encode_s, "tokenised": tokenised, "encoded": encoded, "written": written,
-            "window": ShardEncoder.ENCODE_WINDOW, "returned_s": returned_s, "returned": returned}  # fmt: skip
+    return {
+        "rows": rows,
+        "idle_rows": idle_rows,
+        "tokens": tokens,
+        "idle": idle,
+        "start_s": start_s,
+        "encode_s": encode_s,
+        "tokenised": tokenised,
+        "encoded": encoded,
+        "written": written,
+        "window": ShardEncoder.ENCODE_WINDOW,
+        "returned_s": returned_s,
+        "returned": returned,
+    }
 
 
 # ---------------------------------------------------------------------- run
@@ -301,12 +323,22 @@ def tiny_context_encoder(work: Path, dim: int) -> Path:
 def environment() -> dict:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(), "system": platform.system(),
-        "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "ram_gib": ram / 2**30,
-        "load_average": os.getloadavg()[0], "python": platform.python_version(), "numpy": np.__version__,
-        "torch": torch.__version__, "ray": ray.__version__, "faiss": faiss.__version__,
-        "datasets": datasets.__version__, "pyarrow": pa.__version__, "transformers": transformers.__version__,
-    }  # fmt: skip
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "ram_gib": ram / 2**30,
+        "load_average": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "faiss": faiss.__version__,
+        "datasets": datasets.__version__,
+        "pyarrow": pa.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def measure_size(n: int, work: Path, model_dir: Path | None, params: dict, log: Callable[[str], None]) -> dict:
@@ -316,10 +348,18 @@ def measure_size(n: int, work: Path, model_dir: Path | None, params: dict, log: 
     t0 = time.perf_counter()
     base = work / "base-passages"
     text_bytes = make_passages(base, n, seed)
-    row = {"size": n, "dim": dim, "text_bytes": text_bytes, "generate_s": time.perf_counter() - t0,
-           "load_average": os.getloadavg()[0], "indexes": {}}  # fmt: skip
-    log(f"\n## {n:,} passages x {dim}: text {text_bytes / MIB:,.0f} MiB, generated in {row['generate_s']:.1f}s, "
-        f"load average {row['load_average']:.1f}")  # fmt: skip
+    row = {
+        "size": n,
+        "dim": dim,
+        "text_bytes": text_bytes,
+        "generate_s": time.perf_counter() - t0,
+        "load_average": os.getloadavg()[0],
+        "indexes": {},
+    }
+    log(
+        f"\n## {n:,} passages x {dim}: text {text_bytes / MIB:,.0f} MiB, generated in {row['generate_s']:.1f}s, "
+        f"load average {row['load_average']:.1f}"
+    )
     kbs = {}
     factories = params["factories"] if parts & {"builder", "retrieval"} else params["factories"][:1]
     for version, factory in enumerate(factories, start=1):
@@ -328,15 +368,19 @@ def measure_size(n: int, work: Path, model_dir: Path | None, params: dict, log: 
         kbs[factory] = kb
         disk = {"passages_bytes": du(Path(kb.passages_path)), "index_bytes": du(Path(kb.index_path))}
         entry = row["indexes"][factory] = {"builder": build, "disk": disk}
-        log(f"{factory}: builder peak {build['peak'] / MIB:,.0f} MiB (idle {build['idle']['VmRSS'] / MIB:,.0f}) in "
+        log(
+            f"{factory}: builder peak {build['peak'] / MIB:,.0f} MiB (idle {build['idle']['VmRSS'] / MIB:,.0f}) in "
             f"{build['seconds']:.1f}s; on disk: passages {disk['passages_bytes'] / MIB:,.0f} MiB, index "
-            f"{disk['index_bytes'] / MIB:,.0f} MiB")  # fmt: skip
+            f"{disk['index_bytes'] / MIB:,.0f} MiB"
+        )
         if "retrieval" in parts:
             r = entry["retrieval"] = measure_retrieval(kb, dim, searches, seed)
-            log(f"{factory}: retrieval actor peak {mib(r['VmHWM'])} MiB, RSS {mib(r['VmRSS'])} MiB (idle "
+            log(
+                f"{factory}: retrieval actor peak {mib(r['VmHWM'])} MiB, RSS {mib(r['VmRSS'])} MiB (idle "
                 f"{mib(r['idle']['VmRSS'])}; anon {mib(r['RssAnon'])}, file {mib(r['RssFile'])}); passages mapped "
                 f"{mib(r['mapped_bytes'])} MiB, resident {mib(r['mapped_resident_bytes'])}; "
-                f"load {r['load_s']:.1f}s")  # fmt: skip
+                f"load {r['load_s']:.1f}s"
+            )
     first = kbs[factories[0]]
     if "retrieval" in parts and params["index_shards"] > 1:
         s = row["shards"] = measure_shards(first, params["index_shards"], dim, searches, seed)
@@ -346,11 +390,13 @@ def measure_size(n: int, work: Path, model_dir: Path | None, params: dict, log: 
     if model_dir is not None:
         rows = min(n, params["encode_rows"])
         e = row["encoder"] = measure_encoder(first.passages_path, rows, model_dir)
-        log(f"encoding actor over {rows:,} passages ({e['tokens'] / rows:.0f} tokens each): start-up "
+        log(
+            f"encoding actor over {rows:,} passages ({e['tokens'] / rows:.0f} tokens each): start-up "
             f"{e['start_s']:.1f}s, peak {e['tokenised']['VmHWM'] / MIB:,.0f} MiB, then holds "
             f"{mib(anon(e['tokenised'], e['idle']))} MiB (anonymous) over idle; encode (returning the vectors) "
             f"{e['returned_s']:.1f}s, peak {e['returned']['VmHWM'] / MIB:,.0f} MiB; encode_to {e['encode_s']:.1f}s, "
-            f"peak {e['encoded']['VmHWM'] / MIB:,.0f} MiB")  # fmt: skip
+            f"peak {e['encoded']['VmHWM'] / MIB:,.0f} MiB"
+        )
     return row
 
 
@@ -374,10 +420,20 @@ def run(
 ) -> dict:
     """Measure every KB size; a JSON-serialisable dict (`markdown` turns it into a table). The builder always
     runs: it writes the versions that the other parts load."""
-    params = {"sizes": sorted(sizes), "dim": dim, "factories": list(factories), "parts": set(parts),
-              "encode_rows": encode_rows, "builder_shards": builder_shards, "index_shards": index_shards,
-              "searches": searches, "train_size": train_size, "machine_gib": machine_gib, "reserve_gib": reserve_gib,
-              "seed": seed}  # fmt: skip
+    params = {
+        "sizes": sorted(sizes),
+        "dim": dim,
+        "factories": list(factories),
+        "parts": set(parts),
+        "encode_rows": encode_rows,
+        "builder_shards": builder_shards,
+        "index_shards": index_shards,
+        "searches": searches,
+        "train_size": train_size,
+        "machine_gib": machine_gib,
+        "reserve_gib": reserve_gib,
+        "seed": seed,
+    }
     env = environment()
     log(header(env))
     started_ray = not ray.is_initialized()
@@ -388,14 +444,23 @@ def run(
     try:
         for n in sorted(sizes):
             # The builder's peak is the largest: skip a size where it would not fit (or take the machine down).
-            ratios = [(x["builder"]["peak"] - x["builder"]["idle"]["VmRSS"]) / x["builder"]["embeddings_bytes"]
-                      for r in rows for x in r.get("indexes", {}).values()]  # fmt: skip
+            ratios = [
+                (x["builder"]["peak"] - x["builder"]["idle"]["VmRSS"]) / x["builder"]["embeddings_bytes"]
+                for r in rows
+                for x in r.get("indexes", {}).values()
+            ]
             ratio = max(ratios, default=BUILDER_RATIO_GUESS)
             need, free = ratio * n * dim * 4, available_memory()
             if need > 0.8 * free:
                 basis = f"measured {ratio:.1f}x" if ratios else f"guessed {ratio:.1f}x, no smaller size measured"
-                rows.append({"size": n, "dim": dim, "skipped": f"the builder would peak at ~{need / 2**30:.1f} GiB "
-                             f"({basis} the embeddings), {free / 2**30:.1f} GiB is available"})  # fmt: skip
+                rows.append(
+                    {
+                        "size": n,
+                        "dim": dim,
+                        "skipped": f"the builder would peak at ~{need / 2**30:.1f} GiB "
+                        f"({basis} the embeddings), {free / 2**30:.1f} GiB is available",
+                    }
+                )
                 log(f"\n## {n:,} passages: skipped: {rows[-1]['skipped']}")
                 continue
             size_dir = work / f"kb-{n}"
@@ -413,8 +478,13 @@ def run(
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
     params["parts"] = sorted(params["parts"])
-    result = {"bench": "memory", "environment": env, "params": params, "rows": rows,
-              "driver_peak": memory(os.getpid())["VmHWM"]}  # fmt: skip
+    result = {
+        "bench": "memory",
+        "environment": env,
+        "params": params,
+        "rows": rows,
+        "driver_peak": memory(os.getpid())["VmHWM"],
+    }
     result["conclusion"] = conclusion(result)
     return result
 
@@ -460,11 +530,16 @@ def conclusion(result: dict) -> dict:
         peak = fit([(n, x["builder"]["peak"] - x["builder"]["idle"]["VmRSS"]) for n, x in entries])
         kept = fit([(n, x["builder"]["after_rss"] - x["builder"]["idle"]["VmRSS"]) for n, x in entries])
         disk = fit([(n, x["disk"]["index_bytes"] + x["disk"]["passages_bytes"]) for n, x in entries])
-        c = {"sizes": [n for n, _ in entries], "index_per_passage": last["disk"]["index_bytes"] / entries[-1][0],
-             "retrieval_per_passage": ret[0], "builder_peak_per_passage": peak[0],
-             "builder_kept_per_passage": kept[0], "disk_per_passage": disk[0],
-             "serving_max": int((budget - ret_idle - ret[1]) / ret[0]),
-             "builder_max": int((budget - build_idle - peak[1]) / peak[0])}  # fmt: skip
+        c = {
+            "sizes": [n for n, _ in entries],
+            "index_per_passage": last["disk"]["index_bytes"] / entries[-1][0],
+            "retrieval_per_passage": ret[0],
+            "builder_peak_per_passage": peak[0],
+            "builder_kept_per_passage": kept[0],
+            "disk_per_passage": disk[0],
+            "serving_max": int((budget - ret_idle - ret[1]) / ret[0]),
+            "builder_max": int((budget - build_idle - peak[1]) / peak[0]),
+        }
         if enc:
             fixed = ret_idle + build_idle + enc["fixed"]
             phases = {  # (bytes a passage, fixed bytes)
@@ -483,13 +558,15 @@ def conclusion(result: dict) -> dict:
 
 
 def header(env: dict) -> str:
-    return "\n".join([
-        f"# bench_memory  {env['date']}",
-        f"machine: {env['machine']} {env['system']}, cpu_count={env['cpu_count']}, usable cpus={env['usable_cpus']}, "
-        f"RAM {env['ram_gib']:.1f} GiB, load average {env['load_average']:.1f}",
-        f"versions: python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, ray {env['ray']}, faiss "
-        f"{env['faiss']}, datasets {env['datasets']}, pyarrow {env['pyarrow']}, transformers {env['transformers']}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"# bench_memory  {env['date']}",
+            f"machine: {env['machine']} {env['system']}, cpu_count={env['cpu_count']}, "
+            f"usable cpus={env['usable_cpus']}, RAM {env['ram_gib']:.1f} GiB, load average {env['load_average']:.1f}",
+            f"versions: python {env['python']}, numpy {env['numpy']}, torch {env['torch']}, ray {env['ray']}, faiss "
+            f"{env['faiss']}, datasets {env['datasets']}, pyarrow {env['pyarrow']}, transformers {env['transformers']}",
+        ]
+    )
 
 
 def mib(x: float) -> str:
@@ -498,13 +575,22 @@ def mib(x: float) -> str:
 
 def markdown(result: dict) -> str:
     """One Markdown table of `run()`'s result: a row per (KB size, process or file)."""
-    lines = ["| passages | process: what is over idle | index | peak RSS MiB | over idle MiB | B / passage | note |",
-             "|--:|---|---|--:|--:|--:|---|"]  # fmt: skip
+    lines = [
+        "| passages | process: what is over idle | index | peak RSS MiB | over idle MiB | B / passage | note |",
+        "|--:|---|---|--:|--:|--:|---|",
+    ]
 
     def add(n, what, index, peak, held, note, per=None):
         per = held / n if per is None and held is not None else per
-        cells = [f"{n:,}", what, index, "–" if peak is None else mib(peak), "–" if held is None else mib(held),
-                 "–" if per is None else f"{per:,.0f}", note]  # fmt: skip
+        cells = [
+            f"{n:,}",
+            what,
+            index,
+            "–" if peak is None else mib(peak),
+            "–" if held is None else mib(held),
+            "–" if per is None else f"{per:,.0f}",
+            note,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
 
     for row in result["rows"]:
@@ -515,38 +601,84 @@ def markdown(result: dict) -> str:
         for factory, entry in row["indexes"].items():
             b, d = entry["builder"], entry["disk"]
             ratio = (b["peak"] - b["idle"]["VmRSS"]) / b["embeddings_bytes"]
-            add(n, "builder: peak", f"`{factory}`", b["peak"], b["peak"] - b["idle"]["VmRSS"],
-                f"{ratio:.2f}x the embeddings; then holds {mib(b['after_rss'])} MiB; {b['seconds']:.0f}s")  # fmt: skip
+            add(
+                n,
+                "builder: peak",
+                f"`{factory}`",
+                b["peak"],
+                b["peak"] - b["idle"]["VmRSS"],
+                f"{ratio:.2f}x the embeddings; then holds {mib(b['after_rss'])} MiB; {b['seconds']:.0f}s",
+            )
             if "retrieval" in entry:
                 r = entry["retrieval"]
                 held = anon(r, r["idle"])
-                mapping = (f"mmapped, {mib(r['mapped_resident_bytes'])} of {mib(r['mapped_bytes'])} MiB resident"
-                           if r["mappings"] else "NOT mmapped")  # fmt: skip
-                add(n, "retrieval actor: anon held", f"`{factory}`", r["VmHWM"], held,
+                mapping = (
+                    f"mmapped, {mib(r['mapped_resident_bytes'])} of {mib(r['mapped_bytes'])} MiB resident"
+                    if r["mappings"]
+                    else "NOT mmapped"
+                )
+                add(
+                    n,
+                    "retrieval actor: anon held",
+                    f"`{factory}`",
+                    r["VmHWM"],
+                    held,
                     f"index {mib(d['index_bytes'])} MiB; beyond it {mib(held - d['index_bytes'])} MiB, against "
-                    f"{mib(row['text_bytes'])} MiB of text: passages {mapping}")  # fmt: skip
-            add(n, "on disk: passages + index", f"`{factory}`", None, None,
+                    f"{mib(row['text_bytes'])} MiB of text: passages {mapping}",
+                )
+            add(
+                n,
+                "on disk: passages + index",
+                f"`{factory}`",
+                None,
+                None,
                 f"{mib(d['passages_bytes'])} + {mib(d['index_bytes'])} MiB",
-                per=(d["passages_bytes"] + d["index_bytes"]) / n)  # fmt: skip
+                per=(d["passages_bytes"] + d["index_bytes"]) / n,
+            )
         if "shards" in row:
             s = row["shards"]
             held = sum(anon(m, i) for m, i in zip(s["per_shard"], s["idle"]))
             peak = sum(m["VmHWM"] for m in s["per_shard"])
-            add(n, f"{s['shards']} shard actors: anon held, together", "`Flat`", peak, held,
-                "each builds its own index from the mmapped embeddings")  # fmt: skip
+            add(
+                n,
+                f"{s['shards']} shard actors: anon held, together",
+                "`Flat`",
+                peak,
+                held,
+                "each builds its own index from the mmapped embeddings",
+            )
         if "encoder" in row:
             e = row["encoder"]
             held, tokens = anon(e["tokenised"], e["idle"]), e["tokens"] / e["rows"]
             per = held / (e["rows"] - e["idle_rows"])  # over an actor holding idle_rows passages
-            add(e["rows"], "encoding actor: anon held after start-up", "–", e["tokenised"]["VmHWM"], held,
+            add(
+                e["rows"],
+                "encoding actor: anon held after start-up",
+                "–",
+                e["tokenised"]["VmHWM"],
+                held,
                 f"idle: over {e['idle_rows']:,} passages; {tokens:.0f} tokens a passage, {per / tokens:.1f} bytes "
-                f"a token; start-up {e['start_s']:.0f}s", per=per)  # fmt: skip
+                f"a token; start-up {e['start_s']:.0f}s",
+                per=per,
+            )
             peak = e["returned"]["VmHWM"]
-            add(e["rows"], "encoding actor: peak in encode (before: returns the shard's vectors)", "–", peak,
-                peak - e["idle"]["VmRSS"], f"{e['returned_s']:.0f}s")  # fmt: skip
+            add(
+                e["rows"],
+                "encoding actor: peak in encode (before: returns the shard's vectors)",
+                "–",
+                peak,
+                peak - e["idle"]["VmRSS"],
+                f"{e['returned_s']:.0f}s",
+            )
             peak = e["encoded"]["VmHWM"]
-            add(e["rows"], "encoding actor: peak in encode_to (writes its part a window at a time)", "–", peak,
-                peak - e["idle"]["VmRSS"], f"{e['encode_s']:.0f}s; windows of {e['window']:,} passages")  # fmt: skip
+            add(
+                e["rows"],
+                "encoding actor: peak in encode_to (writes its part a window at a time)",
+                "–",
+                peak,
+                peak - e["idle"]["VmRSS"],
+                f"{e['encode_s']:.0f}s; windows of {e['window']:,} passages",
+            )
     return "\n".join(lines)
 
 
@@ -555,18 +687,24 @@ def conclusion_text(result: dict) -> str:
     if not c["indexes"]:
         return "No retrieval actor was measured: no conclusion."
     sizes = next(iter(c["indexes"].values()))["sizes"]
-    lines = [f"Largest KB on one {p['machine_gib']:g} GiB machine ({p['reserve_gib']:g} GiB kept for the "
-             f"trainer, the OS and Ray; dim {p['dim']}; one retrieval actor; linear in the passages, fitted "
-             f"over {', '.join(f'{n:,}' for n in sizes)}):"]  # fmt: skip
+    lines = [
+        f"Largest KB on one {p['machine_gib']:g} GiB machine ({p['reserve_gib']:g} GiB kept for the "
+        f"trainer, the OS and Ray; dim {p['dim']}; one retrieval actor; linear in the passages, fitted "
+        f"over {', '.join(f'{n:,}' for n in sizes)}):"
+    ]
     for factory, f in c["indexes"].items():
-        line = (f"- `{factory}`: retrieval actor {f['retrieval_per_passage']:,.0f} B/passage (index "
-                f"{f['index_per_passage']:,.0f}), builder peak {f['builder_peak_per_passage']:,.0f} B/passage: "
-                f"a retrieval actor alone holds ~{f['serving_max'] / 1e6:,.1f}M passages, the builder alone writes "
-                f"~{f['builder_max'] / 1e6:,.1f}M")  # fmt: skip
+        line = (
+            f"- `{factory}`: retrieval actor {f['retrieval_per_passage']:,.0f} B/passage (index "
+            f"{f['index_per_passage']:,.0f}), builder peak {f['builder_peak_per_passage']:,.0f} B/passage: "
+            f"a retrieval actor alone holds ~{f['serving_max'] / 1e6:,.1f}M passages, the builder alone writes "
+            f"~{f['builder_max'] / 1e6:,.1f}M"
+        )
         if "refresh_max" in f:
-            line += (f"; with refreshes ~{f['refresh_max'] / 1e6:,.1f}M ({f['binding_phase']} phase binds: "
-                     f"{f['refresh_per_passage']:,.0f} B/passage with the encoder's "
-                     f"{c['encoder']['per_passage']:,.0f})")  # fmt: skip
+            line += (
+                f"; with refreshes ~{f['refresh_max'] / 1e6:,.1f}M ({f['binding_phase']} phase binds: "
+                f"{f['refresh_per_passage']:,.0f} B/passage with the encoder's "
+                f"{c['encoder']['per_passage']:,.0f})"
+            )
         line += f"; disk {f['disk_per_passage']:,.0f} B/passage a version"
         lines.append(line)
     return "\n".join(lines)
@@ -576,8 +714,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated KB sizes (passages)")
     p.add_argument("--dim", type=int, default=768, help="embedding dimension (DPR: 768)")
-    p.add_argument("--factories", default=";".join(DEFAULT_FACTORIES),
-                   help="';'-separated faiss.index_factory strings, one KB version each")  # fmt: skip
+    p.add_argument(
+        "--factories",
+        default=";".join(DEFAULT_FACTORIES),
+        help="';'-separated faiss.index_factory strings, one KB version each",
+    )
     p.add_argument("--parts", default="builder,retrieval,encoder", help="what to measure (the builder always runs)")
     p.add_argument("--encode_rows", type=int, default=50_000, help="passages of the encoding actor's shard")
     p.add_argument("--builder_shards", type=int, default=2, help="part files (encoding actors) the builder indexes")
@@ -591,11 +732,22 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the KBs written")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
-    result = run([int(s) for s in args.sizes.split(",") if s.strip()], args.dim,
-                 tuple(f for f in args.factories.split(";") if f.strip()), parts=tuple(args.parts.split(",")),
-                 encode_rows=args.encode_rows, builder_shards=args.builder_shards, index_shards=args.index_shards,
-                 searches=args.searches, train_size=args.train_size, machine_gib=args.machine_gib,
-                 reserve_gib=args.reserve_gib, seed=args.seed, workdir=args.workdir, keep=args.keep)  # fmt: skip
+    result = run(
+        [int(s) for s in args.sizes.split(",") if s.strip()],
+        args.dim,
+        tuple(f for f in args.factories.split(";") if f.strip()),
+        parts=tuple(args.parts.split(",")),
+        encode_rows=args.encode_rows,
+        builder_shards=args.builder_shards,
+        index_shards=args.index_shards,
+        searches=args.searches,
+        train_size=args.train_size,
+        machine_gib=args.machine_gib,
+        reserve_gib=args.reserve_gib,
+        seed=args.seed,
+        workdir=args.workdir,
+        keep=args.keep,
+    )
     print(f"\nthis process: peak RSS {mib(result['driver_peak'])} MiB\n")
     print(markdown(result))
     print("\n" + conclusion_text(result))

@@ -75,9 +75,12 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--retrieval_seconds", type=float, default=3.0, help="length of the idle retrieval phase")
     p.add_argument("--swaps", type=int, default=20, help="KB versions staged and activated under load")
     p.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
-    p.add_argument("--splits", default="",
-                   help='thread budgets of the refresh runs, "T:I,...": --trainer_threads T --index_cpus I '
-                   "(default: one refresh setting with finetune_rag.py's defaults)")  # fmt: skip
+    p.add_argument(
+        "--splits",
+        default="",
+        help='thread budgets of the refresh runs, "T:I,...": --trainer_threads T --index_cpus I '
+        "(default: one refresh setting with finetune_rag.py's defaults)",
+    )
     p.add_argument("--json", default=None, help="also write the summary here (bench/run_all.py reads it)")
     args, passthrough = p.parse_known_args()
     if args.devices.isdigit() and int(args.devices) > 1:
@@ -103,9 +106,19 @@ def build_inputs(work: Path, kb_copies: int, index_type: str) -> tuple[dict[str,
             for copy in range(kb_copies):
                 writer.writerows((f"{title} (copy {copy})", text) for title, text in read_kb_csv(DUMMY_CSV))
         kb_args = use_own_knowledge_dataset.parse_args(
-            ["--csv_path", str(csv_path), "--output_dir", str(kb_dir), "--index_type", index_type,
-             "--dpr_ctx_encoder_model_name", str(models["context_encoder"]), "--device", "cpu"]
-        )  # fmt: skip
+            [
+                "--csv_path",
+                str(csv_path),
+                "--output_dir",
+                str(kb_dir),
+                "--index_type",
+                index_type,
+                "--dpr_ctx_encoder_model_name",
+                str(models["context_encoder"]),
+                "--device",
+                "cpu",
+            ]
+        )
         use_own_knowledge_dataset.main(kb_args)
     return models, passages, index
 
@@ -319,23 +332,31 @@ def print_header(args: argparse.Namespace) -> None:
     if args.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         device = f"{args.accelerator} ({torch.cuda.get_device_name(0)})"
     print(f"# bench_refresh  {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"machine: {platform.machine()} {platform.system()}, cpu_count={os.cpu_count()}, "
-          f"usable cpus={len(os.sched_getaffinity(0))}, torch threads={torch.get_num_threads()}, device={device}, "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}, "
-          f"ray {ray.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__}, "
-          f"datasets {datasets.__version__}")  # fmt: skip
+    print(
+        f"machine: {platform.machine()} {platform.system()}, cpu_count={os.cpu_count()}, "
+        f"usable cpus={len(os.sched_getaffinity(0))}, torch threads={torch.get_num_threads()}, device={device}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, lightning {pl.__version__}, "
+        f"ray {ray.__version__}, transformers {transformers.__version__}, faiss {faiss.__version__}, "
+        f"datasets {datasets.__version__}"
+    )
 
 
 def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) -> list[tuple[str, str]]:
     """Print each run and the refreshes; return the summary rows (the runs of a setting pooled)."""
-    print(f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
-          f"refresh every {args.indexing_freq} steps)")  # fmt: skip
+    print(
+        f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
+        f"refresh every {args.indexing_freq} steps)"
+    )
     for run in [r for group in runs.values() for r in group]:
         ms = [m for _, m in run.steps]
         refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
-        print(f"{run.name:>22}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
-              f"other processes {run.others_cores:.2f} cores{refreshes})")  # fmt: skip
+        print(
+            f"{run.name:>22}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
+            f"other processes {run.others_cores:.2f} cores{refreshes})"
+        )
     base = [ms for run in runs["no-refresh"] for _, ms in run.steps]
     original_wall = pct([run.wall_s for run in runs["rag_original"]], 50)
     k = args.indexing_freq
@@ -353,22 +374,25 @@ def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) 
         skipped = sum(run.refresh.refresher.skipped_triggers for run in group)
         failures = sum(run.refresh.refresher.failures for run in group)
         wall = pct([run.wall_s for run in group], 50)
-        print(f"{name}: steps with a refresh in flight {len(busy)} of {len(steps)}, median {pct(busy, 50):.1f} ms; "
-              f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}; trigger -> swap step: "
-              + ", ".join(f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s"
-                          for h in history))  # fmt: skip
+        print(
+            f"{name}: steps with a refresh in flight {len(busy)} of {len(steps)}, median {pct(busy, 50):.1f} ms; "
+            f"refreshes {len(history)}, skipped triggers {skipped}, failures {failures}; trigger -> swap step: "
+            + ", ".join(f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history)
+        )
         longest_swap = max(swaps, default=float("nan"))
         rows += [
             (f"{name}: step median / p95, refresh every {k} (ms)", f"{pct(steps, 50):.1f} / {pct(steps, 95):.1f}"),
-            (f"{name}: ratio to no refresh, median / p95",
-             f"{pct(steps, 50) / pct(base, 50):.2f} / {pct(steps, 95) / pct(base, 95):.2f}"),
+            (
+                f"{name}: ratio to no refresh, median / p95",
+                f"{pct(steps, 50) / pct(base, 50):.2f} / {pct(steps, 95) / pct(base, 95):.2f}",
+            ),
             (f"{name}: step median while a refresh is in flight (ms)", f"{pct(busy, 50):.1f}"),
             (f"{name}: longest step at a swap / median step", f"{longest_swap / pct(steps, 50):.2f}"),
             (f"{name}: a swap adds (median swap step - median step, ms)", f"{pct(swaps, 50) - pct(steps, 50):.1f}"),
             (f"{name}: wall time / rag_original's (same steps)", f"{wall / original_wall:.2f}"),
             (f"{name}: refreshes / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
             (f"{name}: reindex_seconds, median", f"{pct([h['reindex_seconds'] for h in history], 50):.2f}"),
-        ]  # fmt: skip
+        ]
     return rows
 
 
@@ -376,11 +400,15 @@ def report_retrieval(r: dict, others: float) -> list[tuple[str, str]]:
     """Print the retrieval figures; return the summary rows."""
     print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor (other processes {others:.2f} cores)")
     print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
-    print(f"in process:   median {r['local_median']:.2f} ms (RetrievalActor.retrieve called directly; Ray / in process "
-          f"{r['idle_median'] / r['local_median']:.2f})")  # fmt: skip
+    print(
+        f"in process:   median {r['local_median']:.2f} ms (RetrievalActor.retrieve called directly; Ray / in process "
+        f"{r['idle_median'] / r['local_median']:.2f})"
+    )
     print(f"during swaps: {r['swap_calls']} calls, median {r['swap_median']:.2f} ms, p95 {r['swap_p95']:.2f} ms")
-    print(f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
-          f"versions served in order: {r['monotonic']} (last v{r['last_version']})")  # fmt: skip
+    print(
+        f"swap: stage median {r['stage_median']:.1f} ms + activate median {r['activate_median']:.2f} ms; "
+        f"versions served in order: {r['monotonic']} (last v{r['last_version']})"
+    )
     return [
         ("retrieve (8 queries) median / p95 (ms)", f"{r['idle_median']:.2f} / {r['idle_p95']:.2f}"),
         ("retrieve in process (the same call, no Ray), median (ms)", f"{r['local_median']:.2f}"),
@@ -402,22 +430,51 @@ def main() -> None:
     start = time.perf_counter()
     models, passages, index = build_inputs(work, args.kb_copies, args.index_type)
     n_passages = len(datasets.load_from_disk(str(passages)))
-    print(f"inputs: {n_passages} passages ({args.kb_copies} copies, {args.index_type}) in {work} "
-          f"({time.perf_counter() - start:.1f}s)")  # fmt: skip
+    print(
+        f"inputs: {n_passages} passages ({args.kb_copies} copies, {args.index_type}) in {work} "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
 
     def argv(name: str, *extra: str) -> list[str]:
         return [
-            "--model_name_or_path", str(models["rag_token"]), "--model_type", "rag_token",
-            "--context_encoder_name", str(models["context_encoder"]),
-            "--passages_path", str(passages), "--index_path", str(index),
-            "--data_dir", str(DUMMY_DATA), "--output_dir", str(work / f"out-{name}"),
-            "--accelerator", args.accelerator, "--devices", args.devices,
-            "--train_batch_size", str(args.train_batch_size), "--index_type", args.index_type,
-            "--max_steps", str(args.steps), "--max_epochs", "100000", "--num_sanity_val_steps", "0",
-            "--check_val_every_n_epoch", "100000",  # no validation or checkpoints: training steps only
-            "--do_train", "--training_mode", "rag_end2end", "--ray_namespace", f"bench-{name}-{uuid.uuid4().hex[:6]}",
-            *extra, *passthrough,
-        ]  # fmt: skip
+            "--model_name_or_path",
+            str(models["rag_token"]),
+            "--model_type",
+            "rag_token",
+            "--context_encoder_name",
+            str(models["context_encoder"]),
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(work / f"out-{name}"),
+            "--accelerator",
+            args.accelerator,
+            "--devices",
+            args.devices,
+            "--train_batch_size",
+            str(args.train_batch_size),
+            "--index_type",
+            args.index_type,
+            "--max_steps",
+            str(args.steps),
+            "--max_epochs",
+            "100000",
+            "--num_sanity_val_steps",
+            "0",
+            "--check_val_every_n_epoch",
+            "100000",  # no validation or checkpoints: training steps only
+            "--do_train",
+            "--training_mode",
+            "rag_end2end",
+            "--ray_namespace",
+            f"bench-{name}-{uuid.uuid4().hex[:6]}",
+            *extra,
+            *passthrough,
+        ]
 
     # Alternating the settings spreads any other load on the machine over all of them.
     freq = ("--indexing_freq", str(args.indexing_freq))
@@ -435,24 +492,29 @@ def main() -> None:
     refr = runs[list(settings)[-1]]
 
     refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
-    r = bench_retrieval(refr[-1].module, [KBVersion(0, str(passages), str(index)), *refreshed], 8,
-                        args.retrieval_seconds, args.swaps)  # fmt: skip
+    r = bench_retrieval(
+        refr[-1].module, [KBVersion(0, str(passages), str(index)), *refreshed], 8, args.retrieval_seconds, args.swaps
+    )
     r_others = r["others_cores"]
     rows += report_retrieval(r, r_others)
     every_run = [run for group in runs.values() for run in group]
     others = " / ".join(f"{run.others_cores:.2f}" for run in every_run)
     rows.append(("other processes' CPU: each training run / retrieval (cores)", f"{others} / {r_others:.2f}"))
 
-    print(f"\n## summary ({n_passages} passages, {args.repeats} x {args.steps} steps a setting, {args.accelerator}, "
-          f"total {time.perf_counter() - start:.0f}s)\n")  # fmt: skip
+    print(
+        f"\n## summary ({n_passages} passages, {args.repeats} x {args.steps} steps a setting, {args.accelerator}, "
+        f"total {time.perf_counter() - start:.0f}s)\n"
+    )
     print("| metric | value |\n|---|---|")
     print("\n".join(f"| {name} | {value} |" for name, value in rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "refresh", "passages": n_passages, "rows": rows}, indent=1))
     busiest = max(run.others_cores for run in every_run)
     if busiest > 0.2:
-        print(f"\nWARNING: other processes kept up to {busiest:.2f} cores busy during training: these step times "
-              "measure the machine's other load as much as the refresh; run again on a quiet machine.")  # fmt: skip
+        print(
+            f"\nWARNING: other processes kept up to {busiest:.2f} cores busy during training: these step times "
+            "measure the machine's other load as much as the refresh; run again on a quiet machine."
+        )
     ray.shutdown()
 
 

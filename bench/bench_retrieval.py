@@ -70,8 +70,9 @@ def noop_round_trip(calls: int, warmup: int) -> dict:
     return {"p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95)}
 
 
-def compare(kb: KBVersion, queries: np.ndarray, n_docs: int, calls: int, warmup: int, blocks: int,
-            threads: int | None) -> dict:  # fmt: skip
+def compare(
+    kb: KBVersion, queries: np.ndarray, n_docs: int, calls: int, warmup: int, blocks: int, threads: int | None
+) -> dict:
     """One row: `retrieve` on `kb` in process and through one Ray actor, alternating in `blocks` blocks."""
     local = RetrievalActor(threads=threads)
     local.ensure_live(kb)
@@ -118,17 +119,28 @@ def run(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure every (size, index); a JSON-serialisable dict (`markdown` turns it into a table)."""
-    params = {"sizes": sorted(sizes), "dim": dim, "indexes": list(indexes), "queries": queries, "n_docs": n_docs,
-              "calls": calls, "warmup": warmup, "blocks": blocks, "threads": threads or os.cpu_count(),
-              "seed": seed}  # fmt: skip
+    params = {
+        "sizes": sorted(sizes),
+        "dim": dim,
+        "indexes": list(indexes),
+        "queries": queries,
+        "n_docs": n_docs,
+        "calls": calls,
+        "warmup": warmup,
+        "blocks": blocks,
+        "threads": threads or os.cpu_count(),
+        "seed": seed,
+    }
     for n in sizes:  # inside a user-chosen --workdir: never delete what this run did not write
         if workdir and (Path(workdir) / f"kb-{n}x{dim}").exists():
             raise FileExistsError(f"{workdir}/kb-{n}x{dim} exists (an earlier run's?): remove it or choose another")
     env = bench_memory.environment()
     log(bench_memory.header(env).replace("# bench_memory", "# bench_retrieval", 1))
     if params["threads"] > 1 and env["load_average"] > env["usable_cpus"] - 0.5:
-        log(f"warning: load average {env['load_average']:.1f} on {env['usable_cpus']} cpus: with FAISS threads > 1 "
-            "OpenMP waits for descheduled threads, on both sides but unevenly (--threads 1 avoids that)")  # fmt: skip
+        log(
+            f"warning: load average {env['load_average']:.1f} on {env['usable_cpus']} cpus: with FAISS threads > 1 "
+            "OpenMP waits for descheduled threads, on both sides but unevenly (--threads 1 avoids that)"
+        )
     started_ray = not ray.is_initialized()
     init_ray(None, f"bench-retrieval-{uuid.uuid4().hex[:8]}")
     work = Path(workdir or tempfile.mkdtemp(prefix="bench-retrieval-"))
@@ -144,8 +156,15 @@ def run(
                 embeddings = bench_memory.unit_embeddings(n, dim, seed)
                 for version, kind in enumerate(indexes, start=1):
                     t0 = time.perf_counter()
-                    kb = build_kb_version(str(size_dir / "base"), str(size_dir / "kb"), version, 0,
-                                          IndexConfig(index_type=kind), "cosine", embeddings)  # fmt: skip
+                    kb = build_kb_version(
+                        str(size_dir / "base"),
+                        str(size_dir / "kb"),
+                        version,
+                        0,
+                        IndexConfig(index_type=kind),
+                        "cosine",
+                        embeddings,
+                    )
                     row = {"size": n, "dim": dim, "index": kind, "build_s": time.perf_counter() - t0}
                     row.update(compare(kb, q, n_docs, calls, warmup, blocks, threads))
                     rows.append(row)
@@ -161,29 +180,38 @@ def run(
 
 
 def row_line(r: dict) -> str:
-    return (f"{r['size']:,} x {r['dim']} {r['index']}: in process p50/p95 {r['local_p50_ms']:.2f}/"
-            f"{r['local_p95_ms']:.2f} ms, Ray {r['ray_p50_ms']:.2f}/{r['ray_p95_ms']:.2f} ms, ratio "
-            f"{r['ratio_p50']:.2f}, Ray adds {r['overhead_p50_ms']:.2f} ms; without embeddings in process "
-            f"{r['local_texts_p50_ms']:.2f}, Ray {r['ray_texts_p50_ms']:.2f} ms, ratio {r['ratio_texts_p50']:.2f}; "
-            f"same ids {r['same_ids']} "
-            f"(build {r['build_s']:.1f}s, load average {r['load_average']:.1f})")  # fmt: skip
+    return (
+        f"{r['size']:,} x {r['dim']} {r['index']}: in process p50/p95 {r['local_p50_ms']:.2f}/"
+        f"{r['local_p95_ms']:.2f} ms, Ray {r['ray_p50_ms']:.2f}/{r['ray_p95_ms']:.2f} ms, ratio "
+        f"{r['ratio_p50']:.2f}, Ray adds {r['overhead_p50_ms']:.2f} ms; without embeddings in process "
+        f"{r['local_texts_p50_ms']:.2f}, Ray {r['ray_texts_p50_ms']:.2f} ms, ratio {r['ratio_texts_p50']:.2f}; "
+        f"same ids {r['same_ids']} "
+        f"(build {r['build_s']:.1f}s, load average {r['load_average']:.1f})"
+    )
 
 
 def markdown(result: dict) -> str:
     """One Markdown table of `run()`'s result: a row per (KB size, index), then the no-op round trip."""
     p, noop = result["params"], result["noop"]
-    lines = [f"`retrieve`: {p['queries']} queries x {p['n_docs']} docs, {p['calls']} calls a side, "
-             f"{p['threads']} FAISS threads", "",
-             "| passages | index | in process p50 / p95 ms | Ray p50 / p95 ms | Ray ÷ in process, p50 "
-             "| Ray adds, p50 ms | without embeddings: in process / Ray p50 ms | Ray ÷ in process, p50 | same ids |",
-             "|--:|---|--:|--:|--:|--:|--:|--:|---|"]  # fmt: skip
+    lines = [
+        f"`retrieve`: {p['queries']} queries x {p['n_docs']} docs, {p['calls']} calls a side, "
+        f"{p['threads']} FAISS threads",
+        "",
+        "| passages | index | in process p50 / p95 ms | Ray p50 / p95 ms | Ray ÷ in process, p50 "
+        "| Ray adds, p50 ms | without embeddings: in process / Ray p50 ms | Ray ÷ in process, p50 | same ids |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['size']:,} x {r['dim']} | `{r['index']}` | {r['local_p50_ms']:.2f} / "
-                     f"{r['local_p95_ms']:.2f} | {r['ray_p50_ms']:.2f} / {r['ray_p95_ms']:.2f} | {r['ratio_p50']:.2f} "
-                     f"| {r['overhead_p50_ms']:.2f} | {r['local_texts_p50_ms']:.2f} / {r['ray_texts_p50_ms']:.2f} "
-                     f"| {r['ratio_texts_p50']:.2f} | {r['same_ids']} |")  # fmt: skip
-    lines += ["", f"No-op actor call (the floor of any Ray call): p50 {noop['p50_ms']:.3f} ms, "
-              f"p95 {noop['p95_ms']:.3f} ms."]  # fmt: skip
+        lines.append(
+            f"| {r['size']:,} x {r['dim']} | `{r['index']}` | {r['local_p50_ms']:.2f} / "
+            f"{r['local_p95_ms']:.2f} | {r['ray_p50_ms']:.2f} / {r['ray_p95_ms']:.2f} | {r['ratio_p50']:.2f} "
+            f"| {r['overhead_p50_ms']:.2f} | {r['local_texts_p50_ms']:.2f} / {r['ray_texts_p50_ms']:.2f} "
+            f"| {r['ratio_texts_p50']:.2f} | {r['same_ids']} |"
+        )
+    lines += [
+        "",
+        f"No-op actor call (the floor of any Ray call): p50 {noop['p50_ms']:.3f} ms, p95 {noop['p95_ms']:.3f} ms.",
+    ]
     return "\n".join(lines)
 
 
@@ -202,10 +230,19 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="default: a temporary directory, removed at the end")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
-    result = run([int(s) for s in args.sizes.split(",") if s.strip()], args.dim,
-                 tuple(i.strip() for i in args.indexes.split(",") if i.strip()), queries=args.queries,
-                 n_docs=args.n_docs, calls=args.calls, warmup=args.warmup, blocks=args.blocks, threads=args.threads,
-                 seed=args.seed, workdir=args.workdir)  # fmt: skip
+    result = run(
+        [int(s) for s in args.sizes.split(",") if s.strip()],
+        args.dim,
+        tuple(i.strip() for i in args.indexes.split(",") if i.strip()),
+        queries=args.queries,
+        n_docs=args.n_docs,
+        calls=args.calls,
+        warmup=args.warmup,
+        blocks=args.blocks,
+        threads=args.threads,
+        seed=args.seed,
+        workdir=args.workdir,
+    )
     print("\n" + markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

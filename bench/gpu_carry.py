@@ -41,20 +41,64 @@ CALL_LIMIT = 64 * MIB  # the device tool's carry limit per call, working tree in
 # httpx: carried, they are there either way). They install with --no-deps, so nothing else travels;
 # tests/test_gpu_check.py checks these requirements here, and `check` below runs pip check on the machine.
 PACKAGES = (
-    "ray==2.60.0", "faiss-cpu==1.15.1", "datasets==5.2.0", "torchdata==0.11.0",  # the toolkit imports these
-    "dill==0.4.1", "multiprocess==0.70.19", "fsspec==2026.9.0",  # datasets' needs
-    "msgpack==1.2.4", "requests==2.34.2", "urllib3==2.8.0", "charset-normalizer==3.5.3",  # ray's and torchdata's
-    "idna==3.21", "certifi==2026.10.19.post1",  # requests'
-    "jsonschema==4.26.0", "jsonschema-specifications==2025.9.1", "referencing==0.37.0", "rpds-py==2026.9.1",  # ray's
-)  # fmt: skip
+    "ray==2.60.0",
+    "faiss-cpu==1.15.1",
+    "datasets==5.2.0",
+    "torchdata==0.11.0",  # the toolkit imports these
+    "dill==0.4.1",
+    "multiprocess==0.70.19",
+    "fsspec==2026.9.0",  # datasets' needs
+    "msgpack==1.2.4",
+    "requests==2.34.2",
+    "urllib3==2.8.0",
+    "charset-normalizer==3.5.3",  # ray's and torchdata's
+    "idna==3.21",
+    "certifi==2026.10.19.post1",  # requests'
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",  # ray's
+)
 # Import names the GPU machine has installed (gpu-device.md, with their CUDA parts): a carried wheel that holds one
 # of them would shadow the machine's copy from the front of PYTHONPATH, so plan() refuses it.
-MACHINE_HAS = frozenset({"torch", "nvidia", "triton", "transformers", "pytorch_lightning", "lightning", "peft",
-                         "sentence_transformers", "torchmetrics", "tensorboard", "accelerate", "safetensors",
-                         "tokenizers", "huggingface_hub", "pyarrow", "pandas", "numpy", "matplotlib", "pytest",
-                         "hypothesis", "psutil", "xxhash"})  # fmt: skip
-PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux2014_x86_64",
-            "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux_2_28_x86_64"]  # fmt: skip
+MACHINE_HAS = frozenset(
+    {
+        "torch",
+        "nvidia",
+        "triton",
+        "transformers",
+        "pytorch_lightning",
+        "lightning",
+        "peft",
+        "sentence_transformers",
+        "torchmetrics",
+        "tensorboard",
+        "accelerate",
+        "safetensors",
+        "tokenizers",
+        "huggingface_hub",
+        "pyarrow",
+        "pandas",
+        "numpy",
+        "matplotlib",
+        "pytest",
+        "hypothesis",
+        "psutil",
+        "xxhash",
+    }
+)
+PLATFORM = [
+    "--python-version",
+    "3.12",
+    "--implementation",
+    "cp",
+    "--platform",
+    "manylinux2014_x86_64",
+    "--platform",
+    "manylinux_2_17_x86_64",
+    "--platform",
+    "manylinux_2_28_x86_64",
+]
 
 
 def sha256(path: Path) -> str:
@@ -111,8 +155,9 @@ def pip_check(
 
 def tree_bytes(repo: Path = REPO) -> int:
     """What the working tree adds to every call: the files git would carry (tracked or not ignored)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
-                         check=True).stdout.decode()  # fmt: skip
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True, check=True
+    ).stdout.decode()
     return sum((repo / name).stat().st_size for name in out.split("\0") if name and (repo / name).is_file())
 
 
@@ -124,8 +169,10 @@ def plan(wheels: list[Path], out: Path, per_call: int) -> dict:
         raise FileExistsError(f"{out} already holds a plan (call*/): remove it to plan again")
     for wheel in wheels:
         if shadowed := sorted(top_level_names(wheel) & MACHINE_HAS):
-            raise ValueError(f"{wheel.name} holds {', '.join(shadowed)}, which the GPU machine has: in front of "
-                             "it on PYTHONPATH it would shadow the machine's copy; carry no such wheel")  # fmt: skip
+            raise ValueError(
+                f"{wheel.name} holds {', '.join(shadowed)}, which the GPU machine has: in front of "
+                "it on PYTHONPATH it would shadow the machine's copy; carry no such wheel"
+            )
     pieces = []  # (wheel name, part index, bytes)
     entries = []
     for wheel in sorted(wheels, key=lambda p: -p.stat().st_size):
@@ -158,11 +205,17 @@ def describe(manifest: dict, out: Path) -> str:
     for number in range(1, manifest["calls"] + 1):
         folder = out / f"call{number}"
         size = sum(p.stat().st_size for p in folder.iterdir())
-        parts = [f"{e['wheel']} part {i + 1}/{len(e['parts'])}" if len(e["parts"]) > 1 else e["wheel"]
-                 for e in manifest["wheels"] for i, p in enumerate(e["parts"]) if p["call"] == number]  # fmt: skip
+        parts = [
+            f"{e['wheel']} part {i + 1}/{len(e['parts'])}" if len(e["parts"]) > 1 else e["wheel"]
+            for e in manifest["wheels"]
+            for i, p in enumerate(e["parts"])
+            if p["call"] == number
+        ]
         step = "then run the check" if number == manifest["calls"] else "only stage it; send the next call at once"
-        lines.append(f"call {number}: carry [\"{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}"
-                     f"\"] ({size / MIB:.1f} MiB): {', '.join(parts)}; {step}")  # fmt: skip
+        lines.append(
+            f'call {number}: carry ["{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}'
+            f'"] ({size / MIB:.1f} MiB): {", ".join(parts)}; {step}'
+        )
     return "\n".join(lines)
 
 
@@ -195,8 +248,21 @@ def install(carry: Path, stash: Path, target: Path) -> bool:
             raise ValueError(f"{wheel}: sha256 differs from the manifest's: a part is corrupt or from another plan")
         wheels.append(str(wheel))
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(target), *wheels], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            *wheels,
+        ],
+        check=True,
+    )
     print(f"gpu_carry: installed {len(wheels)} wheel(s) into {target} (PYTHONPATH={target})", flush=True)
     return True
 
@@ -210,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("plan", help="split and pack the wheels into call folders, and say which call carries what")
     s.add_argument("--wheels", type=Path, default=CARRY / "wheels")
     s.add_argument("--out", type=Path, default=CARRY)
-    s.add_argument("--per_call_mib", type=float, default=None,
-                   help="bytes a call may carry besides the tree (default: 64 MiB - the tree - 1 MiB)")  # fmt: skip
+    s.add_argument(
+        "--per_call_mib",
+        type=float,
+        default=None,
+        help="bytes a call may carry besides the tree (default: 64 MiB - the tree - 1 MiB)",
+    )
     i = sub.add_parser("install", help="on the GPU machine: stash this call's parts; rejoin and install when complete")
     i.add_argument("--carry", type=Path, default=CARRY)
     i.add_argument("--stash", type=Path, default=STASH)

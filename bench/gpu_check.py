@@ -116,15 +116,26 @@ class DeviceMemory:
 def device_memory(blocks: list[DeviceMemory]) -> dict:
     """The highest device-wide use over `blocks` and the use before the block that reached it (None on CPU)."""
     top = max(blocks, key=lambda b: b.peak_mib or 0.0)
-    return {"device_memory_peak_mib": top.peak_mib, "device_memory_before_mib": top.before_mib,
-            "device_memory_of": f"cudaMemGetInfo: every process on the GPU, sampled every {top.interval * 1e3:g} ms"
-            if top.enabled else "not measured (no CUDA)"}  # fmt: skip
+    return {
+        "device_memory_peak_mib": top.peak_mib,
+        "device_memory_before_mib": top.before_mib,
+        "device_memory_of": f"cudaMemGetInfo: every process on the GPU, sampled every {top.interval * 1e3:g} ms"
+        if top.enabled
+        else "not measured (no CUDA)",
+    }
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "lightning": pl.__version__, "ray": ray.__version__,
-            "faiss": faiss.__version__, "datasets": datasets.__version__}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "lightning": pl.__version__,
+        "ray": ray.__version__,
+        "faiss": faiss.__version__,
+        "datasets": datasets.__version__,
+    }
 
 
 def encode(work: Path, models: dict, args: argparse.Namespace, gpu: bool) -> dict:
@@ -135,8 +146,17 @@ def encode(work: Path, models: dict, args: argparse.Namespace, gpu: bool) -> dic
     kb = build_kb(work / "encode", args.passages, encoder.config.hidden_size, cfg)
     retriever = RagRayDistributedRetriever(start_retrieval_actors(1, namespace=f"gpu-check-{time.time_ns()}"))
     retriever.init_retrieval(kb)
-    refresher = Refresher(retriever, kb.passages_path, str(work / "encode" / "versions"), encoder, tokenizer, cfg,
-                          index_gpus=0.5 if gpu else 0, encode_batch_size=args.batch_size, keep_versions=2)  # fmt: skip
+    refresher = Refresher(
+        retriever,
+        kb.passages_path,
+        str(work / "encode" / "versions"),
+        encoder,
+        tokenizer,
+        cfg,
+        index_gpus=0.5 if gpu else 0,
+        encode_batch_size=args.batch_size,
+        keep_versions=2,
+    )
     refresher.wait_for_actors()
     weights = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     passages = datasets.load_from_disk(kb.passages_path).select_columns(["title", "text"])
@@ -150,9 +170,18 @@ def encode(work: Path, models: dict, args: argparse.Namespace, gpu: bool) -> dic
     for actor in retriever.actors:
         ray.kill(actor)
     b, r = bench_refresh.pct(bare, 50), bench_refresh.pct(refresh, 50)
-    return {"passages": args.passages, "batch_size": args.batch_size, "bf16": gpu, "encoding_actor_gpus": 0.5 * gpu,
-            "bare_forward_passages_per_s": b, "refresh_passages_per_s": r, "refresh_vs_bare": r / b,
-            "bare_runs": bare, "refresh_runs": refresh, **device_memory(memory)}  # fmt: skip
+    return {
+        "passages": args.passages,
+        "batch_size": args.batch_size,
+        "bf16": gpu,
+        "encoding_actor_gpus": 0.5 * gpu,
+        "bare_forward_passages_per_s": b,
+        "refresh_passages_per_s": r,
+        "refresh_vs_bare": r / b,
+        "bare_runs": bare,
+        "refresh_runs": refresh,
+        **device_memory(memory),
+    }
 
 
 def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.Namespace, gpu: bool) -> dict:
@@ -160,15 +189,45 @@ def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.
 
     def argv(name: str, *extra: str, steps: int = args.steps) -> list[str]:
         return [
-            "--model_name_or_path", str(models["rag_token"]), "--model_type", "rag_token",
-            "--context_encoder_name", str(models["context_encoder"]), "--training_mode", "rag_end2end",
-            "--passages_path", str(passages), "--index_path", str(index), "--index_type", "flat",
-            "--data_dir", str(DUMMY_DATA), "--output_dir", str(work / f"out-{name}"), "--do_train",
-            "--accelerator", "gpu" if gpu else "cpu", "--devices", "1", "--precision", "bf16-mixed" if gpu else "32",
-            "--train_batch_size", "2", "--max_steps", str(steps), "--max_epochs", "100000",
-            "--num_sanity_val_steps", "0", "--check_val_every_n_epoch", "100000",
-            "--ray_namespace", f"gpu-check-{name}-{time.time_ns()}", *extra,
-        ]  # fmt: skip
+            "--model_name_or_path",
+            str(models["rag_token"]),
+            "--model_type",
+            "rag_token",
+            "--context_encoder_name",
+            str(models["context_encoder"]),
+            "--training_mode",
+            "rag_end2end",
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--index_type",
+            "flat",
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(work / f"out-{name}"),
+            "--do_train",
+            "--accelerator",
+            "gpu" if gpu else "cpu",
+            "--devices",
+            "1",
+            "--precision",
+            "bf16-mixed" if gpu else "32",
+            "--train_batch_size",
+            "2",
+            "--max_steps",
+            str(steps),
+            "--max_epochs",
+            "100000",
+            "--num_sanity_val_steps",
+            "0",
+            "--check_val_every_n_epoch",
+            "100000",
+            "--ray_namespace",
+            f"gpu-check-{name}-{time.time_ns()}",
+            *extra,
+        ]
 
     refresh_flags = ("--indexing_freq", str(args.indexing_freq), *(("--index_gpus", "0.5") if gpu else ()))
     # An untimed first run pays what only a process's first training pays (CUDA context and kernels, lazy imports).
@@ -179,26 +238,37 @@ def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.
         runs["no_refresh"].append(bench_refresh.train_run(f"plain-{repeat}", argv(f"plain-{repeat}"), args.warmup))
         counters.append(TokensAndMemory())
         with DeviceMemory(gpu) as sampled:  # the trainer, its retrieval actor and the encoding actor on the GPU
-            runs["refresh"].append(bench_refresh.train_run(f"refresh-{repeat}", argv(f"refresh-{repeat}",
-                                                           *refresh_flags), args.warmup, counters[-1]))  # fmt: skip
+            runs["refresh"].append(
+                bench_refresh.train_run(
+                    f"refresh-{repeat}", argv(f"refresh-{repeat}", *refresh_flags), args.warmup, counters[-1]
+                )
+            )
         memory.append(sampled)
     plain = [ms for run in runs["no_refresh"] for _, ms in run.steps]
     busy = [ms for run in runs["refresh"] for _, ms in run.steps]
     pct = bench_refresh.pct
     last = runs["refresh"][-1]
     return {
-        "steps": args.steps, "repeats": args.repeats, "batch_size": 2, "precision": "bf16-mixed" if gpu else "32",
-        "indexing_freq": args.indexing_freq, "encoding_actor_gpus": 0.5 * gpu,
-        "step_ms_median": pct(busy, 50), "step_ms_p95": pct(busy, 95),
-        "step_ms_median_no_refresh": pct(plain, 50), "step_ms_p95_no_refresh": pct(plain, 95),
-        "step_ratio_median": pct(busy, 50) / pct(plain, 50), "step_ratio_p95": pct(busy, 95) / pct(plain, 95),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "batch_size": 2,
+        "precision": "bf16-mixed" if gpu else "32",
+        "indexing_freq": args.indexing_freq,
+        "encoding_actor_gpus": 0.5 * gpu,
+        "step_ms_median": pct(busy, 50),
+        "step_ms_p95": pct(busy, 95),
+        "step_ms_median_no_refresh": pct(plain, 50),
+        "step_ms_p95_no_refresh": pct(plain, 95),
+        "step_ratio_median": pct(busy, 50) / pct(plain, 50),
+        "step_ratio_p95": pct(busy, 95) / pct(plain, 95),
         "tokens_per_s": sum(c.tokens for c in counters) / sum(c.seconds for c in counters),
-        "peak_memory_mib": max(c.peak_mib for c in counters), "peak_memory_of": "cuda allocator" if gpu else "cpu rss",
+        "peak_memory_mib": max(c.peak_mib for c in counters),
+        "peak_memory_of": "cuda allocator" if gpu else "cpu rss",
         **device_memory(memory),
         "refreshes": len(last.refresh.history) if last.refresh else 0,
         "kb_version_served": last.module.kb.version,
         "final_loss": float(last.module.trainer.callback_metrics.get("loss", float("nan"))),
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -222,13 +292,19 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, name, on_gpu if gpu else on_cpu)
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    result = {"mode": "gpu" if gpu else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "versions": versions(), "skipped": {}}  # fmt: skip
+    result = {
+        "mode": "gpu" if gpu else "cpu",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "versions": versions(),
+        "skipped": {},
+    }
     result["device"] = torch.cuda.get_device_name(0) if gpu else f"{platform.machine()} CPU"
     if not gpu:
         result["skipped"]["cuda"] = "no CUDA: float32 on CPU, no bf16, the encoding actor on CPU"
-    result["skipped"]["real_weights"] = ("the packaged MiniLM (~90 MB) and SmolLM2-135M (~270 MB) do not fit a "
-                                         "64 MiB call (../shared/reference/gpu-device.md)")  # fmt: skip
+    result["skipped"]["real_weights"] = (
+        "the packaged MiniLM (~90 MB) and SmolLM2-135M (~270 MB) do not fit a "
+        "64 MiB call (../shared/reference/gpu-device.md)"
+    )
     if args.tests_rc is not None:
         result["gpu_tests"] = {"returncode": args.tests_rc}
     if not gpu:

@@ -62,7 +62,7 @@ def environment() -> dict:
             "ray": ray.__version__,
             "transformers": transformers.__version__,
             "faiss": faiss.__version__,
-        },  # fmt: skip
+        },
     }
 
 
@@ -109,9 +109,13 @@ def main() -> None:
         print(f"   {seconds:.0f} s", flush=True)
 
     env = report["environment"]
-    lines = [f"# bench/run_all.py, {env['date']}", "",
-             f"Machine: {env['machine']}, GPU: {env['gpu']}, load average at start {env['load_average_at_start']:.1f}. "
-             + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + "."]  # fmt: skip
+    lines = [
+        f"# bench/run_all.py, {env['date']}",
+        "",
+        f"Machine: {env['machine']}, GPU: {env['gpu']}, load average at start {env['load_average_at_start']:.1f}. "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + ".",
+    ]
     for name, entry in report["benchmarks"].items():
         took = f"{entry['seconds']:.0f} s" if "seconds" in entry else "from an earlier run"
         if measured := entry.get("result", {}).get("environment", {}).get("date"):

@@ -58,8 +58,10 @@ def main() -> None:
         gap = 100 * np.mean(gaps, axis=0)  # per question, over seeds
         means = [gap[rng.integers(0, len(gap), len(gap))].mean() for _ in range(args.samples)]
         low, high = np.percentile(means, [2.5, 97.5])
-        print(f"{args.row_a} - {args.row_b}, {name}, seeds {' '.join(seeds)}, {len(gap)} questions: "
-              f"{gap.mean():+.2f} (95% interval {low:+.2f} to {high:+.2f})")  # fmt: skip
+        print(
+            f"{args.row_a} - {args.row_b}, {name}, seeds {' '.join(seeds)}, {len(gap)} questions: "
+            f"{gap.mean():+.2f} (95% interval {low:+.2f} to {high:+.2f})"
+        )
 
 
 if __name__ == "__main__":

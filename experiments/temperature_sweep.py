@@ -31,8 +31,9 @@ def sweep(args: argparse.Namespace) -> dict:
     encoder = load_encoder(args.question_encoder, side="question", temperature=1.0).eval()
     q_tok = load_tokenizer(args.question_encoder)
     g_tok = AutoTokenizer.from_pretrained(args.generator)
-    generator = CausalGenerator(AutoModelForCausalLM.from_pretrained(args.generator).eval(), g_tok, None,
-                                args.max_length)  # fmt: skip
+    generator = CausalGenerator(
+        AutoModelForCausalLM.from_pretrained(args.generator).eval(), g_tok, None, args.max_length
+    )
     search = KBSearch(args.passages_path, args.index_path, encoder.config.hidden_size)
     rag = RagModel(encoder, q_tok, generator, search, n_docs=max(args.n_docs)).eval()
     questions = read_lines(Path(args.data_dir) / f"{args.split}.source")[: args.n]
@@ -40,8 +41,9 @@ def sweep(args: argparse.Namespace) -> dict:
     rows = {(k, tau): [] for k in args.n_docs for tau in args.taus}
     for start in range(0, len(questions), args.batch_size):
         qs, ans = questions[start : start + args.batch_size], answers[start : start + args.batch_size]
-        enc = q_tok([rag.question_prefix + q for q in qs], padding=True, truncation=True, max_length=64,
-                    return_tensors="pt")  # fmt: skip
+        enc = q_tok(
+            [rag.question_prefix + q for q in qs], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         retrieved = rag.retrieve(enc["input_ids"], enc["attention_mask"])
         scores = retrieved.doc_scores  # raw similarities (B, n)
         for k in args.n_docs:

@@ -14,8 +14,14 @@ import argparse
 import csv
 from pathlib import Path
 
-COLUMNS = {"recall@1": "val_recall@1", "recall@5": "val_recall@5", "recall@20": "val_recall@20",
-           "MRR@5": "val_mrr@5", "F1": "val_f1", "loss": "val_loss"}  # fmt: skip
+COLUMNS = {
+    "recall@1": "val_recall@1",
+    "recall@5": "val_recall@5",
+    "recall@20": "val_recall@20",
+    "MRR@5": "val_mrr@5",
+    "F1": "val_f1",
+    "loss": "val_loss",
+}
 
 
 def last_validation(run_dir: Path) -> dict[str, str]:
@@ -37,8 +43,10 @@ def main() -> None:
     print("|---" * (len(COLUMNS) + 2) + "|")
     for run_dir in args.run_dirs:
         row = last_validation(run_dir)
-        cells = [f"{float(row[key]):.3f}" if name == "loss" else f"{100 * float(row[key]):.2f}"
-                 for name, key in COLUMNS.items()]  # fmt: skip
+        cells = [
+            f"{float(row[key]):.3f}" if name == "loss" else f"{100 * float(row[key]):.2f}"
+            for name, key in COLUMNS.items()
+        ]
         print(f"| {run_dir.name} | {row['step']} | " + " | ".join(cells) + " |")
 
 

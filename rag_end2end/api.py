@@ -110,13 +110,26 @@ def train(
     out = Path(output_dir)
     kb = kb if isinstance(kb, KB) else KB.at(kb)
     data = out / "data"
-    argv = ["--output_dir", str(out), "--data_dir", str(data), "--training_mode", recipe,
-            "--passages_path", str(kb.passages_path), "--index_path", str(kb.index_path),
-            "--do_train", *(["--do_predict"] if test is not None else [])]  # fmt: skip
+    argv = [
+        "--output_dir",
+        str(out),
+        "--data_dir",
+        str(data),
+        "--training_mode",
+        recipe,
+        "--passages_path",
+        str(kb.passages_path),
+        "--index_path",
+        str(kb.index_path),
+        "--do_train",
+        *(["--do_predict"] if test is not None else []),
+    ]
     argv += _flags(build_parser().parse_args(["--model_type", "rag_token"]), flags, "train")
     splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
-    lines = {split: [(_one_line(q, f"{split} question"), _one_line(a, f"{split} answer")) for q, a in pairs]
-             for split, pairs in splits.items()}  # fmt: skip
+    lines = {
+        split: [(_one_line(q, f"{split} question"), _one_line(a, f"{split} answer")) for q, a in pairs]
+        for split, pairs in splits.items()
+    }
     if empty := [split for split, pairs in lines.items() if not pairs]:
         raise ValueError(f"{', '.join(empty)}: no (question, answer) pairs")
     args = parse_args(argv)  # every flag checked before anything is written
@@ -136,9 +149,18 @@ def evaluate(checkpoint: str | Path, questions: Sequence[str], answers: Sequence
     gold = [{"question": q, "answers": [a] if isinstance(a, str) else list(a)} for q, a in zip(questions, answers)]
     (work / "questions.txt").write_text("".join(_one_line(q, "question") + "\n" for q in questions), encoding="utf-8")
     (work / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold), encoding="utf-8")
-    argv = ["--model_name_or_path", str(checkpoint), "--evaluation_set", str(work / "questions.txt"),
-            "--gold_data_path", str(work / "gold.jsonl"), "--gold_data_mode", "jsonl",
-            "--predictions_path", str(work / "predictions.txt")]  # fmt: skip
+    argv = [
+        "--model_name_or_path",
+        str(checkpoint),
+        "--evaluation_set",
+        str(work / "questions.txt"),
+        "--gold_data_path",
+        str(work / "gold.jsonl"),
+        "--gold_data_mode",
+        "jsonl",
+        "--predictions_path",
+        str(work / "predictions.txt"),
+    ]
     argv += _flags(evaluation.parse_args(argv), flags, "evaluate")
     return next(iter(evaluation.main(evaluation.parse_args(argv)).values()))
 

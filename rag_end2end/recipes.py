@@ -49,8 +49,9 @@ class Positives:
     positive_ids: list[int | None] = field(default_factory=list)
 
 
-def infonce(q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: torch.Tensor,
-            symmetric: bool = False) -> torch.Tensor:  # fmt: skip
+def infonce(
+    q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: torch.Tensor, symmetric: bool = False
+) -> torch.Tensor:
     """Contrastive loss of B questions (B, d) against P candidate passages (P, d), scores q.p (the question
     vectors carry 1/tau). positive[i]: the column of question i's positive; owner[j]: the passage id of
     column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative (both on
@@ -124,8 +125,9 @@ def teacher_loglik(generator, questions: list[str], docs: list[dict], answers: l
             module.train(training)
 
 
-def mine(model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | None, n_hard: int,
-         pool: int = 20) -> Positives:  # fmt: skip
+def mine(
+    model: RagModel, batch: dict, passages, gold_ids: list[list[int]] | None, n_hard: int, pool: int = 20
+) -> Positives:
     """Positives and hard negatives from the live index (`pool` passages per question). The positive, as DPR
     takes it: the best-ranked gold passage of the pool when gold ids are known (the lowest gold id when none of
     them is in the pool), else the best-ranked passage that holds the answer (distant supervision).
@@ -161,8 +163,9 @@ def mask_docs(docs: list[dict], ids, masks: list[Mask | None]) -> list[dict]:
         if mask is None or mask.passage_id not in row:
             out.append(doc)
             continue
-        texts = [mask_passage(text, mask.sentence) if pid == mask.passage_id else text
-                 for pid, text in zip(row, doc["text"])]  # fmt: skip
+        texts = [
+            mask_passage(text, mask.sentence) if pid == mask.passage_id else text for pid, text in zip(row, doc["text"])
+        ]
         out.append({**doc, "text": texts})
     return out
 
@@ -283,8 +286,9 @@ class RagEnd2End(Objective):
     def loss(self, model, batch, mined=None):
         r = model.retrieve(batch["input_ids"], batch["attention_mask"])
         questions, answers = batch["source_text"], batch["target_text"]
-        loss = model.generator.loss(questions, r.docs, r.doc_scores, answers, model.marginal,
-                                    model.generator.label_smoothing).mean()  # fmt: skip
+        loss = model.generator.loss(
+            questions, r.docs, r.doc_scores, answers, model.marginal, model.generator.label_smoothing
+        ).mean()
         logs = {"nll": float(loss.detach()), "doc_entropy": entropy(r.doc_scores)}
         if self.args.retriever_loss == "pdist":  # a second, dropout-free pass scores the passages
             loglik = teacher_loglik(model.generator, questions, r.docs, answers)
@@ -317,8 +321,9 @@ class RetrieverOnly(Objective):
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0  # (DDP expects them all)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 # The other ranks gather candidates, forward and backward (a collective): take part, with none.
-                none = torch.zeros(0, model.question_encoder.config.hidden_size, requires_grad=True,
-                                   device=batch["input_ids"].device)  # fmt: skip
+                none = torch.zeros(
+                    0, model.question_encoder.config.hidden_size, requires_grad=True, device=batch["input_ids"].device
+                )
                 owners = torch.zeros(0, dtype=torch.long, device=none.device)
                 zero = zero + gather_candidates(none, owners)[0].sum() * 0.0
             return zero, {"infonce": 0.0, "with_positive": 0.0}

@@ -116,9 +116,12 @@ def causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.post_processor = None
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, model_max_length=2 * MAX_LENGTH, eos_token="[SEP]", pad_token="[PAD]",
+        tokenizer_object=backend,
+        model_max_length=2 * MAX_LENGTH,
+        eos_token="[SEP]",
+        pad_token="[PAD]",
         unk_token="[UNK]",
-    )  # fmt: skip
+    )
 
 
 def llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:

@@ -51,9 +51,19 @@ def tiny_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 
     out = tmp_path_factory.mktemp("kb")
     args = use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(DUMMY_CSV), "--output_dir", str(out), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--csv_path",
+            str(DUMMY_CSV),
+            "--output_dir",
+            str(out),
+            "--index_type",
+            "flat",
+            "--dpr_ctx_encoder_model_name",
+            str(tiny_models["context_encoder"]),
+            "--device",
+            "cpu",
+        ]
+    )
     return use_own_knowledge_dataset.main(args)
 
 
@@ -64,13 +74,33 @@ def finetune_argv(tiny_models, tiny_kb, tmp_path):
     def make(*extra: str, model: str = "rag_token") -> list[str]:
         passages, index = tiny_kb
         return [
-            "--model_name_or_path", str(tiny_models[model]), "--model_type", model,
-            "--context_encoder_name", str(tiny_models["context_encoder"]),
-            "--passages_path", str(passages), "--index_path", str(index),
-            "--data_dir", str(DUMMY_DATA), "--output_dir", str(tmp_path / "out"),
-            "--accelerator", "cpu", "--devices", "1", "--train_batch_size", "2", "--eval_batch_size", "4",
-            "--index_type", "flat", "--ray_namespace", f"test-{uuid.uuid4().hex[:8]}",
+            "--model_name_or_path",
+            str(tiny_models[model]),
+            "--model_type",
+            model,
+            "--context_encoder_name",
+            str(tiny_models["context_encoder"]),
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--eval_batch_size",
+            "4",
+            "--index_type",
+            "flat",
+            "--ray_namespace",
+            f"test-{uuid.uuid4().hex[:8]}",
             *extra,
-        ]  # fmt: skip
+        ]
 
     return make

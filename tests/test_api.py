@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_example_builds_trains_evaluates_answers_and_exports(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "examples" / "python_api.py"), str(tmp_path)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "python_api.py"), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith(("trained:", "kept", "evaluated:"))]
     assert len(lines) == 3, done.stdout[-3000:]

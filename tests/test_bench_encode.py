@@ -29,8 +29,16 @@ def test_the_profile_splits_the_encoding_loop_into_forward_passes_and_the_rest(b
     assert 0 < prof["forward_s"] < prof["seconds"]
     assert prof["forward_share"] == pytest.approx(prof["forward_s"] / prof["seconds"])
     assert prof["rest_ms_per_batch"] == pytest.approx(1000 * (prof["seconds"] - prof["forward_s"]) / 3)
-    result = {"passages": 10, "encoder": str(path), "batch_size": 4, "threads": 1, "index_factory": "Flat",
-              "passages_per_s": {"bare_forward": [2.0]}, "actor_encode_vs_bare": 1.0, "refresh_vs_bare": 0.5,
-              "median_passages_per_s": {"bare_forward": 2.0, "actor_encode": 2.0, "whole_refresh": 1.0},
-              "profile": prof}  # fmt: skip
+    result = {
+        "passages": 10,
+        "encoder": str(path),
+        "batch_size": 4,
+        "threads": 1,
+        "index_factory": "Flat",
+        "passages_per_s": {"bare_forward": [2.0]},
+        "actor_encode_vs_bare": 1.0,
+        "refresh_vs_bare": 0.5,
+        "median_passages_per_s": {"bare_forward": 2.0, "actor_encode": 2.0, "whole_refresh": 1.0},
+        "profile": prof,
+    }
     assert f"{100 * prof['forward_share']:.1f} % in the forward pass" in bench.markdown(result)

@@ -73,8 +73,17 @@ def test_gpu_rows_side_by_side_or_skipped_with_the_reason(bench):
     factories = bench.parse_factories("Flat")
     gpu_factories = bench.parse_factories("Flat;IVF{nlist},Flat@nprobe=4;hnsw")
     lines = []
-    result = bench.run([800], 8, factories, queries=20, single=3, batches=2, max_build_s=1e9,
-                       gpu_factories=gpu_factories, log=lines.append)  # fmt: skip
+    result = bench.run(
+        [800],
+        8,
+        factories,
+        queries=20,
+        single=3,
+        batches=2,
+        max_build_s=1e9,
+        gpu_factories=gpu_factories,
+        log=lines.append,
+    )
     json.dumps(result)
     gpu, table = result["gpu"], bench.markdown(result)
     assert len(result["rows"]) == 1 and result["environment"]["faiss_gpus"] == bench.faiss_devices.visible_gpus()

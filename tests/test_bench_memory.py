@@ -52,8 +52,17 @@ def test_report_and_conclusion_from_a_result(bench):
     mib = bench.MIB
     idle = {"VmHWM": 400 * mib, "VmRSS": 400 * mib, "RssAnon": 300 * mib, "RssFile": 100 * mib, "RssShmem": 0}
     n, dim = 100_000, 768
-    retrieval = {**idle, "VmHWM": 700 * mib, "VmRSS": 700 * mib, "RssAnon": 600 * mib, "idle": idle, "load_s": 0.1,
-                 "mapped_bytes": 370 * mib, "mapped_resident_bytes": 20 * mib, "mappings": 1}  # fmt: skip
+    retrieval = {
+        **idle,
+        "VmHWM": 700 * mib,
+        "VmRSS": 700 * mib,
+        "RssAnon": 600 * mib,
+        "idle": idle,
+        "load_s": 0.1,
+        "mapped_bytes": 370 * mib,
+        "mapped_resident_bytes": 20 * mib,
+        "mappings": 1,
+    }
     builder = {
         "idle": idle,
         "peak": 1400 * mib,
@@ -61,13 +70,34 @@ def test_report_and_conclusion_from_a_result(bench):
         "seconds": 4.0,
         "embeddings_bytes": n * dim * 4,
     }
-    row = {"size": n, "dim": dim, "text_bytes": 80 * mib, "generate_s": 1.0, "load_average": 1.0,
-           "indexes": {"Flat": {"builder": builder, "retrieval": retrieval,
-                                "disk": {"passages_bytes": 370 * mib, "index_bytes": 293 * mib}}},
-           "encoder": {"rows": 50_000, "idle_rows": 4096, "tokens": 5_000_000, "idle": idle, "start_s": 1.0,
-                       "encode_s": 1.0, "tokenised": {**idle, "RssAnon": 320 * mib},
-                       "encoded": {**idle, "VmHWM": 450 * mib}, "written": 50_000, "window": 65_536,
-                       "returned": {**idle, "VmHWM": 600 * mib}, "returned_s": 1.0}}  # fmt: skip
+    row = {
+        "size": n,
+        "dim": dim,
+        "text_bytes": 80 * mib,
+        "generate_s": 1.0,
+        "load_average": 1.0,
+        "indexes": {
+            "Flat": {
+                "builder": builder,
+                "retrieval": retrieval,
+                "disk": {"passages_bytes": 370 * mib, "index_bytes": 293 * mib},
+            }
+        },
+        "encoder": {
+            "rows": 50_000,
+            "idle_rows": 4096,
+            "tokens": 5_000_000,
+            "idle": idle,
+            "start_s": 1.0,
+            "encode_s": 1.0,
+            "tokenised": {**idle, "RssAnon": 320 * mib},
+            "encoded": {**idle, "VmHWM": 450 * mib},
+            "written": 50_000,
+            "window": 65_536,
+            "returned": {**idle, "VmHWM": 600 * mib},
+            "returned_s": 1.0,
+        },
+    }
     params = {"sizes": [n], "dim": dim, "factories": ["Flat"], "machine_gib": 24.0, "reserve_gib": 6.0}
     result = {"params": params, "rows": [row], "driver_peak": 0}
     result["conclusion"] = bench.conclusion(result)
@@ -110,8 +140,14 @@ def test_shard_encoder_keeps_its_token_ids_compact_and_encodes_as_from_lists(kb,
     path, titles, texts = kb
     tokenizer = wordpiece_tokenizer(texts, vocab_size=120)
     torch.manual_seed(0)
-    config = DPRConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, max_position_embeddings=128)  # fmt: skip
+    config = DPRConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=128,
+    )
     encoder = DPRContextEncoder(config)
     monkeypatch.setattr(ShardEncoder, "TOKENIZE_CHUNK", 7)  # several chunks, the last one short
     shard = ShardEncoder(str(path), 3, 33, tokenizer, DPRContextEncoder, config)
@@ -128,8 +164,16 @@ def test_shard_encoder_keeps_its_token_ids_compact_and_encodes_as_from_lists(kb,
 
 def test_encode_token_ids_takes_the_flat_form():
     torch.manual_seed(0)
-    encoder = DPRContextEncoder(DPRConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                          intermediate_size=32, max_position_embeddings=32))  # fmt: skip
+    encoder = DPRContextEncoder(
+        DPRConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
     lists = [[2, 7, 9, 3], [2, 3], [2, 11, 12, 13, 14, 3], [2, 5, 3]]
     flat = np.array([t for ids in lists for t in ids], dtype=np.int32)
     offsets = np.cumsum([0, *map(len, lists)])

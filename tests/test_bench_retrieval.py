@@ -22,8 +22,25 @@ def test_main_writes_one_row_per_size_and_index(bench, ray_local, tmp_path, monk
     out, work = tmp_path / "retrieval.json", tmp_path / "mine"
     work.mkdir()
     (work / "keep.txt").write_text("the user's")
-    argv = ["bench_retrieval.py", "--sizes", "300", "--dim", "16", "--calls", "20", "--warmup", "3",
-            "--indexes", "flat,hnsw", "--threads", "1", "--workdir", str(work), "--json", str(out)]  # fmt: skip
+    argv = [
+        "bench_retrieval.py",
+        "--sizes",
+        "300",
+        "--dim",
+        "16",
+        "--calls",
+        "20",
+        "--warmup",
+        "3",
+        "--indexes",
+        "flat,hnsw",
+        "--threads",
+        "1",
+        "--workdir",
+        str(work),
+        "--json",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     printed = capsys.readouterr().out

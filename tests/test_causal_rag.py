@@ -77,28 +77,64 @@ def parts():
     torch.manual_seed(0)
     tok = make_tokenizer()
     generator = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
-                    bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    ).eval()  # fmt: skip
-    dpr = DPRConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=256, projection_dim=0)  # fmt: skip
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            initializer_range=0.2,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
+    dpr = DPRConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        projection_dim=0,
+    )
     # absolute positions, unlike Llama's rotary ones: left padding must not shift them
     gpt2 = GPT2LMHeadModel(
-        GPT2Config(vocab_size=len(tok), n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=256, initializer_range=0.2,
-                   bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    ).eval()  # fmt: skip
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=HIDDEN,
+            n_layer=2,
+            n_head=2,
+            n_positions=256,
+            initializer_range=0.2,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).eval()
     # eval(): no dropout, so that two retrievals of one batch give the same doc scores
-    return {"tok": tok, "generator": generator, "gpt2": gpt2, "q_enc": DPRQuestionEncoder(dpr).eval(),
-            "ctx_enc": DPRContextEncoder(dpr).eval()}  # fmt: skip
+    return {
+        "tok": tok,
+        "generator": generator,
+        "gpt2": gpt2,
+        "q_enc": DPRQuestionEncoder(dpr).eval(),
+        "ctx_enc": DPRContextEncoder(dpr).eval(),
+    }
 
 
 def make_rag(parts, n_docs=2, mode="token", end2end=False, generator="generator") -> RagModel:
     return RagModel(
-        parts["q_enc"], parts["tok"], CausalGenerator(parts[generator], parts["tok"]), FakeRetriever(), n_docs=n_docs,
-        marginal=mode, ctx_encoder=parts["ctx_enc"] if end2end else None,
+        parts["q_enc"],
+        parts["tok"],
+        CausalGenerator(parts[generator], parts["tok"]),
+        FakeRetriever(),
+        n_docs=n_docs,
+        marginal=mode,
+        ctx_encoder=parts["ctx_enc"] if end2end else None,
         ctx_tokenizer=parts["tok"] if end2end else None,
-    )  # fmt: skip
+    )
 
 
 def questions_batch(tok, questions=QUESTIONS):
@@ -133,8 +169,9 @@ def test_build_prompts_question_major_and_chat_template(parts):
 def test_tokenize_for_loss_labels_the_answer_only(parts):
     tok = parts["tok"]
     batch = loss_batch(tok)
-    for ids, mask, labels, answer in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                         [a for a in ANSWERS for _ in range(2)]):  # fmt: skip
+    for ids, mask, labels, answer in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], [a for a in ANSWERS for _ in range(2)]
+    ):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()  # right padding
         assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == IGNORE).all()
@@ -342,9 +379,11 @@ def test_token_generation_equals_marginal_decoding_without_cache(parts):
         for _ in range(6):  # each step: every passage's prompt + the tokens so far, alone, from scratch
             with torch.no_grad():
                 logp = torch.stack(
-                    [generator(torch.tensor([p + generated])).logits[0, -1].log_softmax(-1)
-                     for p in all_prompt_ids[b * 3 : (b + 1) * 3]]
-                )  # fmt: skip
+                    [
+                        generator(torch.tensor([p + generated])).logits[0, -1].log_softmax(-1)
+                        for p in all_prompt_ids[b * 3 : (b + 1) * 3]
+                    ]
+                )
             generated.append(int((doc_scores[b].log_softmax(0)[:, None] + logp).logsumexp(0).argmax()))
             if generated[-1] == tok.eos_token_id:
                 break

@@ -45,8 +45,14 @@ class Improving(pl.LightningModule):
 def test_exports_are_removed_with_the_checkpoints_lightning_drops(tmp_path):
     (tmp_path / "checkpoint999").mkdir()  # not an export of this run (no kb_version.json): never touched
     checkpoint = get_checkpoint_callback(str(tmp_path), "em")
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, callbacks=[checkpoint], logger=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(Improving())
     ckpts = sorted(tmp_path.glob("*.ckpt"))
     assert [checkpoint_step(str(c)) for c in ckpts] == [12]  # three new bests; save_top_k=1 keeps the last

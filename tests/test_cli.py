@@ -13,8 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(argv: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, str(REPO / "finetune_rag.py"), *argv],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -26,8 +30,9 @@ def _logged(out: Path, name: str) -> list[float]:
 
 def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_path):
     # The child processes join the Ray that the test session started (its address is in the environment).
-    argv = finetune_argv("--devices", "2", "--do_train", "--do_predict", "--end2end", "--indexing_freq", "2",
-                         "--max_epochs", "1")  # fmt: skip
+    argv = finetune_argv(
+        "--devices", "2", "--do_train", "--do_predict", "--end2end", "--indexing_freq", "2", "--max_epochs", "1"
+    )
     proc = _run(argv)
     out = tmp_path / "out"
     # Every rank's test answers, one a line: 8 test questions, though each rank generated only half of them.
@@ -46,22 +51,84 @@ def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
     passages, index = tiny_kb
     out = tmp_path / "out"
     argv = [
-        "--data_dir", str(REPO / "test_run" / "dummy-train-data"), "--output_dir", str(out),
-        "--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
-        "--fp16", "--gpus", "0", "--profile", "--do_train", "--end2end", "--do_predict", "--n_val", "-1",
-        "--train_batch_size", "1", "--eval_batch_size", "1", "--max_source_length", "128",
-        "--max_target_length", "25", "--val_max_target_length", "25", "--test_max_target_length", "25",
-        "--label_smoothing", "0.1", "--dropout", "0.1", "--attention_dropout", "0.1", "--weight_decay", "0.001",
-        "--adam_epsilon", "1e-08", "--max_grad_norm", "0.1", "--lr_scheduler", "polynomial",
-        "--learning_rate", "3e-05", "--num_train_epochs", "10", "--warmup_steps", "500",
-        "--gradient_accumulation_steps", "1", "--distributed_retriever", "ray", "--num_retrieval_workers", "4",
-        "--index_name", "custom", "--context_encoder_name", str(tiny_models["context_encoder"]),
-        "--index_gpus", "0", "--gpu_order", "[2,3,4,5,6,7,8,9,0,1]", "--indexing_freq", "5",
-        "--csv_path", str(REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
-        "--passages_path", str(passages), "--index_path", str(index), "--shard_dir", str(tmp_path / "shards"),
-        "--ray_namespace", "test-reference-flags",
-        "--max_steps", "20",  # the one addition: 10 epochs would be 400 steps
-    ]  # fmt: skip
+        "--data_dir",
+        str(REPO / "test_run" / "dummy-train-data"),
+        "--output_dir",
+        str(out),
+        "--model_name_or_path",
+        str(tiny_models["rag_token"]),
+        "--model_type",
+        "rag_token",
+        "--fp16",
+        "--gpus",
+        "0",
+        "--profile",
+        "--do_train",
+        "--end2end",
+        "--do_predict",
+        "--n_val",
+        "-1",
+        "--train_batch_size",
+        "1",
+        "--eval_batch_size",
+        "1",
+        "--max_source_length",
+        "128",
+        "--max_target_length",
+        "25",
+        "--val_max_target_length",
+        "25",
+        "--test_max_target_length",
+        "25",
+        "--label_smoothing",
+        "0.1",
+        "--dropout",
+        "0.1",
+        "--attention_dropout",
+        "0.1",
+        "--weight_decay",
+        "0.001",
+        "--adam_epsilon",
+        "1e-08",
+        "--max_grad_norm",
+        "0.1",
+        "--lr_scheduler",
+        "polynomial",
+        "--learning_rate",
+        "3e-05",
+        "--num_train_epochs",
+        "10",
+        "--warmup_steps",
+        "500",
+        "--gradient_accumulation_steps",
+        "1",
+        "--distributed_retriever",
+        "ray",
+        "--num_retrieval_workers",
+        "4",
+        "--index_name",
+        "custom",
+        "--context_encoder_name",
+        str(tiny_models["context_encoder"]),
+        "--index_gpus",
+        "0",
+        "--gpu_order",
+        "[2,3,4,5,6,7,8,9,0,1]",
+        "--indexing_freq",
+        "5",
+        "--csv_path",
+        str(REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
+        "--passages_path",
+        str(passages),
+        "--index_path",
+        str(index),
+        "--shard_dir",
+        str(tmp_path / "shards"),
+        "--ray_namespace",
+        "test-reference-flags",
+        "--max_steps",
+        "20",  # the one addition: 10 epochs would be 400 steps
+    ]
     _run(argv)
     assert max(_logged(out, "index_version")) >= 1
     assert (out / "test_results.txt").exists()
@@ -75,8 +142,10 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
     bin_dir.mkdir()
     shim = bin_dir / "python"
     # `python -c ...` (test_finetune.sh counting torch's GPUs) prints $FAKE_GPUS; every other call is recorded.
-    shim.write_text('#!/bin/sh\nif [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi\n'
-                    'printf "%s\\n" "$@" > "$RECORD/$(ls "$RECORD" | wc -l)"\n')  # fmt: skip
+    shim.write_text(
+        '#!/bin/sh\nif [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi\n'
+        'printf "%s\\n" "$@" > "$RECORD/$(ls "$RECORD" | wc -l)"\n'
+    )
     shim.chmod(0o755)
     environ = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), **env}
     subprocess.run(["sh", str(REPO / script)], env=environ, check=True, timeout=60)
@@ -141,8 +210,16 @@ def test_a_refusal_is_one_line_and_debug_shows_the_traceback(finetune_argv, tmp_
     debug = subprocess.run([*command, *argv, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "check_data_dir" in debug.stderr
 
-    evaluation = [sys.executable, str(REPO / "eval_rag.py"), "--model_name_or_path", str(tmp_path / "runs" / "x"),
-                  "--evaluation_set", str(tmp_path / "q.txt"), "--gold_data_path", str(tmp_path / "g.txt")]  # fmt: skip
+    evaluation = [
+        sys.executable,
+        str(REPO / "eval_rag.py"),
+        "--model_name_or_path",
+        str(tmp_path / "runs" / "x"),
+        "--evaluation_set",
+        str(tmp_path / "q.txt"),
+        "--gold_data_path",
+        str(tmp_path / "g.txt"),
+    ]
     (tmp_path / "runs").mkdir()
     refused = subprocess.run(evaluation, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr

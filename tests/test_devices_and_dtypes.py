@@ -64,8 +64,9 @@ def bf16_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(dirs[name])
     # a BERT (AutoModel) encoder besides the tiny DPR ones
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32))  # fmt: skip
+    bert = BertModel(
+        BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     bert.to(torch.bfloat16).save_pretrained(out / "bert")
     dirs["bert"] = out / "bert"
     return dirs
@@ -140,8 +141,9 @@ def test_a_run_on_bf16_checkpoints_trains_float32_weights(bf16_models, finetune_
     for flag, name in parts.items():
         argv += [flag, str(bf16_models[name])]
     argv += ["--generator_type", "causal"] if "causal_generator" in parts.values() else []
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(argv), kb_search.KBSearch(*map(str, tiny_kb),
-                                             HIDDEN))  # fmt: skip
+    module = finetune_rag.GenerativeQAModule(
+        finetune_rag.parse_args(argv), kb_search.KBSearch(*map(str, tiny_kb), HIDDEN)
+    )
     model = module.model
     assert model.ctx_encoder is not None and model.generator is not None
     assert dtypes(model) == {torch.float32}
@@ -168,8 +170,15 @@ def test_doc_scores_are_float32_under_bf16_autocast(tiny_models, fresh):
     p(z|x) with them. precision.float32_scores turns autocast off for the product."""
     tok = AutoTokenizer.from_pretrained(tiny_models["question_encoder"])
     q_enc = load_encoder(str(tiny_models["question_encoder"]), "cls", temperature=0.1).eval()  # |q| ~ 10 / tau
-    ctx = {"ctx_encoder": load_encoder(str(tiny_models["context_encoder"]), side="context").eval(),
-           "ctx_tokenizer": tok, "rerank_top": 3} if fresh else {}  # fmt: skip
+    ctx = (
+        {
+            "ctx_encoder": load_encoder(str(tiny_models["context_encoder"]), side="context").eval(),
+            "ctx_tokenizer": tok,
+            "rerank_top": 3,
+        }
+        if fresh
+        else {}
+    )
     model = RagModel(q_enc, tok, None, StoredRetriever(), n_docs=2, **ctx)
     enc = model.tokenize_questions(["what is the capital of france?", "who founded rome?"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -63,8 +63,18 @@ def _gold_records(passages) -> list[dict]:
 
 def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
     namespace = f"test-eval-{uuid.uuid4().hex[:8]}"
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--max_steps", "10",
-                         "--val_check_interval", "5", "--ray_namespace", namespace)  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--max_steps",
+        "10",
+        "--val_check_interval",
+        "5",
+        "--ray_namespace",
+        namespace,
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     for actor in module.retriever.actors:
         ray.kill(actor)
@@ -77,8 +87,19 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
     # e2e: one generated answer per question, EM/F1 in [0, 1].
     preds = tmp_path / "e2e" / "preds.txt"
     common = ["--model_name_or_path", last, "--evaluation_set", QUESTIONS, "--eval_batch_size", 3]
-    metrics = _evaluate(*common, "--gold_data_path", ANSWERS, "--predictions_path", preds,
-                        "--num_beams", 2, "--max_length", 8, "--n_docs", 2)[str(last)]  # fmt: skip
+    metrics = _evaluate(
+        *common,
+        "--gold_data_path",
+        ANSWERS,
+        "--predictions_path",
+        preds,
+        "--num_beams",
+        2,
+        "--max_length",
+        8,
+        "--n_docs",
+        2,
+    )[str(last)]
     assert len(preds.read_text().split("\n")) == 8 + 1
     assert set(metrics) == {"em", "f1", "n"} and metrics["n"] == 8
     assert 0 <= metrics["em"] <= metrics["f1"] <= 1
@@ -95,16 +116,41 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
     gold = tmp_path / "test.gold.jsonl"
     gold.write_text("".join(json.dumps(r) + "\n" for r in _gold_records(passages)))
     preds = tmp_path / "retrieval" / "preds.txt"
-    retrieval = [*common, "--eval_mode", "retrieval", "--gold_data_path", gold, "--predictions_path", preds,
-                 "--passages_path", kb[0], "--index_path", kb[1]]  # fmt: skip
+    retrieval = [
+        *common,
+        "--eval_mode",
+        "retrieval",
+        "--gold_data_path",
+        gold,
+        "--predictions_path",
+        preds,
+        "--passages_path",
+        kb[0],
+        "--index_path",
+        kb[1],
+    ]
     metrics = _evaluate(*retrieval)[str(last)]
-    assert metrics == pytest.approx({
-        "recall@1": 2 / 6, "recall@5": 5 / 6, "recall@10": 5 / 6, "recall@20": 5 / 6, "n_gold_ids": 6,
-        "mrr@1": 2 / 6, "mrr@5": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6, "mrr@10": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
-        "mrr@20": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
-        "answer_recall@1": 0.5, "answer_recall@5": 0.5, "answer_recall@10": 0.5, "answer_recall@20": 0.5,
-        "n_answers_only": 2, "precision@1": 0.5, "n_titles": 2, "n": 8,
-    })  # fmt: skip
+    assert metrics == pytest.approx(
+        {
+            "recall@1": 2 / 6,
+            "recall@5": 5 / 6,
+            "recall@10": 5 / 6,
+            "recall@20": 5 / 6,
+            "n_gold_ids": 6,
+            "mrr@1": 2 / 6,
+            "mrr@5": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
+            "mrr@10": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
+            "mrr@20": (1 + 1 / 3 + 1 / 2 + 1 / 4 + 1) / 6,
+            "answer_recall@1": 0.5,
+            "answer_recall@5": 0.5,
+            "answer_recall@10": 0.5,
+            "answer_recall@20": 0.5,
+            "n_answers_only": 2,
+            "precision@1": 0.5,
+            "n_titles": 2,
+            "n": 8,
+        }
+    )
     rows = preds.read_text().splitlines()
     assert len(rows) == 8 and all(len(r.split("\t")) == 20 for r in rows)
     expected_ids = [A, B, C, *(i for i in range(len(passages)) if i not in (A, B, C))][:20]
@@ -126,9 +172,21 @@ def test_eval_rag_end_to_end(ray_local, finetune_argv, tmp_path, monkeypatch):
 
     monkeypatch.setattr(eval_rag, "kb_paths", recording_kb_paths)
     preds = tmp_path / "all" / "preds.txt"
-    results = _evaluate("--model_name_or_path", run, "--eval_all_checkpoints", "--eval_mode", "retrieval",
-                        "--evaluation_set", QUESTIONS, "--gold_data_path", ANSWERS, "--predictions_path", preds,
-                        "--ks", "1,40")  # fmt: skip
+    results = _evaluate(
+        "--model_name_or_path",
+        run,
+        "--eval_all_checkpoints",
+        "--eval_mode",
+        "retrieval",
+        "--evaluation_set",
+        QUESTIONS,
+        "--gold_data_path",
+        ANSWERS,
+        "--predictions_path",
+        preds,
+        "--ks",
+        "1,40",
+    )
     assert list(results) == [str(c) for c in checkpoints]
     named = [json.loads((c / "kb_version.json").read_text()) for c in checkpoints]
     assert used == [checkpoint_kb(c) for c in checkpoints]
@@ -172,8 +230,10 @@ def test_checkpoint_dirs_in_step_order(tmp_path):
     for name in ("checkpoint100", "checkpoint20", "checkpoint3.tmp-1234abcd", "kb", "checkpoint5"):
         (tmp_path / name).mkdir()
     assert [Path(p).name for p in eval_rag.checkpoint_dirs(str(tmp_path), True)] == [
-        "checkpoint5", "checkpoint20", "checkpoint100"
-    ]  # fmt: skip
+        "checkpoint5",
+        "checkpoint20",
+        "checkpoint100",
+    ]
     assert eval_rag.checkpoint_dirs("some/dir", False) == ["some/dir"]
     with pytest.raises(FileNotFoundError):
         eval_rag.checkpoint_dirs(str(tmp_path / "kb"), True)
@@ -192,9 +252,26 @@ def test_zero_shot_retrieval_of_a_question_encoder_alone(tiny_models, tiny_kb, t
     )
     assert sum(map(bool, gold)) >= 4, "too few questions with a gold passage to test anything"
     encoder = str(tiny_models["question_encoder"])
-    common = ["--eval_mode", "retrieval", "--question_encoder_name_or_path", encoder, "--passages_path", passages,
-              "--index_path", index, "--evaluation_set", QUESTIONS, "--gold_data_path", gold_path, "--ks", "1,5,20",
-              "--predictions_path", tmp_path / "zs.txt", "--metrics_path", tmp_path / "zero-shot.json"]  # fmt: skip
+    common = [
+        "--eval_mode",
+        "retrieval",
+        "--question_encoder_name_or_path",
+        encoder,
+        "--passages_path",
+        passages,
+        "--index_path",
+        index,
+        "--evaluation_set",
+        QUESTIONS,
+        "--gold_data_path",
+        gold_path,
+        "--ks",
+        "1,5,20",
+        "--predictions_path",
+        tmp_path / "zs.txt",
+        "--metrics_path",
+        tmp_path / "zero-shot.json",
+    ]
     metrics = _evaluate(*common)[encoder]
     assert json.loads((tmp_path / "zero-shot.json").read_text()) == metrics
 
@@ -216,8 +293,18 @@ def test_eval_rag_refuses_gold_without_answers_and_a_missing_model_directory(tin
     n = len(QUESTIONS.read_text().splitlines())
     empty = tmp_path / "test.gold.jsonl"
     empty.write_text('{"answers": [], "gold_passage_ids": []}\n' * n)
-    common = ["--eval_mode", "retrieval", "--passages_path", passages, "--index_path", index, "--evaluation_set",
-              QUESTIONS, "--predictions_path", tmp_path / "p.txt"]  # fmt: skip
+    common = [
+        "--eval_mode",
+        "retrieval",
+        "--passages_path",
+        passages,
+        "--index_path",
+        index,
+        "--evaluation_set",
+        QUESTIONS,
+        "--predictions_path",
+        tmp_path / "p.txt",
+    ]
     encoder = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"])]
     with pytest.raises(InputError, match=r"test\.gold\.jsonl: no gold answers, passage ids or titles on any line"):
         _evaluate(*common, *encoder, "--gold_data_path", empty)
@@ -249,10 +336,30 @@ def test_eval_rag_reproduces_the_do_predict_that_wrote_the_checkpoint(ray_local,
     targets = (data / "test.target").read_text().splitlines()
     records = [{"answers": [t, f"other answer {i}"], "gold_passage_ids": [i, 20 + i]} for i, t in enumerate(targets)]
     (data / "test.gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    argv = finetune_argv("--do_train", "--do_predict", "--end2end", "--indexing_freq", "2", "--max_steps", "4",
-                         "--val_check_interval", "4", "--num_sanity_val_steps", "0", "--n_docs", "3",
-                         "--rerank_top", "5", "--max_source_length", "9", "--test_max_target_length", "6",
-                         "--num_beams", "2", model="rag_sequence")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--do_predict",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--max_steps",
+        "4",
+        "--val_check_interval",
+        "4",
+        "--num_sanity_val_steps",
+        "0",
+        "--n_docs",
+        "3",
+        "--rerank_top",
+        "5",
+        "--max_source_length",
+        "9",
+        "--test_max_target_length",
+        "6",
+        "--num_beams",
+        "2",
+        model="rag_sequence",
+    )
     argv[argv.index("--data_dir") + 1] = str(data)
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     for actor in module.retriever.actors:
@@ -264,8 +371,16 @@ def test_eval_rag_reproduces_the_do_predict_that_wrote_the_checkpoint(ray_local,
     assert (settings["n_docs"], settings["rerank_top"], settings["question_max_length"]) == (3, 5, 9)
     assert settings["generation"] == {"num_beams": 2, "max_new_tokens": 6} and settings["doc_scores"] == "fresh"
 
-    common = ["--model_name_or_path", checkpoint, "--evaluation_set", data / "test.source", "--gold_data_path",
-              data / "test.gold.jsonl", "--eval_batch_size", 3]  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        checkpoint,
+        "--evaluation_set",
+        data / "test.source",
+        "--gold_data_path",
+        data / "test.gold.jsonl",
+        "--eval_batch_size",
+        3,
+    ]
     e2e = _evaluate(*common, "--predictions_path", tmp_path / "preds.txt")[str(checkpoint)]
     assert (tmp_path / "preds.txt").read_text() == (run / "test_generations.txt").read_text()
     assert e2e["em"] == pytest.approx(float(logged["test_em"])) and e2e["f1"] == pytest.approx(float(logged["test_f1"]))

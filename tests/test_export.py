@@ -35,19 +35,64 @@ def checkpoint(tiny_models, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("export")
     ctx = str(tiny_models["context_encoder"])
     kb_args = use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(DUMMY_CSV), "--output_dir", str(work / "kb"), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", ctx, "--pooling", "mean", "--similarity", "cosine",
-         "--passage_prefix", "passage: ", "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--csv_path",
+            str(DUMMY_CSV),
+            "--output_dir",
+            str(work / "kb"),
+            "--index_type",
+            "flat",
+            "--dpr_ctx_encoder_model_name",
+            ctx,
+            "--pooling",
+            "mean",
+            "--similarity",
+            "cosine",
+            "--passage_prefix",
+            "passage: ",
+            "--device",
+            "cpu",
+        ]
+    )
     passages, index = use_own_knowledge_dataset.main(kb_args)
     args = finetune_rag.parse_args(
-        ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]), "--generator_name_or_path",
-         str(tiny_models["generator"]), "--context_encoder_name", ctx, "--model_type", "rag_token",
-         "--training_mode", "rag_end2end", "--question_pooling", "mean", "--context_pooling", "mean",
-         "--similarity", "cosine", "--question_prefix", "query: ", "--passage_prefix", "passage: ", "--n_docs", "3",
-         "--passages_path", str(passages), "--index_path", str(index), "--data_dir", str(DUMMY_DATA),
-         "--output_dir", str(work / "run"), "--max_source_length", "32", "--test_max_target_length", "5"]
-    )  # fmt: skip
+        [
+            "--question_encoder_name_or_path",
+            str(tiny_models["question_encoder"]),
+            "--generator_name_or_path",
+            str(tiny_models["generator"]),
+            "--context_encoder_name",
+            ctx,
+            "--model_type",
+            "rag_token",
+            "--training_mode",
+            "rag_end2end",
+            "--question_pooling",
+            "mean",
+            "--context_pooling",
+            "mean",
+            "--similarity",
+            "cosine",
+            "--question_prefix",
+            "query: ",
+            "--passage_prefix",
+            "passage: ",
+            "--n_docs",
+            "3",
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(work / "run"),
+            "--max_source_length",
+            "32",
+            "--test_max_target_length",
+            "5",
+        ]
+    )
     module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
     ckpt = work / "run" / "checkpoint0"
     module.save_hf_checkpoint(ckpt)
@@ -144,18 +189,36 @@ def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, t
 
 
 @pytest.mark.parametrize("model_type", ["rag_token", "rag_sequence"])
-def test_dpr_bart_exports_a_transformers_rag_model_that_answers_as_the_toolkit(tiny_models, tiny_kb, tmp_path,
-                                                                               model_type):  # fmt: skip
+def test_dpr_bart_exports_a_transformers_rag_model_that_answers_as_the_toolkit(
+    tiny_models, tiny_kb, tmp_path, model_type
+):
     """transformers' RagRetriever and Rag*ForGeneration load DIR/rag: the same passages, prompts (token ids) and
     doc scores as the toolkit, and for RAG-token the same greedy answers."""
     from transformers import RagRetriever, RagSequenceForGeneration, RagTokenForGeneration, RagTokenizer
 
     passages, index = tiny_kb
     args = finetune_rag.parse_args(
-        ["--model_name_or_path", str(tiny_models[model_type]), "--model_type", model_type, "--training_mode",
-         "rag_original", "--passages_path", str(passages), "--index_path", str(index), "--data_dir", str(DUMMY_DATA),
-         "--output_dir", str(tmp_path / "run"), "--n_docs", "3", "--test_max_target_length", "6"]
-    )  # fmt: skip
+        [
+            "--model_name_or_path",
+            str(tiny_models[model_type]),
+            "--model_type",
+            model_type,
+            "--training_mode",
+            "rag_original",
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--n_docs",
+            "3",
+            "--test_max_target_length",
+            "6",
+        ]
+    )
     module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
     torch.manual_seed(0)
     with torch.no_grad():  # at its init scale the tiny generator emits only [CLS]: larger weights, real answers
@@ -183,8 +246,13 @@ def test_dpr_bart_exports_a_transformers_rag_model_that_answers_as_the_toolkit(t
     if model_type == "rag_token":
         with torch.no_grad():
             # max_length counts the decoder start, and forced_eos_token_id ends at it: room for our 6 and an EOS
-            generated = rag.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], num_beams=1,
-                                     max_length=1 + 6 + 1, do_sample=False)  # fmt: skip
+            generated = rag.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                num_beams=1,
+                max_length=1 + 6 + 1,
+                do_sample=False,
+            )
         theirs = [a.strip() for a in tokenizer.generator.batch_decode(generated, skip_special_tokens=True)]
         ours = model.answer(QUESTIONS, num_beams=1)
         assert theirs == [a["answer"] for a in ours] and any(theirs)
@@ -196,11 +264,29 @@ def test_a_lora_generator_exports_as_its_base_and_the_adapter(tiny_models, tiny_
 
     passages, index = tiny_kb
     args = finetune_rag.parse_args(
-        ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]), "--generator_name_or_path",
-         str(tiny_models["causal_generator"]), "--generator_type", "causal", "--model_type", "rag_token",
-         "--training_mode", "rag_original", "--peft", "generator", "--passages_path", str(passages),
-         "--index_path", str(index), "--data_dir", str(DUMMY_DATA), "--output_dir", str(tmp_path / "run")]
-    )  # fmt: skip
+        [
+            "--question_encoder_name_or_path",
+            str(tiny_models["question_encoder"]),
+            "--generator_name_or_path",
+            str(tiny_models["causal_generator"]),
+            "--generator_type",
+            "causal",
+            "--model_type",
+            "rag_token",
+            "--training_mode",
+            "rag_original",
+            "--peft",
+            "generator",
+            "--passages_path",
+            str(passages),
+            "--index_path",
+            str(index),
+            "--data_dir",
+            str(DUMMY_DATA),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), 32))
     batch = next(iter(module._dataloader("train", 2, shuffle=False)))
     module.training_step(batch, 0).backward()

@@ -55,8 +55,10 @@ def test_hnsw_stays_on_cpu():
     assert faiss_devices.to_gpu(index, "replicate") is index
 
 
-@pytest.mark.parametrize(("factory", "params"), [("IVF256,Flat", "nprobe=256"), ("IVF256,PQ16np", "nprobe=32"),
-                                                  ("IVF64,PQ96np", "nprobe=16")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("factory", "params"),
+    [("IVF256,Flat", "nprobe=256"), ("IVF256,PQ16np", "nprobe=32"), ("IVF64,PQ96np", "nprobe=16")],
+)
 def test_ivf_trained_on_gpu_is_a_cpu_index_that_searches_like_cpu_training(factory, params, tmp_path):
     dim = 96 if "PQ96" in factory else 64
     x, queries = clustered(30_000, dim, 2)
@@ -104,8 +106,16 @@ def test_bench_gpu_rows_measure_both_sides():
     import bench_index as bench
 
     gpu_factories = bench.parse_factories("Flat;IVF{nlist},Flat@nprobe=16")
-    result = bench.run([5000], 32, bench.parse_factories("Flat"), queries=50, single=10, batches=3,
-                       gpu_factories=gpu_factories, log=print)  # fmt: skip
+    result = bench.run(
+        [5000],
+        32,
+        bench.parse_factories("Flat"),
+        queries=50,
+        single=10,
+        batches=3,
+        gpu_factories=gpu_factories,
+        log=print,
+    )
     rows = result["gpu"]["rows"]
     assert result["gpu"]["status"] == "ok" and [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["gpu"]["recall_at_10"] == rows[0]["cpu"]["recall_at_10"] == 1.0

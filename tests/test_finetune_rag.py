@@ -69,9 +69,11 @@ def test_no_context_encoder_training_without_end2end(ray_local, finetune_argv):
 def test_assembles_rag_from_question_encoder_and_generator(ray_local, finetune_argv, tiny_models):
     argv = finetune_argv("--end2end")
     argv[argv.index("--model_name_or_path") : argv.index("--model_name_or_path") + 2] = [
-        "--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-        "--generator_name_or_path", str(tiny_models["generator"]),
-    ]  # fmt: skip
+        "--question_encoder_name_or_path",
+        str(tiny_models["question_encoder"]),
+        "--generator_name_or_path",
+        str(tiny_models["generator"]),
+    ]
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     generator = module.model.generator
     assert generator.max_length <= generator.model.config.max_position_embeddings
@@ -102,14 +104,46 @@ def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
     passages, index = tiny_kb
     data = _data_with_gold_passages(tmp_path_factory.mktemp("data"), passages)
     argv = [
-        "--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
-        "--context_encoder_name", str(tiny_models["context_encoder"]),
-        "--passages_path", str(passages), "--index_path", str(index),
-        "--data_dir", str(data), "--output_dir", str(out), "--accelerator", "cpu", "--devices", "1",
-        "--train_batch_size", "2", "--eval_batch_size", "4", "--max_epochs", "2", "--learning_rate", "1e-3",
-        "--end2end", "--indexing_freq", "2", "--index_type", "flat", "--keep_kb_versions", "0",
-        "--do_train", "--do_predict", "--ray_namespace", "test-trained", "--log_every_n_steps", "1",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(tiny_models["rag_token"]),
+        "--model_type",
+        "rag_token",
+        "--context_encoder_name",
+        str(tiny_models["context_encoder"]),
+        "--passages_path",
+        str(passages),
+        "--index_path",
+        str(index),
+        "--data_dir",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+        "--train_batch_size",
+        "2",
+        "--eval_batch_size",
+        "4",
+        "--max_epochs",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--index_type",
+        "flat",
+        "--keep_kb_versions",
+        "0",
+        "--do_train",
+        "--do_predict",
+        "--ray_namespace",
+        "test-trained",
+        "--log_every_n_steps",
+        "1",
+    ]
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     module.argv = argv
     yield module, _refresh_callback(module), out
@@ -171,8 +205,9 @@ def test_training_goes_on_while_a_refresh_is_held_back(ray_local, finetune_argv,
     refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"))
     release = Release()
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=16, limit_val_batches=0, callbacks=[refresh, release],
-                         **quiet)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=16, limit_val_batches=0, callbacks=[refresh, release], **quiet
+    )
     trainer.fit(module)
     _kill_actors(module)
     assert release.released_at is not None, "training stopped while the refresh was held back"
@@ -244,13 +279,24 @@ def test_resume_goes_on_from_the_checkpoint_and_its_kb_version(trained):
 
 
 def _causal_argv(finetune_argv, tiny_models, *extra: str) -> list[str]:
-    argv = finetune_argv("--generator_type", "causal", "--max_target_length", "8", "--val_max_target_length", "8",
-                         "--test_max_target_length", "8", *extra)  # fmt: skip
+    argv = finetune_argv(
+        "--generator_type",
+        "causal",
+        "--max_target_length",
+        "8",
+        "--val_max_target_length",
+        "8",
+        "--test_max_target_length",
+        "8",
+        *extra,
+    )
     i = argv.index("--model_name_or_path")
     argv[i : i + 2] = [
-        "--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-        "--generator_name_or_path", str(tiny_models["causal_generator"]),
-    ]  # fmt: skip
+        "--question_encoder_name_or_path",
+        str(tiny_models["question_encoder"]),
+        "--generator_name_or_path",
+        str(tiny_models["causal_generator"]),
+    ]
     return argv
 
 
@@ -260,16 +306,30 @@ def test_causal_generator_trains_every_part(ray_local, finetune_argv, tiny_model
     argv[argv.index("--model_type") + 1] = model_type
     module = finetune_rag.build_module(finetune_rag.parse_args(argv))
     module.training_step(_batch(module), 0).backward()
-    for name, part in (("context", module.context_encoder), ("question", module.model.question_encoder),
-                       ("generator", module.model.generator)):  # fmt: skip
+    for name, part in (
+        ("context", module.context_encoder),
+        ("question", module.model.question_encoder),
+        ("generator", module.model.generator),
+    ):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), name
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.context_encoder.parameters())
     _kill_actors(module)
 
 
 def test_causal_generator_end_to_end_run_refreshes_and_saves(ray_local, finetune_argv, tiny_models, tmp_path):
-    argv = _causal_argv(finetune_argv, tiny_models, "--end2end", "--indexing_freq", "2", "--do_train",
-                        "--max_steps", "12", "--val_check_interval", "6", "--validate_before_training")  # fmt: skip
+    argv = _causal_argv(
+        finetune_argv,
+        tiny_models,
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--do_train",
+        "--max_steps",
+        "12",
+        "--val_check_interval",
+        "6",
+        "--validate_before_training",
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     assert _refresh_callback(module).history, "no refresh with a causal generator"
     validations = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -288,9 +348,17 @@ def test_causal_mean_pooled_shared_encoder_refreshes_and_evaluates(ray_local, fi
     pooling = ["--question_pooling", "mean", "--context_pooling", "mean", "--shared_encoder"]
     prefixes = ["--question_prefix", "query: ", "--passage_prefix", "passage: "]
     argv = _causal_argv(
-        finetune_argv, tiny_models, "--end2end", "--indexing_freq", "2", "--do_train", "--max_steps", "10",
-        *pooling, *prefixes,
-    )  # fmt: skip
+        finetune_argv,
+        tiny_models,
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--do_train",
+        "--max_steps",
+        "10",
+        *pooling,
+        *prefixes,
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     # one transformer for both sides (the context side unscaled by the retrieval temperature)
     assert module.context_encoder.model is module.model.question_encoder.model
@@ -304,11 +372,25 @@ def test_causal_mean_pooled_shared_encoder_refreshes_and_evaluates(ray_local, fi
 
 
 def test_seq2seq_with_a_mean_pooled_question_encoder(ray_local, finetune_argv, tiny_models, tmp_path):
-    argv = finetune_argv("--end2end", "--indexing_freq", "2", "--do_train", "--max_steps", "6",
-                         "--question_pooling", "mean", "--context_pooling", "mean")  # fmt: skip
+    argv = finetune_argv(
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--do_train",
+        "--max_steps",
+        "6",
+        "--question_pooling",
+        "mean",
+        "--context_pooling",
+        "mean",
+    )
     i = argv.index("--model_name_or_path")
-    argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-                       "--generator_name_or_path", str(tiny_models["generator"])]  # fmt: skip
+    argv[i : i + 2] = [
+        "--question_encoder_name_or_path",
+        str(tiny_models["question_encoder"]),
+        "--generator_name_or_path",
+        str(tiny_models["generator"]),
+    ]
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     encoder = module.model.question_encoder
     assert isinstance(encoder, PooledEncoder) and encoder.pooling == "mean"
@@ -325,23 +407,34 @@ def _evaluates_as_trained(module, tmp_path: Path, prefix: str) -> None:
     ckpt = tmp_path / "final" / f"checkpoint{module.global_step}"
     module.save_hf_checkpoint(ckpt)
     questions, answers = str(DUMMY_DATA / "test.source"), str(DUMMY_DATA / "test.target")
-    common = ["--model_name_or_path", str(ckpt), "--evaluation_set", questions, "--gold_data_path", answers,
-              "--eval_batch_size", "3"]  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--evaluation_set",
+        questions,
+        "--gold_data_path",
+        answers,
+        "--eval_batch_size",
+        "3",
+    ]
     preds = tmp_path / "eval" / "retrieval.txt"
-    eval_rag.main(eval_rag.parse_args([*common, "--eval_mode", "retrieval", "--ks", "1,5",
-                                       "--predictions_path", str(preds)]))  # fmt: skip
+    eval_rag.main(
+        eval_rag.parse_args([*common, "--eval_mode", "retrieval", "--ks", "1,5", "--predictions_path", str(preds)])
+    )
     lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
     got = [list(map(int, line.split("\t")))[:5] for line in lines]
     encoder = module.model.question_encoder.eval()
-    enc = module.model.question_tokenizer([prefix + q for q in read_lines(questions)], padding=True,
-                                          return_tensors="pt")  # fmt: skip
+    enc = module.model.question_tokenizer(
+        [prefix + q for q in read_lines(questions)], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         q = encoder(enc["input_ids"], attention_mask=enc["attention_mask"])[0].numpy()
     _, expected = faiss.read_index(module.kb.index_path).search(q, 5)
     assert got == expected.tolist()
     preds = tmp_path / "eval" / "answers.txt"
-    metrics = eval_rag.main(eval_rag.parse_args([*common, "--predictions_path", str(preds), "--max_length", "4",
-                                                 "--num_beams", "1"]))  # fmt: skip
+    metrics = eval_rag.main(
+        eval_rag.parse_args([*common, "--predictions_path", str(preds), "--max_length", "4", "--num_beams", "1"])
+    )
     assert len(preds.read_text().split("\n")) == 8 + 1 and 0 <= metrics[str(ckpt)]["f1"] <= 1
 
 
@@ -376,8 +469,12 @@ def test_eval_loss_is_the_mean_over_questions(ray_local, finetune_argv, tiny_mod
     logged = trainer.validate(module)[0]["val_loss"]
     module.eval()
     with torch.no_grad():
-        losses = torch.cat([module.model(b["input_ids"], b["attention_mask"], b["source_text"], b["target_text"])[0]
-                            for b in module.val_dataloader()])  # fmt: skip
+        losses = torch.cat(
+            [
+                module.model(b["input_ids"], b["attention_mask"], b["source_text"], b["target_text"])[0]
+                for b in module.val_dataloader()
+            ]
+        )
     assert len(losses) == 8
     assert logged == pytest.approx(float(losses.mean()), rel=1e-4)
     _kill_actors(module)
@@ -399,9 +496,11 @@ def test_seq2seq_checkpoint_keeps_question_and_passage_prefixes(ray_local, finet
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--model_type", "bart"], "invalid choice"),
-     (["--use_dummy_dataset", "true", "--passages_path", "elsewhere"], "selects the bundled dummy KB")],
-)  # fmt: skip
+    [
+        (["--model_type", "bart"], "invalid choice"),
+        (["--use_dummy_dataset", "true", "--passages_path", "elsewhere"], "selects the bundled dummy KB"),
+    ],
+)
 def test_flags_that_would_be_ignored_are_refused(extra, message, capsys):
     with pytest.raises(SystemExit):
         finetune_rag.parse_args(["--model_type", "rag_token", *extra])
@@ -423,8 +522,19 @@ def test_ddp_shards_of_test_answers_are_put_back_in_line_order():
 
 
 def test_refresh_before_validation_validates_against_the_current_weights(ray_local, finetune_argv, tmp_path):
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "100", "--refresh_before_validation",
-                         "--max_steps", "4", "--val_check_interval", "4", "--num_sanity_val_steps", "0")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "100",
+        "--refresh_before_validation",
+        "--max_steps",
+        "4",
+        "--val_check_interval",
+        "4",
+        "--num_sanity_val_steps",
+        "0",
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     _kill_actors(module)
     (refresh,) = _refresh_callback(module).history  # no periodic trigger in 4 steps: this one is the pre-validation

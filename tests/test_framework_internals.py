@@ -33,8 +33,9 @@ def test_lightning_fit_loop_internals_of_the_mid_epoch_resume(tmp_path):
     import pytorch_lightning as pl
     from pytorch_lightning.utilities.combined_loader import CombinedLoader
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         default_root_dir=tmp_path)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
     loop = trainer.fit_loop
     for name in ("_combined_loader", "_combined_loader_states_to_load", "_data_fetcher"):
         assert hasattr(loop, name), name

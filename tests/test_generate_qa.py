@@ -34,14 +34,16 @@ PROMPT_RE = re.compile(r"Title: (.*?)\nPassage: (.*?)\n\n(?:Write one question|Q
     [
         ("Question: When was the tower completed?\nAnswer: 1889", ("When was the tower completed?", "1889")),
         ("Question: Who designed it?\nAnswer: Gustave Eiffel.\n", ("Who designed it?", "Gustave Eiffel")),
-        ("Question:   Who   designed it?  \n\nAnswer:\n\n  the company of Gustave Eiffel  ",
-         ("Who designed it?", "the company of Gustave Eiffel")),
+        (
+            "Question:   Who   designed it?  \n\nAnswer:\n\n  the company of Gustave Eiffel  ",
+            ("Who designed it?", "the company of Gustave Eiffel"),
+        ),
         ("Question: Where is it? Answer: Paris", ("Where is it?", "Paris")),  # one line
         ("Question: Which country? Answer: the U.S.", ("Which country?", "the U.S.")),  # an abbreviation keeps its dot
         ('Question: "What was built?"\nAnswer: "the tower"', ("What was built?", "the tower")),
         ("Question: What year?\nAnswer: The answer is: 1889", ("What year?", "1889")),
     ],
-)  # fmt: skip
+)
 def test_parse_pair_well_formed(text, expected):
     assert gq.parse_pair(text) == expected
 
@@ -92,7 +94,7 @@ def test_parse_pair_malformed(text):
         ("Who designed what opened in 1889 for the World's Fair in Paris?", "Gustave Eiffel", None),  # 7 in a row
         ("Who designed what was completed in 1889 for the World's Fair in Paris?", "Gustave Eiffel", "quotes_passage"),
     ],
-)  # fmt: skip
+)
 def test_filter_reason(question, answer, reason):
     seen = set()
     assert gq.filter_reason(question, answer, PASSAGE, seen) == reason
@@ -226,8 +228,20 @@ def run_qa(tiny_models, tmp_path, one_thread):
     """Run generate_qa.main on the dummy KB with the tiny causal model; extra flags are appended."""
 
     def run(out: Path, *extra: str, kb: tuple[str, str] = ("--csv_path", str(DUMMY_CSV))) -> dict | None:
-        argv = [*kb, "--generator_name_or_path", str(tiny_models["causal_generator"]), "--output_dir", str(out),
-                "--device", "cpu", "--max_new_tokens", "6", "--batch_size", "8", *extra]  # fmt: skip
+        argv = [
+            *kb,
+            "--generator_name_or_path",
+            str(tiny_models["causal_generator"]),
+            "--output_dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--max_new_tokens",
+            "6",
+            "--batch_size",
+            "8",
+            *extra,
+        ]
         return gq.main(gq.parse_args(argv))
 
     return run
@@ -285,9 +299,19 @@ def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
 
     # use_own_knowledge_dataset.py rebuilds the very passage rows that gold_passage_ids name
     kb_args = use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(out / "kb.csv"), "--output_dir", str(tmp_path / "kb"), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--csv_path",
+            str(out / "kb.csv"),
+            "--output_dir",
+            str(tmp_path / "kb"),
+            "--index_type",
+            "flat",
+            "--dpr_ctx_encoder_model_name",
+            str(tiny_models["context_encoder"]),
+            "--device",
+            "cpu",
+        ]
+    )
     from datasets import load_from_disk
 
     built = load_from_disk(str(use_own_knowledge_dataset.main(kb_args)[0]))
@@ -370,11 +394,25 @@ def test_roundtrip_filter_with_the_tiny_encoders(run_qa, tmp_path, monkeypatch, 
     monkeypatch.setattr(gq, "generate_texts", make_fake_generate([]))
     q_enc, ctx_enc = str(tiny_models["question_encoder"]), str(tiny_models["context_encoder"])
     base = run_qa(tmp_path / "off")
-    everything = run_qa(tmp_path / "all", "--roundtrip_k", "40", "--question_encoder_name_or_path", q_enc,
-                        "--context_encoder_name_or_path", ctx_enc)  # fmt: skip
+    everything = run_qa(
+        tmp_path / "all",
+        "--roundtrip_k",
+        "40",
+        "--question_encoder_name_or_path",
+        q_enc,
+        "--context_encoder_name_or_path",
+        ctx_enc,
+    )
     assert everything["rejected"]["roundtrip_miss"] == 0 and everything["kept"] == base["kept"]
-    top1 = run_qa(tmp_path / "top1", "--roundtrip_k", "1", "--question_encoder_name_or_path", q_enc,
-                  "--context_encoder_name_or_path", ctx_enc)  # fmt: skip
+    top1 = run_qa(
+        tmp_path / "top1",
+        "--roundtrip_k",
+        "1",
+        "--question_encoder_name_or_path",
+        q_enc,
+        "--context_encoder_name_or_path",
+        ctx_enc,
+    )
     assert 0 < top1["rejected"]["roundtrip_miss"] and top1["kept"] + top1["rejected"]["roundtrip_miss"] == base["kept"]
 
     # a built KB: its passages and its own embeddings (made by the same tiny context encoder)
@@ -394,8 +432,9 @@ def test_prompts_plain_and_chat(tiny_models):
     assert gq.prompt_kind(tokenizer) == "plain" and plain.startswith("Title: Tower\nPassage: The Eiffel")
     assert plain.endswith("\n\nWrite one question that this passage answers.\n\nQuestion:")
     answer = gq.build_prompt(tokenizer, "Tower", PASSAGE, "Who designed it?")
-    assert answer.endswith("\n\nQuestion: Who designed it?\n\nAnswer in at most five words, copied exactly from the "
-                           "passage.\n\nAnswer:")  # fmt: skip
+    assert answer.endswith(
+        "\n\nQuestion: Who designed it?\n\nAnswer in at most five words, copied exactly from the passage.\n\nAnswer:"
+    )
     assert PROMPT_RE.search(plain).groups() == PROMPT_RE.search(answer).groups() == ("Tower", PASSAGE)
     tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}{% endfor %}<assistant>"
     chat = gq.build_prompt(tokenizer, "Tower", PASSAGE)
@@ -406,7 +445,12 @@ def test_prompts_plain_and_chat(tiny_models):
 def test_parse_args_rejects_bad_flags():
     base = ["--csv_path", "kb.csv", "--generator_name_or_path", "m", "--output_dir", "o"]
     assert gq.parse_args(base).extractive and gq.parse_args([*base, "--no_extractive"]).extractive is False
-    for bad in (["--roundtrip_k", "5"], ["--per_passage", "0"], ["--val_fraction", "0.6", "--test_fraction", "0.4"],
-                ["--passages_path", "kb"], ["--top_p", "0"]):  # fmt: skip
+    for bad in (
+        ["--roundtrip_k", "5"],
+        ["--per_passage", "0"],
+        ["--val_fraction", "0.6", "--test_fraction", "0.4"],
+        ["--passages_path", "kb"],
+        ["--top_p", "0"],
+    ):
         with pytest.raises(SystemExit):
             gq.parse_args([*base, *bad])

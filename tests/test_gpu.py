@@ -103,13 +103,31 @@ def gold_data(tmp_path_factory) -> Path:
 def recipe_argv(finetune_argv, tiny_models, data: Path, *extra: str, generator: Path | None = None) -> list[str]:
     """The README's set-up in small: separate encoders and a causal generator (as MiniLM + SmolLM2), `STEPS`
     optimizer steps, then one validation batch of 4 questions (generation under the same precision)."""
-    argv = finetune_argv("--do_train", "--n_docs", "3", "--hard_negatives", "2", "--max_steps", str(STEPS),
-                         "--val_check_interval", str(STEPS), "--n_val", "4", "--num_sanity_val_steps", "0",
-                         *extra)  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--n_docs",
+        "3",
+        "--hard_negatives",
+        "2",
+        "--max_steps",
+        str(STEPS),
+        "--val_check_interval",
+        str(STEPS),
+        "--n_val",
+        "4",
+        "--num_sanity_val_steps",
+        "0",
+        *extra,
+    )
     i = argv.index("--model_name_or_path")
-    argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-                       "--generator_name_or_path", str(generator or tiny_models["causal_generator"]),
-                       "--generator_type", "causal"]  # fmt: skip
+    argv[i : i + 2] = [
+        "--question_encoder_name_or_path",
+        str(tiny_models["question_encoder"]),
+        "--generator_name_or_path",
+        str(generator or tiny_models["causal_generator"]),
+        "--generator_type",
+        "causal",
+    ]
     argv[argv.index("--data_dir") + 1] = str(data)
     return argv
 
@@ -174,8 +192,20 @@ def test_rag_model_on_cuda_gives_the_cpu_loss_and_answers(tiny_models, tiny_kb, 
 
 
 def test_end_to_end_on_cuda_in_bf16_with_a_refresh_that_shares_the_gpu(ray_local, finetune_argv):
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--max_steps", "8",
-                         "--val_check_interval", "8", "--num_sanity_val_steps", "0", "--index_gpus", "0.5")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--max_steps",
+        "8",
+        "--val_check_interval",
+        "8",
+        "--num_sanity_val_steps",
+        "0",
+        "--index_gpus",
+        "0.5",
+    )
     module, seen = train(on_gpu(argv, "bf16-mixed"))
     assert_trained_on_the_gpu(module, seen, "bf16-mixed", 8)  # the context encoder's parameters included
     assert module.kb.version >= 1, "no refresh went live"

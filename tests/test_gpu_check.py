@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 def make_wheel(folder: Path, name: str, value: int, blob_bytes: int, requires: tuple[str, ...] = ()) -> Path:
     """A pure-Python wheel of package `name` (VALUE = value, and blob.bin of random bytes), built by hand;
     `requires`: its Requires-Dist lines."""
-    files = {f"{name}/__init__.py": f"VALUE = {value}\n".encode(),
-             f"{name}/blob.bin": random.Random(value).randbytes(blob_bytes)}  # fmt: skip
+    files = {
+        f"{name}/__init__.py": f"VALUE = {value}\n".encode(),
+        f"{name}/blob.bin": random.Random(value).randbytes(blob_bytes),
+    }
     info = f"{name}-0.1.dist-info"
     needs = "".join(f"Requires-Dist: {r}\n" for r in requires)
     files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n{needs}".encode()
@@ -71,10 +73,17 @@ def test_wheels_split_over_calls_rejoin_install_into_a_target_and_import(tmp_pat
         done = gpu_carry.install(device, stash, target)
         assert done == (number == manifest["calls"])
         assert not (target / "carrybig").exists() or done
-    code = "import carrybig, carrysmall, pathlib; print(carrybig.VALUE + carrysmall.VALUE, " \
-           "len((pathlib.Path(carrybig.__file__).parent / 'blob.bin').read_bytes()))"  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(target)},
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    code = (
+        "import carrybig, carrysmall, pathlib; print(carrybig.VALUE + carrysmall.VALUE, "
+        "len((pathlib.Path(carrybig.__file__).parent / 'blob.bin').read_bytes()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["10", "6000"]
 
 
@@ -170,8 +179,11 @@ def _requirements(dist: str, extras: tuple[str, ...] = ()) -> list[Requirement]:
 def _machine_distributions(by_dist: dict[str, set[str]]) -> set[str]:
     """What the GPU machine has: the distributions of gpu_carry.MACHINE_HAS with everything they require, as pip
     installed them here (a clean venv of the machine's list installs the same names)."""
-    todo = [(gpu_carry.canonical(d), ()) for top in gpu_carry.MACHINE_HAS
-            for d in importlib.metadata.packages_distributions().get(top, [])]  # fmt: skip
+    todo = [
+        (gpu_carry.canonical(d), ())
+        for top in gpu_carry.MACHINE_HAS
+        for d in importlib.metadata.packages_distributions().get(top, [])
+    ]
     closure: set[tuple[str, tuple]] = set()
     while todo:
         dist, extras = todo.pop()
@@ -193,8 +205,10 @@ def test_every_module_the_check_imports_is_on_the_gpu_machine_or_carried():
     only the standard library, the repository's modules, what the GPU machine has (with what its packages need)
     and what gpu_carry.py carries: a new third-party import (as torchdata was) fails here, not on a lent GPU."""
     local = {p.stem: p for folder in (REPO / "bench", REPO / "tests") for p in folder.glob("*.py")}
-    local |= {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-              for p in (REPO / PACKAGE).rglob("*.py")}  # fmt: skip
+    local |= {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (REPO / PACKAGE).rglob("*.py")
+    }
     gpu_tests = [p for p in REPO.glob("tests/test_*.py") if re.search(GPU_MARK, p.read_text(encoding="utf-8"))]
     todo = [*gpu_tests, REPO / "tests" / "conftest.py", REPO / "bench" / "gpu_check.py"]
     seen, third_party = set(), {}
@@ -266,8 +280,14 @@ def test_cpu_dry_run_of_the_gpu_check(tmp_path):
     """`bench/gpu_check.sh --cpu` runs every step it can, says which it skipped, and writes one JSON and one log."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out)}
-    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    run = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()

@@ -89,12 +89,14 @@ def test_impossible_placements_are_refused_naming_flags_and_counts(
 def test_the_reference_recipe_on_three_slurm_gpus_trains_on_two_and_encodes_on_the_third(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # a machine with three GPUs
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", SLURM_GPUS)
-    args = arguments.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "1", "--end2end",
-                                   "--indexing_freq", "500"])  # fmt: skip
+    args = arguments.parse_args(
+        ["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "1", "--end2end", "--indexing_freq", "500"]
+    )
     plan = arguments.gpu_plan(args)
     assert (plan.train, plan.encode, plan.ray_gpus(visible_gpu_ids())) == ((0, 1), (2,), ["6"])
-    devices = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "gpu", "--devices", "1,2",
-                                      "--index_gpus", "1"])  # fmt: skip
+    devices = arguments.parse_args(
+        ["--model_type", "rag_token", "--accelerator", "gpu", "--devices", "1,2", "--index_gpus", "1"]
+    )
     assert arguments.gpu_plan(devices).ray_gpus(visible_gpu_ids()) == ["4"]
     shared = arguments.parse_args(["--model_type", "rag_token", "--gpus", "2", "--index_gpus", "0.5"])
     assert arguments.gpu_plan(shared).ray_gpus(visible_gpu_ids()) == ["5"]
@@ -103,14 +105,18 @@ def test_the_reference_recipe_on_three_slurm_gpus_trains_on_two_and_encodes_on_t
 @pytest.mark.parametrize(
     ("flags", "line"),
     [
-        (["--gpus", "2", "--index_gpus", "1"],
-         "--gpus 2 --index_gpus 1 need 3 GPUs, 2 visible (CUDA_VISIBLE_DEVICES=0,1)"),
+        (
+            ["--gpus", "2", "--index_gpus", "1"],
+            "--gpus 2 --index_gpus 1 need 3 GPUs, 2 visible (CUDA_VISIBLE_DEVICES=0,1)",
+        ),
         (["--accelerator", "gpu", "--index_gpus", "1"], "--accelerator gpu --index_gpus 1 need 3 GPUs, 2 visible"),
-        (["--gpus", "1", "--index_gpus", "3", "--index_workers", "2"],
-         "--index_gpus 3 --index_workers 2 asks 1.5 GPUs"),
+        (
+            ["--gpus", "1", "--index_gpus", "3", "--index_workers", "2"],
+            "--index_gpus 3 --index_workers 2 asks 1.5 GPUs",
+        ),
         (["--ddp_timeout", "0"], "--ddp_timeout must be positive, got 0"),
     ],
-)  # fmt: skip
+)
 def test_finetune_refuses_gpus_that_are_not_there_in_one_line(flags, line, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
@@ -126,14 +132,25 @@ def test_finetune_refuses_gpus_that_are_not_there_in_one_line(flags, line, monke
 
 def test_the_ddp_strategy_gets_the_timeout_that_covers_rank_zeros_waits():
     quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
-    args = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
-                                   "--ddp_timeout", "5400"])  # fmt: skip
+    args = arguments.parse_args(
+        ["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2", "--ddp_timeout", "5400"]
+    )
     trainer = pl.Trainer(**arguments.trainer_kwargs(args), **quiet)
     # What DDPStrategy.setup_distributed hands init_process_group (pytorch_lightning/strategies/ddp.py).
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.strategy._timeout == timedelta(seconds=5400)
     assert kb_refresh.rank_zero_wait_s(5400) == 5100 < 5400  # 5 minutes first: rank 0 names the actor
-    named = arguments.parse_args(["--model_type", "rag_token", "--accelerator", "cpu", "--devices", "2",
-                                    "--strategy", "ddp_find_unused_parameters_true"])  # fmt: skip
+    named = arguments.parse_args(
+        [
+            "--model_type",
+            "rag_token",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp_find_unused_parameters_true",
+        ]
+    )
     strategy = pl.Trainer(**arguments.trainer_kwargs(named), **quiet).strategy
     assert strategy._timeout == timedelta(seconds=kb_refresh.DDP_TIMEOUT_S)  # the default: 2 h, not torch's 30 min
     assert strategy._ddp_kwargs == {"find_unused_parameters": True}  # what the name stands for is kept
@@ -149,16 +166,26 @@ def test_encoding_actors_no_node_can_hold_are_refused_at_once(ray_local, finetun
     ctx = module.model.ctx_encoder
     start = time.monotonic()
     with pytest.raises(ValueError) as refused:
-        kb_refresh.Refresher(module.retriever, module.base_passages_path, str(tmp_path / "kb"), ctx,
-                             module.model.ctx_tokenizer, IndexConfig("flat"), index_gpus=1)  # fmt: skip
+        kb_refresh.Refresher(
+            module.retriever,
+            module.base_passages_path,
+            str(tmp_path / "kb"),
+            ctx,
+            module.model.ctx_tokenizer,
+            IndexConfig("flat"),
+            index_gpus=1,
+        )
     assert time.monotonic() - start < 30
-    assert str(refused.value) == ("--index_gpus: the encoding actors ask GPU 1 each, which no node of the Ray cluster "
-                                  "has (the most on one node: GPU 0)")  # fmt: skip
+    assert str(refused.value) == (
+        "--index_gpus: the encoding actors ask GPU 1 each, which no node of the Ray cluster "
+        "has (the most on one node: GPU 0)"
+    )
     kill_actors(module)
 
 
-def test_a_refresh_training_waits_for_gives_up_in_time_naming_the_actor(ray_local, finetune_argv, tmp_path,
-                                                                         monkeypatch):  # fmt: skip
+def test_a_refresh_training_waits_for_gives_up_in_time_naming_the_actor(
+    ray_local, finetune_argv, tmp_path, monkeypatch
+):
     """The refresh before validation (or of a lost KB) holds every other rank in a barrier: past its bound it
     stops the run naming what it waits for, with progress lines before, instead of waiting for ever."""
     gate = tmp_path / "release"  # the encoding actor holds the refresh until this file exists
@@ -168,8 +195,14 @@ def test_a_refresh_training_waits_for_gives_up_in_time_naming_the_actor(ray_loca
     monkeypatch.setattr(kb_refresh, "rank_zero_info", said.append)
     module = finetune_rag.build_module(finetune_rag.parse_args(finetune_argv("--end2end")))
     ctx = module.model.ctx_encoder
-    refresher = kb_refresh.Refresher(module.retriever, module.base_passages_path, str(tmp_path / "kb"), ctx,
-                                     module.model.ctx_tokenizer, IndexConfig("flat"))  # fmt: skip
+    refresher = kb_refresh.Refresher(
+        module.retriever,
+        module.base_passages_path,
+        str(tmp_path / "kb"),
+        ctx,
+        module.model.ctx_tokenizer,
+        IndexConfig("flat"),
+    )
     try:
         refresher.wait_for_actors()
         assert refresher.trigger(ctx.state_dict(), step=1)
@@ -177,10 +210,13 @@ def test_a_refresh_training_waits_for_gives_up_in_time_naming_the_actor(ray_loca
         with pytest.raises(TimeoutError) as stopped:
             refresher.wait_until_idle(1, timeout=4, must_finish=True)
         assert time.monotonic() - start < 10
-        assert str(stopped.value).startswith("KB refresh still encoding after 4 s, waiting for encoding actor 0 "
-                                             "(no GPU) (free in the Ray cluster: ")  # fmt: skip
-        assert any(line.startswith("KB refresh: encoding for ") and "waiting for encoding actor 0 (no GPU)" in line
-                   for line in said), said  # fmt: skip
+        assert str(stopped.value).startswith(
+            "KB refresh still encoding after 4 s, waiting for encoding actor 0 (no GPU) (free in the Ray cluster: "
+        )
+        assert any(
+            line.startswith("KB refresh: encoding for ") and "waiting for encoding actor 0 (no GPU)" in line
+            for line in said
+        ), said
     finally:
         gate.touch()
         refresher.close()
@@ -196,8 +232,15 @@ def _child(scenario: str, argv: list[str], env: dict[str, str], timeout: int = 2
     environ = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}  # its own local Ray
     environ |= {"PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **env}
     command = [sys.executable, __file__, scenario, json.dumps(argv)]
-    child = subprocess.Popen(command, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)  # fmt: skip
+    child = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -278,9 +321,17 @@ def _placement(argv: list[str]) -> dict:
     # The probe holds the encoding GPU: the Refresher's encoding actor cannot be placed.
     kb_refresh.PROGRESS_S = 2.0
     ctx = module.model.ctx_encoder
-    refresher = kb_refresh.Refresher(module.retriever, args.passages_path, str(Path(args.output_dir) / "kb"), ctx,
-                                     module.model.ctx_tokenizer, IndexConfig("flat"), index_workers=args.index_workers,
-                                     index_gpus=args.index_gpus, wait_timeout=6)  # fmt: skip
+    refresher = kb_refresh.Refresher(
+        module.retriever,
+        args.passages_path,
+        str(Path(args.output_dir) / "kb"),
+        ctx,
+        module.model.ctx_tokenizer,
+        IndexConfig("flat"),
+        index_workers=args.index_workers,
+        index_gpus=args.index_gpus,
+        wait_timeout=6,
+    )
     start = time.monotonic()
     try:
         refresher.wait_for_actors()
@@ -296,18 +347,29 @@ def _placement(argv: list[str]) -> dict:
 
 
 def _cpu_encoder(argv: list[str]) -> dict:
-    ray.init(namespace="cpu-encoder", include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"worker_process_setup_hook": pretend_cuda})  # fmt: skip
+    ray.init(
+        namespace="cpu-encoder",
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": pretend_cuda},
+    )
     args = finetune_rag.parse_args(argv)
     module = finetune_rag.build_module(args)
     ctx = module.model.ctx_encoder
     kb = str(Path(args.output_dir) / "kb")
-    refresher = kb_refresh.Refresher(module.retriever, args.passages_path, kb, ctx, module.model.ctx_tokenizer,
-                                     IndexConfig("flat"), index_gpus=args.index_gpus)  # fmt: skip
+    refresher = kb_refresh.Refresher(
+        module.retriever,
+        args.passages_path,
+        kb,
+        ctx,
+        module.model.ctx_tokenizer,
+        IndexConfig("flat"),
+        index_gpus=args.index_gpus,
+    )
     refresher.wait_for_actors()
     where = refresher.encoders[0].__ray_call__.remote(
         lambda self: (self.device, os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.is_available(), ray.get_gpu_ids())
-    )  # fmt: skip
+    )
     return {"encoder": ray.get(where, timeout=120)}
 
 

@@ -335,6 +335,7 @@ def test_generate_qa_names_a_missing_model_directory(tmp_path, capsys):
     (tmp_path / "models").mkdir()
     missing = tmp_path / "models" / "smollm"
     with pytest.raises(SystemExit):
-        generate_qa.parse_args(["--csv_path", "kb.csv", "--output_dir", str(tmp_path / "qa"),
-                                "--generator_name_or_path", str(missing)])  # fmt: skip
+        generate_qa.parse_args(
+            ["--csv_path", "kb.csv", "--output_dir", str(tmp_path / "qa"), "--generator_name_or_path", str(missing)]
+        )
     assert f"--generator_name_or_path {missing}: no such directory" in capsys.readouterr().err

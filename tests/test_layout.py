@@ -12,19 +12,39 @@ PACKAGE = REPO / "rag_end2end"
 # Bottom to top. A module may import modules of lower layers only; a new module gets a place here.
 LAYERS = [
     ["options", "precision", "model.settings", "files"],  # leaves: they import nothing of the project
-    ["data.readers", "evaluation.metrics", "evaluation.results_table", "training.plots", "pretrained", "tiny_models",
-     "model.marginals", "model.lora", "model.encoders", "kb.faiss_devices", "kb.passages", "kb.similarity",
-     "kb.ray_start", "kb.parts"],
+    [
+        "data.readers",
+        "evaluation.metrics",
+        "evaluation.results_table",
+        "training.plots",
+        "pretrained",
+        "tiny_models",
+        "model.marginals",
+        "model.lora",
+        "model.encoders",
+        "kb.faiss_devices",
+        "kb.passages",
+        "kb.similarity",
+        "kb.ray_start",
+        "kb.parts",
+    ],
     ["kb.index", "kb.encoding", "model.causal", "data.qa_dataset"],
     ["kb.versions", "data.mixing"],
     ["kb.search", "kb.build", "kb.refresh", "data.squad", "data.reconstruction", "training.run_dir"],
     ["kb.actors", "model.rag", "data.cmu_qa", "data.generate_qa"],
-    ["kb.retriever", "model.assembly", "recipes", "deploy.export", "deploy.answer", "deploy.langchain",
-     "evaluation.evaluate"],
+    [
+        "kb.retriever",
+        "model.assembly",
+        "recipes",
+        "deploy.export",
+        "deploy.answer",
+        "deploy.langchain",
+        "evaluation.evaluate",
+    ],
     ["training.callbacks", "training.arguments"],
     ["training.finetune"],
     ["api"],
-]  # fmt: skip
+]
 LAYER = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 
 

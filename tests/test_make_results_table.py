@@ -36,8 +36,10 @@ def test_names_and_errors_name_the_file_and_line(tmp_path):
 
 
 def test_runs_of_one_name_make_one_row_with_mean_and_spread(tmp_path):
-    runs = [write_run(tmp_path / f"seed{i}", f"test_em: {em}\ntest_recall@1: {r}\n")
-            for i, (em, r) in enumerate([(0.1, 0.5), (0.2, 0.7), (0.3, 0.6)])]  # fmt: skip
+    runs = [
+        write_run(tmp_path / f"seed{i}", f"test_em: {em}\ntest_recall@1: {r}\n")
+        for i, (em, r) in enumerate([(0.1, 0.5), (0.2, 0.7), (0.3, 0.6)])
+    ]
     zero = write_run(tmp_path / "zero", "test_em: 0.0\ntest_recall@1: 0.4\n")
     argv = [str(zero), *map(str, runs), "--names", "zero-shot", "end2end", "end2end", "end2end"]
     lines = make_results_table.main(make_results_table.parse_args(argv)).splitlines()

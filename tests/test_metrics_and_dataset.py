@@ -118,13 +118,18 @@ def test_first_answer_em_scores_kept_generations_both_ways(tmp_path: Path) -> No
     run.mkdir()
     (run / "test_generations.txt").write_text("the city of Paris\n1990\nred\n")
     script = Path(__file__).resolve().parent.parent / "experiments" / "first_answer_em.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "gold.jsonl"), str(run)],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "gold.jsonl"), str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     # EM: the first answers match none; the best answers match question 1 only ("1990" is not "in 1990").
     # F1 first: 1/2 ("Paris" within "city of paris") + 2/3 ("1990" within "in 1990"); F1 best: 1 + 2/3.
     row = [line for line in out.splitlines() if line.startswith("| seed1 |")][0].split("|")[2:6]
-    assert [float(x) for x in row] == pytest.approx([0.0, 100 / 3, 100 * (1 / 2 + 2 / 3) / 3, 100 * (1 + 2 / 3) / 3],
-                                                    abs=0.01)  # fmt: skip
+    assert [float(x) for x in row] == pytest.approx(
+        [0.0, 100 / 3, 100 * (1 / 2 + 2 / 3) / 3, 100 * (1 + 2 / 3) / 3], abs=0.01
+    )
 
 
 def test_rouge_l_identical_and_disjoint() -> None:
@@ -277,8 +282,11 @@ def test_long_questions_are_cut_with_a_warning_naming_the_first(tmp_path: Path, 
     long = " ".join(["hamlet"] * 50)
     write_split(tmp_path, f"who wrote hamlet\n{long}\n{long}\n", "a\nb\nc\n")
     tok = rag_tokenizer.question_encoder
-    with pytest.warns(UserWarning, match=r"train\.source: 2 of 3 questions are longer than --max_source_length 8 "
-                      r"tokens and are cut to it \(the first: line 2, 52 tokens\)"):  # fmt: skip
+    with pytest.warns(
+        UserWarning,
+        match=r"train\.source: 2 of 3 questions are longer than --max_source_length 8 "
+        r"tokens and are cut to it \(the first: line 2, 52 tokens\)",
+    ):
         ds = QuestionDataset(tok, str(tmp_path), max_source_length=8)
     assert [len(ds[i]["input_ids"]) for i in range(3)] == [5, 8, 8]
     assert ds[1]["source_text"] == long  # the text is kept whole; only the encoder's tokens are cut

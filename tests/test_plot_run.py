@@ -29,14 +29,31 @@ def training_rows(steps: range, versions: dict[int, int], seconds: dict[int, flo
         version = versions.get(step, version)
         last_seconds = (seconds or {}).get(step, last_seconds)  # Lightning repeats it until the next refresh
         rows.append({"step": step, "lr-AdamW/pg1": 1e-3 / (step + 1)})
-        row = {"step": step, "epoch": 0, "loss": 10.0 - step / 10, "index_version": float(version),
-               "index_staleness_steps": float(step % 3), "refresh_failures": 0.0}  # fmt: skip
+        row = {
+            "step": step,
+            "epoch": 0,
+            "loss": 10.0 - step / 10,
+            "index_version": float(version),
+            "index_staleness_steps": float(step % 3),
+            "refresh_failures": 0.0,
+        }
         if last_seconds is not None:
             row["reindex_seconds"] = last_seconds
         rows.append(row)
         if step % 4 == 3:
-            rows.append({"step": step, "epoch": 0, "val_em": step / 100, "val_f1": step / 50, "val_loss": 9.0,
-                         "val_recall@1": 0.1, "val_recall@5": 0.3, "val_recall@20": 0.5, "val_mrr@5": 0.2})  # fmt: skip
+            rows.append(
+                {
+                    "step": step,
+                    "epoch": 0,
+                    "val_em": step / 100,
+                    "val_f1": step / 50,
+                    "val_loss": 9.0,
+                    "val_recall@1": 0.1,
+                    "val_recall@5": 0.3,
+                    "val_recall@20": 0.5,
+                    "val_mrr@5": 0.2,
+                }
+            )
     return rows
 
 
@@ -110,8 +127,11 @@ def test_two_runs_overlay_on_the_same_axes(end2end, tmp_path):
     runs = {"rag-original": plot_run.read_metrics(original), "rag-end2end": plot_run.read_metrics(end2end)}
     series = plot_run.panel_series(runs, plot_run.PANELS["val_em_f1"][1])
     assert [(run, col) for run, col, _ in series] == [
-        ("rag-original", "val_em"), ("rag-original", "val_f1"), ("rag-end2end", "val_em"), ("rag-end2end", "val_f1")
-    ]  # fmt: skip
+        ("rag-original", "val_em"),
+        ("rag-original", "val_f1"),
+        ("rag-end2end", "val_em"),
+        ("rag-end2end", "val_f1"),
+    ]
     assert series[0][2].to_dict() == {3: 0.03, 7: 0.07, 11: 0.11}
     recall = plot_run.panel_series(runs, plot_run.PANELS["val_recall"][1])
     assert [col for _, col, _ in recall[:3]] == ["val_recall@1", "val_recall@5", "val_recall@20"]

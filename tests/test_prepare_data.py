@@ -49,31 +49,80 @@ def squad_json(tmp_path_factory) -> Path:
     b0, o_b0 = make_context(160, {20: "ice sheet", 130: "moraine deposits", 150: "ice cap"})
     c0, o_c0 = make_context(200, {60: "dune fields"})
     d0, o_d0 = make_context(150, {120: "thaw slumps"})
-    squad = {"version": "v2.0", "data": [
-        {"title": "Volcano", "paragraphs": [
-            {"context": a0, "qas": [
-                squad_qa("q1", "What built the shield?", [exact(a0, o_a0, "basaltic lava flows")]),
-                squad_qa("q2", "Who named the volcano?", [], is_impossible=True,
-                         plausible_answers=[{"text": "rock layers", "answer_start": 0}]),
-            ]},
-            {"context": a1, "qas": [
-                squad_qa("q3", "What formed the crater?", [exact(a1, o_a1, "deep caldera collapse event")]),
-            ]},
-        ]},
-        {"title": "Glacier", "paragraphs": [{"context": b0, "qas": [
-            # a wrong answer_start, twice (duplicate answers): found by searching the context
-            squad_qa("q4", "What did the glacier leave?", [("moraine deposits", o_b0["moraine deposits"] + 7)] * 2),
-            squad_qa("q5", "What covered the land?", [exact(b0, o_b0, "ice sheet"), exact(b0, o_b0, "ice cap")]),
-        ]}]},
-        {"title": "Desert", "paragraphs": [{"context": c0, "qas": [
-            squad_qa("q6", "What covers the\tbasin?", [exact(c0, o_c0, "dune fields")]),
-            squad_qa("q7", "How hot is it?", []),  # no answers, no is_impossible: still unanswerable
-            squad_qa("q8", "Where is the water?", [("a hidden oasis", 3)]),  # in no passage
-        ]}]},
-        {"paragraphs": [{"context": d0, "document_id": 7, "qas": [
-            squad_qa("q9", "What forms on thawing slopes?", [exact(d0, o_d0, "thaw slumps")]),
-        ]}]},
-    ]}  # fmt: skip
+    squad = {
+        "version": "v2.0",
+        "data": [
+            {
+                "title": "Volcano",
+                "paragraphs": [
+                    {
+                        "context": a0,
+                        "qas": [
+                            squad_qa("q1", "What built the shield?", [exact(a0, o_a0, "basaltic lava flows")]),
+                            squad_qa(
+                                "q2",
+                                "Who named the volcano?",
+                                [],
+                                is_impossible=True,
+                                plausible_answers=[{"text": "rock layers", "answer_start": 0}],
+                            ),
+                        ],
+                    },
+                    {
+                        "context": a1,
+                        "qas": [
+                            squad_qa("q3", "What formed the crater?", [exact(a1, o_a1, "deep caldera collapse event")]),
+                        ],
+                    },
+                ],
+            },
+            {
+                "title": "Glacier",
+                "paragraphs": [
+                    {
+                        "context": b0,
+                        "qas": [
+                            # a wrong answer_start, twice (duplicate answers): found by searching the context
+                            squad_qa(
+                                "q4",
+                                "What did the glacier leave?",
+                                [("moraine deposits", o_b0["moraine deposits"] + 7)] * 2,
+                            ),
+                            squad_qa(
+                                "q5",
+                                "What covered the land?",
+                                [exact(b0, o_b0, "ice sheet"), exact(b0, o_b0, "ice cap")],
+                            ),
+                        ],
+                    }
+                ],
+            },
+            {
+                "title": "Desert",
+                "paragraphs": [
+                    {
+                        "context": c0,
+                        "qas": [
+                            squad_qa("q6", "What covers the\tbasin?", [exact(c0, o_c0, "dune fields")]),
+                            squad_qa("q7", "How hot is it?", []),  # no answers, no is_impossible: still unanswerable
+                            squad_qa("q8", "Where is the water?", [("a hidden oasis", 3)]),  # in no passage
+                        ],
+                    }
+                ],
+            },
+            {
+                "paragraphs": [
+                    {
+                        "context": d0,
+                        "document_id": 7,
+                        "qas": [
+                            squad_qa("q9", "What forms on thawing slopes?", [exact(d0, o_d0, "thaw slumps")]),
+                        ],
+                    }
+                ]
+            },
+        ],
+    }
     path = tmp_path_factory.mktemp("squad") / "tiny-squad-v2.json"
     path.write_text(json.dumps(squad), encoding="utf-8")
     return path
@@ -281,8 +330,10 @@ def test_cmu_require_gold_passage_drops_and_counts_the_rest(cmu_dir, tmp_path):
     assert sum(stats["questions"].values()) == 3
     rows = all_gold(out).values()
     assert {row["question"] for row in rows} == {
-        "What family do kangaroos belong to?", "What do kangaroos eat?", "Where was Coulomb born?"
-    }  # fmt: skip
+        "What family do kangaroos belong to?",
+        "What do kangaroos eat?",
+        "Where was Coulomb born?",
+    }
     assert all(row["gold_passage_ids"] for row in rows)
     check_outputs(out, normalize_answer)
 

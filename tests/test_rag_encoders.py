@@ -32,8 +32,13 @@ from rag_end2end.model.settings import DEFAULT_TEMPERATURE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = {"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-         "intermediate_size": 32}  # fmt: skip
+SIZES = {
+    "vocab_size": 100,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+}
 CORPUS = [
     "query: what is the capital of france?",
     "passage: paris is the capital and largest city of france.",
@@ -165,9 +170,11 @@ def test_sentence_transformers_pooling_is_read_and_plain_models_default_to_cls(t
     bert().save_pretrained(tmp_path)
     assert read_pooling(tmp_path) == {} and PooledEncoder.from_pretrained(tmp_path).pooling == "cls"
     st = "sentence_transformers.models."
-    modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
-               {"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"}]  # fmt: skip
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": st + "Normalize"},
+    ]
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     (tmp_path / "1_Pooling").mkdir()
     flags = {"word_embedding_dimension": 16, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
@@ -343,9 +350,11 @@ def test_minilm_mean_pooling_ranks_the_matching_passage_first():
     # from its sentence-transformers files: mean pooling, normalised (cosine)
     assert isinstance(enc, PooledEncoder) and (enc.pooling, enc.similarity) == ("mean", "cosine")
     questions = ["What is the capital of France?", "How many legs does a spider have?", "Who wrote Romeo and Juliet?"]
-    passages = ["Paris is the capital and largest city of France.",
-                "Spiders are arachnids with eight legs that spin silk webs.",
-                "Romeo and Juliet is a tragedy written by William Shakespeare."]  # fmt: skip
+    passages = [
+        "Paris is the capital and largest city of France.",
+        "Spiders are arachnids with eight legs that spin silk webs.",
+        "Romeo and Juliet is a tragedy written by William Shakespeare.",
+    ]
     with torch.no_grad():
         q, p = (enc(**tokenizer(texts, padding=True, return_tensors="pt"))[0] for texts in (questions, passages))
     cosine = F.cosine_similarity(q[:, None], p[None], dim=-1)

@@ -132,9 +132,11 @@ def next_token_logprobs(model64, tok, prompts: list[str], prefix: list[int]) -> 
     start = model64.config.decoder_start_token_id
     decoder_input_ids = torch.tensor([[start, *prefix]])
     return torch.stack(
-        [model64(**encode_alone(tok, p), decoder_input_ids=decoder_input_ids).logits[0, -1].log_softmax(-1)
-         for p in prompts]
-    )  # fmt: skip
+        [
+            model64(**encode_alone(tok, p), decoder_input_ids=decoder_input_ids).logits[0, -1].log_softmax(-1)
+            for p in prompts
+        ]
+    )
 
 
 def cut_at_eos(ids: list[int], tok) -> list[int]:
@@ -214,8 +216,9 @@ def test_label_smoothing_smooths_the_marginal_not_each_passage(bart, marginal):
         out = [direct_distributions(model64, tok, p, ANSWERS[b]) for p in prompts_of(b, docs)]
         labels, dists = out[0][0], [d for _, d in out]
         rows = [[float(d[t, y]) for t, y in enumerate(labels)] for d in dists]
-        assert smoothed[b] == pytest.approx(smoothed_rag_nll(dists, labels, DOC_SCORES[b].tolist(), marginal, eps),
-                                            abs=1e-4)  # fmt: skip
+        assert smoothed[b] == pytest.approx(
+            smoothed_rag_nll(dists, labels, DOC_SCORES[b].tolist(), marginal, eps), abs=1e-4
+        )
         # Without smoothing (validation, test, teachers, decoding) the plain RAG NLL and log-probs, whatever the
         # generator's own label_smoothing.
         assert plain[b] == pytest.approx(rag_nll(rows, DOC_SCORES[b].tolist(), marginal), abs=1e-4)
@@ -255,8 +258,15 @@ def test_token_generation_with_one_passage_is_plain_greedy(request, model_fixtur
     answers = seq2seq(parts).generate(QUESTIONS, docs, torch.zeros(2, 1), max_new_tokens=6, marginal="token")
     for b, answer in enumerate(answers):
         # The tiny BART's generation config forces [SEP] at the last step: plain greedy must not.
-        out = model.generate(**encode_alone(tok, prompts_of(b, docs)[0]), max_new_tokens=6, do_sample=False,
-                             num_beams=1, forced_eos_token_id=None, forced_bos_token_id=None, min_length=0)  # fmt: skip
+        out = model.generate(
+            **encode_alone(tok, prompts_of(b, docs)[0]),
+            max_new_tokens=6,
+            do_sample=False,
+            num_beams=1,
+            forced_eos_token_id=None,
+            forced_bos_token_id=None,
+            min_length=0,
+        )
         expected = tok.decode(out[0], skip_special_tokens=True).strip()
         assert expected and answer == expected
 
@@ -290,10 +300,14 @@ def test_sequence_generation_keeps_the_most_likely_candidate(request, model_fixt
         prompts, doc_lp = prompts_of(b, docs), DOC_SCORES[b].double().log_softmax(0).tolist()
         # The candidates: each passage's own decoding, with the generator's generation config as it is.
         candidates = [
-            cut_at_eos(model.generate(**encode_alone(tok, p), max_new_tokens=steps, do_sample=False,
-                                      num_beams=num_beams)[0, 1:].tolist(), tok)
+            cut_at_eos(
+                model.generate(**encode_alone(tok, p), max_new_tokens=steps, do_sample=False, num_beams=num_beams)[
+                    0, 1:
+                ].tolist(),
+                tok,
+            )
             for p in prompts
-        ]  # fmt: skip
+        ]
         scores = [sequence_loglik(model64, tok, prompts, doc_lp, c) for c in candidates]
         real_choice |= len({tok.decode(c, skip_special_tokens=True) for c in candidates}) > 1
         lengths |= {len(c) for c in candidates}
@@ -326,9 +340,16 @@ def make_rag(tiny_models, encoders: str, family: str) -> RagModel:
         ctx_enc = load_encoder(ctx_path, "mean", side="context", similarity="cosine")
     ctx_tok = with_prefix(AutoTokenizer.from_pretrained(ctx_path), "passage: ")
     return RagModel(
-        q_enc, AutoTokenizer.from_pretrained(q_path), make_generator(tiny_models, family), retriever=FakeRetriever(),
-        n_docs=2, marginal="sequence", ctx_encoder=ctx_enc, ctx_tokenizer=ctx_tok, question_prefix="query: ",
-    ).eval()  # fmt: skip
+        q_enc,
+        AutoTokenizer.from_pretrained(q_path),
+        make_generator(tiny_models, family),
+        retriever=FakeRetriever(),
+        n_docs=2,
+        marginal="sequence",
+        ctx_encoder=ctx_enc,
+        ctx_tokenizer=ctx_tok,
+        question_prefix="query: ",
+    ).eval()
 
 
 def question_batch(model: RagModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,8 +400,9 @@ def test_save_and_load_round_trip(tiny_models, tmp_path, encoders, family):
     assert torch.allclose(loaded_loss, loss, atol=1e-6)
     assert loaded_answers == answers
 
-    bare = RagModel.from_pretrained(tmp_path / "rag", retriever=FakeRetriever(), load_generator=False,
-                                    load_context_encoder=False)  # fmt: skip
+    bare = RagModel.from_pretrained(
+        tmp_path / "rag", retriever=FakeRetriever(), load_generator=False, load_context_encoder=False
+    )
     assert bare.generator is None and bare.ctx_encoder is None
     assert bare.settings().n_docs == 2 and is_rag_checkpoint(str(tmp_path / "rag"))
     # By default, the context encoder comes back when the saved model's doc scores came from it.

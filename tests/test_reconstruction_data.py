@@ -60,15 +60,28 @@ def test_gold_ids_are_rows_of_the_kb_use_own_knowledge_dataset_builds(tmp_path, 
     docs = [
         ("Alpha", sentences("alpha", 25)),  # 250 words: 3 passages
         ("Gap", sentences("gap", 10) + " " * 150 + sentences("after", 10)),  # 100 words, a dropped window, 100 more
-        ("Gamma", "Our first line holds a sentence with enough words to keep.\nThe second  line holds another "
-                  "sentence with  double spaces inside it."),
+        (
+            "Gamma",
+            "Our first line holds a sentence with enough words to keep.\nThe second  line holds another "
+            "sentence with  double spaces inside it.",
+        ),
         ("Delta", sentences("delta", 12)),
-    ]  # fmt: skip
+    ]
     csv_path = write_kb(tmp_path / "kb.csv", docs)
     kb_args = use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(csv_path), "--output_dir", str(tmp_path / "kb"), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--csv_path",
+            str(csv_path),
+            "--output_dir",
+            str(tmp_path / "kb"),
+            "--index_type",
+            "flat",
+            "--dpr_ctx_encoder_model_name",
+            str(tiny_models["context_encoder"]),
+            "--device",
+            "cpu",
+        ]
+    )
     built = load_from_disk(str(use_own_knowledge_dataset.main(kb_args)[0]))
     assert len(built) == 3 + 3 + 1 + 2  # the blank window is no passage
 
@@ -128,8 +141,10 @@ def test_split_sentences_keeps_abbreviations_decimals_and_initials():
     ]
 
 
-GOOD = ["Coronaviruses infect the upper airways of many mammals and birds.",
-        "The spike protein binds a receptor on the surface of the host cell."]  # fmt: skip
+GOOD = [
+    "Coronaviruses infect the upper airways of many mammals and birds.",
+    "The spike protein binds a receptor on the surface of the host cell.",
+]
 BAD = {
     "table_like": "| Age | 12 | 34 | 56 | 78 | 90 | 11 | 13 |",
     "reference": "[12] Smith J, Doe A, Roe B and colleagues described the virus in detail",
@@ -217,9 +232,11 @@ def test_external_statements_gold_at_their_titled_document(tmp_path):
     csv_path = write_kb(tmp_path / "kb.csv", [("Alpha", alpha), ("Other", sentences("other", 5))])
     statements = tmp_path / "s.jsonl"
     statements.write_text(
-        json.dumps({"statement": "Penguins huddle in winter storms to survive.", "title": "Alpha"}) + "\n"
-        + json.dumps({"statement": "An abstract  that\nsays something new about the domain."}) + "\n",
-    )  # fmt: skip
+        json.dumps({"statement": "Penguins huddle in winter storms to survive.", "title": "Alpha"})
+        + "\n"
+        + json.dumps({"statement": "An abstract  that\nsays something new about the domain."})
+        + "\n",
+    )
     stats, rows = run(csv_path, tmp_path / "out", "--statements_path", str(statements))
     assert stats["external_statements"] == 2 and stats["external_with_kb_title"] == 1
     by_id = {gold["id"]: (split, gold) for split in recon.SPLITS for _, _, gold in rows[split]}
@@ -229,8 +246,16 @@ def test_external_statements_gold_at_their_titled_document(tmp_path):
     assert untitled["gold_passage_ids"] == [] and untitled["mask"] is None
     assert untitled["answers"] == ["An abstract that says something new about the domain."]  # one line
     for seed in range(8):  # three documents, two in val: the titled statement is always where its document is
-        _, rows = run(csv_path, tmp_path / f"seed{seed}", "--statements_path", str(statements), "--seed", str(seed),
-                      "--val_fraction", "0.5")  # fmt: skip
+        _, rows = run(
+            csv_path,
+            tmp_path / f"seed{seed}",
+            "--statements_path",
+            str(statements),
+            "--seed",
+            str(seed),
+            "--val_fraction",
+            "0.5",
+        )
         splits = {split for split in recon.SPLITS for _, _, g in rows[split] if g["title"] == "Alpha"}
         assert len(splits) == 1, f"seed {seed}: statements titled Alpha in {splits}"
 
@@ -258,8 +283,16 @@ def test_bad_statements_file_stops_the_command_in_one_line_before_writing(tmp_pa
     path.write_text('{"statement": "ok"}\n{"title": "T"}\n')
     out = tmp_path / "out"
     script = REPO / "data_prep" / "make_reconstruction_data.py"
-    argv = [sys.executable, str(script), "--csv_path", str(DUMMY_CSV), "--output_dir", str(out),
-            "--statements_path", str(path)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(script),
+        "--csv_path",
+        str(DUMMY_CSV),
+        "--output_dir",
+        str(out),
+        "--statements_path",
+        str(path),
+    ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert f"{path}:2: missing field `statement`" in done.stderr
@@ -288,9 +321,13 @@ def test_mask_passage_cuts_the_sentence_and_keeps_the_rest():
 
 @pytest.mark.parametrize(
     "flags",
-    [["--per_passage", "0"], ["--min_words", "9", "--max_words", "8"], ["--val_fraction", "0"],
-     ["--max_statements", "1"]],
-)  # fmt: skip
+    [
+        ["--per_passage", "0"],
+        ["--min_words", "9", "--max_words", "8"],
+        ["--val_fraction", "0"],
+        ["--max_statements", "1"],
+    ],
+)
 def test_impossible_settings_are_refused(flags, capsys):
     with pytest.raises(SystemExit):
         recon.parse_args(["--csv_path", "kb.csv", "--output_dir", "o", *flags])

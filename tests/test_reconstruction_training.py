@@ -49,8 +49,9 @@ def write_split(directory: Path, split: str, statements: list[tuple[int, str]]) 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{split}.source").write_text("".join(f"{RECONSTRUCTION_MARKER}{s}\n" for _, s in statements))
     (directory / f"{split}.target").write_text("".join(f"{s}\n" for _, s in statements))
-    rows = [{"answers": [s], "gold_passage_ids": [pid], "mask": {"passage_id": pid, "sentence": s}}
-            for pid, s in statements]  # fmt: skip
+    rows = [
+        {"answers": [s], "gold_passage_ids": [pid], "mask": {"passage_id": pid, "sentence": s}} for pid, s in statements
+    ]
     (directory / f"{split}.gold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -75,12 +76,30 @@ def make_module(finetune_argv, tiny_models, tiny_kb, recon_dir):
     """A GenerativeQAModule over an in-process search of the tiny KB (no Ray), trained with statements."""
 
     def make(mode: str, *extra: str, ratio: str = "1", mask: str = "1", n_docs: int = N_PASSAGES, data=DUMMY_DATA):
-        argv = finetune_argv("--training_mode", mode, "--hard_negatives", "2", "--n_docs", str(n_docs),
-                             "--reconstruction_dir", str(recon_dir), "--reconstruction_ratio", ratio,
-                             "--mask_probability", mask, "--data_dir", str(data), *extra)  # fmt: skip
+        argv = finetune_argv(
+            "--training_mode",
+            mode,
+            "--hard_negatives",
+            "2",
+            "--n_docs",
+            str(n_docs),
+            "--reconstruction_dir",
+            str(recon_dir),
+            "--reconstruction_ratio",
+            ratio,
+            "--mask_probability",
+            mask,
+            "--data_dir",
+            str(data),
+            *extra,
+        )
         i = argv.index("--model_name_or_path")
-        argv[i : i + 2] = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]),
-                           "--generator_name_or_path", str(tiny_models["generator"])]  # fmt: skip
+        argv[i : i + 2] = [
+            "--question_encoder_name_or_path",
+            str(tiny_models["question_encoder"]),
+            "--generator_name_or_path",
+            str(tiny_models["generator"]),
+        ]
         torch.manual_seed(0)
         args = finetune_rag.parse_args(argv)
         return finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(*map(str, tiny_kb), HIDDEN))
@@ -192,8 +211,9 @@ def test_held_out_statements_validate_without_the_statement_in_the_prompt(make_m
 # ---------------------------------------------------------------- (b) the mix
 
 
-def sampler(n_qa: int, n_statements: int, ratio: float, batch: int = 4, replicas: int = 1, rank: int = 0,
-            epoch: int = 0) -> MixedBatchSampler:  # fmt: skip
+def sampler(
+    n_qa: int, n_statements: int, ratio: float, batch: int = 4, replicas: int = 1, rank: int = 0, epoch: int = 0
+) -> MixedBatchSampler:
     carrier = DistributedSampler(range(n_qa + n_statements), num_replicas=replicas, rank=rank, seed=3)
     carrier.set_epoch(epoch)
     return MixedBatchSampler(carrier, batch, n_qa=n_qa, n_statements=n_statements, ratio=ratio)
@@ -309,10 +329,26 @@ def test_a_run_on_the_documents_alone_trains_on_statements_and_validates_on_qa(
     for split in ("val", "test"):
         for ext in ("source", "target"):
             shutil.copy(DUMMY_DATA / f"{split}.{ext}", data / f"{split}.{ext}")
-    argv = finetune_argv("--end2end", "--do_train", "--reconstruction_dir", str(recon_dir), "--reconstruction_ratio",
-                         "1", "--data_dir", str(data), "--max_steps", "4", "--val_check_interval", "2",
-                         "--log_every_n_steps", "1", "--num_sanity_val_steps", "0",
-                         "--indexing_freq", "100")  # fmt: skip
+    argv = finetune_argv(
+        "--end2end",
+        "--do_train",
+        "--reconstruction_dir",
+        str(recon_dir),
+        "--reconstruction_ratio",
+        "1",
+        "--data_dir",
+        str(data),
+        "--max_steps",
+        "4",
+        "--val_check_interval",
+        "2",
+        "--log_every_n_steps",
+        "1",
+        "--num_sanity_val_steps",
+        "0",
+        "--indexing_freq",
+        "100",
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     kill_actors(module)
     rows = _metrics(tmp_path / "out")
@@ -341,14 +377,27 @@ def test_a_mixed_run_logs_each_kinds_loss_and_resumes_mid_epoch_seeing_each_exam
         return real_step(self, batch, batch_idx)
 
     monkeypatch.setattr(finetune_rag.GenerativeQAModule, "training_step", recording_step)
-    argv = finetune_argv("--do_train", "--num_sanity_val_steps", "0", "--check_val_every_n_epoch", "1000",
-                         "--reconstruction_dir", str(recon_dir), "--reconstruction_ratio", "0.5",
-                         "--log_every_n_steps", "1")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--num_sanity_val_steps",
+        "0",
+        "--check_val_every_n_epoch",
+        "1000",
+        "--reconstruction_dir",
+        str(recon_dir),
+        "--reconstruction_ratio",
+        "0.5",
+        "--log_every_n_steps",
+        "1",
+    )
     first = finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "43", "--save_last_every_n_steps", "43"]))
     kill_actors(first)
     plan = first.train_dataloader().batch_sampler
-    expected = [(RECONSTRUCTION, [i - 40 for i in b]) if b[0] >= 40 else (QA, b)
-                for epoch in (0, 1) for b in plan.epoch_batches(epoch)]  # fmt: skip
+    expected = [
+        (RECONSTRUCTION, [i - 40 for i in b]) if b[0] >= 40 else (QA, b)
+        for epoch in (0, 1)
+        for b in plan.epoch_batches(epoch)
+    ]
     assert len(expected) == 80 and expected[:40] != expected[40:]
     assert seen == expected[:43]
     kill_actors(finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "80", "--resume"])))
@@ -376,15 +425,18 @@ def refusal(capsys, argv: list[str]) -> str:
 
 @pytest.mark.parametrize(
     ("flags", "says"),
-    [(["--reconstruction_ratio", "0"], "--reconstruction_ratio must be in (0, 1]"),
-     (["--reconstruction_ratio", "1.5"], "--reconstruction_ratio must be in (0, 1]"),
-     ([], "give --reconstruction_ratio"),
-     (["--reconstruction_ratio", "0.5", "--mask_probability", "1.2"], "--mask_probability must be in [0, 1]"),
-     (["--reconstruction_ratio", "0.5", "--data_dir", "RDIR"], "its train split is statements")],
-)  # fmt: skip
+    [
+        (["--reconstruction_ratio", "0"], "--reconstruction_ratio must be in (0, 1]"),
+        (["--reconstruction_ratio", "1.5"], "--reconstruction_ratio must be in (0, 1]"),
+        ([], "give --reconstruction_ratio"),
+        (["--reconstruction_ratio", "0.5", "--mask_probability", "1.2"], "--mask_probability must be in [0, 1]"),
+        (["--reconstruction_ratio", "0.5", "--data_dir", "RDIR"], "its train split is statements"),
+    ],
+)
 def test_bad_mix_settings_are_refused_in_one_line(finetune_argv, recon_dir, capsys, tmp_path, flags, says):
-    argv = finetune_argv("--do_train", "--reconstruction_dir", str(recon_dir), *(str(recon_dir) if f == "RDIR" else f
-                                                                                 for f in flags))  # fmt: skip
+    argv = finetune_argv(
+        "--do_train", "--reconstruction_dir", str(recon_dir), *(str(recon_dir) if f == "RDIR" else f for f in flags)
+    )
     assert says in refusal(capsys, argv)
     assert not (tmp_path / "out").exists()
     ratio_alone = finetune_argv("--do_train", "--reconstruction_ratio", "0.5")
@@ -396,8 +448,9 @@ def test_reconstruction_files_are_checked_before_any_work(finetune_argv, recon_d
     shutil.copytree(recon_dir, bad)
 
     def refused() -> str:
-        message = refusal(capsys, finetune_argv("--do_train", "--reconstruction_dir", str(bad),
-                                                "--reconstruction_ratio", "0.5"))  # fmt: skip
+        message = refusal(
+            capsys, finetune_argv("--do_train", "--reconstruction_dir", str(bad), "--reconstruction_ratio", "0.5")
+        )
         assert not (tmp_path / "out").exists(), "a refused run wrote its output directory"
         return message
 
@@ -409,8 +462,9 @@ def test_reconstruction_files_are_checked_before_any_work(finetune_argv, recon_d
     assert f"{bad}/train.target 11 lines" in message and "must be line-aligned" in message
     shutil.copy(recon_dir / "train.target", bad)
     lines = (recon_dir / "train.gold.jsonl").read_text().splitlines(True)
-    (bad / "train.gold.jsonl").write_text("".join(lines[:2]) + '{"answers": ["x"], "mask": {"passage_id": "7"}}\n'
-                                          + "".join(lines[3:]))  # fmt: skip
+    (bad / "train.gold.jsonl").write_text(
+        "".join(lines[:2]) + '{"answers": ["x"], "mask": {"passage_id": "7"}}\n' + "".join(lines[3:])
+    )
     assert f"{bad}/train.gold.jsonl:3: field `mask` must be null or" in refused()
     other = json.loads(lines[4])
     other["mask"]["passage_id"] = (other["mask"]["passage_id"] + 1) % N_PASSAGES  # another passage than its own
@@ -440,6 +494,12 @@ def test_the_python_api_passes_the_reconstruction_flags(recon_dir):
     parsed = build_parser().parse_args(["--model_type", "rag_token"])
     flags = {"reconstruction_dir": recon_dir, "reconstruction_ratio": 0.5, "mask_probability": 0.9}
     argv = _flags(parsed, flags, "train")
-    assert argv == ["--reconstruction_dir", str(recon_dir), "--reconstruction_ratio", "0.5", "--mask_probability",
-                    "0.9"]  # fmt: skip
+    assert argv == [
+        "--reconstruction_dir",
+        str(recon_dir),
+        "--reconstruction_ratio",
+        "0.5",
+        "--mask_probability",
+        "0.9",
+    ]
     assert np.isclose(build_parser().parse_args(["--model_type", "rag_token", *argv]).reconstruction_ratio, 0.5)

@@ -41,8 +41,9 @@ QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": 
 
 
 def _fit(module, *callbacks, max_steps: int) -> pl.Trainer:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0,
-                         callbacks=list(callbacks), **QUIET)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, callbacks=list(callbacks), **QUIET
+    )
     trainer.fit(module)
     return trainer
 
@@ -121,8 +122,9 @@ def test_a_refresh_goes_live_after_its_encoder_and_builder_were_killed(ray_local
                 Path(gate).touch()
 
     kill = Kill()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, limit_val_batches=0,
-                         callbacks=[refresh, kill], **QUIET)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=12, limit_val_batches=0, callbacks=[refresh, kill], **QUIET
+    )
     trainer.fit(module)
     assert kill.killed, "the refresh was never caught in flight"
     assert refresh.refresher.failures == 0 and refresh.history, "the refresh did not survive its actors' deaths"
@@ -135,8 +137,15 @@ def test_refreshes_that_keep_failing_stop_the_run_with_the_cause(ray_local, fine
     with small_filesystem(tmp_path / "ro", read_only=True) as read_only:
         refresh = KBRefreshCallback(str(read_only / "kb"), 1, IndexConfig("flat"), max_failures=2)
         last = callbacks_rag.get_last_checkpoint_callback(str(tmp_path / "out"), every_n_steps=100)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=30, limit_val_batches=0, logger=False,
-                             enable_progress_bar=False, callbacks=[refresh, last])  # fmt: skip
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_steps=30,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[refresh, last],
+        )
         with pytest.raises(RuntimeError, match=r"failed 2 times in a row") as caught:
             trainer.fit(module)
     message = str(caught.value)
@@ -154,8 +163,15 @@ def test_a_failed_refresh_removes_the_parts_its_encoders_wrote(ray_local, finetu
     monkeypatch.setattr(kb_refresh, "staging_dir", lambda root, version: staging)
     (kb_refresh.part_path(staging, 1, 2)).mkdir(parents=True)  # the second part cannot be renamed into place
     ctx = module.model.ctx_encoder
-    refresher = kb_refresh.Refresher(module.retriever, module.base_passages_path, str(tmp_path / "kb"), ctx,
-                                     module.model.ctx_tokenizer, IndexConfig("flat"), index_workers=2)  # fmt: skip
+    refresher = kb_refresh.Refresher(
+        module.retriever,
+        module.base_passages_path,
+        str(tmp_path / "kb"),
+        ctx,
+        module.model.ctx_tokenizer,
+        IndexConfig("flat"),
+        index_workers=2,
+    )
     assert refresher.trigger(ctx.state_dict(), step=1)
     deadline = time.monotonic() + 120
     while refresher.failures == 0 and time.monotonic() < deadline:
@@ -187,8 +203,17 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint(ray_local, finetun
     """torch's write error names no file ("PytorchStreamWriter failed writing file data/0"): the run's error names
     the checkpoint it was writing, and no temporary file is left behind."""
     with small_filesystem(tmp_path / "full", size="1m") as full:
-        argv = finetune_argv("--do_train", "--max_steps", "2", "--num_sanity_val_steps", "0",
-                             "--save_last_every_n_steps", "1", "--check_val_every_n_epoch", "1000")  # fmt: skip
+        argv = finetune_argv(
+            "--do_train",
+            "--max_steps",
+            "2",
+            "--num_sanity_val_steps",
+            "0",
+            "--save_last_every_n_steps",
+            "1",
+            "--check_val_every_n_epoch",
+            "1000",
+        )
         out = full / "out"
         argv[argv.index("--output_dir") + 1] = str(out)
         with pytest.raises((OSError, RuntimeError)) as caught:
@@ -206,9 +231,19 @@ def other_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     csv = tmp_path_factory.mktemp("other-csv") / "kb.csv"
     csv.write_text("".join(f"Other {i}\tunrelated passage number {i} about nothing\n" for i in range(6)))
     args = use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(csv), "--output_dir", str(tmp_path_factory.mktemp("other-kb")), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    )  # fmt: skip
+        [
+            "--csv_path",
+            str(csv),
+            "--output_dir",
+            str(tmp_path_factory.mktemp("other-kb")),
+            "--index_type",
+            "flat",
+            "--dpr_ctx_encoder_model_name",
+            str(tiny_models["context_encoder"]),
+            "--device",
+            "cpu",
+        ]
+    )
     return use_own_knowledge_dataset.main(args)
 
 
@@ -293,9 +328,22 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
     on its own KB version (with absolute paths that version was gone), replacing last.ckpt in place. A KB version
     deleted under a checkpoint stops the resume, unless --reencode_lost_kb re-encodes the KB first."""
     out, moved = tmp_path / "out", tmp_path / "moved"
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "1", "--save_last_every_n_steps", "2",
-                         "--max_steps", "4", "--num_sanity_val_steps", "0", "--check_val_every_n_epoch", "1000",
-                         "--keep_kb_versions", "0")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "1",
+        "--save_last_every_n_steps",
+        "2",
+        "--max_steps",
+        "4",
+        "--num_sanity_val_steps",
+        "0",
+        "--check_val_every_n_epoch",
+        "1000",
+        "--keep_kb_versions",
+        "0",
+    )
     first = finetune_rag.main(finetune_rag.parse_args(argv))
     kill_actors(first)
     pin = json.loads((out / "last.kb_version.json").read_text())
@@ -315,8 +363,15 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
 
     # A version built but never made live (the run stopped between build and swap) is removed on resume.
     passages = load_from_disk(second.hparams.passages_path)
-    build_kb_version(second.hparams.passages_path, str(moved / "kb"), 99, 6, IndexConfig("flat"), second.similarity,
-                     np.array(passages["embeddings"], dtype=np.float32))  # fmt: skip
+    build_kb_version(
+        second.hparams.passages_path,
+        str(moved / "kb"),
+        99,
+        6,
+        IndexConfig("flat"),
+        second.similarity,
+        np.array(passages["embeddings"], dtype=np.float32),
+    )
     lost = json.loads((moved / "last.kb_version.json").read_text())["version"]
     shutil.rmtree(moved / "kb" / f"v{lost:04d}")
     with pytest.raises(FileNotFoundError, match=rf"KB v{lost}, which this checkpoint's .* --reencode_lost_kb"):
@@ -357,12 +412,24 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     """The trainer process is killed (SIGKILL) after it wrote a last.ckpt with a refreshed KB version; --resume
     then restores step, optimizer, scheduler and that KB version."""
     out = tmp_path / "out"
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "1", "--save_last_every_n_steps", "2",
-                         "--max_epochs", "100", "--check_val_every_n_epoch", "1000",
-                         "--num_sanity_val_steps", "0")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "1",
+        "--save_last_every_n_steps",
+        "2",
+        "--max_epochs",
+        "100",
+        "--check_val_every_n_epoch",
+        "1000",
+        "--num_sanity_val_steps",
+        "0",
+    )
     env = {**os.environ, "RAG_E2E_RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # joins this test's Ray
-    proc = subprocess.Popen(_finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pin = out / "last.kb_version.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -383,8 +450,12 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
 
     class Observe(pl.Callback):
         def on_train_start(self, trainer, module):
-            seen.update(step=trainer.global_step, kb=module.kb.version, optimizer=len(trainer.optimizers[0].state),
-                        scheduler=trainer.lr_scheduler_configs[0].scheduler.last_epoch)  # fmt: skip
+            seen.update(
+                step=trainer.global_step,
+                kb=module.kb.version,
+                optimizer=len(trainer.optimizers[0].state),
+                scheduler=trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            )
 
     trainer_cls = pl.Trainer
     monkeypatch.setattr(
@@ -421,12 +492,24 @@ def test_a_killed_raylet_ends_the_run_and_leaves_no_actor(finetune_argv, tmp_pat
     """What an OOM killer may pick: Ray ends the trainer at once (from C++, so only the periodic last.ckpt is
     there to resume from), and none of the run's retrieval, encoding or builder actors outlives it."""
     out = tmp_path / "out"
-    argv = finetune_argv("--do_train", "--end2end", "--indexing_freq", "2", "--save_last_every_n_steps", "2",
-                         "--max_epochs", "100", "--check_val_every_n_epoch", "1000",
-                         "--num_sanity_val_steps", "0")  # fmt: skip
+    argv = finetune_argv(
+        "--do_train",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--save_last_every_n_steps",
+        "2",
+        "--max_epochs",
+        "100",
+        "--check_val_every_n_epoch",
+        "1000",
+        "--num_sanity_val_steps",
+        "0",
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}  # its own local Ray
-    proc = subprocess.Popen(_finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _finetune_command(argv), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not (out / "kb" / "v0001").is_dir():
         time.sleep(0.5)
@@ -460,8 +543,14 @@ def test_an_unreachable_ray_address_fails_fast(finetune_argv):
     address = f"127.0.0.1:{_free_port()}"
     start = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
-    done = subprocess.run(_finetune_command(finetune_argv("--ray_address", address)), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        _finetune_command(finetune_argv("--ray_address", address)),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and time.monotonic() - start < 30
     assert address in done.stderr and "ray start --head" in done.stderr
 
@@ -475,8 +564,14 @@ def test_a_ray_address_that_is_not_ray_fails_fast(finetune_argv):
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
     try:
         start = time.monotonic()
-        done = subprocess.run(_finetune_command(finetune_argv("--ray_address", address)), cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            _finetune_command(finetune_argv("--ray_address", address)),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         server.shutdown()
     assert done.returncode != 0 and time.monotonic() - start < 30
@@ -490,20 +585,61 @@ def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, t
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once on SIGTERM
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 characters
-    ray_start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(port),
-                 "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--num-cpus", "2",
-                 "--temp-dir", ray_tmp]  # fmt: skip
+    ray_start = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--include-dashboard",
+        "false",
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        ray_tmp,
+    ]
     head = subprocess.Popen(ray_start, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "w"))
     try:
         passages, index = tiny_kb
         work = passages.parent
-        argv = ["--model_name_or_path", str(tiny_models["rag_token"]), "--model_type", "rag_token",
-                "--context_encoder_name", str(tiny_models["context_encoder"]),
-                "--passages_path", passages.name, "--index_path", index.name,
-                "--data_dir", str(REPO / "test_run" / "dummy-train-data"), "--output_dir", str(tmp_path / "out"),
-                "--accelerator", "cpu", "--devices", "1", "--train_batch_size", "2", "--eval_batch_size", "4",
-                "--index_type", "flat", "--do_train", "--max_steps", "2",
-                "--num_sanity_val_steps", "0", "--ray_address", f"127.0.0.1:{port}"]  # fmt: skip
+        argv = [
+            "--model_name_or_path",
+            str(tiny_models["rag_token"]),
+            "--model_type",
+            "rag_token",
+            "--context_encoder_name",
+            str(tiny_models["context_encoder"]),
+            "--passages_path",
+            passages.name,
+            "--index_path",
+            index.name,
+            "--data_dir",
+            str(REPO / "test_run" / "dummy-train-data"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--eval_batch_size",
+            "4",
+            "--index_type",
+            "flat",
+            "--do_train",
+            "--max_steps",
+            "2",
+            "--num_sanity_val_steps",
+            "0",
+            "--ray_address",
+            f"127.0.0.1:{port}",
+        ]
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and head.poll() is None:  # its port opens when it is ready
             try:
@@ -513,8 +649,7 @@ def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, t
                 time.sleep(0.5)
         else:
             pytest.fail(f"`ray start --head` did not open port {port}: {(tmp_path / 'head.log').read_text()[-2000:]}")
-        done = subprocess.run(_finetune_command(argv), cwd=work, env=env, capture_output=True, text=True,
-                              timeout=400)  # fmt: skip
+        done = subprocess.run(_finetune_command(argv), cwd=work, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (tmp_path / "out" / "last.ckpt").is_file()
     finally:
@@ -568,11 +703,22 @@ def test_leftovers_of_interrupted_saves_are_removed_and_nothing_else(tiny_models
 
     kb = tmp_path / "kb"
     (kb / f"my_knowledge_dataset.tmp-{gone.pid}-fedcba98").mkdir(parents=True)
-    use_own_knowledge_dataset.main(use_own_knowledge_dataset.parse_args(
-        ["--csv_path", str(Path(__file__).parents[1] / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
-         "--output_dir", str(kb), "--index_type", "flat",
-         "--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    ))  # fmt: skip
+    use_own_knowledge_dataset.main(
+        use_own_knowledge_dataset.parse_args(
+            [
+                "--csv_path",
+                str(Path(__file__).parents[1] / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"),
+                "--output_dir",
+                str(kb),
+                "--index_type",
+                "flat",
+                "--dpr_ctx_encoder_model_name",
+                str(tiny_models["context_encoder"]),
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert sorted(p.name for p in kb.iterdir()) == ["my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"]
 
 

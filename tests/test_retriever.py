@@ -393,6 +393,11 @@ def test_retrieval_actors_import_no_torch():
     """A retrieval actor's process imports distributed_ray_retriever and never encodes: torch would add ~2.7 s of
     start-up and ~185 MB to every one of them."""
     code = "import sys, distributed_ray_retriever; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert proc.stdout.strip() == "[]", proc.stdout

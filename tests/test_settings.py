@@ -31,29 +31,60 @@ HIDDEN = 32  # rag_end2end.tiny_models
 # What the code before RagSettings wrote (RagModel.settings() as a dict, json.dumps(indent=1)): a mean-pooled
 # cosine question encoder with a learned tau, a causal generator, a context encoder; and a DPR retriever alone.
 EARLIER_CAUSAL = {
-    "n_docs": 2, "marginal": "sequence", "question_prefix": "query: ", "question_max_length": 32, "rerank_top": 4,
-    "doc_scores": "fresh", "generation": {"num_beams": 2, "max_new_tokens": 7}, "passage_prefix": "passage: ",
-    "question_encoder": {"pooling": "mean", "normalize": True, "similarity": "cosine",
-                         "temperature": 0.07000000029802322, "learn_temperature": True},
-    "generator_family": "causal", "template": "{title}: {text}\n{question}\n", "max_length": 200,
+    "n_docs": 2,
+    "marginal": "sequence",
+    "question_prefix": "query: ",
+    "question_max_length": 32,
+    "rerank_top": 4,
+    "doc_scores": "fresh",
+    "generation": {"num_beams": 2, "max_new_tokens": 7},
+    "passage_prefix": "passage: ",
+    "question_encoder": {
+        "pooling": "mean",
+        "normalize": True,
+        "similarity": "cosine",
+        "temperature": 0.07000000029802322,
+        "learn_temperature": True,
+    },
+    "generator_family": "causal",
+    "template": "{title}: {text}\n{question}\n",
+    "max_length": 200,
     "label_smoothing": 0.1,
-}  # fmt: skip
+}
 EARLIER_RETRIEVER_ONLY = {
-    "n_docs": 5, "marginal": "token", "question_prefix": "", "question_max_length": None, "rerank_top": 0,
-    "doc_scores": "stored", "generation": {}, "passage_prefix": None, "question_encoder": {"similarity": "dot"},
-    "generator_family": None, "label_smoothing": 0.0,
-}  # fmt: skip
+    "n_docs": 5,
+    "marginal": "token",
+    "question_prefix": "",
+    "question_max_length": None,
+    "rerank_top": 0,
+    "doc_scores": "stored",
+    "generation": {},
+    "passage_prefix": None,
+    "question_encoder": {"similarity": "dot"},
+    "generator_family": None,
+    "label_smoothing": 0.0,
+}
 
 
 def every_field_set() -> RagSettings:
     """No field at its default, so that a field the file drops shows."""
     return RagSettings(
-        n_docs=7, marginal="sequence", question_prefix="query: ", question_max_length=40, rerank_top=9,
-        doc_scores="fresh", generation=Generation(num_beams=3, max_new_tokens=11), passage_prefix="passage: ",
-        question_encoder=Scoring(pooling="mean", normalize=True, similarity="cosine", temperature=0.25,
-                                 learn_temperature=True),
-        generator_family="seq2seq", template="{question} || {title}: {text}", max_length=77, label_smoothing=0.15,
-    )  # fmt: skip
+        n_docs=7,
+        marginal="sequence",
+        question_prefix="query: ",
+        question_max_length=40,
+        rerank_top=9,
+        doc_scores="fresh",
+        generation=Generation(num_beams=3, max_new_tokens=11),
+        passage_prefix="passage: ",
+        question_encoder=Scoring(
+            pooling="mean", normalize=True, similarity="cosine", temperature=0.25, learn_temperature=True
+        ),
+        generator_family="seq2seq",
+        template="{question} || {title}: {text}",
+        max_length=77,
+        label_smoothing=0.15,
+    )
 
 
 def write(path: Path, data: dict) -> Path:
@@ -188,15 +219,32 @@ def test_the_docs_hold_the_generated_table():
 
 
 def retriever_and_causal(tiny_models) -> RagModel:
-    q = load_encoder(tiny_models["question_encoder"], "mean", side="question", similarity="cosine",
-                     temperature=0.07, learn_temperature=True)  # fmt: skip
+    q = load_encoder(
+        tiny_models["question_encoder"],
+        "mean",
+        side="question",
+        similarity="cosine",
+        temperature=0.07,
+        learn_temperature=True,
+    )
     ctx = load_encoder(tiny_models["context_encoder"], "mean", side="context", similarity="cosine")
-    generator = CausalGenerator.from_pretrained(str(tiny_models["causal_generator"]), "{title}: {text}\n{question}\n",
-                                                200, 0.1)  # fmt: skip
+    generator = CausalGenerator.from_pretrained(
+        str(tiny_models["causal_generator"]), "{title}: {text}\n{question}\n", 200, 0.1
+    )
     ctx_tok = with_prefix(AutoTokenizer.from_pretrained(tiny_models["context_encoder"]), "passage: ")
-    return RagModel(q, AutoTokenizer.from_pretrained(tiny_models["question_encoder"]), generator, n_docs=2,
-                    marginal="sequence", ctx_encoder=ctx, ctx_tokenizer=ctx_tok, question_prefix="query: ",
-                    rerank_top=4, question_max_length=32, generation=Generation(2, 7))  # fmt: skip
+    return RagModel(
+        q,
+        AutoTokenizer.from_pretrained(tiny_models["question_encoder"]),
+        generator,
+        n_docs=2,
+        marginal="sequence",
+        ctx_encoder=ctx,
+        ctx_tokenizer=ctx_tok,
+        question_prefix="query: ",
+        rerank_top=4,
+        question_max_length=32,
+        generation=Generation(2, 7),
+    )
 
 
 def test_a_saved_checkpoint_loads_with_the_same_settings(tiny_models, tmp_path):
@@ -210,8 +258,9 @@ def test_a_saved_checkpoint_loads_with_the_same_settings(tiny_models, tmp_path):
 
 def test_from_pretrained_refuses_a_settings_file_with_an_unknown_key(tiny_models, tmp_path):
     """A misspelt key was ignored before, and the model loaded without the setting."""
-    model = RagModel(load_encoder(tiny_models["question_encoder"]), AutoTokenizer.from_pretrained(
-        tiny_models["question_encoder"]))  # fmt: skip
+    model = RagModel(
+        load_encoder(tiny_models["question_encoder"]), AutoTokenizer.from_pretrained(tiny_models["question_encoder"])
+    )
     model.save_pretrained(tmp_path / "ckpt")
     file = tmp_path / "ckpt" / SETTINGS_FILE
     file.write_text(json.dumps(json.loads(file.read_text()) | {"ndocs": 3}))
@@ -228,14 +277,21 @@ def test_from_pretrained_builds_the_model_the_given_settings_describe(tiny_model
         path = tiny_models["rag_token"]
     saved = checkpoint_settings(path)
     wanted = saved.replace(
-        n_docs=3, template="Q {question} T {title} P {text}", label_smoothing=0.3, rerank_top=5,
-        question_encoder=saved.question_encoder.rescored("cosine", 0.5, True), generation=Generation(3, 4),
-    )  # fmt: skip
+        n_docs=3,
+        template="Q {question} T {title} P {text}",
+        label_smoothing=0.3,
+        rerank_top=5,
+        question_encoder=saved.question_encoder.rescored("cosine", 0.5, True),
+        generation=Generation(3, 4),
+    )
     model = RagModel.from_pretrained(path, retriever=object(), settings=wanted)
     assert model.settings() == wanted
     q = model.question_encoder
     assert isinstance(q, PooledEncoder) and (q.similarity, q.temperature_value, q.learn_temperature) == (
-        "cosine", 0.5, True)  # fmt: skip
+        "cosine",
+        0.5,
+        True,
+    )
     assert (model.generator.template, model.generator.label_smoothing) == ("Q {question} T {title} P {text}", 0.3)
     # the same encoder as loading the checkpoint as saved and then changing its scoring
     unchanged = RagModel.from_pretrained(path, retriever=object(), load_generator=False).question_encoder
@@ -253,18 +309,43 @@ def test_assembly_builds_from_the_checkpoint_settings_and_the_flags_and_export_c
     from rag_end2end.deploy import export as export_model
 
     passages, index = tiny_kb
-    flags = ["--training_mode", "rag_end2end", "--prompt_template", "{question} || {title}: {text}",
-             "--label_smoothing", "0.2", "--retrieval_temperature", "2", "--learn_temperature", "--n_docs", "3",
-             "--rerank_top", "4", "--max_source_length", "9", "--num_beams", "2", "--test_max_target_length", "6",
-             "--question_prefix", "q: "]  # fmt: skip
-    module = finetune_rag.GenerativeQAModule(finetune_rag.parse_args(finetune_argv(*flags)),
-                                             kb_search.KBSearch(str(passages), str(index), HIDDEN))  # fmt: skip
+    flags = [
+        "--training_mode",
+        "rag_end2end",
+        "--prompt_template",
+        "{question} || {title}: {text}",
+        "--label_smoothing",
+        "0.2",
+        "--retrieval_temperature",
+        "2",
+        "--learn_temperature",
+        "--n_docs",
+        "3",
+        "--rerank_top",
+        "4",
+        "--max_source_length",
+        "9",
+        "--num_beams",
+        "2",
+        "--test_max_target_length",
+        "6",
+        "--question_prefix",
+        "q: ",
+    ]
+    module = finetune_rag.GenerativeQAModule(
+        finetune_rag.parse_args(finetune_argv(*flags)), kb_search.KBSearch(str(passages), str(index), HIDDEN)
+    )
     expected = checkpoint_settings(tiny_models["rag_token"]).replace(
-        n_docs=3, question_prefix="q: ", question_max_length=9, rerank_top=4, doc_scores="fresh",
+        n_docs=3,
+        question_prefix="q: ",
+        question_max_length=9,
+        rerank_top=4,
+        doc_scores="fresh",
         generation=Generation(num_beams=2, max_new_tokens=6),
-        question_encoder=Scoring("pooler", False, "dot", 2.0, True), template="{question} || {title}: {text}",
+        question_encoder=Scoring("pooler", False, "dot", 2.0, True),
+        template="{question} || {title}: {text}",
         label_smoothing=0.2,
-    )  # fmt: skip
+    )
     assert module.model.settings() == expected
     assert module.model.ctx_encoder is not None  # --context_encoder_name's: the RAG checkpoint holds none
 
@@ -281,16 +362,27 @@ def test_assembly_builds_from_the_checkpoint_settings_and_the_flags_and_export_c
     args = finetune_rag.parse_args(argv)
     again = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), HIDDEN))
     assert again.model.settings() == expected.replace(
-        label_smoothing=0.1, rerank_top=args.rerank_top, question_max_length=args.max_source_length,
+        label_smoothing=0.1,
+        rerank_top=args.rerank_top,
+        question_max_length=args.max_source_length,
         generation=Generation(args.num_beams, args.test_max_target_length),
-    )  # fmt: skip
+    )
     assert isinstance(again.model.ctx_encoder, type(module.model.ctx_encoder))
 
 
 def test_no_module_but_settings_names_the_files_keys():
     """The keys only RagSettings names (n_docs, marginal and the like are also flags and argument names)."""
-    keys = ('"generator_family"', '"doc_scores"', '"question_max_length"', '"passage_prefix"', '"rerank_top"',
-            '"label_smoothing"', '"generation"', '"max_new_tokens"', '"num_beams"')  # fmt: skip
+    keys = (
+        '"generator_family"',
+        '"doc_scores"',
+        '"question_max_length"',
+        '"passage_prefix"',
+        '"rerank_top"',
+        '"label_smoothing"',
+        '"generation"',
+        '"max_new_tokens"',
+        '"num_beams"',
+    )
     readers = ["model/rag.py", "model/assembly.py", "deploy/export.py", "deploy/answer.py", "evaluation/evaluate.py"]
     found = {name: [k for k in keys if k in (REPO / "rag_end2end" / name).read_text()] for name in readers}
     assert found == {name: [] for name in readers}

@@ -230,8 +230,20 @@ def test_a_stopped_shard_is_restarted_after_the_timeout(versions, shards, caplog
 def test_training_with_index_shards_refreshes_every_shard(ray_local, finetune_argv):
     """finetune_rag.py with --index_shards 2: end-to-end training whose refreshes reach both shards, and
     retrieval that is exact over the newest version's embeddings."""
-    argv = finetune_argv("--index_shards", "2", "--end2end", "--indexing_freq", "2", "--do_train", "--max_steps",
-                         "4", "--num_sanity_val_steps", "0", "--keep_kb_versions", "0")  # fmt: skip
+    argv = finetune_argv(
+        "--index_shards",
+        "2",
+        "--end2end",
+        "--indexing_freq",
+        "2",
+        "--do_train",
+        "--max_steps",
+        "4",
+        "--num_sanity_val_steps",
+        "0",
+        "--keep_kb_versions",
+        "0",
+    )
     module = finetune_rag.main(finetune_rag.parse_args(argv))
     try:
         refresh = next(c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback))

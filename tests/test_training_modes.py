@@ -59,10 +59,16 @@ def make_module(finetune_argv, tiny_models, tiny_kb):
         argv = finetune_argv("--training_mode", mode, "--hard_negatives", "2", "--n_docs", "3", *extra)
         i = argv.index("--model_name_or_path")
         generator = tiny_models["causal_generator" if causal else "generator"]
-        question_encoder = [] if "--init_from" in extra else ["--question_encoder_name_or_path",
-                                                             str(tiny_models["question_encoder"])]  # fmt: skip
-        argv[i : i + 2] = [*question_encoder, "--generator_name_or_path", str(generator),
-                           "--generator_type", "causal" if causal else "seq2seq"]  # fmt: skip
+        question_encoder = (
+            [] if "--init_from" in extra else ["--question_encoder_name_or_path", str(tiny_models["question_encoder"])]
+        )
+        argv[i : i + 2] = [
+            *question_encoder,
+            "--generator_name_or_path",
+            str(generator),
+            "--generator_type",
+            "causal" if causal else "seq2seq",
+        ]
         if data is not None:
             argv[argv.index("--data_dir") + 1] = str(data)
         passages, index = tiny_kb
@@ -162,12 +168,23 @@ def test_checkpoints_reload_in_eval_rag(make_module, gold_data, mode, tmp_path):
     ckpt = tmp_path / "checkpoint1"
     module.save_hf_checkpoint(ckpt)
     questions = (gold_data / "test.source").read_text().splitlines()
-    common = ["--model_name_or_path", str(ckpt), "--evaluation_set", str(gold_data / "test.source"),
-              "--n_docs", "3", "--eval_batch_size", "4"]  # fmt: skip
+    common = [
+        "--model_name_or_path",
+        str(ckpt),
+        "--evaluation_set",
+        str(gold_data / "test.source"),
+        "--n_docs",
+        "3",
+        "--eval_batch_size",
+        "4",
+    ]
     preds = tmp_path / "retrieval.txt"
     gold = str(gold_data / "test.gold.jsonl")
-    eval_rag.main(eval_rag.parse_args([*common, "--eval_mode", "retrieval", "--gold_data_path", gold,
-                                       "--predictions_path", str(preds)]))  # fmt: skip
+    eval_rag.main(
+        eval_rag.parse_args(
+            [*common, "--eval_mode", "retrieval", "--gold_data_path", gold, "--predictions_path", str(preds)]
+        )
+    )
     lines = preds.with_name("retrieval.ids.txt").read_text().splitlines()
     got = [list(map(int, line.split("\t")))[:3] for line in lines]
     model = module.model.eval()
@@ -179,8 +196,21 @@ def test_checkpoints_reload_in_eval_rag(make_module, gold_data, mode, tmp_path):
         return
     preds = tmp_path / "answers.txt"
     targets = str(gold_data / "test.target")
-    eval_rag.main(eval_rag.parse_args([*common, "--gold_data_path", targets, "--predictions_path", str(preds),
-                                       "--max_length", "5", "--num_beams", "1"]))  # fmt: skip
+    eval_rag.main(
+        eval_rag.parse_args(
+            [
+                *common,
+                "--gold_data_path",
+                targets,
+                "--predictions_path",
+                str(preds),
+                "--max_length",
+                "5",
+                "--num_beams",
+                "1",
+            ]
+        )
+    )
     with torch.no_grad():
         answers = model.generate(enc["input_ids"], enc["attention_mask"], questions, 5)
     assert preds.read_text().splitlines() == [" ".join(a.split()) for a in answers]
@@ -277,8 +307,16 @@ class RankedModel:
 
 def test_hard_negatives_never_include_a_gold_passage_or_an_answer():
     rng = random.Random(0)
-    texts = ["a snake in the desert", "the rod of moses", "pokemon cards", "a large snake", "the river nile",
-             "mount sinai", "pikachu", "the red sea"]  # fmt: skip
+    texts = [
+        "a snake in the desert",
+        "the rod of moses",
+        "pokemon cards",
+        "a large snake",
+        "the river nile",
+        "mount sinai",
+        "pikachu",
+        "the red sea",
+    ]
     passages = [{"title": f"t{i}", "text": t} for i, t in enumerate(texts)]
     batch = {"input_ids": torch.zeros(1, 3), "attention_mask": torch.ones(1, 3), "target_text": ["snake"]}
     for _ in range(50):
@@ -301,8 +339,10 @@ def test_hard_negatives_never_include_a_gold_passage_or_an_answer():
 
 
 def test_rerank_keeps_the_top_passages_by_fresh_embeddings(tiny_models):
-    passages = [{"title": f"t{i}", "text": t} for i, t in enumerate(["moses rod", "a snake", "aaron", "pokemon",
-                                                                       "pikachu", "egypt"])]  # fmt: skip
+    passages = [
+        {"title": f"t{i}", "text": t}
+        for i, t in enumerate(["moses rod", "a snake", "aaron", "pokemon", "pikachu", "egypt"])
+    ]
 
     class Stale:
         def retrieve(self, q, n, embeddings=True):
@@ -449,8 +489,9 @@ def test_retriever_dropout_off_keeps_the_encoders_training_without_noise(make_mo
 
 
 def test_retriever_learning_rate_and_no_decay_on_every_norm_and_bias(make_module):
-    module = make_module("rag_end2end", "--retriever_learning_rate", "1e-5", "--learning_rate", "1e-3",
-                         "--weight_decay", "0.01")  # fmt: skip
+    module = make_module(
+        "rag_end2end", "--retriever_learning_rate", "1e-5", "--learning_rate", "1e-3", "--weight_decay", "0.01"
+    )
     groups = module.param_groups()
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     for name, p in module.named_parameters():
@@ -486,8 +527,18 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     vectors, owners, offset = gather_candidates(p, owner)
     loss = infonce(q, vectors, owners, torch.tensor([offset]))
     loss.backward()
-    torch.save({"p": p.detach(), "q": q, "grad": p.grad, "owners": owners, "offset": offset, "loss": loss.detach(),
-                "vectors": vectors.detach()}, f"{out}/rank{rank}.pt")  # fmt: skip
+    torch.save(
+        {
+            "p": p.detach(),
+            "q": q,
+            "grad": p.grad,
+            "owners": owners,
+            "offset": offset,
+            "loss": loss.detach(),
+            "vectors": vectors.detach(),
+        },
+        f"{out}/rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
@@ -516,8 +567,9 @@ def test_infonce_negatives_are_gathered_across_ddp_ranks(tmp_path):
 
 
 def test_a_learned_temperature_trains_beside_lora_adapters(make_module, gold_data):
-    module = make_module("rag_end2end", "--peft", "both", "--learn_temperature", "--retrieval_temperature", "0.5",
-                         data=gold_data)  # fmt: skip
+    module = make_module(
+        "rag_end2end", "--peft", "both", "--learn_temperature", "--retrieval_temperature", "0.5", data=gold_data
+    )
     encoder = module.model.question_encoder
     assert encoder.log_temperature.requires_grad  # LoRA freezes every weight but its adapters: not tau
     module.training_step(_batch(module), 0).backward()
@@ -530,8 +582,9 @@ def test_validation_em_takes_the_best_of_every_gold_answer(make_module, tmp_path
     import pytorch_lightning as pl
 
     def validate(module) -> dict:
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False)  # fmt: skip
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        )
         return trainer.validate(module, verbose=False)[0]
 
     data = tmp_path / "data"
@@ -539,8 +592,11 @@ def test_validation_em_takes_the_best_of_every_gold_answer(make_module, tmp_path
     module = make_module("rag_original", "--val_max_target_length", "4", data=data)
     module.model.eval()
     with torch.no_grad():
-        preds = [a for b in module.val_dataloader() for a in module.model.generate(b["input_ids"],
-                 b["attention_mask"], b["source_text"], 4)]  # fmt: skip
+        preds = [
+            a
+            for b in module.val_dataloader()
+            for a in module.model.generate(b["input_ids"], b["attention_mask"], b["source_text"], 4)
+        ]
     targets = (data / "val.target").read_text().splitlines()
     assert not any(p.strip() == t for p, t in zip(preds, targets))
     assert validate(module)["val_em"] == 0.0
@@ -555,9 +611,18 @@ def test_retriever_dropout_off_survives_lightnings_validation_loop(make_module):
     import pytorch_lightning as pl
 
     module = make_module("rag_end2end", "--retriever_dropout", "off", "--max_steps", "2", "--val_check_interval", "1")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=1, limit_val_batches=1,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        val_check_interval=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     seen = []
 
     class Modes(pl.Callback):

@@ -15,6 +15,10 @@ def wordpiece_tokenizer(corpus: list[str], vocab_size: int = 300, special_tokens
         corpus, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
     )
     return BertTokenizerFast(
-        tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=raw,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         mask_token="[MASK]",
-    )  # fmt: skip
+    )

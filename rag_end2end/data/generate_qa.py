@@ -249,9 +249,14 @@ def generate_texts(
     eos = model.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None})
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_p=top_p if sample else None, top_k=None, pad_token_id=pad, eos_token_id=eos or None,
-    )  # fmt: skip
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        pad_token_id=pad,
+        eos_token_id=eos or None,
+    )
     if sample:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
@@ -445,16 +450,19 @@ def passage_vectors(kb: KnowledgeBase, args: argparse.Namespace, question_encode
 
         passages = load_from_disk(kb.passages_path)
         if "embeddings" in passages.column_names:
-            check_kb_similarity(kb.passages_path, f"the question encoder {args.question_encoder_name_or_path}",
-                                similarity)  # fmt: skip
+            check_kb_similarity(
+                kb.passages_path, f"the question encoder {args.question_encoder_name_or_path}", similarity
+            )
             return np.asarray(passages.with_format("numpy")["embeddings"], dtype=np.float32)
     if args.context_encoder_name_or_path is not None:
         name = args.context_encoder_name_or_path
         encoder = load_encoder(name, side="context").to(args.device)
         tokenizer = load_tokenizer(name)
         if encoder_similarity(encoder) != similarity:
-            raise ValueError(f"the context encoder {name} scores with {encoder_similarity(encoder)} similarity, "
-                             f"the question encoder with {similarity}")  # fmt: skip
+            raise ValueError(
+                f"the context encoder {name} scores with {encoder_similarity(encoder)} similarity, "
+                f"the question encoder with {similarity}"
+            )
     else:
         encoder, tokenizer = context_side(question_encoder), question_tokenizer
     token_ids = tokenize_passages(tokenizer, kb.titles, kb.texts)
@@ -472,8 +480,10 @@ def roundtrip_filter(pairs: list[Pair], kb: KnowledgeBase, args: argparse.Namesp
     passages = passage_vectors(kb, args, encoder, tokenizer)
     questions = encode_questions(encoder, tokenizer, [p.question for p in pairs], args.batch_size, args.device)
     if questions.shape[1] != passages.shape[1]:
-        raise ValueError(f"the question encoder {name} makes {questions.shape[1]}-d vectors but the passages are "
-                         f"{passages.shape[1]}-d: give the context encoder that matches it")  # fmt: skip
+        raise ValueError(
+            f"the question encoder {name} makes {questions.shape[1]}-d vectors but the passages are "
+            f"{passages.shape[1]}-d: give the context encoder that matches it"
+        )
     hits = roundtrip_hits(questions, passages, [p.passage_id for p in pairs], args.roundtrip_k)
     kept = [p for p, hit in zip(pairs, hits) if hit]
     return kept, len(pairs) - len(kept)
@@ -519,10 +529,15 @@ def split_files(splits: dict[str, list[Pair]]) -> dict[str, str]:
         files[f"{split}.source"] = "".join(p.question + "\n" for p in pairs)
         files[f"{split}.target"] = "".join(p.answer + "\n" for p in pairs)
         rows = [
-            {"id": p.id, "question": p.question, "answers": [p.answer], "title": p.title,
-             "gold_passage_ids": [p.passage_id]}
+            {
+                "id": p.id,
+                "question": p.question,
+                "answers": [p.answer],
+                "title": p.title,
+                "gold_passage_ids": [p.passage_id],
+            }
             for p in pairs
-        ]  # fmt: skip
+        ]
         files[f"{split}.gold.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return files
 
@@ -565,19 +580,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=0.95, help="for the sampled pairs (--per_passage > 1)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="fraction of documents for val")
     p.add_argument("--test_fraction", type=float, default=0.1, help="fraction of documents for test")
-    p.add_argument("--no_extractive", dest="extractive", action="store_false",
-                   help="keep answers that do not occur in their passage")  # fmt: skip
-    p.add_argument("--roundtrip_k", type=int, default=None,
-                   help="keep a pair only if the question encoder ranks its passage in its top K")  # fmt: skip
+    p.add_argument(
+        "--no_extractive",
+        dest="extractive",
+        action="store_false",
+        help="keep answers that do not occur in their passage",
+    )
+    p.add_argument(
+        "--roundtrip_k",
+        type=int,
+        default=None,
+        help="keep a pair only if the question encoder ranks its passage in its top K",
+    )
     p.add_argument("--question_encoder_name_or_path", default=None, help="the round-trip filter's question encoder")
-    p.add_argument("--context_encoder_name_or_path", default=None,
-                   help="round trip: encodes the passages (default: the --passages_path KB's embeddings, else the "
-                        "question encoder itself)")  # fmt: skip
+    p.add_argument(
+        "--context_encoder_name_or_path",
+        default=None,
+        help="round trip: encodes the passages (default: the --passages_path KB's embeddings, else the "
+        "question encoder itself)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="generator weights (auto: bfloat16 on a GPU with native bf16, else float32)")  # fmt: skip
-    p.add_argument("--max_batches", type=int, default=None,
-                   help="generate at most N batches in this run, then stop (rerun to continue)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="generator weights (auto: bfloat16 on a GPU with native bf16, else float32)",
+    )
+    p.add_argument(
+        "--max_batches",
+        type=int,
+        default=None,
+        help="generate at most N batches in this run, then stop (rerun to continue)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run")
     add_debug_arg(p)
     args = p.parse_args(argv)
@@ -626,8 +660,16 @@ def generate(
                 break
             prompts = [build_prompt(tokenizer, kb.titles[row], kb.texts[row]) for row, _ in batch]
             sample = batch[0][1] > 0
-            texts = generate_texts(model, tokenizer, prompts, sample, batch_seed(args.seed, *batch[0]),
-                                   args.max_new_tokens, args.temperature, args.top_p)  # fmt: skip
+            texts = generate_texts(
+                model,
+                tokenizer,
+                prompts,
+                sample,
+                batch_seed(args.seed, *batch[0]),
+                args.max_new_tokens,
+                args.temperature,
+                args.top_p,
+            )
             questions = [_first_line(t).strip() for t in texts]
             prompts = [
                 build_prompt(tokenizer, kb.titles[row], kb.texts[row], q) for (row, _), q in zip(batch, questions)
@@ -660,8 +702,10 @@ def main(args: argparse.Namespace) -> dict | None:
         raise
     wanted = {(row, s): done[row, s] for row in rows for s in range(args.per_passage) if (row, s) in done}
     if len(wanted) < len(rows) * args.per_passage:
-        print(f"stopped after --max_batches {args.max_batches}: {len(wanted)} of {len(rows) * args.per_passage} "
-              f"generations done; rerun the command to continue")  # fmt: skip
+        print(
+            f"stopped after --max_batches {args.max_batches}: {len(wanted)} of {len(rows) * args.per_passage} "
+            f"generations done; rerun the command to continue"
+        )
         return None
 
     pairs, rejected = filter_generations(wanted, kb, args.extractive)
@@ -669,24 +713,36 @@ def main(args: argparse.Namespace) -> dict | None:
         pairs, rejected["roundtrip_miss"] = roundtrip_filter(pairs, kb, args)
     splits = split_by_document(pairs, args.val_fraction, args.test_fraction, args.seed)
     stats = {
-        "kb": kb.source, "generator": args.generator_name_or_path, "documents": len(kb.documents),
-        "passages": len(kb.titles), "selected_passages": len(rows), "per_passage": args.per_passage,
-        "generations": len(wanted), "extractive": args.extractive, "roundtrip_k": args.roundtrip_k,
-        "rejected": {reason: rejected[reason] for reason in REASONS}, "kept": len(pairs),
+        "kb": kb.source,
+        "generator": args.generator_name_or_path,
+        "documents": len(kb.documents),
+        "passages": len(kb.titles),
+        "selected_passages": len(rows),
+        "per_passage": args.per_passage,
+        "generations": len(wanted),
+        "extractive": args.extractive,
+        "roundtrip_k": args.roundtrip_k,
+        "rejected": {reason: rejected[reason] for reason in REASONS},
+        "kept": len(pairs),
         "documents_per_split": {s: len({p.title for p in splits[s]}) for s in SPLITS},
         "questions": {s: len(splits[s]) for s in SPLITS},
         "questions_without_gold_passage": dict.fromkeys(SPLITS, 0),
-    }  # fmt: skip
+    }
     files = {"kb.csv": kb_csv, **split_files(splits), "stats.json": json.dumps(stats, indent=1) + "\n"}
     assert set(files) == set(OUTPUT_FILES)
     write_files(out, files, args.overwrite)
     if empty := [f"{split}.source" for split in SPLITS if not splits[split]]:
-        warnings.warn(f"{out}: {', '.join(empty)} empty ({len(pairs)} pairs kept, from "
-                      f"{len({p.title for p in pairs})} documents)", stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"{out}: {', '.join(empty)} empty ({len(pairs)} pairs kept, from "
+            f"{len({p.title for p in pairs})} documents)",
+            stacklevel=1,
+        )
     n_passages = made / args.per_passage
     rate = f"{n_passages / seconds:.2f} passages/s" if seconds else "nothing left to generate"
-    print(f"{made} generations ({n_passages:g} passages) in {seconds:.1f} s: {rate}; kept {len(pairs)} of "
-          f"{len(wanted)} pairs ({dict(+rejected) or 'none'} rejected); wrote {out}")  # fmt: skip
+    print(
+        f"{made} generations ({n_passages:g} passages) in {seconds:.1f} s: {rate}; kept {len(pairs)} of "
+        f"{len(wanted)} pairs ({dict(+rejected) or 'none'} rejected); wrote {out}"
+    )
     return stats
 
 

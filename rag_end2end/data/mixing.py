@@ -55,8 +55,10 @@ def read_masks(path: str | Path) -> list[Mask | None]:
             continue
         pid, sentence = (mask.get("passage_id"), mask.get("sentence")) if isinstance(mask, dict) else (None, None)
         if type(pid) is not int or pid < 0 or not isinstance(sentence, str) or not sentence:  # (a bool is no row)
-            raise InputError(f'{path}:{number}: field `mask` must be null or {{"passage_id": a KB row (integer >= 0), '
-                             f'"sentence": a non-empty string}}, found {json.dumps(mask)[:120]}')  # fmt: skip
+            raise InputError(
+                f'{path}:{number}: field `mask` must be null or {{"passage_id": a KB row (integer >= 0), '
+                f'"sentence": a non-empty string}}, found {json.dumps(mask)[:120]}'
+            )
         masks.append(Mask(pid, sentence))
     return masks
 
@@ -67,8 +69,10 @@ def read_reconstruction(directory: str | Path, split: str = "train") -> Reconstr
     directory = Path(directory)
     paths = [directory / f"{split}.{ext}" for ext in RECONSTRUCTION_FILES]
     if missing := [path.name for path in paths if not path.is_file()]:
-        raise FileNotFoundError(f"--reconstruction_dir {directory} lacks {', '.join(missing)} (written by "
-                                "data_prep/make_reconstruction_data.py)")  # fmt: skip
+        raise FileNotFoundError(
+            f"--reconstruction_dir {directory} lacks {', '.join(missing)} (written by "
+            "data_prep/make_reconstruction_data.py)"
+        )
     counts = [len(read_lines(path)) for path in paths[:2]]
     gold = read_gold(str(paths[2]), "jsonl")
     masks = read_masks(paths[2])
@@ -89,13 +93,17 @@ def check_masks_in_kb(masks: list[Mask | None], passages, gold_path: str | Path,
         return
     if ids[-1] >= len(passages):
         line = next(i for i, m in enumerate(masks, 1) if m is not None and m.passage_id == ids[-1])
-        raise InputError(f"{gold_path}:{line}: mask passage_id {ids[-1]} is not a row of {kb_name} ({len(passages)} "
-                         "passages): was it built from another knowledge base?")  # fmt: skip
+        raise InputError(
+            f"{gold_path}:{line}: mask passage_id {ids[-1]} is not a row of {kb_name} ({len(passages)} "
+            "passages): was it built from another knowledge base?"
+        )
     texts = dict(zip(ids, passages.select(ids)["text"]))
     for line, mask in enumerate(masks, start=1):
         if mask is not None and mask.sentence not in texts[mask.passage_id]:
-            raise InputError(f"{gold_path}:{line}: the mask's sentence is not in passage {mask.passage_id} of "
-                             f"{kb_name}: was it built from another knowledge base?")  # fmt: skip
+            raise InputError(
+                f"{gold_path}:{line}: the mask's sentence is not in passage {mask.passage_id} of "
+                f"{kb_name}: was it built from another knowledge base?"
+            )
 
 
 def draw_masks(masks: list[Mask | None], lines: list[int], probability: float, seed: int, step: int) -> list:
@@ -103,8 +111,10 @@ def draw_masks(masks: list[Mask | None], lines: list[int], probability: float, s
     draw seeded with (seed, step, the statement's line), so a resumed run draws the same."""
     if probability >= 1:
         return list(masks)
-    return [m if m is not None and np.random.default_rng([seed, step, line]).random() < probability else None
-            for m, line in zip(masks, lines)]  # fmt: skip
+    return [
+        m if m is not None and np.random.default_rng([seed, step, line]).random() < probability else None
+        for m, line in zip(masks, lines)
+    ]
 
 
 # ----------------------------------------------------------------------------- the mixed training loader
@@ -149,8 +159,15 @@ class MixedBatchSampler(BatchSampler):
     set_epoch every epoch, and under DDP puts its own in, with the rank and the run's seed); the batches follow from
     those alone. Batches are drawn lazily, at the first batch of an iteration, when the epoch is set."""
 
-    def __init__(self, sampler: Sampler, batch_size: int, drop_last: bool = False, n_qa: int = 0,
-                 n_statements: int = 0, ratio: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        sampler: Sampler,
+        batch_size: int,
+        drop_last: bool = False,
+        n_qa: int = 0,
+        n_statements: int = 0,
+        ratio: float = 1.0,
+    ):
         super().__init__(sampler, batch_size, drop_last)
         if not 0 < ratio <= 1 or n_statements < 1 or (ratio < 1) != (n_qa > 0):
             raise ValueError(f"MixedBatchSampler: ratio {ratio} with {n_qa} QA pairs and {n_statements} statements")
@@ -185,8 +202,9 @@ class MixedBatchSampler(BatchSampler):
         else:  # as many statements as the batches take, from seeded passes over them all
             wanted = n_statement_batches * self.batch_size * replicas
             passes = math.ceil(wanted / self.n_statements)
-            order = np.concatenate([np.random.default_rng([seed, epoch, 1, k]).permutation(self.n_statements)
-                                    for k in range(passes)])[:wanted]  # fmt: skip
+            order = np.concatenate(
+                [np.random.default_rng([seed, epoch, 1, k]).permutation(self.n_statements) for k in range(passes)]
+            )[:wanted]
             mine = order[rank::replicas].tolist()
         statements = _chunks([self.n_qa + i for i in mine], self.batch_size)
         assert (len(qa), len(statements)) == (n_qa_batches, n_statement_batches)

@@ -59,8 +59,9 @@ class QuestionDataset:
         self.kind, self.masks = kind, masks
         texts = [prefix + s for s in self.sources]
         self.question_ids = question_tokenizer(texts)["input_ids"]
-        long = warn_cut(source_path, "questions", list(map(len, self.question_ids)), max_source_length,
-                        "--max_source_length")  # fmt: skip
+        long = warn_cut(
+            source_path, "questions", list(map(len, self.question_ids)), max_source_length, "--max_source_length"
+        )
         if long:  # only these are tokenised again, cut (the tokenizer keeps the closing special tokens)
             cut = question_tokenizer([texts[i] for i in long], truncation=True, max_length=max_source_length)
             for i, ids in zip(long, cut["input_ids"]):
@@ -100,8 +101,9 @@ class QuestionDataset:
         if len(kinds) != 1:
             raise ValueError(f"a batch of {len(batch)} examples of the kinds {sorted(kinds)}: a batch holds one kind")
         kind = kinds.pop()
-        padded = self.question_tokenizer.pad({"input_ids": [ex["input_ids"] for ex in batch]}, padding_side="right",
-                                             return_tensors="pt")  # fmt: skip
+        padded = self.question_tokenizer.pad(
+            {"input_ids": [ex["input_ids"] for ex in batch]}, padding_side="right", return_tensors="pt"
+        )
         return {
             "input_ids": padded["input_ids"],
             "attention_mask": padded["attention_mask"],
@@ -117,6 +119,9 @@ def warn_cut(path: Path, what: str, lengths: list[int], limit: int, flag: str) -
     long = [i for i, n in enumerate(lengths) if n > limit]
     if long:
         first = f"line {long[0] + 1}, {lengths[long[0]]} tokens"
-        warnings.warn(f"{path}: {len(long)} of {len(lengths)} {what} are longer than {flag} {limit} tokens and are "
-                      f"cut to it (the first: {first})", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"{path}: {len(long)} of {len(lengths)} {what} are longer than {flag} {limit} tokens and are "
+            f"cut to it (the first: {first})",
+            stacklevel=3,
+        )
     return long

@@ -97,8 +97,10 @@ def read_lines(path: str | Path) -> list[str]:
     if "\x00" in text:
         raise encoding_error(path)
     if "\r" in text and "\n" not in text.rstrip("\r"):  # old Mac line ends: the file would read as one example
-        raise InputError(f"{path}: lines end in a bare carriage return (\\r), so the file reads as one line; "
-                         f"convert it: tr '\\r' '\\n' < {path} > fixed && mv fixed {path}")  # fmt: skip
+        raise InputError(
+            f"{path}: lines end in a bare carriage return (\\r), so the file reads as one line; "
+            f"convert it: tr '\\r' '\\n' < {path} > fixed && mv fixed {path}"
+        )
     lines = [line.removesuffix("\r") for line in text.split("\n")]  # \r\n line ends too
     if lines[-1] == "":  # the final newline (or an empty file) does not start another line
         lines.pop()

@@ -192,8 +192,13 @@ class Statement:
     def gold_record(self) -> dict:
         """The line of {split}.gold.jsonl."""
         mask = None if self.passage_id is None else {"passage_id": self.passage_id, "sentence": self.text}
-        return {"id": self.id, "title": self.title, "answers": [self.text],
-                "gold_passage_ids": self.gold_passage_ids, "mask": mask}  # fmt: skip
+        return {
+            "id": self.id,
+            "title": self.title,
+            "answers": [self.text],
+            "gold_passage_ids": self.gold_passage_ids,
+            "mask": mask,
+        }
 
 
 def unit_of(title: str, row: int) -> str:
@@ -392,8 +397,11 @@ def write_files(out: Path, files: dict[str, str]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv_path", required=True, help="the knowledge base: `title<TAB>text` lines")
-    p.add_argument("--statements_path", default=None,
-                   help='more statements: JSONL, one {"statement": str, "title": optional str} a line')  # fmt: skip
+    p.add_argument(
+        "--statements_path",
+        default=None,
+        help='more statements: JSONL, one {"statement": str, "title": optional str} a line',
+    )
     p.add_argument("--output_dir", required=True, help="where the splits and stats.json go")
     p.add_argument("--per_passage", type=int, default=2, help="at most N statements from one passage")
     p.add_argument("--max_statements", type=int, default=None, help="at most N statements in all (a seeded choice)")
@@ -423,16 +431,27 @@ def main(args: argparse.Namespace) -> dict:
     check_output_dir(out, args.overwrite)
     docs = read_kb_csv(args.csv_path)
     found = read_statements(args.statements_path) if args.statements_path else []
-    stats = {"csv_path": str(args.csv_path), "statements_path": args.statements_path, "seed": args.seed,
-             "documents": len(docs), "passages": 0, "sentences_seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0),
-             "passages_at_per_passage_cap": 0, "over_per_passage_cap": 0}  # fmt: skip
+    stats = {
+        "csv_path": str(args.csv_path),
+        "statements_path": args.statements_path,
+        "seed": args.seed,
+        "documents": len(docs),
+        "passages": 0,
+        "sentences_seen": 0,
+        "skipped": dict.fromkeys(SKIP_REASONS, 0),
+        "passages_at_per_passage_cap": 0,
+        "over_per_passage_cap": 0,
+    }
     statements, texts, doc_of = kb_statements(docs, args, stats)
     stats["passages"], stats["kb_statements"] = len(texts), len(statements)
     extra, matched = external_statements(found, docs, texts, doc_of)
     stats |= {"external_statements": len(extra), "external_with_kb_title": matched}
     if long := sum(len(s.text.split()) > args.max_words for s in extra):
-        warnings.warn(f"{args.statements_path}: {long} statement(s) over --max_words {args.max_words} words, kept "
-                      "(external statements are not filtered); the trainer truncates them", stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"{args.statements_path}: {long} statement(s) over --max_words {args.max_words} words, kept "
+            "(external statements are not filtered); the trainer truncates them",
+            stacklevel=1,
+        )
     statements += extra
     stats["over_max_statements"] = 0
     if args.max_statements is not None and len(statements) > args.max_statements:

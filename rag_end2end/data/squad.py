@@ -295,8 +295,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="seeds the article split and the question order")
     parser.add_argument("--max_questions_per_split", type=int, default=None, help="keep the first N per split")
     parser.add_argument("--distractor_csv", nargs="+", default=None, help="extra `title<TAB>text` documents")
-    parser.add_argument("--require_gold_passage", action="store_true",
-                        help="skip (and count) questions whose answer is in no passage")  # fmt: skip
+    parser.add_argument(
+        "--require_gold_passage", action="store_true", help="skip (and count) questions whose answer is in no passage"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run")
 
 

@@ -65,8 +65,10 @@ def plain_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str, bool]
             model = getattr(model, attr)
     if hasattr(model, "bert_model"):  # a DPREncoder
         if getattr(model, "projection_dim", 0):
-            raise ValueError("this DPR encoder projects its [CLS] vector (projection_dim > 0): not exportable as a "
-                             "Transformer + Pooling sentence-transformers model")  # fmt: skip
+            raise ValueError(
+                "this DPR encoder projects its [CLS] vector (projection_dim > 0): not exportable as a "
+                "Transformer + Pooling sentence-transformers model"
+            )
         pooling = "cls" if pooling == "pooler" else pooling
         keys = BertConfig().to_dict().keys()
         config = BertConfig(**{k: v for k, v in model.bert_model.config.to_dict().items() if k in keys})
@@ -74,8 +76,10 @@ def plain_encoder(encoder: torch.nn.Module) -> tuple[torch.nn.Module, str, bool]
         bert.load_state_dict(model.bert_model.state_dict())
         model = bert
     if pooling not in ("cls", "mean"):
-        raise ValueError(f"pooling {pooling!r}: sentence-transformers' Pooling has cls and mean, not the "
-                         "model's own pooler; train with --question_pooling/--context_pooling cls or mean")  # fmt: skip
+        raise ValueError(
+            f"pooling {pooling!r}: sentence-transformers' Pooling has cls and mean, not the "
+            "model's own pooler; train with --question_pooling/--context_pooling cls or mean"
+        )
     return model, pooling, normalize
 
 
@@ -92,11 +96,16 @@ def write_sentence_transformer(encoder, tokenizer, directory: Path, prompts: dic
     # The toolkit encodes (title, text) pairs without token type ids (segment 0 throughout, as the reference's
     # use_own_knowledge_dataset.py did): a tokenizer that returns none makes sentence-transformers do the same.
     AutoTokenizer.from_pretrained(base, model_input_names=["input_ids", "attention_mask"]).save_pretrained(base)
-    modules = [models.Transformer(str(base), max_seq_length=max_seq_length),
-               models.Pooling(model.config.hidden_size, pooling_mode=pooling)]  # fmt: skip
+    modules = [
+        models.Transformer(str(base), max_seq_length=max_seq_length),
+        models.Pooling(model.config.hidden_size, pooling_mode=pooling),
+    ]
     modules += [models.Normalize()] if normalize else []
-    st = SentenceTransformer(modules=modules, prompts={k: v for k, v in prompts.items() if v},
-                             similarity_fn_name="cosine" if normalize else "dot")  # fmt: skip
+    st = SentenceTransformer(
+        modules=modules,
+        prompts={k: v for k, v in prompts.items() if v},
+        similarity_fn_name="cosine" if normalize else "dot",
+    )
     st.save(str(directory))
     shutil.rmtree(base)
 
@@ -113,13 +122,21 @@ def write_transformers_rag(model: RagModel, settings: RagSettings, directory: Pa
         return False  # another prompt than transformers' RAG builds
     rag_class = RagSequenceForGeneration if settings.marginal == "sequence" else RagTokenForGeneration
     config = RagConfig.from_question_encoder_generator_configs(
-        q.config, generator.model.config, n_docs=settings.n_docs, max_combined_length=generator.max_length,
-        index_name="custom", passages_path=str(kb[0]), index_path=str(kb[1]), use_dummy_dataset=False,
+        q.config,
+        generator.model.config,
+        n_docs=settings.n_docs,
+        max_combined_length=generator.max_length,
+        index_name="custom",
+        passages_path=str(kb[0]),
+        index_path=str(kb[1]),
+        use_dummy_dataset=False,
         architectures=[rag_class.__name__],
         # decoding reads these from the RAG config itself, as facebook/rag-token-base has them
-        **{k: getattr(generator.model.config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
-                                                                 "decoder_start_token_id", "forced_eos_token_id")},
-    )  # fmt: skip
+        **{
+            k: getattr(generator.model.config, k, None)
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "forced_eos_token_id")
+        },
+    )
     rag = rag_class(config=config, question_encoder=q, generator=generator.model)
     rag.save_pretrained(directory)
     RagTokenizer(model.question_tokenizer, generator.tokenizer).save_pretrained(directory)
@@ -135,7 +152,8 @@ def model_card(checkpoint: Path, settings: RagSettings, kb: dict, wrote_rag: boo
     q, prefix = settings.question_encoder, settings.passage_prefix or ""
     tau = q.temperature if q.temperature is not None else 1.0
     lines = [
-        f"# RAG model exported from `{checkpoint}`", "",
+        f"# RAG model exported from `{checkpoint}`",
+        "",
         f"- recipe: {info.get('training_mode', 'unknown')} (trained: {', '.join(info.get('trains', [])) or '?'}), "
         f"step {checkpoint.name.removeprefix('checkpoint') or '?'}, {info.get('refreshes', 0)} KB refreshes",
         f"- retrieval: {q.pooling or 'cls'} pooling, {q.similarity or 'dot'} similarity, doc scores = "
@@ -145,21 +163,38 @@ def model_card(checkpoint: Path, settings: RagSettings, kb: dict, wrote_rag: boo
         f"- generator: {settings.generator_family or 'none'} (template {settings.template!r})",
         f"- KB: version {kb.get('version', 0)}, embeddings of step {kb.get('embedding_step', 0)}, in `kb/`",
         f"- hyper-parameters: `{hparams}`" if hparams else "- hyper-parameters: not found beside the checkpoint",
-        "", "## Test metrics of the run", "", "```", tested, "```", "",
-        "## Use", "", "```python",
+        "",
+        "## Test metrics of the run",
+        "",
+        "```",
+        tested,
+        "```",
+        "",
+        "## Use",
+        "",
+        "```python",
         "from sentence_transformers import SentenceTransformer",
         "q = SentenceTransformer('question_encoder').encode(['your question'], prompt_name='query')",
         f"p = SentenceTransformer('context_encoder').encode([({prefix!r} + title, text)])",
-        "# the toolkit's doc score is q @ p.T / tau; rank by q @ p.T", "",
+        "# the toolkit's doc score is q @ p.T / tau; rank by q @ p.T",
+        "",
         "from rag_model import RagModel  # this toolkit: retrieval, generation and the KB together",
-        "RagModel.from_pretrained('.').eval().answer(['your question'])", "```", "",
+        "RagModel.from_pretrained('.').eval().answer(['your question'])",
+        "```",
+        "",
         "A passage is encoded as the text pair (passage prefix + title, text), as the KB in `kb/` was.",
-    ]  # fmt: skip
+    ]
     if wrote_rag:
-        lines += ["", "`rag/` is a transformers RAG model with its retriever over `kb/`:", "", "```python",
-                  "from transformers import RagRetriever, RagTokenForGeneration, RagTokenizer",
-                  "retriever = RagRetriever.from_pretrained('rag')  # index_name 'custom': kb/passages, kb/index.faiss",
-                  "model = RagTokenForGeneration.from_pretrained('rag', retriever=retriever)", "```"]  # fmt: skip
+        lines += [
+            "",
+            "`rag/` is a transformers RAG model with its retriever over `kb/`:",
+            "",
+            "```python",
+            "from transformers import RagRetriever, RagTokenForGeneration, RagTokenizer",
+            "retriever = RagRetriever.from_pretrained('rag')  # index_name 'custom': kb/passages, kb/index.faiss",
+            "model = RagTokenForGeneration.from_pretrained('rag', retriever=retriever)",
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -168,8 +203,10 @@ def write_adapters(checkpoint: Path, model: RagModel, directory: Path) -> None:
     `PeftModel.from_pretrained(AutoModelFor...LM.from_pretrained("generator"), "generator_adapter")`."""
     adapter = checkpoint / "generator_adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapters: {adapter} not found: the run trained no LoRA generator "
-                                "(--peft generator|both), or predates saving adapters")  # fmt: skip
+        raise FileNotFoundError(
+            f"--adapters: {adapter} not found: the run trained no LoRA generator "
+            "(--peft generator|both), or predates saving adapters"
+        )
     config = json.loads((adapter / "adapter_config.json").read_text())
     base_name = config["base_model_name_or_path"]
     base = model.generator.auto_class.from_pretrained(base_name)
@@ -184,8 +221,9 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     """Write the export into a temporary directory beside `output_dir`, then rename it into place."""
     checkpoint, out = Path(checkpoint), Path(output_dir)
     if not (checkpoint / SETTINGS_FILE).is_file():
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py "
-                                f"(no {SETTINGS_FILE})")  # fmt: skip
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py (no {SETTINGS_FILE})"
+        )
     if out.exists():
         raise FileExistsError(f"--output_dir {out} exists: nothing is overwritten; name a new directory")
     kb_paths = checkpoint_kb(checkpoint)
@@ -198,12 +236,12 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     tmp.mkdir(parents=True)
     q_length = settings.question_max_length or QUESTION_MAX_LENGTH
     prompts = {"query": settings.question_prefix, "document": settings.passage_prefix}
-    write_sentence_transformer(model.question_encoder, model.question_tokenizer, tmp / "question_encoder", prompts,
-                               q_length)  # fmt: skip
+    write_sentence_transformer(
+        model.question_encoder, model.question_tokenizer, tmp / "question_encoder", prompts, q_length
+    )
     if model.ctx_encoder is not None:
         ctx_length = min(model.ctx_tokenizer.model_max_length, model.ctx_encoder.config.max_position_embeddings)
-        write_sentence_transformer(model.ctx_encoder, model.ctx_tokenizer, tmp / "context_encoder", prompts,
-                                   ctx_length)  # fmt: skip
+        write_sentence_transformer(model.ctx_encoder, model.ctx_tokenizer, tmp / "context_encoder", prompts, ctx_length)
     for part in ("question_encoder", "context_encoder"):  # this toolkit's own files, read by RagModel
         for name in ("pooling.json", "text_prefix.json"):
             if (checkpoint / part / name).is_file() and (tmp / part).is_dir():
@@ -218,8 +256,9 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     final_kb = (out.absolute() / "kb" / "passages", out.absolute() / "kb" / "index.faiss")  # after the rename
     wrote_rag = write_transformers_rag(model, settings, tmp / "rag", final_kb)
     kb = json.loads((checkpoint / KB_VERSION_FILE).read_text())
-    (tmp / KB_VERSION_FILE).write_text(json.dumps(kb | {"passages_path": "kb/passages", "index_path": "kb/index.faiss"},
-                                                  indent=1))  # fmt: skip
+    (tmp / KB_VERSION_FILE).write_text(
+        json.dumps(kb | {"passages_path": "kb/passages", "index_path": "kb/index.faiss"}, indent=1)
+    )
     if model.ctx_encoder is None:  # the checkpoint holds none: the export scores with the KB's stored vectors
         settings = settings.replace(doc_scores="stored")
     settings.to_json(tmp / SETTINGS_FILE)
@@ -232,8 +271,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="OUT/checkpoint<step>, written by finetune_rag.py")
     p.add_argument("--output_dir", required=True, help="a new directory (an existing one is refused)")
-    p.add_argument("--adapters", action="store_true",
-                   help="a LoRA generator as its base model and the peft adapter, not merged")  # fmt: skip
+    p.add_argument(
+        "--adapters", action="store_true", help="a LoRA generator as its base model and the peft adapter, not merged"
+    )
     args = p.parse_args(argv)
     out = export(args.checkpoint, args.output_dir, args.adapters)
     print(f"exported {args.checkpoint} to {out} (model card: {out / 'README.md'})")

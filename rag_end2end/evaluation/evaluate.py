@@ -111,8 +111,13 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
             question_encoder=saved.question_encoder.rescored(args.similarity, None),  # --similarity: its default tau
         )
         e2e = args.eval_mode == "e2e"  # the context encoder, if the run's doc scores came from it
-        model = RagModel.from_pretrained(checkpoint, load_generator=e2e, load_context_encoder=None if e2e else False,
-                                         kb=(passages, index), settings=settings)  # fmt: skip
+        model = RagModel.from_pretrained(
+            checkpoint,
+            load_generator=e2e,
+            load_context_encoder=None if e2e else False,
+            kb=(passages, index),
+            settings=settings,
+        )
     check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
     if model.retriever is None:
         model.attach_kb((passages, index))
@@ -248,8 +253,9 @@ def evaluate_checkpoint(
     if len(gold.answers) != len(questions):
         raise ValueError(f"{args.gold_data_path} has {len(gold.answers)} lines, {args.evaluation_set} {len(questions)}")
     if not any(gold.answers) and not any(gold.passage_ids) and not any(gold.titles):
-        raise InputError(f"{args.gold_data_path}: no gold answers, passage ids or titles on any line: nothing to "
-                         "score against")  # fmt: skip
+        raise InputError(
+            f"{args.gold_data_path}: no gold answers, passage ids or titles on any line: nothing to score against"
+        )
     if args.eval_mode == "e2e" and not any(gold.answers):
         raise InputError(f"{args.gold_data_path}: no gold answers on any line, which --eval_mode e2e scores")
     if args.eval_mode == "e2e":
@@ -318,32 +324,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="how the question encoder scores (default: what the checkpoint declares)",
     )
-    parser.add_argument("--model_type", choices=["rag_token", "rag_sequence"], default=None,
-                        help="default: from the config's architectures")  # fmt: skip
+    parser.add_argument(
+        "--model_type",
+        choices=["rag_token", "rag_sequence"],
+        default=None,
+        help="default: from the config's architectures",
+    )
     parser.add_argument("--eval_mode", choices=["e2e", "retrieval"], default="e2e")
-    parser.add_argument("--metrics", type=parse_metrics, default=("em", "f1"),
-                        help="e2e metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)")  # fmt: skip
+    parser.add_argument(
+        "--metrics",
+        type=parse_metrics,
+        default=("em", "f1"),
+        help="e2e metrics, e.g. em,f1,rouge_l,bleu (em and f1 always)",
+    )
     parser.add_argument("--evaluation_set", required=True, help="questions, one per line (e.g. test.source)")
     parser.add_argument("--gold_data_path", required=True, help="a .target, a .gold.jsonl or a qa .tsv file")
-    parser.add_argument("--gold_data_mode", choices=["qa", "ans", "jsonl", "titles"], default=None,
-                        help="qa: question<TAB>[answers]; ans: one answer a line; jsonl: the converters' gold "
-                        "records; titles: tab-separated gold titles (default: from the extension)")  # fmt: skip
+    parser.add_argument(
+        "--gold_data_mode",
+        choices=["qa", "ans", "jsonl", "titles"],
+        default=None,
+        help="qa: question<TAB>[answers]; ans: one answer a line; jsonl: the converters' gold "
+        "records; titles: tab-separated gold titles (default: from the extension)",
+    )
     parser.add_argument("--predictions_path", default="predictions.txt")
     parser.add_argument("--metrics_path", default=None, help="default: the predictions path with .json")
     parser.add_argument("--passages_path", default=None, help="default: the checkpoint's KB version")
     parser.add_argument("--index_path", default=None, help="default: the checkpoint's KB version")
-    parser.add_argument("--n_docs", type=int, default=None,
-                        help="passages per question when generating (e2e); default: the checkpoint's")  # fmt: skip
+    parser.add_argument(
+        "--n_docs",
+        type=int,
+        default=None,
+        help="passages per question when generating (e2e); default: the checkpoint's",
+    )
     parser.add_argument("--k", type=int, default=1, help="k of the title precision@k")
     parser.add_argument("--ks", type=_ks, default=(1, 5, 10, 20), help="ks of recall@k and MRR@k, e.g. 1,5,20")
     parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--num_beams", type=int, default=None,
-                        help=f"default: the checkpoint's (its --num_beams), else {FALLBACK.num_beams}")  # fmt: skip
+    parser.add_argument(
+        "--num_beams",
+        type=int,
+        default=None,
+        help=f"default: the checkpoint's (its --num_beams), else {FALLBACK.num_beams}",
+    )
     parser.add_argument("--min_length", type=int, default=1, help="accepted for compatibility; unused")
-    parser.add_argument("--max_length", type=int, default=None, help="new tokens per answer; default: the check"
-                        f"point's (--test_max_target_length of its run), else {FALLBACK.max_new_tokens}")  # fmt: skip
-    parser.add_argument("--eval_all_checkpoints", action="store_true",
-                        help="evaluate every checkpoint<step> directory of --model_name_or_path")  # fmt: skip
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="new tokens per answer; default: the check"
+        f"point's (--test_max_target_length of its run), else {FALLBACK.max_new_tokens}",
+    )
+    parser.add_argument(
+        "--eval_all_checkpoints",
+        action="store_true",
+        help="evaluate every checkpoint<step> directory of --model_name_or_path",
+    )
     parser.add_argument("--recalculate", action="store_true", help="predict again even if predictions exist")
     parser.add_argument("--print_predictions", action="store_true")
     add_debug_arg(parser)

@@ -17,9 +17,17 @@ import json
 import statistics
 from pathlib import Path
 
-COLUMNS = {"EM": "test_em", "F1": "test_f1", "recall@1": "test_recall@1", "recall@5": "test_recall@5",
-           "recall@20": "test_recall@20", "MRR@5": "test_mrr@5", "loss": "test_loss",
-           "train min": "train_minutes", "refreshes": "refreshes"}  # fmt: skip
+COLUMNS = {
+    "EM": "test_em",
+    "F1": "test_f1",
+    "recall@1": "test_recall@1",
+    "recall@5": "test_recall@5",
+    "recall@20": "test_recall@20",
+    "MRR@5": "test_mrr@5",
+    "loss": "test_loss",
+    "train min": "train_minutes",
+    "refreshes": "refreshes",
+}
 UNSCALED = {"loss": 3, "train min": 1, "refreshes": 0}  # digits of the columns that are not percentages
 
 
@@ -40,8 +48,11 @@ def read_test_results(run_dir: str | Path) -> dict[str, float | str]:
     info = Path(run_dir) / "run_info.json"  # finetune_rag.py's: recipe, what trained, wall time, refreshes
     if info.exists():
         run = json.loads(info.read_text())
-        metrics |= {"train_minutes": run["train_seconds"] / 60, "refreshes": run["refreshes"],
-                    "trains": " + ".join(run["trains"])}  # fmt: skip
+        metrics |= {
+            "train_minutes": run["train_seconds"] / 60,
+            "refreshes": run["refreshes"],
+            "trains": " + ".join(run["trains"]),
+        }
     return metrics
 
 

@@ -46,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for a non-DPR encoder (default: DPR's own, or the checkpoint's sentence-transformers setting)",
     )
     p.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
-    p.add_argument("--similarity", choices=["dot", "cosine"], default=None,
-                   help="cosine: L2-normalised embeddings (default: the encoder's declaration, else dot)")  # fmt: skip
+    p.add_argument(
+        "--similarity",
+        choices=["dot", "cosine"],
+        default=None,
+        help="cosine: L2-normalised embeddings (default: the encoder's declaration, else dot)",
+    )
     add_index_args(p)
     p.add_argument("--d", type=int, default=None, help="unused: the encoder's size is read from its config")
     p.add_argument("--rag_model_name", default=None, help="unused (kept for the reference's scripts)")

@@ -77,8 +77,10 @@ def forced_gpu_refusal(mode: str, index_gpus: float) -> str | None:
     if mode not in FORCED_MODES:
         return None
     if not faiss_has_gpu():
-        return (f"--faiss_gpu {mode}: {faiss_build()} has no GPU support; replace faiss-cpu with {GPU_WHEEL} "
-                "(docs/large-kbs.md, FAISS on GPUs), or leave --faiss_gpu auto")  # fmt: skip
+        return (
+            f"--faiss_gpu {mode}: {faiss_build()} has no GPU support; replace faiss-cpu with {GPU_WHEEL} "
+            "(docs/large-kbs.md, FAISS on GPUs), or leave --faiss_gpu auto"
+        )
     if index_gpus <= 0:
         return f"--faiss_gpu {mode} runs FAISS on the index GPUs: give --index_gpus > 0 (e.g. 0.5 to share one)"
     return None
@@ -211,8 +213,10 @@ def faiss_actor_gpus(mode: str, index_gpus: float, faiss_actors: int) -> tuple[f
         share = gpu_share(index_gpus, faiss_actors, cluster_gpus)
         if share:
             return share, mode
-        why = (f"Ray's {cluster_gpus:g} GPU(s) leave no share beside --index_gpus {index_gpus:g} (the encoding "
-               "actors'): give a fraction, e.g. --index_gpus 0.5, so that encoding and FAISS share a GPU")  # fmt: skip
+        why = (
+            f"Ray's {cluster_gpus:g} GPU(s) leave no share beside --index_gpus {index_gpus:g} (the encoding "
+            "actors'): give a fraction, e.g. --index_gpus 0.5, so that encoding and FAISS share a GPU"
+        )
     if mode in FORCED_MODES:
         raise ValueError(f"--faiss_gpu {mode}: {why}")
     _note(f"FAISS searches and trains on CPU: {why}")

@@ -30,9 +30,16 @@ class IndexConfig:
     @classmethod
     def from_args(cls, args) -> IndexConfig:
         """The index settings of a CLI that called `add_index_args` (and finetune_rag.py's --faiss_gpu)."""
-        return cls(args.index_type, args.hnsw_m, args.hnsw_ef_construction, args.hnsw_ef_search,
-                   args.index_factory, args.index_train_size, args.index_search_params,
-                   getattr(args, "faiss_gpu", "auto"))  # fmt: skip
+        return cls(
+            args.index_type,
+            args.hnsw_m,
+            args.hnsw_ef_construction,
+            args.hnsw_ef_search,
+            args.index_factory,
+            args.index_train_size,
+            args.index_search_params,
+            getattr(args, "faiss_gpu", "auto"),
+        )
 
 
 def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:

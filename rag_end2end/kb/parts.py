@@ -118,8 +118,14 @@ def declare_dataset(directory: Path, files: list[Path]) -> None:
     """Make Arrow streams `files` inside `directory` one dataset for `load_from_disk`: the state and info files
     that `Dataset.save_to_disk` writes beside its data files (a test reads the result back)."""
     dataset = concatenate_datasets([Dataset.from_file(str(f)) for f in files])  # memory-mapped: headers only
-    state = {"_data_files": [{"filename": f.name} for f in files], "_fingerprint": generate_random_fingerprint(),
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": None}  # fmt: skip
+    state = {
+        "_data_files": [{"filename": f.name} for f in files],
+        "_fingerprint": generate_random_fingerprint(),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     (directory / datasets_config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2, sort_keys=True))
     dataset.info.write_to_directory(str(directory))

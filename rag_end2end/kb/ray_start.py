@@ -63,15 +63,19 @@ def plan_gpus(
             f"actor, which encodes on one GPU: give --index_workers {math.ceil(index_gpus)} or more"
         )
     if index_gpus > 1 and index_gpus != int(index_gpus):
-        raise ValueError(f"--index_gpus {index_gpus:g}: give a whole number of GPUs (kept apart from training) or a "
-                         "fraction below 1 (a share of a training GPU)")  # fmt: skip
+        raise ValueError(
+            f"--index_gpus {index_gpus:g}: give a whole number of GPUs (kept apart from training) or a "
+            "fraction below 1 (a share of a training GPU)"
+        )
     if index_gpus == 0 or visible is None:
         return GpuPlan(train, (), per_actor)
     asked = f"{train_flags or f'{len(train)} training GPU(s)'} --index_gpus {index_gpus:g}"
     if index_gpus < 1:
         if visible < 1:
-            raise ValueError(f"{asked}: a share of a GPU, but no GPU is visible here{_visible_note()}; give "
-                             "--index_gpus 0 to encode on CPU")  # fmt: skip
+            raise ValueError(
+                f"{asked}: a share of a GPU, but no GPU is visible here{_visible_note()}; give "
+                "--index_gpus 0 to encode on CPU"
+            )
         return GpuPlan(train, train[-1:] or (0,), per_actor)
     free = [d for d in range(visible) if d not in train]
     if len(free) < index_gpus:

@@ -100,8 +100,10 @@ def wait_for(refs: list, names: list[str], timeout_s: float, doing: str, progres
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(progress_s, left))
         if pending:
             still = [name for ref, name in zip(refs, names) if ref in pending]
-            rank_zero_info(f"waiting {time.monotonic() - start:.0f} s (at most {timeout_s:.0f}) for {', '.join(still)}"
-                           f" to {doing}; free in the Ray cluster: {_free()}")  # fmt: skip
+            rank_zero_info(
+                f"waiting {time.monotonic() - start:.0f} s (at most {timeout_s:.0f}) for {', '.join(still)}"
+                f" to {doing}; free in the Ray cluster: {_free()}"
+            )
 
 
 class RefreshState(str, Enum):
@@ -217,13 +219,21 @@ class Refresher:
         # Each encoding actor writes its rows with their new vectors into the version's directory, and the builder
         # indexes those files a batch at a time: no process ever holds every vector (bench/bench_memory.py).
         self._staging, n = staging_dir(self.kb_root, self._next_version), len(self.encoders)
-        self._parts = [e.encode_to.remote(snapshot, str(part_path(self._staging, i, n)), self.encode_batch_size,
-                                          threads) for i, e in enumerate(self.encoders)]  # fmt: skip
+        self._parts = [
+            e.encode_to.remote(snapshot, str(part_path(self._staging, i, n)), self.encode_batch_size, threads)
+            for i, e in enumerate(self.encoders)
+        ]
         similarity = self.live_version.similarity
         self._build_ref = self.builder.publish.remote(
-            self.kb_root, self._next_version, step, self.index_config, similarity, str(self._staging), *self._parts,
+            self.kb_root,
+            self._next_version,
+            step,
+            self.index_config,
+            similarity,
+            str(self._staging),
+            *self._parts,
             threads=threads,
-        )  # fmt: skip
+        )
         self._next_version += 1
         self._trigger_step, self._trigger_time = step, time.perf_counter()
         self.state = RefreshState.ENCODING
@@ -267,8 +277,9 @@ class Refresher:
                 f"an index that no longer moves (v{live}, --max_refresh_failures {self.max_failures}). "
                 f"Last error: {cause}"
             ) from err
-        rank_zero_warn(f"KB refresh failed ({self.failures} so far), keeping v{live}; retried at the next "
-                       f"trigger: {cause}")  # fmt: skip
+        rank_zero_warn(
+            f"KB refresh failed ({self.failures} so far), keeping v{live}; retried at the next trigger: {cause}"
+        )
 
     def _remove_abandoned(self, wait: bool = False) -> None:
         """Remove failed refreshes' temporary directories (parts some encoders wrote for a version never published),
@@ -281,8 +292,13 @@ class Refresher:
     def _finish_swap(self, step: int) -> dict:
         self.retriever.activate(self._new_kb)
         seconds = time.perf_counter() - self._trigger_time
-        record = {"version": self._new_kb.version, "trigger_step": self._trigger_step, "swap_step": step,
-                  "steps_during_refresh": step - self._trigger_step, "reindex_seconds": seconds}  # fmt: skip
+        record = {
+            "version": self._new_kb.version,
+            "trigger_step": self._trigger_step,
+            "swap_step": step,
+            "steps_during_refresh": step - self._trigger_step,
+            "reindex_seconds": seconds,
+        }
         self.history.append(record)
         self.state = RefreshState.IDLE
         self.consecutive_failures = 0
@@ -305,15 +321,18 @@ class Refresher:
             time.sleep(0.05)
             if self.state is not RefreshState.IDLE and time.monotonic() - said >= PROGRESS_S:
                 said = time.monotonic()
-                rank_zero_info(f"KB refresh: {self.state.value} for {said - start:.0f} s (at most {timeout:.0f}), "
-                               f"waiting for {', '.join(self.pending_actors())}")  # fmt: skip
+                rank_zero_info(
+                    f"KB refresh: {self.state.value} for {said - start:.0f} s (at most {timeout:.0f}), "
+                    f"waiting for {', '.join(self.pending_actors())}"
+                )
         if self.state is RefreshState.IDLE:
             return
         pending = ", ".join(self.pending_actors())
         stuck = f"KB refresh still {self.state.value} after {timeout:.0f} s, waiting for {pending}"
         if must_finish:
-            raise TimeoutError(f"{stuck} (free in the Ray cluster: {_free()}); if it only needs longer, raise "
-                               "--ddp_timeout")  # fmt: skip
+            raise TimeoutError(
+                f"{stuck} (free in the Ray cluster: {_free()}); if it only needs longer, raise --ddp_timeout"
+            )
         rank_zero_warn(f"{stuck}; abandoned")
 
     def close(self) -> None:
@@ -338,8 +357,9 @@ class Refresher:
 
     def _count_restarts(self) -> None:
         pids = self._actor_pids(timeout=30)
-        self.actor_restarts += sum(old is not None and new is not None and old != new
-                                   for old, new in zip(self._pids, pids))  # fmt: skip
+        self.actor_restarts += sum(
+            old is not None and new is not None and old != new for old, new in zip(self._pids, pids)
+        )
         self._pids = [new if new is not None else old for old, new in zip(self._pids, pids)]
 
 

@@ -125,8 +125,11 @@ class RagRayDistributedRetriever:
         call goes to another actor, or to the restarted one, which first loads the live version."""
         self.timeouts += len(stuck)
         for i in stuck:
-            log.warning("retrieval actor %d gave no answer in %.0f s: restarting it, retrying the call elsewhere", i,
-                        self.timeout_s)  # fmt: skip
+            log.warning(
+                "retrieval actor %d gave no answer in %.0f s: restarting it, retrying the call elsewhere",
+                i,
+                self.timeout_s,
+            )
             ray.kill(self.actors[i], no_restart=False)
             self._dead.add(i)
 
@@ -205,8 +208,9 @@ class ShardedRetriever(RagRayDistributedRetriever):
             if version in tried:
                 continue
             tried.add(version)
-            again = self._get([self.actors[i].search.remote(queries, n_docs, kb, None, embeddings) for i in odd], odd,
-                              timeout=False)  # fmt: skip
+            again = self._get(
+                [self.actors[i].search.remote(queries, n_docs, kb, None, embeddings) for i in odd], odd, timeout=False
+            )
             if all(a is not None for a in again):
                 return [again[odd.index(i)] if i in odd else a for i, a in enumerate(answers)]
         return None

@@ -20,8 +20,14 @@ from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2S
 from rag_end2end.model.settings import Generation, RagSettings
 from rag_end2end.options import MODEL_TYPES
 
-MODEL_FLAGS = ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path", "context_encoder_name",
-               "tokenizer_name", "context_encoder_tokenizer_name")  # fmt: skip
+MODEL_FLAGS = (
+    "model_name_or_path",
+    "question_encoder_name_or_path",
+    "generator_name_or_path",
+    "context_encoder_name",
+    "tokenizer_name",
+    "context_encoder_tokenizer_name",
+)
 
 
 def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
@@ -54,41 +60,72 @@ def build_model(hp: argparse.Namespace, objective, retriever) -> RagModel:
     source = hp.init_from or hp.model_name_or_path
     if source:
         if hp.question_pooling or hp.shared_encoder:
-            raise ValueError("--question_pooling and --shared_encoder build the question encoder: pass --question_"
-                             "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint")  # fmt: skip
+            raise ValueError(
+                "--question_pooling and --shared_encoder build the question encoder: pass --question_"
+                "encoder_name_or_path and --generator_name_or_path, not a RAG checkpoint"
+            )
         saved = checkpoint_settings(source, hp.cache_dir)
         generator = ctx = None
         if objective.needs_generator and saved.generator_family is None:
             # e.g. retriever_only's checkpoint, continued by ralt (RA-DIT's order)
             if not hp.generator_name_or_path:
-                raise ValueError(f"{source} holds no generator: --training_mode {objective.name} needs "
-                                 "--generator_name_or_path")  # fmt: skip
+                raise ValueError(
+                    f"{source} holds no generator: --training_mode {objective.name} needs --generator_name_or_path"
+                )
             generator = load_generator(hp)
         if objective.uses_context_encoder and saved.doc_scores != "fresh":  # the checkpoint holds none
             ctx = load_context_encoder(hp)
-        model = RagModel.from_pretrained(source, retriever, objective.needs_generator, objective.uses_context_encoder,
-                                         cache_dir=hp.cache_dir, settings=run_settings(saved, hp),
-                                         generator=generator, context_encoder=ctx)  # fmt: skip
+        model = RagModel.from_pretrained(
+            source,
+            retriever,
+            objective.needs_generator,
+            objective.uses_context_encoder,
+            cache_dir=hp.cache_dir,
+            settings=run_settings(saved, hp),
+            generator=generator,
+            context_encoder=ctx,
+        )
         if objective.uses_context_encoder and model.ctx_encoder is None:
-            raise FileNotFoundError(f"{source}: its doc scores came from a context encoder (doc_scores fresh), but it "
-                                    "holds no context_encoder/")  # fmt: skip
+            raise FileNotFoundError(
+                f"{source}: its doc scores came from a context encoder (doc_scores fresh), but it "
+                "holds no context_encoder/"
+            )
     else:
         if not hp.question_encoder_name_or_path or (objective.needs_generator and not hp.generator_name_or_path):
-            raise ValueError("give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
-                             f"path (--training_mode {objective.name} needs a generator: "
-                             f"{objective.needs_generator})")  # fmt: skip
+            raise ValueError(
+                "give --model_name_or_path, or --question_encoder_name_or_path and --generator_name_or_"
+                f"path (--training_mode {objective.name} needs a generator: "
+                f"{objective.needs_generator})"
+            )
         q_name = hp.question_encoder_name_or_path
-        question_encoder = load_encoder(q_name, hp.question_pooling, hp.cache_dir, "question", hp.similarity,
-                                        hp.retrieval_temperature, hp.learn_temperature)  # fmt: skip
+        question_encoder = load_encoder(
+            q_name,
+            hp.question_pooling,
+            hp.cache_dir,
+            "question",
+            hp.similarity,
+            hp.retrieval_temperature,
+            hp.learn_temperature,
+        )
         prefix = hp.question_prefix or getattr(question_encoder.config, "prefix", None) or ""
         generator = load_generator(hp) if objective.needs_generator else None
         ctx = load_context_encoder(hp, question_encoder) if objective.uses_context_encoder else None
         ctx_encoder, ctx_tokenizer = ctx or (None, None)
         q_tokenizer = AutoTokenizer.from_pretrained(q_name, cache_dir=hp.cache_dir)
-        model = RagModel(question_encoder, q_tokenizer, generator, retriever, hp.n_docs or 5,
-                         hp.model_type.removeprefix("rag_"), ctx_encoder=ctx_encoder, ctx_tokenizer=ctx_tokenizer,
-                         question_prefix=prefix, rerank_top=hp.rerank_top, question_max_length=hp.max_source_length,
-                         generation=run_generation(hp))  # fmt: skip
+        model = RagModel(
+            question_encoder,
+            q_tokenizer,
+            generator,
+            retriever,
+            hp.n_docs or 5,
+            hp.model_type.removeprefix("rag_"),
+            ctx_encoder=ctx_encoder,
+            ctx_tokenizer=ctx_tokenizer,
+            question_prefix=prefix,
+            rerank_top=hp.rerank_top,
+            question_max_length=hp.max_source_length,
+            generation=run_generation(hp),
+        )
     if ctx is not None:  # one the flags named
         check_context_encoder(model, hp.context_encoder_name)
     return model
@@ -137,18 +174,23 @@ def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...])
 
 def load_generator(hp: argparse.Namespace):
     """The generator of an assembled model, with the flags' dropout, prompt and length settings."""
-    config = {name: getattr(hp, name) for name in ("dropout", "attention_dropout", "encoder_layerdrop",
-                                                   "decoder_layerdrop") if getattr(hp, name) is not None}  # fmt: skip
+    config = {
+        name: getattr(hp, name)
+        for name in ("dropout", "attention_dropout", "encoder_layerdrop", "decoder_layerdrop")
+        if getattr(hp, name) is not None
+    }
     name = hp.generator_name_or_path
     if hp.generator_type == "causal":
-        return CausalGenerator.from_pretrained(name, hp.prompt_template, hp.max_combined_length, hp.label_smoothing,
-                                               hp.cache_dir, **config)  # fmt: skip
+        return CausalGenerator.from_pretrained(
+            name, hp.prompt_template, hp.max_combined_length, hp.label_smoothing, hp.cache_dir, **config
+        )
     template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
     # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
     length = hp.max_combined_length or Seq2SeqGenerator.default_max_length
     positions = getattr(AutoConfig.from_pretrained(name, cache_dir=hp.cache_dir), "max_position_embeddings", None)
-    return Seq2SeqGenerator.from_pretrained(name, template, min(length, positions or length), hp.label_smoothing,
-                                            hp.cache_dir, **config)  # fmt: skip
+    return Seq2SeqGenerator.from_pretrained(
+        name, template, min(length, positions or length), hp.label_smoothing, hp.cache_dir, **config
+    )
 
 
 def load_context_encoder(hp: argparse.Namespace, question_encoder: torch.nn.Module | None = None) -> tuple:
@@ -173,8 +215,10 @@ def check_context_encoder(model: RagModel, ctx_name: str) -> None:
         )
     q_dim = model.question_encoder.config.hidden_size
     if model.ctx_encoder.config.hidden_size != q_dim:
-        raise ValueError(f"context encoder {ctx_name} has size {model.ctx_encoder.config.hidden_size}, the question "
-                         f"encoder {q_dim}: their dot product needs one size")  # fmt: skip
+        raise ValueError(
+            f"context encoder {ctx_name} has size {model.ctx_encoder.config.hidden_size}, the question "
+            f"encoder {q_dim}: their dot product needs one size"
+        )
 
 
 def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None:
@@ -182,15 +226,21 @@ def check_kb(passages_path: str, index_path: str, dim: int, n_docs: int) -> None
     passages than --n_docs, or an index that does not match its passages."""
     passages = load_from_disk(passages_path)
     if "embeddings" not in passages.column_names:
-        raise ValueError(f"{passages_path}: no `embeddings` column (columns: {', '.join(passages.column_names)}); "
-                         "build the KB with use_own_knowledge_dataset.py")  # fmt: skip
+        raise ValueError(
+            f"{passages_path}: no `embeddings` column (columns: {', '.join(passages.column_names)}); "
+            "build the KB with use_own_knowledge_dataset.py"
+        )
     kb_dim = len(passages[0]["embeddings"])
     if kb_dim != dim:
-        raise ValueError(f"{passages_path}: embeddings of size {kb_dim}, the question encoder makes {dim}: "
-                         "re-encode the KB with the matching context encoder")  # fmt: skip
+        raise ValueError(
+            f"{passages_path}: embeddings of size {kb_dim}, the question encoder makes {dim}: "
+            "re-encode the KB with the matching context encoder"
+        )
     if n_docs > len(passages):
         raise ValueError(f"--n_docs {n_docs} is more than the {len(passages)} passages of {passages_path}")
     index = read_index(index_path, mmap=True)
     if index.d != kb_dim or index.ntotal != len(passages):
-        raise ValueError(f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
-                         f"of size {kb_dim} in {passages_path}: build them together")  # fmt: skip
+        raise ValueError(
+            f"{index_path}: {index.ntotal} vectors of size {index.d} for {len(passages)} passages "
+            f"of size {kb_dim} in {passages_path}: build them together"
+        )

@@ -163,8 +163,10 @@ class PooledEncoder(torch.nn.Module):
         else:
             pooled = getattr(out, "pooler_output", None)
             if pooled is None:
-                raise ValueError(f"pooling='pooler', but {type(self.model).__name__} returns no pooler_output: "
-                                 "use pooling='cls' or 'mean'")  # fmt: skip
+                raise ValueError(
+                    f"pooling='pooler', but {type(self.model).__name__} returns no pooler_output: "
+                    "use pooling='cls' or 'mean'"
+                )
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
         if self.learn_temperature or self.fixed_temperature not in (None, 1.0):
@@ -262,9 +264,14 @@ def _scoring(
 def _find(name_or_path: str | os.PathLike, filename: str, cache_dir: str | None, subfolder: str = "") -> str | None:
     """The local path of a checkpoint's file (a directory or the hub cache), or None when it has none."""
     return cached_file(
-        name_or_path, filename, cache_dir=cache_dir, subfolder=subfolder, _raise_exceptions_for_gated_repo=False,
-        _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
-    )  # fmt: skip
+        name_or_path,
+        filename,
+        cache_dir=cache_dir,
+        subfolder=subfolder,
+        _raise_exceptions_for_gated_repo=False,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
 
 
 def read_pooling(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> dict:
@@ -295,8 +302,9 @@ def _load_model(
     DPREncoder of its side (DPRQuestionEncoder and DPRContextEncoder return no last hidden state, their DPREncoder
     does)."""
     if config.model_type != "dpr":
-        return AutoModel.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, trust_remote_code=False,
-                                         dtype=LOAD_DTYPE)  # fmt: skip
+        return AutoModel.from_pretrained(
+            name_or_path, config=config, cache_dir=cache_dir, trust_remote_code=False, dtype=LOAD_DTYPE
+        )
     arch = (config.architectures or [None])[0]
     if arch == "DPREncoder":  # saved by PooledEncoder.save_pretrained
         return DPREncoder.from_pretrained(name_or_path, config=config, cache_dir=cache_dir, dtype=LOAD_DTYPE)

@@ -134,8 +134,15 @@ class RagGenerator(torch.nn.Module):
         self.tokenizer.save_pretrained(directory)
 
     @classmethod
-    def from_pretrained(cls, path: str, template: str | None = None, max_length: int | None = None,
-                        label_smoothing: float = 0.0, cache_dir: str | None = None, **config):  # fmt: skip
+    def from_pretrained(
+        cls,
+        path: str,
+        template: str | None = None,
+        max_length: int | None = None,
+        label_smoothing: float = 0.0,
+        cache_dir: str | None = None,
+        **config,
+    ):
         """The model at `path` (hub name or directory) in float32 whatever dtype it was saved in (precision.py),
         and its tokenizer; `config` overrides config values (e.g. dropout)."""
         model = cls.auto_class.from_pretrained(path, cache_dir=cache_dir, dtype=LOAD_DTYPE, **config)
@@ -166,8 +173,12 @@ class Seq2SeqGenerator(RagGenerator):
     def _logprobs(self, enc, labels: torch.Tensor, n: int, vocab: bool = False) -> tuple[torch.Tensor, ...]:
         labels = labels.to(self.device)
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                         decoder_input_ids=decoder_input_ids, use_cache=False)  # fmt: skip
+        out = self.model(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        )
         logp = out.logits.float().log_softmax(-1)
         is_answer = labels != IGNORE
         token_lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
@@ -178,8 +189,9 @@ class Seq2SeqGenerator(RagGenerator):
     def answer_logprobs(self, questions, docs, answers, vocab=False):
         n = len(docs[0]["title"])
         repeated = [a for a in answers for _ in range(n)]
-        labels = self.tokenizer(text_target=repeated, truncation=True, max_length=self.max_length, padding=True,
-                                return_tensors="pt")["input_ids"]  # fmt: skip
+        labels = self.tokenizer(
+            text_target=repeated, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )["input_ids"]
         labels[labels == self.tokenizer.pad_token_id] = IGNORE
         return self._logprobs(self._encode(self.prompts(questions, docs)), labels, n, vocab)
 
@@ -210,8 +222,13 @@ class Seq2SeqGenerator(RagGenerator):
         past, steps = None, []
         done = torch.zeros(len(doc_lp), dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
-            out = self.model(encoder_outputs=encoder_outputs, attention_mask=enc["attention_mask"],
-                             decoder_input_ids=decoder_input_ids, past_key_values=past, use_cache=True)  # fmt: skip
+            out = self.model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=enc["attention_mask"],
+                decoder_input_ids=decoder_input_ids,
+                past_key_values=past,
+                use_cache=True,
+            )
             past = out.past_key_values
             logp = out.logits[:, -1].float().log_softmax(-1)
             token = marginal_next_token_lp(doc_lp, logp).argmax(-1)
@@ -255,8 +272,7 @@ class CausalGenerator(RagGenerator):
         the prompts' own (T, V) predictions are never used and dominate memory), and the matching labels."""
         first_answer = int((batch["labels"] != IGNORE).int().argmax(1).min())
         keep = {"logits_to_keep": batch["labels"].shape[1] - first_answer + 1} if self._has_logits_to_keep else {}
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                         **keep)  # fmt: skip
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **keep)
         return out.logits, batch["labels"][:, -out.logits.shape[1] :]
 
     @torch.no_grad()
@@ -269,8 +285,9 @@ class CausalGenerator(RagGenerator):
         n = len(docs[0]["title"])
         doc_lp = doc_scores.float().log_softmax(1).to(self.device)
         room = self.max_length - max_new_tokens
-        prompt_ids = [truncate_left(ids, room, tok.bos_token_id) for ids in encode_prompts(self.prompts(questions,
-                      docs), tok)]  # fmt: skip
+        prompt_ids = [
+            truncate_left(ids, room, tok.bos_token_id) for ids in encode_prompts(self.prompts(questions, docs), tok)
+        ]
         if marginal == "token":
             answers = self._greedy(prompt_ids, max_new_tokens, doc_lp)[::n]
         else:
@@ -292,8 +309,14 @@ class CausalGenerator(RagGenerator):
         past, steps = None, []
         done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=self.device)
         for _ in range(max_new_tokens):
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=past, use_cache=True, **keep)  # fmt: skip
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                **keep,
+            )
             past = out.past_key_values
             logp = out.logits[:, -1].float().log_softmax(-1)
             if doc_lp is not None:
@@ -387,8 +410,13 @@ class RagModel(torch.nn.Module):
     def tokenize_questions(self, questions: list[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask of questions, with the prefix and truncation training used."""
         texts = [self.question_prefix + q for q in questions]
-        enc = self.question_tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                      max_length=self.question_max_length or QUESTION_MAX_LENGTH)  # fmt: skip
+        enc = self.question_tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.question_max_length or QUESTION_MAX_LENGTH,
+        )
         device = next(self.question_encoder.parameters()).device
         return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
@@ -463,17 +491,27 @@ class RagModel(torch.nn.Module):
         answers = [None] * len(questions)
         if self.generator is not None:
             g = self.generation.decoding(max_new_tokens, num_beams)
-            answers = self.generator.generate(questions, r.docs, r.doc_scores, g.max_new_tokens, self.marginal,
-                                              g.num_beams)  # fmt: skip
+            answers = self.generator.generate(
+                questions, r.docs, r.doc_scores, g.max_new_tokens, self.marginal, g.num_beams
+            )
         scores, probs = r.doc_scores.float().cpu(), r.doc_scores.float().softmax(1).cpu()
         return [
-            {"question": q, "answer": a, "passages": [
-                {"id": int(r.ids[b][k]), "title": r.docs[b]["title"][k], "text": r.docs[b]["text"][k],
-                 "score": float(scores[b, k]), "probability": float(probs[b, k])}
-                for k in range(scores.shape[1])
-            ]}
+            {
+                "question": q,
+                "answer": a,
+                "passages": [
+                    {
+                        "id": int(r.ids[b][k]),
+                        "title": r.docs[b]["title"][k],
+                        "text": r.docs[b]["text"][k],
+                        "score": float(scores[b, k]),
+                        "probability": float(probs[b, k]),
+                    }
+                    for k in range(scores.shape[1])
+                ],
+            }
             for b, (q, a) in enumerate(zip(questions, answers))
-        ]  # fmt: skip
+        ]
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -541,8 +579,10 @@ class RagModel(torch.nn.Module):
         directory = Path(path)
         ours = (directory / SETTINGS_FILE).is_file()
         if not ours and directory.is_dir() and not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint (no {SETTINGS_FILE}, no config.json): give a "
-                                    "checkpoint<step> of finetune_rag.py or an export_model.py export")  # fmt: skip
+            raise FileNotFoundError(
+                f"{path}: not a checkpoint (no {SETTINGS_FILE}, no config.json): give a "
+                "checkpoint<step> of finetune_rag.py or an export_model.py export"
+            )
         settings = (settings or checkpoint_settings(path, cache_dir)).replace(**overrides)
         load_generator = load_generator and generator is None
         if ours:
@@ -553,10 +593,20 @@ class RagModel(torch.nn.Module):
         else:
             (q, q_tok, loaded), ctx = _transformers_rag_parts(str(path), settings, load_generator, cache_dir), None
         ctx_encoder, ctx_tokenizer = context_encoder or ctx or (None, None)
-        model = cls(q, q_tok, generator or loaded, retriever, n_docs=settings.n_docs, marginal=settings.marginal,
-                    ctx_encoder=ctx_encoder, ctx_tokenizer=ctx_tokenizer, question_prefix=settings.question_prefix,
-                    rerank_top=settings.rerank_top, question_max_length=settings.question_max_length,
-                    generation=settings.generation)  # fmt: skip
+        model = cls(
+            q,
+            q_tok,
+            generator or loaded,
+            retriever,
+            n_docs=settings.n_docs,
+            marginal=settings.marginal,
+            ctx_encoder=ctx_encoder,
+            ctx_tokenizer=ctx_tokenizer,
+            question_prefix=settings.question_prefix,
+            rerank_top=settings.rerank_top,
+            question_max_length=settings.question_max_length,
+            generation=settings.generation,
+        )
         kb = kb or (checkpoint_kb(directory) if ours else None)
         return model.attach_kb(kb) if retriever is None and kb else model
 
@@ -589,21 +639,30 @@ def _load_parts(directory: Path, settings: RagSettings, load_generator: bool, lo
     """(question encoder, its tokenizer, generator or None, (context encoder, tokenizer) or None) of a directory
     that save_pretrained wrote, each built as `settings` say."""
     scoring = settings.question_encoder
-    q = load_encoder(str(directory / "question_encoder"), scoring.pooling, side="question",
-                     similarity=scoring.similarity, temperature=scoring.temperature,
-                     learn_temperature=scoring.learn_temperature)  # fmt: skip
+    q = load_encoder(
+        str(directory / "question_encoder"),
+        scoring.pooling,
+        side="question",
+        similarity=scoring.similarity,
+        temperature=scoring.temperature,
+        learn_temperature=scoring.learn_temperature,
+    )
     generator = None
     if load_generator and settings.generator_family:
         if settings.generator_family not in GENERATORS:
-            raise ValueError(f"{directory / SETTINGS_FILE}: generator_family {settings.generator_family!r}: use one "
-                             f"of {', '.join(GENERATORS)}")  # fmt: skip
+            raise ValueError(
+                f"{directory / SETTINGS_FILE}: generator_family {settings.generator_family!r}: use one "
+                f"of {', '.join(GENERATORS)}"
+            )
         generator = GENERATORS[settings.generator_family].from_pretrained(
             str(directory / "generator"), settings.template, settings.max_length, settings.label_smoothing
         )
     ctx = None
     if load_context_encoder and (directory / "context_encoder").is_dir():
-        ctx = (load_encoder(str(directory / "context_encoder"), side="context"),
-               load_tokenizer(str(directory / "context_encoder"), settings.passage_prefix))  # fmt: skip
+        ctx = (
+            load_encoder(str(directory / "context_encoder"), side="context"),
+            load_tokenizer(str(directory / "context_encoder"), settings.passage_prefix),
+        )
     return q, load_tokenizer(str(directory / "question_encoder")), generator, ctx
 
 
@@ -619,9 +678,13 @@ def _transformers_rag_parts(name: str, settings: RagSettings, load_generator: bo
     tokenizer = RagTokenizer.from_pretrained(name, cache_dir=cache_dir)
     generator = None
     if load_generator:
-        generator = Seq2SeqGenerator(rag.rag.generator, tokenizer.generator, settings.template,
-                                     settings.max_length or Seq2SeqGenerator.default_max_length,
-                                     settings.label_smoothing)  # fmt: skip
+        generator = Seq2SeqGenerator(
+            rag.rag.generator,
+            tokenizer.generator,
+            settings.template,
+            settings.max_length or Seq2SeqGenerator.default_max_length,
+            settings.label_smoothing,
+        )
     s = settings.question_encoder
     # the DPR encoder as it is, unless the settings scale or normalise it (then wrapped as a PooledEncoder)
     q = with_scoring(rag.rag.question_encoder, s.similarity, s.temperature, bool(s.learn_temperature))

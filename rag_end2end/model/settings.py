@@ -167,9 +167,10 @@ class RagSettings:
         """The settings of a file's JSON object; `source` (the file) is named in every refusal."""
         values = _typed(cls, data, source, "")
         missing = [
-            f.name for f in dataclasses.fields(cls)
+            f.name
+            for f in dataclasses.fields(cls)
             if f.metadata.get("with_generator") and values.get("generator_family") and f.name not in data
-        ]  # fmt: skip
+        ]
         if missing:
             raise SettingsError(f"{source}: missing key {missing[0]!r} (required with a generator)")
         try:
@@ -228,8 +229,9 @@ def _value(hint: Any, value: Any, source: str, key: str) -> Any:
             return value
         elif option in (str, bool) and isinstance(value, option):
             return value
-    expected = " or ".join("null" if o is type(None) else "an object" if dataclasses.is_dataclass(o) else o.__name__
-                           for o in options)  # fmt: skip
+    expected = " or ".join(
+        "null" if o is type(None) else "an object" if dataclasses.is_dataclass(o) else o.__name__ for o in options
+    )
     raise SettingsError(f"{source}: key {key!r} is {json.dumps(value)}, expected {expected}")
 
 
@@ -248,8 +250,9 @@ def settings_table() -> str:
 
 def _row(name: str, hint: Any, f: dataclasses.Field) -> str:
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    kind = " or ".join("null" if o is type(None) else "object" if dataclasses.is_dataclass(o) else o.__name__
-                       for o in options)  # fmt: skip
+    kind = " or ".join(
+        "null" if o is type(None) else "object" if dataclasses.is_dataclass(o) else o.__name__ for o in options
+    )
     if f.default is not dataclasses.MISSING:
         default = "null" if f.default is None else json.dumps(f.default)
     elif f.default_factory is not dataclasses.MISSING:

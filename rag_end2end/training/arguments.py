@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.index_name != "custom":
         parser.error(f"--index_name {args.index_name}: only custom (your own KB, with --passages_path) is supported")
     if args.use_dummy_dataset and (args.passages_path, args.index_path) != DUMMY_KB:
-        parser.error("--use_dummy_dataset true selects the bundled dummy KB (test_run/dummy-kb); it conflicts with "
-                     f"--passages_path {args.passages_path} --index_path {args.index_path}")  # fmt: skip
+        parser.error(
+            "--use_dummy_dataset true selects the bundled dummy KB (test_run/dummy-kb); it conflicts with "
+            f"--passages_path {args.passages_path} --index_path {args.index_path}"
+        )
     if args.retrieval_temperature is not None and args.retrieval_temperature <= 0:
         parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
     if args.indexing_freq is not None and args.indexing_freq < 1:
@@ -55,11 +57,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.end2end = args.training_mode == "rag_end2end"
     refreshes = make_objective(args).refreshes
     if args.indexing_freq and not refreshes:
-        warnings.warn(f"--indexing_freq: --training_mode {args.training_mode} keeps the context encoder frozen, so "
-                      "the KB is never refreshed", stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"--indexing_freq: --training_mode {args.training_mode} keeps the context encoder frozen, so "
+            "the KB is never refreshed",
+            stacklevel=1,
+        )
     if refreshes and not args.indexing_freq:
-        warnings.warn(f"--training_mode {args.training_mode} without --indexing_freq: the KB is never re-encoded "
-                      "while the context encoder learns", stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"--training_mode {args.training_mode} without --indexing_freq: the KB is never re-encoded "
+            "while the context encoder learns",
+            stacklevel=1,
+        )
     if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
     if args.retrieval_timeout <= 0:
@@ -69,8 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if refusal := forced_gpu_refusal(args.faiss_gpu, args.index_gpus):
         parser.error(refusal)
     if args.index_shards > 1 and args.num_retrieval_workers > 1:
-        parser.error(f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
-                     f"with --num_retrieval_workers {args.num_retrieval_workers}")  # fmt: skip
+        parser.error(
+            f"--index_shards {args.index_shards} serves one replica of each shard: it cannot be combined "
+            f"with --num_retrieval_workers {args.num_retrieval_workers}"
+        )
     if args.max_refresh_failures < 1 or args.save_last_every_n_steps < 1:
         parser.error("--max_refresh_failures and --save_last_every_n_steps must be >= 1")
     if args.init_from:
@@ -78,12 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--init_from and --model_name_or_path both name the model to start from: give one")
         saved = Path(args.init_from) / KB_VERSION_FILE
         if not (Path(args.init_from) / SETTINGS_FILE).is_file() or not saved.is_file():
-            parser.error(f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
-                         f"(it needs {SETTINGS_FILE} and {KB_VERSION_FILE})")  # fmt: skip
+            parser.error(
+                f"--init_from {args.init_from}: not a checkpoint<step> directory of finetune_rag.py "
+                f"(it needs {SETTINGS_FILE} and {KB_VERSION_FILE})"
+            )
         args.passages_path, args.index_path = checkpoint_kb(args.init_from)  # relative to it, when inside its run
     # Ray actors run in other working directories (on other machines, with --ray_address): absolute paths only.
-    for name in ("passages_path", "index_path", "output_dir", "data_dir", *(["init_from"] if args.init_from else []),
-                 *(["reconstruction_dir"] if args.reconstruction_dir else [])):  # fmt: skip
+    for name in (
+        "passages_path",
+        "index_path",
+        "output_dir",
+        "data_dir",
+        *(["init_from"] if args.init_from else []),
+        *(["reconstruction_dir"] if args.reconstruction_dir else []),
+    ):
         setattr(args, name, os.path.abspath(getattr(args, name)))
     if refusal := reconstruction_refusal(args):
         parser.error(refusal)
@@ -132,8 +150,12 @@ def reconstruction_refusal(args: argparse.Namespace) -> str | None:
     try:
         gold = read_reconstruction(directory)
         if Path(args.passages_path).is_dir():  # else the KB's own check names it, later
-            check_masks_in_kb(gold.masks, load_from_disk(args.passages_path), Path(directory) / "train.gold.jsonl",
-                              f"--passages_path {args.passages_path}")  # fmt: skip
+            check_masks_in_kb(
+                gold.masks,
+                load_from_disk(args.passages_path),
+                Path(directory) / "train.gold.jsonl",
+                f"--passages_path {args.passages_path}",
+            )
     except REFUSALS as err:
         return str(err)
     return None
@@ -215,8 +237,11 @@ def trainer_kwargs(args: argparse.Namespace) -> dict:
             warnings.warn("--fp16 ignored: 16-bit mixed precision needs a GPU", stacklevel=1)
     on_gpu = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     if str(precision).startswith("bf16") and on_gpu and not native_bf16():
-        warnings.warn(f"--precision {precision}: this GPU has no native bf16 (compute capability below 8.0) and would "
-                      "emulate it, at a fraction of fp16's speed: use --precision 16-mixed", stacklevel=1)  # fmt: skip
+        warnings.warn(
+            f"--precision {precision}: this GPU has no native bf16 (compute capability below 8.0) and would "
+            "emulate it, at a fraction of fp16's speed: use --precision 16-mixed",
+            stacklevel=1,
+        )
     return {
         "accelerator": accelerator,
         "devices": devices or "auto",

@@ -70,10 +70,15 @@ class KBRefreshCallback(pl.Callback):
             return
         output_dir = pl_module.hparams.output_dir
         self.refresher = Refresher(
-            pl_module.retriever, pl_module.base_passages_path, self.kb_root, merged(pl_module.model.ctx_encoder),
-            pl_module.model.ctx_tokenizer, self.index_config, pinned=lambda: pinned_kb_versions(output_dir),
+            pl_module.retriever,
+            pl_module.base_passages_path,
+            self.kb_root,
+            merged(pl_module.model.ctx_encoder),
+            pl_module.model.ctx_tokenizer,
+            self.index_config,
+            pinned=lambda: pinned_kb_versions(output_dir),
             **self.refresher_options,
-        )  # fmt: skip
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state after `setup` and before `on_fit_start`.
@@ -106,8 +111,10 @@ class KBRefreshCallback(pl.Callback):
                 self._last_trigger_step = step
                 self._trigger(trainer, pl_module)
             restarts = self.refresher.actor_restarts + pl_module.retriever.actor_restarts
-            pl_module.log_dict({"refresh_failures": float(self.refresher.failures), "actor_restarts": float(restarts)},
-                               rank_zero_only=True)  # fmt: skip
+            pl_module.log_dict(
+                {"refresh_failures": float(self.refresher.failures), "actor_restarts": float(restarts)},
+                rank_zero_only=True,
+            )
         pl_module.log("index_version", float(pl_module.kb.version), rank_zero_only=True)
         pl_module.log("index_staleness_steps", float(step - pl_module.kb.embedding_step), rank_zero_only=True)
 
@@ -226,8 +233,15 @@ class LastCheckpoint(RagCheckpoint):
     def __init__(self, dirpath: str, every_n_steps: int):
         # No version counter: a resumed (or copied) run replaces its last.ckpt (atomically) instead of writing a
         # last-v1.ckpt beside it that the next --resume would not pick.
-        super().__init__(dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_steps,
-                         save_on_exception=True, export=False, enable_version_counter=False)  # fmt: skip
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=every_n_steps,
+            save_on_exception=True,
+            export=False,
+            enable_version_counter=False,
+        )
         self._loader_at_step_end: list[dict] | None = None  # the training loader's position after the last step
         self._stepped = False  # a step finished in this run segment
         self._saving_inside_step = False

@@ -93,11 +93,15 @@ class GenerativeQAModule(pl.LightningModule):
         self.base_passages_path = hp.passages_path  # the passages every refresh re-encodes
         self.model = assemble(hp, self.objective, retriever)
         self.similarity = encoder_similarity(self.model.question_encoder)
-        retriever.init_retrieval(KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0,
-                                           similarity=self.similarity))  # fmt: skip
+        retriever.init_retrieval(
+            KBVersion(0, hp.passages_path, hp.index_path, embedding_step=0, similarity=self.similarity)
+        )
 
-        self.target_lens = {"train": hp.max_target_length, "val": hp.val_max_target_length,
-                            "test": hp.test_max_target_length}  # fmt: skip
+        self.target_lens = {
+            "train": hp.max_target_length,
+            "val": hp.val_max_target_length,
+            "test": hp.test_max_target_length,
+        }
         self.n_obs = {"train": hp.n_train, "val": hp.n_val, "test": hp.n_test}
         # Optional gold passages ({split}.gold.jsonl, written by the converters): retrieval metrics, and the
         # positives of the contrastive recipes.
@@ -178,8 +182,10 @@ class GenerativeQAModule(pl.LightningModule):
         """Every gold answer of each question of a batch: its .target line, and the others {split}.gold.jsonl
         lists. EM/F1 take the best of them, as SQuAD and eval_rag.py do."""
         listed = self.gold[split][1].answers if split in self.gold else None
-        return [list(dict.fromkeys([target, *(listed[int(i)] if listed else [])]))
-                for target, i in zip(batch["target_text"], batch["index"])]  # fmt: skip
+        return [
+            list(dict.fromkeys([target, *(listed[int(i)] if listed else [])]))
+            for target, i in zip(batch["target_text"], batch["index"])
+        ]
 
     def _generative_step(self, batch: dict, split: str) -> None:
         start = time.perf_counter()
@@ -190,8 +196,9 @@ class GenerativeQAModule(pl.LightningModule):
         if self.model.generator is None:  # retriever_only: its own loss on held-out questions
             losses = [float(self.objective.loss(self.model, batch, self._mined(batch, split))[0])] * n
         else:
-            preds = self.model.generate(batch["input_ids"], batch["attention_mask"], questions,
-                                        self.target_lens[split], self.hparams.num_beams)  # fmt: skip
+            preds = self.model.generate(
+                batch["input_ids"], batch["attention_mask"], questions, self.target_lens[split], self.hparams.num_beams
+            )
             golds = self.gold_answers(split, batch)
             for name in self.hparams.metrics:
                 scores[name] = [metric_max_over_ground_truths(METRIC_FNS[name], p, g) for p, g in zip(preds, golds)]
@@ -224,8 +231,11 @@ class GenerativeQAModule(pl.LightningModule):
         *means, loss, seconds = means
         metrics = {f"{prefix}_gen_time": seconds}
         if self.model.generator is not None:
-            metrics |= {f"{prefix}_{name}": value for name, value in zip(GENERATION_METRICS, means)
-                        if name in self.hparams.metrics}  # fmt: skip
+            metrics |= {
+                f"{prefix}_{name}": value
+                for name, value in zip(GENERATION_METRICS, means)
+                if name in self.hparams.metrics
+            }
         if loss == loss:  # not NaN: the loss was computed
             metrics[f"{prefix}_loss"] = loss
         self.log_dict(metrics, prog_bar=True)
@@ -325,8 +335,9 @@ class GenerativeQAModule(pl.LightningModule):
         # Stateful: the checkpoint holds the epoch's order and position, so a run resumed mid-epoch sees each
         # example of that epoch once (Lightning saves and restores the loader's state_dict).
         loader = StatefulDataLoader if split == "train" else DataLoader
-        return loader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
-                      num_workers=hp.num_workers)  # fmt: skip
+        return loader(
+            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn, num_workers=hp.num_workers
+        )
 
     def _mixed_dataloader(self, batch_size: int) -> StatefulDataLoader:
         """QA pairs and statements in batches of one kind, statements the share --reconstruction_ratio of them
@@ -337,13 +348,18 @@ class GenerativeQAModule(pl.LightningModule):
         statements = self._dataset(hp.reconstruction_dir, "train", RECONSTRUCTION, self.reconstruction.masks)
         dataset = MixedDataset(qa, statements)
         carrier = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=False, seed=hp.seed)
-        batches = MixedBatchSampler(carrier, batch_size, n_qa=dataset.n_qa, n_statements=len(statements),
-                                    ratio=hp.reconstruction_ratio)  # fmt: skip
+        batches = MixedBatchSampler(
+            carrier, batch_size, n_qa=dataset.n_qa, n_statements=len(statements), ratio=hp.reconstruction_ratio
+        )
         if hp.reconstruction_ratio < 1 and not batches.counts()[1]:
-            warnings.warn(f"--reconstruction_ratio {hp.reconstruction_ratio}: no statement batch among the "
-                          f"{len(batches)} of an epoch", stacklevel=1)  # fmt: skip
-        return StatefulDataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate_fn,
-                                  num_workers=hp.num_workers)  # fmt: skip
+            warnings.warn(
+                f"--reconstruction_ratio {hp.reconstruction_ratio}: no statement batch among the "
+                f"{len(batches)} of an epoch",
+                stacklevel=1,
+            )
+        return StatefulDataLoader(
+            dataset, batch_sampler=batches, collate_fn=dataset.collate_fn, num_workers=hp.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train", self.hparams.train_batch_size, shuffle=True)
@@ -396,8 +412,11 @@ class GenerativeQAModule(pl.LightningModule):
                     f"{kb.index_path}: KB v{kb.version}, which this checkpoint's weights were trained against, is gone"
                     ": restore it, or pass --reencode_lost_kb to re-encode the KB with the restored weights first"
                 )
-            warnings.warn(f"--reencode_lost_kb: {kb.index_path} (KB v{kb.version}) is gone; serving v{self.kb.version}"
-                          " until the KB is re-encoded with the restored weights", stacklevel=1)  # fmt: skip
+            warnings.warn(
+                f"--reencode_lost_kb: {kb.index_path} (KB v{kb.version}) is gone; serving v{self.kb.version}"
+                " until the KB is re-encoded with the restored weights",
+                stacklevel=1,
+            )
             self.reencode_on_start = True  # KBRefreshCallback.on_train_start
             return
         if self.global_rank == 0 and kb.version != self.kb.version:  # the actors are shared: one rank swaps them
@@ -431,11 +450,18 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
     namespace = f"{args.ray_namespace}-{args.run_id}"
     if args.index_shards > 1:
-        shards = start_shard_actors(args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads,
-                                    args.index_gpus)  # fmt: skip
+        shards = start_shard_actors(
+            args.index_shards, IndexConfig.from_args(args), namespace, args.retrieval_threads, args.index_gpus
+        )
         return GenerativeQAModule(args, ShardedRetriever(shards, local_rank_from_env(), args.retrieval_timeout))
-    actors = start_retrieval_actors(args.num_retrieval_workers, args.hnsw_ef_search, namespace, args.retrieval_threads,
-                                    args.faiss_gpu, args.index_gpus)  # fmt: skip
+    actors = start_retrieval_actors(
+        args.num_retrieval_workers,
+        args.hnsw_ef_search,
+        namespace,
+        args.retrieval_threads,
+        args.faiss_gpu,
+        args.index_gpus,
+    )
     return GenerativeQAModule(args, RagRayDistributedRetriever(actors, local_rank_from_env(), args.retrieval_timeout))
 
 
@@ -539,8 +565,12 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
     if args.do_train and trainer.is_global_zero:  # PNG curves in OUTPUT/plots; warns, never raises
         plot_runs([args.output_dir], Path(args.output_dir) / "plots")
         refresh = next((c for c in callbacks if isinstance(c, KBRefreshCallback)), None)
-        info = {"training_mode": args.training_mode, "trains": list(model.objective.trains),
-                "train_seconds": train_seconds, "refreshes": len(refresh.history) if refresh else 0}  # fmt: skip
+        info = {
+            "training_mode": args.training_mode,
+            "trains": list(model.objective.trains),
+            "train_seconds": train_seconds,
+            "refreshes": len(refresh.history) if refresh else 0,
+        }
         (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     return model
 

@@ -130,13 +130,29 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
                 if col == "loss" and len(s) >= 10:  # noisy: faint raw values under an exponential moving average
                     ax.plot(s.index, s.values, color=colour, alpha=0.25, linewidth=0.8)
                     s = s.ewm(span=max(5, len(s) // 20)).mean()
-                ax.plot(s.index, s.values, style, color=colour, label=label, marker="o" if len(s) < 30 else None,
-                        markersize=3)  # fmt: skip
+                ax.plot(
+                    s.index,
+                    s.values,
+                    style,
+                    color=colour,
+                    label=label,
+                    marker="o" if len(s) < 30 else None,
+                    markersize=3,
+                )
             for run, steps in refreshes.items():
                 if steps:  # one call for all (there may be thousands), full height whatever the y range
                     colour, label = (run_colour[run], f"KB refresh ({run})") if several else ("grey", "KB refresh")
-                    ax.vlines(steps, 0, 1, transform=ax.get_xaxis_transform(), colors=colour, linestyles="--",
-                              linewidth=0.7, alpha=0.5, label=label)  # fmt: skip
+                    ax.vlines(
+                        steps,
+                        0,
+                        1,
+                        transform=ax.get_xaxis_transform(),
+                        colors=colour,
+                        linestyles="--",
+                        linewidth=0.7,
+                        alpha=0.5,
+                        label=label,
+                    )
             ax.set(title=title, xlabel="step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -155,8 +171,12 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
             for run, s in seconds.items():
                 if len(s):
                     ax.plot(s.index, s.values, "o-", color=run_colour[run], label=run, markersize=4)
-            ax.set(title="KB refresh time (re-encode + index build)", xlabel="step the new index went live",
-                   ylabel="seconds", ylim=(0, None))  # fmt: skip
+            ax.set(
+                title="KB refresh time (re-encode + index build)",
+                xlabel="step the new index went live",
+                ylabel="seconds",
+                ylim=(0, None),
+            )
             ax.grid(alpha=0.3)
             if several:
                 ax.legend(fontsize="small")

@@ -16,8 +16,18 @@ from rag_end2end.files import process_alive
 from rag_end2end.kb.versions import KB_VERSION_FILE
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
-RUN_FILES = ("*.ckpt", f"*.{KB_VERSION_FILE}", "checkpoint*", "metrics.json", "test_results.txt",
-             "test_generations.txt", "logs", "kb", "plots", "run_info.json")  # fmt: skip
+RUN_FILES = (
+    "*.ckpt",
+    f"*.{KB_VERSION_FILE}",
+    "checkpoint*",
+    "metrics.json",
+    "test_results.txt",
+    "test_generations.txt",
+    "logs",
+    "kb",
+    "plots",
+    "run_info.json",
+)
 
 
 def prepare_output_dir(args: argparse.Namespace) -> None:
@@ -64,8 +74,11 @@ def lock_output_dir(out: Path) -> Path | None:
             except (OSError, ValueError):  # being written by a run starting this instant
                 holder = {"pid": None, "host": "?", "started": "?"}
             if holder.get("host") == me["host"] and holder.get("pid") and not process_alive(holder["pid"]):
-                warnings.warn(f"{path}: the run that held it (pid {holder['pid']}, since {holder['started']}) is "
-                              "gone; taking it over", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"{path}: the run that held it (pid {holder['pid']}, since {holder['started']}) is "
+                    "gone; taking it over",
+                    stacklevel=2,
+                )
                 path.unlink(missing_ok=True)
                 continue
             raise RuntimeError(
