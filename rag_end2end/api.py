@@ -97,7 +97,7 @@ def train(
     output_dir: str | Path,
     *,
     kb: KB | str | Path,
-    train: Sequence[tuple[str, str]],
+    train: Sequence[tuple[str, str]] | None,
     val: Sequence[tuple[str, str]],
     test: Sequence[tuple[str, str]] | None = None,
     recipe: str = "rag_end2end",
@@ -106,7 +106,9 @@ def train(
     """Train a RAG system with `recipe` (`--training_mode`) on (question, answer) pairs and return what it left.
     `flags` are finetune_rag.py's: the model (`model_name_or_path` + `model_type`, or `question_encoder_name_or_path`
     + `generator_name_or_path`), `context_encoder_name`, `indexing_freq`, `max_steps`, `learning_rate`, ... With
-    `test`, the kept checkpoint is also tested and `metrics` holds the test's figures (`test_em`, ...)."""
+    `test`, the kept checkpoint is also tested and `metrics` holds the test's figures (`test_em`, ...). From the
+    documents alone: `train=None, reconstruction_dir=..., reconstruction_ratio=1` (data_prep/make_reconstruction_data.py
+    writes the statements; `val` stays the questions held out)."""
     out = Path(output_dir)
     kb = kb if isinstance(kb, KB) else KB.at(kb)
     data = out / "data"
@@ -125,7 +127,12 @@ def train(
         *(["--do_predict"] if test is not None else []),
     ]
     argv += _flags(build_parser().parse_args(["--model_type", "rag_token"]), flags, "train")
-    splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    if train is None and flags.get("reconstruction_ratio") != 1:
+        raise ValueError(
+            "train=None trains on the documents alone: pass reconstruction_dir=... and reconstruction_ratio=1"
+        )
+    splits = {"train": train, "val": val, "test": test}
+    splits = {split: pairs for split, pairs in splits.items() if pairs is not None}
     lines = {
         split: [(_one_line(q, f"{split} question"), _one_line(a, f"{split} answer")) for q, a in pairs]
         for split, pairs in splits.items()

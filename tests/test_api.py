@@ -65,3 +65,12 @@ def test_train_refuses_pairs_it_cannot_write_as_lines(tmp_path, pairs, message):
 def test_a_kb_folder_without_a_kb_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         rag.KB.at(tmp_path)
+
+
+def test_train_without_questions_needs_the_documents_alone_flags(tmp_path):
+    kb_dir = tmp_path / "kb"
+    (kb_dir / "my_knowledge_dataset").mkdir(parents=True)
+    (kb_dir / "my_knowledge_dataset_hnsw_index.faiss").write_bytes(b"")
+    with pytest.raises(ValueError, match="reconstruction_ratio=1"):
+        rag.train(tmp_path / "run", kb=kb_dir, train=None, val=[("q", "a")], model_type="rag_token")
+    assert not (tmp_path / "run").exists()
