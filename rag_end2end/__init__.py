@@ -8,7 +8,7 @@ Ray actors re-encode the knowledge base in the background. The Python API (rag_e
     rag.export(run.checkpoint, "work/export")
 """
 
-__all__ = ["KB", "TrainResult", "answer", "build_kb", "evaluate", "export", "load", "train"]
+__all__ = ["KB", "TrainResult", "adapt", "answer", "build_kb", "evaluate", "export", "load", "train"]
 
 
 def __getattr__(name: str):

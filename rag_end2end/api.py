@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag_end2end.data import reconstruction
 from rag_end2end.deploy.export import export
 from rag_end2end.evaluation import evaluate as evaluation
 from rag_end2end.files import atomic_write_text
@@ -38,7 +39,7 @@ from rag_end2end.training import finetune
 from rag_end2end.training.arguments import parse_args
 from rag_end2end.training.callbacks import checkpoint_step, export_dir
 
-__all__ = ["KB", "TrainResult", "answer", "build_kb", "evaluate", "export", "load", "train"]
+__all__ = ["KB", "TrainResult", "adapt", "answer", "build_kb", "evaluate", "export", "load", "train"]
 PASSAGES, INDEX = "my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"  # the reference's file names
 
 
@@ -109,16 +110,20 @@ def train(
     `test`, the kept checkpoint is also tested and `metrics` holds the test's figures (`test_em`, ...). From the
     documents alone: `train=None, reconstruction_dir=..., reconstruction_ratio=1` (data_prep/make_reconstruction_data.py
     writes the statements; `val` stays the questions held out)."""
+    return _train_on(output_dir, kb, train, val, test, {"training_mode": recipe, **flags})
+
+
+def _train_on(output_dir, kb, train, val, test, flags: dict) -> TrainResult:
     out = Path(output_dir)
     kb = kb if isinstance(kb, KB) else KB.at(kb)
-    data = out / "data"
+    data = Path(flags.pop("data_dir", out / "data"))
+    if val is None and data == out / "data":
+        raise ValueError("val: no (question, answer) pairs held out")
     argv = [
         "--output_dir",
         str(out),
         "--data_dir",
         str(data),
-        "--training_mode",
-        recipe,
         "--passages_path",
         str(kb.passages_path),
         "--index_path",
@@ -131,7 +136,7 @@ def train(
         raise ValueError(
             "train=None trains on the documents alone: pass reconstruction_dir=... and reconstruction_ratio=1"
         )
-    splits = {"train": train, "val": val, "test": test}
+    splits = {"train": train, "val": val, "test": test}  # val None: --data_dir already holds val.*
     splits = {split: pairs for split, pairs in splits.items() if pairs is not None}
     lines = {
         split: [(_one_line(q, f"{split} question"), _one_line(a, f"{split} answer")) for q, a in pairs]
@@ -236,3 +241,81 @@ def _metrics(out: Path) -> dict[str, float]:
             key, _, value = line.partition(": ")
             metrics[key] = float(value)
     return metrics
+
+
+def adapt(
+    csv_path: str | Path,
+    output_dir: str | Path,
+    *,
+    context_encoder: str,
+    questions: Sequence[tuple[str, str]] | None = None,
+    val: Sequence[tuple[str, str]] | None = None,
+    test: Sequence[tuple[str, str]] | None = None,
+    reconstruction_ratio: float | None = None,
+    kb_flags: dict | None = None,
+    statement_flags: dict | None = None,
+    **flags,
+) -> TrainResult:
+    """From a domain's documents to an adapted model, in one call: the KB (`OUT/kb`), statements from its sentences
+    (`OUT/statements`, make_reconstruction_data.py), training on them (`OUT/run`: alone, or mixed with `questions`
+    at `reconstruction_ratio`, 0.5 by default), then the test. Validation uses `val` (questions held out) or, with
+    none, the held-out statements. `flags` are finetune_rag.py's (the models, `indexing_freq`, `max_steps`...)."""
+    out = Path(output_dir)
+    ratio = reconstruction_ratio if reconstruction_ratio is not None else (1.0 if questions is None else 0.5)
+    if questions is None and ratio != 1:
+        raise ValueError(f"reconstruction_ratio={ratio}: without questions every batch is a statement (ratio 1)")
+    if questions is not None and val is None:
+        raise ValueError("questions without val: hold some out as val, to validate on the task itself")
+    print(f"adapt: 1/3 knowledge base from {csv_path}", flush=True)
+    kb = build_kb(csv_path, out / "kb", context_encoder, **(kb_flags or {}))
+    print("adapt: 2/3 statements from the documents' sentences", flush=True)
+    statements = out / "statements"
+    argv = ["--csv_path", str(csv_path), "--output_dir", str(statements)]
+    argv += _flags(reconstruction.parse_args(argv), statement_flags or {}, "adapt")
+    reconstruction.main(reconstruction.parse_args(argv))
+    print(f"adapt: 3/3 training ({flags.get('training_mode', 'rag_end2end')}, statement share {ratio})", flush=True)
+    run_flags = {
+        "reconstruction_dir": str(statements),
+        "reconstruction_ratio": ratio,
+        "context_encoder_name": context_encoder,
+    }
+    if val is None:  # no questions held out: validate (and keep the checkpoint) on the held-out statements
+        run_flags["data_dir"] = str(statements)
+    return _train_on(out / "run", kb, questions, val, test, {**run_flags, **flags})
+
+
+def adapt_cli(argv: list[str] | None = None) -> TrainResult:
+    """tools/adapt_from_documents.py: `adapt` from the command line; every other flag goes to finetune_rag.py."""
+    parser = argparse.ArgumentParser(description=adapt.__doc__)
+    parser.add_argument("--csv_path", required=True, help="the documents: title<TAB>text, one a line")
+    parser.add_argument("--output_dir", required=True, help="OUT/kb, OUT/statements, OUT/run are written here")
+    parser.add_argument("--context_encoder", required=True, help="the encoder of the KB (and the context encoder)")
+    parser.add_argument("--qa_dir", default=None, help="questions, if any: {train,val,test}.{source,target}")
+    parser.add_argument("--reconstruction_ratio", type=float, default=None, help="1 without questions, else 0.5")
+    ours, rest = parser.parse_known_args(argv)
+    finetune_parser = build_parser()
+    given = finetune_parser.parse_args(["--model_type", "rag_token", *rest])
+    defaults = finetune_parser.parse_args(["--model_type", "rag_token"])
+    flags = {k: v for k, v in vars(given).items() if v != getattr(defaults, k) or k == "model_type"}
+    flags["model_type"] = given.model_type
+
+    def pairs(split: str) -> list[tuple[str, str]] | None:
+        if ours.qa_dir is None or not (Path(ours.qa_dir) / f"{split}.source").is_file():
+            return None
+        source, target = (Path(ours.qa_dir) / f"{split}.{side}" for side in ("source", "target"))
+        return list(
+            zip(source.read_text(encoding="utf-8").splitlines(), target.read_text(encoding="utf-8").splitlines())
+        )
+
+    run = adapt(
+        ours.csv_path,
+        ours.output_dir,
+        context_encoder=ours.context_encoder,
+        questions=pairs("train"),
+        val=pairs("val"),
+        test=pairs("test"),
+        reconstruction_ratio=ours.reconstruction_ratio,
+        **flags,
+    )
+    print(f"adapt: done; checkpoint {run.checkpoint}; metrics {json.dumps(run.metrics)}")
+    return run

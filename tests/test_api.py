@@ -74,3 +74,20 @@ def test_train_without_questions_needs_the_documents_alone_flags(tmp_path):
     with pytest.raises(ValueError, match="reconstruction_ratio=1"):
         rag.train(tmp_path / "run", kb=kb_dir, train=None, val=[("q", "a")], model_type="rag_token")
     assert not (tmp_path / "run").exists()
+
+
+def test_adapt_goes_from_documents_alone_to_a_tested_model(tiny_models, tmp_path):
+    """KB CSV -> KB, statements, training on them only (validated on held-out statements), with no question."""
+    csv = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
+    run = rag.adapt(csv, tmp_path / "work", context_encoder=str(tiny_models["context_encoder"]),
+                    kb_flags={"index_type": "flat", "device": "cpu"}, model_type="rag_token",
+                    model_name_or_path=str(tiny_models["rag_token"]), indexing_freq=2, max_steps=4,
+                    val_check_interval=4, train_batch_size=2, eval_batch_size=4, log_every_n_steps=1,
+                    max_target_length=64, accelerator="cpu", devices=1)  # fmt: skip
+    stats = json.loads((tmp_path / "work" / "statements" / "stats.json").read_text())
+    assert stats["kept"] > 0
+    assert run.checkpoint is not None and (run.checkpoint / "rag_settings.json").is_file()
+    assert [step for step, _ in run.losses] == [0, 1, 2, 3]
+    logged = (next((tmp_path / "work" / "run" / "logs").glob("version_*/metrics.csv"))).read_text()
+    assert "train_loss_recon" in logged and "train_loss_qa" not in logged
+    assert not (tmp_path / "work" / "run" / "data").exists()  # nothing was trained as a question
