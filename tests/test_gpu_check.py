@@ -120,13 +120,19 @@ def test_pip_check_stops_on_a_conflict_among_carried_packages_only(tmp_path):
     gpu_carry.plan(sorted(wheels.glob("*.whl")), tmp_path / "carry", 10**6)
     assert gpu_carry.install(tmp_path / "carry", tmp_path / "stash", tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+
+    # This venv's own unmet needs (e.g. the packaged weights' llama-cpp-python, after install_pretrained_models)
+    # are pip's report too, but not these wheels': look at the lines about them.
+    def ours(lines: list[str]) -> list[str]:
+        return [line for line in lines if line.split()[0] in ("carrya", "carryb")]
+
     rc, among, other = gpu_carry.pip_check({"carrya", "carryb"}, env=env)
     assert rc != 0
     assert among == ["carrya 0.1 has requirement carryb>=2, but you have carryb 0.1."]
-    assert other == ["carrya 0.1 requires notonthemachine, which is not installed."]
+    assert ours(other) == ["carrya 0.1 requires notonthemachine, which is not installed."]
     rc, among, other = gpu_carry.pip_check({"carrya"}, env=env)  # carryb the machine's: reported, not fatal
-    assert among == [] and len(other) == 2
-    assert gpu_carry.pip_check({"carrya", "carryb"}) == (0, [], [])  # this venv alone: nothing broken
+    assert among == [] and len(ours(other)) == 2
+    assert gpu_carry.pip_check({"carrya", "carryb"})[1] == []  # this venv alone: no conflict among them
 
 
 def test_carried_packages_are_pinned_at_the_versions_this_venv_tests():
