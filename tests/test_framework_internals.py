@@ -46,6 +46,16 @@ def test_lightning_fit_loop_internals_of_the_mid_epoch_resume(tmp_path):
     assert params(CombinedLoader._state_dicts) == ["self"]
 
 
+def test_lightning_step_results_that_the_per_kind_losses_clear():
+    """GenerativeQAModule.log_kind_loss resets the other batch kind's entry, "training_step.<name>", so that a step
+    of one kind does not re-log the other kind's last loss (Lightning repeats a step value until it gets a new one)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.trainer.connectors.logger_connector.result import _ResultCollection, _ResultMetric
+
+    assert isinstance(inspect.getattr_static(pl.Trainer, "_results"), property)
+    assert hasattr(_ResultCollection, "__contains__") and callable(_ResultMetric.reset)
+
+
 def test_lightning_device_parser():
     from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string_input
 
