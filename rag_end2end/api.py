@@ -39,6 +39,7 @@ from rag_end2end.training import finetune
 from rag_end2end.training.arguments import parse_args
 from rag_end2end.training.callbacks import checkpoint_step, export_dir
 
+SET_BY_THE_CALL = ("output_dir", "passages_path", "index_path", "do_train", "do_predict", "csv_path")
 __all__ = ["KB", "TrainResult", "adapt", "answer", "build_kb", "evaluate", "export", "load", "train"]
 PASSAGES, INDEX = "my_knowledge_dataset", "my_knowledge_dataset_hnsw_index.faiss"  # the reference's file names
 
@@ -90,7 +91,12 @@ def build_kb(
         ) as f:  # quoted where a field needs it, as the reader expects
             csv.writer(f, delimiter="\t", lineterminator="\n").writerows(rows)
     argv = ["--csv_path", str(csv_path), "--output_dir", str(out), "--dpr_ctx_encoder_model_name", context_encoder]
-    build.main(build.parse_args(argv + _flags(build.parse_args([]), flags, "build_kb")))
+    try:
+        build.main(_parse(build.parse_args, argv + _flags(build.parse_args([]), flags, "build_kb"), "build_kb"))
+    except BaseException:
+        if csv_path == out / "kb.csv":  # written from memory by this call: a retry writes it again
+            csv_path.unlink(missing_ok=True)
+        raise
     return KB.at(out)
 
 
@@ -131,7 +137,8 @@ def _train_on(output_dir, kb, train, val, test, flags: dict) -> TrainResult:
         "--do_train",
         *(["--do_predict"] if test is not None else []),
     ]
-    argv += _flags(build_parser().parse_args(["--model_type", "rag_token"]), flags, "train")
+    parser = build_parser()
+    argv += _flags(parser.parse_args(["--model_type", "rag_token"]), flags, "train", parser)
     if train is None and flags.get("reconstruction_ratio") != 1:
         raise ValueError(
             "train=None trains on the documents alone: pass reconstruction_dir=... and reconstruction_ratio=1"
@@ -144,7 +151,17 @@ def _train_on(output_dir, kb, train, val, test, flags: dict) -> TrainResult:
     }
     if empty := [split for split, pairs in lines.items() if not pairs]:
         raise ValueError(f"{', '.join(empty)}: no (question, answer) pairs")
-    args = parse_args(argv)  # every flag checked before anything is written
+    if data != out / "data":  # the user's folder (or adapt's statements): never overwrite its files
+        if clash := [
+            f"{split}.{side}"
+            for split in splits
+            for side in ("source", "target")
+            if (data / f"{split}.{side}").exists()
+        ]:
+            raise FileExistsError(
+                f"{data} already holds {', '.join(clash)}: pass those pairs through its files, not both"
+            )
+    args = _parse(parse_args, argv, "train")  # every flag checked before anything is written
     for split, pairs in lines.items():
         _write_pairs(data, split, pairs)
     module = finetune.main(args)
@@ -187,17 +204,38 @@ def answer(checkpoint: str | Path, questions: Sequence[str], **decoding) -> list
     return load(checkpoint).answer(list(questions), **decoding)
 
 
-def _flags(parsed: argparse.Namespace, flags: dict, caller: str) -> list[str]:
-    """Keyword arguments as command-line flags of the parser that produced `parsed`: True/False for switches."""
+def _flags(
+    parsed: argparse.Namespace, flags: dict, caller: str, parser: argparse.ArgumentParser | None = None
+) -> list[str]:
+    """Keyword arguments as command-line flags of the parser that produced `parsed`. A bool is a switch (True: the
+    flag alone) unless `parser` declares the flag as taking a value (then "true"/"false"); the flags the call sets
+    itself, and False for a switch that is on, are refused rather than dropped."""
+    takes_value = set()
+    if parser is not None:  # argparse lists its actions only privately; stable since Python 3.2
+        takes_value = {a.dest for a in parser._actions if a.nargs != 0}
     argv = []
     for name, value in flags.items():
         if not hasattr(parsed, name):
             raise TypeError(f"{caller}() got {name}=: not a flag of the command line it runs (docs/flags.md)")
-        if value is True or value is False:
+        if name in SET_BY_THE_CALL:
+            raise TypeError(f"{caller}() got {name}=: the call sets it itself")
+        if isinstance(value, bool) and name not in takes_value:
+            if not value and getattr(parsed, name):
+                raise ValueError(f"{caller}() got {name}=False: the switch is on by default and cannot be turned off")
             argv += [f"--{name}"] if value else []
+        elif isinstance(value, bool):
+            argv += [f"--{name}", "true" if value else "false"]
         elif value is not None:
             argv += [f"--{name}", ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
     return argv
+
+
+def _parse(parse_args, argv: list[str], caller: str) -> argparse.Namespace:
+    """A script's parse_args, with argparse's exit (usage and one line on stderr) turned into a ValueError."""
+    try:
+        return parse_args(argv)
+    except SystemExit as stop:
+        raise ValueError(f"{caller}(): a flag was refused (the line above says which)") from stop
 
 
 def _one_line(text: str, what: str) -> str:
@@ -266,13 +304,19 @@ def adapt(
         raise ValueError(f"reconstruction_ratio={ratio}: without questions every batch is a statement (ratio 1)")
     if questions is not None and val is None:
         raise ValueError("questions without val: hold some out as val, to validate on the task itself")
-    print(f"adapt: 1/3 knowledge base from {csv_path}", flush=True)
-    kb = build_kb(csv_path, out / "kb", context_encoder, **(kb_flags or {}))
-    print("adapt: 2/3 statements from the documents' sentences", flush=True)
     statements = out / "statements"
     argv = ["--csv_path", str(csv_path), "--output_dir", str(statements)]
     argv += _flags(reconstruction.parse_args(argv), statement_flags or {}, "adapt")
-    reconstruction.main(reconstruction.parse_args(argv))
+    parser = build_parser()  # every flag checked before the (long) encoding
+    _flags(parser.parse_args(["--model_type", "rag_token"]), flags, "adapt", parser)
+    print(f"adapt: 1/3 knowledge base from {csv_path}", flush=True)
+    if (out / "kb" / PASSAGES).is_dir() and (out / "kb" / INDEX).is_file():
+        kb = KB.at(out / "kb")  # an earlier call's (one that stopped later): encoded once
+    else:
+        kb = build_kb(csv_path, out / "kb", context_encoder, **(kb_flags or {}))
+    print("adapt: 2/3 statements from the documents' sentences", flush=True)
+    if not (statements / "stats.json").is_file():  # written last: an earlier call's statements are complete
+        reconstruction.main(_parse(reconstruction.parse_args, argv, "adapt"))
     print(f"adapt: 3/3 training ({flags.get('training_mode', 'rag_end2end')}, statement share {ratio})", flush=True)
     run_flags = {
         "reconstruction_dir": str(statements),

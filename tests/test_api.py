@@ -91,3 +91,24 @@ def test_adapt_goes_from_documents_alone_to_a_tested_model(tiny_models, tmp_path
     logged = (next((tmp_path / "work" / "run" / "logs").glob("version_*/metrics.csv"))).read_text()
     assert "train_loss_recon" in logged and "train_loss_qa" not in logged
     assert not (tmp_path / "work" / "run" / "data").exists()  # nothing was trained as a question
+
+
+def test_switches_and_valued_booleans_become_the_flags_they_are(tmp_path):
+    """A store_true switch is the flag alone; a flag that takes a value gets "true"/"false"; False for a switch that
+    is off adds nothing, and the flags the call sets itself are refused, not dropped."""
+    from rag_end2end import api
+    from rag_end2end.options import build_parser
+
+    parser = build_parser()
+    parsed = parser.parse_args(["--model_type", "rag_token"])
+    argv = api._flags(parsed, {"end2end": True, "use_dummy_dataset": False, "fp16": False}, "train", parser)
+    assert argv == ["--end2end", "--use_dummy_dataset", "false"]
+    assert parser.parse_args(["--model_type", "rag_token", *argv]).end2end is True
+    with pytest.raises(TypeError, match="do_train="):
+        api._flags(parsed, {"do_train": False}, "train", parser)
+
+
+def test_a_failed_build_leaves_no_kb_csv_behind(tmp_path):
+    with pytest.raises((OSError, ValueError)):  # the encoder directory is not there
+        rag.build_kb([("t", "some text")], tmp_path / "kb", context_encoder=str(tmp_path / "no-such-encoder"))
+    assert not (tmp_path / "kb" / "kb.csv").exists()

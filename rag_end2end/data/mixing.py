@@ -139,7 +139,7 @@ class MixedDataset:
 
 def reconstruction_batches(qa_batches: int, ratio: float) -> int:
     """Statement batches beside `qa_batches` QA batches, so that they are the share `ratio` (< 1) of all."""
-    return round(qa_batches * ratio / (1 - ratio))
+    return max(1, round(qa_batches * ratio / (1 - ratio)))  # a ratio above 0 trains on statements, however small
 
 
 def _rank_share(order: np.ndarray, replicas: int, rank: int) -> list[int]:
