@@ -31,6 +31,7 @@ from pathlib import Path
 from rag_end2end.data import reconstruction
 from rag_end2end.deploy.export import export
 from rag_end2end.evaluation import evaluate as evaluation
+from rag_end2end.evaluation.results_table import read_test_results
 from rag_end2end.files import atomic_write_text
 from rag_end2end.kb import build
 from rag_end2end.model.rag import RagModel
@@ -68,7 +69,7 @@ class TrainResult:
     output_dir: Path
     checkpoint: Path | None
     losses: list[tuple[int, float]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | str] = field(default_factory=dict)
 
 
 def build_kb(
@@ -268,16 +269,13 @@ def _losses(out: Path) -> list[tuple[int, float]]:
     return sorted(losses.items())
 
 
-def _metrics(out: Path) -> dict[str, float]:
+def _metrics(out: Path) -> dict[str, float | str]:
     metrics = {}
     history = out / "metrics.json"
     if history.exists():
         metrics |= {k: v for k, v in json.loads(history.read_text())[-1].items() if k != "step"}
-    results = out / "test_results.txt"
-    if results.exists():
-        for line in results.read_text().splitlines():
-            key, _, value = line.partition(": ")
-            metrics[key] = float(value)
+    if (out / "test_results.txt").exists():  # with its run_info.json: train minutes, refreshes, what trained
+        metrics |= read_test_results(out)
     return metrics
 
 
