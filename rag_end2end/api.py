@@ -177,8 +177,8 @@ def evaluate(checkpoint: str | Path, questions: Sequence[str], answers: Sequence
     work = Path(checkpoint) / "eval"
     work.mkdir(exist_ok=True)
     gold = [{"question": q, "answers": [a] if isinstance(a, str) else list(a)} for q, a in zip(questions, answers)]
-    (work / "questions.txt").write_text("".join(_one_line(q, "question") + "\n" for q in questions), encoding="utf-8")
-    (work / "gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold), encoding="utf-8")
+    atomic_write_text(work / "questions.txt", "".join(_one_line(q, "question") + "\n" for q in questions))
+    atomic_write_text(work / "gold.jsonl", "".join(json.dumps(g) + "\n" for g in gold))
     argv = [
         "--model_name_or_path",
         str(checkpoint),
