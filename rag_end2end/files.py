@@ -10,6 +10,7 @@ reader looks; what an interrupted write left is recognised by its name and remov
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -38,11 +39,13 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove the `temporary_sibling`s in `directory` whose writing process is gone: what an interrupted save left
-    (Ctrl-C, SIGKILL, a full disk). Nothing else, and no temporary that a live process still writes."""
+def remove_orphaned_temporaries(directory: str | os.PathLike, of: str = "") -> list[Path]:
+    """Remove the `temporary_sibling`s in `directory` (of the file named `of` only, if given) whose writing process
+    is gone: what an interrupted save left (Ctrl-C, SIGKILL, a full disk). Nothing else, and no temporary that a
+    live process still writes."""
     removed = []
-    for path in sorted(Path(directory).glob("*.tmp-*")) if Path(directory).is_dir() else []:
+    pattern = f"{glob.escape(of) if of else '*'}.tmp-*"
+    for path in sorted(Path(directory).glob(pattern)) if Path(directory).is_dir() else []:
         match = _TEMPORARY.search(path.name)
         if not match or process_alive(int(match[1])):
             continue
@@ -60,8 +63,9 @@ def writing(what: str, path: str | os.PathLike, *temporaries: str | os.PathLike)
     except BaseException as err:
         for tmp in map(Path, temporaries):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and not isinstance(err, FileExistsError):
-            raise OSError(err.errno, f"writing {what} {path} failed: {err}", err.filename) from err
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):  # the same kind, e.g. FileNotFoundError
+            detail = f"writing {what} {path} failed: {err}"
+            raise type(err)(*((detail,) if err.errno is None else (err.errno, detail, err.filename))) from err
         if isinstance(err, RuntimeError):
             raise RuntimeError(f"writing {what} {path} failed: {err}") from err
         raise

@@ -5,6 +5,9 @@ bad input refused with the path named and nothing overwritten."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +18,11 @@ from transformers import AutoModelForSeq2SeqLM
 
 from rag_end2end.deploy import answer as rag_answer
 from rag_end2end.deploy import export as export_model
+from rag_end2end.files import process_alive
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb import search as kb_search
 from rag_end2end.model.rag import RagModel
+from rag_end2end.model.settings import SETTINGS_FILE
 from rag_end2end.training import finetune as finetune_rag
 
 pytest.importorskip("sentence_transformers")
@@ -186,6 +191,27 @@ def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, t
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "gone")):
         RagModel.from_pretrained(moved)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
+
+
+def test_an_export_killed_mid_write_leaves_a_temporary_that_the_next_export_clears(checkpoint, tmp_path):
+    """SIGKILL skips every cleanup: what the killed process wrote stays under its temporary name (with its PID), is
+    never read as an export, and goes when the next export to that name starts."""
+    out = tmp_path / "export"
+    code = (
+        "import os, signal, sys\n"
+        "import rag_end2end.deploy.export as e\n"
+        "def killed(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "e.write_transformers_rag = killed\n"  # half-way: the encoders, generator and KB are written
+        f"e.export({str(checkpoint)!r}, {str(out)!r})\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = tmp_path.glob("export.tmp-*")
+    writer = int(left.name.removeprefix("export.tmp-").split("-")[0])  # files.temporary_sibling: NAME.tmp-PID-HEX
+    assert not process_alive(writer) and (left / "question_encoder").is_dir() and not out.exists()
+    export_model.export(checkpoint, out)
+    assert not left.exists() and (out / SETTINGS_FILE).is_file()
 
 
 @pytest.mark.parametrize("model_type", ["rag_token", "rag_sequence"])

@@ -27,6 +27,15 @@ def test_a_failed_write_leaves_nothing_and_its_error_names_the_file(tmp_path):
         raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk raises, naming no file
     assert caught.value.errno == errno.ENOSPC and f"writing KB index {path} failed" in str(caught.value)
     assert os.listdir(tmp_path) == []
+    # The error keeps its kind, so that callers can still tell a missing file from a full disk
+    with (
+        pytest.raises(FileNotFoundError, match=f"writing KB index {path} failed: no adapter"),
+        atomic_write(path, "KB index"),
+    ):
+        raise FileNotFoundError("no adapter")
+    with pytest.raises(PermissionError, match="writing KB index .* failed") as caught, atomic_write(path, "KB index"):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    assert caught.value.errno == errno.EACCES and caught.value.filename == str(path)
 
 
 def test_several_files_are_renamed_only_once_all_are_written(tmp_path):
@@ -61,3 +70,8 @@ def test_what_an_interrupted_write_left_is_recognised_by_its_name(tmp_path):
         gone.write_text("left by a killed writer")
         assert remove_orphaned_temporaries(tmp_path) == [gone]
         assert live.exists()
+    # `of`: only the temporaries of one name (an export's parent directory is the user's)
+    theirs, ours = tmp_path / "other.txt.tmp-999999999-0123abcd", tmp_path / "export.tmp-999999999-0123abcd"
+    theirs.write_text("x")
+    ours.mkdir()
+    assert remove_orphaned_temporaries(tmp_path, of="export") == [ours] and theirs.exists()

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ from transformers import (
     RagTokenizer,
 )
 
+from rag_end2end.files import atomic_write, remove_orphaned_temporaries
 from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.encoders import PooledEncoder
 from rag_end2end.model.rag import RAG_TEMPLATE, RagModel
@@ -217,23 +216,11 @@ def write_adapters(checkpoint: Path, model: RagModel, directory: Path) -> None:
     (directory / "generator_adapter" / "adapter_config.json").write_text(json.dumps(config, indent=1))
 
 
-def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = False) -> Path:
-    """Write the export into a temporary directory beside `output_dir`, then rename it into place."""
-    checkpoint, out = Path(checkpoint), Path(output_dir)
-    if not (checkpoint / SETTINGS_FILE).is_file():
-        raise FileNotFoundError(
-            f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py (no {SETTINGS_FILE})"
-        )
-    if out.exists():
-        raise FileExistsError(f"--output_dir {out} exists: nothing is overwritten; name a new directory")
-    kb_paths = checkpoint_kb(checkpoint)
-    if kb_paths is None:
-        raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: the checkpoint names no KB version")
-    settings = RagSettings.from_json(checkpoint / SETTINGS_FILE)
-    # KBSearch refuses a KB version that is gone, naming it, before anything is written
-    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths, settings=settings).eval()
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+def write_export(
+    checkpoint: Path, model: RagModel, settings: RagSettings, kb_paths: tuple, tmp: Path, final: Path, adapters: bool
+) -> None:
+    """The export's files, written into `tmp`, which is renamed to `final` once they are all there."""
+    tmp.mkdir()
     q_length = settings.question_max_length or QUESTION_MAX_LENGTH
     prompts = {"query": settings.question_prefix, "document": settings.passage_prefix}
     write_sentence_transformer(
@@ -253,7 +240,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     (tmp / "kb").mkdir()
     shutil.copytree(kb_paths[0], tmp / "kb" / "passages")
     shutil.copy(kb_paths[1], tmp / "kb" / "index.faiss")
-    final_kb = (out.absolute() / "kb" / "passages", out.absolute() / "kb" / "index.faiss")  # after the rename
+    final_kb = (final / "kb" / "passages", final / "kb" / "index.faiss")  # after the rename
     wrote_rag = write_transformers_rag(model, settings, tmp / "rag", final_kb)
     kb = json.loads((checkpoint / KB_VERSION_FILE).read_text())
     (tmp / KB_VERSION_FILE).write_text(
@@ -263,7 +250,28 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
         settings = settings.replace(doc_scores="stored")
     settings.to_json(tmp / SETTINGS_FILE)
     (tmp / "README.md").write_text(model_card(checkpoint, settings, kb, wrote_rag))
-    os.rename(tmp, out)
+
+
+def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = False) -> Path:
+    """Write the export into a temporary directory beside `output_dir` (files.atomic_write), then rename it into
+    place: a reader never sees half an export, and a failed one leaves nothing."""
+    checkpoint, out = Path(checkpoint), Path(output_dir)
+    if not (checkpoint / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py (no {SETTINGS_FILE})"
+        )
+    if out.exists():
+        raise FileExistsError(f"--output_dir {out} exists: nothing is overwritten; name a new directory")
+    kb_paths = checkpoint_kb(checkpoint)
+    if kb_paths is None:
+        raise FileNotFoundError(f"{checkpoint}/{KB_VERSION_FILE} not found: the checkpoint names no KB version")
+    settings = RagSettings.from_json(checkpoint / SETTINGS_FILE)
+    # KBSearch refuses a KB version that is gone, naming it, before anything is written
+    model = RagModel.from_pretrained(checkpoint, load_context_encoder=True, kb=kb_paths, settings=settings).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(out.parent, of=out.name)  # what an export that was killed left
+    with atomic_write(out, "export", replace=False) as tmp:
+        write_export(checkpoint, model, settings, kb_paths, tmp, out.absolute(), adapters)
     return out
 
 

@@ -42,7 +42,7 @@ from rag_end2end.evaluation.metrics import (
     rouge_l_score,
     sentence_bleu,
 )
-from rag_end2end.files import remove_orphaned_temporaries, temporary_sibling, writing
+from rag_end2end.files import atomic_write, remove_orphaned_temporaries
 from rag_end2end.kb.actors import start_retrieval_actors, start_shard_actors
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.ray_start import init_ray, visible_gpu_ids
@@ -433,12 +433,10 @@ class GenerativeQAModule(pl.LightningModule):
         rag_settings.json) and the KB version whose index matches these weights."""
         if directory.exists():
             return  # this step is already saved
-        tmp = temporary_sibling(directory)
-        with writing("checkpoint", directory, tmp):  # a full disk names the directory
+        with atomic_write(directory, "checkpoint") as tmp:  # a full disk names the directory
             self.model.save_pretrained(tmp)
             kb = self.kb.stored(directory, run_dir=self.hparams.output_dir)  # ../kb/vNNNN: moves with the run
             (tmp / KB_VERSION_FILE).write_text(json.dumps(kb, indent=1))
-            os.rename(tmp, directory)
 
 
 def build_module(args: argparse.Namespace) -> GenerativeQAModule:
