@@ -125,6 +125,48 @@ class RagGenerator(torch.nn.Module):
     ) -> list[str]:
         raise NotImplementedError
 
+    def _greedy(self, step, rows: int, max_new_tokens: int, doc_lp: torch.Tensor | None = None) -> list[list[int]]:
+        """The one greedy decoding loop of every family. `step(token)` feeds each of the `rows` (question, passage)
+        rows its last chosen token (None at the start) and returns their next-token log-probs (rows, V). With
+        doc_lp (B, n), the n rows of a question advance together, each token the argmax of
+        sum_k p(z_k|x) p(y_t | x, z_k, y_<t) (RAG-token); without, each row alone (RAG-sequence's candidates)."""
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=self.device)
+        token, steps = None, []
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            logp = step(token)
+            if doc_lp is not None:
+                logp = marginal_next_token_lp(doc_lp, logp).repeat_interleave(doc_lp.shape[1], 0)
+            token = logp.argmax(-1)
+            steps.append(token)
+            done |= torch.isin(token, eos)
+            if done.all():
+                break
+        return [self._cut(row) for row in torch.stack(steps, 1).tolist()]
+
+    def _rescore(self, inputs, candidates: list[list[int]], doc_lp: torch.Tensor) -> list[list[int]]:
+        """RAG-sequence's "thorough" decoding: for each question, its distinct candidates (one per passage) scored
+        by log p(y|x) = log sum_k p(z_k|x) p(y | x, z_k) under all n passages; the best."""
+        n = doc_lp.shape[1]
+        groups = distinct_candidates(candidates, n)
+        owners = [b for b, group in enumerate(groups) for _ in group]  # the question of each (question, candidate)
+        flat = [list(c) for group in groups for c in group]
+        token_lp, mask = self._candidate_logprobs(inputs, owners, flat, n)
+        score = sequence_loglik(doc_lp[owners], token_lp, mask)  # log p(y|x), not per token
+        best, start = [], 0
+        for group in groups:
+            best.append(flat[start + int(score[start : start + len(group)].argmax())])
+            start += len(group)
+        return best
+
+    def _candidate_logprobs(self, inputs, owners: list[int], candidates: list[list[int]], n: int) -> tuple:
+        """log p(y_t | x, z_k, y_<t) (R, n, A) of each candidate under its question's n passages, and the mask."""
+        raise NotImplementedError
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        """A generated row up to and including its first EOS: what follows is noise."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -205,9 +247,9 @@ class Seq2SeqGenerator(RagGenerator):
         if marginal == "sequence":
             out = self.model.generate(**enc, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
             candidates = [self._cut(row[1:]) for row in out.tolist()]  # without the decoder start token
-            best = self._rescore(enc, candidates, doc_lp, n)
+            best = self._rescore(enc, candidates, doc_lp)
         else:
-            best = self._greedy_marginal(enc, doc_lp, n, max_new_tokens)
+            best = self._greedy(self._decoder(enc), len(enc["input_ids"]), max_new_tokens, doc_lp)[::n]
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in best]
 
     def _cut(self, ids: list[int]) -> list[int]:
@@ -215,41 +257,32 @@ class Seq2SeqGenerator(RagGenerator):
         end = next((t + 1 for t, i in enumerate(ids) if i in self.eos_ids), len(ids))
         return [i for i in ids[:end] if i != self.tokenizer.pad_token_id]
 
-    def _greedy_marginal(self, enc, doc_lp: torch.Tensor, n: int, max_new_tokens: int) -> list[list[int]]:
+    def _decoder(self, enc):
+        """The decoder's `step` for RagGenerator._greedy: the prompts encoded once, the decoder's cache carried."""
         encoder_outputs = self.model.get_encoder()(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        start = self.model.config.decoder_start_token_id
-        decoder_input_ids = torch.full((len(enc["input_ids"]), 1), start, device=self.device)
-        past, steps = None, []
-        done = torch.zeros(len(doc_lp), dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
+        start = torch.full((len(enc["input_ids"]), 1), self.model.config.decoder_start_token_id, device=self.device)
+        past = None
+
+        def step(token: torch.Tensor | None) -> torch.Tensor:
+            nonlocal past
             out = self.model(
                 encoder_outputs=encoder_outputs,
                 attention_mask=enc["attention_mask"],
-                decoder_input_ids=decoder_input_ids,
+                decoder_input_ids=start if token is None else token[:, None],
                 past_key_values=past,
                 use_cache=True,
             )
             past = out.past_key_values
-            logp = out.logits[:, -1].float().log_softmax(-1)
-            token = marginal_next_token_lp(doc_lp, logp).argmax(-1)
-            steps.append(token)
-            done |= torch.isin(token, torch.tensor(sorted(self.eos_ids), device=self.device, dtype=token.dtype))
-            if done.all():
-                break
-            decoder_input_ids = token.repeat_interleave(n)[:, None]
-        return [self._cut(row) for row in torch.stack(steps, 1).tolist()]
+            return out.logits[:, -1].float().log_softmax(-1)
 
-    def _rescore(self, enc, candidates: list[list[int]], doc_lp: torch.Tensor, n: int) -> list[list[int]]:
-        best = []
-        for b, group in enumerate(distinct_candidates(candidates, n)):
-            rows = [list(c) for c in group for _ in range(n)]
-            width = max(len(r) for r in rows) or 1
-            labels = torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
-            sub = {k: v[b * n : (b + 1) * n].repeat(len(group), 1) for k, v in enc.items()}
-            token_lp, mask = self._logprobs(sub, labels, n)
-            score = sequence_loglik(doc_lp[b].expand(len(group), n), token_lp, mask)  # log p(y|x) of each candidate
-            best.append(list(group[int(score.argmax())]))
-        return best
+        return step
+
+    def _candidate_logprobs(self, enc, owners, candidates, n):
+        rows = [c for c in candidates for _ in range(n)]
+        width = max(len(r) for r in rows) or 1
+        labels = torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
+        prompt_rows = torch.tensor([b * n + k for b in owners for k in range(n)], device=self.device)
+        return self._logprobs({k: v[prompt_rows] for k, v in enc.items()}, labels, n)
 
 
 class CausalGenerator(RagGenerator):
@@ -261,6 +294,7 @@ class CausalGenerator(RagGenerator):
     def __init__(self, model, tokenizer, template=None, max_length=512, label_smoothing=0.0):
         super().__init__(model, tokenizer, template, max_length, label_smoothing)
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.eos_ids = set() if tokenizer.eos_token_id is None else {tokenizer.eos_token_id}
 
     def answer_logprobs(self, questions, docs, answers, vocab=False):
         batch = tokenize_for_loss(self.prompts(questions, docs), answers, self.tokenizer, self.max_length)
@@ -288,27 +322,33 @@ class CausalGenerator(RagGenerator):
         prompt_ids = [
             truncate_left(ids, room, tok.bos_token_id) for ids in encode_prompts(self.prompts(questions, docs), tok)
         ]
+        step = self._decoder(prompt_ids)
         if marginal == "token":
-            answers = self._greedy(prompt_ids, max_new_tokens, doc_lp)[::n]
+            answers = self._greedy(step, len(prompt_ids), max_new_tokens, doc_lp)[::n]
         else:
-            answers = self._rescore(prompt_ids, self._greedy(prompt_ids, max_new_tokens), doc_lp)
+            answers = self._rescore(prompt_ids, self._greedy(step, len(prompt_ids), max_new_tokens), doc_lp)
         return [tok.decode(a, skip_special_tokens=True).strip() for a in answers]
 
-    def _greedy(
-        self, prompt_ids: list[list[int]], max_new_tokens: int, doc_lp: torch.Tensor | None = None
-    ) -> list[list[int]]:
-        """Greedy continuation of each prompt, up to and including EOS. With doc_lp (B, n), the n prompts of a
-        question advance together, each token the argmax of sum_k p(z_k|x) p(y_t | x, z_k, y_<t) (RAG-token)."""
-        pad, eos = pad_id(self.tokenizer), self.tokenizer.eos_token_id
+    def _cut(self, ids: list[int]) -> list[int]:
+        eos = next(iter(self.eos_ids), None)
+        return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+    def _decoder(self, prompt_ids: list[list[int]]):
+        """The model's `step` for RagGenerator._greedy: the prompts left-padded so that every row's next token
+        lines up, positions counting real tokens only, the cache carried."""
+        pad = pad_id(self.tokenizer)
         width = max(len(p) for p in prompt_ids)
-        # Left padding lines up every row's next token; positions count real tokens only.
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=self.device)
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         keep = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
-        past, steps = None, []
-        done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
+        past = None
+
+        def step(token: torch.Tensor | None) -> torch.Tensor:
+            nonlocal input_ids, mask, position_ids, past
+            if token is not None:
+                input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -318,40 +358,17 @@ class CausalGenerator(RagGenerator):
                 **keep,
             )
             past = out.past_key_values
-            logp = out.logits[:, -1].float().log_softmax(-1)
-            if doc_lp is not None:
-                n = doc_lp.shape[1]
-                logp = marginal_next_token_lp(doc_lp, logp).repeat_interleave(n, 0)
-            token = logp.argmax(-1)
-            steps.append(token)
-            done |= token == eos
-            if done.all():
-                break
-            input_ids, position_ids = token[:, None], position_ids[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
-        rows = torch.stack(steps, 1).tolist()
-        return [row[: row.index(eos) + 1] if eos in row else row for row in rows]  # what follows EOS is noise
+            return out.logits[:, -1].float().log_softmax(-1)
 
-    def _rescore(
-        self, prompt_ids: list[list[int]], candidates: list[list[int]], doc_lp: torch.Tensor
-    ) -> list[list[int]]:
-        """For each question, its distinct candidates' RAG-sequence log-likelihood under all n passages; the best."""
-        n = doc_lp.shape[1]
-        groups = distinct_candidates(candidates, n)
-        owners = [b for b, group in enumerate(groups) for _ in group]  # the question of each (question, candidate)
-        flat = [list(c) for group in groups for c in group]
+        return step
+
+    def _candidate_logprobs(self, prompt_ids, owners, candidates, n):
         rows_prompt = [prompt_ids[b * n + k] for b in owners for k in range(n)]
-        rows_answer = [c for c in flat for _ in range(n)]
+        rows_answer = [c for c in candidates for _ in range(n)]
         tok = self.tokenizer
         batch = pack(rows_prompt, rows_answer, pad_id(tok), self.max_length, tok.bos_token_id)
         logits, labels = self._logits({k: v.to(self.device) for k, v in batch.items()})
-        token_lp, mask = answer_logprobs(logits, labels, n)
-        score = sequence_loglik(doc_lp[owners], token_lp, mask)  # log p(y|x), not per token
-        best, start = [], 0
-        for group in groups:
-            best.append(flat[start + int(score[start : start + len(group)].argmax())])
-            start += len(group)
-        return best
+        return answer_logprobs(logits, labels, n)
 
 
 GENERATORS = {cls.family: cls for cls in (Seq2SeqGenerator, CausalGenerator)}
