@@ -135,13 +135,12 @@ def generate_answers(model: RagModel, questions: list[str], args: argparse.Names
     return [one_line(a) for a in answers]
 
 
-@torch.no_grad()
-def retrieve(model, questions: list[str], n: int) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
-    """Top-n passage ids, titles and texts per question, from the question encoder and the retriever."""
-    q = model.encode_questions(**model.tokenize_questions(questions))
+def retrieve(
+    model: RagModel, questions: list[str], n: int, batch_size: int = 32
+) -> tuple[list[list[int]], list[list[str]], list[list[str]]]:
+    """Top-n passage ids, titles and texts per question (RagModel.top_passages, as training's recall@k)."""
     # At most every passage: past the KB's size the retriever repeats the best hit (kb.index.fill_misses).
-    n = min(n, len(model.retriever))
-    _, ids, docs = model.retriever.retrieve(q.float().cpu().numpy(), n, embeddings=False)
+    ids, docs = model.top_passages(questions, min(n, len(model.retriever)), batch_size)
     return (
         [[int(i) for i in row] for row in ids],
         [[one_line(str(title)) for title in d["title"]] for d in docs],
@@ -234,11 +233,7 @@ def retrieval_predictions(
         if min(map(len, ids), default=n) < min(n, len(passages)):
             raise ValueError(f"{ids_path} holds fewer than the top {n} that --ks/--k ask for; use --recalculate")
         return ids, titles, [passages[row]["text"] for row in ids]
-    model = load_model(checkpoint, args)
-    ids, titles, texts = [], [], []
-    for batch in _batches(questions, args.eval_batch_size):
-        for out, new in zip((ids, titles, texts), retrieve(model, batch, n)):
-            out.extend(new)
+    ids, titles, texts = retrieve(load_model(checkpoint, args), questions, n, args.eval_batch_size)
     _write_lines(path, ["\t".join(row) for row in titles])
     _write_lines(ids_path, ["\t".join(map(str, row)) for row in ids])
     return ids, titles, texts

@@ -448,6 +448,24 @@ class RagModel(torch.nn.Module):
         `embeddings`), rows (B, n) and passages."""
         return self.retriever.retrieve(q.detach().float().cpu().numpy(), n, embeddings=embeddings)
 
+    @torch.no_grad()
+    def top_passages(self, questions: list[str], n: int, batch_size: int = 32) -> tuple[list[list[int]], list[dict]]:
+        """Each question's top-n KB rows and passages, `batch_size` questions at a time, the question encoder in eval
+        mode (then as it was): what recall@k and MRR@k score, in training (the live index) and offline alike."""
+        encoder = self.question_encoder
+        was_training = encoder.training
+        encoder.eval()
+        ids, docs = [], []
+        try:
+            for start in range(0, len(questions), batch_size):
+                q = self.encode_questions(**self.tokenize_questions(questions[start : start + batch_size]))
+                _, batch_ids, batch_docs = self.search(q, n, embeddings=False)
+                ids += np.asarray(batch_ids).tolist()
+                docs += list(batch_docs)
+        finally:
+            encoder.train(was_training)
+        return ids, docs
+
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_docs: int | None = None) -> Retrieved:
         """Top-n passages and their doc scores. With `rerank_top` L > n and a context encoder, L passages are
         fetched from the (possibly stale) index and re-ranked with fresh embeddings first (Atlas)."""

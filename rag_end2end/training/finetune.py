@@ -252,15 +252,7 @@ class GenerativeQAModule(pl.LightningModule):
         if split not in self.gold:
             return {}
         questions, gold = self.gold[split]
-        encoder = self.model.question_encoder
-        was_training = encoder.training
-        encoder.eval()
-        retrieved = []
-        for start in range(0, len(questions), 32):
-            q = self.model.encode_questions(**self.model.tokenize_questions(questions[start : start + 32]))
-            _, ids, _ = self.retriever.retrieve(q.float().cpu().numpy(), max(ks), embeddings=False)
-            retrieved.extend(ids.tolist())
-        encoder.train(was_training)
+        retrieved, _ = self.model.top_passages(questions, max(ks))
         metrics = {**recall_at_k(retrieved, gold.passage_ids, ks), **mrr_at_k(retrieved, gold.passage_ids, ks)}
         return {f"{split}_{name}": float(value) for name, value in metrics.items() if name != "n"}
 
