@@ -326,7 +326,7 @@ class RetrieverOnly(Objective):
                 )
                 owners = torch.zeros(0, dtype=torch.long, device=none.device)
                 zero = zero + gather_candidates(none, owners)[0].sum() * 0.0
-            return zero, {"infonce": 0.0, "with_positive": 0.0}
+            return zero, {"infonce": 0.0, "with_positive": 0.0, "without_negative": 0.0}
         passages = [mined.positive[i] for i in keep]
         for i in keep:
             passages += mined.negatives[i]
@@ -335,7 +335,11 @@ class RetrieverOnly(Objective):
         p, owner, offset = gather_candidates(model.encode_passages(*map(list, zip(*passages))), owner)
         positive = torch.arange(len(keep), device=p.device) + offset
         loss = infonce(q, p, owner, positive, self.args.symmetric_infonce)
-        return loss, {"infonce": float(loss.detach()), "with_positive": len(keep) / len(mined.positive)}
+        # A question whose every candidate is its own positive (one passage in the batch, no hard negative) adds a
+        # loss of exactly 0 that measures nothing: counted, so that a validation of such batches says so.
+        lonely = int(((owner[None, :] != owner[positive][:, None]).sum(1) == 0).sum())
+        logs = {"infonce": float(loss.detach()), "with_positive": len(keep) / len(mined.positive)}
+        return loss, logs | {"without_negative": float(lonely)}
 
 
 class Dalm(RetrieverOnly):

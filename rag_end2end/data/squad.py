@@ -45,10 +45,16 @@ MAX_TITLE_CHARS = 100
 
 @dataclass
 class Document:
-    """One knowledge-base document: its title names the article (the split unit); `text` is single-spaced."""
+    """One knowledge-base document: its title names the article; `text` is single-spaced. `unit`: what the split
+    keeps together, its title unless set (e.g. the passage itself, when titles are made up)."""
 
     title: str
     text: str
+    unit: str = ""
+
+    @property
+    def split_key(self) -> str:
+        return self.unit or self.title
 
 
 @dataclass
@@ -60,6 +66,12 @@ class Question:
     answers: list[str]
     title: str
     spans: set[tuple[int, int, int]] = field(default_factory=set)
+    unit: str = ""  # the split unit (its document's), when not the title
+    target: str = ""  # the .target line, when not the first answer (a set without answers)
+
+    @property
+    def split_key(self) -> str:
+        return self.unit or self.title
 
     def gold_passage_ids(self, offsets: list[int]) -> list[int]:
         """Passage ids of the spans, given each document's first passage id."""
@@ -188,13 +200,13 @@ def _write_files(
     if n_read != offsets[-1]:  # the contract gold ids rely on
         raise RuntimeError(f"{kb_path} does not read back as {offsets[-1]} passages")
 
-    titles = split_titles([q.title for q in questions], args.val_fraction, args.test_fraction, args.seed)
+    titles = split_titles([q.split_key for q in questions], args.val_fraction, args.test_fraction, args.seed)
     rng = random.Random(args.seed)
     stats = {"documents": len(kb), "qa_documents": len(docs), "distractor_documents": len(distractors)}
     stats |= {"passages": offsets[-1], "qa_passages": offsets[len(docs)], **extra_stats}
     stats |= {"documents_per_split": {}, "questions": {}, "questions_without_gold_passage": {}}
     for split in SPLITS:
-        chosen = [q for q in questions if q.title in titles[split]]
+        chosen = [q for q in questions if q.split_key in titles[split]]
         if args.require_gold_passage:  # e.g. yes/no answers: nothing in the KB to retrieve for them
             kept = [q for q in chosen if q.gold_passage_ids(offsets)]
             stats.setdefault("skipped_without_gold_passage", {})[split] = len(chosen) - len(kept)
@@ -203,7 +215,9 @@ def _write_files(
         chosen = chosen[: args.max_questions_per_split]
         gold = [q.gold_passage_ids(offsets) for q in chosen]
         paths[f"{split}.source"].write_text("".join(q.question + "\n" for q in chosen), encoding="utf-8")
-        paths[f"{split}.target"].write_text("".join(q.answers[0] + "\n" for q in chosen), encoding="utf-8")
+        paths[f"{split}.target"].write_text(
+            "".join((q.target or q.answers[0]) + "\n" for q in chosen), encoding="utf-8"
+        )
         rows = [
             {"id": q.id, "question": q.question, "answers": q.answers, "title": q.title, "gold_passage_ids": g}
             for q, g in zip(chosen, gold)
@@ -211,11 +225,32 @@ def _write_files(
         paths[f"{split}.gold.jsonl"].write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
         )
-        stats["documents_per_split"][split] = sum(d.title in titles[split] for d in docs)
+        stats["documents_per_split"][split] = sum(d.split_key in titles[split] for d in docs)
         stats["questions"][split] = len(chosen)
         stats["questions_without_gold_passage"][split] = sum(not g for g in gold)
     paths["stats.json"].write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    warn_unmeasurable(stats, args)
     return stats
+
+
+MIN_HELD_OUT = 2  # questions, and documents: fewer leaves a held-out split that measures nothing
+
+
+def warn_unmeasurable(stats: dict, args: argparse.Namespace) -> None:
+    """Warn about a val or test split asked for that is too small to measure: fewer than MIN_HELD_OUT questions (EM
+    moves in steps of one question), or its questions all on fewer than MIN_HELD_OUT documents (in-batch InfoNCE,
+    retriever_only's and dalm's validation loss, then has no negative: the loss is 0.0 whatever the retriever)."""
+    for split, fraction in (("val", args.val_fraction), ("test", args.test_fraction)):
+        n_questions, n_docs = stats["questions"][split], stats["documents_per_split"][split]
+        few_docs = stats["qa_documents"] > 0 and n_docs < MIN_HELD_OUT
+        if fraction > 0 and (n_questions < MIN_HELD_OUT or few_docs):
+            warnings.warn(
+                f"{Path(args.output_dir) / split}.source: {n_questions} question(s) on {n_docs} document(s) is too "
+                f"small to measure (EM moves in steps of 1/{max(n_questions, 1)}; in-batch InfoNCE has no negative "
+                f"when every question shares one passage, and its loss is 0.0); raise --{split}_fraction (now "
+                f"{fraction}) or add questions",
+                stacklevel=3,
+            )
 
 
 def _get(obj: dict, key: str, path: Path, where: str):

@@ -114,6 +114,7 @@ class GenerativeQAModule(pl.LightningModule):
         # Statement reconstruction: the training statements' gold passages and masks (checked by parse_args).
         self.reconstruction = read_reconstruction(hp.reconstruction_dir) if hp.reconstruction_dir else None
         self._eval_rows: list[tuple[int, list[float]]] = []  # (line, [metrics..., loss, seconds]) on this rank
+        self._without_negative = 0  # retriever_only: held-out questions of this epoch whose batch had no negative
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
         self.reencode_on_start = False  # a resumed checkpoint's KB version was lost (--reencode_lost_kb)
@@ -194,7 +195,9 @@ class GenerativeQAModule(pl.LightningModule):
         scores = {name: [0.0] * n for name in GENERATION_METRICS}
         preds = []
         if self.model.generator is None:  # retriever_only: its own loss on held-out questions
-            losses = [float(self.objective.loss(self.model, batch, self._mined(batch, split))[0])] * n
+            loss, logs = self.objective.loss(self.model, batch, self._mined(batch, split))
+            losses = [float(loss)] * n
+            self._without_negative += int(logs.get("without_negative", 0))
         else:
             preds = self.model.generate(
                 batch["input_ids"], batch["attention_mask"], questions, self.target_lens[split], self.hparams.num_beams
@@ -226,6 +229,14 @@ class GenerativeQAModule(pl.LightningModule):
         # length with repeated questions, which a plain sum over ranks would count twice.
         means = per_question_means(every_rank(self._eval_rows))
         self._eval_rows = []
+        lonely, self._without_negative = self._without_negative, 0
+        if lonely:
+            warnings.warn(
+                f"{prefix}: {lonely} question(s) had no negative in their batch (every candidate passage was their "
+                f"own positive), so their InfoNCE loss is 0.0 and {prefix}_loss measures little: hold out questions "
+                "on more passages (prepare_*.py --val_fraction), raise --eval_batch_size or pass --hard_negatives",
+                stacklevel=2,
+            )
         if means is None:
             return
         *means, loss, seconds = means
