@@ -54,7 +54,7 @@ def main(work: Path) -> dict:
     print(f"kept {run.checkpoint}; test EM {run.metrics.get('test_em')}")
 
     questions, answers = zip(*dummy_pairs("test"))
-    scores = rag.evaluate(run.checkpoint, questions, answers)
+    scores = rag.evaluate(run.checkpoint, questions, answers, output_dir=work / "eval")
     print(f"evaluated: EM {scores['em']:.2f}, F1 {scores['f1']:.2f}")
     first = rag.answer(run.checkpoint, questions[:1])[0]
     print(f"answered {questions[0]!r}: {first['answer']!r} from {[p['title'] for p in first['passages']]}")

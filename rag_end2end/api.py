@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,13 +170,27 @@ def _train_on(output_dir, kb, train, val, test, flags: dict) -> TrainResult:
     return TrainResult(out, _kept_checkpoint(module), _losses(out), _metrics(out))
 
 
-def evaluate(checkpoint: str | Path, questions: Sequence[str], answers: Sequence[str | Sequence[str]], **flags):
+def evaluate(
+    checkpoint: str | Path,
+    questions: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
+    output_dir: str | Path | None = None,
+    **flags,
+) -> dict[str, float]:
     """EM and F1 (best over each question's answers; `flags`: eval_rag.py's, e.g. `metrics="em,f1,rouge_l"`) of a
-    checkpoint on in-memory questions; the predictions land beside the checkpoint (`eval/`)."""
+    checkpoint on in-memory questions, generated afresh at every call. The questions, gold answers, predictions and
+    metrics are written to `output_dir` (a new directory) when given, else to a temporary one removed afterwards."""
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    work = Path(checkpoint) / "eval"
-    work.mkdir(exist_ok=True)
+    if output_dir is not None and Path(output_dir).exists():
+        raise FileExistsError(f"output_dir {output_dir} exists: nothing is overwritten; name a new directory")
+    with tempfile.TemporaryDirectory(prefix="rag-evaluate-") as scratch:
+        work = Path(scratch) if output_dir is None else Path(output_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        return _evaluate_in(work, checkpoint, questions, answers, flags)
+
+
+def _evaluate_in(work: Path, checkpoint: str | Path, questions, answers, flags: dict) -> dict[str, float]:
     gold = [{"question": q, "answers": [a] if isinstance(a, str) else list(a)} for q, a in zip(questions, answers)]
     atomic_write_text(work / "questions.txt", "".join(_one_line(q, "question") + "\n" for q in questions))
     atomic_write_text(work / "gold.jsonl", "".join(json.dumps(g) + "\n" for g in gold))
@@ -190,6 +205,7 @@ def evaluate(checkpoint: str | Path, questions: Sequence[str], answers: Sequence
         "jsonl",
         "--predictions_path",
         str(work / "predictions.txt"),
+        "--recalculate",  # these questions, not the predictions of an earlier call
     ]
     argv += _flags(evaluation.parse_args(argv), flags, "evaluate")
     return next(iter(evaluation.main(evaluation.parse_args(argv)).values()))

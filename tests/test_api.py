@@ -38,8 +38,18 @@ def test_the_example_builds_trains_evaluates_answers_and_exports(tmp_path):
     # The run trained on the pairs the example passed in memory, written where the user can read them.
     train_source = (tmp_path / "run" / "data" / "train.source").read_text().splitlines()
     assert train_source == (REPO / "test_run" / "dummy-train-data" / "train.source").read_text().splitlines()
-    metrics = json.loads((tmp_path / "run" / "checkpoint5" / "eval" / "predictions.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "predictions.json").read_text())
     assert metrics["n"] == len((REPO / "test_run" / "dummy-train-data" / "test.source").read_text().splitlines())
+    assert not (checkpoints[0] / "eval").exists()  # nothing written into the user's checkpoint
+    # Each call answers its own questions: a second call with other questions (as many) is not scored on the
+    # first call's predictions.
+    model = rag.load(checkpoints[0])
+    for question in ("Who turned the rod into a snake?", "Where did the river run red?"):
+        expected = model.answer([question])[0]["answer"]
+        scores = rag.evaluate(checkpoints[0], [question], [expected])
+        assert scores["em"] == 1.0 and scores["n"] == 1
+    with pytest.raises(FileExistsError, match="eval"):
+        rag.evaluate(checkpoints[0], ["q"], ["a"], output_dir=tmp_path / "eval")
 
 
 def test_train_refuses_a_keyword_that_is_no_flag_before_any_work(tmp_path):
