@@ -452,6 +452,12 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume_from_checkpoint", default=None, help="a Lightning .ckpt to resume from")
     g.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last.ckpt")
     g.add_argument(
+        "--allow_changed_settings",
+        action="store_true",
+        help="with --resume: accept new learning rates, steps, epochs, logging and validation intervals (a resume "
+        "that changes them is refused otherwise; the model, recipe, data and KB can never change)",
+    )
+    g.add_argument(
         "--overwrite_output_dir",
         action="store_true",
         help="train into an earlier run's output dir; its files move to OUTPUT/previous_runs/",

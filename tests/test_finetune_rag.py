@@ -267,7 +267,7 @@ def test_resume_goes_on_from_the_checkpoint_and_its_kb_version(trained):
     step = int(ckpt.stem.rsplit("-", 1)[1])
     saved_kb = json.loads((out / f"checkpoint{step}" / "kb_version.json").read_text())
     argv = [a if a != "test-trained" else "test-resume" for a in module.argv if a != "--do_predict"]
-    argv += ["--max_epochs", "3", "--resume_from_checkpoint", str(ckpt)]
+    argv += ["--max_epochs", "3", "--resume_from_checkpoint", str(ckpt), "--allow_changed_settings"]
     resumed = finetune_rag.main(finetune_rag.parse_args(argv))
     history = _refresh_callback(resumed).history
     restored = [h for h in history if h["swap_step"] <= step]

@@ -40,6 +40,9 @@ def test_lightning_fit_loop_internals_of_the_mid_epoch_resume(tmp_path):
     for name in ("_combined_loader", "_combined_loader_states_to_load", "_data_fetcher"):
         assert hasattr(loop, name), name
     assert isinstance(type(loop).restarted_mid_epoch, property)
+    # A resume from a checkpoint written at an epoch's last step starts the next epoch afresh.
+    assert isinstance(type(loop.epoch_loop).restarted_on_train_batch_end, property)
+    assert params(loop.reset_restart_stage) == [] and hasattr(loop.epoch_loop.batch_progress, "is_last_batch")
     progress = loop.epoch_loop.batch_progress.current
     assert hasattr(progress, "ready") and hasattr(progress, "processed")
     assert params(CombinedLoader._load_state_dicts) == ["self", "states"]

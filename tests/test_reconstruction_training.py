@@ -400,7 +400,8 @@ def test_a_mixed_run_logs_each_kinds_loss_and_resumes_mid_epoch_seeing_each_exam
     ]
     assert len(expected) == 80 and expected[:40] != expected[40:]
     assert seen == expected[:43]
-    kill_actors(finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "80", "--resume"])))
+    resume = [*argv, "--max_steps", "80", "--resume", "--allow_changed_settings"]
+    kill_actors(finetune_rag.main(finetune_rag.parse_args(resume)))
     assert seen == expected, "the resumed epoch is not the rest of the stopped one"
     assert sorted(i for kind, b in seen[40:] if kind == QA for i in b) == list(range(40))
     rows = [r for r in _metrics(tmp_path / "out") if r.get("loss")]

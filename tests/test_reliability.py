@@ -293,13 +293,16 @@ def test_a_reused_output_dir_is_refused_then_moved_aside_never_deleted(tmp_path)
     assert (out / "notes.txt").read_text() == "the user's own" and not (out / "kb").exists()
     assert (moved / "plots").is_dir() and (moved / "run_info.json").is_file() and not (out / "plots").exists()
     # --resume continues from last.ckpt, the newest checkpoint otherwise
+    # (these are no checkpoints: the resume is refused, naming the one it picked)
     (out / "0.7500-40.ckpt").write_text("newer")
     args = finetune_rag.parse_args([*argv, "--resume"])
-    run_dir.prepare_output_dir(args)
+    with pytest.raises(ValueError, match=r"0.7500-40.ckpt: not a checkpoint of finetune_rag.py"):
+        run_dir.prepare_output_dir(args)
     assert args.resume_from_checkpoint == str(out / "0.7500-40.ckpt")
     (out / "last.ckpt").write_text("last")
     args = finetune_rag.parse_args([*argv, "--resume"])
-    run_dir.prepare_output_dir(args)
+    with pytest.raises(ValueError, match=r"last.ckpt: not a checkpoint"):
+        run_dir.prepare_output_dir(args)
     assert args.resume_from_checkpoint == str(out / "last.ckpt")
 
 
@@ -353,6 +356,7 @@ def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resum
 
     def resume(steps: int, *extra: str):
         again = [str(moved) if a == str(out) else a for a in argv] + ["--resume", "--max_steps", str(steps), *extra]
+        again.append("--allow_changed_settings")  # more steps
         return finetune_rag.main(finetune_rag.parse_args(again))
 
     second = resume(6)
@@ -404,7 +408,8 @@ def test_a_run_resumed_mid_epoch_sees_each_example_of_that_epoch_once(ray_local,
         finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "3", "--save_last_every_n_steps", "3"]))
     )
     assert len(seen) == 6
-    kill_actors(finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", "20", "--resume"])))
+    resume = [*argv, "--max_steps", "20", "--resume", "--allow_changed_settings"]
+    kill_actors(finetune_rag.main(finetune_rag.parse_args(resume)))
     assert sorted(seen) == list(range(40)), "an example was seen twice, or not at all, in the resumed epoch"
 
 
@@ -461,7 +466,8 @@ def test_a_killed_trainer_resumes_from_last_ckpt(ray_local, finetune_argv, tmp_p
     monkeypatch.setattr(
         pl, "Trainer", lambda *a, callbacks=(), **kw: trainer_cls(*a, callbacks=[*callbacks, Observe()], **kw)
     )
-    module = finetune_rag.main(finetune_rag.parse_args([*argv, "--max_steps", str(step + 2), "--resume"]))
+    resume = [*argv, "--max_steps", str(step + 2), "--resume", "--allow_changed_settings"]
+    module = finetune_rag.main(finetune_rag.parse_args(resume))
     assert seen["step"] == step and seen["scheduler"] == step and seen["kb"] == kb_version
     assert seen["optimizer"] > 0, "optimizer state not restored"
     assert module.trainer.global_step == step + 2

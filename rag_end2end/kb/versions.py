@@ -6,6 +6,7 @@ checkpoint names the version its weights were trained against in kb_version.json
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -114,6 +115,19 @@ def checkpoint_kb(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
         return None
     kb = json.loads(saved.read_text())  # absolute paths stay as they are
     return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))
+
+
+def kb_fingerprint(passages_path: str | os.PathLike, samples: int = 1000) -> str:
+    """What identifies a KB's passages wherever it lies: `N:hash`, N passages and a hash of the titles and texts of
+    `samples` of them, evenly spaced, the last included (cheap on 21 M passages; any re-split or another corpus
+    changes it, embeddings do not: a refresh re-encodes the same passages)."""
+    passages = load_from_disk(str(passages_path)).select_columns(["title", "text"])
+    n = len(passages)
+    digest = hashlib.sha256(str(n).encode())
+    for row in sorted({*range(0, n, max(1, n // samples)), n - 1} - {-1}):
+        record = passages[row]
+        digest.update(f"{record['title']}\0{record['text']}\0".encode())
+    return f"{n}:{digest.hexdigest()[:16]}"
 
 
 def save_kb(

@@ -62,7 +62,13 @@ from rag_end2end.training.callbacks import (
     get_last_checkpoint_callback,
 )
 from rag_end2end.training.plots import plot_runs
-from rag_end2end.training.run_dir import is_first_process, lock_output_dir, prepare_output_dir, release_lock
+from rag_end2end.training.run_dir import (
+    is_first_process,
+    lock_output_dir,
+    prepare_output_dir,
+    release_lock,
+    run_fingerprints,
+)
 
 # Epoch-level metrics here are already gathered across ranks (all_gather_object) before they are logged.
 warnings.filterwarnings("ignore", ".*sync_dist=True.*")
@@ -119,6 +125,7 @@ class GenerativeQAModule(pl.LightningModule):
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
         self.reencode_on_start = False  # a resumed checkpoint's KB version was lost (--reencode_lost_kb)
         self.earlier_train_seconds, self._fit_started = 0.0, None  # training time of the segments before a resume
+        self._fingerprints: dict[str, str] | None = None
 
     @property
     def kb(self) -> KBVersion:
@@ -384,6 +391,15 @@ class GenerativeQAModule(pl.LightningModule):
         # start over. Load it now and iterate anew, as Lightning's own resume path does (its fix, PR #21765).
         # Only mid-epoch: a checkpoint taken at an epoch's end starts the next epoch afresh, as without the bug.
         loop = self.trainer.fit_loop
+        epoch = loop.epoch_loop
+        if loop.restarted_mid_epoch and epoch.restarted_on_train_batch_end and epoch.batch_progress.is_last_batch:
+            # Saved at an epoch's last step (a finished run's last.ckpt is one): Lightning counts that epoch done, but
+            # would run the next on the spent loader, without on_train_epoch_start: 0 steps (a finished run extended
+            # by one epoch trained none). The next epoch starts afresh instead, as after an epoch's end.
+            loop._combined_loader_states_to_load = []
+            loop.reset_restart_stage()
+            iter(loop._data_fetcher)
+            return
         if loop._combined_loader_states_to_load and loop._combined_loader is not None and loop.restarted_mid_epoch:
             loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
             iter(loop._data_fetcher)
@@ -398,6 +414,9 @@ class GenerativeQAModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["kb_version"] = self.kb.stored(self.hparams.output_dir)
         checkpoint["train_seconds"] = self.train_seconds
+        if self._fingerprints is None:  # the run's data and base KB, which --resume compares (run_dir)
+            self._fingerprints = run_fingerprints(self.hparams)
+        checkpoint["fingerprints"] = self._fingerprints
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Test or resume against the KB version whose embeddings match the restored weights."""

@@ -4,6 +4,7 @@ starts from, and the run id that names the run's Ray actors."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -12,8 +13,11 @@ import uuid
 import warnings
 from pathlib import Path
 
+import torch
+
 from rag_end2end.files import process_alive
-from rag_end2end.kb.versions import KB_VERSION_FILE
+from rag_end2end.kb.versions import KB_VERSION_FILE, kb_fingerprint
+from rag_end2end.options import build_parser
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
 RUN_FILES = (
@@ -36,6 +40,8 @@ def prepare_output_dir(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     if args.resume and not args.resume_from_checkpoint:
         args.resume_from_checkpoint = newest_checkpoint(out)
+    if args.do_train and args.resume_from_checkpoint:
+        check_resume_settings(args)
     if not args.do_train or args.resume_from_checkpoint or not is_first_process():
         return
     earlier = sorted({p.name for pattern in RUN_FILES for p in out.glob(pattern)}) if out.is_dir() else []
@@ -124,3 +130,131 @@ def resolve_run_id(run_id: str | None) -> str:
     run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     os.environ[RUN_ID_ENV] = run_id
     return run_id
+
+
+# ---------------------------------------------------------------------- what a resume may change
+
+# What a run is: a resume that changes any of these would put checkpoints of other models, recipes, marginals,
+# data or KBs in one run directory (a changed --training_mode, or the LoRA settings, also fail to load its weights).
+RUN_SETTINGS = (
+    "model_name_or_path",
+    "question_encoder_name_or_path",
+    "generator_name_or_path",
+    "context_encoder_name",
+    "tokenizer_name",
+    "context_encoder_tokenizer_name",
+    "init_from",
+    "generator_type",
+    "training_mode",
+    "model_type",
+    "n_docs",
+    "similarity",
+    "question_pooling",
+    "context_pooling",
+    "shared_encoder",
+    "query_side_only",
+    "retriever_loss",
+    "peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "reconstruction_ratio",
+    "train_batch_size",
+    "accumulate_grad_batches",
+    "lr_scheduler",
+    "adafactor",
+    "seed",
+)
+# Safe to change on a resume (how fast, how long, how often it logs and validates), with --allow_changed_settings.
+SAFE_SETTINGS = (
+    "learning_rate",
+    "retriever_learning_rate",
+    "temperature_learning_rate",
+    "max_steps",
+    "max_epochs",
+    "log_every_n_steps",
+    "logger_name",
+    "val_check_interval",
+    "check_val_every_n_epoch",
+)
+MODEL_PATHS = RUN_SETTINGS[:7]  # compared as the directories they name, when they are local
+
+
+def data_fingerprint(directory: str | os.PathLike) -> str:
+    """A hash of the QA files a run reads from a --data_dir (each split's .source, .target and .gold.jsonl that is
+    there), so that the same data moved elsewhere matches and edited or other data does not."""
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        for name in (f"{split}.source", f"{split}.target", f"{split}.gold.jsonl"):
+            path = Path(directory) / name
+            if path.is_file():
+                digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def run_fingerprints(args: argparse.Namespace) -> dict[str, str]:
+    """The identities of a run's data, kept in its checkpoints (`fingerprints`): its --data_dir's QA files, its base
+    KB's passages (--passages_path), its statements (--reconstruction_dir)."""
+    prints = {"data_dir": data_fingerprint(args.data_dir), "passages_path": kb_fingerprint(args.passages_path)}
+    if getattr(args, "reconstruction_dir", None):
+        prints["reconstruction_dir"] = data_fingerprint(args.reconstruction_dir)
+    return prints
+
+
+def _flag_names() -> dict[str, str]:
+    """Each option's dest -> the flag a user types (--num_train_epochs for max_epochs)."""
+    return {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+
+
+def _model_path(value):
+    return os.path.abspath(value) if isinstance(value, str) and os.path.exists(value) else value
+
+
+def check_resume_settings(args: argparse.Namespace) -> None:
+    """Refuse, in one line naming each changed flag with both values, to resume a checkpoint under other settings
+    than it was trained with (RUN_SETTINGS; its data and base KB by fingerprint, wherever they now lie); changes of
+    SAFE_SETTINGS only with --allow_changed_settings, which lists them. A checkpoint of an earlier version of the
+    toolkit, without fingerprints, has its data and KB compared by path."""
+    path = args.resume_from_checkpoint
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the hyperparameters Lightning saves
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no such file") from None
+    except Exception as err:  # a torn or foreign file: say which
+        raise ValueError(f"{path}: not a checkpoint of finetune_rag.py ({type(err).__name__}: {err})") from None
+    saved = state.get("hyper_parameters") or {}
+    saved = dict(vars(saved) if isinstance(saved, argparse.Namespace) else saved)
+    prints = state.get("fingerprints")
+    names = _flag_names()
+    changed, safe = [], []
+    for name in (*RUN_SETTINGS, *SAFE_SETTINGS):
+        if name not in saved or not hasattr(args, name):
+            continue
+        old, new = saved[name], getattr(args, name)
+        if name in MODEL_PATHS:
+            old, new = _model_path(old), _model_path(new)
+        if old != new:
+            (safe if name in SAFE_SETTINGS else changed).append(f"{names.get(name, name)} {new} (was {old})")
+    if prints is not None:
+        now = run_fingerprints(args)
+        what = {
+            "data_dir": "its QA files differ",
+            "passages_path": "another KB",
+            "reconstruction_dir": "other statements",
+        }
+        for name, old in prints.items():
+            if now.get(name) != old:
+                changed.append(f"--{name} {getattr(args, name, None)} ({what[name]}: {now.get(name)}, was {old})")
+    else:
+        for name in ("data_dir", "passages_path"):
+            if name in saved and saved[name] != getattr(args, name):
+                changed.append(f"--{name} {getattr(args, name)} (was {saved[name]})")
+    allow = getattr(args, "allow_changed_settings", False)
+    if changed or (safe and not allow):
+        hint = "resume with the checkpoint's values, or start a new run in another --output_dir"
+        if safe and not changed:
+            hint = "pass --allow_changed_settings to resume with these, or resume with the checkpoint's values"
+        raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed + safe)}: {hint}")
+    if safe:
+        print(f"--allow_changed_settings: resuming {path} with {'; '.join(safe)}")
