@@ -135,8 +135,9 @@ def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
     assert not (tmp_path / "shards").exists(), "--shard_dir is accepted but never written (or deleted)"
 
 
-def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, list[str]]:
-    """Run a launch script with `python` replaced by a recorder: {called script: its arguments}."""
+def _launch_script_calls(script: str, tmp_path: Path, *extra: str, **env: str) -> dict[str, list[str]]:
+    """Run a launch script (with arguments `extra`) with `python` replaced by a recorder: {called script: its
+    arguments}."""
     record, bin_dir = tmp_path / "calls", tmp_path / "bin"
     record.mkdir(parents=True)
     bin_dir.mkdir()
@@ -148,7 +149,7 @@ def _launch_script_calls(script: str, tmp_path: Path, **env: str) -> dict[str, l
     )
     shim.chmod(0o755)
     environ = {"PATH": f"{bin_dir}:/usr/bin:/bin", "RECORD": str(record), **env}
-    subprocess.run(["sh", str(REPO / script)], env=environ, check=True, timeout=60)
+    subprocess.run(["sh", str(REPO / script), *extra], env=environ, check=True, timeout=60)
     calls = [(record / name).read_text().splitlines() for name in sorted(record.iterdir(), key=lambda p: int(p.name))]
     return {argv[0]: argv[1:] for argv in calls}
 
@@ -179,6 +180,23 @@ def test_squad_recipe_scripts_pass_flags_our_parsers_accept(tmp_path, monkeypatc
     assert [getattr(a, k) for k in same] == [getattr(b, k) for k in same]
     assert (a.train_batch_size * a.accumulate_grad_batches * a.gpus, a.learning_rate) == (64, 3e-5)
     assert (a.lr_scheduler, a.max_epochs, a.warmup_steps, a.label_smoothing) == ("polynomial", 10, 500, 0.1)
+
+
+def test_the_recipe_reads_its_settings_from_the_environment_and_passes_extra_flags_last(tmp_path):
+    from rag_end2end.training import finetune as finetune_rag
+
+    env = {"MODEL": "my/rag", "GPUS": "1", "INDEX_GPUS": "0", "INDEXING_FREQ": "50", "PRECISION_FLAG": ""}
+    env |= {"DATA_DIR": str(tmp_path / "data"), "RUNS": str(tmp_path / "runs"), "EPOCHS": "2"}
+    extra = ("--seed", "7", "--learning_rate", "1e-4")
+    calls = _launch_script_calls("finetune_rag_ray_end2end.sh", tmp_path, *extra, **env)
+    argv = calls["finetune_rag.py"]
+    assert argv[-4:] == ["--seed", "7", "--learning_rate", "1e-4"]
+    a = finetune_rag.parse_args(argv)
+    assert (a.model_name_or_path, a.gpus, a.index_gpus, a.indexing_freq, a.max_epochs) == ("my/rag", 1, 0, 50, 2)
+    assert (a.seed, a.learning_rate, a.precision, a.fp16) == (7, 1e-4, None, False)
+    assert a.data_dir == str(tmp_path / "data") and Path(a.output_dir) == tmp_path / "runs" / "rag-end2end"
+    original = _launch_script_calls("finetune_rag_ray_original.sh", tmp_path / "o", *extra, **env)["finetune_rag.py"]
+    assert original[-4:] == argv[-4:] and not finetune_rag.parse_args(original).end2end
 
 
 @pytest.mark.parametrize(
