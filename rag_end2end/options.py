@@ -30,6 +30,8 @@ SCHEDULERS = {
 }
 PEFT_CHOICES = ("none", "generator", "retriever", "both")
 FAISS_GPU_MODES = ("auto", "off", "replicate", "shard")
+# How questions and passages are scored: dot product, cosine (unit-length vectors) or l2 (negative squared distance)
+SIMILARITIES = ("dot", "cosine", "l2")
 DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
 GENERATION_METRICS = ("em", "f1", "rouge_l", "bleu")
 DUMMY_KB = ("test_run/dummy-kb/my_knowledge_dataset", "test_run/dummy-kb/my_knowledge_dataset_hnsw_index.faiss")
@@ -128,17 +130,18 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shared_encoder", action="store_true", help="one encoder for questions and passages")
     g.add_argument(
         "--similarity",
-        choices=["dot", "cosine"],
+        choices=SIMILARITIES,
         default=None,
-        help="how questions and passages are scored (cosine: L2-normalised vectors); default: what the "
-        "encoder checkpoints declare (sentence-transformers' Normalize, pooling.json), else dot",
+        help="how questions and passages are scored (cosine: L2-normalised vectors; l2: negative squared "
+        "Euclidean distance, FAISS IndexFlatL2 and L2 indexes); default: what the encoder checkpoints declare "
+        "(sentence-transformers' Normalize, pooling.json), else dot",
     )
     g.add_argument(
         "--retrieval_temperature",
         type=float,
         default=None,
         help="doc scores = similarity / tau before RAG's softmax over passages; default: the question "
-        "encoder checkpoint's, else 1 for dot and 0.05 for cosine",
+        "encoder checkpoint's, else 1 for dot and l2 and 0.05 for cosine",
     )
     g.add_argument("--learn_temperature", action="store_true", help="learn tau (as log tau) with the model")
     g.add_argument("--temperature_learning_rate", type=float, default=1e-2, help="learning rate of the learned log tau")

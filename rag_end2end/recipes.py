@@ -33,8 +33,8 @@ from rag_end2end.data.mixing import Mask
 from rag_end2end.data.qa_dataset import RECONSTRUCTION
 from rag_end2end.data.reconstruction import RECONSTRUCTION_MARKER, mask_passage
 from rag_end2end.evaluation.metrics import has_answer
+from rag_end2end.model.encoders import passage_scores
 from rag_end2end.model.rag import RagModel
-from rag_end2end.precision import float32_scores
 
 PARTS = ("question_encoder", "ctx_encoder", "generator")
 
@@ -50,14 +50,20 @@ class Positives:
 
 
 def infonce(
-    q: torch.Tensor, p: torch.Tensor, owner: torch.Tensor, positive: torch.Tensor, symmetric: bool = False
+    q: torch.Tensor,
+    p: torch.Tensor,
+    owner: torch.Tensor,
+    positive: torch.Tensor,
+    symmetric: bool = False,
+    question_encoder: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Contrastive loss of B questions (B, d) against P candidate passages (P, d), scores q.p (the question
     vectors carry 1/tau). positive[i]: the column of question i's positive; owner[j]: the passage id of
     column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative (both on
     the vectors' device). symmetric adds the passage -> question direction over the positives' columns. Scores are
-    float32 even under autocast (precision.float32_scores)."""
-    scores = float32_scores("bd,pd->bp", q, p)  # (B, P)
+    float32 even under autocast; `question_encoder` says the similarity (l2: negative squared distances / tau,
+    model.encoders.passage_scores), dot products without it."""
+    scores = passage_scores("bd,pd->bp", q, p, question_encoder)  # (B, P)
     rows = torch.arange(len(q), device=scores.device)
     same = owner[None, :] == owner[positive][:, None]  # the same passage as question i's positive
     same[rows, positive] = False
@@ -334,7 +340,7 @@ class RetrieverOnly(Objective):
         owner = torch.tensor([passage_key(*p) for p in passages], device=q.device)
         p, owner, offset = gather_candidates(model.encode_passages(*map(list, zip(*passages))), owner)
         positive = torch.arange(len(keep), device=p.device) + offset
-        loss = infonce(q, p, owner, positive, self.args.symmetric_infonce)
+        loss = infonce(q, p, owner, positive, self.args.symmetric_infonce, model.question_encoder)
         # A question whose every candidate is its own positive (one passage in the batch, no hard negative) adds a
         # loss of exactly 0 that measures nothing: counted, so that a validation of such batches says so.
         lonely = int(((owner[None, :] != owner[positive][:, None]).sum(1) == 0).sum())

@@ -151,7 +151,7 @@ class ShardActor(RetrievalActor):
         embeddings = passages.with_format("numpy", columns=["embeddings"])[start:end]["embeddings"]
         faiss.omp_set_num_threads(self.threads)
         # IVF/PQ training on this actor's GPUs when it has some (index_config.faiss_gpu), then search there
-        index = build_faiss_index(embeddings, self.index_config)
+        index = build_faiss_index(embeddings, self.index_config, kb.similarity)
         return LoadedKB.placed(kb, passages, index, self.faiss_gpu, offset=start)
 
     def _find(self, version: int) -> LoadedKB | None:

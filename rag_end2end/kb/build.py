@@ -29,7 +29,7 @@ from rag_end2end.kb.parts import with_embeddings
 from rag_end2end.kb.passages import split_documents, tokenize_passages
 from rag_end2end.kb.versions import save_kb
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, with_prefix
-from rag_end2end.options import add_debug_arg, add_index_args
+from rag_end2end.options import SIMILARITIES, add_debug_arg, add_index_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,9 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passage_prefix", default=None, help='text put before every passage title, e.g. "passage: "')
     p.add_argument(
         "--similarity",
-        choices=["dot", "cosine"],
+        choices=SIMILARITIES,
         default=None,
-        help="cosine: L2-normalised embeddings (default: the encoder's declaration, else dot)",
+        help="cosine: L2-normalised embeddings; l2: an L2 index (IndexFlatL2, L2 HNSW and factories) "
+        "(default: the encoder's declaration, else dot)",
     )
     add_index_args(p)
     p.add_argument("--d", type=int, default=None, help="unused: the encoder's size is read from its config")

@@ -15,8 +15,9 @@ from rag_end2end.kb.faiss_devices import train_index
 
 @dataclass
 class IndexConfig:
-    """FAISS index settings; inner product throughout, as DPR scores are dot products. `factory` (any
-    `faiss.index_factory` string: "Flat", "HNSW32,Flat", "IVF4096,PQ64", ...) replaces `index_type` when set."""
+    """FAISS index settings. The metric is the KB's similarity's (`faiss_metric`: inner product for dot and cosine,
+    L2 for l2), not a setting. `factory` (any `faiss.index_factory` string: "Flat", "HNSW32,Flat", "IVF4096,PQ64", ...)
+    replaces `index_type` when set."""
 
     index_type: str = "hnsw"  # "flat" (exact) or "hnsw"
     hnsw_m: int = 32  # bench_index.py: M=128 (the reference's) built 1.5x slower, searched 1.6x slower, same recall
@@ -42,20 +43,27 @@ class IndexConfig:
         )
 
 
-def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray]) -> faiss.Index:
-    """An empty inner-product index for `cfg`, trained (IVF centroids, PQ codebooks) when it needs it on
-    `sample(rows)`: the vectors of a seeded sorted sample of at most `cfg.train_size` of the `n_rows` rows. The
-    training's k-means runs on this process's GPUs when `cfg.faiss_gpu` and faiss_devices allow; the index is a CPU
-    index either way."""
+def faiss_metric(similarity: str) -> int:
+    """The FAISS metric that ranks as `similarity` does: L2 for l2, inner product for dot and cosine."""
+    return faiss.METRIC_L2 if similarity == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def new_faiss_index(
+    dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[np.ndarray], np.ndarray], similarity: str = "dot"
+) -> faiss.Index:
+    """An empty index for `cfg` with `similarity`'s metric (IndexFlatIP or IndexFlatL2, HNSW or a factory), trained
+    (IVF centroids, PQ codebooks) when it needs it on `sample(rows)`: the vectors of a seeded sorted sample of at most
+    `cfg.train_size` of the `n_rows` rows. The training's k-means runs on this process's GPUs when `cfg.faiss_gpu` and
+    faiss_devices allow; the index is a CPU index either way."""
     if cfg.factory:
         try:
-            index = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(dim, cfg.factory, faiss_metric(similarity))
         except RuntimeError as err:
             raise ValueError(f"--index_factory {cfg.factory!r}: not a FAISS factory string ({err})") from None
     elif cfg.index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
+        index = faiss.IndexFlatL2(dim) if similarity == "l2" else faiss.IndexFlatIP(dim)
     elif cfg.index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss_metric(similarity))
     else:
         raise ValueError(f"unknown index type {cfg.index_type!r}; choose flat or hnsw, or give --index_factory")
     if not index.is_trained:
@@ -79,10 +87,10 @@ def new_faiss_index(dim: int, n_rows: int, cfg: IndexConfig, sample: Callable[[n
     return index
 
 
-def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """Build an inner-product index over `embeddings` (row i gets FAISS id i)."""
+def build_faiss_index(embeddings: np.ndarray, cfg: IndexConfig, similarity: str = "dot") -> faiss.Index:
+    """Build an index over `embeddings` (row i gets FAISS id i) with `similarity`'s metric."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    index = new_faiss_index(embeddings.shape[1], len(embeddings), cfg, embeddings.__getitem__)
+    index = new_faiss_index(embeddings.shape[1], len(embeddings), cfg, embeddings.__getitem__, similarity)
     index.add(embeddings)
     return index
 

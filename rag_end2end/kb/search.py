@@ -87,12 +87,15 @@ class LoadedKB:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the top `k` of each query in this version's index, as FAISS returns them (id -1 for a
-        neighbour it did not find)."""
+        neighbour it did not find), except that an L2 index's squared distances are negated: higher is better for
+        every metric, as the shards' merge ranks them."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not self.on_gpu:
-            return self.index.search(queries, k)
-        with self._gpu_turn:
-            return self.index.search(queries, k)
+            scores, ids = self.index.search(queries, k)
+        else:
+            with self._gpu_turn:
+                scores, ids = self.index.search(queries, k)
+        return (-scores if self.index.metric_type == faiss.METRIC_L2 else scores), ids
 
     def lookup(self, ids: np.ndarray, embeddings: bool) -> tuple[np.ndarray | None, list[dict]]:
         """Embeddings (queries, k, dim), or None unless `embeddings`, and per-query docs ({column: k values}) of

@@ -1,5 +1,6 @@
-"""How a knowledge base's embeddings are scored (`dot`, or `cosine`: unit-length vectors), declared inside its
-passages directory when it is written, and checked against the encoder that will score against it."""
+"""How a knowledge base's embeddings are scored (`dot`; `cosine`: unit-length vectors; `l2`: negative squared
+distance, an L2 FAISS index), declared inside its passages directory when it is written, and checked against the
+encoder that will score against it."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ UNIT_NORM_TOLERANCE = 1e-3
 
 
 def write_kb_info(passages_path: str | os.PathLike, similarity: str) -> None:
-    """Declare how a KB's embeddings are scored (`dot` or `cosine`), inside its passages directory."""
+    """Declare how a KB's embeddings are scored (`dot`, `cosine` or `l2`), inside its passages directory."""
     (Path(passages_path) / KB_INFO_FILE).write_text(json.dumps({"similarity": similarity}, indent=1))
 
 
 def kb_similarity(passages_path: str | os.PathLike) -> tuple[str, str]:
     """(similarity, how it is known) of a KB: what it declares, else inferred from its embeddings' norms
-    (all unit length: cosine) for KBs written before the declaration existed or by other tools."""
+    (all unit length: cosine) for KBs written before the declaration existed or by other tools (never l2: an l2 KB
+    was always written with its declaration)."""
     info = Path(passages_path) / KB_INFO_FILE
     if info.is_file():
         return json.loads(info.read_text())["similarity"], f"declared in {info}"

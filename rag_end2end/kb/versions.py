@@ -39,7 +39,7 @@ class KBVersion:
     passages_path: str
     index_path: str
     embedding_step: int = 0  # optimizer step whose context-encoder weights made the embeddings
-    similarity: str = "dot"  # how the embeddings are scored: dot or cosine (unit-length vectors)
+    similarity: str = "dot"  # how the embeddings are scored: dot, cosine (unit-length vectors) or l2 (distance)
 
     def stored(self, base: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict:
         """This version as a run saves it: paths inside `run_dir` (default `base`) relative to `base`, so that a
@@ -143,7 +143,7 @@ def save_kb(
     for path in (passages_path, index_path):
         if path.exists():
             raise FileExistsError(f"{path} already exists; remove it or choose another --output_dir")
-    index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg)
+    index = build_faiss_index(np.asarray(dataset.with_format("numpy")["embeddings"]), cfg, similarity)
     with atomic_writes([passages_path, index_path], "KB", replace=False) as (tmp_passages, tmp_index):
         dataset.save_to_disk(str(tmp_passages))
         write_kb_info(tmp_passages, similarity)
@@ -168,7 +168,7 @@ def publish_kb_version(
             raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
         parts = [part_path(staging, i, len(part_rows)) for i in range(len(part_rows))]
         dim = next(part_vectors(parts[:1]))[1].shape[1]
-        index = new_faiss_index(dim, sum(part_rows), cfg, lambda rows: sample_parts(parts, rows))
+        index = new_faiss_index(dim, sum(part_rows), cfg, lambda rows: sample_parts(parts, rows), similarity)
         for _, vectors in part_vectors(parts):
             index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         if index.ntotal != sum(part_rows):

@@ -5,11 +5,13 @@ RAG reads a question encoder as `encoder(ids, attention_mask=mask)[0]` and a con
 DPR models answer so already; `PooledEncoder` makes any other encoder answer so by pooling its last hidden
 state (`cls`: the first token, `mean`: the mean over real tokens, `pooler`: the model's own `pooler_output`).
 
-Similarity is part of an encoder's identity: `dot` (DPR) or `cosine` (e5, bge and MiniLM were trained for it:
-the pooled vector is L2-normalised). It is read from what a checkpoint declares (our pooling.json, or a
-sentence-transformers `Normalize` module) unless overridden. A question encoder also carries the retrieval
-temperature tau: it returns q / tau, so that RAG's doc scores q.d become similarity / tau before the softmax
-over passages in rag_model.RagModel, and FAISS rankings are unchanged.
+Similarity is part of an encoder's identity: `dot` (DPR), `cosine` (e5, bge and MiniLM were trained for it:
+the pooled vector is L2-normalised) or `l2` (negative squared Euclidean distance, as FAISS's IndexFlatL2 ranks). It
+is read from what a checkpoint declares (our pooling.json, or a sentence-transformers `Normalize` module) unless
+overridden. A question encoder also carries the retrieval temperature tau: for dot and cosine it returns q / tau, so
+that RAG's doc scores q.d become similarity / tau before the softmax over passages in rag_model.RagModel, and FAISS
+rankings are unchanged; for l2 it returns q itself (a point of the passages' space, which an L2 index searches) and
+`passage_scores` divides -||q - d||^2 by tau.
 Cosine scores lie in [-1, 1]: without a small tau the passage softmax is almost uniform.
 
     q_enc = load_encoder("intfloat/e5-small-v2", pooling="mean", side="question")
@@ -47,10 +49,11 @@ from transformers.models.dpr.modeling_dpr import DPREncoder
 from transformers.utils import ModelOutput, cached_file
 
 from rag_end2end.model.settings import DEFAULT_TEMPERATURE, Scoring
-from rag_end2end.precision import LOAD_DTYPE
+from rag_end2end.options import SIMILARITIES
+from rag_end2end.precision import LOAD_DTYPE, float32_scores
 
 POOLINGS = ("cls", "mean", "pooler")
-SIMILARITIES = ("dot", "cosine")  # DEFAULT_TEMPERATURE (tau per similarity): model.settings
+# SIMILARITIES: options (the flags' choices); DEFAULT_TEMPERATURE (tau per similarity): model.settings
 MIN_TEMPERATURE = 0.01  # a learned tau is clamped here (CLIP's bound), so scores stay finite
 POOLING_FILE = "pooling.json"
 PREFIX_FILE = "text_prefix.json"  # the prefix a PrefixedTokenizer puts before texts, saved beside it
@@ -88,9 +91,16 @@ class PooledEncoder(torch.nn.Module):
         normalize: bool = False,
         temperature: float | None = None,
         learn_temperature: bool = False,
+        similarity: str | None = None,
     ):
-        """temperature: tau of a question encoder (its vectors are divided by it); None on the context side."""
+        """temperature: tau of a question encoder (its dot or cosine vectors are divided by it); None on the context
+        side. similarity, when given, decides `normalize` (cosine) and l2 (vectors unscaled, scored by distance)."""
         super().__init__()
+        if similarity is not None and similarity not in SIMILARITIES:
+            raise ValueError(f"similarity {similarity!r}: use one of {', '.join(SIMILARITIES)}")
+        if similarity is not None:
+            normalize = similarity == "cosine"
+        self.l2 = similarity == "l2"
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not supported: use one of {', '.join(POOLINGS)}")
         if temperature is not None and temperature < MIN_TEMPERATURE:
@@ -120,7 +130,7 @@ class PooledEncoder(torch.nn.Module):
 
     @property
     def similarity(self) -> str:
-        return "cosine" if self.normalize else "dot"
+        return "cosine" if self.normalize else "l2" if self.l2 else "dot"
 
     @property
     def temperature(self) -> torch.Tensor | float | None:
@@ -169,7 +179,7 @@ class PooledEncoder(torch.nn.Module):
                 )
         if self.normalize:
             pooled = F.normalize(pooled, dim=-1)
-        if self.learn_temperature or self.fixed_temperature not in (None, 1.0):
+        if not self.l2 and (self.learn_temperature or self.fixed_temperature not in (None, 1.0)):
             pooled = pooled / self.temperature
         result = PooledOutput(pooler_output=pooled, last_hidden_state=hidden)
         return result if return_dict else result.to_tuple()
@@ -183,12 +193,13 @@ class PooledEncoder(torch.nn.Module):
         model_cls: type[PreTrainedModel] | None = None,
         temperature: float | None = None,
         learn_temperature: bool = False,
+        similarity: str | None = None,
     ) -> PooledEncoder:
         """A randomly initialised encoder of this architecture: what a Ray actor builds before `load_state_dict`."""
         if model_cls is None:
             model_cls = DPREncoder if config.model_type == "dpr" else None
         model = model_cls(config) if model_cls else AutoModel.from_config(config, trust_remote_code=False)
-        return cls(model, pooling, normalize, temperature, learn_temperature)
+        return cls(model, pooling, normalize, temperature, learn_temperature, similarity)
 
     def factory(self) -> Callable[[PretrainedConfig], PooledEncoder]:
         """`factory(config)` rebuilds this encoder (randomly initialised); picklable, for Ray's `ShardEncoder`."""
@@ -198,6 +209,7 @@ class PooledEncoder(torch.nn.Module):
             normalize=self.normalize,
             temperature=self.temperature_value,
             learn_temperature=self.learn_temperature,
+            similarity=self.similarity,
             model_cls=type(self.model),
         )
 
@@ -224,7 +236,9 @@ class PooledEncoder(torch.nn.Module):
         config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=False)
         model = _load_model(name_or_path, config, cache_dir, side)
         similarity, temperature, learn = _scoring(saved, side or "question", similarity, temperature, learn_temperature)
-        return cls(model, pooling or saved.get("pooling", "cls"), similarity == "cosine", temperature, learn)
+        return cls(
+            model, pooling or saved.get("pooling", "cls"), similarity == "cosine", temperature, learn, similarity
+        )
 
 
 def declared_similarity(settings: dict) -> str:
@@ -235,6 +249,21 @@ def declared_similarity(settings: dict) -> str:
 def encoder_similarity(encoder: torch.nn.Module) -> str:
     """How an encoder's vectors are meant to be compared: a PooledEncoder says; DPR's are dot products."""
     return encoder.similarity if isinstance(encoder, PooledEncoder) else "dot"
+
+
+def passage_scores(
+    equation: str, q: torch.Tensor, d: torch.Tensor, question_encoder: torch.nn.Module | None
+) -> torch.Tensor:
+    """Doc scores of question vectors `q` against passage vectors `d` in float32 outside autocast (`equation`:
+    "bd,bnd->bn" for each question's own passages, "bd,pd->bp" for every passage of a batch): q.d for dot and
+    cosine (q carries 1/tau), -||q - d||^2 / tau for l2 (tau: the question encoder's; learned ones get gradient).
+    The one place where a similarity becomes a score: RAG's doc scores, reranking and InfoNCE all call it."""
+    scores = float32_scores(equation, q, d)
+    if encoder_similarity(question_encoder) != "l2":
+        return scores
+    q_sq = q.float().pow(2).sum(-1, keepdim=True)  # (B, 1)
+    d_sq = d.float().pow(2).sum(-1)  # (B, n) or (P,)
+    return -(q_sq - 2 * scores + d_sq) / question_encoder.temperature
 
 
 def encoder_scoring(encoder: torch.nn.Module) -> Scoring:
@@ -365,13 +394,15 @@ def with_scoring(
     inner = encoder.model if pooled else getattr(encoder, DPR_SIDES["question"][1], None)
     if inner is None:
         raise ValueError(f"cannot set the similarity of a {type(encoder).__name__}")
-    return PooledEncoder(inner, target.pooling, target.normalize, target.temperature, target.learn_temperature)
+    return PooledEncoder(
+        inner, target.pooling, target.normalize, target.temperature, target.learn_temperature, target.similarity
+    )
 
 
 def context_side(question_encoder: torch.nn.Module) -> torch.nn.Module:
     """The context encoder of `--shared_encoder`: the same transformer, pooled and normalised alike, unscaled."""
     if isinstance(question_encoder, PooledEncoder):
-        return PooledEncoder(question_encoder.model, question_encoder.pooling, question_encoder.normalize)
+        return PooledEncoder(question_encoder.model, question_encoder.pooling, similarity=question_encoder.similarity)
     return question_encoder
 
 

@@ -45,7 +45,7 @@ from rag_end2end.model.causal import (
     tokenize_for_loss,
     truncate_left,
 )
-from rag_end2end.model.encoders import encoder_scoring, load_encoder, load_tokenizer, with_scoring
+from rag_end2end.model.encoders import encoder_scoring, load_encoder, load_tokenizer, passage_scores, with_scoring
 from rag_end2end.model.lora import has_lora, merged
 from rag_end2end.model.marginals import (
     distinct_candidates,
@@ -63,7 +63,7 @@ from rag_end2end.model.settings import (
     RagSettings,
     Scoring,
 )
-from rag_end2end.precision import LOAD_DTYPE, float32_scores
+from rag_end2end.precision import LOAD_DTYPE
 
 RAG_TEMPLATE = "{title} / {text} // {question}"  # transformers' RAG prompt: title_sep " / ", doc_sep " // "
 
@@ -477,14 +477,14 @@ class RagModel(torch.nn.Module):
         if fetch > n:
             with torch.no_grad():
                 d = self.encode_passages(*_flat(docs)).view(len(q), fetch, -1)
-                keep = float32_scores("bd,bnd->bn", q, d).topk(n, dim=1).indices.cpu().numpy()
+                keep = passage_scores("bd,bnd->bn", q, d, self.question_encoder).topk(n, dim=1).indices.cpu().numpy()
             ids = np.take_along_axis(np.asarray(ids), keep, 1)
             docs = [{key: [doc[key][k] for k in row] for key in ("title", "text")} for doc, row in zip(docs, keep)]
         if fresh:
             d = self.encode_passages(*_flat(docs)).view(len(q), n, -1)
         else:
             d = torch.tensor(np.asarray(stored), device=q.device)  # a copy: Ray hands read-only arrays
-        return Retrieved(q, float32_scores("bd,bnd->bn", q, d), docs, np.asarray(ids))
+        return Retrieved(q, passage_scores("bd,bnd->bn", q, d, self.question_encoder), docs, np.asarray(ids))
 
     # ------------------------------------------------------------------ the RAG loss and generation
 

@@ -28,7 +28,7 @@ MARGINALS = ("token", "sequence")
 DOC_SCORES = ("fresh", "stored")
 # tau per similarity: 1 leaves dot products as DPR was trained; 0.05 is the scale (20) of the
 # MultipleNegativesRankingLoss that all-MiniLM-L6-v2 and most sentence-transformers were trained with.
-DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05}
+DEFAULT_TEMPERATURE = {"dot": 1.0, "cosine": 0.05, "l2": 1.0}  # l2: the plain negative squared distance
 _TAUS = ", ".join(f"{similarity} {tau:g}" for similarity, tau in DEFAULT_TEMPERATURE.items())  # for the docs
 QUESTION_MAX_LENGTH = 512  # the truncation of questions where a run saved none
 # Decoding of a checkpoint that saved none (a transformers RAG checkpoint): the reference eval_rag.py's defaults,
@@ -52,7 +52,7 @@ class Scoring:
 
     pooling: str | None = field(default=None, metadata=_doc("cls, mean or pooler; null: a DPR encoder's own"))
     normalize: bool | None = field(default=None, metadata=_doc("L2-normalised vectors (cosine)"))
-    similarity: str | None = field(default=None, metadata=_doc("dot or cosine; null: as the encoder declares"))
+    similarity: str | None = field(default=None, metadata=_doc("dot, cosine or l2; null: as the encoder declares"))
     temperature: float | None = field(
         default=None,
         metadata=_doc(f"tau: doc scores are similarity / tau (null: the similarity's default, {_TAUS})"),
