@@ -308,6 +308,14 @@ def test_eval_rag_refuses_gold_without_answers_and_a_missing_model_directory(tin
     encoder = ["--question_encoder_name_or_path", str(tiny_models["question_encoder"])]
     with pytest.raises(InputError, match=r"test\.gold\.jsonl: no gold answers, passage ids or titles on any line"):
         _evaluate(*common, *encoder, "--gold_data_path", empty)
+    n_kb = len(load_from_disk(str(passages)))
+    outside = tmp_path / "outside.gold.jsonl"  # line 3 names a passage the KB does not have
+    outside.write_text(
+        "".join(json.dumps({"answers": ["a"], "gold_passage_ids": [n_kb if i == 2 else 0]}) + "\n" for i in range(n))
+    )
+    with pytest.raises(InputError, match=rf"outside\.gold\.jsonl:3: field `gold_passage_ids`: {n_kb} is no passage of"):
+        _evaluate(*common, *encoder, "--gold_data_path", outside)
+    assert not (tmp_path / "p.txt").exists()  # nothing predicted, nothing written
     missing = tmp_path / "runs" / "checkpoint40"
     (tmp_path / "runs").mkdir()
     with pytest.raises(FileNotFoundError, match=r"--model_name_or_path .*checkpoint40: no such directory"):

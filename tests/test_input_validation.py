@@ -21,6 +21,8 @@ from rag_end2end.model import assembly as rag_assembly
 from rag_end2end.training import arguments
 from rag_end2end.training import finetune as finetune_rag
 
+REPO = Path(__file__).resolve().parents[1]
+DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 FEW = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -339,3 +341,109 @@ def test_generate_qa_names_a_missing_model_directory(tmp_path, capsys):
             ["--csv_path", "kb.csv", "--output_dir", str(tmp_path / "qa"), "--generator_name_or_path", str(missing)]
         )
     assert f"--generator_name_or_path {missing}: no such directory" in capsys.readouterr().err
+
+
+def test_an_encoder_directory_without_its_tokenizer_is_refused_naming_it(tiny_models, tmp_path):
+    """Without tokenizer.json, transformers builds a tokenizer of the 5 special tokens from the rest of the directory:
+    every word became [UNK], and the KB build, training and refreshes went on. A tokenizer with more tokens than the
+    embedding table has rows is refused too."""
+    import shutil
+
+    from rag_end2end.kb import build as use_own_knowledge_dataset
+    from rag_end2end.model.encoders import check_tokenizer, load_encoder, load_tokenizer
+    from rag_end2end.recipes import make_objective
+
+    ctx = tmp_path / "ctx"
+    shutil.copytree(tiny_models["context_encoder"], ctx)
+    (ctx / "tokenizer.json").unlink()
+    refusal = rf"{ctx}: its tokenizer has 5 tokens, the context encoder's embedding table 2,000 rows: most words .*"
+    refusal += r"tokenizer\.json missing \(the directory holds config\.json, model\.safetensors, tokenizer_config"
+    build = ["--csv_path", str(DUMMY_CSV), "--output_dir", str(tmp_path / "kb"), "--device", "cpu"]
+    with pytest.raises(ValueError, match=refusal):
+        use_own_knowledge_dataset.main(
+            use_own_knowledge_dataset.parse_args([*build, "--dpr_ctx_encoder_model_name", str(ctx)])
+        )
+    assert not (tmp_path / "kb").exists()
+
+    args = finetune_rag.parse_args(
+        ["--model_type", "rag_token", "--end2end", "--model_name_or_path", str(tiny_models["rag_token"])]
+        + ["--context_encoder_name", str(ctx), "--passages_path", str(tmp_path), "--index_path", str(tmp_path)]
+    )
+    with pytest.raises(ValueError, match=refusal):  # the context encoder a run refreshes the KB with
+        rag_assembly.build_model(args, make_objective(args), None)
+
+    grown = load_tokenizer(tiny_models["context_encoder"])
+    grown.add_tokens([f"extra{i}" for i in range(10)])
+    grown.save_pretrained(tmp_path / "grown")
+    encoder = load_encoder(tiny_models["context_encoder"], side="context")
+    with pytest.raises(ValueError, match=r"grown: its tokenizer has 2,010 tokens.*ids up to 2009 would index past"):
+        check_tokenizer(load_tokenizer(tmp_path / "grown"), encoder, "context encoder")
+    check_tokenizer(load_tokenizer(tiny_models["context_encoder"]), encoder)  # its own fits
+
+
+DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
+
+
+def _spoil(data: Path, case: str) -> str:
+    """Break a copy of the dummy QA files as `case` says; the refusal expected."""
+    if case == "not utf-8":
+        (data / "val.source").write_bytes((DUMMY_DATA / "val.source").read_bytes() + "caf\xe9\n".encode("cp1252"))
+        return r"val\.source:9: not UTF-8: 0xe9"
+    if case == "lines differ":
+        (data / "train.target").write_text("".join((DUMMY_DATA / "train.target").read_text().splitlines(True)[:-1]))
+        return r"train\.source has 40 lines but .*train\.target has 39; they must be line-aligned"
+    if case == "empty line":
+        lines = (DUMMY_DATA / "train.source").read_text().splitlines(True)
+        (data / "train.source").write_text("".join([*lines[:4], "\n", *lines[5:]]))
+        return r"train\.source:5: empty or whitespace-only line"
+    if case == "empty split":
+        (data / "val.source").write_text("")
+        (data / "val.target").write_text("")
+        return r"val\.source and .*val\.target contain no examples"
+    if case == "gold outside the KB":
+        rows = [json.dumps({"answers": ["x"], "gold_passage_ids": [0 if i != 6 else 100_000]}) for i in range(8)]
+        (data / "val.gold.jsonl").write_text("\n".join(rows) + "\n")
+        return r"val\.gold\.jsonl:7: field `gold_passage_ids`: 100000 is no passage of --passages_path"
+    (data / "val.gold.jsonl").write_text(json.dumps({"answers": ["x"], "gold_passage_ids": [0]}) + "\n")
+    return r"val\.gold\.jsonl has 1 lines but .*val\.source has 8: one line a question"
+
+
+@pytest.mark.parametrize(
+    "case", ["not utf-8", "lines differ", "empty line", "empty split", "gold outside the KB", "gold lines"]
+)
+def test_qa_files_are_refused_before_ray_or_a_model_starts(finetune_argv, tmp_path, case):
+    """They used to arrive after Ray, the model and the encoding actors had started, as a traceback, and leave logs/
+    behind, so that the corrected rerun was refused as an earlier run. Ray here is an address where nothing listens:
+    reaching it would be another error."""
+    import shutil
+    import socket
+
+    data = tmp_path / "data"
+    shutil.copytree(DUMMY_DATA, data)
+    expected = _spoil(data, case)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = finetune_argv("--do_train", "--data_dir", str(data), "--ray_address", f"127.0.0.1:{port}")
+    with pytest.raises(InputError, match=expected):
+        finetune_rag.main(finetune_rag.parse_args(argv))
+    assert not (tmp_path / "out" / "logs").exists()
+    assert not [p for p in (tmp_path / "out").iterdir()], "the refused run left files in --output_dir"
+
+
+def test_a_qa_file_refusal_is_one_line_with_exit_status_2(finetune_argv, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(DUMMY_DATA, data)
+    _spoil(data, "empty line")
+    argv = finetune_argv("--do_train", "--data_dir", str(data))
+    done = subprocess.run(
+        [sys.executable, "finetune_rag.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "train.source:5: empty or whitespace-only line" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out" / "logs").exists()

@@ -7,11 +7,26 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from rag_end2end.data.readers import read_lines
+from rag_end2end.data.readers import InputError, read_lines
 
 # The kinds of example (and of batch: a training batch holds one kind); the training log names each kind's loss
 # train_loss_{kind}.
 QA, RECONSTRUCTION = "qa", "recon"
+
+
+def read_pairs(data_dir: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """The questions and answers of `{split}.source` and `.target`: UTF-8, no empty line (data.readers.read_lines),
+    as many of each, and at least one; InputError naming the files otherwise. finetune_rag.py reads every split
+    through it before any work (training.arguments.check_data_dir), and each dataset again when it is built."""
+    source_path, target_path = Path(data_dir) / f"{split}.source", Path(data_dir) / f"{split}.target"
+    sources, targets = read_lines(source_path), read_lines(target_path)
+    if len(sources) != len(targets):
+        raise InputError(
+            f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; they must be line-aligned"
+        )
+    if not sources:
+        raise InputError(f"{source_path} and {target_path} contain no examples")
+    return sources, targets
 
 
 class QuestionDataset:
@@ -34,14 +49,7 @@ class QuestionDataset:
     ) -> None:
         source_path = Path(data_dir) / f"{type_path}.source"
         target_path = Path(data_dir) / f"{type_path}.target"
-        sources, targets = read_lines(source_path), read_lines(target_path)
-        if len(sources) != len(targets):
-            raise ValueError(
-                f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; "
-                "they must be line-aligned"
-            )
-        if not sources:
-            raise ValueError(f"{source_path} and {target_path} contain no examples")
+        sources, targets = read_pairs(data_dir, type_path)
         if n_obs is not None and n_obs < -1:
             raise ValueError(f"n_obs must be None, -1 (all) or >= 0, got {n_obs}")
         if question_tokenizer.pad_token_id is None:

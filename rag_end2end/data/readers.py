@@ -176,6 +176,18 @@ def read_gold(path: str, mode: str) -> Gold:
     return Gold(answers or [[]] * n, ids or [[]] * n, titles or [[]] * n)
 
 
+def check_gold_ids(gold: Gold, path: str | Path, kb_size: int, kb: str) -> None:
+    """Refuse gold passage ids that are no row of the KB (`kb`: how to name it, with its `kb_size` passages), naming
+    the file and line: scored as misses, or taken as positives, they would go unnoticed."""
+    for number, ids in enumerate(gold.passage_ids, start=1):
+        bad = next((i for i in ids if not 0 <= i < kb_size), None)
+        if bad is not None:
+            raise InputError(
+                f"{path}:{number}: field `gold_passage_ids`: {bad} is no passage of {kb} ({kb_size} passages, ids "
+                f"0-{kb_size - 1}): was the gold file written for another KB?"
+            )
+
+
 def infer_gold_mode(path: str) -> str:
     """`jsonl` for .jsonl, `qa` for .tsv/.csv (the reference's qa files), else `ans` (e.g. a .target file)."""
     suffix = Path(path).suffix.lower()

@@ -36,6 +36,7 @@ from transformers import AutoConfig
 from rag_end2end.data.readers import (
     Gold,
     InputError,
+    check_gold_ids,
     check_model_path,
     infer_gold_mode,
     one_line,
@@ -253,6 +254,9 @@ def evaluate_checkpoint(
         )
     if args.eval_mode == "e2e" and not any(gold.answers):
         raise InputError(f"{args.gold_data_path}: no gold answers on any line, which --eval_mode e2e scores")
+    if any(gold.passage_ids):  # an id that is no row of the KB would be scored as a miss
+        passages = kb_paths(checkpoint, args)[0]
+        check_gold_ids(gold, args.gold_data_path, len(load_from_disk(passages)), passages)
     if args.eval_mode == "e2e":
         predictions = e2e_predictions(checkpoint, args, questions, predictions_path)
         metrics = score_e2e(predictions, gold, args.gold_data_path, args.metrics)

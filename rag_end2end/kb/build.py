@@ -28,7 +28,7 @@ from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.parts import with_embeddings
 from rag_end2end.kb.passages import split_documents, tokenize_passages
 from rag_end2end.kb.versions import save_kb
-from rag_end2end.model.encoders import encoder_similarity, load_encoder, with_prefix
+from rag_end2end.model.encoders import check_tokenizer, encoder_similarity, load_encoder, with_prefix
 from rag_end2end.options import SIMILARITIES, add_debug_arg, add_index_args
 
 
@@ -80,6 +80,7 @@ def main(args: argparse.Namespace) -> tuple[Path, Path]:
     tokenizer = AutoTokenizer.from_pretrained(args.context_encoder_tokenizer_name or args.dpr_ctx_encoder_model_name)
     tokenizer = with_prefix(tokenizer, args.passage_prefix)
     encoder = load_encoder(args.dpr_ctx_encoder_model_name, args.pooling, side="context", similarity=args.similarity)
+    check_tokenizer(tokenizer, encoder, "context encoder")
     encoder = encoder.to(args.device)
     similarity = encoder_similarity(encoder)
     print(f"{args.dpr_ctx_encoder_model_name}: {similarity} similarity")

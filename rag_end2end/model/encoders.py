@@ -460,6 +460,33 @@ def saved_prefix(name_or_path: str | os.PathLike, cache_dir: str | None = None) 
     return json.loads(Path(path).read_text())["prefix"] if path else None
 
 
+def check_tokenizer(tokenizer, encoder: torch.nn.Module, what: str = "encoder") -> None:
+    """Refuse a tokenizer that does not fit its encoder, naming the directory it came from: more tokens than the
+    encoder's embedding table has rows (ids past it), or fewer than half of them. The second is what a directory
+    without its `tokenizer.json` gives (transformers then builds one from whatever else is there, e.g. a vocab.txt of
+    the special tokens alone): every word would become [UNK], and training and refreshes would go on, silently."""
+    rows = getattr(getattr(encoder, "config", None), "vocab_size", None)
+    if not rows:
+        return
+    size = len(tokenizer)
+    if rows // 2 <= size <= rows:
+        return
+    source = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    why = (
+        f"ids up to {size - 1} would index past the table"
+        if size > rows
+        else "most words would become its unknown token"
+    )
+    held = ""
+    if Path(source).is_dir():
+        held = f" (the directory holds {', '.join(sorted(p.name for p in Path(source).iterdir())) or 'nothing'})"
+    raise ValueError(
+        f"{source}: its tokenizer has {size:,} tokens, the {what}'s embedding table {rows:,} rows: {why}; is its "
+        f"tokenizer.json missing{held}? Save the encoder's own tokenizer there"
+        + (" (or name its directory with --context_encoder_tokenizer_name)" if what == "context encoder" else "")
+    )
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, prefix: str | None = None, cache_dir: str | None = None):
     """AutoTokenizer with the prefix it was saved with (or `prefix`, which wins)."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)

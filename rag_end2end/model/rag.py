@@ -45,7 +45,14 @@ from rag_end2end.model.causal import (
     tokenize_for_loss,
     truncate_left,
 )
-from rag_end2end.model.encoders import encoder_scoring, load_encoder, load_tokenizer, passage_scores, with_scoring
+from rag_end2end.model.encoders import (
+    check_tokenizer,
+    encoder_scoring,
+    load_encoder,
+    load_tokenizer,
+    passage_scores,
+    with_scoring,
+)
 from rag_end2end.model.lora import has_lora, merged
 from rag_end2end.model.marginals import (
     distinct_candidates,
@@ -409,6 +416,9 @@ class RagModel(torch.nn.Module):
             raise ValueError(f"marginal {marginal!r}: use 'token' or 'sequence'")
         if (ctx_encoder is None) != (ctx_tokenizer is None):
             raise ValueError("give both ctx_encoder and ctx_tokenizer, or neither")
+        check_tokenizer(question_tokenizer, question_encoder, "question encoder")
+        if ctx_encoder is not None:
+            check_tokenizer(ctx_tokenizer, ctx_encoder, "context encoder")
         self.question_encoder, self.question_tokenizer = question_encoder, question_tokenizer
         self.generator = generator
         self.ctx_encoder, self.ctx_tokenizer = ctx_encoder, ctx_tokenizer

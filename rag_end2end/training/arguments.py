@@ -18,7 +18,8 @@ from lightning_fabric.utilities.device_parser import _normalize_parse_gpu_string
 from pytorch_lightning.strategies import StrategyRegistry
 
 from rag_end2end.data.mixing import check_masks_in_kb, read_reconstruction
-from rag_end2end.data.readers import REFUSALS
+from rag_end2end.data.qa_dataset import read_pairs
+from rag_end2end.data.readers import REFUSALS, InputError, check_gold_ids, read_gold
 from rag_end2end.kb.faiss_devices import forced_gpu_refusal
 from rag_end2end.kb.ray_start import GpuPlan, plan_gpus
 from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
@@ -162,8 +163,10 @@ def reconstruction_refusal(args: argparse.Namespace) -> str | None:
 
 
 def check_data_dir(args: argparse.Namespace) -> None:
-    """Every split the run will read exists, before hours of training reach the test pass (no QA training pairs when
-    statements are all a run trains on: --reconstruction_ratio 1)."""
+    """Every split the run will read exists and reads (UTF-8, no empty line, .source and .target line-aligned, not
+    empty), and so does each gold file beside them (one line a question, each gold passage a row of the KB), before
+    Ray or a model starts and before hours of training reach the test pass (no QA training pairs when statements are
+    all a run trains on: --reconstruction_ratio 1)."""
     documents_only = args.reconstruction_dir is not None and args.reconstruction_ratio == 1
     train = [] if documents_only else ["train"]
     splits = [*([*train, "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
@@ -171,6 +174,21 @@ def check_data_dir(args: argparse.Namespace) -> None:
     missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
     if missing:
         raise FileNotFoundError(f"--data_dir {args.data_dir} lacks {', '.join(missing)}")
+    for split in splits:
+        read_pairs(args.data_dir, split)
+    kb_size = len(load_from_disk(args.passages_path)) if Path(args.passages_path).is_dir() else None
+    for split in ("train", "val", "test"):  # the module reads every gold file there is (GenerativeQAModule.gold)
+        gold_path = Path(args.data_dir) / f"{split}.gold.jsonl"
+        if not gold_path.is_file():
+            continue
+        gold, questions = read_gold(str(gold_path), "jsonl"), read_pairs(args.data_dir, split)[0]
+        if len(gold.answers) != len(questions):
+            raise InputError(
+                f"{gold_path} has {len(gold.answers)} lines but {Path(args.data_dir) / split}.source has "
+                f"{len(questions)}: one line a question"
+            )
+        if kb_size is not None:
+            check_gold_ids(gold, gold_path, kb_size, f"--passages_path {args.passages_path}")
 
 
 def lightning_devices(args: argparse.Namespace) -> tuple[str, int | str]:
