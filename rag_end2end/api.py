@@ -269,9 +269,13 @@ def _write_pairs(data: Path, split: str, pairs: Sequence[tuple[str, str]]) -> No
 
 
 def _kept_checkpoint(module) -> Path | None:
+    """The best checkpoint's export; without one (no validation ran), the final weights' (LastCheckpoint)."""
     best = module.trainer.checkpoint_callback.best_model_path if module.trainer.checkpoint_callback else ""
     step = checkpoint_step(best) if best else None
-    return export_dir(best, step) if step is not None else None
+    if step is not None:
+        return export_dir(best, step)
+    final = export_dir(str(Path(module.hparams.output_dir) / "last.ckpt"), module.trainer.global_step)
+    return final if final.is_dir() else None
 
 
 def _losses(out: Path) -> list[tuple[int, float]]:

@@ -1,6 +1,7 @@
 #!/bin/sh
-# Builds the RAG model with a trainable context encoder and the Ray retriever, without training:
-# checks that set_context_encoder_for_training and set_ctx_encoder_tokenizer work on this install.
+# Builds the RAG model with a trainable context encoder (--end2end) and the Ray retriever, without training:
+# checks that this install assembles them. The reference's setters, set_context_encoder_for_training and
+# set_ctx_encoder_tokenizer, are RagModel methods here (tests/test_rag_model.py calls them as its users do).
 set -e
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

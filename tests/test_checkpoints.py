@@ -3,10 +3,13 @@
 import json
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
-from rag_end2end.training.callbacks import checkpoint_step, get_checkpoint_callback
+from rag_end2end.deploy.export import export
+from rag_end2end.model.rag import RagModel
+from rag_end2end.training.callbacks import checkpoint_step, get_checkpoint_callback, get_last_checkpoint_callback
 
 
 class Improving(pl.LightningModule):
@@ -58,3 +61,49 @@ def test_exports_are_removed_with_the_checkpoints_lightning_drops(tmp_path):
     assert [checkpoint_step(str(c)) for c in ckpts] == [12]  # three new bests; save_top_k=1 keeps the last
     exports = sorted(p.name for p in tmp_path.glob("checkpoint*"))
     assert exports == ["checkpoint12", "checkpoint999"]
+
+
+class Tied(Improving):
+    """val_em 0.0 at every validation, as on a tiny run."""
+
+    def on_validation_epoch_end(self):
+        self.log("val_em", 0.0)
+
+
+def test_a_tie_in_the_monitored_metric_goes_to_the_later_step(tmp_path):
+    checkpoint = get_checkpoint_callback(str(tmp_path), "em")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Tied())
+    # Lightning's own rule keeps the first of equals (step 4) as "best" for good; here the latest is.
+    assert checkpoint_step(checkpoint.best_model_path) == 12
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint12"]
+
+
+def test_a_run_that_ends_before_any_validation_leaves_its_final_weights(tmp_path):
+    """No validation ran (max_steps below the validation interval): no best checkpoint, yet the final weights are
+    exported, and last.ckpt, given where a model is read, is refused in one line naming that directory."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        val_check_interval=4,
+        callbacks=[get_checkpoint_callback(str(tmp_path), "em"), get_last_checkpoint_callback(str(tmp_path), 100)],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Improving())
+    assert not list(tmp_path.glob("0*.ckpt")) and (tmp_path / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "checkpoint3" / "kb_version.json").read_text()) == {"version": 3}
+    for read in (RagModel.from_pretrained, lambda path: export(path, tmp_path / "export")):
+        with pytest.raises(
+            FileNotFoundError, match=r"last\.ckpt: a Lightning training state .*/checkpoint3 \(the latest\)"
+        ):
+            read(tmp_path / "last.ckpt")
+    assert not (tmp_path / "export").exists()

@@ -450,3 +450,21 @@ def test_sequence_generation_with_a_tokenizer_that_returns_token_type_ids(tiny_m
     assert "token_type_ids" in model.generator.tokenizer("a question")
     answers = model.generate(*question_batch(model), QUESTIONS, max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_the_references_setters_make_the_context_encoder_train(tiny_models):
+    """transformers' `set_context_encoder_for_training` and the retriever's `set_ctx_encoder_tokenizer`, as the
+    reference's users call them: the doc scores then come from the context encoder, and its weights get a gradient."""
+    model = make_rag(tiny_models, "dpr", "seq2seq")
+    ctx_encoder, ctx_tokenizer = model.ctx_encoder, model.ctx_tokenizer
+    model.ctx_encoder = model.ctx_tokenizer = None  # a model scoring with the KB's stored vectors
+    assert model.settings().doc_scores == "stored"
+    model.set_context_encoder_for_training(ctx_encoder)
+    with pytest.raises(ValueError, match="set_ctx_encoder_tokenizer"):
+        model(*question_batch(model), QUESTIONS, ANSWERS)
+    model.set_ctx_encoder_tokenizer(ctx_tokenizer)
+    loss, _ = model.train()(*question_batch(model), QUESTIONS, ANSWERS)
+    loss.mean().backward()
+    grads = [p.grad for p in ctx_encoder.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert model.settings().doc_scores == "fresh"

@@ -47,7 +47,7 @@ from rag_end2end.files import atomic_write, remove_orphaned_temporaries
 from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.encoders import PooledEncoder
 from rag_end2end.model.rag import RAG_TEMPLATE, RagModel
-from rag_end2end.model.settings import QUESTION_MAX_LENGTH, SETTINGS_FILE, RagSettings
+from rag_end2end.model.settings import QUESTION_MAX_LENGTH, SETTINGS_FILE, RagSettings, refuse_training_state
 
 RUN_FILES = ("run_info.json", "test_results.txt")  # beside the checkpoints, in the run's output dir
 
@@ -256,6 +256,7 @@ def export(checkpoint: str | Path, output_dir: str | Path, adapters: bool = Fals
     """Write the export into a temporary directory beside `output_dir` (files.atomic_write), then rename it into
     place: a reader never sees half an export, and a failed one leaves nothing."""
     checkpoint, out = Path(checkpoint), Path(output_dir)
+    refuse_training_state(checkpoint)
     if not (checkpoint / SETTINGS_FILE).is_file():
         raise FileNotFoundError(
             f"--checkpoint {checkpoint}: not a checkpoint<step> of finetune_rag.py (no {SETTINGS_FILE})"

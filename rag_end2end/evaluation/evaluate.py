@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -58,22 +57,22 @@ from rag_end2end.kb.similarity import check_kb_similarity
 from rag_end2end.kb.versions import checkpoint_kb
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer
 from rag_end2end.model.rag import RagModel, checkpoint_settings
-from rag_end2end.model.settings import Generation
+from rag_end2end.model.settings import Generation, checkpoint_dirs_in, refuse_training_state
 from rag_end2end.options import add_debug_arg, parse_metrics
 
 logger = logging.getLogger("eval_rag")
-CHECKPOINT_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
 FALLBACK = Generation().decoding()  # the decoding of a checkpoint that saved none
 
 
 def checkpoint_dirs(model_name_or_path: str, eval_all: bool) -> list[str]:
     """The model itself, or with --eval_all_checkpoints every `checkpoint<step>` subdirectory in step order."""
+    refuse_training_state(model_name_or_path)
     if not eval_all:
         return [model_name_or_path]
-    found = [(int(m[1]), p) for p in Path(model_name_or_path).iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+    found = checkpoint_dirs_in(model_name_or_path)
     if not found:
         raise FileNotFoundError(f"no checkpoint<step> directories in {model_name_or_path}")
-    return [str(p) for _, p in sorted(found)]
+    return [str(p) for p in found]
 
 
 def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:

@@ -69,6 +69,7 @@ from rag_end2end.model.settings import (
     Generation,
     RagSettings,
     Scoring,
+    refuse_training_state,
 )
 from rag_end2end.precision import LOAD_DTYPE
 
@@ -447,6 +448,16 @@ class RagModel(torch.nn.Module):
         device = next(self.question_encoder.parameters()).device
         return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
 
+    def set_context_encoder_for_training(self, ctx_encoder: torch.nn.Module) -> None:
+        """The reference's setter (transformers' `RagModel.set_context_encoder_for_training`): doc scores then come
+        from `ctx_encoder`'s fresh embeddings of the retrieved passages, whose gradient trains it. Its tokenizer
+        comes with `set_ctx_encoder_tokenizer` (the reference set it on the retriever; here the model encodes)."""
+        self.ctx_encoder = ctx_encoder
+
+    def set_ctx_encoder_tokenizer(self, ctx_tokenizer) -> None:
+        """The reference's `RagRetriever.set_ctx_encoder_tokenizer`: the tokenizer of the context encoder."""
+        self.ctx_tokenizer = ctx_tokenizer
+
     def encode_passages(self, titles: list[str], texts: list[str]) -> torch.Tensor:
         """Fresh (len, d) embeddings of passages from the context encoder, in the autograd graph."""
         enc = self.ctx_tokenizer(titles, texts, truncation=True, padding="longest", return_tensors="pt")
@@ -482,6 +493,8 @@ class RagModel(torch.nn.Module):
         n = n_docs or self.n_docs
         q = self.encode_questions(input_ids, attention_mask)
         fresh = self.ctx_encoder is not None
+        if fresh and self.ctx_tokenizer is None:
+            raise ValueError("a context encoder without its tokenizer: call set_ctx_encoder_tokenizer(tokenizer)")
         fetch = max(n, self.rerank_top) if fresh else n
         stored, ids, docs = self.search(q, fetch, embeddings=not fresh)  # fresh: the passages are re-encoded
         if fetch > n:
@@ -621,6 +634,7 @@ class RagModel(torch.nn.Module):
         checkpoint's (assembly's, where the checkpoint holds none). Without a `retriever`, the model searches in
         this process the KB `kb` (passages, index) or else the KB version the checkpoint names (its
         kb_version.json): the one its weights were trained against."""
+        refuse_training_state(path)
         directory = Path(path)
         ours = (directory / SETTINGS_FILE).is_file()
         if not ours and directory.is_dir() and not (directory / "config.json").is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 import uuid
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 SETTINGS_FILE = "rag_settings.json"
+CHECKPOINT_DIR = "checkpoint{step}"  # a run's model directories (RagModel.save_pretrained), one per kept step
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint(\d+)$")  # not `checkpoint12.tmp-*`, a save still being written
 MARGINALS = ("token", "sequence")
 DOC_SCORES = ("fresh", "stored")
 # tau per similarity: 1 leaves dot products as DPR was trained; 0.05 is the scale (20) of the
@@ -274,3 +277,23 @@ __all__ = [
     "Scoring",
     "SettingsError",
 ]
+
+
+def checkpoint_dirs_in(run: str | os.PathLike) -> list[Path]:
+    """The `checkpoint<step>` model directories of a run directory, in step order."""
+    found = [(int(m[1]), p) for p in Path(run).iterdir() if (m := CHECKPOINT_DIR_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def refuse_training_state(path: str | os.PathLike) -> None:
+    """A Lightning `.ckpt` (the training state that --resume reads) given where a model is read: refused in one line
+    that names the model directory to pass instead (every run ends with one of its final weights)."""
+    path = Path(path)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return
+    models = checkpoint_dirs_in(path.parent)
+    instead = f"e.g. {models[-1]} (the latest)" if models else f"none is in {path.parent}: train on, or export one"
+    raise FileNotFoundError(
+        f"{path}: a Lightning training state (what --resume reads), not a model: pass a checkpoint<step> directory "
+        f"of its run, {instead}"
+    )

@@ -20,6 +20,7 @@ from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
 from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
 from rag_end2end.model.lora import merged
+from rag_end2end.model.settings import CHECKPOINT_DIR
 from rag_end2end.options import DDP_TIMEOUT_S
 
 
@@ -215,6 +216,15 @@ class RagCheckpoint(ModelCheckpoint):
             trainer.lightning_module.save_hf_checkpoint(export)
             self._written[filepath] = export
 
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        """Lightning's rule, but a tie with the k-th best goes to the later step: on a small validation set EM ties
+        often (0.0 all through a short run), and the first checkpoint would otherwise stay "best" for good."""
+        if current is None or self.save_top_k < 1 or len(self.best_k_models) < self.save_top_k:
+            return super().check_monitor_top_k(trainer, current)
+        at_least_as_good = {"min": torch.le, "max": torch.ge}[self.mode]
+        better = at_least_as_good(current, self.best_k_models[self.kth_best_model_path])
+        return trainer.strategy.reduce_boolean_decision(bool(better))
+
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
         if trainer.is_global_zero:
@@ -272,6 +282,7 @@ class LastCheckpoint(RagCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
             self._saving_inside_step = False
+        self._save_final_weights(trainer)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if self._saving_inside_step:
@@ -280,6 +291,15 @@ class LastCheckpoint(RagCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_final_weights(trainer)
+
+    def _save_final_weights(self, trainer: pl.Trainer) -> None:
+        """The weights training ended (or stopped) with, as a `checkpoint<step>/` export that eval_rag.py, the
+        exporter and answering read: a run that ends before its first validation (or whose best is an earlier
+        step) still leaves a usable model of what it trained. Never removed by the best-k pruning."""
+        if trainer.is_global_zero and trainer.global_step > 0:
+            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.lightning_module.save_hf_checkpoint(export_dir(str(last), trainer.global_step))
 
 
 def kb_pin_path(filepath: str) -> Path:
@@ -295,7 +315,7 @@ def checkpoint_step(filepath: str) -> int | None:
 
 def export_dir(filepath: str, step: int) -> Path:
     """Where the RagModel export of the checkpoint at `filepath` (taken at `step`) goes."""
-    return Path(filepath).parent / f"checkpoint{step}"
+    return Path(filepath).parent / CHECKPOINT_DIR.format(step=step)
 
 
 def get_checkpoint_callback(output_dir: str, metric: str = "em", save_top_k: int = 1) -> ModelCheckpoint:
