@@ -173,6 +173,73 @@ def test_langchain_retriever_returns_the_models_passages(exported):
     assert [d.metadata["score"] for d in docs] == pytest.approx([p["score"] for p in expected], abs=1e-4)
 
 
+@pytest.fixture(scope="module")
+def talking(checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of `checkpoint` whose generator says something (at its init scale the tiny generator emits only
+    [CLS]: larger weights, real answers), and its export."""
+    work = tmp_path_factory.mktemp("talking")
+    shutil.copytree(checkpoint, work / "checkpoint0")
+    generator = AutoModelForSeq2SeqLM.from_pretrained(work / "checkpoint0" / "generator")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.normal_(0, 0.3)
+    generator.save_pretrained(work / "checkpoint0" / "generator")
+    return work / "checkpoint0", export_model.export(work / "checkpoint0", work / "export")
+
+
+def test_langchain_chain_answers_from_a_checkpoint_or_an_export_as_the_model_does(talking):
+    """retriever -> rag_prompt -> the trained generator (a LangChain chat model) gives RagModel.answer's answer over
+    the same passages, from a checkpoint and from its export; the chat model alone answers a bare question too."""
+    pytest.importorskip("langchain_core")
+    from rag_end2end.deploy.langchain import CheckpointChatModel, CheckpointRetriever, rag_chain, rag_chain_from_path
+
+    checkpoint, exported = talking
+    for path in (checkpoint, exported):
+        expected = RagModel.from_pretrained(path).eval().answer(QUESTIONS[:1])[0]
+        assert expected["answer"].strip()
+        out = rag_chain_from_path(str(path), device="cpu", with_sources=True).invoke(QUESTIONS[0])
+        assert out["question"] == QUESTIONS[0] and out["answer"] == expected["answer"]
+        assert [d.metadata["id"] for d in out["context"]] == [p["id"] for p in expected["passages"]]
+    chat = CheckpointChatModel.from_path(str(exported), device="cpu")
+    assert chat.invoke(QUESTIONS[0]).content == expected["answer"]
+    retriever = CheckpointRetriever.from_path(str(exported), k=3)
+    assert rag_chain(retriever, chat).invoke(QUESTIONS[0]) == expected["answer"]
+
+
+def test_langchain_chain_takes_any_chat_model_in_place_of_the_generator(exported):
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel, ParrotFakeChatModel
+
+    from rag_end2end.deploy.langchain import CheckpointRetriever, rag_chain, rag_chain_from_path
+
+    retriever = CheckpointRetriever.from_path(str(exported), k=2)
+    docs = retriever.invoke(QUESTIONS[0])
+    prompt = rag_chain(retriever, ParrotFakeChatModel()).invoke(QUESTIONS[0])  # the parrot returns its prompt
+    assert prompt.endswith("Question: " + QUESTIONS[0])
+    assert all(f"{d.metadata['title']} / {d.page_content}" in prompt for d in docs)
+    out = rag_chain_from_path(str(exported), k=2, model=FakeListChatModel(responses=["forty days"]), with_sources=True)
+    result = out.invoke(QUESTIONS[0])
+    assert result["answer"] == "forty days" and [d.id for d in result["context"]] == [d.id for d in docs]
+
+
+def test_langchain_k_is_bounded_by_the_kb(exported):
+    pytest.importorskip("langchain_core")
+    from rag_end2end.deploy.langchain import CheckpointChatModel, CheckpointRetriever
+
+    retriever = CheckpointRetriever.from_path(str(exported), k=1)
+    size = len(retriever.model.retriever)
+    assert len(CheckpointRetriever(model=retriever.model, k=size).invoke(QUESTIONS[0])) == size
+    for k in (0, size + 1):
+        with pytest.raises(ValueError, match=rf"^k={k}: passages per query must be an integer from 1 to .*{size}"):
+            CheckpointRetriever(model=retriever.model, k=k)
+    retriever.k = size + 1  # set after construction: refused at the query
+    with pytest.raises(ValueError, match="k="):
+        retriever.invoke(QUESTIONS[0])
+    with pytest.raises(ValueError, match="no generator"):
+        CheckpointChatModel(model=retriever.model)
+
+
 def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, tmp_path):
     before = sorted(p.name for p in exported.iterdir())
     with pytest.raises(FileExistsError, match=str(exported)):
