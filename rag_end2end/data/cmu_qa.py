@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 from pathlib import Path
 
 from rag_end2end.data.readers import run_main
@@ -30,10 +29,9 @@ from rag_end2end.data.squad import (
     TokenIndex,
     add_common_args,
     check_args,
-    check_output_dir,
     clean,
+    convert,
     dedupe_answers,
-    write_outputs,
 )
 from rag_end2end.evaluation.metrics import normalize_answer
 
@@ -193,11 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_output_dir(args.output_dir, args.overwrite)
-    docs, questions, stats = load_cmu_qa(args.input_dir)
-    stats = write_outputs(docs, questions, args, {"input": str(args.input_dir), **stats})
-    print(json.dumps(stats, indent=1))
-    return stats
+    return convert(args, lambda: load_cmu_qa(args.input_dir), str(args.input_dir))
 
 
 def cli() -> None:

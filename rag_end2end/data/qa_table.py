@@ -43,11 +43,10 @@ from rag_end2end.data.squad import (
     Question,
     add_common_args,
     check_args,
-    check_output_dir,
     clean,
+    convert,
     dedupe_answers,
     lowercase_index,
-    write_outputs,
 )
 
 FIELDS = ("question", "answer", "passage", "title")
@@ -272,11 +271,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_output_dir(args.output_dir, args.overwrite)
-    docs, questions, stats = load_table(args.input, args)
-    stats = write_outputs(docs, questions, args, {"input": str(args.input), **stats})
-    print(json.dumps(stats, indent=1))
-    return stats
+    return convert(args, lambda: load_table(args.input, args), str(args.input))
 
 
 def cli() -> None:

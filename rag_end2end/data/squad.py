@@ -352,12 +352,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return check_args(parser, parser.parse_args(argv))
 
 
-def main(args: argparse.Namespace) -> dict:
+def convert(args: argparse.Namespace, load: Callable[[], tuple[list, list, dict]], source: str | list[str]) -> dict:
+    """Every converter's main: refuse an output directory of an earlier run, read the QA set (`load`: documents,
+    questions, stats), write the KB CSV, splits, gold passages and stats.json, print the stats and return them."""
     check_output_dir(args.output_dir, args.overwrite)
-    docs, questions, stats = load_squad(args.input)
-    stats = write_outputs(docs, questions, args, {"input": str(args.input), **stats})
+    docs, questions, stats = load()
+    stats = write_outputs(docs, questions, args, {"input": source, **stats})
     print(json.dumps(stats, indent=1))
     return stats
+
+
+def main(args: argparse.Namespace) -> dict:
+    return convert(args, lambda: load_squad(args.input), str(args.input))
 
 
 def cli() -> None:

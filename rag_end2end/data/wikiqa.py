@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from rag_end2end.data.squad import (
     Question,
     add_common_args,
     check_args,
-    check_output_dir,
     clean,
-    write_outputs,
+    convert,
 )
 
 COLUMNS = ("QuestionID", "Question", "DocumentID", "DocumentTitle", "SentenceID", "Sentence", "Label")
@@ -151,11 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    check_output_dir(args.output_dir, args.overwrite)
-    docs, questions, stats = load_wikiqa(args.input)
-    stats = write_outputs(docs, questions, args, {"input": [str(p) for p in args.input], **stats})
-    print(json.dumps(stats, indent=1))
-    return stats
+    return convert(args, lambda: load_wikiqa(args.input), [str(p) for p in args.input])
 
 
 def cli() -> None:
