@@ -56,23 +56,24 @@ def infonce(
     positive: torch.Tensor,
     symmetric: bool = False,
     question_encoder: torch.nn.Module | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """Contrastive loss of B questions (B, d) against P candidate passages (P, d), scores q.p (the question
     vectors carry 1/tau). positive[i]: the column of question i's positive; owner[j]: the passage id of
     column j, so that a copy of a question's positive elsewhere in the batch is not taken for a negative (both on
     the vectors' device). symmetric adds the passage -> question direction over the positives' columns. Scores are
     float32 even under autocast; `question_encoder` says the similarity (l2: negative squared distances / tau,
-    model.encoders.passage_scores), dot products without it."""
+    model.encoders.passage_scores), dot products without it. reduction "none": each question's loss."""
     scores = passage_scores("bd,pd->bp", q, p, question_encoder)  # (B, P)
     rows = torch.arange(len(q), device=scores.device)
     same = owner[None, :] == owner[positive][:, None]  # the same passage as question i's positive
     same[rows, positive] = False
-    loss = F.cross_entropy(scores.masked_fill(same, float("-inf")), positive)
+    loss = F.cross_entropy(scores.masked_fill(same, float("-inf")), positive, reduction=reduction)
     if symmetric:
         by_passage = scores[:, positive].T  # (B, B): positive of i against every question
         dup = owner[positive][None, :] == owner[positive][:, None]
         dup.fill_diagonal_(False)
-        loss = (loss + F.cross_entropy(by_passage.masked_fill(dup, float("-inf")), rows)) / 2
+        loss = (loss + F.cross_entropy(by_passage.masked_fill(dup, float("-inf")), rows, reduction=reduction)) / 2
     return loss
 
 
@@ -346,6 +347,33 @@ class RetrieverOnly(Objective):
         lonely = int(((owner[None, :] != owner[positive][:, None]).sum(1) == 0).sum())
         logs = {"infonce": float(loss.detach()), "with_positive": len(keep) / len(mined.positive)}
         return loss, logs | {"without_negative": float(lonely)}
+
+    def question_losses(self, model, batch, mined) -> list[float | None]:
+        """Each held-out question's InfoNCE loss against its batch's candidates, or None where it cannot be scored:
+        no positive (no gold id, no answer in the passages retrieved), or no candidate but its own positive (a loss
+        of exactly 0.0 whatever the retriever does). Validation averages the scored ones only, so that a batch it
+        cannot score never reads as a perfect retriever (its val_loss 0.0 was kept as the best model for good)."""
+        keep = [i for i, p in enumerate(mined.positive) if p is not None]
+        passages = [mined.positive[i] for i in keep] + [n for i in keep for n in mined.negatives[i]]
+        device = batch["input_ids"].device
+        if passages:
+            vectors = model.encode_passages(*map(list, zip(*passages)))
+            owner = torch.tensor([passage_key(*p) for p in passages], device=vectors.device)
+        else:
+            vectors = torch.zeros(0, model.question_encoder.config.hidden_size, device=device)
+            owner = torch.zeros(0, dtype=torch.long, device=device)
+        p, owner, offset = gather_candidates(vectors, owner)  # a collective under DDP: every rank takes part
+        losses: list[float | None] = [None] * len(mined.positive)
+        if not keep:
+            return losses
+        q = model.encode_questions(batch["input_ids"][keep], batch["attention_mask"][keep])
+        positive = torch.arange(len(keep), device=p.device) + offset
+        each = infonce(q, p, owner, positive, self.args.symmetric_infonce, model.question_encoder, reduction="none")
+        others = (owner[None, :] != owner[positive][:, None]).sum(1)  # candidates that are not its positive
+        for j, i in enumerate(keep):
+            if others[j] > 0:
+                losses[i] = float(each[j])
+        return losses
 
 
 class Dalm(RetrieverOnly):

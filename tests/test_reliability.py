@@ -760,3 +760,51 @@ def test_a_run_stopped_inside_a_step_resumes_on_that_step(ray_local, finetune_ar
     kill_actors(module)
     assert sorted(seen) == list(range(40)), "the interrupted batch was lost, or a batch was seen twice"
     assert module.trainer.global_step == 20 and validations == [20], "the resumed epoch ended without validating"
+
+
+# ---------------------------------------------------------------- what a validation cannot score
+
+
+def test_retriever_only_validation_leaves_out_the_questions_it_cannot_score(tiny_models, tiny_kb, tmp_path):
+    """Two held-out questions have gold passages (0 and 5: each the other's negative), two have neither a gold id
+    nor an answer any passage holds. Their batch used to score InfoNCE 0.0, halving val_loss (and a validation of
+    such batches alone, 0.0, was kept as the best model for good); now it is left out, counted and warned about,
+    and a validation that scores nothing logs NaN, which the checkpoint ranks last."""
+    from rag_end2end.kb.search import KBSearch
+    from rag_end2end.tiny_models import HIDDEN
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "test_run" / "dummy-train-data", data)
+    questions = ["what is hepcidin?", "what leads to oxidative stress?", "who painted the moon?", "why is it blue?"]
+    (data / "val.source").write_text("\n".join(questions) + "\n")
+    (data / "val.target").write_text("a peptide hormone\nreactive oxygen\nqqzx vvwy\nzzqx yyvw\n")
+    gold = [{"answers": ["a"], "gold_passage_ids": ids} for ids in ([0], [5], [], [])]
+    (data / "val.gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold))
+    passages, index = map(str, tiny_kb)
+    argv = ["--training_mode", "retriever_only", "--model_type", "rag_token", "--index_type", "flat"]
+    argv += ["--question_encoder_name_or_path", str(tiny_models["question_encoder"]), "--eval_batch_size", "2"]
+    argv += ["--context_encoder_name", str(tiny_models["context_encoder"]), "--passages_path", passages]
+    argv += ["--index_path", index, "--data_dir", str(data), "--output_dir", str(tmp_path / "run")]
+
+    def validate(*extra: str) -> tuple[dict, finetune_rag.GenerativeQAModule]:
+        module = finetune_rag.GenerativeQAModule(
+            finetune_rag.parse_args([*argv, *extra]), KBSearch(passages, index, HIDDEN)
+        )
+        trainer = pl.Trainer(accelerator="cpu", devices=1, **QUIET)
+        with pytest.warns(UserWarning, match=r"val: 2 question\(s\) could not be scored .*: 2 without a positive"):
+            (metrics,) = trainer.validate(module, verbose=False)
+        return metrics, module
+
+    metrics, module = validate()
+    batch = next(iter(module.val_dataloader()))  # the scored questions' batch, alone, as validation ran it
+    module.eval()
+    with torch.no_grad():
+        scored = module.objective.question_losses(module.model, batch, module._mined(batch, "val"))
+    assert None not in scored and min(scored) > 0
+    assert metrics["val_scored"] == 0.5 and metrics["val_loss"] == pytest.approx(sum(scored) / 2, rel=1e-5)
+
+    (data / "val.source").write_text("\n".join(questions[2:] + questions[:2]) + "\n")  # the unscorable first
+    (data / "val.target").write_text("qqzx vvwy\nzzqx yyvw\na peptide hormone\nreactive oxygen\n")
+    (data / "val.gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold[2:] + gold[:2]))
+    metrics, _ = validate("--n_val", "2")
+    assert metrics["val_scored"] == 0 and metrics["val_loss"] != metrics["val_loss"], metrics  # NaN, never 0.0

@@ -340,9 +340,14 @@ def get_last_checkpoint_callback(output_dir: str, every_n_steps: int) -> LastChe
 
 
 def get_early_stopping_callback(metric: str, patience: int) -> EarlyStopping:
-    """Stop when `val_<metric>` has not improved for `patience` validations."""
+    """Stop when `val_<metric>` has not improved for `patience` validations (a NaN one, retriever_only's that scored
+    no question, counts as no improvement rather than stopping the run)."""
     return EarlyStopping(
-        monitor=f"val_{metric}", mode="min" if "loss" in metric else "max", patience=patience, verbose=True
+        monitor=f"val_{metric}",
+        mode="min" if "loss" in metric else "max",
+        patience=patience,
+        verbose=True,
+        check_finite=False,
     )
 
 

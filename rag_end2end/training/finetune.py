@@ -120,7 +120,7 @@ class GenerativeQAModule(pl.LightningModule):
         # Statement reconstruction: the training statements' gold passages and masks (checked by parse_args).
         self.reconstruction = read_reconstruction(hp.reconstruction_dir) if hp.reconstruction_dir else None
         self._eval_rows: list[tuple[int, list[float]]] = []  # (line, [metrics..., loss, seconds]) on this rank
-        self._without_negative = 0  # retriever_only: held-out questions of this epoch whose batch had no negative
+        self._unscored = [0, 0]  # retriever_only: held-out questions of this epoch without a positive, a negative
         self._test_rows: list[tuple[int, str]] = []  # (line of test.source, generated answer) on this rank
         self.test_predictions: list[str] = []  # every rank's answers, in test.source order
         self.reencode_on_start = False  # a resumed checkpoint's KB version was lost (--reencode_lost_kb)
@@ -201,10 +201,14 @@ class GenerativeQAModule(pl.LightningModule):
         questions, n = batch["source_text"], len(batch["source_text"])
         scores = {name: [0.0] * n for name in GENERATION_METRICS}
         preds = []
-        if self.model.generator is None:  # retriever_only: its own loss on held-out questions
-            loss, logs = self.objective.loss(self.model, batch, self._mined(batch, split))
-            losses = [float(loss)] * n
-            self._without_negative += int(logs.get("without_negative", 0))
+        if self.model.generator is None:  # retriever_only: its own loss on the held-out questions it can score
+            mined = self._mined(batch, split)
+            losses = self.objective.question_losses(self.model, batch, mined)
+            unscored = [i for i, loss in enumerate(losses) if loss is None]
+            no_positive = sum(mined.positive[i] is None for i in unscored)
+            self._unscored[0] += no_positive
+            self._unscored[1] += len(unscored) - no_positive
+            losses = [float("nan") if loss is None else loss for loss in losses]  # left out of the mean
         else:
             preds = self.model.generate(
                 batch["input_ids"], batch["attention_mask"], questions, self.target_lens[split], self.hparams.num_beams
@@ -234,21 +238,28 @@ class GenerativeQAModule(pl.LightningModule):
     def _eval_epoch_end(self, prefix: str) -> None:
         # Every rank's per-question rows, each question once: DistributedSampler pads the ranks' shards to one
         # length with repeated questions, which a plain sum over ranks would count twice.
-        means = per_question_means(every_rank(self._eval_rows))
+        shards = every_rank(self._eval_rows)
+        means = per_question_means(shards)
         self._eval_rows = []
-        lonely, self._without_negative = self._without_negative, 0
-        if lonely:
-            warnings.warn(
-                f"{prefix}: {lonely} question(s) had no negative in their batch (every candidate passage was their "
-                f"own positive), so their InfoNCE loss is 0.0 and {prefix}_loss measures little: hold out questions "
-                "on more passages (prepare_*.py --val_fraction), raise --eval_batch_size or pass --hard_negatives",
-                stacklevel=2,
-            )
+        (no_positive, no_negative), self._unscored = self._unscored, [0, 0]
         if means is None:
             return
         *means, loss, seconds = means
         metrics = {f"{prefix}_gen_time": seconds}
-        if self.model.generator is not None:
+        if self.model.generator is None:  # retriever_only: NaN (ranked last by the checkpoint) when none was scored
+            losses = [values[-2] for values in dict(row for shard in shards for row in shard).values()]
+            metrics[f"{prefix}_loss"] = loss
+            metrics[f"{prefix}_scored"] = sum(x == x for x in losses) / len(losses)
+            if no_positive or no_negative:  # this rank's count
+                warnings.warn(
+                    f"{prefix}: {no_positive + no_negative} question(s) could not be scored and are left out of "
+                    f"{prefix}_loss ({prefix}_scored: the share scored): {no_positive} without a positive passage "
+                    f"(no gold id, and no answer in the passages retrieved), {no_negative} with no negative in their "
+                    "batch (every candidate passage was their own positive); hold out questions on more passages "
+                    "(prepare_*.py --val_fraction), raise --eval_batch_size or pass --hard_negatives",
+                    stacklevel=2,
+                )
+        else:
             metrics |= {
                 f"{prefix}_{name}": value
                 for name, value in zip(GENERATION_METRICS, means)
@@ -496,9 +507,10 @@ def every_rank(rows: list) -> list[list]:
 
 def per_question_means(shards: list[list[tuple[int, list[float]]]]) -> list[float] | None:
     """Column means of every rank's (line, values) rows, each line once (DistributedSampler pads the ranks'
-    shards to one length with repeated lines); None without rows."""
+    shards to one length with repeated lines), NaN values left out (a loss not computed, a question not scored);
+    None without rows."""
     rows = list(dict(row for shard in shards for row in shard).values())
-    return torch.tensor(rows, dtype=torch.float64).mean(0).tolist() if rows else None
+    return torch.tensor(rows, dtype=torch.float64).nanmean(0).tolist() if rows else None
 
 
 def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
