@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rag_end2end.data import reconstruction
+from rag_end2end.data import generate_qa, reconstruction
 from rag_end2end.deploy.export import export
 from rag_end2end.evaluation import evaluate as evaluation
 from rag_end2end.evaluation.results_table import read_test_results
@@ -308,34 +308,55 @@ def adapt(
     val: Sequence[tuple[str, str]] | None = None,
     test: Sequence[tuple[str, str]] | None = None,
     reconstruction_ratio: float | None = None,
+    generate_questions: dict | None = None,
     kb_flags: dict | None = None,
     statement_flags: dict | None = None,
     **flags,
 ) -> TrainResult:
     """From a domain's documents to an adapted model, in one call: the KB (`OUT/kb`), statements from its sentences
     (`OUT/statements`, make_reconstruction_data.py), training on them (`OUT/run`: alone, or mixed with `questions`
-    at `reconstruction_ratio`, 0.5 by default), then the test. Validation uses `val` (questions held out) or, with
-    none, the held-out statements. `flags` are finetune_rag.py's (the models, `indexing_freq`, `max_steps`...)."""
+    at `reconstruction_ratio`, 0.5 by default), then the test. `generate_questions` (generate_qa.py's flags, at least
+    `generator_name_or_path`) generates the questions instead (`OUT/generated`), from the documents' passages, and
+    validates on its held-out ones where no `val` is given. Otherwise validation uses `val` (questions held out)
+    or, with none, the held-out statements. `flags` are finetune_rag.py's (the models, `indexing_freq`,
+    `max_steps`...). Each step an earlier call finished is reused."""
     out = Path(output_dir)
-    ratio = reconstruction_ratio if reconstruction_ratio is not None else (1.0 if questions is None else 0.5)
-    if questions is None and ratio != 1:
+    if generate_questions is not None and questions is not None:
+        raise ValueError("questions and generate_questions: give one source of training questions")
+    has_questions = questions is not None or generate_questions is not None
+    ratio = reconstruction_ratio if reconstruction_ratio is not None else (0.5 if has_questions else 1.0)
+    if not has_questions and ratio != 1:
         raise ValueError(f"reconstruction_ratio={ratio}: without questions every batch is a statement (ratio 1)")
     if questions is not None and val is None:
         raise ValueError("questions without val: hold some out as val, to validate on the task itself")
-    statements = out / "statements"
+    statements, generated = out / "statements", out / "generated"
     argv = ["--csv_path", str(csv_path), "--output_dir", str(statements)]
     argv += _flags(reconstruction.parse_args(argv), statement_flags or {}, "adapt")
     parser = build_parser()  # every flag checked before the (long) encoding
     _flags(parser.parse_args(["--model_type", "rag_token"]), flags, "adapt", parser)
-    print(f"adapt: 1/3 knowledge base from {csv_path}", flush=True)
+    if generate_questions is not None:
+        generation_argv = ["--csv_path", str(csv_path), "--output_dir", str(generated)]
+        defaults = _parse(generate_qa.parse_args, [*generation_argv, "--generator_name_or_path", "-"], "adapt")
+        generation_argv += _flags(defaults, generate_questions, "adapt")
+        _parse(generate_qa.parse_args, generation_argv, "adapt")
+    steps = 4 if generate_questions is not None else 3
+    print(f"adapt: 1/{steps} knowledge base from {csv_path}", flush=True)
     if (out / "kb" / PASSAGES).is_dir() and (out / "kb" / INDEX).is_file():
         kb = KB.at(out / "kb")  # an earlier call's (one that stopped later): encoded once
     else:
         kb = build_kb(csv_path, out / "kb", context_encoder, **(kb_flags or {}))
-    print("adapt: 2/3 statements from the documents' sentences", flush=True)
+    print(f"adapt: 2/{steps} statements from the documents' sentences", flush=True)
     if not (statements / "stats.json").is_file():  # written last: an earlier call's statements are complete
         reconstruction.main(_parse(reconstruction.parse_args, argv, "adapt"))
-    print(f"adapt: 3/3 training ({flags.get('training_mode', 'rag_end2end')}, statement share {ratio})", flush=True)
+    if generate_questions is not None:
+        print(f"adapt: 3/{steps} questions generated from the documents' passages", flush=True)
+        if not (generated / "stats.json").is_file():  # written last, like the statements'
+            generate_qa.main(_parse(generate_qa.parse_args, generation_argv, "adapt"))
+        questions, val = _read_pairs(generated, "train"), val if val is not None else _read_pairs(generated, "val")
+        if not questions or not val:
+            counts = generated / "stats.json"
+            raise ValueError(f"{generated}: too few questions kept to train and validate on ({counts} says why)")
+    print(f"adapt: {steps}/{steps} training ({flags.get('training_mode', 'rag_end2end')}, statement share {ratio})")
     run_flags = {
         "reconstruction_dir": str(statements),
         "reconstruction_ratio": ratio,
@@ -346,6 +367,14 @@ def adapt(
     return _train_on(out / "run", kb, questions, val, test, {**run_flags, **flags})
 
 
+def _read_pairs(directory: str | Path, split: str) -> list[tuple[str, str]] | None:
+    """(question, answer) pairs of {split}.source/.target in `directory` (line-aligned); None where there are none."""
+    source, target = (Path(directory) / f"{split}.{side}" for side in ("source", "target"))
+    if not source.is_file():
+        return None
+    return list(zip(source.read_text(encoding="utf-8").splitlines(), target.read_text(encoding="utf-8").splitlines()))
+
+
 def adapt_cli(argv: list[str] | None = None) -> TrainResult:
     """tools/adapt_from_documents.py: `adapt` from the command line; every other flag goes to finetune_rag.py."""
     parser = argparse.ArgumentParser(description=adapt.__doc__)
@@ -354,6 +383,10 @@ def adapt_cli(argv: list[str] | None = None) -> TrainResult:
     parser.add_argument("--context_encoder", required=True, help="the encoder of the KB (and the context encoder)")
     parser.add_argument("--qa_dir", default=None, help="questions, if any: {train,val,test}.{source,target}")
     parser.add_argument("--reconstruction_ratio", type=float, default=None, help="1 without questions, else 0.5")
+    parser.add_argument(
+        "--generate_questions_with", default=None, help="a local instruct model: questions generated from the passages"
+    )
+    parser.add_argument("--generate_max_passages", type=int, default=None, help="generate for N passages (default all)")
     ours, rest = parser.parse_known_args(argv)
     finetune_parser = build_parser()
     given = finetune_parser.parse_args(["--model_type", "rag_token", *rest])
@@ -362,13 +395,9 @@ def adapt_cli(argv: list[str] | None = None) -> TrainResult:
     flags["model_type"] = given.model_type
 
     def pairs(split: str) -> list[tuple[str, str]] | None:
-        if ours.qa_dir is None or not (Path(ours.qa_dir) / f"{split}.source").is_file():
-            return None
-        source, target = (Path(ours.qa_dir) / f"{split}.{side}" for side in ("source", "target"))
-        return list(
-            zip(source.read_text(encoding="utf-8").splitlines(), target.read_text(encoding="utf-8").splitlines())
-        )
+        return None if ours.qa_dir is None else _read_pairs(ours.qa_dir, split)
 
+    generation = {"generator_name_or_path": ours.generate_questions_with, "max_passages": ours.generate_max_passages}
     run = adapt(
         ours.csv_path,
         ours.output_dir,
@@ -377,6 +406,7 @@ def adapt_cli(argv: list[str] | None = None) -> TrainResult:
         val=pairs("val"),
         test=pairs("test"),
         reconstruction_ratio=ours.reconstruction_ratio,
+        generate_questions=generation if ours.generate_questions_with else None,
         **flags,
     )
     print(f"adapt: done; checkpoint {run.checkpoint}; metrics {json.dumps(run.metrics)}")

@@ -103,6 +103,32 @@ def test_adapt_goes_from_documents_alone_to_a_tested_model(tiny_models, tmp_path
     assert not (tmp_path / "work" / "run" / "data").exists()  # nothing was trained as a question
 
 
+def test_adapt_can_generate_its_questions_from_the_documents(tiny_models, tmp_path, monkeypatch):
+    """KB CSV -> KB, statements, questions generated from the passages (the tiny random generator cannot write one:
+    its replies are test_generate_qa's fake ones), training on both kinds, validated on generated questions."""
+    from rag_end2end.data import generate_qa
+    from tests.test_generate_qa import make_fake_generate
+
+    monkeypatch.setattr(generate_qa, "generate_texts", make_fake_generate([]))
+    csv = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
+    generation = {"generator_name_or_path": str(tiny_models["causal_generator"]), "device": "cpu", "val_fraction": 0.2}
+    run = rag.adapt(csv, tmp_path / "work", context_encoder=str(tiny_models["context_encoder"]),
+                    generate_questions=generation, kb_flags={"index_type": "flat", "device": "cpu"},
+                    model_type="rag_token", model_name_or_path=str(tiny_models["rag_token"]), max_steps=4,
+                    val_check_interval=4, train_batch_size=2, eval_batch_size=4, log_every_n_steps=1,
+                    max_target_length=64, accelerator="cpu", devices=1)  # fmt: skip
+    generated = tmp_path / "work" / "generated"
+    trained_on = (tmp_path / "work" / "run" / "data" / "train.source").read_text().splitlines()
+    assert trained_on and trained_on == (generated / "train.source").read_text().splitlines()
+    validated_on = (tmp_path / "work" / "run" / "data" / "val.source").read_text().splitlines()
+    assert validated_on == (generated / "val.source").read_text().splitlines()
+    logged = (next((tmp_path / "work" / "run" / "logs").glob("version_*/metrics.csv"))).read_text()
+    assert "train_loss_recon" in logged and "train_loss_qa" in logged
+    assert run.checkpoint is not None
+    with pytest.raises(ValueError, match="give one source"):
+        rag.adapt(csv, tmp_path / "x", context_encoder="-", questions=[("q", "a")], generate_questions=generation)
+
+
 def test_switches_and_valued_booleans_become_the_flags_they_are(tmp_path):
     """A store_true switch is the flag alone; a flag that takes a value gets "true"/"false"; False for a switch that
     is off adds nothing, and the flags the call sets itself are refused, not dropped."""

@@ -447,3 +447,45 @@ def test_a_qa_file_refusal_is_one_line_with_exit_status_2(finetune_argv, tmp_pat
     errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "train.source:5: empty or whitespace-only line" in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "out" / "logs").exists()
+
+
+def test_a_negative_learning_rate_is_refused_and_a_zero_one_warned(capsys):
+    base = ["--model_type", "rag_token"]
+    for flag in ("--learning_rate", "--retriever_learning_rate"):
+        with pytest.raises(SystemExit):
+            finetune_rag.parse_args([*base, flag, "-1"])
+        assert f"{flag} must be >= 0, got -1" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"--learning_rate 0: the parts it sets do not learn"):
+        finetune_rag.parse_args([*base, "--learning_rate", "0"])
+
+
+def test_passages_per_question_and_empty_questions_are_refused_in_one_line(tiny_models, tiny_kb, tmp_path, capsys):
+    """n_docs 0 in rag_settings.json ended in FAISS's bare `assert k > 0`; more than the KB holds repeated its best
+    hit; an empty question was answered."""
+    from rag_end2end.deploy import answer as rag_answer
+    from rag_end2end.model.rag import RagModel
+    from rag_end2end.model.settings import RagSettings, Scoring, SettingsError
+
+    path = RagSettings(question_encoder=Scoring(similarity="dot"), generator_family=None).to_json(tmp_path / "s.json")
+    path.write_text(path.read_text().replace('"n_docs": 5', '"n_docs": 0'))
+    with pytest.raises(SettingsError, match=rf"^{path}: n_docs 0: passages per question must be >= 1$"):
+        RagSettings.from_json(path)
+
+    kb = (str(tiny_kb[0]), str(tiny_kb[1]))
+    model = RagModel.from_pretrained(str(tiny_models["rag_token"]), kb=kb).eval()
+    size = len(model.retriever)
+    with pytest.raises(ValueError, match=r"^question 2 of 2 is empty$"):
+        model.answer(["what is hepcidin?", "  "])
+    for n in (0, size + 1):
+        with pytest.raises(
+            ValueError, match=rf"^n_docs: {n} passages per question; give 1 to the KB's size \({size}\)"
+        ):
+            model.answer(["what is hepcidin?"], n_docs=n)
+    assert len(model.answer(["what is hepcidin?"], n_docs=size)[0]["passages"]) == size
+    model.n_docs = size + 1
+    with pytest.raises(ValueError, match=rf"n_docs \(rag_settings.json\) for the KB .*: {size + 1} passages per"):
+        model.attach_kb(kb)
+
+    with pytest.raises(SystemExit):
+        rag_answer.main(["--model", str(tiny_models["rag_token"]), "--question", " "])
+    assert "--question: an empty question" in capsys.readouterr().err

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if (args.passages_path is None) != (args.index_path is None):
         p.error("--passages_path and --index_path go together (an index only fits its own passages)")
+    if any(not q.strip() for q in args.question):
+        p.error("--question: an empty question (nothing to retrieve or answer for)")
     questions = args.question + (read_lines(args.questions_file) if args.questions_file else [])
     model = load(args)
     results = []

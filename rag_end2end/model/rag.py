@@ -543,7 +543,13 @@ class RagModel(torch.nn.Module):
     ) -> list[dict]:
         """Each question's answer (None without a generator: a retriever_only checkpoint) and the passages it drew
         on, best first: KB row `id`, `title`, `text`, `score` (the doc score, similarity / tau) and `probability`
-        (p(z|x), their softmax). Decoding defaults to the run's (`generation`); call `.eval()` first."""
+        (p(z|x), their softmax). Decoding defaults to the run's (`generation`); call `.eval()` first. An empty
+        question, or `n_docs` outside 1..the KB's size, is refused (ValueError)."""
+        empty = [i for i, q in enumerate(questions) if not str(q).strip()]
+        if not questions or empty:
+            raise ValueError(f"question {empty[0] + 1} of {len(questions)} is empty" if empty else "no question given")
+        if n_docs is not None:
+            self._check_n_docs(n_docs, "n_docs")
         enc = self.tokenize_questions(questions)
         r = self.retrieve(enc["input_ids"], enc["attention_mask"], n_docs)
         answers = [None] * len(questions)
@@ -670,9 +676,17 @@ class RagModel(torch.nn.Module):
         return model.attach_kb(kb) if retriever is None and kb else model
 
     def attach_kb(self, kb: tuple[str, str]) -> RagModel:
-        """Search the KB (passages, index) in this process (kb_search.KBSearch); returns the model."""
+        """Search the KB (passages, index) in this process (kb_search.KBSearch); returns the model. A KB of fewer
+        passages than n_docs is refused (FAISS would fill the rest with the best hit again)."""
         self.retriever = KBSearch(*kb, self.question_encoder.config.hidden_size)
+        self._check_n_docs(self.n_docs, f"n_docs (rag_settings.json) for the KB {kb[0]}")
         return self
+
+    def _check_n_docs(self, n_docs: int, what: str) -> None:
+        """1 <= n_docs <= the KB's size (when the retriever knows it), else a one-line ValueError naming `what`."""
+        size = len(self.retriever) if hasattr(self.retriever, "__len__") else None
+        if not isinstance(n_docs, int) or n_docs < 1 or (size is not None and n_docs > size):
+            raise ValueError(f"{what}: {n_docs!r} passages per question; give 1 to the KB's size ({size or '?'})")
 
 
 def checkpoint_settings(path: str | Path, cache_dir: str | None = None) -> RagSettings:

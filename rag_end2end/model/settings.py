@@ -130,6 +130,14 @@ class RagSettings:
         for name, choices in (("marginal", MARGINALS), ("doc_scores", DOC_SCORES)):
             if getattr(self, name) not in choices:
                 raise SettingsError(f"{name} {getattr(self, name)!r}: use one of {', '.join(choices)}")
+        if self.n_docs < 1:  # FAISS's bare `assert k > 0` otherwise, at the first question
+            raise SettingsError(f"n_docs {self.n_docs}: passages per question must be >= 1")
+        if self.rerank_top < 0 or (self.question_max_length is not None and self.question_max_length < 1):
+            raise SettingsError(
+                f"rerank_top {self.rerank_top} must be >= 0 and question_max_length {self.question_max_length} >= 1"
+            )
+        if not 0 <= self.label_smoothing < 1:
+            raise SettingsError(f"label_smoothing {self.label_smoothing}: must be in [0, 1)")
 
     # ------------------------------------------------------------------ changes
 

@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "while the context encoder learns",
             stacklevel=1,
         )
+    for flag in ("learning_rate", "retriever_learning_rate", "temperature_learning_rate"):
+        rate = getattr(args, flag)
+        if rate is not None and not rate >= 0:  # NaN too
+            parser.error(f"--{flag} must be >= 0, got {rate:g}")
+        if rate == 0:
+            warnings.warn(f"--{flag} 0: the parts it sets do not learn (the run only validates them)", stacklevel=1)
     if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
     if args.retrieval_timeout <= 0:
