@@ -396,3 +396,82 @@ def test_eval_rag_reproduces_the_do_predict_that_wrote_the_checkpoint(ray_local,
     for k in (1, 5, 10, 20):
         assert retrieval[str(checkpoint)][f"recall@{k}"] == pytest.approx(float(logged[f"test_recall@{k}"]))
     assert 0 < float(logged["test_recall@20"])
+
+
+def test_eval_rag_on_parts_with_peft_adapters(tiny_models, tiny_kb, tmp_path):
+    """A question encoder, a KB and a generator, each given apart with a peft adapter (DALM's eval-rag): eval_rag.py
+    scores the answers and passages of those parts with the adapters live (RagModel.answer with peft's models),
+    the adapters folded in; without the adapters the passages differ, so the adapters are applied; an adapter of
+    another model, or none in the directory, is refused."""
+    from peft import PeftModel
+
+    from rag_end2end.model.encoders import load_encoder, load_tokenizer
+    from rag_end2end.model.lora import add_lora
+    from rag_end2end.model.rag import Seq2SeqGenerator
+
+    passages, index = tiny_kb
+    base = tmp_path / "generator"  # the tiny generator at init scale emits only [CLS]: larger weights, real answers
+    generator = Seq2SeqGenerator.from_pretrained(str(tiny_models["generator"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in generator.model.parameters():
+            p.normal_(0, 0.3)
+    generator.save_pretrained(base)
+    q_name = str(tiny_models["question_encoder"])
+    question_encoder = load_encoder(q_name, side="question")
+    adapters = {"generator": tmp_path / "g_adapter", "question_encoder": tmp_path / "q_adapter"}
+    for part, where in ((generator, adapters["generator"]), (question_encoder, adapters["question_encoder"])):
+        add_lora(part, 4, 8, 0.0)
+        with torch.no_grad():
+            for name, p in part.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: an adapter that changes nothing
+                    p.normal_(0, 1.0)
+        [peft_model] = [m for m in part.modules() if isinstance(m, PeftModel)]
+        peft_model.save_pretrained(where)
+    live = RagModel(question_encoder, load_tokenizer(q_name), generator, kb_search.KBSearch(passages, index, 32), 3)
+    questions = QUESTIONS.read_text().splitlines()
+    expected = live.eval().answer(questions, max_new_tokens=8)
+
+    common = [
+        "--question_encoder_name_or_path",
+        q_name,
+        "--passages_path",
+        passages,
+        "--index_path",
+        index,
+        "--evaluation_set",
+        QUESTIONS,
+        "--gold_data_path",
+        ANSWERS,
+        "--gold_data_mode",
+        "ans",
+        "--n_docs",
+        "3",
+        "--max_length",
+        "8",
+        "--metrics",
+        "em,f1,bleu,rouge_l",
+    ]
+    with_adapters = ["--question_encoder_adapter", adapters["question_encoder"]]
+    g = ["--generator_name_or_path", base, "--generator_adapter", adapters["generator"]]
+    metrics = _evaluate(*common, *with_adapters, *g, "--predictions_path", tmp_path / "e2e.txt")[q_name]
+    predictions = (tmp_path / "e2e.txt").read_text().splitlines()
+    assert predictions == [r["answer"].strip() for r in expected] and any(predictions)
+    assert set(metrics) >= {"em", "f1", "bleu", "rouge_l"} and metrics["n"] == len(questions)
+
+    gold = tmp_path / "test.gold.jsonl"  # each question's gold passage: the live model's top one
+    gold.write_text("".join(json.dumps({"gold_passage_ids": [r["passages"][0]["id"]]}) + "\n" for r in expected))
+    retrieval = [*common[:8], "--gold_data_path", gold, "--eval_mode", "retrieval", "--ks", "1,40"]
+    adapted = _evaluate(*retrieval, *with_adapters, "--predictions_path", tmp_path / "r.txt")[q_name]
+    assert adapted["recall@1"] == 1.0
+    ids = (tmp_path / "r.ids.txt").read_text().splitlines()
+    assert [line.split("\t")[:3] for line in ids] == [[str(p["id"]) for p in r["passages"]] for r in expected]
+    _evaluate(*retrieval, "--predictions_path", tmp_path / "r0.txt")
+    assert (tmp_path / "r0.ids.txt").read_text().splitlines() != ids, "the question encoder's adapter changed nothing"
+
+    with pytest.raises(ValueError, match="q_adapter"):  # a BERT adapter on a BART generator
+        _evaluate(*common, "--generator_name_or_path", base, "--generator_adapter", adapters["question_encoder"])
+    with pytest.raises(FileNotFoundError, match=r"generator: no adapter_config\.json"):
+        _evaluate(*common, "--generator_name_or_path", base, "--generator_adapter", base)
+    with pytest.raises(SystemExit):  # parts without a generator score retrieval only
+        _evaluate(*common)

@@ -9,9 +9,15 @@ answer recall@k, title precision@k, --eval_mode retrieval).
         --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
         --evaluation_set DATA/test.source --gold_data_path DATA/test.gold.jsonl --metrics_path zero-shot.json
 
-The last form judges a retriever before anyone trains it: any question encoder, scored as its checkpoint
+    python eval_rag.py --question_encoder_name_or_path pretrained/minilm --question_encoder_adapter Q_ADAPTER \
+        --generator_name_or_path pretrained/smollm2-135m-instruct --generator_adapter G_ADAPTER \
+        --passages_path KB/my_knowledge_dataset --index_path KB/my_knowledge_dataset_hnsw_index.faiss \
+        --evaluation_set DATA/test.source --gold_data_path DATA/test.target --metrics em,f1,bleu,rouge_l
+
+The third form judges a retriever before anyone trains it: any question encoder, scored as its checkpoint
 declares (pooling, similarity) unless --question_pooling/--similarity say otherwise, against a KB built for
-that similarity (a mismatch is refused).
+that similarity (a mismatch is refused). The last scores a RAG model made of parts (DALM's eval-rag): that
+question encoder, the KB its context encoder built, and a generator, each peft adapter folded into its part.
 
 Each checkpoint is evaluated with the knowledge-base version that matches its weights (its kb_version.json,
 else the passages_path and index_path of its config.json) unless --passages_path/--index_path say otherwise.
@@ -56,9 +62,10 @@ from rag_end2end.evaluation.metrics import (
 from rag_end2end.kb.similarity import check_kb_similarity
 from rag_end2end.kb.versions import checkpoint_kb
 from rag_end2end.model.encoders import encoder_similarity, load_encoder, load_tokenizer
-from rag_end2end.model.rag import RagModel, checkpoint_settings
+from rag_end2end.model.lora import check_adapter, load_adapter
+from rag_end2end.model.rag import GENERATORS, RagGenerator, RagModel, checkpoint_settings
 from rag_end2end.model.settings import Generation, checkpoint_dirs_in, refuse_training_state
-from rag_end2end.options import add_debug_arg, parse_metrics
+from rag_end2end.options import SIMILARITIES, add_debug_arg, parse_metrics
 
 logger = logging.getLogger("eval_rag")
 FALLBACK = Generation().decoding()  # the decoding of a checkpoint that saved none
@@ -94,14 +101,36 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
     return passages, index
 
 
+def parts_generator(args: argparse.Namespace) -> RagGenerator:
+    """--generator_name_or_path as a generator of --generator_type (default: seq2seq for an encoder-decoder
+    config, else causal) with --prompt_template (default: the family's), its --generator_adapter folded in."""
+    name = args.generator_name_or_path
+    family = args.generator_type or ("seq2seq" if AutoConfig.from_pretrained(name).is_encoder_decoder else "causal")
+    generator = GENERATORS[family].from_pretrained(name, args.prompt_template)
+    if args.generator_adapter:
+        load_adapter(generator, args.generator_adapter)
+    return generator
+
+
 def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
-    """The model (or with --question_encoder_name_or_path that encoder alone) over the matching KB, searched
-    in this process, in eval mode (on a GPU if any)."""
+    """The model (or with --question_encoder_name_or_path one made of parts: that encoder, a generator where
+    --generator_name_or_path names one) over the matching KB, searched in this process, in eval mode (on a GPU
+    if any)."""
     if args.question_encoder_name_or_path:
         passages, index = args.passages_path, args.index_path
         name = args.question_encoder_name_or_path
         encoder = load_encoder(name, args.question_pooling, side="question", similarity=args.similarity)
-        model = RagModel(encoder, load_tokenizer(name), question_prefix=args.question_prefix or "")
+        if args.question_encoder_adapter:
+            load_adapter(encoder, args.question_encoder_adapter)
+        generator = parts_generator(args) if args.generator_name_or_path and args.eval_mode == "e2e" else None
+        model = RagModel(
+            encoder,
+            load_tokenizer(name),
+            generator,
+            marginal=(args.model_type or "rag_token").removeprefix("rag_"),
+            question_prefix=args.question_prefix or "",
+            **({"n_docs": args.n_docs} if args.n_docs else {}),  # else RagModel's default
+        )
     else:
         passages, index = kb_paths(checkpoint, args)
         saved = checkpoint_settings(checkpoint)  # each default: the checkpoint's
@@ -117,6 +146,7 @@ def load_model(checkpoint: str, args: argparse.Namespace) -> RagModel:
             load_context_encoder=None if e2e else False,
             kb=(passages, index),
             settings=settings,
+            generator=parts_generator(args) if e2e and args.generator_name_or_path else None,  # e.g. retriever_only's
         )
     check_kb_similarity(passages, f"the question encoder of {checkpoint}", encoder_similarity(model.question_encoder))
     if model.retriever is None:
@@ -275,8 +305,11 @@ def evaluate_checkpoint(
 def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Evaluate the model, or every checkpoint in step order; return {checkpoint: metrics}."""
     model = args.model_name_or_path or args.question_encoder_name_or_path
-    for flag in ("model_name_or_path", "question_encoder_name_or_path"):
+    for flag in ("model_name_or_path", "question_encoder_name_or_path", "generator_name_or_path"):
         check_model_path(flag, getattr(args, flag))
+    for adapter in (args.question_encoder_adapter, args.generator_adapter):
+        if adapter:
+            check_adapter(adapter)
     checkpoints = checkpoint_dirs(model, args.eval_all_checkpoints)
     predictions_path = Path(args.predictions_path)
     metrics_path = Path(args.metrics_path) if args.metrics_path else predictions_path.with_suffix(".json")
@@ -306,8 +339,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--question_encoder_name_or_path",
         default=None,
-        help="instead of a RAG model: a question encoder alone, for --eval_mode retrieval over "
-        "--passages_path/--index_path (zero-shot retrieval)",
+        help="instead of a RAG model: a question encoder over --passages_path/--index_path, alone for --eval_mode "
+        "retrieval (zero-shot retrieval), with --generator_name_or_path a RAG model of parts",
+    )
+    parser.add_argument(
+        "--question_encoder_adapter", default=None, help="a peft adapter directory of --question_encoder_name_or_path"
+    )
+    parser.add_argument(
+        "--generator_name_or_path",
+        default=None,
+        help="a generator (any seq2seq or causal LM) for the question encoder's passages, or in place of a "
+        "checkpoint's own (e.g. beside a retriever_only checkpoint)",
+    )
+    parser.add_argument("--generator_adapter", default=None, help="a peft adapter directory of the generator")
+    parser.add_argument(
+        "--generator_type",
+        choices=list(GENERATORS),
+        default=None,
+        help="default: seq2seq for an encoder-decoder config, else causal",
+    )
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="with --generator_name_or_path: prompt with {title} {text} {question} (default: the family's; "
+        "causal: the chat template if any)",
     )
     parser.add_argument(
         "--question_pooling",
@@ -318,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--question_prefix", default=None, help='with --question_encoder_name_or_path, e.g. "query: "')
     parser.add_argument(
         "--similarity",
-        choices=["dot", "cosine"],
+        choices=SIMILARITIES,
         default=None,
         help="how the question encoder scores (default: what the checkpoint declares)",
     )
@@ -384,11 +439,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--passages_path and --index_path go together (an index only fits its own passages)")
     if (args.model_name_or_path is None) == (args.question_encoder_name_or_path is None):
         parser.error("give --model_name_or_path (a RAG model) or --question_encoder_name_or_path (retrieval only)")
+    generator_flags = ("generator_adapter", "generator_type", "prompt_template")
+    if not args.generator_name_or_path and any(getattr(args, flag) for flag in generator_flags):
+        parser.error("--generator_adapter, --generator_type and --prompt_template go with --generator_name_or_path")
+    if args.question_encoder_adapter and not args.question_encoder_name_or_path:
+        parser.error("--question_encoder_adapter goes with --question_encoder_name_or_path")
     if args.question_encoder_name_or_path:
-        if args.eval_mode != "retrieval" or args.passages_path is None or args.eval_all_checkpoints:
+        if args.passages_path is None or args.eval_all_checkpoints:
             parser.error(
-                "--question_encoder_name_or_path evaluates retrieval alone: it needs --eval_mode retrieval "
-                "and --passages_path/--index_path, and has no checkpoints to iterate"
+                "--question_encoder_name_or_path needs --passages_path/--index_path (the KB its context encoder "
+                "built), and has no checkpoints to iterate"
+            )
+        if args.eval_mode == "e2e" and not args.generator_name_or_path:
+            parser.error(
+                "--question_encoder_name_or_path alone evaluates retrieval (--eval_mode retrieval); --eval_mode "
+                "e2e needs --generator_name_or_path too"
             )
     elif args.question_pooling or args.question_prefix is not None:
         parser.error(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rag_end2end.data.readers import check_model_path
 from rag_end2end.kb.index import read_index
@@ -185,11 +185,8 @@ def load_generator(hp: argparse.Namespace):
             name, hp.prompt_template, hp.max_combined_length, hp.label_smoothing, hp.cache_dir, **config
         )
     template = hp.prompt_template or (hp.prefix or "") + RAG_TEMPLATE
-    # Passage + question must fit the generator's positions (transformers' RAG default, 300, may not).
-    length = hp.max_combined_length or Seq2SeqGenerator.default_max_length
-    positions = getattr(AutoConfig.from_pretrained(name, cache_dir=hp.cache_dir), "max_position_embeddings", None)
     return Seq2SeqGenerator.from_pretrained(
-        name, template, min(length, positions or length), hp.label_smoothing, hp.cache_dir, **config
+        name, template, hp.max_combined_length, hp.label_smoothing, hp.cache_dir, **config
     )
 
 

@@ -9,9 +9,10 @@ which loads and encodes as a plain model (eval_rag.py and the Ray encoding actor
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 INNER = ("model", "question_encoder", "ctx_encoder")  # where PooledEncoder, DPR*Encoder and RagGenerator keep it
@@ -74,3 +75,30 @@ def merged(part: torch.nn.Module) -> torch.nn.Module:
     holder, attr = _inner(part)
     setattr(holder, attr, getattr(holder, attr).merge_and_unload())
     return part
+
+
+def load_adapter(part: torch.nn.Module, path: str) -> None:
+    """The peft adapter saved at `path` (its adapter_config.json and weights: a --peft run's generator_adapter/,
+    DALM's, any peft `save_pretrained`) folded into the part's transformer, in place: a plain model again, as an
+    export merges it. Refused in one line when the adapter's weights find no module of the part (an adapter of
+    another model would otherwise load as nothing and change nothing)."""
+    check_adapter(path)
+    holder, attr = _inner(part)
+    try:
+        model = get_peft_model(getattr(holder, attr), PeftConfig.from_pretrained(path))
+    except ValueError as err:  # e.g. its target modules are none of this model's
+        raise ValueError(f"{path}: {err} (an adapter of another model?)") from None
+    result = set_peft_model_state_dict(model, load_peft_weights(path, device="cpu"))
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    if unexpected:
+        raise ValueError(
+            f"{path}: {len(unexpected)} adapter weights (e.g. {unexpected[0]}) fit no module of "
+            f"{type(getattr(holder, attr)).__name__}: an adapter of another model"
+        )
+    setattr(holder, attr, model.merge_and_unload())
+
+
+def check_adapter(path: str) -> None:
+    """Refuse, before any model loads, a path that holds no peft adapter."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{path}: no adapter_config.json (not a peft adapter directory)")

@@ -216,6 +216,15 @@ class Seq2SeqGenerator(RagGenerator):
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
 
+    @classmethod
+    def from_pretrained(cls, path, template=None, max_length=None, label_smoothing=0.0, cache_dir=None, **config):
+        """As RagGenerator's, with prompts no longer than the model's positions (transformers' RAG default, 300,
+        may be more than a small model has)."""
+        generator = super().from_pretrained(path, template, max_length, label_smoothing, cache_dir, **config)
+        positions = getattr(generator.model.config, "max_position_embeddings", None)
+        generator.max_length = min(generator.max_length, positions or generator.max_length)
+        return generator
+
     def _encode(self, prompts: list[str]):
         enc = self.tokenizer(prompts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         return {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
