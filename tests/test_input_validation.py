@@ -489,3 +489,26 @@ def test_passages_per_question_and_empty_questions_are_refused_in_one_line(tiny_
     with pytest.raises(SystemExit):
         rag_answer.main(["--model", str(tiny_models["rag_token"]), "--question", " "])
     assert "--question: an empty question" in capsys.readouterr().err
+
+
+def test_an_incomplete_checkpoint_is_refused_naming_what_is_missing(tiny_models, tiny_kb, tmp_path):
+    """A checkpoint<step>/ being saved or removed lacks parts: its reader got the hub's "Repo id must be in the
+    form" error, or (no kb_version.json) a model without a retriever: "'NoneType' object has no attribute
+    'retrieve'"."""
+    import shutil
+
+    from rag_end2end.model.rag import RagModel
+
+    kb = (str(tiny_kb[0]), str(tiny_kb[1]))
+    checkpoint = tmp_path / "checkpoint8"
+    RagModel.from_pretrained(str(tiny_models["rag_token"]), kb=kb).save_pretrained(checkpoint)
+    shutil.rmtree(checkpoint / "generator")
+    with pytest.raises(FileNotFoundError, match=rf"^{checkpoint}: not a complete checkpoint: generator/ missing"):
+        RagModel.from_pretrained(checkpoint)
+    retriever_only = RagModel.from_pretrained(checkpoint, load_generator=False).eval()  # no kb_version.json
+    with pytest.raises(ValueError, match=r"^no KB to retrieve from: the checkpoint names none \(no kb_version.json\)"):
+        retriever_only.answer(["what is hepcidin?"])
+    assert retriever_only.attach_kb(kb).answer(["what is hepcidin?"])[0]["passages"]
+    shutil.rmtree(checkpoint / "question_encoder")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint8: not a complete checkpoint: question_encoder/ missing"):
+        RagModel.from_pretrained(checkpoint, load_generator=False)

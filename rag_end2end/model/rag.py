@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from rag_end2end.kb.search import KBSearch
-from rag_end2end.kb.versions import checkpoint_kb
+from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.causal import (
     DEFAULT_TEMPLATE,
     IGNORE,
@@ -476,6 +476,11 @@ class RagModel(torch.nn.Module):
     def search(self, q: torch.Tensor, n: int, embeddings: bool = True) -> tuple[np.ndarray | None, np.ndarray, list]:
         """The KB's top-n for each question vector: stored embeddings (B, n, d) (None may come back unless
         `embeddings`), rows (B, n) and passages."""
+        if self.retriever is None:
+            raise ValueError(
+                f"no KB to retrieve from: the checkpoint names none (no {KB_VERSION_FILE}); attach one with "
+                "model.attach_kb((passages_path, index_path)), or load with RagModel.from_pretrained(path, kb=...)"
+            )
         return self.retriever.retrieve(q.detach().float().cpu().numpy(), n, embeddings=embeddings)
 
     @torch.no_grad()
@@ -580,8 +585,8 @@ class RagModel(torch.nn.Module):
                         "score": float(scores[b, k]),
                         "probability": float(probs[b, k]),
                     }
-                    for k in range(scores.shape[1])
-                ],
+                    for k in scores[b].argsort(descending=True, stable=True).tolist()  # best first, whatever
+                ],  # the index's order (fresh doc scores rank re-encoded passages anew)
             }
             for b, (q, a) in enumerate(zip(questions, answers))
         ]
@@ -719,7 +724,15 @@ def checkpoint_settings(path: str | Path, cache_dir: str | None = None) -> RagSe
 
 def _load_parts(directory: Path, settings: RagSettings, load_generator: bool, load_context_encoder: bool) -> tuple:
     """(question encoder, its tokenizer, generator or None, (context encoder, tokenizer) or None) of a directory
-    that save_pretrained wrote, each built as `settings` say."""
+    that save_pretrained wrote, each built as `settings` say. A part that the settings say is there but is not (an
+    interrupted save, a checkpoint being removed) is refused naming it, not met as the hub's "Repo id" error."""
+    parts = ["question_encoder", *(["generator"] if load_generator and settings.generator_family else [])]
+    missing = [f"{name}/" for name in parts if not (directory / name / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: not a complete checkpoint: {' and '.join(missing)} missing beside its {SETTINGS_FILE} (a "
+            "save that was interrupted, or a checkpoint being replaced); give a complete checkpoint<step> or export"
+        )
     scoring = settings.question_encoder
     q = load_encoder(
         str(directory / "question_encoder"),
