@@ -98,6 +98,13 @@ class RetrievalActor:
         return self._serving(fallback).retrieve(query_vectors, n_docs, embeddings)
 
 
+def _serving_options(namespace: str, gpus: float) -> dict:
+    """Ray options of an actor that serves searches: found again by name (get_if_exists), restarted for ever when it
+    dies, two threads (a search can run while a new version is staged), num_cpus=0 because it mostly waits."""
+    options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace, "max_restarts": -1}
+    return options | ({"num_gpus": gpus} if gpus else {})
+
+
 def start_retrieval_actors(
     n: int,
     ef_search: int = 128,
@@ -111,15 +118,7 @@ def start_retrieval_actors(
     `faiss_gpu` (--faiss_gpu) on and index GPUs (--index_gpus), each asks Ray for its share of a GPU and searches
     its index there (faiss_devices.faiss_actor_gpus: the builder of refreshes counts as one more)."""
     gpus, faiss_gpu = faiss_actor_gpus(faiss_gpu, index_gpus, n + 1)
-    # Two threads: a search can run while a new version is staged; num_cpus=0 because they mostly wait.
-    options = {
-        "get_if_exists": True,
-        "max_concurrency": 2,
-        "num_cpus": 0,
-        "namespace": namespace,
-        "max_restarts": -1,
-        **({"num_gpus": gpus} if gpus else {}),
-    }
+    options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(RetrievalActor)
     return [
         remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search, threads, faiss_gpu)
@@ -236,15 +235,7 @@ def start_shard_actors(
     `index_config.faiss_gpu` on and index GPUs, each asks Ray for its share of a GPU, as start_retrieval_actors."""
     gpus, faiss_gpu = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, n_shards + 1)
     index_config = replace(index_config, faiss_gpu=faiss_gpu)
-    options = {
-        "get_if_exists": True,
-        "max_concurrency": 2,
-        "num_cpus": 0,
-        "namespace": namespace,
-        "max_restarts": -1,
-        "scheduling_strategy": "SPREAD",
-        **({"num_gpus": gpus} if gpus else {}),
-    }
+    options = _serving_options(namespace, gpus) | {"scheduling_strategy": "SPREAD"}
     remote_cls = ray.remote(ShardActor)
     return [
         remote_cls.options(name=f"retrieval_shard_{i}", **options).remote(i, n_shards, index_config, threads)
