@@ -319,6 +319,26 @@ def test_pruning_spares_other_runs_versions_and_pinned_ones(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("v*")) == ["v0001", "v0002", "v0003", "v0005", "v0006"]
 
 
+def test_a_symlinked_kb_version_is_left_with_its_target_and_named(tmp_path):
+    """A user moved a version to another disk and linked it back: the resume's clean-up met shutil.rmtree's
+    "Cannot call rmtree on a symbolic link", naming no path, and stopped."""
+    from rag_end2end.kb.versions import KBVersion, prune_versions, remove_unreachable_versions, version_dir
+
+    kb, elsewhere = tmp_path / "kb", tmp_path / "other-disk" / "v0002"
+    for v, path in ((1, version_dir(kb, 1)), (2, elsewhere), (3, version_dir(kb, 3))):
+        path.mkdir(parents=True)
+        (path / "READY.json").write_text(json.dumps(vars(KBVersion(v, "p", "i"))))
+    version_dir(kb, 2).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.warns(UserWarning, match=rf"kb/v0002 is a symbolic link \(to {elsewhere}\), not a KB version this run"):
+        assert remove_unreachable_versions(kb, live=1, keep=set()) == [3]  # v0002 and v0003 were never live
+    assert version_dir(kb, 2).is_symlink() and (elsewhere / "READY.json").is_file()
+    version_dir(kb, 4).mkdir()
+    (version_dir(kb, 4) / "READY.json").write_text(json.dumps(vars(KBVersion(4, "p", "i"))))
+    with pytest.warns(UserWarning, match=r"kb/v0002 is a symbolic link"):
+        assert prune_versions(kb, 1) == [1]  # the newest, v0004, kept; v0001 removed; v0002 left
+    assert (elsewhere / "READY.json").is_file()
+
+
 # ---------------------------------------------------------------- a killed trainer, resumed
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,9 +87,7 @@ def prune_versions(
         return []
     old = [v for v in list_versions(kb_root)[:-keep] if v.version not in protect]
     old = [v for v in old if only is None or v.version in only]
-    for kb in old:
-        shutil.rmtree(version_dir(kb_root, kb.version))  # a complete vNNNN that this toolkit wrote
-    return [kb.version for kb in old]
+    return [kb.version for kb in old if _remove_version(version_dir(kb_root, kb.version))]
 
 
 def remove_unreachable_versions(kb_root: str | os.PathLike, live: int, keep: set[int]) -> list[int]:
@@ -97,9 +96,22 @@ def remove_unreachable_versions(kb_root: str | os.PathLike, live: int, keep: set
     last checkpoint, so a resumed run can never reach them (and pruning, which spares what it did not see go
     live, would keep them for ever)."""
     stale = [v.version for v in list_versions(kb_root) if v.version > live and v.version not in keep]
-    for version in stale:
-        shutil.rmtree(version_dir(kb_root, version))
-    return stale
+    return [version for version in stale if _remove_version(version_dir(kb_root, version))]
+
+
+def _remove_version(path: Path) -> bool:
+    """Remove a complete vNNNN that this toolkit wrote; a symbolic link there (a user's, e.g. a version moved to
+    another disk) is left as it is, with its target, and named in a warning (shutil.rmtree refused it, naming no
+    path, and stopped the run)."""
+    if path.is_symlink():
+        warnings.warn(
+            f"{path} is a symbolic link (to {os.readlink(path)}), not a KB version this run wrote: left as it is, "
+            "with what it points to; remove it yourself if it is no longer needed",
+            stacklevel=3,
+        )
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def staging_dir(kb_root: str | os.PathLike, version: int) -> Path:
