@@ -160,6 +160,44 @@ def test_checkpoint_and_export_answer_alike_in_python_and_from_the_command_line(
     assert [p["id"] for p in lines[0]["passages"]] == [p["id"] for p in a[0]["passages"]]
 
 
+def test_answers_list_passages_best_first_when_fresh_scores_reorder_the_index(checkpoint, tmp_path, capsys):
+    """A run whose doc scores come from its context encoder re-scores the passages the index found (here a KB of
+    random vectors): answers, rag_answer.py and the LangChain retriever list them by that score, highest first."""
+    from rag_end2end.kb.index import IndexConfig
+    from rag_end2end.kb.parts import with_embeddings
+    from rag_end2end.kb.versions import checkpoint_kb, save_kb
+
+    try:
+        from rag_end2end.deploy.langchain import CheckpointRetriever
+    except ImportError:  # langchain-core is optional
+        CheckpointRetriever = None
+    passages = load_from_disk(checkpoint_kb(checkpoint)[0])
+    vectors = np.random.default_rng(0).standard_normal((len(passages), 32)).astype(np.float32)
+    kb = (tmp_path / "passages", tmp_path / "index.faiss")
+    save_kb(
+        with_embeddings(passages, vectors / np.linalg.norm(vectors, axis=1, keepdims=True)),
+        *kb,
+        IndexConfig("flat"),
+        similarity="cosine",
+    )
+    model = RagModel.from_pretrained(checkpoint, kb=tuple(map(str, kb)), n_docs=6).eval()
+    assert model.ctx_encoder is not None  # fresh doc scores
+    with torch.no_grad():
+        found = model.retrieve(**model.tokenize_questions(QUESTIONS))
+    assert any((row[1:] > row[:-1]).any() for row in found.doc_scores), "the index order already is the score order"
+    for result in model.answer(QUESTIONS):
+        scores = [p["score"] for p in result["passages"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 6
+    argv = ["--model", str(checkpoint), "--passages_path", str(kb[0]), "--index_path", str(kb[1])]
+    rag_answer.main([*argv, "--question", QUESTIONS[0], "--question", QUESTIONS[1], "--show_passages", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    for start in (0, 5):  # Q:, A:, then the 3 passages (the run's n_docs)
+        shown = [float(line.split("(score ")[1].split(",")[0]) for line in lines[start + 2 : start + 5]]
+        assert shown == sorted(shown, reverse=True) and len(shown) == 3
+    docs = CheckpointRetriever(model=model, k=6).invoke(QUESTIONS[0]) if CheckpointRetriever else []
+    assert [d.metadata["score"] for d in docs] == sorted((d.metadata["score"] for d in docs), reverse=True)
+
+
 def test_langchain_retriever_returns_the_models_passages(exported):
     pytest.importorskip("langchain_core")
     from rag_end2end.deploy.langchain import CheckpointRetriever

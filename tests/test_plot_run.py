@@ -147,3 +147,38 @@ def test_cli_defaults_to_the_run_plots_directory(end2end, tmp_path, capsys):
         plot_run.main([str(end2end), str(end2end)])  # several runs: --out is required
     with pytest.raises(SystemExit):
         plot_run.main([str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+
+
+def test_a_run_and_its_resume_each_log_tensorboard_and_csv_in_one_version_folder(tmp_path):
+    """finetune_rag.build_loggers under Lightning's Trainer: each fit (a run, then a resume) writes its TensorBoard
+    events and CSV metrics into one new logs/version_N (each logger used to take its own N: four folders)."""
+    import argparse
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from rag_end2end.training.finetune import build_loggers
+
+    class Logged(BoringModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("train_loss", out["loss"])
+            return out
+
+    args = argparse.Namespace(output_dir=str(tmp_path), logger_name="default")
+    for _ in range(2):
+        trainer = pl.Trainer(
+            logger=build_loggers(args),
+            max_steps=2,
+            log_every_n_steps=1,
+            limit_val_batches=1,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        trainer.fit(Logged())
+    folders = sorted((tmp_path / "logs").iterdir())
+    assert [f.name for f in folders] == ["version_0", "version_1"]
+    for folder in folders:
+        assert (folder / "metrics.csv").is_file() and list(folder.glob("events.out.tfevents.*"))

@@ -68,9 +68,10 @@ class CheckpointRetriever(BaseRetriever):
         _check_k(self.k, self.model)  # k may have been set after construction
         with torch.no_grad():  # RagModel's own retrieval, over the stored vectors
             r = self.model.retrieve(**self.model.tokenize_questions([query]), n_docs=self.k)
-        return [
+        found = zip(r.ids[0], r.docs[0]["title"], r.docs[0]["text"], r.doc_scores[0].tolist())
+        return [  # best first (fresh doc scores may rank re-encoded passages otherwise than the index)
             Document(page_content=text, id=str(int(i)), metadata={"id": int(i), "title": title, "score": float(s)})
-            for i, title, text, s in zip(r.ids[0], r.docs[0]["title"], r.docs[0]["text"], r.doc_scores[0].tolist())
+            for i, title, text, s in sorted(found, key=lambda hit: -hit[3])
         ]
 
 

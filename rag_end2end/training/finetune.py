@@ -520,7 +520,13 @@ def in_line_order(shards: list[list[tuple[int, str]]]) -> list[str]:
 
 
 def build_loggers(args: argparse.Namespace) -> list:
-    loggers = [TensorBoardLogger(args.output_dir, name="logs"), CSVLogger(args.output_dir, name="logs")]
+    """TensorBoard and CSV logs of this run (or resume) in one new `logs/version_N`. Left to choose, each picks the
+    next free N when it first writes, after the other has taken it: two folders a run, two more a resume."""
+    version = CSVLogger(args.output_dir, name="logs").version  # the next free N, no folder made yet
+    loggers = [
+        TensorBoardLogger(args.output_dir, name="logs", version=version),
+        CSVLogger(args.output_dir, name="logs", version=version),
+    ]
     if args.logger_name.startswith("wandb"):
         from pytorch_lightning.loggers import WandbLogger  # needs `pip install wandb`
 
