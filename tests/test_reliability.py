@@ -828,3 +828,32 @@ def test_retriever_only_validation_leaves_out_the_questions_it_cannot_score(tiny
     (data / "val.gold.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gold[2:] + gold[:2]))
     metrics, _ = validate("--n_val", "2")
     assert metrics["val_scored"] == 0 and metrics["val_loss"] != metrics["val_loss"], metrics  # NaN, never 0.0
+
+
+# ---------------------------------------------------------------- Ray's token
+
+
+def test_rays_token_is_readable_by_its_owner_alone(tmp_path, monkeypatch):
+    """Ray's token auth wrote ~/.ray/auth_token with mode 0644 (readable by other local users where home
+    directories are): a local Ray started by the toolkit now finds it written 0600 in a 0700 directory, and works
+    with it; a token that others could read is made private, never replaced."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAG_E2E_RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)
+    start = (
+        "import ray; from rag_end2end.kb.ray_start import init_ray; init_ray(None, 'token-test'); "
+        "print(ray.get(ray.remote(lambda: 'answered').remote())); ray.shutdown()"
+    )
+    done = subprocess.run([sys.executable, "-c", start], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and "answered" in done.stdout, done.stderr[-3000:]
+    token = tmp_path / ".ray" / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+    assert len(token.read_text()) == 64
+
+    from rag_end2end.kb.ray_start import private_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    token.chmod(0o644)
+    before = token.read_text()
+    assert private_ray_token(create=False) == token
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import socket
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -119,6 +120,7 @@ def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
         check_reachable(address)
+        private_ray_token(create=False)  # the cluster's own token (from `ray start`): made private, never replaced
         # The cluster's workers import this toolkit from the same path (a shared or identical checkout or install).
         ray.init(address=address, namespace=namespace, runtime_env={"env_vars": {"PYTHONPATH": PACKAGE_ROOT}})
         return
@@ -130,9 +132,39 @@ def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[
     # encoding actors then get almost no CPU and a refresh never finishes. Equal priority, unless the
     # user's environment says otherwise.
     os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
+    private_ray_token()
     with _visible_to_ray(gpus) as resources:
         ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", **resources)
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+
+
+def private_ray_token(create: bool = True) -> Path | None:
+    """Ray's token authentication (on for a local Ray unless RAY_AUTH_MODE says otherwise) reads its token from
+    ~/.ray/auth_token, which Ray writes with the process's umask: 0644, readable by every local user where home
+    directories are, and the token lets its holder run code on the cluster. Write it first, 0600 in a 0700
+    directory (32 random bytes in hex, as Ray makes them), unless told not to `create` it (a joined cluster's); one
+    there already that others can read is made 0600. None when token auth is off or the token comes from
+    RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (the user's own)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists():
+        if not create:
+            return None
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another run's, this instant
+            return private_ray_token(create=False)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return path
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+        print(f"{path}: Ray's token was readable by other users; it is now readable by you alone (mode 0600)")
+    return path
 
 
 def shutdown_ray() -> None:
