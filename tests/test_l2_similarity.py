@@ -140,3 +140,22 @@ def test_end_to_end_training_with_l2_refreshes_an_l2_index(ray_local, tiny_model
     assert json.loads((newest / "rag_kb.json").read_text()) == {"similarity": "l2"}
     assert read_index(module.kb.index_path).metric_type == faiss.METRIC_L2
     kill_actors(module)
+
+
+def test_an_l2_encoder_exports_as_a_euclidean_sentence_transformer(tiny_models, tmp_path):
+    """sentence-transformers' euclidean similarity (-||q - d||) ranks as the toolkit's l2 doc scores do."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
+    from rag_end2end.deploy.export import write_sentence_transformer
+    from rag_end2end.model.encoders import load_tokenizer
+
+    path = tiny_models["question_encoder"]
+    encoder = load_encoder(path, "mean", side="question", similarity="l2")
+    write_sentence_transformer(encoder, load_tokenizer(path), tmp_path / "st", {}, 32)
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert st.similarity_fn_name == "euclidean"
+    texts = ["the river ran red", "a rod became a snake", "frogs came up"]
+    vectors = st.encode(texts, convert_to_tensor=True)
+    scores = st.similarity(vectors[:1], vectors)[0]
+    assert torch.equal(scores.argsort(), (-((vectors[:1] - vectors) ** 2).sum(-1)).argsort())

@@ -45,7 +45,7 @@ from transformers import (
 
 from rag_end2end.files import atomic_write, remove_orphaned_temporaries
 from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
-from rag_end2end.model.encoders import PooledEncoder
+from rag_end2end.model.encoders import PooledEncoder, encoder_similarity
 from rag_end2end.model.rag import RAG_TEMPLATE, RagModel
 from rag_end2end.model.settings import QUESTION_MAX_LENGTH, SETTINGS_FILE, RagSettings, refuse_training_state
 
@@ -103,7 +103,8 @@ def write_sentence_transformer(encoder, tokenizer, directory: Path, prompts: dic
     st = SentenceTransformer(
         modules=modules,
         prompts={k: v for k, v in prompts.items() if v},
-        similarity_fn_name="cosine" if normalize else "dot",
+        # sentence-transformers' "euclidean" is -||q - d|| (not squared): the same ranking as the toolkit's l2 scores
+        similarity_fn_name={"cosine": "cosine", "dot": "dot", "l2": "euclidean"}[encoder_similarity(encoder)],
     )
     st.save(str(directory))
     shutil.rmtree(base)
