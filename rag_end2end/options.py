@@ -352,6 +352,13 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="refreshed versions kept in OUTPUT/kb (plus those checkpoints use); 0 keeps all",
     )
+    g.add_argument(
+        "--staleness_sample",
+        type=int,
+        default=256,
+        help="at every refresh it starts, measure the live index's drift on this many passages (a seeded sample): "
+        "cosine of stored vs current vectors, and validation recall@k/MRR@5 of stale vs fresh vectors; 0: off",
+    )
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
     g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")
     g.add_argument("--gpu_order", default=None, help="accepted for compatibility; Ray places encoders")

@@ -31,7 +31,7 @@ LAYERS = [
     ["kb.index", "kb.encoding", "model.causal", "data.qa_dataset"],
     ["kb.versions", "data.mixing"],
     ["kb.search", "kb.build", "kb.refresh", "data.squad", "data.reconstruction", "training.run_dir"],
-    ["kb.actors", "model.rag", "data.cmu_qa", "data.generate_qa", "data.qa_table", "data.wikiqa"],
+    ["kb.actors", "kb.staleness", "model.rag", "data.cmu_qa", "data.generate_qa", "data.qa_table", "data.wikiqa"],
     [
         "kb.retriever",
         "model.assembly",

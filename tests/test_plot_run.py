@@ -40,6 +40,9 @@ def training_rows(steps: range, versions: dict[int, int], seconds: dict[int, flo
         if last_seconds is not None:
             row["reindex_seconds"] = last_seconds
         rows.append(row)
+        if step in versions:  # the staleness measured when that refresh started (KBRefreshCallback._log_staleness)
+            drift = {"staleness_cosine_mean": 0.99, "staleness_cosine_min": 0.9, "staleness_seconds": 0.1}
+            rows.append({"step": step, **drift, "val_stale_recall@1": 0.2, "val_fresh_recall@1": 0.3})
         if step % 4 == 3:
             rows.append(
                 {
@@ -99,7 +102,10 @@ def test_resumed_versions_join_the_newer_replacing_the_older(tmp_path):
 def test_plots_are_valid_pngs_with_a_panel_per_metric_group(end2end, tmp_path):
     written = plot_run.plot_runs([end2end], tmp_path / "plots")
     names = {p.stem for p in written}
-    assert names == {"loss", "val_em_f1", "val_recall", "val_mrr", "index_staleness", "lr", "refresh_seconds"}
+    assert names == {
+        *("loss", "val_em_f1", "val_recall", "val_mrr", "index_staleness", "lr", "refresh_seconds"),
+        *("index_drift", "stale_vs_fresh"),
+    }
     for path in written:
         assert path.parent == tmp_path / "plots"
         assert_png(path)

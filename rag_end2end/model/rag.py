@@ -484,21 +484,29 @@ class RagModel(torch.nn.Module):
         return self.retriever.retrieve(q.detach().float().cpu().numpy(), n, embeddings=embeddings)
 
     @torch.no_grad()
-    def top_passages(self, questions: list[str], n: int, batch_size: int = 32) -> tuple[list[list[int]], list[dict]]:
-        """Each question's top-n KB rows and passages, `batch_size` questions at a time, the question encoder in eval
-        mode (then as it was): what recall@k and MRR@k score, in training (the live index) and offline alike."""
+    def question_vectors(self, questions: list[str], batch_size: int = 32) -> list[torch.Tensor]:
+        """The questions' vectors, a tensor per `batch_size` questions, the question encoder in eval mode (then as it
+        was): what retrieval metrics search with (top_passages, the staleness measure)."""
         encoder = self.question_encoder
         was_training = encoder.training
         encoder.eval()
-        ids, docs = [], []
         try:
-            for start in range(0, len(questions), batch_size):
-                q = self.encode_questions(**self.tokenize_questions(questions[start : start + batch_size]))
-                _, batch_ids, batch_docs = self.search(q, n, embeddings=False)
-                ids += np.asarray(batch_ids).tolist()
-                docs += list(batch_docs)
+            return [
+                self.encode_questions(**self.tokenize_questions(questions[start : start + batch_size]))
+                for start in range(0, len(questions), batch_size)
+            ]
         finally:
             encoder.train(was_training)
+
+    @torch.no_grad()
+    def top_passages(self, questions: list[str], n: int, batch_size: int = 32) -> tuple[list[list[int]], list[dict]]:
+        """Each question's top-n KB rows and passages: what recall@k and MRR@k score, in training (the live index)
+        and offline alike."""
+        ids, docs = [], []
+        for q in self.question_vectors(questions, batch_size):
+            _, batch_ids, batch_docs = self.search(q, n, embeddings=False)
+            ids += np.asarray(batch_ids).tolist()
+            docs += list(batch_docs)
         return ids, docs
 
     def retrieve(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_docs: int | None = None) -> Retrieved:

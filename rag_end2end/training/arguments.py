@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--retrieval_temperature must be positive, got {args.retrieval_temperature}")
     if args.indexing_freq is not None and args.indexing_freq < 1:
         parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
+    if args.staleness_sample < 0:
+        parser.error(f"--staleness_sample must be >= 0 (passages; 0 measures nothing), got {args.staleness_sample}")
     if args.end2end and args.training_mode not in (None, "rag_end2end"):
         parser.error(
             f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"

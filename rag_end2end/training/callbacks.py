@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from rag_end2end.files import atomic_write, atomic_write_text
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
+from rag_end2end.kb.staleness import StalenessProbe
 from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
 from rag_end2end.model.lora import merged
 from rag_end2end.model.settings import CHECKPOINT_DIR
@@ -27,7 +28,9 @@ from rag_end2end.options import DDP_TIMEOUT_S
 class KBRefreshCallback(pl.Callback):
     """Drives a `kb_refresh.Refresher` from the training loop: every `indexing_freq` optimizer steps it
     hands the refresher the context encoder's weights, and polls it after every batch, so no training rank
-    ever waits. Global rank 0 alone drives it; every rank shares the retrieval actors (no collective)."""
+    ever waits. Global rank 0 alone drives it; every rank shares the retrieval actors (no collective). At each
+    refresh it starts, it measures how stale the live index has become (kb.staleness, `staleness_sample` passages
+    drawn with `seed`; 0: not measured)."""
 
     def __init__(
         self,
@@ -42,6 +45,8 @@ class KBRefreshCallback(pl.Callback):
         max_failures: int = 3,
         index_cpus: int = 1,
         wait_timeout: float = rank_zero_wait_s(DDP_TIMEOUT_S),
+        staleness_sample: int = 0,
+        seed: int = 0,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -59,6 +64,8 @@ class KBRefreshCallback(pl.Callback):
         self.wait_timeout = wait_timeout
         self.refresh_before_validation = refresh_before_validation
         self.refresher: Refresher | None = None
+        self.staleness_sample, self.seed = staleness_sample, seed
+        self.staleness: StalenessProbe | None = None
         self._last_trigger_step = 0
         self._restored: dict | None = None
 
@@ -80,6 +87,16 @@ class KBRefreshCallback(pl.Callback):
             pinned=lambda: pinned_kb_versions(output_dir),
             **self.refresher_options,
         )
+        if self.staleness_sample and pl_module.model.ctx_encoder is not None:
+            gold = pl_module.gold["val"][1].passage_ids if "val" in pl_module.gold else None
+            self.staleness = StalenessProbe(
+                pl_module.base_passages_path,
+                pl_module.model.ctx_tokenizer,
+                self.staleness_sample,
+                self.seed,
+                gold,
+                self.refresher_options["encode_batch_size"],
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning restores callback state after `setup` and before `on_fit_start`.
@@ -129,9 +146,21 @@ class KBRefreshCallback(pl.Callback):
         self._wait(trainer, pl_module, self.wait_timeout if timeout is None else timeout, must_finish=True)
 
     def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
-        weights = merged(pl_module.model.ctx_encoder).state_dict()  # the actors encode without peft
-        if not self.refresher.trigger(weights, trainer.global_step, threads):
+        encoder = merged(pl_module.model.ctx_encoder)  # the actors encode without peft
+        if not self.refresher.trigger(encoder.state_dict(), trainer.global_step, threads):
             pl_module.log("reindex_skipped", float(self.refresher.skipped_triggers), rank_zero_only=True)
+        elif self.staleness is not None:  # the live index at its stalest, against the vectors the refresh will write
+            self._log_staleness(trainer, pl_module, encoder)
+
+    @torch.no_grad()
+    def _log_staleness(self, trainer, pl_module, encoder: torch.nn.Module) -> None:
+        kb = pl_module.kb
+        questions = None
+        if "val" in pl_module.gold:
+            questions = torch.cat(pl_module.model.question_vectors(pl_module.gold["val"][0])).float().cpu().numpy()
+        metrics = self.staleness.measure(encoder, kb.passages_path, questions, kb.similarity)
+        for lg in trainer.loggers:  # straight to the loggers, as _log_retrieval: also from on_validation_start
+            lg.log_metrics(metrics, step=trainer.global_step)
 
     @staticmethod
     def _log_retrieval(trainer, pl_module) -> None:

@@ -587,6 +587,8 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
                 args.max_refresh_failures,
                 index_cpus=args.index_cpus,
                 wait_timeout=rank_zero_wait_s(args.ddp_timeout),
+                staleness_sample=args.staleness_sample,
+                seed=args.seed,
             )
         )
     trainer = pl.Trainer(

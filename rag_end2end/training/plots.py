@@ -1,5 +1,6 @@
-"""Plot the training curves of finetune_rag.py runs (loss, validation EM/F1 and recall@k, KB index staleness and
-refresh time) as PNG files, several runs overlaid on the same axes, each KB refresh marked by a dashed line.
+"""Plot the training curves of finetune_rag.py runs (loss, validation EM/F1 and recall@k, KB index staleness, its
+measured drift and refresh time) as PNG files, several runs overlaid on the same axes, each KB refresh marked by a
+dashed line.
 
     python plot_run.py OUT/rag-end2end                                          # writes OUT/rag-end2end/plots/*.png
     python plot_run.py OUT/rag-original OUT/rag-end2end --out OUT/comparison    # one colour per run
@@ -24,6 +25,11 @@ PANELS = {
     "val_recall": ("validation recall@k", r"val_recall@\d+"),
     "val_mrr": ("validation MRR@k", r"val_mrr@\d+"),
     "index_staleness": ("KB index staleness (steps since its embeddings were made)", r"index_staleness_steps"),
+    "index_drift": ("KB index drift: cosine of stored vs current passage vectors", r"staleness_cosine_(mean|min)"),
+    "stale_vs_fresh": (
+        "validation recall@k / MRR@k, stale vs fresh vectors (exact search)",
+        r"val_(stale|fresh)_(recall|mrr)@\d+",
+    ),
     "lr": ("learning rate", r"lr-.+"),
 }
 
