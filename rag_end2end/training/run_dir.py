@@ -252,7 +252,10 @@ def check_resume_settings(args: argparse.Namespace) -> None:
                 changed.append(f"--{name} {getattr(args, name)} (was {saved[name]})")
     allow = getattr(args, "allow_changed_settings", False)
     if changed or (safe and not allow):
-        hint = "resume with the checkpoint's values, or start a new run in another --output_dir"
+        hint = (
+            "resume with the checkpoint's values, or start a new run from its weights in another --output_dir "
+            "(--init_from OUTPUT/checkpoint<step>)"
+        )
         if safe and not changed:
             hint = "pass --allow_changed_settings to resume with these, or resume with the checkpoint's values"
         raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(changed + safe)}: {hint}")
