@@ -437,20 +437,7 @@ def main() -> None:
 
     def argv(name: str, *extra: str) -> list[str]:
         return [
-            "--model_name_or_path",
-            str(models["rag_token"]),
-            "--model_type",
-            "rag_token",
-            "--context_encoder_name",
-            str(models["context_encoder"]),
-            "--passages_path",
-            str(passages),
-            "--index_path",
-            str(index),
-            "--data_dir",
-            str(DUMMY_DATA),
-            "--output_dir",
-            str(work / f"out-{name}"),
+            *tiny_models.tiny_run_argv(models, (passages, index), DUMMY_DATA, work / f"out-{name}"),
             "--accelerator",
             args.accelerator,
             "--devices",

@@ -42,6 +42,7 @@ from rag_end2end.kb.ray_start import init_ray
 from rag_end2end.kb.refresh import Refresher
 from rag_end2end.kb.retriever import RagRayDistributedRetriever
 from rag_end2end.model.encoders import load_encoder, load_tokenizer
+from rag_end2end.tiny_models import tiny_run_argv
 
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
 
@@ -189,24 +190,9 @@ def train(work: Path, models: dict, passages: Path, index: Path, args: argparse.
 
     def argv(name: str, *extra: str, steps: int = args.steps) -> list[str]:
         return [
-            "--model_name_or_path",
-            str(models["rag_token"]),
-            "--model_type",
-            "rag_token",
-            "--context_encoder_name",
-            str(models["context_encoder"]),
+            *tiny_run_argv(models, (passages, index), DUMMY_DATA, work / f"out-{name}"),
             "--training_mode",
             "rag_end2end",
-            "--passages_path",
-            str(passages),
-            "--index_path",
-            str(index),
-            "--index_type",
-            "flat",
-            "--data_dir",
-            str(DUMMY_DATA),
-            "--output_dir",
-            str(work / f"out-{name}"),
             "--do_train",
             "--accelerator",
             "gpu" if gpu else "cpu",

@@ -184,6 +184,26 @@ def build_tiny_models(
     return dirs
 
 
+def tiny_run_argv(
+    models: dict[str, Path], kb: tuple[Path, Path], data_dir: Path, output_dir: Path, model: str = "rag_token"
+) -> list[str]:
+    """finetune_rag.py's flags for a run of the tiny models (`build_tiny_models`) over a KB (passages, index) on one
+    CPU: the flags every test and benchmark run shares. Add the run's own after them (repeated: the last wins)."""
+    flags = {
+        "model_name_or_path": models[model],
+        "model_type": model,
+        "context_encoder_name": models["context_encoder"],
+        "passages_path": kb[0],
+        "index_path": kb[1],
+        "index_type": "flat",
+        "data_dir": data_dir,
+        "output_dir": output_dir,
+        "accelerator": "cpu",
+        "devices": 1,
+    }
+    return [arg for name, value in flags.items() for arg in (f"--{name}", str(value))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, type=Path)

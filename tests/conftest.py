@@ -71,36 +71,11 @@ def tiny_kb(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
 def finetune_argv(tiny_models, tiny_kb, tmp_path):
     """Command-line arguments for finetune_rag.py with the tiny models; extra flags are appended."""
 
+    from rag_end2end.tiny_models import tiny_run_argv
+
     def make(*extra: str, model: str = "rag_token") -> list[str]:
-        passages, index = tiny_kb
-        return [
-            "--model_name_or_path",
-            str(tiny_models[model]),
-            "--model_type",
-            model,
-            "--context_encoder_name",
-            str(tiny_models["context_encoder"]),
-            "--passages_path",
-            str(passages),
-            "--index_path",
-            str(index),
-            "--data_dir",
-            str(DUMMY_DATA),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--accelerator",
-            "cpu",
-            "--devices",
-            "1",
-            "--train_batch_size",
-            "2",
-            "--eval_batch_size",
-            "4",
-            "--index_type",
-            "flat",
-            "--ray_namespace",
-            f"test-{uuid.uuid4().hex[:8]}",
-            *extra,
-        ]
+        batches = ["--train_batch_size", "2", "--eval_batch_size", "4"]
+        namespace = ["--ray_namespace", f"test-{uuid.uuid4().hex[:8]}"]
+        return [*tiny_run_argv(tiny_models, tiny_kb, DUMMY_DATA, tmp_path / "out", model), *batches, *namespace, *extra]
 
     return make

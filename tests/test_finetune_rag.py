@@ -25,6 +25,7 @@ from rag_end2end.kb.refresh import RefreshState
 from rag_end2end.kb.versions import checkpoint_kb, read_version
 from rag_end2end.model.encoders import PooledEncoder, load_tokenizer
 from rag_end2end.model.rag import RagModel
+from rag_end2end.tiny_models import tiny_run_argv
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training.callbacks import KBRefreshCallback
 
@@ -104,24 +105,7 @@ def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
     passages, index = tiny_kb
     data = _data_with_gold_passages(tmp_path_factory.mktemp("data"), passages)
     argv = [
-        "--model_name_or_path",
-        str(tiny_models["rag_token"]),
-        "--model_type",
-        "rag_token",
-        "--context_encoder_name",
-        str(tiny_models["context_encoder"]),
-        "--passages_path",
-        str(passages),
-        "--index_path",
-        str(index),
-        "--data_dir",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "1",
+        *tiny_run_argv(tiny_models, tiny_kb, data, out),
         "--train_batch_size",
         "2",
         "--eval_batch_size",
@@ -133,8 +117,6 @@ def trained(ray_local, tiny_models, tiny_kb, tmp_path_factory):
         "--end2end",
         "--indexing_freq",
         "2",
-        "--index_type",
-        "flat",
         "--keep_kb_versions",
         "0",
         "--do_train",
