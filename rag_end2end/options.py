@@ -21,6 +21,14 @@ or ralt; --end2end is rag_end2end's old name.
 """
 
 MODEL_TYPES = ("rag_token", "rag_sequence")  # the generator's marginal: RAG-token or RAG-sequence
+MODEL_FLAGS = (  # the flags that name a model (a hub name or a directory)
+    "model_name_or_path",
+    "question_encoder_name_or_path",
+    "generator_name_or_path",
+    "context_encoder_name",
+    "tokenizer_name",
+    "context_encoder_tokenizer_name",
+)
 RECIPES = ("rag_end2end", "rag_original", "retriever_only", "dalm", "lsr", "ralt")  # recipes.MODES, in this order
 SCHEDULERS = {
     "linear": "linear",

@@ -45,17 +45,15 @@ class Improving(pl.LightningModule):
         (directory / "kb_version.json").write_text(json.dumps({"version": self.global_step}))
 
 
+def quiet_trainer(**flags) -> pl.Trainer:
+    """Lightning's Trainer on the CPU, without logger, progress bar or sanity check."""
+    return pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, num_sanity_val_steps=0, **flags)
+
+
 def test_exports_are_removed_with_the_checkpoints_lightning_drops(tmp_path):
     (tmp_path / "checkpoint999").mkdir()  # not an export of this run (no kb_version.json): never touched
     checkpoint = get_checkpoint_callback(str(tmp_path), "em")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        callbacks=[checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=3, callbacks=[checkpoint])
     trainer.fit(Improving())
     ckpts = sorted(tmp_path.glob("*.ckpt"))
     assert [checkpoint_step(str(c)) for c in ckpts] == [12]  # three new bests; save_top_k=1 keeps the last
@@ -72,14 +70,7 @@ class Tied(Improving):
 
 def test_a_tie_in_the_monitored_metric_goes_to_the_later_step(tmp_path):
     checkpoint = get_checkpoint_callback(str(tmp_path), "em")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        callbacks=[checkpoint],
-        logger=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=3, callbacks=[checkpoint])
     trainer.fit(Tied())
     # Lightning's own rule keeps the first of equals (step 4) as "best" for good; here the latest is.
     assert checkpoint_step(checkpoint.best_model_path) == 12
@@ -89,15 +80,8 @@ def test_a_tie_in_the_monitored_metric_goes_to_the_later_step(tmp_path):
 def test_a_run_that_ends_before_any_validation_leaves_its_final_weights(tmp_path):
     """No validation ran (max_steps below the validation interval): no best checkpoint, yet the final weights are
     exported, and last.ckpt, given where a model is read, is refused in one line naming that directory."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        val_check_interval=4,
-        callbacks=[get_checkpoint_callback(str(tmp_path), "em"), get_last_checkpoint_callback(str(tmp_path), 100)],
-        logger=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-    )
+    callbacks = [get_checkpoint_callback(str(tmp_path), "em"), get_last_checkpoint_callback(str(tmp_path), 100)]
+    trainer = quiet_trainer(max_steps=3, val_check_interval=4, callbacks=callbacks)
     trainer.fit(Improving())
     assert not list(tmp_path.glob("0*.ckpt")) and (tmp_path / "last.ckpt").is_file()
     assert json.loads((tmp_path / "checkpoint3" / "kb_version.json").read_text()) == {"version": 3}

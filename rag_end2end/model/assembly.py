@@ -18,16 +18,7 @@ from rag_end2end.model.encoders import context_side, encoder_similarity, load_en
 from rag_end2end.model.lora import add_lora, train_only_lora
 from rag_end2end.model.rag import RAG_TEMPLATE, CausalGenerator, RagModel, Seq2SeqGenerator, checkpoint_settings
 from rag_end2end.model.settings import Generation, RagSettings
-from rag_end2end.options import MODEL_TYPES
-
-MODEL_FLAGS = (
-    "model_name_or_path",
-    "question_encoder_name_or_path",
-    "generator_name_or_path",
-    "context_encoder_name",
-    "tokenizer_name",
-    "context_encoder_tokenizer_name",
-)
+from rag_end2end.options import MODEL_FLAGS, MODEL_TYPES
 
 
 def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:

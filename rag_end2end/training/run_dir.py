@@ -17,7 +17,7 @@ import torch
 
 from rag_end2end.files import process_alive
 from rag_end2end.kb.versions import KB_VERSION_FILE, kb_fingerprint
-from rag_end2end.options import build_parser
+from rag_end2end.options import MODEL_FLAGS, build_parser
 
 RUN_ID_ENV = "RAG_E2E_RUN_ID"  # how DDP child processes learn the run id of the first one
 RUN_FILES = (
@@ -137,12 +137,7 @@ def resolve_run_id(run_id: str | None) -> str:
 # What a run is: a resume that changes any of these would put checkpoints of other models, recipes, marginals,
 # data or KBs in one run directory (a changed --training_mode, or the LoRA settings, also fail to load its weights).
 RUN_SETTINGS = (
-    "model_name_or_path",
-    "question_encoder_name_or_path",
-    "generator_name_or_path",
-    "context_encoder_name",
-    "tokenizer_name",
-    "context_encoder_tokenizer_name",
+    *MODEL_FLAGS,
     "init_from",
     "generator_type",
     "training_mode",
