@@ -54,6 +54,15 @@ def remove_orphaned_temporaries(directory: str | os.PathLike, of: str = "") -> l
     return removed
 
 
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a directory as a reader can bear it: renamed aside to a `temporary_sibling` first (one atomic step),
+    then deleted, so that a reader finds the whole directory or none, never half of one; what a crash leaves is a
+    temporary that `remove_orphaned_temporaries` clears."""
+    aside = temporary_sibling(path)
+    os.rename(path, aside)
+    shutil.rmtree(aside)
+
+
 @contextmanager
 def writing(what: str, path: str | os.PathLike, *temporaries: str | os.PathLike) -> Iterator[None]:
     """Name `path` in the errors of writing it (a full or read-only disk gives an errno and no path; faiss's and

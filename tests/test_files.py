@@ -75,3 +75,28 @@ def test_what_an_interrupted_write_left_is_recognised_by_its_name(tmp_path):
     theirs.write_text("x")
     ours.mkdir()
     assert remove_orphaned_temporaries(tmp_path, of="export") == [ours] and theirs.exists()
+
+
+def test_a_removal_stopped_half_way_leaves_no_half_directory_under_its_name(tmp_path, monkeypatch):
+    """remove_tree renames aside first: a reader finds the directory whole or not at all."""
+    import shutil
+
+    from rag_end2end import files
+
+    path = tmp_path / "checkpoint40"
+    path.mkdir()
+    for name in ("rag_settings.json", "kb_version.json"):
+        (path / name).write_text("{}")
+
+    def stops_half_way(directory):  # what a crash (or a full disk) in the middle of rmtree leaves
+        (directory / "rag_settings.json").unlink()
+        raise OSError(errno.EIO, "stopped")
+
+    monkeypatch.setattr(shutil, "rmtree", stops_half_way)
+    with pytest.raises(OSError, match="stopped"):
+        files.remove_tree(path)
+    (left,) = tmp_path.iterdir()
+    assert not path.exists() and re.fullmatch(rf"checkpoint40\.tmp-{os.getpid()}-[0-9a-f]{{8}}", left.name)
+    monkeypatch.undo()
+    files.remove_tree(tmp_path / left.name)
+    assert list(tmp_path.iterdir()) == []

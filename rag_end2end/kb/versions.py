@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 from datasets import Dataset, load_from_disk
 
-from rag_end2end.files import atomic_write, atomic_writes, temporary_sibling
+from rag_end2end.files import atomic_write, atomic_writes, remove_tree, temporary_sibling
 from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index
 from rag_end2end.kb.parts import declare_dataset, part_path, part_vectors, sample_parts, write_passages_part
 from rag_end2end.kb.ray_start import quiet_actor
@@ -110,7 +110,7 @@ def _remove_version(path: Path) -> bool:
             stacklevel=3,
         )
         return False
-    shutil.rmtree(path)
+    remove_tree(path)  # an evaluator reading an old version sees it whole or not at all
     return True
 
 

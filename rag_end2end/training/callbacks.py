@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-from rag_end2end.files import atomic_write, atomic_write_text
+from rag_end2end.files import atomic_write, atomic_write_text, remove_tree
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
 from rag_end2end.kb.staleness import StalenessProbe
@@ -262,7 +261,7 @@ class RagCheckpoint(ModelCheckpoint):
         kept = {checkpoint_step(p) for p in [*self.best_k_models, self.last_model_path] if p}
         # Only an export this callback wrote in this run (it holds kb_version.json) that no kept checkpoint shares.
         if export is not None and checkpoint_step(filepath) not in kept and (export / KB_VERSION_FILE).is_file():
-            shutil.rmtree(export)
+            remove_tree(export)  # a reader of it (eval_rag.py --eval_all_checkpoints) never sees half of it
 
 
 class LastCheckpoint(RagCheckpoint):
