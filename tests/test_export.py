@@ -21,6 +21,7 @@ from rag_end2end.deploy import export as export_model
 from rag_end2end.files import process_alive
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb import search as kb_search
+from rag_end2end.kb.versions import checkpoint_kb
 from rag_end2end.model.rag import RagModel
 from rag_end2end.model.settings import SETTINGS_FILE
 from rag_end2end.training import finetune as finetune_rag
@@ -296,6 +297,20 @@ def test_bad_input_names_the_path_and_overwrites_nothing(checkpoint, exported, t
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "gone")):
         RagModel.from_pretrained(moved)
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob("y.tmp-*"))
+
+
+def test_a_relative_kb_path_that_leads_out_of_the_run_is_refused(checkpoint, tmp_path):
+    """kb_version.json's relative paths stay inside the run (or export) they came with; a KB elsewhere is named by
+    an absolute path, as finetune_rag.py writes one."""
+    moved = tmp_path / "run" / "checkpoint0"
+    shutil.copytree(checkpoint, moved)
+    kb = json.loads((moved / "kb_version.json").read_text())
+    (moved / "kb_version.json").write_text(json.dumps(kb | {"passages_path": "../../../etc"}))
+    with pytest.raises(ValueError, match=r"kb_version.json: passages_path '../../../etc' leads out of the run"):
+        RagModel.from_pretrained(moved)
+    absolute = str(Path(checkpoint_kb(checkpoint)[0]).absolute())
+    (moved / "kb_version.json").write_text(json.dumps(kb | {"passages_path": absolute}))
+    assert checkpoint_kb(moved)[0] == absolute
 
 
 def test_an_export_killed_mid_write_leaves_a_temporary_that_the_next_export_clears(checkpoint, tmp_path):

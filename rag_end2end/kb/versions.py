@@ -126,7 +126,17 @@ def checkpoint_kb(checkpoint: str | os.PathLike) -> tuple[str, str] | None:
     if not saved.is_file():
         return None
     kb = json.loads(saved.read_text())  # absolute paths stay as they are
-    return tuple(os.path.normpath(Path(checkpoint) / kb[key]) for key in ("passages_path", "index_path"))
+    run = os.path.normpath(Path(checkpoint).absolute().parent)  # what a relative path may reach: its run (or export)
+    paths = []
+    for key in ("passages_path", "index_path"):
+        path = os.path.normpath(Path(checkpoint) / kb[key])
+        if not os.path.isabs(kb[key]) and os.path.commonpath([run, os.path.abspath(path)]) != run:
+            raise ValueError(
+                f"{saved}: {key} {kb[key]!r} leads out of the run directory {run}; a KB elsewhere is named by an "
+                "absolute path (what finetune_rag.py writes for one)"
+            )
+        paths.append(path)
+    return tuple(paths)
 
 
 def kb_fingerprint(passages_path: str | os.PathLike, samples: int = 1000) -> str:
