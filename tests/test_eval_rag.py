@@ -1,6 +1,7 @@
 """eval_rag.py on a tiny checkpoint trained end to end in-process: generated answers, retrieval metrics
 against a knowledge base whose embeddings the test sets, every checkpoint with its own KB version."""
 
+import argparse
 import json
 import shutil
 import uuid
@@ -475,3 +476,17 @@ def test_eval_rag_on_parts_with_peft_adapters(tiny_models, tiny_kb, tmp_path):
         _evaluate(*common, "--generator_name_or_path", base, "--generator_adapter", base)
     with pytest.raises(SystemExit):  # parts without a generator score retrieval only
         _evaluate(*common)
+
+
+def test_a_gone_kb_version_is_named_with_what_to_pass(tmp_path):
+    """A checkpoint whose KB version was pruned: the message says so; a path the user passed is named as theirs."""
+    checkpoint = tmp_path / "run" / "checkpoint40"
+    checkpoint.mkdir(parents=True)
+    pruned = {"version": 3, "passages_path": "../kb/v0003/passages", "index_path": "../kb/v0003/index.faiss"}
+    (checkpoint / "kb_version.json").write_text(json.dumps(pruned))
+    args = argparse.Namespace(passages_path=None, index_path=None)
+    with pytest.raises(FileNotFoundError, match=r"v0003/passages not found: the KB version that .*kb_version\.json"):
+        eval_rag.kb_paths(str(checkpoint), args)
+    args.passages_path = str(tmp_path / "mine")
+    with pytest.raises(FileNotFoundError, match=r"^--passages_path .*mine not found$"):
+        eval_rag.kb_paths(str(checkpoint), args)

@@ -93,11 +93,16 @@ def kb_paths(checkpoint: str, args: argparse.Namespace) -> tuple[str, str]:
     passages, index = args.passages_path or passages, args.index_path or index
     if not (passages and index):
         raise ValueError(f"{checkpoint}/config.json names no knowledge base; pass --passages_path and --index_path")
-    for path in (passages, index):
-        if not Path(path).exists():
-            raise FileNotFoundError(
-                f"{path} not found (the knowledge base for {checkpoint}); pass --passages_path and --index_path"
-            )
+    for flag, path in (("--passages_path", passages), ("--index_path", index)):
+        if Path(path).exists():
+            continue
+        if getattr(args, flag[2:]):  # the user's own path
+            raise FileNotFoundError(f"{flag} {path} not found")
+        named_by = f"{checkpoint}/kb_version.json" if saved else f"{checkpoint}/config.json"
+        raise FileNotFoundError(
+            f"{path} not found: the KB version that {named_by} names is gone (a run keeps --keep_kb_versions of them "
+            "and the versions its checkpoints name); pass --passages_path and --index_path of a KB to use instead"
+        )
     return passages, index
 
 
