@@ -339,6 +339,7 @@ def _placement(argv: list[str]) -> dict:
         report["timeout"] = str(err) if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
     report["waited"] = time.monotonic() - start
     ray.kill(encoder)  # the GPU is free: the encoding actor starts, on it
+    refresher.wait_timeout = 300  # its start-up (torch's imports) may take longer than 6 s on a busy machine
     try:
         refresher.wait_for_actors()
     except Exception as err:
