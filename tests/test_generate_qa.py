@@ -2,6 +2,7 @@
 the round-trip filter, and end-to-end runs (the tiny random Llama for real, and fixed well-formed replies) whose
 output the trainer and use_own_knowledge_dataset.py accept."""
 
+import csv
 import json
 import re
 import zlib
@@ -12,6 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from rag_end2end.data import generate_qa as gq
+from rag_end2end.data import qa_table
 from rag_end2end.data.qa_dataset import QuestionDataset
 from rag_end2end.data.readers import read_kb_csv, read_lines
 from rag_end2end.evaluation.metrics import has_answer, normalize_answer
@@ -316,6 +318,16 @@ def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
 
     built = load_from_disk(str(use_own_knowledge_dataset.main(kb_args)[0]))
     assert built["title"] == passages["title"] and built["text"] == passages["text"]
+
+    # DALM's CSV of every kept pair, which DALM's users (and prepare_dalm_csv.py) read back
+    with (out / gq.DALM_FILE).open(newline="", encoding="utf-8") as f:
+        dalm = list(csv.DictReader(f))
+    assert len(dalm) == stats["kept"] and set(dalm[0]) == {"Passage", "Query", "Answer"}
+    assert {r["Query"] for r in dalm} == {q for s in gq.SPLITS for q in read_lines(out / f"{s}.source")}
+    assert all(r["Passage"] in original["text"] and r["Answer"] in r["Passage"] for r in dalm)
+    read_back = ["--input", str(out / gq.DALM_FILE), "--output_dir", str(tmp_path / "dalm")]
+    again = qa_table.main(qa_table.parse_args(read_back))
+    assert sum(again["questions"].values()) == stats["kept"]
 
     args = finetune_rag.parse_args(finetune_argv("--data_dir", str(out), "--do_train", "--do_predict"))
     arguments.check_data_dir(args)

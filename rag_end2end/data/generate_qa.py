@@ -16,6 +16,7 @@ Writes into --output_dir:
   {train,val,test}.target      its answer
   {train,val,test}.gold.jsonl  {"id", "question", "answers", "title", "gold_passage_ids": [its passage's row]}
   stats.json                   counts: passages, generations, each filter's rejections, questions per split
+  dalm.csv                     every kept pair in DALM's format (Passage,Query,Answer; prepare_dalm_csv.py reads it)
   generations.jsonl            every raw generation, {"passage_id", "sample", "text"}, appended after each batch
   generation_settings.json     what the generations depend on (generator, prompt, decoding, KB digest)
 
@@ -70,6 +71,7 @@ from rag_end2end.options import add_debug_arg
 from rag_end2end.precision import native_bf16
 
 GENERATIONS_FILE = "generations.jsonl"
+DALM_FILE = "dalm.csv"  # every kept pair as DALM's CSV (Passage,Query,Answer), which prepare_dalm_csv.py reads back
 SETTINGS_FILE = "generation_settings.json"
 # Two steps, each one simple task: a question from the passage, then its answer from the passage and the question.
 # Asked for both at once, SmolLM2-135M-Instruct wrote a usable pair for 3 of 40 CMU passages (25 unparseable); asked
@@ -542,6 +544,15 @@ def split_files(splits: dict[str, list[Pair]]) -> dict[str, str]:
     return files
 
 
+def dalm_csv(pairs: list[Pair], kb: KnowledgeBase) -> str:
+    """Every kept pair as DALM's CSV: its passage's text, the question and the answer, with a header."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["Passage", "Query", "Answer"])
+    writer.writerows([kb.texts[p.passage_id], p.question, p.answer] for p in pairs)
+    return text.getvalue()
+
+
 def write_files(out: Path, files: dict[str, str], overwrite: bool) -> None:
     """Write every file under a temporary name, then rename them all into place (none replaced without overwrite)."""
     check_output_dir(out, overwrite)
@@ -728,8 +739,9 @@ def main(args: argparse.Namespace) -> dict | None:
         "questions": {s: len(splits[s]) for s in SPLITS},
         "questions_without_gold_passage": dict.fromkeys(SPLITS, 0),
     }
-    files = {"kb.csv": kb_csv, **split_files(splits), "stats.json": json.dumps(stats, indent=1) + "\n"}
-    assert set(files) == set(OUTPUT_FILES)
+    files = {"kb.csv": kb_csv, **split_files(splits), DALM_FILE: dalm_csv(pairs, kb)}
+    files["stats.json"] = json.dumps(stats, indent=1) + "\n"  # last: its presence says the rest is written
+    assert set(files) == {*OUTPUT_FILES, DALM_FILE}
     write_files(out, files, args.overwrite)
     if empty := [f"{split}.source" for split in SPLITS if not splits[split]]:
         warnings.warn(
