@@ -386,7 +386,9 @@ def test_ctrl_c_loses_at_most_the_batch_in_flight(run_qa, tmp_path, monkeypatch,
     assert resumed["generations"] == 20 and len(read_lines(out / gq.GENERATIONS_FILE)) == 20
 
 
-def test_finished_output_is_kept_unless_overwrite_which_reuses_the_generations(run_qa, tmp_path, monkeypatch):
+def test_finished_output_is_kept_unless_filters_change_or_overwrite_reusing_the_generations(
+    run_qa, tmp_path, monkeypatch
+):
     calls = []
     monkeypatch.setattr(gq, "generate_texts", make_fake_generate(calls))
     out = tmp_path / "qa"
@@ -394,9 +396,11 @@ def test_finished_output_is_kept_unless_overwrite_which_reuses_the_generations(r
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         run_qa(out, "--max_passages", "12")
     calls.clear()
-    again = run_qa(out, "--max_passages", "12", "--overwrite", "--no_extractive")
+    again = run_qa(out, "--max_passages", "12", "--no_extractive")  # other filters: no --overwrite needed
     assert calls == []  # nothing generated again: only filtered and written anew
     assert again["kept"] == first["kept"] + first["rejected"]["answer_not_in_passage"]
+    with pytest.raises(FileExistsError, match="pass --overwrite"):  # the same filters again: nothing would change
+        run_qa(out, "--max_passages", "12", "--no_extractive")
     with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 6 -> 7"):
         run_qa(out, "--max_passages", "12", "--overwrite", "--max_new_tokens", "7")
 

@@ -71,6 +71,7 @@ from rag_end2end.options import add_debug_arg
 from rag_end2end.precision import native_bf16
 
 GENERATIONS_FILE = "generations.jsonl"
+FILTER_FLAGS = ("extractive", "roundtrip_k")  # what a rerun may change without --overwrite (refilters)
 DALM_FILE = "dalm.csv"  # every kept pair as DALM's CSV (Passage,Query,Answer), which prepare_dalm_csv.py reads back
 SETTINGS_FILE = "generation_settings.json"
 # Two steps, each one simple task: a question from the passage, then its answer from the passage and the question.
@@ -697,10 +698,21 @@ def generate(
     return done, made, time.perf_counter() - start
 
 
+def refilters(out: Path, args: argparse.Namespace) -> bool:
+    """A finished output asked for again with other filters (FILTER_FLAGS): its generations are filtered anew and
+    the pairs written anew without --overwrite, since nothing generated is lost."""
+    stats = out / "stats.json"
+    if not stats.is_file():
+        return False
+    finished = json.loads(stats.read_text(encoding="utf-8"))
+    return any(finished.get(flag) != getattr(args, flag) for flag in FILTER_FLAGS)
+
+
 def main(args: argparse.Namespace) -> dict | None:
     """Generate (or resume), filter and write the outputs; returns the stats, or None when stopped early."""
     out = Path(args.output_dir)
-    check_output_dir(out, args.overwrite)
+    replace = args.overwrite or refilters(out, args)
+    check_output_dir(out, replace)
     kb = load_kb(args.csv_path, args.passages_path)
     out.mkdir(parents=True, exist_ok=True)
     kb_csv = verify_kb_csv(out, kb)
@@ -742,7 +754,7 @@ def main(args: argparse.Namespace) -> dict | None:
     files = {"kb.csv": kb_csv, **split_files(splits), DALM_FILE: dalm_csv(pairs, kb)}
     files["stats.json"] = json.dumps(stats, indent=1) + "\n"  # last: its presence says the rest is written
     assert set(files) == {*OUTPUT_FILES, DALM_FILE}
-    write_files(out, files, args.overwrite)
+    write_files(out, files, replace)
     if empty := [f"{split}.source" for split in SPLITS if not splits[split]]:
         warnings.warn(
             f"{out}: {', '.join(empty)} empty ({len(pairs)} pairs kept, from "
