@@ -28,7 +28,7 @@ from rag_end2end.kb.search import load_passages
 if TYPE_CHECKING:
     import torch
 
-RECALL_KS = (1, 5)  # the columns: recall@1/5 and MRR@5
+RECALL_KS = (1, 5)  # recall@1/5 and MRR@5: what the refresh trade-off is read by
 MRR_KS = (5,)
 
 
