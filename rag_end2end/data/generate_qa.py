@@ -30,8 +30,8 @@ passage is greedy; samples 1.. (--per_passage) are drawn with --temperature and 
 Resuming: generations.jsonl is flushed after each batch; rerunning the same command skips the (passage, sample)
 pairs already there, so a crash or Ctrl-C loses at most one batch. The split files are written, from
 generations.jsonl, only once every generation of the selection is done (--max_batches stops a run early, to
-work in pieces). With --overwrite a finished output is rewritten from its generations (e.g. with other filters)
-without generating again; delete generations.jsonl to generate anew.
+work in pieces). A finished output asked for again with other filters (FILTER_FLAGS), or with --overwrite, is
+rewritten from its generations without generating again; delete generations.jsonl to generate anew.
 
 Filters (each counted in stats.json `rejected`, in this order): unparseable output; question under
 MIN_QUESTION_WORDS or over MAX_QUESTION_WORDS words; answer over MAX_ANSWER_WORDS words; answer not in its passage
