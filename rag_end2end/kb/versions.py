@@ -43,15 +43,17 @@ class KBVersion:
     similarity: str = "dot"  # how the embeddings are scored: dot, cosine (unit-length vectors) or l2 (distance)
 
     def stored(self, base: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> dict:
-        """This version as a run saves it: paths inside `run_dir` (default `base`) relative to `base`, so that a
-        moved or copied run directory resumes on its own KB versions; other paths (the user's version 0)
-        absolute."""
-        inside = Path(os.path.abspath(run_dir or base))
+        """This version as a run saves it: paths inside `run_dir` (default `base`) relative to `base` when `base` is in
+        the run too, so that a moved or copied run directory resumes on its own KB versions; other paths (the user's
+        version 0, or any for a checkpoint saved outside its run) absolute (checkpoint_kb refuses a relative path
+        that leads out of a checkpoint's directory)."""
+        inside, here = Path(os.path.abspath(run_dir or base)), Path(os.path.abspath(base))
+        moves_with_the_run = here == inside or inside in here.parents  # else a relative path would lead out of it
         fields = asdict(self)
         for key in ("passages_path", "index_path"):
             path = Path(os.path.abspath(fields[key]))
-            if path == inside or inside in path.parents:
-                fields[key] = os.path.relpath(path, os.path.abspath(base))
+            if moves_with_the_run and (path == inside or inside in path.parents):
+                fields[key] = os.path.relpath(path, here)
         return fields
 
     @classmethod
