@@ -45,6 +45,7 @@ def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_p
     assert max(_logged(out, "step")) >= 9
 
 
+@pytest.mark.slow
 def test_reference_launch_flags_run(ray_local, tiny_models, tiny_kb, tmp_path):
     """The flags of the reference test_run/test_finetune.sh, with tiny local models and --gpus 0 --index_gpus 0 (no
     GPU here: the reference's --index_gpus 2 is refused in one line, tests/test_gpu_placement.py)."""

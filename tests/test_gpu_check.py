@@ -282,6 +282,7 @@ def test_device_memory_catches_another_processs_peak_inside_the_block(monkeypatc
     assert gpu_check.device_memory([off])["device_memory_peak_mib"] is None
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_of_the_gpu_check(tmp_path):
     """`bench/gpu_check.sh --cpu` runs every step it can, says which it skipped, and writes one JSON and one log."""
     out = tmp_path / "out"

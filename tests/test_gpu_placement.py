@@ -258,6 +258,7 @@ def _without_devices(argv: list[str]) -> list[str]:
     return [a for i, a in enumerate(argv) if i not in drop and i - 1 not in drop]
 
 
+@pytest.mark.slow
 def test_the_encoding_actor_gets_the_gpu_training_leaves_and_waits_for_it_are_bounded(finetune_argv):
     """`--gpus 2 --index_gpus 1` on three GPUs that SLURM exported as 4,5,6: the local Ray that the run starts hands
     the encoding actor GPU 6, the one no training rank uses (left to itself, Ray took all three and gave it 4, rank
@@ -286,6 +287,7 @@ def test_the_encoding_actor_gets_the_gpu_training_leaves_and_waits_for_it_are_bo
     assert told_cuda in got["started"]
 
 
+@pytest.mark.slow
 def test_an_encoding_actor_without_a_gpu_encodes_on_cpu_whatever_cuda_visible_devices_says(finetune_argv):
     """A Ray whose workers inherited CUDA_VISIBLE_DEVICES=0 (SLURM's), on a machine whose torch sees CUDA: Ray 2.60
     leaves the variable in place for an actor that asked for no GPU, and the encoding actor used to take it as its

@@ -514,6 +514,7 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_raylet_ends_the_run_and_leaves_no_actor(finetune_argv, tmp_path):
     """What an OOM killer may pick: Ray ends the trainer at once (from C++, so only the periodic last.ckpt is
     there to resume from), and none of the run's retrieval, encoding or builder actors outlives it."""
