@@ -233,32 +233,34 @@ def test_wikiqa_bad_rows_are_refused_with_file_and_line(tmp_path):
 # ---------------------------------------------------------------------- DALM's CSV trained without a hand step
 
 
+def run_on_converted(tiny_models, data: Path, tmp_path: Path, mode: str) -> list[str]:
+    """The KB of a converter's kb.csv built with the tiny context encoder, and finetune_rag.py's flags for a `mode`
+    run of the tiny encoders over it and the converter's splits."""
+    kb_args = ["--csv_path", str(data / "kb.csv"), "--output_dir", str(tmp_path / "kb"), "--index_type", "flat"]
+    kb_args += ["--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
+    passages, index = use_own_knowledge_dataset.main(use_own_knowledge_dataset.parse_args(kb_args))
+    flags = {
+        "training_mode": mode,
+        "model_type": "rag_token",
+        "question_encoder_name_or_path": tiny_models["question_encoder"],
+        "context_encoder_name": tiny_models["context_encoder"],
+        "passages_path": passages,
+        "index_path": index,
+        "index_type": "flat",
+        "data_dir": data,
+        "output_dir": tmp_path / "run",
+    }
+    return [arg for name, value in flags.items() for arg in (f"--{name}", str(value))]
+
+
 @pytest.mark.parametrize("mode", ["retriever_only", "dalm"])
 def test_a_20_row_dalm_csv_trains_retriever_only_and_dalm(ray_local, tiny_models, tmp_path, mode):
     data = tmp_path / "data"
     convert(write_dalm_csv(tmp_path / "toy.csv", dalm_rows()), data, *HELD_OUT)
-    kb_args = ["--csv_path", str(data / "kb.csv"), "--output_dir", str(tmp_path / "kb"), "--index_type", "flat"]
-    kb_args += ["--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    passages, index = use_own_knowledge_dataset.main(use_own_knowledge_dataset.parse_args(kb_args))
     generator = [] if mode == "retriever_only" else ["--generator_name_or_path", str(tiny_models["generator"])]
     argv = [
-        "--training_mode",
-        mode,
-        "--model_type",
-        "rag_token",
-        "--question_encoder_name_or_path",
-        str(tiny_models["question_encoder"]),
+        *run_on_converted(tiny_models, data, tmp_path, mode),
         *generator,
-        "--context_encoder_name",
-        str(tiny_models["context_encoder"]),
-        "--passages_path",
-        str(passages),
-        "--index_path",
-        str(index),
-        "--data_dir",
-        str(data),
-        "--output_dir",
-        str(tmp_path / "run"),
         "--accelerator",
         "cpu",
         "--devices",
@@ -267,8 +269,6 @@ def test_a_20_row_dalm_csv_trains_retriever_only_and_dalm(ray_local, tiny_models
         "4",
         "--eval_batch_size",
         "4",
-        "--index_type",
-        "flat",
         "--n_docs",
         "2",
         "--do_train",
@@ -292,32 +292,8 @@ def test_an_infonce_validation_without_negatives_says_so(tiny_models, tmp_path):
     data = tmp_path / "data"
     with pytest.warns(UserWarning, match="too small to measure"):
         convert(write_dalm_csv(tmp_path / "toy.csv", dalm_rows()), data)
-    kb_args = ["--csv_path", str(data / "kb.csv"), "--output_dir", str(tmp_path / "kb"), "--index_type", "flat"]
-    kb_args += ["--dpr_ctx_encoder_model_name", str(tiny_models["context_encoder"]), "--device", "cpu"]
-    passages, index = use_own_knowledge_dataset.main(use_own_knowledge_dataset.parse_args(kb_args))
-    args = finetune_rag.parse_args(
-        [
-            "--training_mode",
-            "retriever_only",
-            "--model_type",
-            "rag_token",
-            "--question_encoder_name_or_path",
-            str(tiny_models["question_encoder"]),
-            "--context_encoder_name",
-            str(tiny_models["context_encoder"]),
-            "--passages_path",
-            str(passages),
-            "--index_path",
-            str(index),
-            "--data_dir",
-            str(data),
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--index_type",
-            "flat",
-        ]
-    )
-    module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(str(passages), str(index), HIDDEN))
+    args = finetune_rag.parse_args(run_on_converted(tiny_models, data, tmp_path, "retriever_only"))
+    module = finetune_rag.GenerativeQAModule(args, kb_search.KBSearch(args.passages_path, args.index_path, HIDDEN))
     batch = next(iter(module._dataloader("val", 4, shuffle=False)))
     assert len(batch["source_text"]) == 2
     module.validation_step(batch, 0)
