@@ -36,6 +36,7 @@ from rag_end2end.evaluation.results_table import read_test_results
 from rag_end2end.files import atomic_write_text
 from rag_end2end.kb import build
 from rag_end2end.model.rag import RagModel
+from rag_end2end.model.settings import checkpoint_dir
 from rag_end2end.options import build_parser
 from rag_end2end.training import finetune
 from rag_end2end.training.arguments import parse_args
@@ -274,7 +275,7 @@ def _kept_checkpoint(module) -> Path | None:
     step = checkpoint_step(best) if best else None
     if step is not None:
         return export_dir(best, step)
-    final = export_dir(str(Path(module.hparams.output_dir) / "last.ckpt"), module.trainer.global_step)
+    final = checkpoint_dir(module.hparams.output_dir, module.trainer.global_step)
     return final if final.is_dir() else None
 
 

@@ -287,6 +287,11 @@ __all__ = [
 ]
 
 
+def checkpoint_dir(run: str | os.PathLike, step: int) -> Path:
+    """The model directory of a run's step: `run/checkpoint<step>`."""
+    return Path(run) / CHECKPOINT_DIR.format(step=step)
+
+
 def checkpoint_dirs_in(run: str | os.PathLike) -> list[Path]:
     """The `checkpoint<step>` model directories of a run directory, in step order."""
     found = [(int(m[1]), p) for p in Path(run).iterdir() if (m := CHECKPOINT_DIR_RE.match(p.name)) and p.is_dir()]

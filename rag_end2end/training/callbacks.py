@@ -20,7 +20,7 @@ from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
 from rag_end2end.kb.staleness import StalenessProbe
 from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
 from rag_end2end.model.lora import merged
-from rag_end2end.model.settings import CHECKPOINT_DIR
+from rag_end2end.model.settings import checkpoint_dir
 from rag_end2end.options import DDP_TIMEOUT_S
 
 
@@ -326,8 +326,7 @@ class LastCheckpoint(RagCheckpoint):
         exporter and answering read: a run that ends before its first validation (or whose best is an earlier
         step) still leaves a usable model of what it trained. Never removed by the best-k pruning."""
         if trainer.is_global_zero and trainer.global_step > 0:
-            last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-            trainer.lightning_module.save_hf_checkpoint(export_dir(str(last), trainer.global_step))
+            trainer.lightning_module.save_hf_checkpoint(checkpoint_dir(self.dirpath, trainer.global_step))
 
 
 def kb_pin_path(filepath: str) -> Path:
@@ -343,7 +342,7 @@ def checkpoint_step(filepath: str) -> int | None:
 
 def export_dir(filepath: str, step: int) -> Path:
     """Where the RagModel export of the checkpoint at `filepath` (taken at `step`) goes."""
-    return Path(filepath).parent / CHECKPOINT_DIR.format(step=step)
+    return checkpoint_dir(Path(filepath).parent, step)
 
 
 def get_checkpoint_callback(output_dir: str, metric: str = "em", save_top_k: int = 1) -> ModelCheckpoint:
