@@ -218,6 +218,13 @@ def add_model_specific_args(parser: argparse.ArgumentParser) -> None:
         "encoders, q_proj,v_proj for Llama and BART)",
     )
     g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each transformer layer's activations in the backward pass instead of keeping them, in "
+        "every part that trains (generator, encoders; LoRA too): far less activation memory for about a third "
+        "more compute (bench/README.md); the loss and gradients are unchanged",
+    )
+    g.add_argument(
         "--rerank_top",
         type=int,
         default=0,

@@ -633,3 +633,126 @@ def test_retriever_dropout_off_survives_lightnings_validation_loop(make_module):
     trainer.callbacks.append(Modes())
     trainer.fit(module)
     assert len(seen) == 2 and all(modes == (False, False, True) for modes in seen), seen
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def _without_dropout(causal: bool, *flags: str) -> tuple[str, ...]:
+    """The generator's dropout (BART's are plain floats in its layers; Llama has only attention dropout, 0) and
+    LoRA's set to 0 by flags; the encoders' nn.Dropout modules by `_quiet`."""
+    return (*flags, *(() if causal else ("--dropout", "0", "--attention_dropout", "0")), "--lora_dropout", "0")
+
+
+def _quiet(module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+class _Recomputes:
+    """Counts, per part, the forward calls of its linear layers made during backward: the recomputed forwards of
+    checkpointed layers (a part that keeps its activations makes none)."""
+
+    def __init__(self, parts: dict):
+        self.backward, self.counts = False, dict.fromkeys(parts, 0)
+        for name, part in parts.items():
+            for m in part.modules() if part is not None else ():
+                if isinstance(m, torch.nn.Linear):
+                    m.register_forward_hook(lambda *_, name=name: self._seen(name))
+
+    def _seen(self, name: str) -> None:
+        self.counts[name] += self.backward
+
+
+def _step(module, batch) -> tuple[torch.Tensor, dict, dict]:
+    """One training step's loss and the gradients it gives, with the forwards each part repeated in backward."""
+    recomputes = _Recomputes(_parts(module))
+    torch.manual_seed(1)
+    loss = module.training_step(batch, 0)
+    recomputes.backward = True
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, recomputes.counts
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_gradient_checkpointing_is_on_in_exactly_the_parts_that_train(make_module, gold_data, mode):
+    from rag_end2end.model.assembly import is_checkpointing
+
+    module = make_module(mode, "--gradient_checkpointing", data=gold_data, causal=mode == "dalm")
+    for name, part in _parts(module).items():
+        if part is not None:
+            assert is_checkpointing(part) == (name in TRAINS[mode]), f"{mode}: {name}"
+    plain = make_module(mode, data=gold_data, causal=mode == "dalm")
+    assert not any(is_checkpointing(part) for part in _parts(plain).values() if part is not None)
+
+
+@pytest.mark.parametrize(("causal", "peft"), [(False, "none"), (True, "none"), (False, "both"), (True, "both")])
+def test_gradient_checkpointing_leaves_the_loss_and_gradients_unchanged(make_module, gold_data, causal, peft):
+    """rag_end2end trains all three parts: each one's layers run again in backward with the flag (none without),
+    and the loss and every gradient equal those of the same step without it; LoRA's adapters get theirs."""
+    results = {}
+    for flag in ((), ("--gradient_checkpointing",)):
+        module = make_module(
+            "rag_end2end", *_without_dropout(causal, "--peft", peft, *flag), data=gold_data, causal=causal
+        )
+        _quiet(module)
+        results[bool(flag)] = _step(module, _batch(module))
+    (loss, grads, plain_counts), (ckpt_loss, ckpt_grads, counts) = results[False], results[True]
+    assert all(n == 0 for n in plain_counts.values()), plain_counts
+    assert all(n > 0 for n in counts.values()), counts  # every part recomputed its layers
+    torch.testing.assert_close(ckpt_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ckpt_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if peft == "both":
+        assert all("lora_" in name for name in grads)
+        for part in ("question_encoder", "ctx_encoder", "generator"):
+            lora_b = [g for n, g in ckpt_grads.items() if n.startswith(f"model.{part}.") and "lora_B" in n]
+            assert lora_b and all(g.abs().sum() > 0 for g in lora_b), part
+
+
+def test_gradient_checkpointing_with_retriever_dropout_off_warns_and_recomputes_the_generator(make_module):
+    """transformers checkpoints only modules in training mode: the eval-mode encoders keep their activations."""
+    with pytest.warns(UserWarning, match="--retriever_dropout off"):
+        module = make_module("rag_end2end", "--gradient_checkpointing", "--retriever_dropout", "off")
+    counts = _step(module, _batch(module))[2]
+    assert counts["generator"] > 0 and counts["question_encoder"] == counts["ctx_encoder"] == 0, counts
+
+
+# Each recipe with the flag, and LoRA on a decoder-only generator: a short run of Lightning's Trainer.
+CHECKPOINTED_RUNS = [*((mode, (), mode == "dalm") for mode in sorted(MODES)), ("rag_end2end", ("--peft", "both"), True)]
+
+
+@pytest.mark.parametrize(("mode", "extra", "causal"), CHECKPOINTED_RUNS)
+def test_every_recipe_trains_with_gradient_checkpointing(make_module, gold_data, mode, extra, causal):
+    import pytorch_lightning as pl
+
+    from rag_end2end.model.assembly import is_checkpointing
+
+    module = make_module(mode, "--gradient_checkpointing", *extra, data=gold_data, causal=causal)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    assert trainer.global_step == 2
+    assert all(is_checkpointing(getattr(module.model, part)) for part in TRAINS[mode])
+    moved = {
+        part: any(
+            not torch.equal(p, before[n])
+            for n, p in module.named_parameters()
+            if n in before and n.startswith(f"model.{part}.")
+        )
+        for part in TRAINS[mode]
+    }
+    assert all(moved.values()), f"{mode} {extra}: {moved}"

@@ -1,5 +1,6 @@
 """The RagModel that finetune_rag.py's flags describe: loaded from a checkpoint or assembled from parts, with
-only the parts the recipe needs, LoRA where --peft says, and checked against its KB before any work."""
+only the parts the recipe needs, LoRA where --peft says, gradient checkpointing where --gradient_checkpointing says,
+and checked against its KB before any work."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 from datasets import load_from_disk
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
 from rag_end2end.data.readers import check_model_path
 from rag_end2end.kb.index import read_index
@@ -23,7 +24,8 @@ from rag_end2end.options import MODEL_FLAGS, MODEL_TYPES
 
 def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
     """The model of a run: its files checked first, then built (`build_model`), checked against the KB it will
-    retrieve from, frozen where the recipe does not train it, and given LoRA adapters with --peft."""
+    retrieve from, frozen where the recipe does not train it, given LoRA adapters with --peft and
+    gradient checkpointing in the parts that train with --gradient_checkpointing."""
     if hp.model_type not in MODEL_TYPES:
         raise ValueError(f"--model_type {hp.model_type!r} is not supported here; use rag_token or rag_sequence")
     for path in (hp.passages_path, hp.index_path):
@@ -40,6 +42,10 @@ def assemble(hp: argparse.Namespace, objective, retriever) -> RagModel:
     objective.freeze(model)
     if hp.peft != "none":
         apply_lora(model, hp, objective.trains)
+    if hp.gradient_checkpointing:
+        for name in objective.trains:
+            if getattr(model, name, None) is not None:
+                checkpoint_activations(getattr(model, name), f"--gradient_checkpointing: the {name}")
     objective.set_modes(model)  # dropout on in the parts that learn, off in the frozen ones
     return model
 
@@ -161,6 +167,39 @@ def apply_lora(model: RagModel, hp: argparse.Namespace, trains: tuple[str, ...])
         train_only_lora(part)
     if not chosen:
         warnings.warn(f"--peft {hp.peft}: --training_mode {hp.training_mode} trains none of those parts", stacklevel=1)
+
+
+# Non-reentrant checkpointing: gradients reach the parameters inside a checkpointed layer (LoRA's adapters under a
+# frozen embedding too) without its input having to require grad, and the recompute replays the forward's RNG.
+CHECKPOINT_KWARGS = {"use_reentrant": False}
+
+
+def transformers_in(part: torch.nn.Module) -> list[PreTrainedModel]:
+    """The outermost transformers models inside a part that can checkpoint their layers: the generator's model,
+    a PooledEncoder's, the BertModel inside a DPR encoder (DPR's own classes declare no support), found through
+    peft's wrappers."""
+    if isinstance(part, PreTrainedModel) and part.supports_gradient_checkpointing:
+        return [part]
+    return [model for child in part.children() for model in transformers_in(child)]
+
+
+def checkpoint_activations(part: torch.nn.Module, what: str = "the part") -> None:
+    """Gradient checkpointing in every transformer layer of a part (`transformers_in`), in place: in training mode
+    each layer keeps only its input and runs its forward again in the backward pass. transformers checkpoints only
+    modules in training mode, so a part kept in eval mode (frozen, or --retriever_dropout off) is not affected."""
+    models = transformers_in(part)
+    if not models:
+        raise ValueError(f"{what} ({type(part).__name__}) holds no transformers model that supports checkpointing")
+    for model in models:
+        if model.is_activation_checkpointing:  # --shared_encoder: met again as the other side
+            continue
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINT_KWARGS)
+
+
+def is_checkpointing(part: torch.nn.Module) -> bool:
+    """Every transformers model of the part checkpoints its layers (transformers' own flag)."""
+    models = transformers_in(part)
+    return bool(models) and all(model.is_activation_checkpointing for model in models)
 
 
 def load_generator(hp: argparse.Namespace):

@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{flag} must be >= 0, got {rate:g}")
         if rate == 0:
             warnings.warn(f"--{flag} 0: the parts it sets do not learn (the run only validates them)", stacklevel=1)
+    if args.gradient_checkpointing and args.retriever_dropout == "off":
+        warnings.warn(
+            "--gradient_checkpointing with --retriever_dropout off: the encoders train in eval mode, where "
+            "transformers checkpoints nothing, so they keep their activations; the generator's are recomputed",
+            stacklevel=1,
+        )
     if args.lm_temperature <= 0 or args.hard_negatives < 0 or args.rerank_top < 0:
         parser.error("--lm_temperature must be positive, --hard_negatives and --rerank_top >= 0")
     if args.retrieval_timeout <= 0:
