@@ -38,6 +38,7 @@ SCHEDULERS = {
 }
 PEFT_CHOICES = ("none", "generator", "retriever", "both")
 FAISS_GPU_MODES = ("auto", "off", "replicate", "shard")
+REFRESH_POLICIES = ("full", "rotating", "hot")  # which passages a refresh re-encodes: kb.refresh_policy
 # How questions and passages are scored: dot product, cosine (unit-length vectors) or l2 (negative squared distance)
 SIMILARITIES = ("dot", "cosine", "l2")
 DDP_TIMEOUT_S = 7200.0  # --ddp_timeout's default: 2 h, four times torch's; docs/gpus.md says how to size it
@@ -373,6 +374,32 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
         default=256,
         help="at every refresh it starts, measure the live index's drift on this many passages (a seeded sample): "
         "cosine of stored vs current vectors, and validation recall@k/MRR@5 of stale vs fresh vectors; 0: off",
+    )
+    g.add_argument(
+        "--refresh_policy",
+        choices=REFRESH_POLICIES,
+        default="full",
+        help="which passages a refresh re-encodes: full (all); rotating (slice i mod K of the KB at the i-th, so "
+        "each passage at most K refreshes old); hot (the passages retrieved for the training questions since the "
+        "last refresh, plus a random share). Partial versions keep the other vectors. docs/refresh.md",
+    )
+    g.add_argument(
+        "--refresh_slices",
+        type=int,
+        default=4,
+        help="K: a rotating or hot refresh re-encodes 1/K of the KB (rounded up)",
+    )
+    g.add_argument(
+        "--hot_random_share",
+        type=float,
+        default=0.25,
+        help="hot: this share of each refresh's budget is drawn at random from the passages not retrieved",
+    )
+    g.add_argument(
+        "--full_refresh_every",
+        type=int,
+        default=0,
+        help="with a rotating or hot policy, every N-th refresh re-encodes the whole KB; 0: never",
     )
     g.add_argument("--csv_path", default=None, help="accepted for compatibility; refreshes re-encode --passages_path")
     g.add_argument("--shard_dir", default=None, help="accepted for compatibility; shards travel through Ray")

@@ -28,7 +28,7 @@ LAYERS = [
         "kb.ray_start",
         "kb.parts",
     ],
-    ["kb.index", "kb.encoding", "model.causal", "data.qa_dataset"],
+    ["kb.index", "kb.encoding", "kb.refresh_policy", "model.causal", "data.qa_dataset"],
     ["kb.versions", "data.mixing"],
     ["kb.search", "kb.build", "kb.refresh", "data.squad", "data.reconstruction", "training.run_dir"],
     ["kb.actors", "kb.staleness", "model.rag", "data.cmu_qa", "data.generate_qa", "data.qa_table", "data.wikiqa"],

@@ -9,6 +9,7 @@ import itertools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +17,7 @@ import ray
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
+from rag_end2end.files import atomic_write
 from rag_end2end.kb.parts import part_writer
 from rag_end2end.kb.passages import tokenize_passages
 from rag_end2end.kb.ray_start import quiet_actor
@@ -141,14 +143,15 @@ class ShardEncoder:
                 # until the next refresh. The weights stay (the next refresh loads into them).
                 torch.cuda.empty_cache()
 
-    def _encode(self, offsets: np.ndarray, batch_size: int) -> np.ndarray:
+    def _encode(self, offsets: np.ndarray, batch_size: int, token_ids: np.ndarray | None = None) -> np.ndarray:
         from rag_end2end.precision import native_bf16  # torch, which this module imports only where it encodes
 
         # bf16 on GPUs that have it: twice the throughput, and the KB is only searched with these vectors
         # (rag_end2end re-encodes the retrieved passages in float32 inside the graph).
         bf16 = self.device != "cpu" and native_bf16()  # not emulated (pre-Ampere): that would be slower
+        token_ids = self.token_ids if token_ids is None else token_ids
         return encode_token_ids(
-            self.encoder, self.token_ids, self.pad_token_id, batch_size, self.device, False, offsets, bf16
+            self.encoder, token_ids, self.pad_token_id, batch_size, self.device, False, offsets, bf16
         )
 
     def encode(self, state_dict: dict, batch_size: int = 64, threads: int | None = None) -> np.ndarray:
@@ -165,3 +168,26 @@ class ShardEncoder:
             for a in range(0, n, self.ENCODE_WINDOW):
                 write(self._encode(self.offsets[a : min(a + self.ENCODE_WINDOW, n) + 1], batch_size))
         return n
+
+    def encode_rows_to(
+        self, state_dict: dict, rows: np.ndarray, path: str, batch_size: int = 64, threads: int | None = None
+    ) -> int:
+        """A partial refresh's share of this shard: encode the sorted KB `rows` (all inside the shard) and save
+        their vectors, in that order, as the .npy file `path` (atomically); returns how many. The builder puts them
+        into the new version beside the rows it keeps (kb.versions.publish_partial_kb_version)."""
+        local = np.asarray(rows, dtype=np.int64) - self.start
+        if len(local) and (local[0] < 0 or local[-1] >= self.end - self.start):
+            raise ValueError(f"rows {rows[0]}..{rows[-1]} are not all in this shard [{self.start}, {self.end})")
+        chunks = []
+        with self._weights(state_dict, threads):
+            for a in range(0, len(local), self.ENCODE_WINDOW):
+                window = local[a : a + self.ENCODE_WINDOW]
+                lengths = self.offsets[window + 1] - self.offsets[window]
+                offsets = np.concatenate([[0], np.cumsum(lengths)])  # the window's passages, one after another
+                ids = np.concatenate([self.token_ids[self.offsets[r] : self.offsets[r + 1]] for r in window])
+                chunks.append(self._encode(offsets, batch_size, ids))
+        vectors = np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "KB vectors") as tmp, open(tmp, "wb") as out:
+            np.save(out, vectors)
+        return len(vectors)

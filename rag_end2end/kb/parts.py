@@ -48,6 +48,12 @@ def part_path(staging: str | os.PathLike, part: int, n_parts: int) -> Path:
     return Path(staging) / "passages" / f"data-{part:05d}-of-{n_parts:05d}.arrow"
 
 
+def encoded_path(staging: str | os.PathLike, part: int) -> Path:
+    """The new vectors (.npy) that encoding shard `part` wrote for a partial refresh, under the version being written
+    (the builder removes them before publishing it)."""
+    return Path(staging) / "encoded" / f"rows-{part:05d}.npy"
+
+
 @contextmanager
 def part_writer(
     base_passages_path: str | os.PathLike, start: int, end: int, path: str | os.PathLike

@@ -2,7 +2,7 @@
 encoder, a builder writes the new version's FAISS index, and the retrieval actors swap it in.
 
     refresher = Refresher(retriever, passages_path, kb_root, ctx_encoder, ctx_tokenizer, index_config)
-    refresher.trigger(ctx_encoder.state_dict(), step)   # returns at once
+    refresher.trigger(ctx_encoder.state_dict(), step)   # returns at once (re-encodes what `policy` chooses)
     refresher.poll(step)                                # call often; a dict when a new version went live
     refresher.live_version                              # the KBVersion that retrieval serves now
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -28,8 +29,9 @@ from ray.exceptions import RayActorError
 from rag_end2end.kb.encoding import ShardEncoder
 from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.kb.index import IndexConfig
-from rag_end2end.kb.parts import part_path
+from rag_end2end.kb.parts import encoded_path, part_path
 from rag_end2end.kb.passages import shard_bounds
+from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.versions import KBBuilder, KBVersion, list_versions, prune_versions, staging_dir
 from rag_end2end.model.encoders import encoder_factory
 from rag_end2end.options import DDP_TIMEOUT_S
@@ -114,7 +116,8 @@ class RefreshState(str, Enum):
 
 class Refresher:
     """Re-encodes the KB in Ray actors and swaps each new version into `retriever` (a
-    RagRayDistributedRetriever). Failures are counted; `max_failures` in a row raise."""
+    RagRayDistributedRetriever). Failures are counted; `max_failures` in a row raise. `policy` says which passages
+    each refresh re-encodes (all of them by default; kb.refresh_policy)."""
 
     def __init__(
         self,
@@ -132,8 +135,10 @@ class Refresher:
         max_failures: int = 3,
         pinned: Callable[[], set[int]] = set,
         wait_timeout: float = rank_zero_wait_s(DDP_TIMEOUT_S),
+        policy: RefreshPolicy | None = None,
     ):
         self.retriever = retriever
+        self.policy = policy or RefreshPolicy()
         self.passages_path, self.kb_root = passages_path, kb_root
         self.index_config = index_config
         self.encode_batch_size, self.keep_versions, self.max_failures = encode_batch_size, keep_versions, max_failures
@@ -145,13 +150,18 @@ class Refresher:
         self.actor_restarts = 0  # encoding actors and builder that died and were restarted by Ray
         self._build_ref = None
         self._staging: Path | None = None  # the directory the refresh in flight writes its version to
-        self._parts: list = []  # its encoding tasks (each returns the rows of the part file it wrote)
+        self._parts: list = []  # its encoding tasks (each returns the rows it wrote)
+        self._part_names: list[str] = []  # the encoding actors running them, for messages
+        self._encoding: dict = {}  # what the refresh in flight re-encodes, for its record: policy, passages_encoded
         self._abandoned: list[tuple[Path, list]] = []  # a failed refresh's directory, removed once its encoders end
         self._pending: list = []
         self._new_kb: KBVersion | None = None
         self._trigger_step, self._trigger_time = 0, 0.0
         self._next_version = max([self.live_version.version] + [v.version for v in list_versions(kb_root)]) + 1
         self.n_rows = len(load_from_disk(passages_path))
+        if self.policy.partial and self.policy.slices > self.n_rows:
+            raise ValueError(f"--refresh_slices {self.policy.slices}: more slices than the KB's {self.n_rows} passages")
+        self.shards = shard_bounds(self.n_rows, index_workers)  # each encoding actor's rows [start, end)
 
         options = encoder_options(index_gpus, index_workers)
         check_placeable("--index_gpus: the encoding actors", options)
@@ -165,7 +175,7 @@ class Refresher:
             remote_cls.remote(
                 passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus, device
             )
-            for start, end in shard_bounds(self.n_rows, index_workers)
+            for start, end in self.shards
         ]
         # The builder trains IVF/PQ indexes on its GPU share when FAISS goes on GPU (--faiss_gpu), else none, as before.
         builder_gpus, _ = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, len(retriever.actors) + 1)
@@ -199,7 +209,7 @@ class Refresher:
         actors loading the new version."""
         if self.state is RefreshState.ENCODING:
             _, left = ray.wait(self._parts, num_returns=len(self._parts), timeout=0)
-            encoding = [name for ref, name in zip(self._parts, self.actor_names) if ref in left]
+            encoding = [name for ref, name in zip(self._parts, self._part_names) if ref in left]
             return encoding or self.actor_names[-1:]
         if self.state is RefreshState.SWAPPING:
             _, left = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
@@ -208,36 +218,65 @@ class Refresher:
 
     # --------------------------------------------------------------- the state machine
 
-    def trigger(self, weights: dict[str, torch.Tensor], step: int, threads: int | None = None) -> bool:
+    def trigger(
+        self,
+        weights: dict[str, torch.Tensor],
+        step: int,
+        threads: int | None = None,
+        recorded: Counter | None = None,
+        full: bool = False,
+    ) -> bool:
         """Start re-encoding with these context-encoder weights (copied now, so later optimizer steps cannot
-        change them); False if a refresh is still running."""
+        change them) the passages the policy chooses (`recorded`: how often each row was retrieved for training
+        questions since the last refresh, for the hot set), or all of them if `full`; False if a refresh is still
+        running."""
         if self.state is not RefreshState.IDLE:
             self.skipped_triggers += 1
             rank_zero_info(f"KB refresh: trigger at step {step} skipped ({self.state.value})")
             return False
+        rows = None if full else self.policy.rows(self.n_rows, self.history, recorded)
         snapshot = ray.put({k: v.detach().to("cpu", copy=True) for k, v in weights.items()})
-        # Each encoding actor writes its rows with their new vectors into the version's directory, and the builder
-        # indexes those files a batch at a time: no process ever holds every vector (bench/bench_memory.py).
-        self._staging, n = staging_dir(self.kb_root, self._next_version), len(self.encoders)
-        self._parts = [
-            e.encode_to.remote(snapshot, str(part_path(self._staging, i, n)), self.encode_batch_size, threads)
-            for i, e in enumerate(self.encoders)
-        ]
-        similarity = self.live_version.similarity
-        self._build_ref = self.builder.publish.remote(
-            self.kb_root,
-            self._next_version,
-            step,
-            self.index_config,
-            similarity,
-            str(self._staging),
-            *self._parts,
-            threads=threads,
-        )
+        self._staging = staging_dir(self.kb_root, self._next_version)
+        common = (self.kb_root, self._next_version, step, self.index_config, self.live_version.similarity)
+        if rows is None:
+            # Each encoding actor writes its rows with their new vectors into the version's directory, and the
+            # builder indexes those files a batch at a time: no process ever holds every vector
+            # (bench/bench_memory.py).
+            n = len(self.encoders)
+            self._parts = [
+                e.encode_to.remote(snapshot, str(part_path(self._staging, i, n)), self.encode_batch_size, threads)
+                for i, e in enumerate(self.encoders)
+            ]
+            self._part_names = self.actor_names[:n]
+            self._build_ref = self.builder.publish.remote(*common, str(self._staging), *self._parts, threads=threads)
+        else:
+            # A partial refresh: each encoding actor encodes the chosen rows of its shard into a .npy file, and the
+            # builder writes the new version from the live one with those rows' vectors replaced.
+            files, self._parts, self._part_names = [], [], []
+            for i, (encoder, (start, end)) in enumerate(zip(self.encoders, self.shards)):
+                mine = rows[(rows >= start) & (rows < end)]
+                if len(mine):
+                    files.append(str(encoded_path(self._staging, i)))
+                    self._parts.append(
+                        encoder.encode_rows_to.remote(snapshot, mine, files[-1], self.encode_batch_size, threads)
+                    )
+                    self._part_names.append(self.actor_names[i])
+            previous = self.live_version  # the version whose other vectors the new one keeps
+            extra = (previous, rows, self.policy.slices, files)
+            self._build_ref = self.builder.publish.remote(
+                *common, str(self._staging), *extra, *self._parts, threads=threads, partial=True
+            )
+        self._encoding = {
+            "policy": "full" if rows is None else self.policy.name,
+            "passages_encoded": self.n_rows if rows is None else len(rows),
+        }
         self._next_version += 1
         self._trigger_step, self._trigger_time = step, time.perf_counter()
         self.state = RefreshState.ENCODING
-        rank_zero_info(f"KB refresh: started at step {step}")
+        rank_zero_info(
+            f"KB refresh: started at step {step} ({self._encoding['policy']}: "
+            f"{self._encoding['passages_encoded']:,} of {self.n_rows:,} passages)"
+        )
         return True
 
     def poll(self, step: int) -> dict | None:
@@ -298,6 +337,7 @@ class Refresher:
             "swap_step": step,
             "steps_during_refresh": step - self._trigger_step,
             "reindex_seconds": seconds,
+            **self._encoding,
         }
         self.history.append(record)
         self.state = RefreshState.IDLE
@@ -306,8 +346,9 @@ class Refresher:
         created = {r["version"] for r in self.history}  # by this run, resumed parts included: nothing else
         prune_versions(self.kb_root, self.keep_versions, protect=self.pinned() | {self._new_kb.version}, only=created)
         rank_zero_info(
-            f"KB refresh: v{self._new_kb.version} live at step {step}: {self.n_rows:,} passages in {seconds:.1f} s "
-            f"({self.n_rows / seconds:.1f} passages/s), over steps {self._trigger_step}-{step}"
+            f"KB refresh: v{self._new_kb.version} live at step {step}: {record['passages_encoded']:,} passages "
+            f"encoded in {seconds:.1f} s ({record['passages_encoded'] / seconds:.1f} passages/s), over steps "
+            f"{self._trigger_step}-{step}"
         )
         return record
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -50,6 +51,9 @@ class RagRayDistributedRetriever:
         self.last_version: int | None = None
         self.actor_restarts = 0
         self._dead: set[int] = set()  # actors whose last call failed because they died
+        # While set (by KBRefreshCallback, around training steps), every row `retrieve` returns is counted here: the
+        # hot set of --refresh_policy hot.
+        self.recorder: Counter | None = None
 
     def init_retrieval(self, kb: KBVersion) -> int:
         """Make sure every actor serves a version, loading `kb` if none; returns the newest version served."""
@@ -61,7 +65,12 @@ class RagRayDistributedRetriever:
         """Top-`n_docs` passages for each query vector (the pooled question vector, already divided by tau: its
         inner product with a stored passage vector is the doc score), from one KB version."""
         hits = self._retrying(lambda: self._ask_next(query_vectors, n_docs, embeddings), "no retrieval actor answered")
+        self._record(hits)
         return hits.embeddings, hits.ids, hits.docs
+
+    def _record(self, hits: Hits) -> None:
+        if self.recorder is not None:
+            self.recorder.update(np.asarray(hits.ids).ravel().tolist())
 
     def _ask_next(self, queries: np.ndarray, n_docs: int, embeddings: bool) -> Hits:
         """One call to the next actor in turn."""
@@ -174,6 +183,7 @@ class ShardedRetriever(RagRayDistributedRetriever):
 
     def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
         hits = self.search(query_vectors, n_docs, embeddings)
+        self._record(hits)
         return hits.embeddings, hits.ids, hits.docs
 
     def search(self, queries: np.ndarray, n_docs: int, embeddings: bool = True) -> Hits:

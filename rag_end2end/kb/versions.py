@@ -18,10 +18,19 @@ from pathlib import Path
 import faiss
 import numpy as np
 from datasets import Dataset, load_from_disk
+from datasets import config as datasets_config
 
 from rag_end2end.files import atomic_write, atomic_writes, remove_tree, temporary_sibling
-from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index
-from rag_end2end.kb.parts import declare_dataset, part_path, part_vectors, sample_parts, write_passages_part
+from rag_end2end.kb.index import IndexConfig, build_faiss_index, new_faiss_index, read_index
+from rag_end2end.kb.parts import (
+    declare_dataset,
+    encoded_path,
+    part_path,
+    part_vectors,
+    sample_parts,
+    write_passages_part,
+)
+from rag_end2end.kb.passages import shard_bounds
 from rag_end2end.kb.ray_start import quiet_actor
 from rag_end2end.kb.similarity import write_kb_info
 
@@ -191,18 +200,107 @@ def publish_kb_version(
         if final.exists():
             raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
         parts = [part_path(staging, i, len(part_rows)) for i in range(len(part_rows))]
-        dim = next(part_vectors(parts[:1]))[1].shape[1]
-        index = new_faiss_index(dim, sum(part_rows), cfg, lambda rows: sample_parts(parts, rows), similarity)
-        for _, vectors in part_vectors(parts):
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        index = index_parts(parts, sum(part_rows), cfg, similarity)
         if index.ntotal != sum(part_rows):
             raise ValueError(f"{staging}: the parts hold {index.ntotal} passages, the encoders wrote {sum(part_rows)}")
-        declare_dataset(staging / "passages", parts)
-        write_kb_info(staging / "passages", similarity)
-        faiss.write_index(index, str(staging / "index.faiss"))
         kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
-        (staging / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+        _seal(staging, parts, index, kb)
     return kb
+
+
+def index_parts(parts: list[Path], n_rows: int, cfg: IndexConfig, similarity: str) -> faiss.Index:
+    """A new index for `cfg` over the part files' `n_rows` vectors, read a record batch at a time."""
+    dim = next(part_vectors(parts[:1]))[1].shape[1]
+    index = new_faiss_index(dim, n_rows, cfg, lambda rows: sample_parts(parts, rows), similarity)
+    for _, vectors in part_vectors(parts):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def _seal(staging: Path, parts: list[Path], index: faiss.Index, kb: KBVersion) -> None:
+    """Make `staging` a complete version: its parts declared one passages dataset, the index, READY.json last."""
+    declare_dataset(staging / "passages", parts)
+    write_kb_info(staging / "passages", kb.similarity)
+    faiss.write_index(index, str(staging / "index.faiss"))
+    (staging / READY_MARKER).write_text(json.dumps(asdict(kb), indent=1))
+
+
+def updates_in_place(index: faiss.Index) -> bool:
+    """Whether a partial refresh can replace some vectors of `index` by id (remove_ids, then add_with_ids): an IVF
+    index (its trained centroids kept; only the touched lists change) or an IndexIDMap. A flat index would renumber
+    the rows after those removed, and HNSW cannot remove: both are rebuilt from the version's stored vectors."""
+    return faiss.try_extract_index_ivf(index) is not None or isinstance(index, faiss.IndexIDMap)
+
+
+def publish_partial_kb_version(
+    kb_root: str,
+    version: int,
+    embedding_step: int,
+    cfg: IndexConfig,
+    similarity: str,
+    staging: str | os.PathLike,
+    previous: KBVersion,
+    rows: np.ndarray,
+    n_blocks: int,
+    encoded: list[str],
+    *written: int,
+) -> KBVersion:
+    """Publish `kb_root/vNNNN` (atomically, as publish_kb_version) from `previous` with the sorted `rows` given new
+    vectors: those in the .npy files `encoded` (one per encoding actor that had rows, in row order, `written` rows
+    each; under `staging` (encoded_path), removed before the version is sealed). The passages are written as
+    `n_blocks` part files of contiguous rows (shard_bounds): a block without a new vector whose file `previous`
+    already holds under the same name (a version of this run's, written in the same blocks) is hard-linked, neither
+    re-encoded nor copied; any other block is written anew, its untouched rows' vectors copied from `previous`
+    unchanged. The index is updated in place where its type allows (updates_in_place), else rebuilt from the new
+    version's vectors. Runs in the builder actor."""
+    final, staging = version_dir(kb_root, version), Path(staging)
+    with atomic_write(final, "KB version", replace=False, temporary=staging):
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; refusing to overwrite a knowledge-base version")
+        rows = np.asarray(rows, dtype=np.int64)
+        new = np.concatenate([np.load(path) for path in encoded])
+        if not len(new) == sum(written) == len(rows):
+            raise ValueError(f"{staging}: {len(rows)} rows to re-encode, the encoders wrote {len(new)} vectors")
+        old = load_from_disk(previous.passages_path)
+        old_dir = Path(previous.passages_path)
+        # Hard links only to this run's versions (never a user's files) in the same blocks.
+        ours = Path(os.path.abspath(old_dir)).parent.parent == Path(os.path.abspath(kb_root))
+        blocks = [part_path(old_dir.parent, j, n_blocks).name for j in range(n_blocks)]
+        linkable = ours and _data_files(old_dir) == blocks
+        parts = []
+        for j, (start, end) in enumerate(shard_bounds(len(old), n_blocks)):
+            part = part_path(staging, j, n_blocks)
+            lo, hi = np.searchsorted(rows, [start, end])
+            if lo == hi and linkable:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(old_dir / part.name, part)  # versions are never written after publishing
+                except OSError:  # a filesystem without hard links: a copy of the file, still no encoding
+                    shutil.copyfile(old_dir / part.name, part)
+            else:
+                vectors = old.data.table.slice(start, end - start).column("embeddings").combine_chunks()
+                vectors = vectors.flatten().to_numpy().reshape(end - start, -1).copy()
+                vectors[rows[lo:hi] - start] = new[lo:hi]
+                write_passages_part(previous.passages_path, start, end, vectors, part)
+            parts.append(part)
+        index = read_index(previous.index_path)
+        if updates_in_place(index):
+            index.remove_ids(rows)
+            index.add_with_ids(np.ascontiguousarray(new, dtype=np.float32), rows)
+        else:
+            index = index_parts(parts, len(old), cfg, similarity)
+        if index.ntotal != len(old):
+            raise ValueError(f"{staging}: the new index holds {index.ntotal} passages, the KB {len(old)}")
+        shutil.rmtree(encoded_path(staging, 0).parent, ignore_errors=True)  # not part of the version
+        kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
+        _seal(staging, parts, index, kb)
+    return kb
+
+
+def _data_files(passages_dir: Path) -> list[str]:
+    """The data files a saved passages dataset lists in its state file, in order."""
+    state = json.loads((passages_dir / datasets_config.DATASET_STATE_JSON_FILENAME).read_text())
+    return [f["filename"] for f in state["_data_files"]]
 
 
 def build_kb_version(
@@ -242,10 +340,11 @@ class KBBuilder:
         self.threads = threads
         faiss.omp_set_num_threads(threads)
 
-    def publish(self, *args, threads: int | None = None) -> KBVersion:
-        """`publish_kb_version(*args)`, with `threads` FAISS threads for this call (when training waits for it)."""
+    def publish(self, *args, threads: int | None = None, partial: bool = False) -> KBVersion:
+        """`publish_kb_version(*args)` (`partial`: publish_partial_kb_version), with `threads` FAISS threads for this
+        call (when training waits for it)."""
         faiss.omp_set_num_threads(threads or self.threads)
         try:
-            return publish_kb_version(*args)
+            return (publish_partial_kb_version if partial else publish_kb_version)(*args)
         finally:
             faiss.omp_set_num_threads(self.threads)

@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--indexing_freq must be >= 1 (optimizer steps between refreshes), got {args.indexing_freq}")
     if args.staleness_sample < 0:
         parser.error(f"--staleness_sample must be >= 0 (passages; 0 measures nothing), got {args.staleness_sample}")
+    if args.refresh_slices < 2 or args.full_refresh_every < 0 or not 0 <= args.hot_random_share <= 1:
+        parser.error(
+            f"--refresh_slices must be >= 2 (got {args.refresh_slices}), --full_refresh_every >= 0 (got "
+            f"{args.full_refresh_every}), --hot_random_share between 0 and 1 (got {args.hot_random_share:g})"
+        )
     if args.end2end and args.training_mode not in (None, "rag_end2end"):
         parser.error(
             f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from rag_end2end.files import atomic_write, atomic_write_text, remove_tree
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
+from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.staleness import StalenessProbe
 from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
 from rag_end2end.model.lora import merged
@@ -29,7 +31,8 @@ class KBRefreshCallback(pl.Callback):
     hands the refresher the context encoder's weights, and polls it after every batch, so no training rank
     ever waits. Global rank 0 alone drives it; every rank shares the retrieval actors (no collective). At each
     refresh it starts, it measures how stale the live index has become (kb.staleness, `staleness_sample` passages
-    drawn with `seed`; 0: not measured)."""
+    drawn with `seed`; 0: not measured). `policy` says which passages each refresh re-encodes; for the hot set it
+    records the rows the retriever returned for training questions (on rank 0) since the last refresh."""
 
     def __init__(
         self,
@@ -46,6 +49,7 @@ class KBRefreshCallback(pl.Callback):
         wait_timeout: float = rank_zero_wait_s(DDP_TIMEOUT_S),
         staleness_sample: int = 0,
         seed: int = 0,
+        policy: RefreshPolicy | None = None,
     ):
         if indexing_freq < 1:
             raise ValueError(f"--indexing_freq must be >= 1, got {indexing_freq}")
@@ -58,7 +62,10 @@ class KBRefreshCallback(pl.Callback):
             "encode_batch_size": encode_batch_size,
             "keep_versions": keep_versions,
             "wait_timeout": wait_timeout,
+            "policy": policy,
         }
+        self.policy = policy or RefreshPolicy()
+        self.recorded: Counter = Counter()  # hot set: times each row was retrieved for training since the last refresh
         # The longest rank 0 waits for a refresh (or the actors' start) while the other ranks sit in a barrier.
         self.wait_timeout = wait_timeout
         self.refresh_before_validation = refresh_before_validation
@@ -104,6 +111,7 @@ class KBRefreshCallback(pl.Callback):
         # The module has already swapped to the checkpoint's KB version (GenerativeQAModule.on_load_checkpoint).
         self._last_trigger_step = self._restored["last_trigger_step"]
         self.refresher.history = self._restored["history"]
+        self.recorded = Counter(dict(self._restored.get("recorded", [])))
         rank_zero_info(f"KB refresh: resumed on v{pl_module.kb.version}")
         keep = pinned_kb_versions(pl_module.hparams.output_dir) | {r["version"] for r in self.refresher.history}
         for version in remove_unreachable_versions(self.kb_root, pl_module.kb.version, keep):
@@ -118,11 +126,19 @@ class KBRefreshCallback(pl.Callback):
             pl_module.reencode_on_start = False
             trainer.strategy.barrier("kb_reencoded")  # no rank trains on the old version after this
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.is_global_zero and self.policy.name == "hot":  # the training questions' retrievals alone
+            pl_module.retriever.recorder = self.recorded
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if trainer.is_global_zero:
+            pl_module.retriever.recorder = None  # validation's and the refresh's own searches are not recorded
             if record := self.refresher.poll(step):
                 pl_module.log("reindex_seconds", record["reindex_seconds"], rank_zero_only=True)
+                total = sum(r.get("passages_encoded", 0) for r in self.history)
+                encoded = {"passages_encoded": float(record["passages_encoded"]), "passages_encoded_total": total}
+                pl_module.log_dict({k: float(v) for k, v in encoded.items()}, rank_zero_only=True)
                 self._log_retrieval(trainer, pl_module)
             if step > 0 and step - self._last_trigger_step >= self.indexing_freq:
                 self._last_trigger_step = step
@@ -140,15 +156,18 @@ class KBRefreshCallback(pl.Callback):
         (wait_timeout): a TimeoutError naming the actors it still waits for, before the other ranks' barrier times
         out."""
         self._last_trigger_step = trainer.global_step
-        # Training waits, so the encoders may take every core of this machine.
-        self._trigger(trainer, pl_module, threads=max(1, (os.cpu_count() or 1) // len(self.refresher.encoders)))
+        # Training waits, so the encoders may take every core of this machine; the whole KB, whatever the policy.
+        threads = max(1, (os.cpu_count() or 1) // len(self.refresher.encoders))
+        self._trigger(trainer, pl_module, threads=threads, full=True)
         self._wait(trainer, pl_module, self.wait_timeout if timeout is None else timeout, must_finish=True)
 
-    def _trigger(self, trainer, pl_module, threads: int | None = None) -> None:
+    def _trigger(self, trainer, pl_module, threads: int | None = None, full: bool = False) -> None:
         encoder = merged(pl_module.model.ctx_encoder)  # the actors encode without peft
-        if not self.refresher.trigger(encoder.state_dict(), trainer.global_step, threads):
+        if not self.refresher.trigger(encoder.state_dict(), trainer.global_step, threads, self.recorded, full):
             pl_module.log("reindex_skipped", float(self.refresher.skipped_triggers), rank_zero_only=True)
-        elif self.staleness is not None:  # the live index at its stalest, against the vectors the refresh will write
+            return
+        self.recorded = Counter()  # the next hot set: what training retrieves from now on
+        if self.staleness is not None:  # the live index at its stalest, against the vectors the refresh will write
             self._log_staleness(trainer, pl_module, encoder)
 
     @torch.no_grad()
@@ -197,7 +216,8 @@ class KBRefreshCallback(pl.Callback):
         trainer.strategy.barrier("kb_refreshed_for_validation")  # no rank validates against the old index
 
     def state_dict(self) -> dict:
-        return {"last_trigger_step": self._last_trigger_step, "history": self.history}
+        recorded = sorted(self.recorded.items())  # (row, times retrieved): plain lists in the checkpoint
+        return {"last_trigger_step": self._last_trigger_step, "history": self.history, "recorded": recorded}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Applied in `on_fit_start` only: `trainer.test(ckpt_path=...)` restores callback state too, and

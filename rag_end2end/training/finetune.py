@@ -47,6 +47,7 @@ from rag_end2end.kb.actors import start_retrieval_actors, start_shard_actors
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.ray_start import init_ray, visible_gpu_ids
 from rag_end2end.kb.refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
+from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.retriever import RagRayDistributedRetriever, ShardedRetriever
 from rag_end2end.kb.versions import KB_VERSION_FILE, KBVersion
 from rag_end2end.model.assembly import assemble
@@ -589,6 +590,9 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
                 wait_timeout=rank_zero_wait_s(args.ddp_timeout),
                 staleness_sample=args.staleness_sample,
                 seed=args.seed,
+                policy=RefreshPolicy(
+                    args.refresh_policy, args.refresh_slices, args.hot_random_share, args.full_refresh_every, args.seed
+                ),
             )
         )
     trainer = pl.Trainer(
@@ -610,6 +614,7 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
             "trains": list(model.objective.trains),
             "train_seconds": train_seconds,
             "refreshes": len(refresh.history) if refresh else 0,
+            "passages_encoded": sum(r.get("passages_encoded", 0) for r in refresh.history) if refresh else 0,
         }
         (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     return model

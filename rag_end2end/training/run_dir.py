@@ -159,6 +159,10 @@ RUN_SETTINGS = (
     "lr_scheduler",
     "adafactor",
     "seed",
+    "refresh_policy",  # which passages each refresh re-encodes: the KB versions the run's weights met
+    "refresh_slices",
+    "hot_random_share",
+    "full_refresh_every",
 )
 # Safe to change on a resume (how fast, how long, how often it logs and validates), with --allow_changed_settings.
 SAFE_SETTINGS = (

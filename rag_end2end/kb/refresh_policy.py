@@ -1,0 +1,69 @@
+"""Which passages a refresh re-encodes (--refresh_policy): all of them (`full`, the default), or a budget of 1/K of
+the KB (--refresh_slices K) chosen as
+
+- `rotating`: slice i mod K of the KB at the i-th partial refresh (contiguous slices: shard_bounds(n, K)), so that
+  every passage is re-encoded at least once every K refreshes;
+- `hot`: the passages retrieved for the training questions since the last refresh, the most often retrieved first,
+  plus a seeded random share of the budget (--hot_random_share) from the others;
+
+with a full refresh every N refreshes (--full_refresh_every; 0: never). A partial refresh keeps every other row's
+vector as the live version holds it (kb.versions.publish_partial_kb_version).
+
+    policy = RefreshPolicy("rotating", slices=4)
+    rows = policy.rows(n_rows, history, recorded)   # sorted rows to re-encode, or None: all of them
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from rag_end2end.kb.passages import shard_bounds
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    """--refresh_policy and its parameters; `seed` draws the hot set's random share (a generator of its own per
+    refresh, so that training's random streams never move and a resumed run draws the same rows)."""
+
+    name: str = "full"  # full, rotating or hot (options.REFRESH_POLICIES)
+    slices: int = 4  # a partial refresh re-encodes 1/slices of the KB
+    hot_random_share: float = 0.25  # hot: this share of the budget drawn at random from the passages not retrieved
+    full_every: int = 0  # every N-th refresh re-encodes the whole KB; 0: never
+    seed: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return self.name != "full"
+
+    def budget(self, n_rows: int) -> int:
+        """Passages a partial refresh re-encodes: 1/slices of the KB, rounded up."""
+        return -(-n_rows // self.slices)
+
+    def rows(self, n_rows: int, history: list[dict], recorded: Counter | None = None) -> np.ndarray | None:
+        """The sorted rows the next refresh re-encodes, or None for all of them. `history`: the refreshes that
+        went live so far (Refresher.history, restored on resume), whose count says which refresh this is and
+        which slice comes next; `recorded`: how often each row was retrieved for training questions since then."""
+        number = len(history) + 1  # this refresh's number, 1-based
+        if not self.partial or (self.full_every and number % self.full_every == 0):
+            return None
+        if self.name == "rotating":
+            done = sum(r.get("policy") == "rotating" for r in history)  # a failed refresh retries its slice
+            start, end = shard_bounds(n_rows, self.slices)[done % self.slices]
+            return np.arange(start, end, dtype=np.int64)
+        return hot_rows(n_rows, self.budget(n_rows), recorded or Counter(), self.hot_random_share, self.seed, number)
+
+
+def hot_rows(n_rows: int, budget: int, recorded: Counter, random_share: float, seed: int, number: int) -> np.ndarray:
+    """The hot set, sorted: the `recorded` rows most often retrieved (ties: the lower row), as many as the budget
+    leaves after its random share, then rows drawn at random (seeded by `seed` and the refresh's `number`) from
+    the others until `budget` rows are chosen (fewer recorded rows leave more to chance)."""
+    budget = min(budget, n_rows)
+    hot_budget = budget - int(round(budget * random_share))
+    ranked = sorted((row for row in recorded if 0 <= row < n_rows), key=lambda row: (-recorded[row], row))
+    hot = np.array(ranked[:hot_budget], dtype=np.int64)
+    others = np.setdiff1d(np.arange(n_rows, dtype=np.int64), hot)
+    drawn = np.random.default_rng([seed, number]).choice(others, budget - len(hot), replace=False)
+    return np.sort(np.concatenate([hot, drawn.astype(np.int64)]))
