@@ -10,6 +10,14 @@
 #   qa_recon    rag_end2end on the 480 human questions mixed with statements, half the batches each: 240
 #               steps, so the questions are seen as often as in the rag_end2end row
 # They validate and test on the human val/test questions, like every row.
+# Partial-refresh rows (issue 33): rag_end2end as its row, re-encoding part of the KB at each refresh
+# (docs/refresh.md); "same" and "half" count passages encoded against a full refresh every INDEXING_FREQ steps:
+#   e2e_rotating       --refresh_policy rotating, K=4 slices every INDEXING_FREQ/4 steps (same work; every
+#                      passage at most INDEXING_FREQ steps old)
+#   e2e_rotating_half  the same every INDEXING_FREQ/2 steps (half the work; at most 2 x INDEXING_FREQ old)
+#   e2e_hot            --refresh_policy hot, 1/4 of the KB (a quarter of it random) and every 5th refresh full,
+#                      every 2 x INDEXING_FREQ/5 steps (same work: 2 KBs every 5 refreshes)
+#   e2e_hot_half       the same every 4 x INDEXING_FREQ/5 steps (half the work)
 # The setting is experiments/cpu_setting.sh's (MiniLM as its authors use it: mean pooling, cosine, tau 0.05;
 # SmolLM2-135M-Instruct as a causal RAG-token generator over N_DOCS passages), with these sizes:
 #   N_TRAIN 480 questions, batch 4, 1 epoch: 120 optimizer steps (modes_cpu.sh: 30)
@@ -72,6 +80,13 @@ for ROW in $ROWS; do
                 EXTRA="$REFRESH --hard_negatives $HARD_NEGATIVES $RECON --reconstruction_ratio 1 --max_steps $STEPS --val_check_interval $STEPS" ;;
             qa_recon) ROW_MODE=rag_end2end
                 EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5" ;;
+            e2e_rotating|e2e_rotating_half) ROW_MODE=rag_end2end  # the last --indexing_freq wins
+                FREQ=$((INDEXING_FREQ / 4)); [ "$ROW" = e2e_rotating_half ] && FREQ=$((INDEXING_FREQ / 2))
+                EXTRA="$REFRESH $E2E_FLAGS --refresh_policy rotating --refresh_slices 4 --indexing_freq $FREQ" ;;
+            e2e_hot|e2e_hot_half) ROW_MODE=rag_end2end
+                FREQ=$((INDEXING_FREQ * 2 / 5)); [ "$ROW" = e2e_hot_half ] && FREQ=$((INDEXING_FREQ * 4 / 5))
+                EXTRA="$REFRESH $E2E_FLAGS --refresh_policy hot --refresh_slices 4 --full_refresh_every 5"
+                EXTRA="$EXTRA --indexing_freq $FREQ" ;;
             *) echo "unknown row $ROW" >&2; exit 2 ;;
         esac
         DONE="$RUN/test_results.txt"
