@@ -37,6 +37,10 @@ BENCHES = {
         ["--sizes", "1000,10000,100000", "--dim", "768"],
         ["--sizes", "1000", "--dim", "64", "--calls", "30"],
     ),
+    "checkpointing": (
+        ["--seq", "256", "--steps", "1", "--rounds", "1"],
+        ["--layers", "2", "--hidden", "256", "--intermediate", "688", "--heads", "4", "--vocab", "2000", "--seq", "64"],
+    ),
 }
 
 

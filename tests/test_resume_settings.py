@@ -33,6 +33,7 @@ def test_a_resume_under_other_settings_is_refused_naming_each_changed_flag(
         run_dir.prepare_output_dir(finetune_rag.parse_args([*argv, "--resume"]))
 
     resume(*argv)  # the same settings
+    resume(*argv, "--gradient_checkpointing")  # memory against time, the same gradients: never compared
     moved = tmp_path / "moved-data"  # the same QA files elsewhere: the same data
     shutil.copytree(DUMMY_DATA, moved)
     resume(*_with(argv, "--data_dir", str(moved)))

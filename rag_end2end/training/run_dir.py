@@ -165,6 +165,8 @@ RUN_SETTINGS = (
     "full_refresh_every",
 )
 # Safe to change on a resume (how fast, how long, how often it logs and validates), with --allow_changed_settings.
+# Flags in neither list are not compared: e.g. --gradient_checkpointing, which trades memory for time and leaves the
+# loss and gradients as they were.
 SAFE_SETTINGS = (
     "learning_rate",
     "retriever_learning_rate",
