@@ -61,6 +61,9 @@ def test_a_resume_under_other_settings_is_refused_naming_each_changed_flag(
     with pytest.raises(ValueError, match=r"--learning_rate 0.001 \(was 5e-05\); --max_steps 4 \(was 2\).*--allow_"):
         resume(*_with(argv, "--max_steps", "4"), "--learning_rate", "1e-3")
     resume(*_with(argv, "--max_steps", "4"), "--learning_rate", "1e-3", "--allow_changed_settings")
+    with pytest.raises(ValueError, match=r"--num_nodes 2 \(was 1\).*--allow_"):  # another global batch: named
+        resume(*argv, "--num_nodes", "2")
+    resume(*argv, "--num_nodes", "2", "--allow_changed_settings")
     with pytest.raises(ValueError, match="--n_docs"):  # never the others
         resume(*argv, "--n_docs", "2", "--allow_changed_settings")
 

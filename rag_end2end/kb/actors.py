@@ -17,7 +17,7 @@ import ray
 from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.kb.index import IndexConfig, build_faiss_index
 from rag_end2end.kb.passages import shard_bounds
-from rag_end2end.kb.ray_start import quiet_actor
+from rag_end2end.kb.ray_start import SPREAD_ACTORS, quiet_actor
 from rag_end2end.kb.search import Hits, LoadedKB, load_passages
 from rag_end2end.kb.versions import KBVersion
 
@@ -100,8 +100,10 @@ class RetrievalActor:
 
 def _serving_options(namespace: str, gpus: float) -> dict:
     """Ray options of an actor that serves searches: found again by name (get_if_exists), restarted for ever when it
-    dies, two threads (a search can run while a new version is staged), num_cpus=0 because it mostly waits."""
+    dies (on another node if its own is gone), two threads (a search can run while a new version is staged),
+    num_cpus=0 because it mostly waits, spread over a cluster's nodes (SPREAD_ACTORS)."""
     options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace, "max_restarts": -1}
+    options["scheduling_strategy"] = SPREAD_ACTORS
     return options | ({"num_gpus": gpus} if gpus else {})
 
 
@@ -235,7 +237,7 @@ def start_shard_actors(
     `index_config.faiss_gpu` on and index GPUs, each asks Ray for its share of a GPU, as start_retrieval_actors."""
     gpus, faiss_gpu = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, n_shards + 1)
     index_config = replace(index_config, faiss_gpu=faiss_gpu)
-    options = _serving_options(namespace, gpus) | {"scheduling_strategy": "SPREAD"}
+    options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(ShardActor)
     return [
         remote_cls.options(name=f"retrieval_shard_{i}", **options).remote(i, n_shards, index_config, threads)

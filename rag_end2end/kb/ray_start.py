@@ -19,6 +19,9 @@ from ray._private import ray_constants
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
+# Every actor of a run (retrieval, encoding, the index builder) is spread over a cluster's nodes: a refresh then
+# encodes on every machine, and an actor whose node dies is restarted on one that is alive. One node: no change.
+SPREAD_ACTORS = "SPREAD"
 
 
 @dataclass(frozen=True)
@@ -191,18 +194,80 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if address.startswith("ray://"):
         return  # a Ray Client server speaks its own protocol
     import grpc  # Ray's own dependency; the GCS answers GetClusterId to every client that joins
+
+    code = _ask_cluster_id(f"{host}:{port}", timeout)
+    if code == grpc.StatusCode.UNAUTHENTICATED:  # a Ray GCS that wants a token (`ray start` asks one since Ray 2.59)
+        token = ray_token()
+        if token is None:
+            raise ConnectionError(
+                f"--ray_address {address}: the Ray cluster there requires token authentication, and this machine has "
+                f"no token ({_token_source()} does not exist): copy the cluster's (`ray get-auth-token` on its head) "
+                "to ~/.ray/auth_token (mode 0600), or name its file in RAY_AUTH_TOKEN_PATH"
+            )
+        code = _ask_cluster_id(f"{host}:{port}", timeout, token)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise ConnectionError(
+                f"--ray_address {address}: the Ray cluster there refuses this machine's token ({_token_source()}); "
+                "give the one `ray get-auth-token` prints on its head"
+            )
+        # Ray's client sends its token only when RAY_AUTH_MODE says so, read into its config when Ray was imported:
+        # set both, as ray.init does itself for a local cluster that has a token.
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
+    if code is not None:
+        raise ConnectionError(
+            f"--ray_address {address}: something listens there, but not a Ray head node's GCS ({code.name}). "
+            "Give the head's GCS address (`ray start --head` prints it; port 6379 by default)."
+        )
+
+
+def _ask_cluster_id(address: str, timeout: float, token: str | None = None):
+    """The gRPC status code of a GetClusterId call to `address` (with `token` as Ray sends it), None when it answers."""
+    import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(address) as channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout, metadata=metadata
             )
         except grpc.RpcError as err:
-            raise ConnectionError(
-                f"--ray_address {address}: something listens there, but not a Ray head node's GCS ({err.code().name}"
-                f"). Give the head's GCS address (`ray start --head` prints it; port 6379 by default)."
-            ) from None
+            return err.code()
+    return None
+
+
+def ray_token() -> str | None:
+    """The token Ray's client would send, from where Ray looks for it, in its order: RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token. None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def _token_source() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def actor_nodes(actors: Sequence) -> list[str]:
+    """The Ray node (the first 8 hex digits of its id) that each of `actors` runs on, in order: where Ray placed
+    them, for the log of a run on a cluster."""
+    return [node[:8] for node in ray.get([actor.__ray_call__.remote(_node_id) for actor in actors])]
+
+
+def alive_nodes() -> int:
+    """How many nodes of the joined Ray cluster are alive."""
+    return sum(node["Alive"] for node in ray.nodes())
+
+
+def _node_id(actor) -> str:
+    return ray.get_runtime_context().get_node_id()
 
 
 def quiet_actor() -> None:

@@ -31,6 +31,7 @@ from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.parts import encoded_path, part_path
 from rag_end2end.kb.passages import shard_bounds
+from rag_end2end.kb.ray_start import SPREAD_ACTORS, actor_nodes, alive_nodes
 from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.versions import KBBuilder, KBVersion, list_versions, prune_versions, staging_dir
 from rag_end2end.model.encoders import encoder_factory
@@ -52,8 +53,9 @@ def rank_zero_wait_s(ddp_timeout: float) -> float:
 def encoder_options(index_gpus: float, index_workers: int) -> dict:
     """Ray options of each encoding actor: `index_gpus` shared evenly among `index_workers` of them (none: CPU).
     Ray restarts a dead one (a fresh process, same constructor arguments) and runs the task it was doing again there;
-    a task that fails ACTOR_TASK_RETRIES more times fails the refresh."""
+    a task that fails ACTOR_TASK_RETRIES more times fails the refresh. On a cluster they are spread over its nodes."""
     options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
+    options["scheduling_strategy"] = SPREAD_ACTORS
     return {**options, "num_gpus": index_gpus / index_workers} if index_gpus else options
 
 
@@ -203,6 +205,11 @@ class Refresher:
             except RayActorError as err:  # its constructor raised: Ray does not restart it
                 raise RuntimeError(f"KB refresh: {name} failed to start: {err}") from None
         self._pids = self._actor_pids()
+        if alive_nodes() > 1:  # where Ray placed them: said once, for a run on a cluster
+            rank_zero_info(
+                f"Ray nodes: retrieval actors on {', '.join(actor_nodes(self.retriever.actors))}; encoding actors "
+                f"and the index builder on {', '.join(actor_nodes(actors))}"
+            )
 
     def pending_actors(self) -> list[str]:
         """The actors the refresh in flight still waits for: encoding actors, else the builder, else retrieval

@@ -177,6 +177,10 @@ SAFE_SETTINGS = (
     "logger_name",
     "val_check_interval",
     "check_val_every_n_epoch",
+    # How many processes train: fewer after a node is lost. The global batch (train_batch_size per process) changes.
+    "num_nodes",
+    "devices",
+    "gpus",
 )
 MODEL_PATHS = RUN_SETTINGS[:7]  # compared as the directories they name, when they are local
 

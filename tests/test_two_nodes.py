@@ -1,0 +1,187 @@
+"""A cluster run on two nodes, both on this machine's loopback: a Ray head and a second Ray node started with
+`ray start` as docs/faults.md says, two-node DDP (two launches with NODE_RANK 0 and 1, MASTER_ADDR 127.0.0.1) that
+trains end to end with refreshes, then the second node killed mid-run (its raylet, its actors and its training
+process) and the run resumed on the head alone. Slow (minutes): `python -m pytest -m slow tests/test_two_nodes.py`.
+"""
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rag_end2end.tiny_models import tiny_run_argv
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "test_run" / "dummy-train-data"
+MAX_STEPS = 40  # 10 steps an epoch: 40 train questions, 2 processes, batch 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive_nodes(address: str, token: str) -> int:
+    """Alive nodes of the Ray cluster at `address`, asked of its GCS as Ray's own clients do (with the token)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    with grpc.insecure_channel(address) as channel:
+        reply = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+            gcs_service_pb2.GetAllNodeInfoRequest(), timeout=5, metadata=[("authorization", f"Bearer {token}")]
+        )
+    return sum(node.state == GcsNodeInfo.ALIVE for node in reply.node_info_list)
+
+
+def _wait(what: str, done, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if done():
+                return
+        except Exception:  # not up yet
+            pass
+        time.sleep(1)
+    pytest.fail(f"{what} not within {timeout:.0f} s" + (f": {log.read_text()[-3000:]}" if log else ""))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (Ray's workers start their own sessions: found by parent)."""
+    try:
+        root = psutil.Process(pid)
+        victims = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_two_ray_nodes_and_two_node_ddp_train_and_the_loss_of_the_second_node_is_resumed_on_the_head(
+    tiny_models, tiny_kb, tmp_path
+):
+    port, master_port = _free_port(), _free_port()
+    address = f"127.0.0.1:{port}"
+    token = secrets.token_hex(32)
+    token_file = tmp_path / "ray_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    # The user's environment: token authentication, its token where every node and the trainer find it (not in
+    # ~/.ray, which this test leaves alone). The trainer is not told RAY_AUTH_MODE: it learns it from the cluster.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAG_E2E_RAY_ADDRESS")}
+    env |= {"RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    ray_env = env | {"RAY_AUTH_MODE": "token"}
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 characters
+    ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", "127.0.0.1"]
+    head_log, second_log = tmp_path / "head.log", tmp_path / "second.log"
+    nodes = [
+        subprocess.Popen(
+            [*ray, "--head", "--port", str(port), "--include-dashboard", "false", "--num-cpus", "1"]
+            + ["--temp-dir", ray_tmp],
+            env=ray_env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(head_log, "w"),
+            start_new_session=True,
+        )
+    ]
+    ranks: list[subprocess.Popen] = []
+    try:
+        _wait("the head's port", lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or 1, 180)
+        nodes.append(
+            subprocess.Popen(
+                [*ray, "--address", address, "--num-cpus", "1"],
+                env=ray_env,
+                stdout=subprocess.DEVNULL,
+                stderr=open(second_log, "w"),
+                start_new_session=True,
+            )
+        )
+        _wait("the second Ray node", lambda: _alive_nodes(address, token) == 2, 180, second_log)
+        # A trainer without the cluster's token is told so, in one line, before anything starts.
+        join = [sys.executable, "-c", f"import rag_end2end.kb.ray_start as r; r.check_reachable({address!r})"]
+        (tmp_path / "other_token").write_text(secrets.token_hex(32))
+        for wrong, says in ((tmp_path / "missing", "has no token"), (tmp_path / "other_token", "refuses")):
+            done = subprocess.run(join, env=env | {"RAY_AUTH_TOKEN_PATH": str(wrong)}, capture_output=True, text=True)
+            assert done.returncode != 0 and says in done.stderr and str(wrong) in done.stderr, done.stderr[-1000:]
+
+        out = tmp_path / "out"
+        argv = [
+            *tiny_run_argv(tiny_models, tiny_kb, DATA, out),
+            *("--train_batch_size", "2", "--eval_batch_size", "4", "--do_train", "--num_sanity_val_steps", "0"),
+            *("--training_mode", "rag_end2end", "--indexing_freq", "3", "--max_steps", str(MAX_STEPS)),
+            *("--num_train_epochs", "20", "--save_last_every_n_steps", "2", "--ddp_timeout", "180"),
+            *("--ray_address", address, "--run_id", "two-nodes"),
+            *("--num_retrieval_workers", "2", "--index_workers", "2"),
+        ]
+        finetune = [sys.executable, str(REPO / "finetune_rag.py"), *argv]
+        logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+        for rank, log in enumerate(logs):
+            ddp = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port), "NODE_RANK": str(rank)}
+            ranks.append(
+                subprocess.Popen(
+                    [*finetune, "--num_nodes", "2"],
+                    env=env | ddp,
+                    cwd=REPO,
+                    stdout=open(log, "w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+
+        # Both nodes hold actors of the run, and refreshes go live while the two processes train.
+        _wait("two refreshes", lambda: "v2 live" in logs[0].read_text() or ranks[0].poll() is not None, 600, logs[0])
+        text = logs[0].read_text()
+        assert ranks[0].poll() is None, text[-3000:]
+        placed = re.search(r"Ray nodes: retrieval actors on (.*); encoding actors and the index builder on (.*)", text)
+        assert placed, text[-3000:]
+        retrieval, refresh = (set(group.split(", ")) for group in placed.groups())
+        assert len(retrieval) == 2 and len(refresh) == 2, placed.group(0)
+        _wait("a periodic last.ckpt", lambda: (out / "last.ckpt").is_file(), 120, logs[0])
+
+        # The second node goes: its raylet with its actors, and the training process on it.
+        killed = time.monotonic()
+        _kill_tree(nodes[1].pid)
+        ranks[1].kill()
+        ranks[0].wait(timeout=300)
+        seconds = time.monotonic() - killed
+        text = logs[0].read_text()
+        print(f"rank 0 ended {seconds:.1f} s after the second node was killed, exit status {ranks[0].returncode}")
+        assert ranks[0].returncode != 0 and seconds < 180, text[-3000:]  # a collective's error, before the timeout
+        assert not (out / ".run.lock").exists()  # released: the resume may start at once
+        _wait("the second node marked dead", lambda: _alive_nodes(address, token) == 1, 120)
+
+        # Resumed on the head alone: one process now, which the resume names rather than takes silently.
+        alone = [*finetune, "--num_nodes", "1", "--resume"]
+        refused = subprocess.run(alone, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "--num_nodes 1 (was 2)" in refused.stderr, refused.stderr[-2000:]
+        resumed = subprocess.run(
+            [*alone, "--allow_changed_settings"], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "KB refresh: resumed on v" in resumed.stdout + resumed.stderr
+        assert (out / f"checkpoint{MAX_STEPS}").is_dir()  # the final weights: it trained to the end
+    finally:
+        for process in ranks:
+            process.kill()
+        for node in reversed(nodes):
+            node.send_signal(signal.SIGTERM)  # stopped by process id: other Ray instances are left alone
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _kill_tree(node.pid)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
