@@ -80,8 +80,8 @@ def test_two_ray_nodes_and_two_node_ddp_train_and_the_loss_of_the_second_node_is
     address = f"127.0.0.1:{port}"
     token = secrets.token_hex(32)
     token_file = tmp_path / "ray_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(token)
     # The user's environment: token authentication, its token where every node and the trainer find it (not in
     # ~/.ray, which this test leaves alone). The trainer is not told RAY_AUTH_MODE: it learns it from the cluster.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAG_E2E_RAY_ADDRESS")}
