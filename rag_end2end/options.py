@@ -381,7 +381,8 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
         default="full",
         help="which passages a refresh re-encodes: full (all); rotating (slice i mod K of the KB at the i-th, so "
         "each passage at most K refreshes old); hot (the passages retrieved for the training questions since the "
-        "last refresh, plus a random share). Partial versions keep the other vectors. docs/refresh.md",
+        "last refresh, their nearest neighbours in the index, plus a random share). Partial versions keep the other "
+        "vectors. docs/refresh.md",
     )
     g.add_argument(
         "--refresh_slices",
@@ -394,6 +395,13 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.25,
         help="hot: this share of each refresh's budget is drawn at random from the passages not retrieved",
+    )
+    g.add_argument(
+        "--hot_neighbours",
+        type=int,
+        default=2,
+        help="hot: after the retrieved passages, each one's M nearest neighbours in the live index (by their stored "
+        "vectors), the nearest of each first, while the budget has room; 0: none",
     )
     g.add_argument(
         "--full_refresh_every",

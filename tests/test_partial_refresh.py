@@ -67,6 +67,12 @@ def changed_rows(a: np.ndarray, b: np.ndarray) -> set[int]:
     return set(np.flatnonzero((a != b).any(axis=1)).tolist())
 
 
+def nearest_others(points: np.ndarray, row: int, m: int, similarity: str = "dot") -> list[int]:
+    """Brute force: the `m` rows nearest to `row` (itself left out) by inner product, or by distance for l2."""
+    scores = -((points - points[row]) ** 2).sum(1) if similarity == "l2" else points @ points[row]
+    return [i for i in np.argsort(-scores, kind="stable").tolist() if i != row][:m]
+
+
 def test_policies_choose_rows():
     rotating = RefreshPolicy("rotating", slices=3)
     history: list[dict] = []
@@ -86,6 +92,40 @@ def test_policies_choose_rows():
     assert len(rows) == 5 and {3, 7}.issubset(rows.tolist()) and 50 not in rows and list(rows) == sorted(rows)
     assert np.array_equal(rows, hot.rows(20, [], recorded))  # seeded: a resumed run draws the same
     assert len(hot.rows(20, [])) == 5  # nothing recorded: all drawn
+
+
+def test_the_hot_set_takes_the_recorded_rows_neighbours_then_its_random_share():
+    """Neighbours by brute force over hand-made points (l2): each recorded row's 2 nearest, the nearest of every
+    recorded row before any second nearest; the budget exact; --hot_neighbours 0 chooses what it chose before."""
+    points = np.random.default_rng(0).standard_normal((40, 2)).astype(np.float32)
+
+    def search(rows: np.ndarray, k: int) -> np.ndarray:  # what Refresher.nearest_rows answers, exact here
+        distances = ((points[rows][:, None] - points[None]) ** 2).sum(-1)
+        return np.argsort(distances, axis=1, kind="stable")[:, :k]
+
+    recorded = Counter({5: 3, 12: 2, 30: 1})
+    near = {row: nearest_others(points, row, 2, "l2") for row in recorded}
+    # budget 20, a quarter (5) at random: the 3 recorded rows, their 2 neighbours each (at most 6), the rest drawn
+    policy = RefreshPolicy("hot", slices=2, hot_random_share=0.25, seed=4, hot_neighbours=2)
+    rows = policy.rows(40, [], recorded, search)
+    assert len(rows) == 20 and len(set(rows.tolist())) == 20 and list(rows) == sorted(rows)
+    assert set(recorded) | {n for ns in near.values() for n in ns} <= set(rows.tolist())
+    assert np.array_equal(rows, policy.rows(40, [], recorded, search))  # a resumed run chooses the same
+
+    # budget 5, no random share: 3 recorded rows and room for 2 neighbours, the nearest of the two most retrieved.
+    tight = RefreshPolicy("hot", slices=8, hot_random_share=0.0, hot_neighbours=2)
+    first = list(dict.fromkeys(near[row][0] for row in (5, 12, 30) if near[row][0] not in recorded))
+    assert set(tight.rows(40, [], recorded, search).tolist()) == {5, 12, 30, *first[:2]}
+
+    # --hot_neighbours 0: no search, the rows the policy chose before neighbours existed (fb2137f, these seeds).
+    def no_search(rows: np.ndarray, k: int) -> np.ndarray:
+        raise AssertionError("--hot_neighbours 0 searched")
+
+    old = Counter({7: 5, 3: 2, 9: 2, 1: 1, 50: 9})
+    off = RefreshPolicy("hot", slices=4, hot_random_share=0.5, seed=1, hot_neighbours=0)
+    assert off.rows(20, [], old, no_search).tolist() == [3, 6, 7, 9, 11]
+    off = RefreshPolicy("hot", slices=2, hot_random_share=0.25, seed=3, hot_neighbours=0)
+    assert off.rows(20, [{"policy": "hot"}], old, no_search).tolist() == [0, 1, 3, 5, 7, 9, 11, 13, 14, 17]
 
 
 def test_partial_versions_reencode_their_rows_and_keep_the_others_bytes(ray_local, finetune_argv, kb24, tmp_path):
@@ -128,12 +168,17 @@ def test_partial_versions_reencode_their_rows_and_keep_the_others_bytes(ray_loca
     np.testing.assert_allclose(vectors(full)[16:], versions[-1][16:], rtol=1e-5, atol=1e-6)
     assert not np.array_equal(vectors(full)[:16], versions[-1][:16])  # the others had older weights
 
-    # Hot: the recorded rows (the budget's half) and a random half, from the live version.
-    refresher.policy = RefreshPolicy("hot", slices=3, hot_random_share=0.5)
+    # Hot: budget 8: the 3 recorded rows, the nearest neighbour of each in the live index (by the live version's
+    # vectors, searched by the retrieval actors), and a random quarter.
+    refresher.policy = RefreshPolicy("hot", slices=3, hot_random_share=0.25, hot_neighbours=1)
     before = vectors(refresher.live_version)
-    hot = refresh(refresher, moved(ctx.state_dict(), seed=5), step=5, recorded=Counter({3: 4, 17: 1, 20: 2}))
+    recorded = Counter({3: 4, 17: 1, 20: 2})
+    near = {nearest_others(before, row, 1, refresher.live_version.similarity)[0] for row in recorded}
+    assert refresher.live_version.similarity == "dot"  # the flat index's inner product, row 3 itself included:
+    assert refresher.nearest_rows(np.array([3]), 3)[0].tolist() == np.argsort(-(before @ before[3]))[:3].tolist()
+    hot = refresh(refresher, moved(ctx.state_dict(), seed=5), step=5, recorded=recorded)
     changed = changed_rows(before, vectors(hot))
-    assert {3, 17, 20} <= changed and len(changed) == 8 and refresher.history[-1]["policy"] == "hot"
+    assert {3, 17, 20} | near <= changed and len(changed) == 8 and refresher.history[-1]["policy"] == "hot"
     # The live index holds the new version's vectors (a flat index: rebuilt from them).
     index = read_index(hot.index_path)
     assert np.array_equal(index.reconstruct_n(0, index.ntotal), vectors(hot))
@@ -164,6 +209,36 @@ def test_an_ivf_index_is_updated_in_place(kb24, tmp_path):
     _, found = after.search(new, 1)
     assert found[:, 0].tolist() == rows.tolist()
     assert not (kb_root / "v0002" / "encoded").exists()
+
+
+def test_a_part_is_linked_only_when_it_holds_the_blocks_rows(kb24, tmp_path):
+    """A version written in uneven parts (10 + 14 rows, build_kb_version) under the names of the 2 even blocks
+    (12 + 12): the untouched block 0 is written anew, not linked to the 10-row file of the same name (which gave 22
+    passages beside an IVF index of 24 ids, unnoticed); a block whose file holds exactly its rows is linked."""
+    v0 = vectors(str(kb24[0]))
+    cfg = IndexConfig(factory="IVF2,Flat", search_params="nprobe=2")
+    kb_root = tmp_path / "kb"
+    v1 = build_kb_version(str(kb24[0]), str(kb_root), 1, 0, cfg, "dot", v0[:10], v0[10:])
+    new = np.random.default_rng(1).standard_normal((2, v0.shape[1])).astype(np.float32)
+
+    def publish(version: int, previous: KBVersion, rows: list[int]) -> KBVersion:
+        staging = staging_dir(kb_root, version)
+        encoded_path(staging, 0).parent.mkdir(parents=True)
+        np.save(encoded_path(staging, 0), new)
+        files = [str(encoded_path(staging, 0))]
+        return publish_partial_kb_version(str(kb_root), version, 3, cfg, "dot", staging, previous, rows, 2, files, 2)
+
+    v2 = publish(2, v1, [15, 20])
+    expected = v0.copy()
+    expected[[15, 20]] = new
+    assert len(load_from_disk(v2.passages_path)) == N_PASSAGES == read_index(v2.index_path).ntotal
+    assert np.array_equal(vectors(v2), expected)
+    block0 = [Path(v.passages_path) / part_path("", 0, 2).name for v in (v1, v2)]
+    assert not os.path.samefile(*block0), "a part of other rows was linked"
+    v3 = publish(3, v2, [16, 21])  # v2's block 0 holds rows 0-11: linked
+    assert os.path.samefile(block0[1], Path(v3.passages_path) / block0[1].name)
+    expected[[16, 21]] = new
+    assert np.array_equal(vectors(v3), expected)
 
 
 class RecordedBeforeTrigger(pl.Callback):
@@ -210,6 +285,8 @@ def test_a_partial_policy_run_resumes_and_its_policy_is_kept(ray_local, finetune
         resume("--refresh_policy", "hot")
     with pytest.raises(ValueError, match=r"--refresh_slices 4 \(was 2\)"):
         resume("--refresh_slices", "4")
+    with pytest.raises(ValueError, match=r"--hot_neighbours 0 \(was 2\)"):
+        resume("--hot_neighbours", "0")
 
     again = [*argv, "--max_steps", "7", "--resume", "--allow_changed_settings"]
     module = finetune_rag.main(finetune_rag.parse_args(again))
@@ -234,3 +311,6 @@ def test_partial_policy_flags_are_checked(capsys):
         with pytest.raises(SystemExit) as stop:
             finetune_rag.parse_args(["--model_type", "rag_token", *flags])
         assert stop.value.code == 2 and "--refresh_slices must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        finetune_rag.parse_args(["--model_type", "rag_token", "--hot_neighbours", "-1"])
+    assert stop.value.code == 2 and "--hot_neighbours must be >= 0" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 from datasets import load_from_disk
@@ -241,7 +242,7 @@ class Refresher:
             self.skipped_triggers += 1
             rank_zero_info(f"KB refresh: trigger at step {step} skipped ({self.state.value})")
             return False
-        rows = None if full else self.policy.rows(self.n_rows, self.history, recorded)
+        rows = None if full else self.policy.rows(self.n_rows, self.history, recorded, self.nearest_rows)
         snapshot = ray.put({k: v.detach().to("cpu", copy=True) for k, v in weights.items()})
         self._staging = staging_dir(self.kb_root, self._next_version)
         common = (self.kb_root, self._next_version, step, self.index_config, self.live_version.similarity)
@@ -285,6 +286,15 @@ class Refresher:
             f"{self._encoding['passages_encoded']:,} of {self.n_rows:,} passages)"
         )
         return True
+
+    def nearest_rows(self, rows: np.ndarray, k: int) -> np.ndarray:
+        """(len(rows), k) ids: the `k` nearest passages of each of `rows` in the live index (the retrieval actors'
+        search, the KB's similarity), searched with the rows' vectors as the live version stores them (gathered from
+        its memory-mapped passages: only those rows are read). The hot policy's neighbours; not recorded as
+        retrieved for training."""
+        stored = load_from_disk(self.live_version.passages_path).with_format("numpy", columns=["embeddings"])
+        queries = np.asarray(stored[rows.tolist()]["embeddings"], dtype=np.float32)
+        return self.retriever.search(queries, k, embeddings=False).ids
 
     def poll(self, step: int) -> dict | None:
         """Advance the state machine without waiting; the refresh's record when its version just went live."""

@@ -64,9 +64,13 @@ class RagRayDistributedRetriever:
     def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
         """Top-`n_docs` passages for each query vector (the pooled question vector, already divided by tau: its
         inner product with a stored passage vector is the doc score), from one KB version."""
-        hits = self._retrying(lambda: self._ask_next(query_vectors, n_docs, embeddings), "no retrieval actor answered")
+        hits = self.search(query_vectors, n_docs, embeddings)
         self._record(hits)
         return hits.embeddings, hits.ids, hits.docs
+
+    def search(self, queries: np.ndarray, n_docs: int, embeddings: bool = True) -> Hits:
+        """The top-`n_docs` of each query from one version, never recorded in the hot set (`retrieve` records)."""
+        return self._retrying(lambda: self._ask_next(queries, n_docs, embeddings), "no retrieval actor answered")
 
     def _record(self, hits: Hits) -> None:
         if self.recorder is not None:
@@ -180,11 +184,6 @@ class ShardedRetriever(RagRayDistributedRetriever):
     """Exact top-k over shard actors (start_shard_actors): each query goes to every shard at once and their
     answers are merged by score. An answer never mixes KB versions: while an activation travels over the
     shards they may answer from two versions, and the odd ones are asked again for one version all hold."""
-
-    def retrieve(self, query_vectors: np.ndarray, n_docs: int, embeddings: bool = True):
-        hits = self.search(query_vectors, n_docs, embeddings)
-        self._record(hits)
-        return hits.embeddings, hits.ids, hits.docs
 
     def search(self, queries: np.ndarray, n_docs: int, embeddings: bool = True) -> Hits:
         """The top-`n_docs` over all shards, from one version, with their scores."""

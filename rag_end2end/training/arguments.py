@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--refresh_slices must be >= 2 (got {args.refresh_slices}), --full_refresh_every >= 0 (got "
             f"{args.full_refresh_every}), --hot_random_share between 0 and 1 (got {args.hot_random_share:g})"
         )
+    if args.hot_neighbours < 0:
+        parser.error(
+            f"--hot_neighbours must be >= 0 (neighbours of each retrieved passage; 0: none), got {args.hot_neighbours}"
+        )
     if args.end2end and args.training_mode not in (None, "rag_end2end"):
         parser.error(
             f"--end2end is --training_mode rag_end2end; it conflicts with --training_mode {args.training_mode}"

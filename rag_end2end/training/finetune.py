@@ -591,7 +591,12 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
                 staleness_sample=args.staleness_sample,
                 seed=args.seed,
                 policy=RefreshPolicy(
-                    args.refresh_policy, args.refresh_slices, args.hot_random_share, args.full_refresh_every, args.seed
+                    args.refresh_policy,
+                    args.refresh_slices,
+                    args.hot_random_share,
+                    args.full_refresh_every,
+                    args.seed,
+                    args.hot_neighbours,
                 ),
             )
         )

@@ -162,6 +162,7 @@ RUN_SETTINGS = (
     "refresh_policy",  # which passages each refresh re-encodes: the KB versions the run's weights met
     "refresh_slices",
     "hot_random_share",
+    "hot_neighbours",
     "full_refresh_every",
 )
 # Safe to change on a resume (how fast, how long, how often it logs and validates), with --allow_changed_settings.
