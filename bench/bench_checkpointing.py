@@ -31,7 +31,7 @@ Figures are printed, never asserted. CPU figures need Linux (/proc).
 
 from __future__ import annotations
 
-from bench_env import REPO
+from bench_env import REPO, write_json
 
 import argparse
 import json
@@ -113,8 +113,9 @@ def predicted_peak(args: argparse.Namespace) -> int:
 
 
 def measure(config: str, args: argparse.Namespace) -> dict:
-    """Build the model, allocate its gradients, then time --steps + 1 steps and read the peak over the baseline."""
-    Path("/proc/self/oom_score_adj").write_text("1000")  # the OOM killer's first choice, never another run
+    """Build the model, allocate its gradients, then time --steps + 1 steps and read the peak over the baseline.
+
+    It resets this process's peak RSS (clear_refs): run it in a process of its own, as run_child does."""
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -260,7 +261,9 @@ def main() -> None:
     p.add_argument("--child", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args)))
+        oom_score_adj = Path("/proc/self/oom_score_adj")
+        oom_score_adj.write_text("1000")  # the OOM killer's first choice, never another run
+        print(json.dumps({**measure(args.child, args), "oom_score_adj": int(oom_score_adj.read_text())}))
         return
     predicted, available = predicted_peak(args), available_memory()
     if predicted > min(args.max_gib * GIB, 0.8 * available):
@@ -292,9 +295,7 @@ def main() -> None:
         "summary": summarise(runs, args),
     }
     print("\n" + markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

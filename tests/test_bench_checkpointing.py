@@ -1,7 +1,10 @@
-"""bench/bench_checkpointing.py on a tiny Llama, in process: its parameter arithmetic, one measurement per
-configuration, and the summary's ratios."""
+"""bench/bench_checkpointing.py on a tiny Llama: its parameter arithmetic, one measurement per configuration (each
+in a child process, as the bench runs them: a measuring process makes itself the OOM killer's first choice and
+resets its peak RSS, which must not happen to the test session and the Ray workers and DDP ranks it starts later),
+and the summary's ratios."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 import transformers
@@ -20,6 +23,11 @@ def tiny(**changes) -> argparse.Namespace:
     return argparse.Namespace(**{**flags, "steps": 1, "seed": 0, **changes})
 
 
+def command_line(args: argparse.Namespace) -> list[str]:
+    """The bench's flags for `args`, as run_child passes them on to its child."""
+    return [f"--{name}={value}" for name, value in vars(args).items()]
+
+
 def test_the_parameter_arithmetic_counts_the_built_model(bench):
     for args in (tiny(), tiny(kv_heads=4, layers=3)):
         model = transformers.LlamaForCausalLM(bench.llama_config(args))
@@ -28,7 +36,10 @@ def test_the_parameter_arithmetic_counts_the_built_model(bench):
 
 def test_one_measurement_per_configuration_and_their_ratios(bench):
     args = tiny()
-    runs = [bench.measure(config, args) for config in bench.CONFIGS]
+    oom_score_adj = Path("/proc/self/oom_score_adj").read_text()
+    runs = [bench.run_child(config, args, command_line(args)) for config in bench.CONFIGS]
+    assert Path("/proc/self/oom_score_adj").read_text() == oom_score_adj  # the test session's own, untouched
+    assert [r["oom_score_adj"] for r in runs] == [1000, 1000]
     assert [r["checkpointing"] for r in runs] == [False, True]
     assert runs[0]["first_loss"] == pytest.approx(runs[1]["first_loss"])  # the same model and batch
     for r in runs:
