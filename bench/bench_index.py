@@ -38,8 +38,9 @@ actors search): training seconds, batch 1 and batch p50/p99 and recall@10, CPU a
 
 from __future__ import annotations
 
+from bench_env import write_json
+
 import argparse
-import json
 import math
 import os
 import platform
@@ -614,9 +615,7 @@ def main() -> None:
         gpu_mode=args.gpu_mode,
     )
     print("\n" + markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

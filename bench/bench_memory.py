@@ -44,10 +44,9 @@ turns on; the index in memory is the same). Figures are printed, never asserted.
 
 from __future__ import annotations
 
-from bench_env import REPO
+from bench_env import REPO, write_json
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -751,9 +750,7 @@ def main() -> None:
     print(f"\nthis process: peak RSS {mib(result['driver_peak'])} MiB\n")
     print(markdown(result))
     print("\n" + conclusion_text(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

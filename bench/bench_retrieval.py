@@ -26,8 +26,9 @@ printed, never asserted.
 
 from __future__ import annotations
 
+from bench_env import write_json
+
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -244,9 +245,7 @@ def main() -> None:
         workdir=args.workdir,
     )
     print("\n" + markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
