@@ -109,6 +109,12 @@ def part_vectors(parts: list[Path]) -> Iterator[tuple[int, np.ndarray]]:
                 row += len(batch)
 
 
+def part_rows(path: str | os.PathLike) -> int:
+    """The rows in the part file `path`, counted from its record batches' headers (memory-mapped: no vector read)."""
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
 def sample_parts(parts: list[Path], rows: np.ndarray) -> np.ndarray:
     """The vectors of sorted global `rows` of the part files, gathered in one pass over them into one array."""
     out = None

@@ -26,6 +26,7 @@ from rag_end2end.kb.parts import (
     declare_dataset,
     encoded_path,
     part_path,
+    part_rows,
     part_vectors,
     sample_parts,
     write_passages_part,
@@ -227,9 +228,9 @@ def _seal(staging: Path, parts: list[Path], index: faiss.Index, kb: KBVersion) -
 
 def updates_in_place(index: faiss.Index) -> bool:
     """Whether a partial refresh can replace some vectors of `index` by id (remove_ids, then add_with_ids): an IVF
-    index (its trained centroids kept; only the touched lists change) or an IndexIDMap. A flat index would renumber
-    the rows after those removed, and HNSW cannot remove: both are rebuilt from the version's stored vectors."""
-    return faiss.try_extract_index_ivf(index) is not None or isinstance(index, faiss.IndexIDMap)
+    index (its trained centroids kept; only the touched lists change). A flat index would renumber the rows after
+    those removed, and HNSW cannot remove: both are rebuilt from the version's stored vectors."""
+    return faiss.try_extract_index_ivf(index) is not None
 
 
 def publish_partial_kb_version(
@@ -249,10 +250,11 @@ def publish_partial_kb_version(
     vectors: those in the .npy files `encoded` (one per encoding actor that had rows, in row order, `written` rows
     each; under `staging` (encoded_path), removed before the version is sealed). The passages are written as
     `n_blocks` part files of contiguous rows (shard_bounds): a block without a new vector whose file `previous`
-    already holds under the same name (a version of this run's, written in the same blocks) is hard-linked, neither
-    re-encoded nor copied; any other block is written anew, its untouched rows' vectors copied from `previous`
-    unchanged. The index is updated in place where its type allows (updates_in_place), else rebuilt from the new
-    version's vectors. Runs in the builder actor."""
+    already holds under the same name and with the same rows (a version of this run's, written in the same blocks)
+    is hard-linked, neither re-encoded nor copied; any other block is written anew, its untouched rows' vectors
+    copied from `previous` unchanged. The index is updated in place where its type allows (updates_in_place), else
+    rebuilt from the new version's vectors. Before sealing, the parts' rows must add up to the KB's and the index's
+    (a ValueError naming the version otherwise). Runs in the builder actor."""
     final, staging = version_dir(kb_root, version), Path(staging)
     with atomic_write(final, "KB version", replace=False, temporary=staging):
         if final.exists():
@@ -265,13 +267,15 @@ def publish_partial_kb_version(
         old_dir = Path(previous.passages_path)
         # Hard links only to this run's versions (never a user's files) in the same blocks.
         ours = Path(os.path.abspath(old_dir)).parent.parent == Path(os.path.abspath(kb_root))
-        blocks = [part_path(old_dir.parent, j, n_blocks).name for j in range(n_blocks)]
-        linkable = ours and _data_files(old_dir) == blocks
+        bounds = shard_bounds(len(old), n_blocks)
+        old_bounds = _part_bounds(old_dir, [part_path(old_dir.parent, j, n_blocks).name for j in range(n_blocks)])
         parts = []
-        for j, (start, end) in enumerate(shard_bounds(len(old), n_blocks)):
+        for j, (start, end) in enumerate(bounds):
             part = part_path(staging, j, n_blocks)
             lo, hi = np.searchsorted(rows, [start, end])
-            if lo == hi and linkable:
+            # The old file holds exactly this block's rows: a version built in other blocks (uneven encoding
+            # shards, build_kb_version) may use the same names for other rows.
+            if lo == hi and ours and old_bounds is not None and old_bounds[j] == (start, end):
                 part.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(old_dir / part.name, part)  # versions are never written after publishing
@@ -289,8 +293,12 @@ def publish_partial_kb_version(
             index.add_with_ids(np.ascontiguousarray(new, dtype=np.float32), rows)
         else:
             index = index_parts(parts, len(old), cfg, similarity)
-        if index.ntotal != len(old):
-            raise ValueError(f"{staging}: the new index holds {index.ntotal} passages, the KB {len(old)}")
+        in_parts = sum(part_rows(part) for part in parts)
+        if not in_parts == index.ntotal == len(old):
+            raise ValueError(
+                f"{final}: its parts hold {in_parts} passages and its index {index.ntotal}, the KB {len(old)}; "
+                "not published"
+            )
         shutil.rmtree(encoded_path(staging, 0).parent, ignore_errors=True)  # not part of the version
         kb = KBVersion(version, str(final / "passages"), str(final / "index.faiss"), embedding_step, similarity)
         _seal(staging, parts, index, kb)
@@ -301,6 +309,15 @@ def _data_files(passages_dir: Path) -> list[str]:
     """The data files a saved passages dataset lists in its state file, in order."""
     state = json.loads((passages_dir / datasets_config.DATASET_STATE_JSON_FILENAME).read_text())
     return [f["filename"] for f in state["_data_files"]]
+
+
+def _part_bounds(passages_dir: Path, names: list[str]) -> list[tuple[int, int]] | None:
+    """The [start, end) rows of each data file of a saved passages dataset when its files are `names` in order
+    (counted from the files: part_rows), else None."""
+    if _data_files(passages_dir) != names:
+        return None
+    ends = np.cumsum([part_rows(passages_dir / name) for name in names]).tolist()
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def build_kb_version(
