@@ -17,6 +17,7 @@ from datasets import load_from_disk
 from faults import kill_actors
 
 from rag_end2end.kb import build as use_own_knowledge_dataset
+from rag_end2end.kb import refresh as kb_refresh
 from rag_end2end.kb.index import IndexConfig, read_index
 from rag_end2end.kb.parts import encoded_path, part_path
 from rag_end2end.kb.refresh import Refresher
@@ -24,7 +25,7 @@ from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.versions import KBVersion, build_kb_version, publish_partial_kb_version, staging_dir
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training import run_dir
-from rag_end2end.training.callbacks import KBRefreshCallback
+from rag_end2end.training.callbacks import KBRefreshCallback, restored_hot_counts
 
 N_PASSAGES = 24
 QUIET = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
@@ -268,6 +269,41 @@ def test_the_hot_set_holds_the_rows_retrieved_for_training(ray_local, finetune_a
     assert record["policy"] == "hot" and record["passages_encoded"] == 12
     changed = changed_rows(vectors(str(kb24[0])), vectors(module.kb))
     assert set(recorded) <= changed and len(changed) == 12
+    kill_actors(module)
+
+
+class StateAtStep(pl.Callback):
+    """The refresh callback's checkpoint state at `step` (placed after it: just after its trigger there)."""
+
+    def __init__(self, refresh: KBRefreshCallback, step: int):
+        self.refresh, self.step, self.state = refresh, step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            self.state = self.refresh.state_dict()
+
+
+def test_a_failed_hot_refresh_gives_its_counts_back(ray_local, finetune_argv, kb24, tmp_path, monkeypatch):
+    """The hot refresh triggered at step 2 fails (a directory stands where its encoding actor's vectors go): the
+    counts it was triggered with are recorded again, beside step 3's, for the next refresh; a checkpoint saved while
+    it was in flight keeps them as pending, and a resumed run starts from both."""
+    argv = _argv(finetune_argv, kb24, "--end2end", "--n_docs", "2")
+    module = finetune_rag.build_module(finetune_rag.parse_args(argv))
+    staging = tmp_path / "kb" / "v0001.tmp-test"
+    monkeypatch.setattr(kb_refresh, "staging_dir", lambda root, version: staging)
+    encoded_path(staging, 0).mkdir(parents=True)  # the vectors' file cannot be renamed into place
+    policy = RefreshPolicy("hot", slices=2, hot_random_share=0.0)
+    refresh = KBRefreshCallback(str(tmp_path / "kb"), 2, IndexConfig("flat"), policy=policy)
+    spy = StateAtStep(refresh, 2)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=3, limit_val_batches=0, callbacks=[refresh, spy], **QUIET
+    )
+    trainer.fit(module)
+    assert refresh.refresher.failures == 1 and not refresh.history
+    # 3 steps, batch 2, 2 passages each: steps 1-2's counts came back after the failure
+    assert sum(refresh.recorded.values()) == 3 * 2 * 2 and not refresh.pending
+    assert sum(dict(spy.state["pending"]).values()) == 2 * 2 * 2 and not spy.state["recorded"]
+    assert restored_hot_counts(spy.state) == Counter(dict(spy.state["pending"]))
     kill_actors(module)
 
 

@@ -193,6 +193,11 @@ class Refresher:
     def live_version(self) -> KBVersion:
         return self.retriever.live_kb
 
+    @property
+    def passages_encoded(self) -> int:
+        """The passages the run's refreshes that went live re-encoded (resumed segments included: the history)."""
+        return sum(r.get("passages_encoded", 0) for r in self.history)
+
     def wait_for_actors(self) -> None:
         """Actors start (imports, tokenising their shard) in the background; waiting once keeps that start-up
         out of the first refresh's timings, and records their process ids. At most `wait_timeout`: an actor Ray

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from rag_end2end.files import atomic_write, atomic_write_text, remove_tree
 from rag_end2end.kb.index import IndexConfig
-from rag_end2end.kb.refresh import Refresher, rank_zero_wait_s
+from rag_end2end.kb.refresh import Refresher, RefreshState, rank_zero_wait_s
 from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.staleness import StalenessProbe
 from rag_end2end.kb.versions import KB_VERSION_FILE, remove_unreachable_versions
@@ -66,6 +66,10 @@ class KBRefreshCallback(pl.Callback):
         }
         self.policy = policy or RefreshPolicy()
         self.recorded: Counter = Counter()  # hot set: times each row was retrieved for training since the last refresh
+        # The counts the refresh in flight was triggered with: dropped when it goes live, merged back into `recorded`
+        # when it fails (and on resume: the checkpoint's refresh in flight never goes live), so no hot row is lost.
+        self.pending: Counter = Counter()
+        self._failures_at_trigger = 0
         # The longest rank 0 waits for a refresh (or the actors' start) while the other ranks sit in a barrier.
         self.wait_timeout = wait_timeout
         self.refresh_before_validation = refresh_before_validation
@@ -111,7 +115,7 @@ class KBRefreshCallback(pl.Callback):
         # The module has already swapped to the checkpoint's KB version (GenerativeQAModule.on_load_checkpoint).
         self._last_trigger_step = self._restored["last_trigger_step"]
         self.refresher.history = self._restored["history"]
-        self.recorded = Counter(dict(self._restored.get("recorded", [])))
+        self.recorded = restored_hot_counts(self._restored)
         rank_zero_info(f"KB refresh: resumed on v{pl_module.kb.version}")
         keep = pinned_kb_versions(pl_module.hparams.output_dir) | {r["version"] for r in self.refresher.history}
         for version in remove_unreachable_versions(self.kb_root, pl_module.kb.version, keep):
@@ -134,9 +138,11 @@ class KBRefreshCallback(pl.Callback):
         step = trainer.global_step
         if trainer.is_global_zero:
             pl_module.retriever.recorder = None  # validation's and the refresh's own searches are not recorded
-            if record := self.refresher.poll(step):
+            record = self.refresher.poll(step)
+            self._settle_pending()
+            if record:
                 pl_module.log("reindex_seconds", record["reindex_seconds"], rank_zero_only=True)
-                total = sum(r.get("passages_encoded", 0) for r in self.history)
+                total = self.refresher.passages_encoded
                 encoded = {"passages_encoded": float(record["passages_encoded"]), "passages_encoded_total": total}
                 pl_module.log_dict({k: float(v) for k, v in encoded.items()}, rank_zero_only=True)
                 self._log_retrieval(trainer, pl_module)
@@ -166,7 +172,9 @@ class KBRefreshCallback(pl.Callback):
         if not self.refresher.trigger(encoder.state_dict(), trainer.global_step, threads, self.recorded, full):
             pl_module.log("reindex_skipped", float(self.refresher.skipped_triggers), rank_zero_only=True)
             return
-        self.recorded = Counter()  # the next hot set: what training retrieves from now on
+        # The next hot set: what training retrieves from now on; these counts wait for the refresh's outcome.
+        self.pending, self.recorded = self.recorded, Counter()
+        self._failures_at_trigger = self.refresher.failures
         if self.staleness is not None:  # the live index at its stalest, against the vectors the refresh will write
             self._log_staleness(trainer, pl_module, encoder)
 
@@ -187,9 +195,20 @@ class KBRefreshCallback(pl.Callback):
         for lg in trainer.loggers if metrics else []:
             lg.log_metrics(metrics, step=trainer.global_step)
 
+    def _settle_pending(self) -> None:
+        """Once the refresh in flight has ended: its hot counts dropped if it went live, merged back if it failed."""
+        if self.refresher.state is not RefreshState.IDLE or not self.pending:
+            return
+        if self.refresher.failures > self._failures_at_trigger:
+            self.recorded.update(self.pending)  # retried at the next trigger
+        self.pending = Counter()
+
     def _wait(self, trainer, pl_module, timeout: float, must_finish: bool = False) -> None:
         before = len(self.refresher.history)
-        self.refresher.wait_until_idle(trainer.global_step, timeout, must_finish)
+        try:
+            self.refresher.wait_until_idle(trainer.global_step, timeout, must_finish)
+        finally:
+            self._settle_pending()
         if len(self.refresher.history) > before:
             self._log_retrieval(trainer, pl_module)
 
@@ -216,13 +235,23 @@ class KBRefreshCallback(pl.Callback):
         trainer.strategy.barrier("kb_refreshed_for_validation")  # no rank validates against the old index
 
     def state_dict(self) -> dict:
-        recorded = sorted(self.recorded.items())  # (row, times retrieved): plain lists in the checkpoint
-        return {"last_trigger_step": self._last_trigger_step, "history": self.history, "recorded": recorded}
+        # (row, times retrieved): plain lists in the checkpoint; `pending`: the refresh in flight's.
+        recorded, pending = sorted(self.recorded.items()), sorted(self.pending.items())
+        state = {"last_trigger_step": self._last_trigger_step, "history": self.history, "recorded": recorded}
+        return state | {"pending": pending}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Applied in `on_fit_start` only: `trainer.test(ckpt_path=...)` restores callback state too, and
         # testing must not rewind the refresh history or swap the index.
         self._restored = state_dict
+
+
+def restored_hot_counts(state: dict) -> Counter:
+    """The hot set's counts a resumed run starts from: those recorded since the last refresh plus those of the refresh
+    that was in flight when the checkpoint was saved (it never goes live in the resumed run)."""
+    counts = Counter(dict(state.get("recorded", [])))
+    counts.update(dict(state.get("pending", [])))
+    return counts
 
 
 def pinned_kb_versions(output_dir: str | os.PathLike) -> set[int]:

@@ -619,7 +619,7 @@ def run(args: argparse.Namespace) -> GenerativeQAModule:
             "trains": list(model.objective.trains),
             "train_seconds": train_seconds,
             "refreshes": len(refresh.history) if refresh else 0,
-            "passages_encoded": sum(r.get("passages_encoded", 0) for r in refresh.history) if refresh else 0,
+            "passages_encoded": refresh.refresher.passages_encoded if refresh and refresh.refresher else 0,
         }
         (Path(args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
     return model
