@@ -180,3 +180,43 @@ def test_encode_token_ids_takes_the_flat_form():
     a = encode_token_ids(encoder, lists, 0, batch_size=2, progress=False)
     b = encode_token_ids(encoder, flat, 0, batch_size=2, progress=False, offsets=offsets)
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_partial_refreshs_encoder_holds_one_window_of_vectors(tmp_path):
+    """encode_rows_to (a partial refresh's encoding actor, run in-process) writes each window of its rows into the
+    .npy file as it goes: the vectors are encode()'s rows, and numpy's peak during the call (tracemalloc: the memory
+    map is not counted, torch's activations are not numpy's) stays under half the rows' vectors; gathering every
+    window and saving once held them twice."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    words = "the cat sat on a mat while paris stayed the capital of france and rome was founded".split()
+    n = 1600
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 12)))) for _ in range(n)]
+    path = tmp_path / "kb"
+    Dataset.from_dict({"title": ["t"] * n, "text": texts}).save_to_disk(str(path))
+    tokenizer = wordpiece_tokenizer(texts, vocab_size=120)
+    torch.manual_seed(0)
+    config = DPRConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    encoder = DPRContextEncoder(config)
+    shard = ShardEncoder(str(path), 0, n, tokenizer, DPRContextEncoder, config)
+    shard.ENCODE_WINDOW = 50
+    rows = np.flatnonzero(np.arange(n) % 7 != 3)  # gaps: each window its own rows
+    out = tmp_path / "encoded" / "rows-00000.npy"
+    tracemalloc.start()
+    try:
+        assert shard.encode_rows_to(encoder.state_dict(), rows, str(out), batch_size=16) == len(rows)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = shard.encode(encoder.state_dict(), batch_size=16)[rows]
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+    assert peak < expected.nbytes / 2, f"peak {peak:,} B for {expected.nbytes:,} B of vectors"
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary left

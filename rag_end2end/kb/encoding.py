@@ -172,22 +172,32 @@ class ShardEncoder:
     def encode_rows_to(
         self, state_dict: dict, rows: np.ndarray, path: str, batch_size: int = 64, threads: int | None = None
     ) -> int:
-        """A partial refresh's share of this shard: encode the sorted KB `rows` (all inside the shard) and save
-        their vectors, in that order, as the .npy file `path` (atomically); returns how many. The builder puts them
-        into the new version beside the rows it keeps (kb.versions.publish_partial_kb_version)."""
+        """A partial refresh's share of this shard: encode the sorted KB `rows` (all inside the shard)
+        `ENCODE_WINDOW` at a time, each window's vectors written, in that order, into the .npy file `path` as they
+        come (a memory map; renamed into place once whole), so the actor holds one window's vectors, as encode_to;
+        returns how many. The builder puts them into the new version beside the rows it keeps
+        (kb.versions.publish_partial_kb_version)."""
         local = np.asarray(rows, dtype=np.int64) - self.start
         if len(local) and (local[0] < 0 or local[-1] >= self.end - self.start):
             raise ValueError(f"rows {rows[0]}..{rows[-1]} are not all in this shard [{self.start}, {self.end})")
-        chunks = []
-        with self._weights(state_dict, threads):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with self._weights(state_dict, threads), atomic_write(path, "KB vectors") as tmp:
+            out = None
             for a in range(0, len(local), self.ENCODE_WINDOW):
                 window = local[a : a + self.ENCODE_WINDOW]
                 lengths = self.offsets[window + 1] - self.offsets[window]
                 offsets = np.concatenate([[0], np.cumsum(lengths)])  # the window's passages, one after another
                 ids = np.concatenate([self.token_ids[self.offsets[r] : self.offsets[r + 1]] for r in window])
-                chunks.append(self._encode(offsets, batch_size, ids))
-        vectors = np.concatenate(chunks) if chunks else np.empty((0, 0), dtype=np.float32)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, "KB vectors") as tmp, open(tmp, "wb") as out:
-            np.save(out, vectors)
-        return len(vectors)
+                vectors = self._encode(offsets, batch_size, ids)
+                if out is None:  # the vectors' size is known from the first window
+                    out = np.lib.format.open_memmap(
+                        tmp, mode="w+", dtype=np.float32, shape=(len(local), vectors.shape[1])
+                    )
+                out[a : a + len(window)] = vectors
+            if out is None:
+                with open(tmp, "wb") as empty:
+                    np.save(empty, np.empty((0, 0), dtype=np.float32))
+            else:
+                out.flush()
+                del out  # unmapped before the rename
+        return len(local)
