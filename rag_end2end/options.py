@@ -394,7 +394,8 @@ def add_retriever_specific_args(parser: argparse.ArgumentParser) -> None:
         "--hot_random_share",
         type=float,
         default=0.25,
-        help="hot: this share of each refresh's budget is drawn at random from the passages not retrieved",
+        help="hot: this share of each refresh's budget is drawn at random from the passages not already chosen "
+        "(retrieved ones the rest of the budget left out among them)",
     )
     g.add_argument(
         "--hot_neighbours",
