@@ -342,6 +342,16 @@ def test_a_partial_policy_run_resumes_and_its_policy_is_kept(ray_local, finetune
     assert any(r.get("passages_encoded") == "12.0" for r in logged)
 
 
+def test_more_slices_than_passages_are_refused_before_any_work(ray_local, finetune_argv, kb24, tmp_path):
+    argv = _argv(finetune_argv, kb24, "--end2end", "--do_train", "--indexing_freq", "2", "--refresh_policy", "rotating")
+    with pytest.raises(
+        ValueError, match=r"--refresh_slices 25: more slices than the 24 passages of --passages_path "
+    ) as e:
+        finetune_rag.main(finetune_rag.parse_args([*argv, "--refresh_slices", "25"]))
+    assert getattr(e.value, "refusal", False)  # finetune_rag.py: one line, exit status 2
+    assert not (tmp_path / "out" / "logs").exists(), "refused after the run started"
+
+
 def test_partial_policy_flags_are_checked(capsys):
     for flags in (["--refresh_slices", "1"], ["--hot_random_share", "1.5"], ["--full_refresh_every", "-1"]):
         with pytest.raises(SystemExit) as stop:

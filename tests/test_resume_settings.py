@@ -34,6 +34,10 @@ def test_a_resume_under_other_settings_is_refused_naming_each_changed_flag(
 
     resume(*argv)  # the same settings
     resume(*argv, "--gradient_checkpointing")  # memory against time, the same gradients: never compared
+    # The partial policies' parameters do nothing under --refresh_policy full (saved and new): not compared
+    resume(*argv, "--refresh_slices", "8", "--hot_random_share", "0.5", "--full_refresh_every", "3")
+    with pytest.raises(ValueError, match=r"--refresh_policy rotating \(was full\); --refresh_slices 8 \(was 4\)"):
+        resume(*argv, "--refresh_policy", "rotating", "--refresh_slices", "8")
     moved = tmp_path / "moved-data"  # the same QA files elsewhere: the same data
     shutil.copytree(DUMMY_DATA, moved)
     resume(*_with(argv, "--data_dir", str(moved)))

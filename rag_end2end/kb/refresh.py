@@ -162,8 +162,7 @@ class Refresher:
         self._trigger_step, self._trigger_time = 0, 0.0
         self._next_version = max([self.live_version.version] + [v.version for v in list_versions(kb_root)]) + 1
         self.n_rows = len(load_from_disk(passages_path))
-        if self.policy.partial and self.policy.slices > self.n_rows:
-            raise ValueError(f"--refresh_slices {self.policy.slices}: more slices than the KB's {self.n_rows} passages")
+        self.policy.check_kb(self.n_rows, passages_path)  # finetune_rag.py refuses it before any work
         self.shards = shard_bounds(self.n_rows, index_workers)  # each encoding actor's rows [start, end)
 
         options = encoder_options(index_gpus, index_workers)

@@ -50,6 +50,11 @@ class RefreshPolicy:
         """Passages a partial refresh re-encodes: 1/slices of the KB, rounded up."""
         return -(-n_rows // self.slices)
 
+    def check_kb(self, n_rows: int, kb: str) -> None:
+        """Refuse more slices than the KB `kb` (how to name it) has passages."""
+        if self.partial and self.slices > n_rows:
+            raise ValueError(f"--refresh_slices {self.slices}: more slices than the {n_rows} passages of {kb}")
+
     def rows(
         self, n_rows: int, history: list[dict], recorded: Counter | None = None, search: Search | None = None
     ) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from rag_end2end.data.qa_dataset import read_pairs
 from rag_end2end.data.readers import REFUSALS, InputError, check_gold_ids, read_gold
 from rag_end2end.kb.faiss_devices import forced_gpu_refusal
 from rag_end2end.kb.ray_start import GpuPlan, plan_gpus
+from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.versions import KB_VERSION_FILE, checkpoint_kb
 from rag_end2end.model.rag import SETTINGS_FILE
 from rag_end2end.options import DUMMY_KB, build_parser
@@ -189,7 +190,8 @@ def check_data_dir(args: argparse.Namespace) -> None:
     """Every split the run will read exists and reads (UTF-8, no empty line, .source and .target line-aligned, not
     empty), and so does each gold file beside them (one line a question, each gold passage a row of the KB), before
     Ray or a model starts and before hours of training reach the test pass (no QA training pairs when statements are
-    all a run trains on: --reconstruction_ratio 1)."""
+    all a run trains on: --reconstruction_ratio 1). A partial --refresh_policy needs no more --refresh_slices than
+    the KB has passages."""
     documents_only = args.reconstruction_dir is not None and args.reconstruction_ratio == 1
     train = [] if documents_only else ["train"]
     splits = [*([*train, "val"] if args.do_train else []), *(["test"] if args.do_predict else [])]
@@ -200,6 +202,10 @@ def check_data_dir(args: argparse.Namespace) -> None:
     for split in splits:
         read_pairs(args.data_dir, split)
     kb_size = len(load_from_disk(args.passages_path)) if Path(args.passages_path).is_dir() else None
+    if kb_size is not None:
+        RefreshPolicy(args.refresh_policy, args.refresh_slices).check_kb(
+            kb_size, f"--passages_path {args.passages_path}"
+        )
     for split in ("train", "val", "test"):  # the module reads every gold file there is (GenerativeQAModule.gold)
         gold_path = Path(args.data_dir) / f"{split}.gold.jsonl"
         if not gold_path.is_file():

@@ -165,6 +165,9 @@ RUN_SETTINGS = (
     "hot_neighbours",
     "full_refresh_every",
 )
+# The partial policies' parameters: compared only when the saved or the new --refresh_policy is partial (under
+# `full` they do nothing).
+PARTIAL_POLICY_SETTINGS = ("refresh_slices", "hot_random_share", "hot_neighbours", "full_refresh_every")
 # Safe to change on a resume (how fast, how long, how often it logs and validates), with --allow_changed_settings.
 # Flags in neither list are not compared: e.g. --gradient_checkpointing, which trades memory for time and leaves the
 # loss and gradients as they were.
@@ -234,8 +237,9 @@ def check_resume_settings(args: argparse.Namespace) -> None:
     prints = state.get("fingerprints")
     names = _flag_names()
     changed, safe = [], []
+    partial = {saved.get("refresh_policy", "full"), getattr(args, "refresh_policy", "full")} != {"full"}
     for name in (*RUN_SETTINGS, *SAFE_SETTINGS):
-        if name not in saved or not hasattr(args, name):
+        if name not in saved or not hasattr(args, name) or (name in PARTIAL_POLICY_SETTINGS and not partial):
             continue
         old, new = saved[name], getattr(args, name)
         if name in MODEL_PATHS:
