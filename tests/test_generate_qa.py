@@ -25,7 +25,10 @@ PASSAGE = (
     "The Eiffel Tower was completed in 1889 for the World's Fair in Paris and was designed by the engineering "
     "company of Gustave Eiffel, whose engineers drew the plans."
 )
-PROMPT_RE = re.compile(r"Title: (.*?)\nPassage: (.*?)\n\n(?:Write one question|Question: )", re.DOTALL)
+PROMPT_RE = re.compile(
+    r"Title: (.*?)\nPassage: (.*?)\n\n(?:Write one question|Question: |Copy from the passage|Write a question about)",
+    re.DOTALL,
+)
 
 
 # ---------------------------------------------------------------- parsing
@@ -95,6 +98,10 @@ def test_parse_pair_malformed(text):
         ("Who drew the plans?", "engineer", "answer_not_in_passage"),  # whole words only ("engineers")
         ("Who designed what opened in 1889 for the World's Fair in Paris?", "Gustave Eiffel", None),  # 7 in a row
         ("Who designed what was completed in 1889 for the World's Fair in Paris?", "Gustave Eiffel", "quotes_passage"),
+        ("Who designed the tower?", " GUSTAVE   eiffel.", None),  # matched as SQuAD-normalised words
+        ("Who designed the tower?", "Gustave Eiffels", "answer_not_in_passage"),
+        ("When was the Eiffel Tower completed in 1889?", "1889", "answer_in_question"),
+        ("What is the answer to the question: what is the answer to it?", "1889", "question_repeats_itself"),
     ],
 )
 def test_filter_reason(question, answer, reason):
@@ -109,6 +116,49 @@ def test_quote_filter_counts_normalised_consecutive_words():
     assert not gq.quotes_passage(f"Why {seven}?", PASSAGE)
     assert gq.quotes_passage(f"Why {seven} in?", PASSAGE)  # 8
     assert gq.quotes_passage("WHY, the EIFFEL Tower... WAS COMPLETED in 1889 for the WORLD'S?", PASSAGE)
+
+
+def test_answer_candidates_are_short_runs_of_the_passage_between_function_words():
+    candidates = gq.answer_candidates(PASSAGE)
+    assert candidates == [
+        "Eiffel Tower",
+        "completed",
+        "1889",
+        "World's Fair",
+        "Paris",
+        "designed",
+        "engineering company",
+        "Gustave Eiffel",
+        "whose engineers drew",
+        "plans",
+    ]
+    assert all(has_answer(PASSAGE, [c]) for c in candidates)
+    long_run = "Alpha Beta Gamma Delta Epsilon Zeta met in 1900."  # six words without a break: not an answer
+    assert gq.answer_candidates(long_run) == ["1900"]
+    assert gq.answer_candidates("Alpha Beta Gamma Delta Epsilon Zeta.", max_words=6) == [
+        "Alpha Beta Gamma Delta Epsilon Zeta"
+    ]
+    assert gq.answer_candidates("It was as it is.") == []
+
+
+def test_answers_decoded_among_the_candidates_only(tiny_models, one_thread):
+    # a random model left free writes random tokens; constrained, greedy or sampled, it writes one candidate or, with
+    # none, nothing
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["causal_generator"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["causal_generator"])
+    texts = [PASSAGE, "Paris is the capital of France, on the Seine.", "It was as it is."]
+    prompts = [gq.pick_prompt(tokenizer, "T", text) for text in texts]
+    candidates = [gq.candidate_token_ids(tokenizer, gq.answer_candidates(text)) for text in texts]
+    assert [len(c) for c in candidates] == [10, 4, 0]
+    spelt = [{tokenizer.decode(ids).strip() for ids in c} for c in candidates]  # this tokenizer lowercases
+    free = gq.generate_texts(model, tokenizer, prompts, False, 0, 8)
+    assert any(answer.strip() not in phrases for answer, phrases in zip(free, spelt))
+    for sample, seed in ((False, 0), (True, 1), (True, 2)):
+        answers = gq.generate_texts(model, tokenizer, prompts, sample, seed, 40, candidates=candidates)
+        assert answers[2] == ""
+        assert all(a.strip() in phrases for a, phrases in zip(answers[:2], spelt))
 
 
 def test_duplicate_questions_are_normalised_and_non_extractive_answers_allowed():
@@ -213,8 +263,8 @@ def make_fake_generate(calls: list):
     """generate_texts replaced: the question, or for an answer prompt the answer, of fake_reply; the batch size of
     each question call is recorded."""
 
-    def fake(model, tokenizer, prompts, sample, seed, *args):
-        answering = prompts[0].endswith(gq.ANSWER_CUE)
+    def fake(model, tokenizer, prompts, sample, seed, *args, **kwargs):
+        answering = prompts[0].endswith(gq.ANSWER_CUE)  # an answer prompt, or answer first the pick prompt
         if not answering:
             calls.append(len(prompts))
         replies = [fake_reply(*PROMPT_RE.search(p).groups(), sample, seed) for p in prompts]
@@ -249,21 +299,32 @@ def run_qa(tiny_models, tmp_path, one_thread):
     return run
 
 
-def test_tiny_random_model_runs_and_nothing_passes_the_filters(run_qa, tmp_path, capsys):
-    # real generation, greedy and sampled, of random tokens: the script writes the labels, the filters drop the rest
+@pytest.mark.filterwarnings("ignore:.*source empty")
+def test_tiny_random_model_runs_and_its_answers_are_passage_phrases(run_qa, tmp_path, capsys):
+    # real generation, greedy and sampled, of random tokens: the script writes the labels; answer first, every answer
+    # is a phrase of its passage even from a random model, and question first the filters drop every pair
     out = tmp_path / "qa"
-    with pytest.warns(UserWarning, match="train.source, val.source, test.source empty"):
-        stats = run_qa(out, "--max_passages", "5", "--per_passage", "2", "--batch_size", "3")
+    stats = run_qa(out, "--max_passages", "5", "--per_passage", "2", "--batch_size", "3")
     assert "passages/s" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / gq.GENERATIONS_FILE).read_text().splitlines()]
     assert len(records) == 10 and len({(r["passage_id"], r["sample"]) for r in records}) == 10
-    assert all(r["text"].startswith(gq.CUE) and f"\n{gq.ANSWER_CUE}" in r["text"] for r in records)
+    assert all(r["text"].startswith(gq.CUE) and f"\n{gq.ANSWER_CUE} " in r["text"] for r in records)
+    passages = split_documents(read_kb_csv(DUMMY_CSV))["text"]
+    for r in records:
+        answer = r["text"].split(f"\n{gq.ANSWER_CUE} ", 1)[1]
+        assert answer in gq.answer_candidates(passages[r["passage_id"]]), r
     assert stats["generations"] == 10 and stats["selected_passages"] == 5 and stats["passages"] == 40
-    assert stats["kept"] == 0
+    assert stats["rejected"]["answer_not_in_passage"] == 0
     assert sum(stats["rejected"].values()) + stats["kept"] == stats["generations"]
-    assert all((out / name).exists() for name in gq.OUTPUT_FILES) and (out / "train.source").read_text() == ""
+    assert all((out / name).exists() for name in gq.OUTPUT_FILES)
     settings = json.loads((out / gq.SETTINGS_FILE).read_text())
-    assert settings["prompt"] == "plain" and settings["passages"] == 40
+    assert settings["prompt"] == "plain" and settings["passages"] == 40 and settings["order"] == "answer_first"
+
+    out = tmp_path / "question-first"
+    with pytest.warns(UserWarning, match="train.source, val.source, test.source empty"):
+        stats = run_qa(out, "--max_passages", "5", "--per_passage", "2", "--batch_size", "3", "--question_first")
+    assert stats["generations"] == 10 and stats["kept"] == 0 and (out / "train.source").read_text() == ""
+    assert json.loads((out / gq.SETTINGS_FILE).read_text())["order"] == "question_first"
 
 
 def test_end_to_end_output_is_what_the_trainer_and_kb_builder_read(
@@ -367,11 +428,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(run_qa, tmp_path
 def test_ctrl_c_loses_at_most_the_batch_in_flight(run_qa, tmp_path, monkeypatch, capsys):
     calls, fake = [], make_fake_generate([])
 
-    def interrupted_on_the_third_batch(model, tokenizer, prompts, *args):
+    def interrupted_on_the_third_batch(model, tokenizer, prompts, *args, **kwargs):
         calls.append(prompts[0].endswith(gq.CUE))
         if sum(calls) == 3:
             raise KeyboardInterrupt
-        return fake(model, tokenizer, prompts, *args)
+        return fake(model, tokenizer, prompts, *args, **kwargs)
 
     monkeypatch.setattr(gq, "generate_texts", interrupted_on_the_third_batch)
     out = tmp_path / "qa"
@@ -452,6 +513,11 @@ def test_prompts_plain_and_chat(tiny_models):
         "\n\nQuestion: Who designed it?\n\nAnswer in at most five words, copied exactly from the passage.\n\nAnswer:"
     )
     assert PROMPT_RE.search(plain).groups() == PROMPT_RE.search(answer).groups() == ("Tower", PASSAGE)
+    pick = gq.pick_prompt(tokenizer, "Tower", PASSAGE)
+    assert pick.startswith("Title: Tower\nPassage: The Eiffel") and pick.endswith("as its answer.\n\nAnswer:")
+    asked = gq.question_for_answer_prompt(tokenizer, "Tower", PASSAGE, "1889")
+    assert asked.endswith('whose answer is "1889". Do not put the answer in the question.\n\nQuestion:')
+    assert PROMPT_RE.search(pick).groups() == PROMPT_RE.search(asked).groups() == ("Tower", PASSAGE)
     tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}{% endfor %}<assistant>"
     chat = gq.build_prompt(tokenizer, "Tower", PASSAGE)
     assert gq.prompt_kind(tokenizer) == "chat"

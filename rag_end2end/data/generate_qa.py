@@ -1,11 +1,11 @@
-"""Generate training questions for a knowledge base that has none: a local causal LM writes a question about each
-(sampled) passage, then a short answer to it copied from the passage; filtered pairs become the files that
-prepare_squad.py writes.
+"""Generate training questions for a knowledge base that has none: a local causal LM picks a short phrase of each
+(sampled) passage as the answer, then writes a question for it; filtered pairs become the files that prepare_squad.py
+writes.
 
     python generate_qa.py --csv_path my_kb.csv --generator_name_or_path pretrained/smollm2-135m-instruct \
         --output_dir data/my_kb_qa [--max_passages 2000 --per_passage 2 --seed 42 --batch_size 16 \
         --max_new_tokens 64 --val_fraction 0.1 --test_fraction 0.1 --no_extractive --overwrite \
-        --roundtrip_k 20 --question_encoder_name_or_path pretrained/minilm]
+        --roundtrip_k 20 --question_encoder_name_or_path pretrained/minilm --question_first]
 
 The knowledge base is a `title<TAB>text` CSV, split into 100-word passages exactly as use_own_knowledge_dataset.py
 splits it (passage ids are the rows of that KB), or --passages_path, a KB directory that script built (title, text).
@@ -20,12 +20,16 @@ Writes into --output_dir:
   generations.jsonl            every raw generation, {"passage_id", "sample", "text"}, appended after each batch
   generation_settings.json     what the generations depend on (generator, prompt, decoding, KB digest)
 
-Prompts, in two steps: QUESTION_INSTRUCTION, as one user turn of the tokenizer's chat template when it has one,
-else as plain text and a blank line, ending with CUE (`Question:`): the first line of the reply is the question. Then
-ANSWER_INSTRUCTION with that question, ending with ANSWER_CUE (`Answer:`), greedy. The stored text is
-`Question: <question>\nAnswer:<reply>`, which parse_pair reads. The question of sample 0 of a
-passage is greedy; samples 1.. (--per_passage) are drawn with --temperature and --top_p, seeded per batch from
---seed. Passages are a seeded sample of --max_passages rows (default: all).
+Prompts, in two steps, each one user turn of the tokenizer's chat template when it has one, else plain text and a
+blank line. Answer first (the default): PICK_INSTRUCTION, ending with ANSWER_CUE (`Answer:`), decoded under
+CandidatePhrases, so the reply is one of answer_candidates (the passage's runs of at most MAX_CANDIDATE_WORDS words
+between function words and punctuation); then QUESTION_FOR_ANSWER_INSTRUCTION with that answer, ending with CUE
+(`Question:`), greedy: the first line of the reply is the question. Question first (--question_first, for models
+that answer well in their own words): QUESTION_INSTRUCTION ending with CUE, then ANSWER_INSTRUCTION with that question
+ending with ANSWER_CUE, greedy. The stored text is `Question: <question>\nAnswer:<answer>`, which parse_pair reads.
+Sample 0 of a passage is greedy (its answer pick, question first its question); samples 1.. (--per_passage) are
+drawn with --temperature and --top_p, seeded per batch from --seed. Passages are a seeded sample of --max_passages
+rows (default: all).
 
 Resuming: generations.jsonl is flushed after each batch; rerunning the same command skips the (passage, sample)
 pairs already there, so a crash or Ctrl-C loses at most one batch. The split files are written, from
@@ -34,9 +38,10 @@ work in pieces). A finished output asked for again with other filters (FILTER_FL
 rewritten from its generations without generating again; delete generations.jsonl to generate anew.
 
 Filters (each counted in stats.json `rejected`, in this order): unparseable output; question under
-MIN_QUESTION_WORDS or over MAX_QUESTION_WORDS words; answer over MAX_ANSWER_WORDS words; answer not in its passage
-(SQuAD-normalised, whole words; off with --no_extractive); question repeating QUOTE_RUN_WORDS consecutive passage
-words; duplicate question (normalised, over the whole KB); and with --roundtrip_k K, a question for which the
+MIN_QUESTION_WORDS or over MAX_QUESTION_WORDS words; question holding the same REPEAT_RUN_WORDS words twice (a decoding
+loop); answer over MAX_ANSWER_WORDS words; answer not in its passage (SQuAD-normalised, whole words; off with
+--no_extractive); answer in its question; question repeating QUOTE_RUN_WORDS consecutive passage words; duplicate
+question (normalised, over the whole KB); and with --roundtrip_k K, a question for which the
 question encoder does not rank its passage in the top K of all KB passages (exact inner-product search).
 Splits are by document (title), seeded: no document's questions are in two splits.
 """
@@ -60,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor
 
 from rag_end2end.data.readers import check_model_path, read_kb_csv, run_main
 from rag_end2end.data.squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
@@ -74,9 +80,30 @@ GENERATIONS_FILE = "generations.jsonl"
 FILTER_FLAGS = ("extractive", "roundtrip_k")  # what a rerun may change without --overwrite (refilters)
 DALM_FILE = "dalm.csv"  # every kept pair as DALM's CSV (Passage,Query,Answer), which prepare_dalm_csv.py reads back
 SETTINGS_FILE = "generation_settings.json"
-# Two steps, each one simple task: a question from the passage, then its answer from the passage and the question.
-# Asked for both at once, SmolLM2-135M-Instruct wrote a usable pair for 3 of 40 CMU passages (25 unparseable); asked
-# for a question alone, it wrote a topical question for ~13 of 16.
+# Answer first (the default): the model picks the answer among ANSWER_CANDIDATES-style phrases of the passage
+# (decoding constrained to them), then writes a question for it. Asked for a free answer instead, SmolLM2-135M-Instruct
+# wrote sentences or words of its own: on 8 dummy-KB passages, 0 of 8 pairs passed the extractive filter, against 8
+# of 8 this way (see docs/data.md).
+PICK_INSTRUCTION = (
+    "Title: {title}\nPassage: {text}\n\nCopy from the passage a short phrase (a name, a number or a term) "
+    "that a question about the passage could have as its answer."
+)
+QUESTION_FOR_ANSWER_INSTRUCTION = (
+    'Title: {title}\nPassage: {text}\n\nWrite a question about the passage whose answer is "{answer}". '
+    "Do not put the answer in the question."
+)  # a worked example from another text leaked into the questions (on 1 of 8 passages) and kept no more pairs
+MAX_CANDIDATE_WORDS = 5
+# Candidate answers are the passage's runs of up to MAX_CANDIDATE_WORDS words between these words and punctuation:
+# a crude noun-phrase chunker ("34 per 100,000", "abnormal chest X-ray", "Shandong China") that needs no parser.
+CANDIDATE_STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or but as is are was were be been being that which who whom this "
+    "these those it its their there than then also not no into over under between among during after before while "
+    "we our".split()
+)
+_CLAUSE_BREAK = re.compile(r"[,;:()\[\]]\s+|[.?!]\s+|\s+[()\[\]]|\s+-\s+")
+# Question first (--question_first, for larger models): a question from the passage, then its answer from the passage
+# and the question. Asked for both at once, SmolLM2-135M-Instruct wrote a usable pair for 3 of 40 CMU passages (25
+# unparseable); asked for a question alone, it wrote a topical question for ~13 of 16.
 QUESTION_INSTRUCTION = "Title: {title}\nPassage: {text}\n\nWrite one question that this passage answers."
 ANSWER_INSTRUCTION = (
     "Title: {title}\nPassage: {text}\n\nQuestion: {question}\n\n"
@@ -91,12 +118,17 @@ MAX_ANSWER_WORDS = 20  # asked for a short phrase: a longer answer is a copied s
 # A question that repeats this many consecutive (normalised) passage words is a copied sentence with one word turned
 # into "what": it is answered by string matching, not by understanding. 8 still lets a question name a long entity.
 QUOTE_RUN_WORDS = 8
+# A question that holds the same REPEAT_RUN_WORDS (normalised) words twice is a decoding loop ("What is the answer to
+# the question: What is the answer to the question: ...").
+REPEAT_RUN_WORDS = 4
 REASONS = (
     "unparseable",
     "question_too_short",
     "question_too_long",
+    "question_repeats_itself",
     "answer_too_long",
     "answer_not_in_passage",
+    "answer_in_question",
     "quotes_passage",
     "duplicate_question",
     "roundtrip_miss",
@@ -195,18 +227,75 @@ def prompt_kind(tokenizer) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
-def build_prompt(tokenizer, title: str, text: str, question: str | None = None) -> str:
-    """The question prompt for one passage (QUESTION_INSTRUCTION, then CUE), or with `question` its answer prompt
-    (ANSWER_INSTRUCTION, then ANSWER_CUE): a chat user turn and the cue as the reply's start, or plain text, a blank
-    line and the cue."""
-    if question is None:
-        content, cue = QUESTION_INSTRUCTION.format(title=title, text=text), CUE
-    else:
-        content, cue = ANSWER_INSTRUCTION.format(title=title, text=text, question=question), ANSWER_CUE
+def _prompt(tokenizer, content: str, cue: str) -> str:
+    """`content` as a chat user turn with `cue` as the reply's start, or as plain text, a blank line and `cue`."""
     if prompt_kind(tokenizer) == "chat":
         messages = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cue
     return f"{content}\n\n{cue}"
+
+
+def build_prompt(tokenizer, title: str, text: str, question: str | None = None) -> str:
+    """Question first: the question prompt for one passage (QUESTION_INSTRUCTION, then CUE), or with `question` its
+    answer prompt (ANSWER_INSTRUCTION, then ANSWER_CUE)."""
+    if question is None:
+        return _prompt(tokenizer, QUESTION_INSTRUCTION.format(title=title, text=text), CUE)
+    return _prompt(tokenizer, ANSWER_INSTRUCTION.format(title=title, text=text, question=question), ANSWER_CUE)
+
+
+def pick_prompt(tokenizer, title: str, text: str) -> str:
+    """Answer first: the prompt whose reply, constrained to answer_candidates, is the answer (PICK_INSTRUCTION)."""
+    return _prompt(tokenizer, PICK_INSTRUCTION.format(title=title, text=text), ANSWER_CUE)
+
+
+def question_for_answer_prompt(tokenizer, title: str, text: str, answer: str) -> str:
+    """Answer first: the prompt whose first reply line is a question that `answer` answers."""
+    return _prompt(tokenizer, QUESTION_FOR_ANSWER_INSTRUCTION.format(title=title, text=text, answer=answer), CUE)
+
+
+def answer_candidates(text: str, max_words: int = MAX_CANDIDATE_WORDS) -> list[str]:
+    """The passage's short phrases that may serve as answers, distinct, in passage order: runs of at most `max_words`
+    words between CANDIDATE_STOPWORDS and clause punctuation, edge punctuation removed. Each one passes the
+    extractive filter (has_answer) against `text`, so a pair built on it is extractive by construction."""
+    found: list[str] = []
+    for clause in _CLAUSE_BREAK.split(text):
+        run: list[str] = []
+        for word in [*clause.split(), None]:
+            if word is not None and word.lower().strip(".,;:!?\"'") not in CANDIDATE_STOPWORDS:
+                run.append(word)
+                continue
+            phrase = " ".join(run).strip(".,;:!?\"'()[]")
+            run = []
+            if phrase and len(phrase.split()) <= max_words and phrase not in found and has_answer(text, [phrase]):
+                found.append(phrase)
+    return found
+
+
+def candidate_token_ids(tokenizer, phrases: list[str]) -> list[list[int]]:
+    """Candidate phrases as the token ids the model writes after the answer cue (a space, then the phrase)."""
+    return [tokenizer(" " + phrase, add_special_tokens=False)["input_ids"] for phrase in phrases]
+
+
+class CandidatePhrases(LogitsProcessor):
+    """Decoding restricted, row by row, to one of the row's candidate token sequences followed by EOS: the model
+    chooses the answer (greedy or sampled) but cannot write one that is not in the passage. A row without
+    candidates may only end."""
+
+    def __init__(self, candidates: list[list[list[int]]], prompt_width: int, eos_ids: list[int]):
+        self.candidates, self.prompt_width, self.eos_ids = candidates, prompt_width, eos_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = torch.full_like(scores, float("-inf"))
+        for row, written in enumerate(input_ids[:, self.prompt_width :].tolist()):
+            if any(token in self.eos_ids for token in written):
+                mask[row] = 0  # finished: generate pads it
+                continue
+            n, allowed = len(written), set()
+            for candidate in self.candidates[row]:
+                if candidate[:n] == written:
+                    allowed.update([candidate[n]] if n < len(candidate) else self.eos_ids)
+            mask[row, sorted(allowed or self.eos_ids)] = 0
+        return scores + mask
 
 
 def load_generator_tokenizer(name_or_path: str):
@@ -241,9 +330,11 @@ def generate_texts(
     max_new_tokens: int,
     temperature: float = 0.8,
     top_p: float = 0.95,
+    candidates: list[list[list[int]]] | None = None,
 ) -> list[str]:
-    """The model's continuations of `prompts`, batched with left padding: greedy, or sampled under `seed`."""
-    from transformers import GenerationConfig
+    """The model's continuations of `prompts`, batched with left padding: greedy, or sampled under `seed`; with
+    `candidates`, each continuation is one of its prompt's candidate token sequences (CandidatePhrases)."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     ids = encode_prompts(prompts, tokenizer)
     pad, width = pad_id(tokenizer), max(map(len, ids))
@@ -260,10 +351,18 @@ def generate_texts(
         pad_token_id=pad,
         eos_token_id=eos or None,
     )
+    if candidates is not None and not eos:
+        raise ValueError("answers picked among candidates must end with an EOS token, and the generator has none")
+    processors = LogitsProcessorList([CandidatePhrases(candidates, width, eos)] if candidates is not None else [])
     if sample:
         torch.manual_seed(seed)
     device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        generation_config=config,
+        logits_processor=processors,
+    )
     return tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
 
 
@@ -309,13 +408,22 @@ def append_generations(f, records: list[dict]) -> None:
     os.fsync(f.fileno())
 
 
+def recipe(question_first: bool) -> list[str]:
+    """The instructions (and, answer first, the candidate rule) that the generations depend on."""
+    if question_first:
+        return [QUESTION_INSTRUCTION, ANSWER_INSTRUCTION]
+    rule = [str(MAX_CANDIDATE_WORDS), _CLAUSE_BREAK.pattern, *sorted(CANDIDATE_STOPWORDS)]
+    return [PICK_INSTRUCTION, QUESTION_FOR_ANSWER_INSTRUCTION, *rule]
+
+
 def generation_settings(args: argparse.Namespace, kb: KnowledgeBase, kind: str) -> dict:
     """What the stored generations depend on: rerunning with other values would mix two kinds of output."""
     generator = args.generator_name_or_path
     return {
         "generator": os.path.abspath(generator) if os.path.exists(generator) else generator,
         "prompt": kind,
-        "instruction_sha256": hashlib.sha256((QUESTION_INSTRUCTION + ANSWER_INSTRUCTION).encode()).hexdigest(),
+        "order": "question_first" if args.question_first else "answer_first",
+        "instruction_sha256": hashlib.sha256("\x00".join(recipe(args.question_first)).encode()).hexdigest(),
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -380,6 +488,13 @@ def quotes_passage(question: str, passage: str, run: int = QUOTE_RUN_WORDS) -> b
     return any(tuple(q[i : i + run]) in grams for i in range(len(q) - run + 1))
 
 
+def repeats_itself(question: str, run: int = REPEAT_RUN_WORDS) -> bool:
+    """Whether the (SQuAD-normalised) question holds the same `run` consecutive words twice: a decoding loop."""
+    words = normalize_answer(question).split()
+    grams = [tuple(words[i : i + run]) for i in range(len(words) - run + 1)]
+    return len(set(grams)) < len(grams)
+
+
 def filter_reason(question: str, answer: str, passage: str, seen: set[str], extractive: bool = True) -> str | None:
     """Why a parsed pair is rejected (a REASONS name), or None when kept: then its normalised question joins `seen`."""
     n_words = len(question.split())
@@ -387,10 +502,14 @@ def filter_reason(question: str, answer: str, passage: str, seen: set[str], extr
         return "question_too_short"
     if n_words > MAX_QUESTION_WORDS:
         return "question_too_long"
+    if repeats_itself(question):
+        return "question_repeats_itself"
     if len(answer.split()) > MAX_ANSWER_WORDS:
         return "answer_too_long"
     if extractive and not has_answer(passage, [answer]):
         return "answer_not_in_passage"
+    if has_answer(question, [answer]):
+        return "answer_in_question"  # answered by reading the question
     if quotes_passage(question, passage):
         return "quotes_passage"
     key = normalize_answer(question)
@@ -624,6 +743,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="generate at most N batches in this run, then stop (rerun to continue)",
     )
+    p.add_argument(
+        "--question_first",
+        action="store_true",
+        help="ask for a question, then its answer in the model's words (larger models), instead of picking an answer "
+        "phrase of the passage first, then asking for its question",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the files of a finished run")
     add_debug_arg(p)
     args = p.parse_args(argv)
@@ -645,6 +770,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except FileNotFoundError as err:
             p.error(str(err))
     return args
+
+
+def question_first(
+    model: torch.nn.Module,
+    tokenizer,
+    args: argparse.Namespace,
+    passages: list[tuple[str, str]],
+    sample: bool,
+    seed: int,
+) -> list[str]:
+    """--question_first: a question for each (title, text) (sampled when `sample`), then its answer in the model's
+    words (greedy); each pair as parse_pair reads it."""
+    prompts = [build_prompt(tokenizer, title, text) for title, text in passages]
+    texts = generate_texts(model, tokenizer, prompts, sample, seed, args.max_new_tokens, args.temperature, args.top_p)
+    questions = [_first_line(t).strip() for t in texts]
+    prompts = [build_prompt(tokenizer, title, text, q) for (title, text), q in zip(passages, questions)]
+    answers = generate_texts(model, tokenizer, prompts, False, 0, min(args.max_new_tokens, ANSWER_NEW_TOKENS))
+    return [f"{CUE} {q}\n{ANSWER_CUE}{a}" for q, a in zip(questions, answers)]
+
+
+def answer_first(
+    model: torch.nn.Module,
+    tokenizer,
+    args: argparse.Namespace,
+    passages: list[tuple[str, str]],
+    sample: bool,
+    seed: int,
+) -> list[str]:
+    """The default: an answer picked among each passage's answer_candidates (sampled when `sample`, so a passage's
+    samples differ), then a question for it (greedy); each pair as parse_pair reads it."""
+    prompts = [pick_prompt(tokenizer, title, text) for title, text in passages]
+    phrases = [answer_candidates(text) for _, text in passages]
+    candidates = [candidate_token_ids(tokenizer, p) for p in phrases]
+    longest = max((len(ids) for c in candidates for ids in c), default=0)  # room for any candidate, then EOS
+    answers = generate_texts(
+        model, tokenizer, prompts, sample, seed, longest + 1, args.temperature, args.top_p, candidates=candidates
+    )
+    # the phrase as the passage spells it: a tokenizer that lowercases or splits punctuation decodes it otherwise
+    spelt = [
+        {tokenizer.decode(ids, skip_special_tokens=True).strip(): phrase for phrase, ids in zip(p, c)}
+        for p, c in zip(phrases, candidates)
+    ]
+    answers = [spelling.get(a.strip(), _strip_edges(a)) for spelling, a in zip(spelt, answers)]
+    prompts = [question_for_answer_prompt(tokenizer, title, text, a) for (title, text), a in zip(passages, answers)]
+    questions = [
+        _first_line(t).strip() for t in generate_texts(model, tokenizer, prompts, False, 0, args.max_new_tokens)
+    ]
+    return [f"{CUE} {q}\n{ANSWER_CUE} {a}" for q, a in zip(questions, answers)]
 
 
 def generate(
@@ -670,26 +843,15 @@ def generate(
         for number, batch in enumerate(batches):
             if args.max_batches is not None and number >= args.max_batches:
                 break
-            prompts = [build_prompt(tokenizer, kb.titles[row], kb.texts[row]) for row, _ in batch]
-            sample = batch[0][1] > 0
-            texts = generate_texts(
+            generate_pair = question_first if args.question_first else answer_first
+            texts = generate_pair(
                 model,
                 tokenizer,
-                prompts,
-                sample,
-                batch_seed(args.seed, *batch[0]),
-                args.max_new_tokens,
-                args.temperature,
-                args.top_p,
+                args,
+                [(kb.titles[row], kb.texts[row]) for row, _ in batch],
+                sample=batch[0][1] > 0,
+                seed=batch_seed(args.seed, *batch[0]),
             )
-            questions = [_first_line(t).strip() for t in texts]
-            prompts = [
-                build_prompt(tokenizer, kb.titles[row], kb.texts[row], q) for (row, _), q in zip(batch, questions)
-            ]
-            answers = generate_texts(model, tokenizer, prompts, False, 0, min(args.max_new_tokens, ANSWER_NEW_TOKENS))
-            texts = [
-                f"{CUE} {q}\n{ANSWER_CUE}{a}" for q, a in zip(questions, answers)
-            ]  # the pair as parse_pair reads it
             records = [{"passage_id": row, "sample": s, "text": t} for (row, s), t in zip(batch, texts)]
             append_generations(f, records)
             done.update(((row, s), t) for (row, s), t in zip(batch, texts))
