@@ -139,6 +139,8 @@ def test_answer_candidates_are_short_runs_of_the_passage_between_function_words(
         "Alpha Beta Gamma Delta Epsilon Zeta"
     ]
     assert gq.answer_candidates("It was as it is.") == []
+    cited = "It is like dengue fever [12]. It spread in India [12, 16] (Shi et al., 2015; Ng et al., 2015) in 2007."
+    assert gq.answer_candidates(cited) == ["like dengue fever", "spread", "India", "2007"]  # no citation numbers
 
 
 def test_answers_decoded_among_the_candidates_only(tiny_models, one_thread):

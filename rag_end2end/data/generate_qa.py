@@ -100,6 +100,8 @@ CANDIDATE_STOPWORDS = frozenset(
     "these those it its their there than then also not no into over under between among during after before while "
     "we our".split()
 )
+# citations ("[12]", "[1, 8]", "(Shi et al., 2015; ...)") break phrases too: their numbers answer nothing
+_CITATION = re.compile(r"\[\d+(?:\s*[,–-]\s*\d+)*\]|\([^()]*\bet al\.?,? \d{4}[^()]*\)")
 _CLAUSE_BREAK = re.compile(r"[,;:()\[\]]\s+|[.?!]\s+|\s+[()\[\]]|\s+-\s+")
 # Question first (--question_first, for larger models): a question from the passage, then its answer from the passage
 # and the question. Asked for both at once, SmolLM2-135M-Instruct wrote a usable pair for 3 of 40 CMU passages (25
@@ -255,10 +257,10 @@ def question_for_answer_prompt(tokenizer, title: str, text: str, answer: str) ->
 
 def answer_candidates(text: str, max_words: int = MAX_CANDIDATE_WORDS) -> list[str]:
     """The passage's short phrases that may serve as answers, distinct, in passage order: runs of at most `max_words`
-    words between CANDIDATE_STOPWORDS and clause punctuation, edge punctuation removed. Each one passes the
+    words between CANDIDATE_STOPWORDS, clause punctuation and citations, edge punctuation removed. Each one passes the
     extractive filter (has_answer) against `text`, so a pair built on it is extractive by construction."""
     found: list[str] = []
-    for clause in _CLAUSE_BREAK.split(text):
+    for clause in (c for part in _CITATION.split(text) for c in _CLAUSE_BREAK.split(part)):
         run: list[str] = []
         for word in [*clause.split(), None]:
             if word is not None and word.lower().strip(".,;:!?\"'") not in CANDIDATE_STOPWORDS:
@@ -412,7 +414,7 @@ def recipe(question_first: bool) -> list[str]:
     """The instructions (and, answer first, the candidate rule) that the generations depend on."""
     if question_first:
         return [QUESTION_INSTRUCTION, ANSWER_INSTRUCTION]
-    rule = [str(MAX_CANDIDATE_WORDS), _CLAUSE_BREAK.pattern, *sorted(CANDIDATE_STOPWORDS)]
+    rule = [str(MAX_CANDIDATE_WORDS), _CITATION.pattern, _CLAUSE_BREAK.pattern, *sorted(CANDIDATE_STOPWORDS)]
     return [PICK_INSTRUCTION, QUESTION_FOR_ANSWER_INSTRUCTION, *rule]
 
 
