@@ -466,6 +466,9 @@ def test_finished_output_is_kept_unless_filters_change_or_overwrite_reusing_the_
         run_qa(out, "--max_passages", "12", "--no_extractive")
     with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 6 -> 7"):
         run_qa(out, "--max_passages", "12", "--overwrite", "--max_new_tokens", "7")
+    (out / gq.GENERATIONS_FILE).unlink()  # its generations gone: new filters would generate everything anew
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        run_qa(out, "--max_passages", "12")  # the extractive filter back on
 
 
 @pytest.mark.filterwarnings("ignore:.*source empty")  # random encoders: top-1 round trips keep few documents

@@ -864,9 +864,10 @@ def generate(
 
 def refilters(out: Path, args: argparse.Namespace) -> bool:
     """A finished output asked for again with other filters (FILTER_FLAGS): its generations are filtered anew and
-    the pairs written anew without --overwrite, since nothing generated is lost."""
-    stats = out / "stats.json"
-    if not stats.is_file():
+    the pairs written anew without --overwrite, since nothing generated is lost. Not when its generations file is
+    gone or empty: everything would be generated anew over the finished output, which needs --overwrite."""
+    stats, generations = out / "stats.json", out / GENERATIONS_FILE
+    if not stats.is_file() or not generations.is_file() or generations.stat().st_size == 0:
         return False
     finished = json.loads(stats.read_text(encoding="utf-8"))
     return any(finished.get(flag) != getattr(args, flag) for flag in FILTER_FLAGS)
