@@ -328,9 +328,10 @@ def test_a_partial_policy_run_resumes_and_its_policy_is_kept(ray_local, finetune
     module = finetune_rag.main(finetune_rag.parse_args(again))
     kill_actors(module)
     history = [c for c in module.trainer.callbacks if isinstance(c, KBRefreshCallback)][0].history
-    # The history the checkpoint kept (the refresh of step 2, if it went live before the save at step 3), then
-    # those after the resume: slices 0, 1, 0, ... in turn, each refresh changing exactly its slice.
-    assert any(r["trigger_step"] > 3 for r in history) and len(history) >= 2
+    # The history the checkpoint kept (the refresh of step 2, if it went live before the save at step 3: on busy
+    # cores it may not), then those after the resume: slices 0, 1, 0, ... in turn counted over both segments, each
+    # refresh changing exactly its slice. The run waits for its last refresh at the end: one after the resume at least.
+    assert any(r["trigger_step"] > 3 for r in history)
     assert all(r["policy"] == "rotating" and r["passages_encoded"] == 12 for r in history)
     out = tmp_path / "out"
     before = vectors(str(kb24[0]))
