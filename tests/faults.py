@@ -2,6 +2,7 @@
 small or read-only filesystem."""
 
 import os
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -62,3 +63,10 @@ def small_filesystem(path: Path, size: str = "64k", read_only: bool = False):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a Ray head or a DDP master)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import ray
 import torch
 from datasets import load_from_disk
-from faults import actor_pid, gated_encoder_factory, kill_actors, small_filesystem
+from faults import actor_pid, free_port, gated_encoder_factory, kill_actors, small_filesystem
 
 from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb import refresh as kb_refresh
@@ -560,14 +560,8 @@ def test_a_killed_raylet_ends_the_run_and_leaves_no_actor(finetune_argv, tmp_pat
 # ---------------------------------------------------------------- cluster mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_ray_address_fails_fast(finetune_argv):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
     done = subprocess.run(
@@ -608,7 +602,7 @@ def test_a_ray_address_that_is_not_ray_fails_fast(finetune_argv):
 def test_a_run_joins_a_ray_cluster_by_address_with_relative_paths(tiny_models, tiny_kb, tmp_path):
     """`ray start --head` on loopback, then finetune_rag.py --ray_address from another working directory with
     relative KB paths: the actors (in the cluster's own processes) still find the KB."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAG_E2E_RAY_ADDRESS"}
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # stop at once on SIGTERM
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 characters

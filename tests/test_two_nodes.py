@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import free_port
 
 from rag_end2end.tiny_models import tiny_run_argv
 
@@ -26,12 +27,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "test_run" / "dummy-train-data"
 MAX_STEPS = 40  # 10 steps an epoch: 40 train questions, 2 processes, batch 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive_nodes(address: str, token: str) -> int:
@@ -76,7 +71,7 @@ def _kill_tree(pid: int) -> None:
 def test_two_ray_nodes_and_two_node_ddp_train_and_the_loss_of_the_second_node_is_resumed_on_the_head(
     tiny_models, tiny_kb, tmp_path
 ):
-    port, master_port = _free_port(), _free_port()
+    port, master_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     token = secrets.token_hex(32)
     token_file = tmp_path / "ray_token"

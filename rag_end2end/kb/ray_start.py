@@ -19,8 +19,8 @@ from ray._private import ray_constants
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
-# Every actor of a run (retrieval, encoding, the index builder) is spread over a cluster's nodes: a refresh then
-# encodes on every machine, and an actor whose node dies is restarted on one that is alive. One node: no change.
+# Every actor of a run (retrieval, encoding, the index builder) asks Ray to spread it over a cluster's nodes, so that a
+# refresh can encode on several machines. Ray treats it as best effort (docs/faults.md). One node: no change.
 SPREAD_ACTORS = "SPREAD"
 
 
@@ -152,7 +152,7 @@ def private_ray_token(create: bool = True) -> Path | None:
         return None
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return None
-    path = Path.home() / ".ray" / "auth_token"
+    path = _default_token_file()
     if not path.exists():
         if not create:
             return None
@@ -243,16 +243,23 @@ def ray_token() -> str | None:
     RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token. None when there is none."""
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = _token_file()
     if not path.is_file():
         return None
     return path.read_text().strip() or None
 
 
+def _token_file() -> Path:
+    """The file Ray reads its token from when RAY_AUTH_TOKEN is not set."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or _default_token_file())
+
+
+def _default_token_file() -> Path:
+    return Path.home() / ".ray" / "auth_token"
+
+
 def _token_source() -> str:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "RAY_AUTH_TOKEN"
-    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return "RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else str(_token_file())
 
 
 def actor_nodes(actors: Sequence) -> list[str]:
