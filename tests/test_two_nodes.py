@@ -144,8 +144,9 @@ def test_two_ray_nodes_and_two_node_ddp_train_and_the_loss_of_the_second_node_is
         assert ranks[0].poll() is None, text[-3000:]
         placed = re.search(r"Ray nodes: retrieval actors on (.*); encoding actors and the index builder on (.*)", text)
         assert placed, text[-3000:]
-        # Where Ray put them is said, not asserted: its SPREAD is best effort (all five on one node in 2 of 4 runs).
         print(placed.group(0))
+        for group in placed.groups():  # each group dealt over both nodes: two retrieval actors, two encoders + builder
+            assert len(set(group.split(", "))) == 2, placed.group(0)
         _wait("a periodic last.ckpt", lambda: (out / "last.ckpt").is_file(), 120, logs[0])
 
         # The second node goes: its raylet with its actors, and the training process on it.

@@ -17,7 +17,7 @@ import ray
 from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.kb.index import IndexConfig, build_faiss_index
 from rag_end2end.kb.passages import shard_bounds
-from rag_end2end.kb.ray_start import SPREAD_ACTORS, quiet_actor
+from rag_end2end.kb.ray_start import quiet_actor, spread_over_nodes
 from rag_end2end.kb.search import Hits, LoadedKB, load_passages
 from rag_end2end.kb.versions import KBVersion
 
@@ -101,9 +101,8 @@ class RetrievalActor:
 def _serving_options(namespace: str, gpus: float) -> dict:
     """Ray options of an actor that serves searches: found again by name (get_if_exists), restarted for ever when it
     dies (on another node if its own is gone), two threads (a search can run while a new version is staged),
-    num_cpus=0 because it mostly waits, spread over a cluster's nodes (SPREAD_ACTORS)."""
+    num_cpus=0 because it mostly waits. Where each goes: `spread_over_nodes`."""
     options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace, "max_restarts": -1}
-    options["scheduling_strategy"] = SPREAD_ACTORS
     return options | ({"num_gpus": gpus} if gpus else {})
 
 
@@ -123,8 +122,10 @@ def start_retrieval_actors(
     options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(RetrievalActor)
     return [
-        remote_cls.options(name=f"retrieval_worker_{i}", **options).remote(ef_search, threads, faiss_gpu)
-        for i in range(n)
+        remote_cls.options(name=f"retrieval_worker_{i}", scheduling_strategy=node, **options).remote(
+            ef_search, threads, faiss_gpu
+        )
+        for i, node in enumerate(spread_over_nodes(n))
     ]
 
 
@@ -232,14 +233,16 @@ class ShardActor(RetrievalActor):
 def start_shard_actors(
     n_shards: int, index_config: IndexConfig, namespace: str = "rag", threads: int | None = None, index_gpus: float = 0
 ) -> list:
-    """Create (or attach to) the actors `retrieval_shard_<i>` of Ray namespace `namespace`, spread over the
-    cluster's machines by Ray's scheduler. Ray restarts one that dies (empty); the retriever reloads it. With
+    """Create (or attach to) the actors `retrieval_shard_<i>` of Ray namespace `namespace`, dealt over the
+    cluster's machines (`spread_over_nodes`). Ray restarts one that dies (empty); the retriever reloads it. With
     `index_config.faiss_gpu` on and index GPUs, each asks Ray for its share of a GPU, as start_retrieval_actors."""
     gpus, faiss_gpu = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, n_shards + 1)
     index_config = replace(index_config, faiss_gpu=faiss_gpu)
     options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(ShardActor)
     return [
-        remote_cls.options(name=f"retrieval_shard_{i}", **options).remote(i, n_shards, index_config, threads)
-        for i in range(n_shards)
+        remote_cls.options(name=f"retrieval_shard_{i}", scheduling_strategy=node, **options).remote(
+            i, n_shards, index_config, threads
+        )
+        for i, node in enumerate(spread_over_nodes(n_shards))
     ]

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import ray
 from ray._private import ray_constants
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
-# Every actor of a run (retrieval, encoding, the index builder) asks Ray to spread it over a cluster's nodes, so that a
-# refresh can encode on several machines. Ray treats it as best effort (docs/faults.md). One node: no change.
-SPREAD_ACTORS = "SPREAD"
 
 
 @dataclass(frozen=True)
@@ -271,6 +269,21 @@ def actor_nodes(actors: Sequence) -> list[str]:
 def alive_nodes() -> int:
     """How many nodes of the joined Ray cluster are alive."""
     return sum(node["Alive"] for node in ray.nodes())
+
+
+def spread_over_nodes(n: int) -> list:
+    """Ray scheduling strategies for a group of `n` actors (retrieval, shards, encoders and builder), dealt round
+    robin over the cluster's alive nodes (by node id, so every DDP rank deals alike), so that a refresh encodes on
+    every machine and a lost node takes only its share. Ray's own "SPREAD" is best effort: it put all five actors of
+    a two-node run on one node in 2 of 4 runs (docs/faults.md). Each preference is soft: an actor whose node is gone
+    (a restart after the node died) or cannot hold it (no GPU there), or is busy, goes to another node (Ray's
+    private `_spill_on_unavailable`, for the busy case). One node: Ray's default."""
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+    if len(nodes) < 2:
+        return ["DEFAULT"] * n
+    return [
+        NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True, _spill_on_unavailable=True) for i in range(n)
+    ]
 
 
 def _node_id(actor) -> str:

@@ -32,7 +32,7 @@ from rag_end2end.kb.faiss_devices import faiss_actor_gpus
 from rag_end2end.kb.index import IndexConfig
 from rag_end2end.kb.parts import encoded_path, part_path
 from rag_end2end.kb.passages import shard_bounds
-from rag_end2end.kb.ray_start import SPREAD_ACTORS, actor_nodes, alive_nodes
+from rag_end2end.kb.ray_start import actor_nodes, alive_nodes, spread_over_nodes
 from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.versions import KBBuilder, KBVersion, list_versions, prune_versions, staging_dir
 from rag_end2end.model.encoders import encoder_factory
@@ -54,9 +54,8 @@ def rank_zero_wait_s(ddp_timeout: float) -> float:
 def encoder_options(index_gpus: float, index_workers: int) -> dict:
     """Ray options of each encoding actor: `index_gpus` shared evenly among `index_workers` of them (none: CPU).
     Ray restarts a dead one (a fresh process, same constructor arguments) and runs the task it was doing again there;
-    a task that fails ACTOR_TASK_RETRIES more times fails the refresh. On a cluster they are spread over its nodes."""
+    a task that fails ACTOR_TASK_RETRIES more times fails the refresh. Where each goes: `spread_over_nodes`."""
     options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": ACTOR_TASK_RETRIES}
-    options["scheduling_strategy"] = SPREAD_ACTORS
     return {**options, "num_gpus": index_gpus / index_workers} if index_gpus else options
 
 
@@ -171,17 +170,19 @@ class Refresher:
         # `cuda` is that GPU), or on CPU when it asked for none, whatever CUDA_VISIBLE_DEVICES it inherited (Ray
         # 2.60 leaves a SLURM-exported one in place for such actors, ray-project/ray#62492).
         device = "cuda" if options.get("num_gpus") else "cpu"
-        remote_cls = ray.remote(ShardEncoder).options(**options)
+        remote_cls = ray.remote(ShardEncoder)
         make = encoder_factory(context_encoder)
+        *nodes, builder_node = spread_over_nodes(len(self.shards) + 1)  # on a cluster, dealt over its nodes
         self.encoders = [
-            remote_cls.remote(
+            remote_cls.options(scheduling_strategy=node, **options).remote(
                 passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus, device
             )
-            for start, end in self.shards
+            for node, (start, end) in zip(nodes, self.shards)
         ]
         # The builder trains IVF/PQ indexes on its GPU share when FAISS goes on GPU (--faiss_gpu), else none, as before.
         builder_gpus, _ = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, len(retriever.actors) + 1)
-        self.builder = ray.remote(KBBuilder).options(**{**options, "num_gpus": builder_gpus}).remote(index_cpus)
+        builder_options = {**options, "num_gpus": builder_gpus, "scheduling_strategy": builder_node}
+        self.builder = ray.remote(KBBuilder).options(**builder_options).remote(index_cpus)
         # Each actor by name and demand, for the bounded waits' messages (wait_for): the encoders, then the builder.
         self.actor_names = [f"encoding actor {i} ({demand(options)})" for i in range(len(self.encoders))]
         self.actor_names.append(f"the index builder ({demand({'num_gpus': builder_gpus})})")
