@@ -122,9 +122,7 @@ def start_retrieval_actors(
     options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(RetrievalActor)
     return [
-        remote_cls.options(name=f"retrieval_worker_{i}", scheduling_strategy=node, **options).remote(
-            ef_search, threads, faiss_gpu
-        )
+        remote_cls.options(name=f"retrieval_worker_{i}", **(options | node)).remote(ef_search, threads, faiss_gpu)
         for i, node in enumerate(spread_over_nodes(n))
     ]
 
@@ -241,8 +239,6 @@ def start_shard_actors(
     options = _serving_options(namespace, gpus)
     remote_cls = ray.remote(ShardActor)
     return [
-        remote_cls.options(name=f"retrieval_shard_{i}", scheduling_strategy=node, **options).remote(
-            i, n_shards, index_config, threads
-        )
+        remote_cls.options(name=f"retrieval_shard_{i}", **(options | node)).remote(i, n_shards, index_config, threads)
         for i, node in enumerate(spread_over_nodes(n_shards))
     ]

@@ -19,6 +19,7 @@ from ray._private import ray_constants
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 RAY_ADDRESS_ENV = "RAG_E2E_RAY_ADDRESS"  # how DDP child processes find the Ray started by rank 0
+PLACEMENT_CPUS = 0.01  # the CPU share each actor of a run asks on a cluster, so its node preference holds
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder that holds rag_end2end/
 
 
@@ -271,18 +272,27 @@ def alive_nodes() -> int:
     return sum(node["Alive"] for node in ray.nodes())
 
 
-def spread_over_nodes(n: int) -> list:
-    """Ray scheduling strategies for a group of `n` actors (retrieval, shards, encoders and builder), dealt round
-    robin over the cluster's alive nodes (by node id, so every DDP rank deals alike), so that a refresh encodes on
-    every machine and a lost node takes only its share. Ray's own "SPREAD" is best effort: it put all five actors of
-    a two-node run on one node in 2 of 4 runs (docs/faults.md). Each preference is soft: an actor whose node is gone
-    (a restart after the node died) or cannot hold it (no GPU there), or is busy, goes to another node (Ray's
-    private `_spill_on_unavailable`, for the busy case). One node: Ray's default."""
+def spread_over_nodes(n: int) -> list[dict]:
+    """Ray options that place a group of `n` actors (retrieval, shards, or encoders and builder): dealt round robin
+    over the cluster's alive nodes (by node id, so every DDP rank deals alike), so that a refresh encodes on every
+    machine and a lost node takes only its share. One node: none (Ray's default).
+
+    Each preference is soft: an actor whose node is gone (a restart after the node died), cannot hold it (no GPU
+    there) or is busy goes to another node (Ray's private `_spill_on_unavailable`, for the busy case). Ray places an
+    actor that asks for no resource at all on a random node whatever its strategy (ray-project/ray#25360 fixed that
+    for hard affinity only), and "SPREAD" was as random (all five actors of a two-node run on one node in 2 of 4
+    runs), so on a cluster each actor asks for PLACEMENT_CPUS of a CPU: enough for Ray to honour the preference."""
     nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
     if len(nodes) < 2:
-        return ["DEFAULT"] * n
+        return [{} for _ in range(n)]
     return [
-        NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True, _spill_on_unavailable=True) for i in range(n)
+        {
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                nodes[i % len(nodes)], soft=True, _spill_on_unavailable=True
+            ),
+            "num_cpus": PLACEMENT_CPUS,
+        }
+        for i in range(n)
     ]
 
 

@@ -174,14 +174,14 @@ class Refresher:
         make = encoder_factory(context_encoder)
         *nodes, builder_node = spread_over_nodes(len(self.shards) + 1)  # on a cluster, dealt over its nodes
         self.encoders = [
-            remote_cls.options(scheduling_strategy=node, **options).remote(
+            remote_cls.options(**(options | node)).remote(
                 passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus, device
             )
             for node, (start, end) in zip(nodes, self.shards)
         ]
         # The builder trains IVF/PQ indexes on its GPU share when FAISS goes on GPU (--faiss_gpu), else none, as before.
         builder_gpus, _ = faiss_actor_gpus(index_config.faiss_gpu, index_gpus, len(retriever.actors) + 1)
-        builder_options = {**options, "num_gpus": builder_gpus, "scheduling_strategy": builder_node}
+        builder_options = {**options, "num_gpus": builder_gpus, **builder_node}
         self.builder = ray.remote(KBBuilder).options(**builder_options).remote(index_cpus)
         # Each actor by name and demand, for the bounded waits' messages (wait_for): the encoders, then the builder.
         self.actor_names = [f"encoding actor {i} ({demand(options)})" for i in range(len(self.encoders))]
