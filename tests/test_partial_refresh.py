@@ -307,6 +307,7 @@ def test_a_failed_hot_refresh_gives_its_counts_back(ray_local, finetune_argv, kb
     kill_actors(module)
 
 
+@pytest.mark.slow  # ~50 s: CI stays under 15 minutes (docs/tests.md)
 def test_a_partial_policy_run_resumes_and_its_policy_is_kept(ray_local, finetune_argv, kb24, tmp_path):
     argv = _argv(finetune_argv, kb24, "--end2end", "--do_train", "--indexing_freq", "2", "--log_every_n_steps", "1")
     argv += ["--refresh_policy", "rotating", "--refresh_slices", "2", "--limit_val_batches", "0"]

@@ -346,6 +346,7 @@ def _finetune_command(argv: list[str]) -> list[str]:
     return [sys.executable, str(REPO / "finetune_rag.py"), *argv]
 
 
+@pytest.mark.slow  # ~50 s: CI stays under 15 minutes (docs/tests.md)
 def test_a_moved_run_resumes_on_its_own_kb_and_a_lost_kb_version_stops_the_resume(ray_local, finetune_argv, tmp_path):
     """Paths inside a run are stored relative to it: a run directory moved elsewhere resumes from its own last.ckpt
     on its own KB version (with absolute paths that version was gone), replacing last.ckpt in place. A KB version
