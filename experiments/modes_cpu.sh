@@ -7,6 +7,10 @@
 # N_DOCS passages, the same 30 optimizer steps, learning rate and seeds for every recipe. Recipes whose
 # context encoder learns re-encode the KB every INDEXING_FREQ steps and once more before validation, so
 # each is tested against an index of its final weights. retriever_only has no generator: EM/F1 are dashes.
+# Documents alone (issue 31; statements from data_prep/make_reconstruction_data.py on the KB, seed 42): MODES may
+# also name recon_e2e (rag_end2end on statements only, --reconstruction_ratio 1, no human question, as many steps as
+# the other rows, --retriever_dropout off as experiments/domain_shift_cpu.sh's row) and ict (retriever_only on the
+# same statements). They validate and test on the human val/test questions, like every row.
 # Finished runs are skipped when the script is run again; nothing existing is overwritten.
 set -e
 cd "$(dirname "$0")/.."
@@ -20,19 +24,32 @@ HARD_NEGATIVES=${HARD_NEGATIVES:-3}
 prepare_cmu
 build_kb
 stamp "data and KB v0 ready"
+case " $MODES " in *" recon_e2e "* | *" ict "*)
+    [ -e "$OUT/recon/stats.json" ] || python data_prep/make_reconstruction_data.py --csv_path "$OUT/data/kb.csv" \
+        --output_dir "$OUT/recon" --seed 42 ;;
+esac
+STEPS=$((N_TRAIN / BATCH))  # the question rows' optimizer steps (1 epoch); the documents rows train as many
+RECON="--reconstruction_dir $OUT/recon --reconstruction_ratio 1 --max_steps $STEPS --val_check_interval $STEPS"
 
 RUNS="" NAMES=""
 for SEED in $SEEDS; do
     for MODE in $MODES; do
         RUN="$OUT/$MODE-seed$SEED"
+        ROW_MODE=$MODE
         case $MODE in
             rag_end2end | lsr | dalm) EXTRA="--indexing_freq $INDEXING_FREQ --refresh_before_validation" ;;
             retriever_only) EXTRA="--indexing_freq $INDEXING_FREQ --refresh_before_validation \
                 --hard_negatives $HARD_NEGATIVES" ;;
+            recon_e2e) ROW_MODE=rag_end2end
+                EXTRA="--indexing_freq $INDEXING_FREQ --refresh_before_validation --retriever_dropout off $RECON" ;;
+            ict) ROW_MODE=retriever_only
+                EXTRA="--indexing_freq $INDEXING_FREQ --refresh_before_validation --hard_negatives $HARD_NEGATIVES $RECON" ;;
             *) EXTRA="" ;;
         esac
+        RESUME=""  # a run a session's end stopped goes on from its last.ckpt
+        [ -e "$RUN/last.ckpt" ] && RESUME="--resume"
         [ -e "$RUN/test_results.txt" ] || python finetune_rag.py "$@" --output_dir "$RUN" $TRAIN --seed "$SEED" \
-            --do_predict --training_mode "$MODE" $EXTRA
+            --do_predict --training_mode "$ROW_MODE" $EXTRA $RESUME
         stamp "$MODE seed $SEED trained and tested"
         RUNS="$RUNS $RUN" NAMES="$NAMES $MODE"
     done
