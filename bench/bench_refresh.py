@@ -2,9 +2,10 @@
 
 1. Training step time: `finetune_rag.main()` on the same tiny models, KB and data, with
    `--training_mode rag_end2end` alone, with `--indexing_freq K` too (once per `--splits` thread budget,
-   trainer threads:encoding-actor threads), and as `rag_original` (no context encoder, no refresh), so the cost
-   of re-encoding the KB and rebuilding its index in Ray actors while the trainer keeps stepping shows up as
-   step-time and wall-time ratios; the steps at which a new version was swapped in, against the median step.
+   trainer threads:encoding-actor threads, and each `--policies` refresh policy), and as `rag_original` (no
+   context encoder, no refresh), so the cost of re-encoding the KB and rebuilding its index in Ray actors while
+   the trainer keeps stepping shows up as step-time and wall-time ratios; the steps at which a new version was
+   swapped in, against the median step; the passages each policy re-encoded.
 2. Retrieval through the Ray actors (`RagRayDistributedRetriever.retrieve`, 8 queries a call): latency
    alone, and while new KB versions are staged and activated (the swap a refresh ends with), against the same
    search in this process (RetrievalActor.retrieve called directly: FAISS and the passages, no Ray).
@@ -13,6 +14,7 @@ Prints figures only (no asserts on timings). CPU by default:
 
     python bench/bench_refresh.py                     # ~1.5 minutes on 2 idle CPU cores
     python bench/bench_refresh.py --accelerator gpu --devices 1 --index_gpus 1
+    python bench/bench_refresh.py --splits 1:1 --policies full,rotating:4,rotating:4@same,hot:4
 
 Unknown flags go to finetune_rag.py for both runs. One training process only: with --devices > 1,
 Lightning's DDP launcher would re-run this script in every rank. Linux only (reads /proc).
@@ -29,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import re
 import tempfile
 import threading
 import time
@@ -54,11 +57,75 @@ from rag_end2end.kb import build as use_own_knowledge_dataset
 from rag_end2end.kb.actors import RetrievalActor, start_retrieval_actors
 from rag_end2end.kb.retriever import RagRayDistributedRetriever
 from rag_end2end.kb.versions import KBVersion, list_versions
+from rag_end2end.options import REFRESH_POLICIES
 from rag_end2end.training import finetune as finetune_rag
 from rag_end2end.training.callbacks import KBRefreshCallback
 
 DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
+POLICY_SYNTAX = "NAME[:K[/N]][@F|@same]"
+HOT_FULL_EVERY = 5  # hot's --full_refresh_every unless /N says otherwise: without one, rarely retrieved rows age
+
+
+@dataclass(frozen=True)
+class PolicySetting:
+    """One `--policies` entry, NAME[:K[/N]][@F|@same]: --refresh_policy NAME, --refresh_slices K (partial policies
+    only, required), --full_refresh_every N (default 0; hot's HOT_FULL_EVERY), --indexing_freq F (default the
+    bench's). `@same` refreshes as often as it takes to re-encode about as many passages as the full refresh at
+    the bench's --indexing_freq: that frequency times the share of the KB a refresh encodes on average, rounded."""
+
+    spec: str
+    policy: str = "full"
+    slices: int = 0
+    full_every: int = 0
+    every: str = ""  # "", "same" or a number of optimizer steps
+
+    @property
+    def share(self) -> float:
+        """The share of the KB a refresh re-encodes on average (1/K, with one full refresh in N)."""
+        if self.policy == "full":
+            return 1.0
+        if self.full_every:
+            return ((self.full_every - 1) / self.slices + 1) / self.full_every
+        return 1 / self.slices
+
+    def indexing_freq(self, base: int) -> int:
+        """This setting's --indexing_freq, given the bench's."""
+        if self.every == "same":
+            return max(1, int(base * self.share + 0.5))
+        return int(self.every) if self.every else base
+
+    def argv(self, base: int) -> tuple[str, ...]:
+        """finetune_rag.py's flags for this setting (`full` adds no policy flag: the runs the bench always made)."""
+        flags = ("--indexing_freq", str(self.indexing_freq(base)))
+        if self.policy == "full":
+            return flags
+        partial = ("--refresh_slices", str(self.slices), "--full_refresh_every", str(self.full_every))
+        return (*flags, "--refresh_policy", self.policy, *partial)
+
+
+def parse_policies(text: str) -> list[PolicySetting]:
+    """`--policies`: comma-separated POLICY_SYNTAX entries; ValueError naming the first bad one."""
+    settings = []
+    for spec in (s.strip() for s in text.split(",")):
+        match = re.fullmatch(r"([a-z]+)(?::(\d+)(?:/(\d+))?)?(?:@(same|\d+))?", spec)
+        if not match or match[1] not in REFRESH_POLICIES:
+            raise ValueError(f"--policies: {spec!r} is not {POLICY_SYNTAX}, NAME one of {', '.join(REFRESH_POLICIES)}")
+        name, slices, full_every, every = match.groups()
+        if name == "full" and (slices or every == "same"):
+            raise ValueError(f"--policies: {spec!r}: full re-encodes the whole KB; it takes no :K nor @same")
+        if name != "full" and not slices:
+            raise ValueError(f"--policies: {spec!r}: {name} needs :K, the slices (e.g. {name}:4)")
+        if slices and int(slices) < 2:
+            raise ValueError(f"--policies: {spec!r}: K (--refresh_slices) must be >= 2")
+        if every and every != "same" and int(every) < 1:
+            raise ValueError(f"--policies: {spec!r}: F (--indexing_freq) must be >= 1")
+        if full_every is None:
+            full_every = HOT_FULL_EVERY if name == "hot" else 0
+        settings.append(PolicySetting(spec, name, int(slices or 0), int(full_every), every or ""))
+    if len({s.spec for s in settings}) < len(settings):
+        raise ValueError(f"--policies: {text!r} names a setting twice")
+    return settings
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -81,10 +148,22 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         help='thread budgets of the refresh runs, "T:I,...": --trainer_threads T --index_cpus I '
         "(default: one refresh setting with finetune_rag.py's defaults)",
     )
+    p.add_argument(
+        "--policies",
+        default="full",
+        help=f'refresh policies, each run with every split, "{POLICY_SYNTAX},...": --refresh_policy NAME '
+        f"--refresh_slices K --full_refresh_every N (default 0; hot: {HOT_FULL_EVERY}) at --indexing_freq F (default "
+        "the bench's; same: as often as re-encodes about the full refresh's passages), e.g. "
+        "full,rotating:4,rotating:4@same,hot:4 (default: full)",
+    )
     p.add_argument("--json", default=None, help="also write the summary here (bench/run_all.py reads it)")
     args, passthrough = p.parse_known_args()
     if args.devices.isdigit() and int(args.devices) > 1:
         p.error("--devices: this bench times one training process; use 1")
+    try:
+        args.policies = parse_policies(args.policies)
+    except ValueError as e:
+        p.error(str(e))
     return args, passthrough
 
 
@@ -344,29 +423,40 @@ def print_header(args: argparse.Namespace) -> None:
     )
 
 
-def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) -> list[tuple[str, str]]:
-    """Print each run and the refreshes; return the summary rows (the runs of a setting pooled)."""
+def report_training(
+    args: argparse.Namespace, runs: dict[str, list[RunResult]], refreshing: dict[str, tuple[str, PolicySetting]]
+) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Print each run and the refreshes; return the summary rows (the runs of a setting pooled) and one dict of
+    figures for each setting of `refreshing` (name -> (its split, its policy))."""
     print(
         f"\n## 1. training steps (batch {args.train_batch_size}, {args.steps} steps a run, "
-        f"refresh every {args.indexing_freq} steps)"
+        f"refresh every {args.indexing_freq} steps unless the setting says otherwise)"
     )
     for run in [r for group in runs.values() for r in group]:
         ms = [m for _, m in run.steps]
-        refreshes = f", {len(run.refresh.history)} refreshes" if run.refresh else ""
+        refreshes = ""
+        if run.refresh:
+            encoded = sum(h["passages_encoded"] for h in run.refresh.history)
+            refreshes = f", {len(run.refresh.history)} refreshes, {encoded} passages encoded"
         print(
             f"{run.name:>22}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
             f"other processes {run.others_cores:.2f} cores{refreshes})"
         )
     base = [ms for run in runs["no-refresh"] for _, ms in run.steps]
     original_wall = pct([run.wall_s for run in runs["rag_original"]], 50)
-    k = args.indexing_freq
     rows = [
         ("step median / p95, end2end without refresh (ms)", f"{pct(base, 50):.1f} / {pct(base, 95):.1f}"),
         ("wall time, rag_original (s, median)", f"{original_wall:.1f}"),
     ]
-    for name, group in runs.items():
-        if not name.startswith("refresh"):
-            continue
+    encoded_a_run = {
+        name: float(np.mean([sum(h["passages_encoded"] for h in run.refresh.history) for run in runs[name]]))
+        for name in refreshing
+    }
+    full_of_split = {split: name for name, (split, policy) in refreshing.items() if policy.spec == "full"}
+    table = []
+    for name, (split, policy) in refreshing.items():
+        group = runs[name]
+        k = policy.indexing_freq(args.indexing_freq)
         steps = [ms for run in group for _, ms in run.steps]
         busy = [ms for run in group for step, ms in run.steps if step in run.in_flight_steps()]
         swaps = [ms for run in group for step, ms in run.steps if step in {h["swap_step"] for h in run.refresh.history}]
@@ -380,6 +470,26 @@ def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) 
             + ", ".join(f"{h['trigger_step']}->{h['swap_step']} {h['reindex_seconds']:.1f}s" for h in history)
         )
         longest_swap = max(swaps, default=float("nan"))
+        encoded = encoded_a_run[name]
+        full = encoded_a_run.get(full_of_split.get(split, ""), float("nan"))
+        figures = {
+            "setting": name,
+            "split": split,
+            "policy": policy.spec,
+            "indexing_freq": k,
+            "argv": list(policy.argv(args.indexing_freq)),
+            "refreshes_a_run": len(history) / len(group),
+            "skipped_a_run": skipped / len(group),
+            "failures": failures,
+            "passages_encoded_a_run": encoded,
+            "encoded_vs_full": encoded / full,
+            "step_median_ms": pct(steps, 50),
+            "step_p95_ms": pct(steps, 95),
+            "ratio_median": pct(steps, 50) / pct(base, 50),
+            "ratio_p95": pct(steps, 95) / pct(base, 95),
+            "wall_vs_original": wall / original_wall,
+        }
+        table.append(figures)
         rows += [
             (f"{name}: step median / p95, refresh every {k} (ms)", f"{pct(steps, 50):.1f} / {pct(steps, 95):.1f}"),
             (
@@ -393,7 +503,26 @@ def report_training(args: argparse.Namespace, runs: dict[str, list[RunResult]]) 
             (f"{name}: refreshes / skipped triggers / failures", f"{len(history)} / {skipped} / {failures}"),
             (f"{name}: reindex_seconds, median", f"{pct([h['reindex_seconds'] for h in history], 50):.2f}"),
         ]
-    return rows
+        if policy.spec != "full":  # the rows of the default run stay as they were
+            rows.append((f"{name}: passages encoded a run (÷ full's)", f"{encoded:.0f} ({encoded / full:.2f})"))
+    return rows, table
+
+
+def policy_table(table: list[dict]) -> str:
+    """The refresh settings side by side, as Markdown."""
+    lines = [
+        "| setting | refresh every | refreshes / skipped a run | passages encoded a run (÷ full's) "
+        "| step median / p95 (ms) | ÷ no refresh, median / p95 | wall ÷ rag_original |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in table:
+        lines.append(
+            f"| {f['setting']} | {f['indexing_freq']} | {f['refreshes_a_run']:.1f} / {f['skipped_a_run']:.1f} "
+            f"| {f['passages_encoded_a_run']:.0f} ({f['encoded_vs_full']:.2f}) "
+            f"| {f['step_median_ms']:.1f} / {f['step_p95_ms']:.1f} | {f['ratio_median']:.2f} / {f['ratio_p95']:.2f} "
+            f"| {f['wall_vs_original']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def report_retrieval(r: dict, others: float) -> list[tuple[str, str]]:
@@ -464,18 +593,24 @@ def main() -> None:
         ]
 
     # Alternating the settings spreads any other load on the machine over all of them.
-    freq = ("--indexing_freq", str(args.indexing_freq))
     settings = {"no-refresh": (), "rag_original": ("--training_mode", "rag_original")}
-    for split in filter(None, args.splits.split(",")):
-        trainer_threads, index_cpus = split.split(":")
-        settings[f"refresh-{split}"] = (*freq, "--trainer_threads", trainer_threads, "--index_cpus", index_cpus)
-    if len(settings) == 2:
-        settings["refresh"] = freq
+    refreshing: dict[str, tuple[str, PolicySetting]] = {}  # the refresh settings: name -> (split, policy)
+    for split in [s for s in args.splits.split(",") if s] or [""]:
+        threads = ()
+        if split:
+            trainer_threads, index_cpus = split.split(":")
+            threads = ("--trainer_threads", trainer_threads, "--index_cpus", index_cpus)
+        for policy in args.policies:
+            name = f"refresh-{split}" if split else "refresh"
+            name += "" if policy.spec == "full" else f" {policy.spec}"
+            settings[name] = (*policy.argv(args.indexing_freq), *threads)
+            refreshing[name] = (split, policy)
     runs: dict[str, list[RunResult]] = {name: [] for name in settings}
     for rep in range(args.repeats):
         for name, extra in settings.items():
-            runs[name].append(train_run(f"{name}-{rep}", argv(f"{name.replace(':', '-')}-{rep}", *extra), args.warmup))
-    rows = report_training(args, runs)
+            out = re.sub(r"[^\w.-]", "-", f"{name}-{rep}")
+            runs[name].append(train_run(f"{name}-{rep}", argv(out, *extra), args.warmup))
+    rows, table = report_training(args, runs, refreshing)
     refr = runs[list(settings)[-1]]
 
     refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
@@ -494,8 +629,10 @@ def main() -> None:
     )
     print("| metric | value |\n|---|---|")
     print("\n".join(f"| {name} | {value} |" for name, value in rows))
+    print(f"\n## refresh settings side by side\n\n{policy_table(table)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"bench": "refresh", "passages": n_passages, "rows": rows}, indent=1))
+        result = {"bench": "refresh", "passages": n_passages, "rows": rows, "settings": table}
+        Path(args.json).write_text(json.dumps(result, indent=1))
     busiest = max(run.others_cores for run in every_run)
     if busiest > 0.2:
         print(
