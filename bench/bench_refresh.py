@@ -559,6 +559,7 @@ def main() -> None:
     start = time.perf_counter()
     models, passages, index = build_inputs(work, args.kb_copies, args.index_type)
     n_passages = len(datasets.load_from_disk(str(passages)))
+    outputs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))  # fresh each time: a reused --workdir holds earlier runs
     print(
         f"inputs: {n_passages} passages ({args.kb_copies} copies, {args.index_type}) in {work} "
         f"({time.perf_counter() - start:.1f}s)"
@@ -566,7 +567,7 @@ def main() -> None:
 
     def argv(name: str, *extra: str) -> list[str]:
         return [
-            *tiny_models.tiny_run_argv(models, (passages, index), DUMMY_DATA, work / f"out-{name}"),
+            *tiny_models.tiny_run_argv(models, (passages, index), DUMMY_DATA, outputs / name),
             "--accelerator",
             args.accelerator,
             "--devices",
