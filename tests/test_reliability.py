@@ -577,6 +577,28 @@ def test_an_unreachable_ray_address_fails_fast(finetune_argv):
     assert address in done.stderr and "ray start --head" in done.stderr
 
 
+def test_a_run_without_ray_address_starts_its_own_ray_whatever_ray_start_recorded(tmp_path):
+    """`ray start` records its cluster's address in Ray's temp dir (ray_current_cluster), and a bare ray.init() joins
+    that cluster, or, when it is gone, hangs for minutes. A run without --ray_address starts its own loopback Ray."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 characters
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # a cluster that is gone
+    env = {k: v for k, v in os.environ.items() if k not in ("RAG_E2E_RAY_ADDRESS", "RAY_ADDRESS")}
+    start = "import ray; from rag_end2end.kb.ray_start import init_ray; init_ray(None, 't')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{start}; print(ray.get_runtime_context().gcs_address)"],
+            env=env | {"RAY_TMPDIR": str(ray_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("127.0.0.1:"), done.stdout  # its own Ray, on loopback
+
+
 def test_a_ray_address_that_is_not_ray_fails_fast(finetune_argv):
     """A service that is not Ray's GCS (here an HTTP server) passes a plain reachability check; the run must still
     stop at once, naming the address, instead of looping in ray.init."""

@@ -98,8 +98,10 @@ def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
         f.write(token)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAG_E2E_RAY_ADDRESS")}
     env |= {"RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    ray_env = env | {"RAY_AUTH_MODE": "token"}
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 characters
+    # RAY_TMPDIR: the second node records the cluster's address in Ray's temp dir; in /tmp/ray a bare ray.init() on
+    # this machine would try to join it long after the test.
+    ray_env = env | {"RAY_AUTH_MODE": "token", "RAY_TMPDIR": ray_tmp}
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--node-ip-address", "127.0.0.1"]
     head_log, second_log = tmp_path / "head.log", tmp_path / "second.log"
     nodes = [

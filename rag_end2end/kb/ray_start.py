@@ -136,7 +136,11 @@ def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[
     os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
     private_ray_token()
     with _visible_to_ray(gpus) as resources:
-        ray.init(namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", **resources)
+        # address="local": a Ray of this run's own. Without an address Ray joins the cluster a `ray start` on this
+        # machine recorded in its temp dir (ray_current_cluster), alive or long dead (then ray.init hangs for minutes).
+        ray.init(
+            address="local", namespace=namespace, include_dashboard=False, _node_ip_address="127.0.0.1", **resources
+        )
     os.environ[RAY_ADDRESS_ENV] = ray.get_runtime_context().gcs_address
 
 
