@@ -9,6 +9,9 @@
 #   ict         retriever_only on the same statements (the Inverse Cloze Task); 120 steps
 #   qa_recon    rag_end2end on the 480 human questions mixed with statements, half the batches each: 240
 #               steps, so the questions are seen as often as in the rag_end2end row
+#   gen_recon   rag_end2end on questions generate_qa.py writes for GEN_PASSAGES (default 640) seeded KB passages
+#               (SmolLM2-135M-Instruct, its answer-first defaults, pairs filtered as it does by default), mixed with
+#               the statements, half the batches each, one epoch: no human question
 # They validate and test on the human val/test questions, like every row.
 # Partial-refresh rows (issue 33): rag_end2end as its row, re-encoding part of the KB at each refresh
 # (docs/refresh.md); "same" and "half" count passages encoded against a full refresh every INDEXING_FREQ steps:
@@ -52,6 +55,18 @@ REFRESH="--indexing_freq $INDEXING_FREQ --refresh_before_validation"
     --output_dir "$OUT/recon" --seed 42
 RECON="--reconstruction_dir $OUT/recon"
 STEPS=$((N_TRAIN / BATCH))  # the rag_end2end row's optimizer steps (1 epoch of the human questions)
+case " $ROWS " in *" gen_recon "*)  # generated training questions, the human val and test splits
+    GEN="$OUT/generated"
+    [ -e "$GEN/stats.json" ] || python data_prep/generate_qa.py --passages_path "$OUT/kb/my_knowledge_dataset" \
+        --generator_name_or_path $PRE/smollm2-135m-instruct --output_dir "$GEN" --max_passages "${GEN_PASSAGES:-640}" \
+        --val_fraction 0 --test_fraction 0 --seed 42
+    mkdir -p "$OUT/data-generated"
+    for f in train.source train.target train.gold.jsonl; do cp "$GEN/$f" "$OUT/data-generated/$f"; done
+    for f in val.source val.target val.gold.jsonl test.source test.target test.gold.jsonl; do
+        cp "$OUT/data/$f" "$OUT/data-generated/$f"
+    done
+    stamp "questions generated: $(wc -l < "$OUT/data-generated/train.source") kept" ;;
+esac
 
 for ROW in $ROWS; do
     if [ "$ROW" = zero_shot ]; then  # nothing in it depends on the seed: once
@@ -80,6 +95,8 @@ for ROW in $ROWS; do
                 EXTRA="$REFRESH --hard_negatives $HARD_NEGATIVES $RECON --reconstruction_ratio 1 --max_steps $STEPS --val_check_interval $STEPS" ;;
             qa_recon) ROW_MODE=rag_end2end
                 EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5" ;;
+            gen_recon) ROW_MODE=rag_end2end  # the last --data_dir wins
+                EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5 --data_dir $OUT/data-generated" ;;
             e2e_rotating|e2e_rotating_half) ROW_MODE=rag_end2end  # the last --indexing_freq wins
                 FREQ=$((INDEXING_FREQ / 4)); [ "$ROW" = e2e_rotating_half ] && FREQ=$((INDEXING_FREQ / 2))
                 EXTRA="$REFRESH $E2E_FLAGS --refresh_policy rotating --refresh_slices 4 --indexing_freq $FREQ" ;;
