@@ -163,6 +163,51 @@ def test_answers_decoded_among_the_candidates_only(tiny_models, one_thread):
         assert all(a.strip() in phrases for a, phrases in zip(answers[:2], spelt))
 
 
+def newline_model():
+    """A random tiny Llama over a handful of byte-level tokens, newline among them: unlike the WordPiece tiny
+    generator, it writes line breaks, leading ones too."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tokens = ["<pad>", "</s>", *"abcdefghij?", "\u0120", "\u010a", "\u010a\u010a"]  # byte-level: Ġ space, Ċ \n
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab, merges=[("\u010a", "\u010a")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_questions_stop_after_their_first_line_and_keep_it(one_thread):
+    # generation stopped row by row after the first complete line (what question prompts keep) keeps that line as the
+    # full generation writes it, greedy and sampled: the same tokens up to the stop, whatever the other rows do
+    model, tokenizer = newline_model()
+    prompts = ["a b", "b\nc?", "ab ba?", "d", "\n\nj", "? e\n", "fgh", "b i b"]  # lengths differ: left padding
+    stopped = leading = 0
+    for sample, seed in ((False, 0), (True, 1), (True, 2), (True, 3), (True, 4)):
+        full = gq.generate_texts(model, tokenizer, prompts, sample, seed, 24)
+        short = gq.generate_texts(model, tokenizer, prompts, sample, seed, 24, first_line=True)
+        assert [gq._first_line(t) for t in short] == [gq._first_line(t) for t in full]
+        assert all(f.startswith(s) for s, f in zip(short, full))
+        for s, f in zip(short, full):
+            stopped += len(s) < len(f)
+            leading += s.startswith("\n") and "\n" in s.lstrip()  # a blank line first, then a whole line
+    assert stopped >= 10 and leading >= 2  # rows did stop early, some after a blank first line
+
+
 def test_duplicate_questions_are_normalised_and_non_extractive_answers_allowed():
     seen = set()
     assert gq.filter_reason("When was the Eiffel Tower completed?", "1889", PASSAGE, seen) is None
@@ -538,6 +583,7 @@ def test_parse_args_rejects_bad_flags():
         ["--val_fraction", "0.6", "--test_fraction", "0.4"],
         ["--passages_path", "kb"],
         ["--top_p", "0"],
+        ["--threads", "0"],
     ):
         with pytest.raises(SystemExit):
             gq.parse_args([*base, *bad])

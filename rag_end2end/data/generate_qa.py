@@ -5,7 +5,7 @@ writes.
     python generate_qa.py --csv_path my_kb.csv --generator_name_or_path pretrained/smollm2-135m-instruct \
         --output_dir data/my_kb_qa [--max_passages 2000 --per_passage 2 --seed 42 --batch_size 16 \
         --max_new_tokens 64 --val_fraction 0.1 --test_fraction 0.1 --no_extractive --overwrite \
-        --roundtrip_k 20 --question_encoder_name_or_path pretrained/minilm --question_first]
+        --roundtrip_k 20 --question_encoder_name_or_path pretrained/minilm --question_first --threads 1]
 
 The knowledge base is a `title<TAB>text` CSV, split into 100-word passages exactly as use_own_knowledge_dataset.py
 splits it (passage ids are the rows of that KB), or --passages_path, a KB directory that script built (title, text).
@@ -28,8 +28,9 @@ between function words and punctuation); then QUESTION_FOR_ANSWER_INSTRUCTION wi
 that answer well in their own words): QUESTION_INSTRUCTION ending with CUE, then ANSWER_INSTRUCTION with that question
 ending with ANSWER_CUE, greedy. The stored text is `Question: <question>\nAnswer:<answer>`, which parse_pair reads.
 Sample 0 of a passage is greedy (its answer pick, question first its question); samples 1.. (--per_passage) are
-drawn with --temperature and --top_p, seeded per batch from --seed. Passages are a seeded sample of --max_passages
-rows (default: all).
+drawn with --temperature and --top_p, seeded per batch from --seed. A question's decoding stops after its first line
+(FirstLineDone). Passages are a seeded sample of --max_passages rows (default: all). On CPU beside other work (a
+training run), --threads 1: threads that outnumber the free cores made generation about 6 times slower.
 
 Resuming: generations.jsonl is flushed after each batch; rerunning the same command skips the (passage, sample)
 pairs already there, so a crash or Ctrl-C loses at most one batch. The split files are written, from
@@ -65,7 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria
 
 from rag_end2end.data.readers import check_model_path, read_kb_csv, run_main
 from rag_end2end.data.squad import OUTPUT_FILES, SPLITS, check_output_dir, split_titles
@@ -300,6 +301,21 @@ class CandidatePhrases(LogitsProcessor):
         return scores + mask
 
 
+class FirstLineDone(StoppingCriteria):
+    """Stops each row once its reply holds a complete first line (text, then a newline): question prompts keep only
+    that line (_first_line), and a small model goes on after it, with an answer or more questions, up to
+    max_new_tokens. What is kept is the same; the batch ends when its longest question does."""
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        # decoded as generate_texts decodes it: a newline after the first non-blank character ends that line, and
+        # no later token can change the text before a newline
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width :], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
+
+
 def load_generator_tokenizer(name_or_path: str):
     """The generator's tokenizer; remote code is never run."""
     from transformers import AutoTokenizer
@@ -333,10 +349,13 @@ def generate_texts(
     temperature: float = 0.8,
     top_p: float = 0.95,
     candidates: list[list[list[int]]] | None = None,
+    first_line: bool = False,
 ) -> list[str]:
     """The model's continuations of `prompts`, batched with left padding: greedy, or sampled under `seed`; with
-    `candidates`, each continuation is one of its prompt's candidate token sequences (CandidatePhrases)."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    `candidates`, each continuation is one of its prompt's candidate token sequences (CandidatePhrases); with
+    `first_line`, each row stops after its first complete line (FirstLineDone): only that line is certain to be
+    whole, the rest is cut short."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     ids = encode_prompts(prompts, tokenizer)
     pad, width = pad_id(tokenizer), max(map(len, ids))
@@ -364,6 +383,7 @@ def generate_texts(
         attention_mask=mask.to(device),
         generation_config=config,
         logits_processor=processors,
+        stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, width)] if first_line else []),
     )
     return tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
 
@@ -740,6 +760,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="generator weights (auto: bfloat16 on a GPU with native bf16, else float32)",
     )
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core); 1 beside a training run on a small machine: "
+        "threads that outnumber the free cores wait for each other at every step (6x slower on 2 shared cores)",
+    )
+    p.add_argument(
         "--max_batches",
         type=int,
         default=None,
@@ -757,7 +784,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fractions = (args.val_fraction, args.test_fraction)
     if not (all(0 <= f < 1 for f in fractions) and sum(fractions) < 1):
         p.error("--val_fraction and --test_fraction must be in [0, 1) and sum to less than 1")
-    for flag in ("max_passages", "per_passage", "batch_size", "max_new_tokens", "roundtrip_k", "max_batches"):
+    counts = ("max_passages", "per_passage", "batch_size", "max_new_tokens", "roundtrip_k", "max_batches", "threads")
+    for flag in counts:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
@@ -785,7 +813,9 @@ def question_first(
     """--question_first: a question for each (title, text) (sampled when `sample`), then its answer in the model's
     words (greedy); each pair as parse_pair reads it."""
     prompts = [build_prompt(tokenizer, title, text) for title, text in passages]
-    texts = generate_texts(model, tokenizer, prompts, sample, seed, args.max_new_tokens, args.temperature, args.top_p)
+    texts = generate_texts(
+        model, tokenizer, prompts, sample, seed, args.max_new_tokens, args.temperature, args.top_p, first_line=True
+    )
     questions = [_first_line(t).strip() for t in texts]
     prompts = [build_prompt(tokenizer, title, text, q) for (title, text), q in zip(passages, questions)]
     answers = generate_texts(model, tokenizer, prompts, False, 0, min(args.max_new_tokens, ANSWER_NEW_TOKENS))
@@ -816,9 +846,8 @@ def answer_first(
     ]
     answers = [spelling.get(a.strip(), _strip_edges(a)) for spelling, a in zip(spelt, answers)]
     prompts = [question_for_answer_prompt(tokenizer, title, text, a) for (title, text), a in zip(passages, answers)]
-    questions = [
-        _first_line(t).strip() for t in generate_texts(model, tokenizer, prompts, False, 0, args.max_new_tokens)
-    ]
+    texts = generate_texts(model, tokenizer, prompts, False, 0, args.max_new_tokens, first_line=True)
+    questions = [_first_line(t).strip() for t in texts]
     return [f"{CUE} {q}\n{ANSWER_CUE} {a}" for q, a in zip(questions, answers)]
 
 
@@ -879,6 +908,8 @@ def main(args: argparse.Namespace) -> dict | None:
     replace = args.overwrite or refilters(out, args)
     check_output_dir(out, replace)
     kb = load_kb(args.csv_path, args.passages_path)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     kb_csv = verify_kb_csv(out, kb)
     rows = select_passages(len(kb.titles), args.max_passages, args.seed)
