@@ -11,7 +11,8 @@
 #               steps, so the questions are seen as often as in the rag_end2end row
 #   gen_recon   rag_end2end on questions generate_qa.py writes for GEN_PASSAGES (default 640) seeded KB passages
 #               (SmolLM2-135M-Instruct, its answer-first defaults, pairs filtered as it does by default), mixed with
-#               the statements, half the batches each, one epoch: no human question
+#               the statements, half the batches each, one epoch: no human question (every kept question trains;
+#               delete OUT/generated to generate anew for another GEN_PASSAGES)
 # They validate and test on the human val/test questions, like every row.
 # Partial-refresh rows (issue 33): rag_end2end as its row, re-encoding part of the KB at each refresh
 # (docs/refresh.md); "same" and "half" count passages encoded against a full refresh every INDEXING_FREQ steps:
@@ -96,7 +97,7 @@ for ROW in $ROWS; do
             qa_recon) ROW_MODE=rag_end2end
                 EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5" ;;
             gen_recon) ROW_MODE=rag_end2end  # the last --data_dir wins
-                EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5 --data_dir $OUT/data-generated" ;;
+                EXTRA="$REFRESH $E2E_FLAGS $RECON --reconstruction_ratio 0.5 --data_dir $OUT/data-generated --n_train -1" ;;
             e2e_rotating|e2e_rotating_half) ROW_MODE=rag_end2end  # the last --indexing_freq wins
                 FREQ=$((INDEXING_FREQ / 4)); [ "$ROW" = e2e_rotating_half ] && FREQ=$((INDEXING_FREQ / 2))
                 EXTRA="$REFRESH $E2E_FLAGS --refresh_policy rotating --refresh_slices 4 --indexing_freq $FREQ" ;;

@@ -579,7 +579,8 @@ def test_an_unreachable_ray_address_fails_fast(finetune_argv):
 
 def test_a_run_without_ray_address_starts_its_own_ray_whatever_ray_start_recorded(tmp_path):
     """`ray start` records its cluster's address in Ray's temp dir (ray_current_cluster), and a bare ray.init() joins
-    that cluster, or, when it is gone, hangs for minutes. A run without --ray_address starts its own loopback Ray."""
+    that cluster, or, when it is gone, hangs for minutes. A run without --ray_address starts its own loopback Ray, and
+    says so when Ray's own RAY_ADDRESS names another."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's socket paths must stay under 108 characters
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # a cluster that is gone
@@ -588,7 +589,7 @@ def test_a_run_without_ray_address_starts_its_own_ray_whatever_ray_start_recorde
     try:
         done = subprocess.run(
             [sys.executable, "-c", f"{start}; print(ray.get_runtime_context().gcs_address)"],
-            env=env | {"RAY_TMPDIR": str(ray_tmp)},
+            env=env | {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "127.0.0.1:1"},  # named, not followed
             capture_output=True,
             text=True,
             timeout=180,
@@ -596,7 +597,8 @@ def test_a_run_without_ray_address_starts_its_own_ray_whatever_ray_start_recorde
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().startswith("127.0.0.1:"), done.stdout  # its own Ray, on loopback
+    assert done.stdout.strip().splitlines()[-1].startswith("127.0.0.1:"), done.stdout  # its own Ray, on loopback
+    assert "RAY_ADDRESS=127.0.0.1:1 is set but not used" in done.stdout and "--ray_address" in done.stdout
 
 
 def test_a_ray_address_that_is_not_ray_fails_fast(finetune_argv):

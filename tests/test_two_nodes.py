@@ -247,7 +247,8 @@ def test_a_node_that_held_only_actors_is_lost_and_training_goes_on_with_them_res
             assert trainer.returncode == 0, text[-3000:]
             assert (out / f"checkpoint{MAX_STEPS}").is_dir(), text[-3000:]  # it trained to the end
             after = re.findall(r"KB refresh: v(\d+) live at step (\d+)", text)[live_before:]
-            assert after, text[-3000:]  # refreshes went live after the loss, on the actors Ray started again
+            # Refreshes went live after the loss: more than the one that may have been encoded before it.
+            assert len(after) >= 2, text[-3000:]
             print(
                 f"after the kill: {len(after)} refreshes live (first v{after[0][0]} at step {after[0][1]}), "
                 f"training ended {time.monotonic() - killed:.0f} s after it"

@@ -101,7 +101,7 @@ class RetrievalActor:
 def _serving_options(namespace: str, gpus: float) -> dict:
     """Ray options of an actor that serves searches: found again by name (get_if_exists), restarted for ever when it
     dies (on another node if its own is gone), two threads (a search can run while a new version is staged),
-    num_cpus=0 because it mostly waits. Where each goes: `spread_over_nodes`."""
+    num_cpus=0 because it mostly waits (on a cluster a small share, so that `spread_over_nodes` can place it)."""
     options = {"get_if_exists": True, "max_concurrency": 2, "num_cpus": 0, "namespace": namespace, "max_restarts": -1}
     return options | ({"num_gpus": gpus} if gpus else {})
 

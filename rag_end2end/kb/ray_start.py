@@ -134,6 +134,11 @@ def init_ray(address: str | None = None, namespace: str = "rag", gpus: Sequence[
     # encoding actors then get almost no CPU and a refresh never finishes. Equal priority, unless the
     # user's environment says otherwise.
     os.environ.setdefault(ray_constants.RAY_WORKER_NICENESS, "0")
+    if os.environ.get("RAY_ADDRESS", "local") != "local":  # Ray's own variable (`ray job submit` sets it): named
+        print(
+            f"RAY_ADDRESS={os.environ['RAY_ADDRESS']} is set but not used: this run starts its own Ray on loopback; "
+            "pass --ray_address to join that cluster"
+        )
     private_ray_token()
     with _visible_to_ray(gpus) as resources:
         # address="local": a Ray of this run's own. Without an address Ray joins the cluster a `ray start` on this

@@ -80,9 +80,11 @@ def check_placeable(what: str, options: dict) -> None:
 
 
 def _free() -> str:
-    """The Ray cluster's free resources (GPU and custom ones), for messages."""
+    """The Ray cluster's free resources (GPU and custom ones; CPU too on a cluster, where each actor asks a share of
+    one: spread_over_nodes), for messages."""
     free, total = ray.available_resources(), ray.cluster_resources()
     names = [n for n in total if n not in ("CPU", "memory", "object_store_memory") and not n.startswith("node:")]
+    names += ["CPU"] if alive_nodes() > 1 else []
     return ", ".join(f"{n} {free.get(n, 0):g} of {total[n]:g}" for n in sorted(names)) or "no GPU in the cluster"
 
 
@@ -165,14 +167,14 @@ class Refresher:
         self.shards = shard_bounds(self.n_rows, index_workers)  # each encoding actor's rows [start, end)
 
         options = encoder_options(index_gpus, index_workers)
-        check_placeable("--index_gpus: the encoding actors", options)
+        *nodes, builder_node = spread_over_nodes(len(self.shards) + 1)  # on a cluster, dealt over its nodes
+        check_placeable("--index_gpus: the encoding actors", options | nodes[0])  # what they ask, placement included
         # Each actor is told where to encode: on the GPU Ray gives it (Ray makes it the actor's only visible one, so
         # `cuda` is that GPU), or on CPU when it asked for none, whatever CUDA_VISIBLE_DEVICES it inherited (Ray
         # 2.60 leaves a SLURM-exported one in place for such actors, ray-project/ray#62492).
         device = "cuda" if options.get("num_gpus") else "cpu"
         remote_cls = ray.remote(ShardEncoder)
         make = encoder_factory(context_encoder)
-        *nodes, builder_node = spread_over_nodes(len(self.shards) + 1)  # on a cluster, dealt over its nodes
         self.encoders = [
             remote_cls.options(**(options | node)).remote(
                 passages_path, start, end, context_tokenizer, make, context_encoder.config, index_cpus, device

@@ -45,7 +45,7 @@ from rag_end2end.evaluation.metrics import (
 from rag_end2end.files import atomic_write, remove_orphaned_temporaries
 from rag_end2end.kb.actors import start_retrieval_actors, start_shard_actors
 from rag_end2end.kb.index import IndexConfig
-from rag_end2end.kb.ray_start import init_ray, visible_gpu_ids
+from rag_end2end.kb.ray_start import init_ray, spread_over_nodes, visible_gpu_ids
 from rag_end2end.kb.refresh import check_placeable, encoder_options, rank_zero_wait_s, wait_for
 from rag_end2end.kb.refresh_policy import RefreshPolicy
 from rag_end2end.kb.retriever import RagRayDistributedRetriever, ShardedRetriever
@@ -478,7 +478,8 @@ def build_module(args: argparse.Namespace) -> GenerativeQAModule:
     GPUs the plan sets aside for the encoding actors (rag_options.gpu_plan), and no other: training's stay its own."""
     init_ray(args.ray_address, args.ray_namespace, gpu_plan(args).ray_gpus(visible_gpu_ids()))
     if args.index_gpus:  # a joined cluster may lack them: refused now rather than pending for ever at the first refresh
-        check_placeable("--index_gpus: the encoding actors", encoder_options(args.index_gpus, args.index_workers))
+        encoders = encoder_options(args.index_gpus, args.index_workers) | spread_over_nodes(1)[0]
+        check_placeable("--index_gpus: the encoding actors", encoders)
     # This run's own actors: two runs on one cluster never share them (nor see each other's KB versions).
     namespace = f"{args.ray_namespace}-{args.run_id}"
     if args.index_shards > 1:
