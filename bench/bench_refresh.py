@@ -65,6 +65,14 @@ DUMMY_CSV = REPO / "test_run" / "dummy-kb" / "my_knowledge_dataset.csv"
 DUMMY_DATA = REPO / "test_run" / "dummy-train-data"
 POLICY_SYNTAX = "NAME[:K[/N]][@F|@same]"
 HOT_FULL_EVERY = 5  # hot's --full_refresh_every unless /N says otherwise: without one, rarely retrieved rows age
+# finetune_rag.py flags each setting sets itself: passed through, they would come last and make every setting the same
+SETTING_FLAGS = {
+    "--refresh_policy": "--policies",
+    "--refresh_slices": "--policies",
+    "--full_refresh_every": "--policies",
+    "--trainer_threads": "--splits",  # only with --splits: without it, passing them sets every run's budget
+    "--index_cpus": "--splits",
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,14 @@ class PolicySetting:
             return flags
         partial = ("--refresh_slices", str(self.slices), "--full_refresh_every", str(self.full_every))
         return (*flags, "--refresh_policy", self.policy, *partial)
+
+    @property
+    def dir_suffix(self) -> str:
+        """This setting's part of its run directories' names: the spec with ':' '/' '@' spelled -k -n -at, so that
+        no two specs share one (`rotating:4/5` and `rotating:4@5` would both sanitise to rotating-4-5)."""
+        if self.spec == "full":
+            return ""  # the run directories the bench always made
+        return "-" + self.spec.replace(":", "-k").replace("/", "-n").replace("@", "-at")
 
 
 def parse_policies(text: str) -> list[PolicySetting]:
@@ -164,7 +180,44 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
         args.policies = parse_policies(args.policies)
     except ValueError as e:
         p.error(str(e))
+    for token in passthrough:
+        name = token.split("=")[0]
+        # finetune_rag.py's parser takes unambiguous abbreviations: --refresh_pol is --refresh_policy there
+        for flag, use in SETTING_FLAGS.items():
+            if name.startswith("--") and len(name) > 2 and flag.startswith(name) and (use != "--splits" or args.splits):
+                p.error(f"{token}: {use} sets {flag} for each setting; passed through it would override them all")
     return args, passthrough
+
+
+def plan_settings(
+    args: argparse.Namespace,
+) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, tuple[str, PolicySetting]]]:
+    """The bench's settings in the order they alternate: name -> the flags it adds to every run's, name -> the
+    stem of its run directories (unique: a run refuses a directory holding an earlier run), and the refresh
+    settings alone: name -> (its split, its policy)."""
+    settings = {"no-refresh": (), "rag_original": ("--training_mode", "rag_original")}
+    dirs = {name: name for name in settings}
+    refreshing: dict[str, tuple[str, PolicySetting]] = {}
+    for split in [s for s in args.splits.split(",") if s] or [""]:
+        threads = ()
+        if split:
+            trainer_threads, index_cpus = split.split(":")
+            threads = ("--trainer_threads", trainer_threads, "--index_cpus", index_cpus)
+        for policy in args.policies:
+            name = f"refresh-{split}" if split else "refresh"
+            name += "" if policy.spec == "full" else f" {policy.spec}"
+            settings[name] = (*policy.argv(args.indexing_freq), *threads)
+            dirs[name] = re.sub(r"[^\w.-]", "-", f"refresh-{split}" if split else "refresh") + policy.dir_suffix
+            refreshing[name] = (split, policy)
+    return settings, dirs, refreshing
+
+
+def swap_setting(refreshing: dict[str, tuple[str, PolicySetting]]) -> str:
+    """The setting whose newest KB version section 2 swaps with v0: the last split's first full refresh, a whole
+    re-encoded KB like the one it starts from; without one, that split's first setting (the report names it)."""
+    last_split = list(refreshing.values())[-1][0]
+    candidates = [name for name, (split, _) in refreshing.items() if split == last_split]
+    return next((name for name in candidates if refreshing[name][1].policy == "full"), candidates[0])
 
 
 # ---------------------------------------------------------------------- inputs
@@ -533,9 +586,10 @@ def policy_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_retrieval(r: dict, others: float) -> list[tuple[str, str]]:
-    """Print the retrieval figures; return the summary rows."""
+def report_retrieval(r: dict, others: float, swapped: str) -> list[tuple[str, str]]:
+    """Print the retrieval figures (`swapped`: which KB versions the swaps alternate); return the summary rows."""
     print(f"\n## 2. retrieval, 8 queries x {r['n_docs']} docs, one actor (other processes {others:.2f} cores)")
+    print(f"swaps between {swapped}")
     print(f"alone:        {r['idle_calls']} calls, median {r['idle_median']:.2f} ms, p95 {r['idle_p95']:.2f} ms")
     print(
         f"in process:   median {r['local_median']:.2f} ms (RetrievalActor.retrieve called directly; Ray / in process "
@@ -602,32 +656,23 @@ def main() -> None:
         ]
 
     # Alternating the settings spreads any other load on the machine over all of them.
-    settings = {"no-refresh": (), "rag_original": ("--training_mode", "rag_original")}
-    refreshing: dict[str, tuple[str, PolicySetting]] = {}  # the refresh settings: name -> (split, policy)
-    for split in [s for s in args.splits.split(",") if s] or [""]:
-        threads = ()
-        if split:
-            trainer_threads, index_cpus = split.split(":")
-            threads = ("--trainer_threads", trainer_threads, "--index_cpus", index_cpus)
-        for policy in args.policies:
-            name = f"refresh-{split}" if split else "refresh"
-            name += "" if policy.spec == "full" else f" {policy.spec}"
-            settings[name] = (*policy.argv(args.indexing_freq), *threads)
-            refreshing[name] = (split, policy)
+    settings, dirs, refreshing = plan_settings(args)
     runs: dict[str, list[RunResult]] = {name: [] for name in settings}
     for rep in range(args.repeats):
         for name, extra in settings.items():
-            out = re.sub(r"[^\w.-]", "-", f"{name}-{rep}")
-            runs[name].append(train_run(f"{name}-{rep}", argv(out, *extra), args.warmup))
+            runs[name].append(train_run(f"{name}-{rep}", argv(f"{dirs[name]}-{rep}", *extra), args.warmup))
     rows, table = report_training(args, runs, refreshing)
-    refr = runs[list(settings)[-1]]
+    swapped = swap_setting(refreshing)
+    refr = runs[swapped]
 
     refreshed = list_versions(Path(refr[-1].module.hparams.output_dir) / "kb")[-1:]  # swap v0 <-> newest
     r = bench_retrieval(
         refr[-1].module, [KBVersion(0, str(passages), str(index)), *refreshed], 8, args.retrieval_seconds, args.swaps
     )
     r_others = r["others_cores"]
-    rows += report_retrieval(r, r_others)
+    source = f"{swapped}-{args.repeats - 1}"
+    versions = f"v0 and {source}'s newest KB version, v{refreshed[0].version}" if refreshed else f"v0 ({source}: none)"
+    rows += report_retrieval(r, r_others, versions)
     every_run = [run for group in runs.values() for run in group]
     others = " / ".join(f"{run.others_cores:.2f}" for run in every_run)
     rows.append(("other processes' CPU: each training run / retrieval (cores)", f"{others} / {r_others:.2f}"))
