@@ -28,6 +28,7 @@ def _logged(out: Path, name: str) -> list[float]:
     return [float(r[name]) for r in rows if r.get(name)]
 
 
+@pytest.mark.slow  # ~45 s: CI stays under 15 minutes; DDP gathers stay tested (test_training_modes)
 def test_ddp_two_cpu_processes_train_and_refresh(ray_local, finetune_argv, tmp_path):
     # The child processes join the Ray that the test session started (its address is in the environment).
     argv = finetune_argv(
