@@ -349,6 +349,11 @@ class RunResult:
     others_cores: float = float("nan")  # CPU that other processes used during the steps, in cores
     loop_s: float = float("nan")  # the training loop: from on_train_start (the actors started) to the last step's end
 
+    @property
+    def passages_encoded(self) -> int:
+        """The passages this run's refreshes re-encoded (the refresher's own count; 0 without one)."""
+        return self.refresh.refresher.passages_encoded if self.refresh and self.refresh.refresher else 0
+
     def in_flight_steps(self) -> set[int]:
         """Steps whose interval overlaps a refresh: after its trigger, up to and including its swap."""
         history = self.refresh.history if self.refresh else []
@@ -492,8 +497,7 @@ def report_training(
         ms = [m for _, m in run.steps]
         refreshes = ""
         if run.refresh:
-            encoded = sum(h["passages_encoded"] for h in run.refresh.history)
-            refreshes = f", {len(run.refresh.history)} refreshes, {encoded} passages encoded"
+            refreshes = f", {len(run.refresh.history)} refreshes, {run.passages_encoded} passages encoded"
         print(
             f"{run.name:>22}: median {pct(ms, 50):7.1f} ms  p95 {pct(ms, 95):7.1f} ms  (run {run.wall_s:.1f}s, "
             f"loop {run.loop_s:.1f}s, other processes {run.others_cores:.2f} cores{refreshes})"
@@ -506,10 +510,7 @@ def report_training(
         ("wall time, rag_original (s, median)", f"{original_wall:.1f}"),
         ("training loop time, rag_original (s, median; the wall time less start-up)", f"{original_loop:.1f}"),
     ]
-    encoded_a_run = {
-        name: float(np.mean([sum(h["passages_encoded"] for h in run.refresh.history) for run in runs[name]]))
-        for name in refreshing
-    }
+    encoded_a_run = {name: float(np.mean([run.passages_encoded for run in runs[name]])) for name in refreshing}
     full_of_split = {split: name for name, (split, policy) in refreshing.items() if policy.spec == "full"}
     table = []
     for name, (split, policy) in refreshing.items():

@@ -151,6 +151,7 @@ def _train_argv(tiny_models, tiny_kb, out: Path, cluster: Cluster, run_id: str) 
     return [sys.executable, str(REPO / "finetune_rag.py"), *argv]
 
 
+LIVE = re.compile(r"KB refresh: v(\d+) live at step (\d+)")
 PLACED = re.compile(r"Ray nodes: retrieval actors on (.*); encoding actors and the index builder on (.*)")
 
 
@@ -239,14 +240,14 @@ def test_a_node_that_held_only_actors_is_lost_and_training_goes_on_with_them_res
             _placed_on_both_nodes(log.read_text())
 
             # The second node goes with its retrieval actor, an encoding actor and maybe the builder; the trainer stays.
-            live_before = len(re.findall(r"KB refresh: v\d+ live", log.read_text()))
+            live_before = len(LIVE.findall(log.read_text()))
             killed = time.monotonic()
             cluster.kill_second_node()
             trainer.wait(timeout=900)
             text = log.read_text()
             assert trainer.returncode == 0, text[-3000:]
             assert (out / f"checkpoint{MAX_STEPS}").is_dir(), text[-3000:]  # it trained to the end
-            after = re.findall(r"KB refresh: v(\d+) live at step (\d+)", text)[live_before:]
+            after = LIVE.findall(text)[live_before:]
             # Refreshes went live after the loss: more than the one that may have been encoded before it.
             assert len(after) >= 2, text[-3000:]
             print(
